@@ -1,0 +1,35 @@
+# One virtual environment in the repo; re-running a target is fast when pyproject.toml has not changed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint proto bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: pip takes the CPU build lying on this machine, never the CUDA wheels.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/esper run
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/pytest
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I contracts --python_out=src/esper/leyline \
+		--pyi_out=src/esper/leyline contracts/leyline.proto
+
+clean:
+	rm -rf $(VENV)

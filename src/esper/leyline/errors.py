@@ -1,0 +1,69 @@
+"""Typed errors shared by every subsystem.
+
+Every Esper error derives from `EsperError`, so a composition root can tell our failures from bugs.
+Errors carry their context as attributes and name it in their message.
+"""
+
+from __future__ import annotations
+
+
+class EsperError(Exception):
+    """Base of every error Esper raises on purpose."""
+
+
+class ContractViolation(EsperError):
+    """A message does not satisfy its contract (a required field is missing or out of range)."""
+
+    def __init__(self, message_type: str, field: str, reason: str) -> None:
+        self.message_type = message_type
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{message_type}.{field}: {reason}")
+
+
+class MalformedMessage(EsperError):
+    """Bytes that do not parse as the expected message."""
+
+    def __init__(self, message_type: str, reason: str) -> None:
+        self.message_type = message_type
+        self.reason = reason
+        super().__init__(f"malformed {message_type}: {reason}")
+
+
+class SignatureError(EsperError):
+    """A signed message failed verification; `reason` is a short machine-readable code."""
+
+    reason = "signature_error"
+
+    def __init__(self, message_type: str, detail: str) -> None:
+        self.message_type = message_type
+        self.detail = detail
+        super().__init__(f"{message_type} rejected ({self.reason}): {detail}")
+
+
+class SignatureInvalid(SignatureError):
+    """The HMAC does not match: forged, tampered with, or signed with another key."""
+
+    reason = "invalid_signature"
+
+
+class ReplayDetected(SignatureError):
+    """The nonce was seen before within its time-to-live."""
+
+    reason = "replayed_nonce"
+
+
+class StaleMessage(SignatureError):
+    """The message was issued longer ago than the freshness window allows."""
+
+    reason = "stale"
+
+
+class FutureMessage(SignatureError):
+    """The message claims to be issued further in the future than clock skew allows."""
+
+    reason = "future_dated"
+
+
+class ConfigurationError(EsperError):
+    """Configuration that cannot be used; raised at start, naming the setting."""

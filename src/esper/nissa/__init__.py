@@ -1,0 +1,1 @@
+"""Nissa: observability (Prometheus metrics, event log, run report)."""

@@ -1,0 +1,1 @@
+"""Oona: the message bus (streams, consumer groups, ack, reclaim, dead-letter, priority routing)."""

@@ -1,0 +1,1 @@
+"""Simic: offline policy training from field reports and decision records."""

@@ -1,0 +1,1 @@
+"""Tolaria: the trainer (data, optimizer, steps, checkpoints, rollback, emergency halt)."""

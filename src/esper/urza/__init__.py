@@ -1,0 +1,1 @@
+"""Urza: the blueprint library (catalogue of seed architectures and their module factories)."""

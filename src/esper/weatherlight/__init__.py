@@ -1,0 +1,1 @@
+"""Weatherlight: the supervisor of a node's long-lived services."""
