@@ -28,8 +28,7 @@ test: lint
 	$(BIN)/pytest
 
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I contracts --python_out=src/esper/leyline \
-		--pyi_out=src/esper/leyline contracts/leyline.proto
+	$(BIN)/python -m grpc_tools.protoc -I contracts --python_out=src/esper/leyline contracts/leyline.proto
 
 clean:
 	rm -rf $(VENV)

@@ -4,4 +4,6 @@ The public surface is deliberately small: the service and the policy classes. Ev
 package is internal and may change.
 """
 
-__all__: list[str] = []
+from esper.tamiyo.service import TamiyoService
+
+__all__ = ["TamiyoService"]

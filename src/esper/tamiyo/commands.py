@@ -1,0 +1,104 @@
+"""Turns a final proposal into a signed `AdaptationCommand`, or refuses to.
+
+Every id in a command comes from the packet: the slot, the seed that occupies it, the blueprint from the
+catalogue offered. A proposal that names something the packet does not have is a `CommandBuildError`,
+never a command with a placeholder.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from esper.leyline import Clock, EsperError, pb, sign, validate_command
+from esper.tamiyo.proposal import Proposal
+
+
+class CommandBuildError(EsperError):
+    """A proposal cannot become a command without inventing something."""
+
+    def __init__(self, action: int, reason: str) -> None:
+        self.action = action
+        self.reason = reason
+        super().__init__(f"cannot build a command for {pb.PolicyAction.Name(action)}: {reason}")
+
+
+_SEED_OPERATIONS = {
+    pb.POLICY_ACTION_GERMINATE: pb.SEED_OP_GERMINATE,
+    pb.POLICY_ACTION_FOSSILIZE: pb.SEED_OP_FOSSILIZE,
+    pb.POLICY_ACTION_CULL: pb.SEED_OP_CULL,
+}
+
+
+class CommandFactory:
+    """Builds and signs commands for one issuer with one key."""
+
+    def __init__(
+        self, secret: bytes, clock: Clock, *, issuer: str = "tamiyo", deadline_ms: int = 1000
+    ) -> None:
+        self._secret = secret
+        self._clock = clock
+        self._issuer = issuer
+        self._deadline_ms = deadline_ms
+
+    def build(
+        self, proposal: Proposal, packet: pb.SystemStatePacket, annotations: dict[str, str] | None = None
+    ) -> pb.AdaptationCommand:
+        """The signed command for `proposal` in the context of `packet`."""
+        command = pb.AdaptationCommand(
+            version=1,
+            command_id=f"cmd-{uuid.uuid4().hex}",
+            issued_by=self._issuer,
+            execution_deadline_ms=self._deadline_ms,
+            training_run_id=packet.training_run_id,
+        )
+        if annotations:
+            command.annotations.update(annotations)
+        if proposal.reason:
+            command.annotations["reason"] = proposal.reason
+        action = proposal.action
+        if action == pb.POLICY_ACTION_WAIT:
+            command.command_type = pb.COMMAND_WAIT
+        elif action == pb.POLICY_ACTION_PAUSE:
+            command.command_type = pb.COMMAND_PAUSE
+        elif action == pb.POLICY_ACTION_ADJUST_LR:
+            if not proposal.lr_factor > 0:
+                raise CommandBuildError(action, f"lr_factor must be > 0, got {proposal.lr_factor}")
+            command.command_type = pb.COMMAND_OPTIMIZER
+            command.optimizer_adjustment.optimizer_id = packet.training_run_id
+            command.optimizer_adjustment.hyperparameters["lr_factor"] = proposal.lr_factor
+        elif action in _SEED_OPERATIONS:
+            self._fill_seed_operation(command, proposal, packet)
+        else:
+            raise CommandBuildError(action, "unknown action")
+        command.issued_at.FromNanoseconds(self._clock.wall_ns())
+        validate_command(command)
+        return sign(command, self._secret, clock=self._clock)
+
+    @staticmethod
+    def _fill_seed_operation(
+        command: pb.AdaptationCommand, proposal: Proposal, packet: pb.SystemStatePacket
+    ) -> None:
+        action = proposal.action
+        if not proposal.slot_id:
+            raise CommandBuildError(action, "no slot was chosen")
+        states = {state.slot_id: state for state in packet.seed_states}
+        state = states.get(proposal.slot_id)
+        if state is None:
+            raise CommandBuildError(action, f"slot {proposal.slot_id!r} is not in the packet")
+        operation = command.seed_operation
+        operation.operation = _SEED_OPERATIONS[action]
+        operation.slot_id = proposal.slot_id
+        command.command_type = pb.COMMAND_SEED
+        command.target_seed_id = state.seed_id
+        if action == pb.POLICY_ACTION_GERMINATE:
+            if not proposal.blueprint_id:
+                raise CommandBuildError(action, "no blueprint was chosen")
+            if proposal.blueprint_id not in packet.blueprint_ids:
+                raise CommandBuildError(
+                    action, f"blueprint {proposal.blueprint_id!r} is not offered by the packet"
+                )
+            operation.blueprint_id = proposal.blueprint_id
+            operation.blend_mode = proposal.blend_mode
+            operation.alpha_ramp_steps = proposal.alpha_ramp_steps
+        else:
+            operation.blueprint_id = state.blueprint_id
