@@ -1,9 +1,19 @@
 """Tamiyo: the controller that decides, from a graph view of a training run, what to grow and when.
 
-The public surface is deliberately small: the service and the policy classes. Everything else in this
-package is internal and may change.
+Tamiyo follows the design of record (DESIGN.md §4, "Tamiyo — the controller"), not the legacy detailed
+design of the prototype it replaces. The public surface is deliberately small: the service and the policy
+classes. Everything else in this package is internal and may change.
 """
 
+import importlib.util
+
+from esper.tamiyo.policy import GNNPolicy
 from esper.tamiyo.service import TamiyoService
 
-__all__ = ["TamiyoService"]
+__all__ = ["GNNPolicy", "TamiyoService"]
+
+# The heuristic baseline lives in its own module; export it when it is part of the tree.
+if importlib.util.find_spec("esper.tamiyo.heuristic") is not None:
+    from esper.tamiyo.heuristic import HeuristicPolicy  # type: ignore[import-not-found,unused-ignore]
+
+    __all__ += ["HeuristicPolicy"]

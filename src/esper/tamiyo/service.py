@@ -1,25 +1,100 @@
-"""TamiyoService: routes a packet through validation, the policy and the command factory.
+"""TamiyoService: routes one packet through the components and returns one signed command.
 
-The service orchestrates; each step is a component of its own. `evaluate_step` is the only entry point.
+validate -> graph (for a graph policy) -> policy on the inference worker, under the step deadline ->
+risk gates -> command factory (signing) -> telemetry. The service computes nothing itself. Settings are
+resolved once by the caller and passed in; nothing here reads the environment. `evaluate_step` is the only
+entry point; a failure (deadline, inference, invalid packet) reaches the caller as a typed error, never as
+a synthetic PAUSE.
 """
 
 from __future__ import annotations
 
-from esper.leyline import SYSTEM_CLOCK, Clock, pb, validate_packet
-from esper.tamiyo.commands import CommandFactory
-from esper.tamiyo.proposal import Policy
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, validate_packet
+from esper.tamiyo.commands import CommandBuildError, CommandFactory
+from esper.tamiyo.graph import BlueprintLookup, GraphCoverage, NormalizerWriteError
+from esper.tamiyo.policy import CompileStatus, GraphPolicy, PolicyInferenceError
+from esper.tamiyo.proposal import Policy, Proposal
+from esper.tamiyo.risk import RiskContext, RiskDecision, RiskGates
 from esper.tamiyo.settings import TamiyoSettings
+from esper.tamiyo.telemetry import BlendAnnotator, TamiyoTelemetry, TelemetrySink
+from esper.tamiyo.worker import CancelToken, DeadlineExceeded, InferenceWorker, WorkerSaturated
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The last decision: what the policy proposed, what the gates made of it, and the command."""
+
+    proposal: Proposal
+    risk: RiskDecision
+    command: pb.AdaptationCommand
+    latency_ms: float
+    policy_version: str
+
+
+@dataclass(frozen=True)
+class _Inference:
+    proposal: Proposal
+    coverage: GraphCoverage | None
 
 
 class TamiyoService:
     """The controller a trainer talks to: one signed command per state packet."""
 
     def __init__(
-        self, settings: TamiyoSettings, policy: Policy, secret: bytes, *, clock: Clock = SYSTEM_CLOCK
+        self,
+        settings: TamiyoSettings,
+        policy: Policy,
+        secret: bytes,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        step_timeout_ms: float | None = None,
+        blueprint_metadata: BlueprintLookup | None = None,
+        telemetry_sink: TelemetrySink | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
+        self.step_timeout_ms = settings.step_timeout_ms if step_timeout_ms is None else step_timeout_ms
+        if self.step_timeout_ms <= 0:
+            raise ValueError(f"step_timeout_ms must be > 0, got {self.step_timeout_ms}")
         self._policy = policy
+        self._graph_policy = policy if isinstance(policy, GraphPolicy) else None
         self._commands = CommandFactory(secret, clock)
+        self._risk = RiskGates(settings, blueprint_metadata)
+        self._blend = BlendAnnotator(settings)
+        self.telemetry = TamiyoTelemetry(settings, clock, sink=telemetry_sink, registry=registry)
+        self._worker = InferenceWorker(
+            cpu_threads=settings.cpu_threads,
+            max_retired=settings.worker_max_retired,
+            join_timeout_s=settings.worker_join_timeout_s,
+        )
+        self._last_latency_ms: float | None = None
+        self.last_decision: Decision | None = None
+        if blueprint_metadata is None:
+            self.telemetry.emit(
+                "blueprint_metadata_unavailable",
+                "no catalogue lookup wired: the blueprint gate "
+                + (
+                    "holds every GERMINATE"
+                    if settings.risk_require_blueprint_metadata
+                    else "cannot vet blueprints"
+                ),
+            )
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        warm_up = getattr(self._policy, "warm_up", None)
+        if warm_up is None:
+            return
+        status = self._worker.run(
+            lambda _token: warm_up(), timeout_ms=self.settings.warmup_timeout_ms, what="warm-up"
+        )
+        if isinstance(status, CompileStatus):
+            self.telemetry.record_compile(status.enabled, status.reason, status.warm_ms, status.fallbacks)
 
     @property
     def policy_version(self) -> str:
@@ -27,7 +102,96 @@ class TamiyoService:
         return self._policy.version
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
-        """Decide for one packet and return the signed command."""
-        validate_packet(packet)
-        proposal = self._policy.propose(packet)
-        return self._commands.build(proposal, packet)
+        """Decide for one packet and return the signed command; failures raise typed errors."""
+        start = time.perf_counter()
+        try:
+            validate_packet(packet)
+            inference = self._infer(packet, start)
+            if inference.coverage is not None:
+                self.telemetry.record_coverage(inference.coverage, packet.packet_id)
+            context = RiskContext(last_latency_ms=self._last_latency_ms)
+            decision = self._risk.evaluate(inference.proposal, packet, context)
+            if decision.overridden:
+                self.telemetry.overrides.labels(gate=decision.gate).inc()
+                self.telemetry.emit(
+                    "risk_gate_override", decision.reason, gate=decision.gate, packet_id=packet.packet_id
+                )
+            annotations = {**decision.annotations(), **self._blend.annotations(decision.proposal)}
+            try:
+                command = self._commands.build(decision.proposal, packet, annotations)
+            except CommandBuildError as exc:
+                self.telemetry.emit("command_build_failed", str(exc), packet_id=packet.packet_id)
+                raise
+            latency_ms = (time.perf_counter() - start) * 1e3
+            self._last_latency_ms = latency_ms
+            self.telemetry.record_decision(decision.proposal, latency_ms)
+            if latency_ms > self.step_timeout_ms:
+                self.telemetry.emit(
+                    "step_over_budget",
+                    f"step took {latency_ms:.2f} ms after inference",
+                    packet_id=packet.packet_id,
+                )
+            self.last_decision = Decision(
+                inference.proposal, decision, command, latency_ms, self._policy.version
+            )
+            self._flush_normalizer()
+            return command
+        finally:
+            if self.telemetry.has_sink:
+                self.telemetry.flush(packet.training_run_id)
+
+    def _infer(self, packet: pb.SystemStatePacket, start: float) -> _Inference:
+        graph_policy = self._graph_policy
+        if graph_policy is not None:
+
+            def job(token: CancelToken) -> _Inference:
+                graph = graph_policy.builder.build(packet)
+                token.check()
+                return _Inference(graph_policy.propose_graph(graph, cancel=token), graph.coverage)
+        else:
+            plain = self._policy
+
+            def job(token: CancelToken) -> _Inference:
+                return _Inference(plain.propose(packet), None)
+
+        remaining_ms = self.step_timeout_ms - (time.perf_counter() - start) * 1e3
+        try:
+            return self._worker.run(job, timeout_ms=remaining_ms)
+        except DeadlineExceeded as exc:
+            elapsed = (time.perf_counter() - start) * 1e3
+            self._last_latency_ms = elapsed
+            self.telemetry.record_deadline_miss(self.step_timeout_ms, elapsed, packet.packet_id)
+            raise DeadlineExceeded(self.step_timeout_ms, elapsed, f"decision for {packet.packet_id}") from exc
+        except WorkerSaturated as exc:
+            self.telemetry.emit("worker_saturated", str(exc), packet_id=packet.packet_id)
+            raise
+        except PolicyInferenceError as exc:
+            self.telemetry.emit("policy_inference_failed", str(exc), packet_id=packet.packet_id)
+            status = getattr(self._policy, "compile_status", None)
+            if exc.compile_disabled and isinstance(status, CompileStatus):
+                self.telemetry.record_compile(status.enabled, status.reason, status.warm_ms, status.fallbacks)
+            raise
+        except EsperError as exc:
+            self.telemetry.emit(
+                "policy_inference_failed", f"{type(exc).__name__}: {exc}", packet_id=packet.packet_id
+            )
+            raise
+
+    def _flush_normalizer(self) -> None:
+        # Outside the deadline: the command is already built. A failed write is an ERROR event.
+        if self._graph_policy is None or not self._graph_policy.builder.normalizer.flush_due:
+            return
+        try:
+            self._graph_policy.builder.normalizer.flush()
+        except NormalizerWriteError as exc:
+            self.telemetry.emit("normalizer_flush_failed", str(exc), reason=exc.reason)
+
+    def close(self) -> None:
+        """Stop the inference worker (joining its threads) and write the normaliser statistics.
+
+        Raises `WorkerLeak` if a worker thread does not stop, `NormalizerWriteError` if the final write
+        fails.
+        """
+        self._worker.close()
+        if self._graph_policy is not None:
+            self._graph_policy.builder.normalizer.flush()

@@ -30,6 +30,45 @@ class TamiyoSettings(StrictSettings):
     max_layers: int = Field(default=128, ge=1)
     max_seeds: int = Field(default=32, ge=1)
     max_blueprints: int = Field(default=16, ge=1)
+    normalizer_flush_every: int = Field(
+        default=64, ge=1, description="Graph builds between writes of the normaliser statistics."
+    )
+    # Inference worker.
+    warmup_timeout_ms: float = Field(
+        default=120_000.0, gt=0, description="Deadline of the start-up warm-up (compile included)."
+    )
+    worker_max_retired: int = Field(
+        default=2, ge=0, description="Late workers allowed to wind down at once before decisions fail."
+    )
+    worker_join_timeout_s: float = Field(default=5.0, gt=0, description="How long close() waits.")
+    # Risk gates.
+    risk_loss_spike_ratio: float = Field(
+        default=1.5, gt=1.0, description="validation_loss above ratio x its running baseline is a spike."
+    )
+    risk_loss_warmup_steps: int = Field(default=3, ge=1, description="Packets before spikes are judged.")
+    risk_loss_ema_decay: float = Field(default=0.9, gt=0.0, lt=1.0)
+    risk_latency_fraction: float = Field(
+        default=0.9, gt=0.0, description="Last latency above fraction x step budget holds growth."
+    )
+    risk_max_isolation_violations: float = Field(default=0.0, ge=0.0)
+    risk_max_blueprint_risk: float = Field(default=0.8, ge=0.0)
+    risk_allow_high_risk_tier: bool = Field(default=False)
+    risk_require_blueprint_metadata: bool = Field(
+        default=False,
+        description="Hold GERMINATE when no catalogue lookup is wired (an unknown blueprint is always held).",
+    )
+    risk_min_free_memory_frac: float = Field(default=0.05, ge=0.0, le=1.0)
+    risk_max_utilization_percent: float = Field(default=98.0, gt=0.0)
+    risk_max_temperature_celsius: float = Field(default=90.0, gt=0.0)
+    # P8: parameters of the blend-mode annotations.
+    blend_gate_k: float = Field(default=10.0, gt=0.0, description="CONFIDENCE gate steepness.")
+    blend_gate_tau: float = Field(default=0.5, ge=0.0, le=1.0, description="CONFIDENCE gate threshold.")
+    blend_alpha_lo: float = Field(default=0.0, ge=0.0, le=1.0)
+    blend_alpha_hi: float = Field(default=1.0, ge=0.0, le=1.0)
+    blend_channel_alpha_init: float = Field(default=0.0, ge=0.0, le=1.0, description="CHANNEL start alpha.")
+    # GNN policy.
+    gnn_seed: int = Field(default=0, ge=0, description="Seed of weight initialisation and sampling.")
+    gnn_greedy: bool = Field(default=False, description="Take the most likely choice instead of sampling.")
     # P9: field-report lifecycle.
     fr_obs_window_epochs: int = Field(default=1, ge=1, description="Decisions per observation window.")
     fr_retry_backoff_ms: float = Field(default=1000.0, gt=0)

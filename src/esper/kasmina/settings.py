@@ -1,0 +1,41 @@
+"""Kasmina's settings, resolved once (prefix `KASMINA_`) and passed to the seed manager."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from esper.leyline.settings import StrictSettings
+
+
+class KasminaSettings(StrictSettings):
+    """Dwell times, gate thresholds and verification windows of the seed lifecycle (in training steps)."""
+
+    model_config = SettingsConfigDict(env_prefix="KASMINA_")
+
+    # G1: a seed trains in isolation for at least this many steps and must show improvement.
+    min_training_steps: int = Field(default=30, ge=2, description="Minimum dwell in TRAINING.")
+    improvement_window: int = Field(
+        default=5, ge=1, description="Steps averaged at the start and end of TRAINING to judge improvement."
+    )
+    # Alpha ramp of BLENDING when a command does not name one.
+    default_alpha_ramp_steps: int = Field(default=16, ge=1)
+    max_alpha_ramp_steps: int = Field(default=10_000, ge=1)
+    # G2: gradient health over the ramp.
+    max_gradient_norm: float = Field(
+        default=1e3, gt=0, description="A seed gradient above this is unhealthy."
+    )
+    # G3 and G4: contribution measured by the trainer's counterfactual evaluation.
+    min_shadowing_steps: int = Field(default=10, ge=1, description="Minimum dwell in SHADOWING.")
+    probation_steps: int = Field(default=30, ge=1, description="Window held in PROBATIONARY before G4.")
+    min_contribution_loss: float = Field(
+        default=0.0, description="G3/G4 need validation loss without the seed minus with it above this."
+    )
+    contribution_accuracy_tolerance: float = Field(
+        default=0.01, ge=0, description="G3/G4 fail when removing the seed raises accuracy by more."
+    )
+    # Cull -> embargo -> reset.
+    embargo_steps: int = Field(default=40, ge=1, description="Cooldown of a slot after a cull.")
+    # Command verification.
+    command_freshness_s: float = Field(default=60.0, gt=0)
+    clock_skew_s: float = Field(default=5.0, ge=0)

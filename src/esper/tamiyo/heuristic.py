@@ -1,0 +1,318 @@
+"""The heuristic policy: the baseline Tamiyo runs until a trained GNN checkpoint exists.
+
+Rules, in order of precedence (one decision per packet):
+
+1. CULL a seed in SHADOWING or PROBATIONARY whose measured counterfactual contribution is clearly
+   negative, or that has been stuck in that stage too long.
+2. FOSSILIZE a seed in PROBATIONARY whose measured contribution is positive.
+3. GERMINATE on a validation-loss plateau (the best loss of the last `plateau_patience` evaluations is not
+   `min_improvement` better, relatively, than the best before them), at least `germination_cooldown`
+   evaluations after the previous germination, while fewer than `max_active_seeds` seeds are active:
+   into the DORMANT slot with the highest gradient norm (ties by slot order), with the next blueprint of
+   the packet's offer in rotation.
+4. Otherwise WAIT.
+
+A contribution counts only when Kasmina measured it (`contribution_measured == 1.0`); a missing metric is
+unmeasured, and an unmeasured seed is never fossilised or culled on its contribution. Slot and blueprint ids
+come from the packet only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+from esper.leyline import EsperError, pb, short_name
+from esper.tamiyo.proposal import ALPHA_RAMP_STEPS, BLEND_MODES, Proposal
+from esper.tamiyo.settings import TamiyoSettings
+
+VERSION = "heuristic-v1"
+
+ACTIVE_STAGES = frozenset(
+    {
+        pb.SEED_STAGE_GERMINATED,
+        pb.SEED_STAGE_TRAINING,
+        pb.SEED_STAGE_BLENDING,
+        pb.SEED_STAGE_SHADOWING,
+        pb.SEED_STAGE_PROBATIONARY,
+    }
+)
+JUDGED_STAGES = (pb.SEED_STAGE_SHADOWING, pb.SEED_STAGE_PROBATIONARY)
+
+
+class HeuristicStateError(EsperError):
+    """A saved heuristic state cannot be restored (wrong version, missing or ill-typed field)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"heuristic policy state: {field} {reason}")
+
+
+@dataclass(frozen=True)
+class HeuristicSettings:
+    """Thresholds of the heuristic policy, resolved once."""
+
+    # Plateau detection, in evaluations (one packet is one evaluation).
+    plateau_patience: int = 3
+    min_improvement: float = 0.01
+    germination_cooldown: int = 3
+    max_active_seeds: int = 1
+    # What a germination asks for.
+    blend_mode: int = pb.BLEND_MODE_CONVEX
+    alpha_ramp_steps: int = ALPHA_RAMP_STEPS[1]
+    # Contribution judgement (contribution_loss in validation-loss units, accuracy as a fraction).
+    cull_loss_margin: float = 0.01
+    cull_accuracy_margin: float = 0.01
+    fossilize_min_stage_steps: int = 0
+    max_judged_stage_steps: int = 600
+
+    def __post_init__(self) -> None:
+        checks = {
+            "plateau_patience": self.plateau_patience >= 1,
+            "min_improvement": math.isfinite(self.min_improvement) and self.min_improvement >= 0,
+            "germination_cooldown": self.germination_cooldown >= 0,
+            "max_active_seeds": self.max_active_seeds >= 1,
+            "blend_mode": self.blend_mode in BLEND_MODES,
+            "alpha_ramp_steps": self.alpha_ramp_steps in ALPHA_RAMP_STEPS,
+            "cull_loss_margin": math.isfinite(self.cull_loss_margin) and self.cull_loss_margin >= 0,
+            "cull_accuracy_margin": math.isfinite(self.cull_accuracy_margin)
+            and self.cull_accuracy_margin >= 0,
+            "fossilize_min_stage_steps": self.fossilize_min_stage_steps >= 0,
+            "max_judged_stage_steps": self.max_judged_stage_steps >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid HeuristicSettings: {', '.join(bad)} ({self})")
+
+    @classmethod
+    def from_tamiyo(cls, settings: TamiyoSettings) -> HeuristicSettings:
+        """The heuristic thresholds for a Tamiyo configuration (the defaults: TamiyoSettings has no
+        heuristic knobs yet)."""
+        del settings
+        return cls()
+
+
+@dataclass(frozen=True)
+class _Contribution:
+    loss: float
+    accuracy: float
+
+
+def _metric(state: pb.SeedState, name: str) -> float | None:
+    if name not in state.metrics:
+        return None
+    value = float(state.metrics[name])
+    return value if math.isfinite(value) else None
+
+
+def _measured_contribution(state: pb.SeedState) -> _Contribution | None:
+    """The seed's counterfactual contribution, or None when it was not (fully) measured."""
+    if _metric(state, "contribution_measured") != 1.0:
+        return None
+    loss = _metric(state, "contribution_loss")
+    accuracy = _metric(state, "contribution_accuracy")
+    if loss is None or accuracy is None:
+        return None
+    return _Contribution(loss=loss, accuracy=accuracy)
+
+
+def _describe(state: pb.SeedState) -> str:
+    return f"seed {state.seed_id} in slot {state.slot_id} ({short_name(pb.SeedLifecycleStage, state.stage)})"
+
+
+class HeuristicPolicy:
+    """Germinate on a plateau, fossilise what helps, cull what hurts; deterministic and checkpointable."""
+
+    def __init__(self, settings: HeuristicSettings | TamiyoSettings) -> None:
+        self.settings = (
+            settings if isinstance(settings, HeuristicSettings) else HeuristicSettings.from_tamiyo(settings)
+        )
+        self._recent: deque[float] = deque(maxlen=self.settings.plateau_patience)
+        self._best_before: float | None = None
+        self._since_germination: int | None = None
+        self._germinations = 0
+
+    @property
+    def version(self) -> str:
+        """The heuristic's rule-set version."""
+        return VERSION
+
+    def propose(self, packet: pb.SystemStatePacket) -> Proposal:
+        """Decide for one evaluation packet (each call counts as one evaluation)."""
+        self._observe(float(packet.validation_loss))
+        return self._cull(packet) or self._fossilize(packet) or self._germinate(packet)
+
+    # --- rules -------------------------------------------------------------------------------------
+
+    def _cull(self, packet: pb.SystemStatePacket) -> Proposal | None:
+        s = self.settings
+        for state in packet.seed_states:
+            if state.stage not in JUDGED_STAGES:
+                continue
+            contribution = _measured_contribution(state)
+            if contribution is not None:
+                hurts_loss = contribution.loss < -s.cull_loss_margin and contribution.accuracy <= 0
+                hurts_accuracy = contribution.accuracy < -s.cull_accuracy_margin and contribution.loss <= 0
+                if hurts_loss or hurts_accuracy:
+                    return Proposal(
+                        action=pb.POLICY_ACTION_CULL,
+                        slot_id=state.slot_id,
+                        reason=f"cull {_describe(state)}: removing it changes val loss by "
+                        f"{-contribution.loss:+.4g} and accuracy by {-contribution.accuracy:+.4g}",
+                    )
+            stage_steps = _metric(state, "stage_steps")
+            if stage_steps is not None and stage_steps > s.max_judged_stage_steps:
+                return Proposal(
+                    action=pb.POLICY_ACTION_CULL,
+                    slot_id=state.slot_id,
+                    reason=f"cull {_describe(state)}: stuck for {stage_steps:.0f} steps "
+                    f"(limit {s.max_judged_stage_steps})",
+                )
+        return None
+
+    def _fossilize(self, packet: pb.SystemStatePacket) -> Proposal | None:
+        s = self.settings
+        for state in packet.seed_states:
+            if state.stage != pb.SEED_STAGE_PROBATIONARY:
+                continue
+            contribution = _measured_contribution(state)
+            if contribution is None or not (contribution.loss > 0 or contribution.accuracy > 0):
+                continue
+            stage_steps = _metric(state, "stage_steps")
+            if s.fossilize_min_stage_steps and (
+                stage_steps is None or stage_steps < s.fossilize_min_stage_steps
+            ):
+                continue
+            return Proposal(
+                action=pb.POLICY_ACTION_FOSSILIZE,
+                slot_id=state.slot_id,
+                reason=f"fossilize {_describe(state)}: it lowers val loss by {contribution.loss:.4g} "
+                f"and raises accuracy by {contribution.accuracy:+.4g}",
+            )
+        return None
+
+    def _germinate(self, packet: pb.SystemStatePacket) -> Proposal:
+        s = self.settings
+        plateau, plateau_reason = self._plateau()
+        if not plateau:
+            return self._wait(plateau_reason)
+        if self._since_germination is not None and self._since_germination < s.germination_cooldown:
+            return self._wait(
+                f"{plateau_reason}, but only {self._since_germination} evaluation(s) since the last "
+                f"germination (cooldown {s.germination_cooldown})"
+            )
+        active = sum(1 for state in packet.seed_states if state.stage in ACTIVE_STAGES)
+        if active >= s.max_active_seeds:
+            return self._wait(f"{plateau_reason}, but {active} seed(s) active (limit {s.max_active_seeds})")
+        slot = self._most_promising_dormant(packet)
+        if slot is None:
+            return self._wait(f"{plateau_reason}, but no DORMANT slot is available")
+        if not packet.blueprint_ids:
+            return self._wait(f"{plateau_reason}, but the packet offers no blueprint")
+        blueprint_id = packet.blueprint_ids[self._germinations % len(packet.blueprint_ids)]
+        self._germinations += 1
+        self._since_germination = 0
+        return Proposal(
+            action=pb.POLICY_ACTION_GERMINATE,
+            slot_id=slot.slot_id,
+            blueprint_id=blueprint_id,
+            blend_mode=s.blend_mode,
+            alpha_ramp_steps=s.alpha_ramp_steps,
+            reason=f"germinate {blueprint_id} in slot {slot.slot_id} "
+            f"(gradient norm {slot.gradient_norm:.4g}): {plateau_reason}",
+        )
+
+    def _wait(self, reason: str) -> Proposal:
+        return Proposal(action=pb.POLICY_ACTION_WAIT, reason=f"wait: {reason}")
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _observe(self, validation_loss: float) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            oldest = self._recent[0]
+            self._best_before = oldest if self._best_before is None else min(self._best_before, oldest)
+        self._recent.append(validation_loss)
+        if self._since_germination is not None:
+            self._since_germination += 1
+
+    def _plateau(self) -> tuple[bool, str]:
+        patience = self.settings.plateau_patience
+        if self._best_before is None or len(self._recent) < patience:
+            return False, f"not enough history for a plateau (need {patience + 1} evaluations)"
+        best_recent = min(self._recent)
+        improvement = (self._best_before - best_recent) / max(abs(self._best_before), 1e-12)
+        summary = (
+            f"best val loss of the last {patience} evaluations {best_recent:.4g} vs {self._best_before:.4g} "
+            f"before ({improvement:+.2%})"
+        )
+        if improvement > self.settings.min_improvement:
+            return False, f"still improving: {summary}"
+        return True, f"plateau: {summary}"
+
+    @staticmethod
+    def _most_promising_dormant(packet: pb.SystemStatePacket) -> pb.SeedState | None:
+        topology_order = {slot.slot_id: index for index, slot in enumerate(packet.topology.slots)}
+        dormant = [
+            (index, state)
+            for index, state in enumerate(packet.seed_states)
+            if state.stage == pb.SEED_STAGE_DORMANT and state.slot_id
+        ]
+        if not dormant:
+            return None
+
+        def rank(item: tuple[int, pb.SeedState]) -> tuple[float, int, int]:
+            index, state = item
+            gradient = state.gradient_norm if math.isfinite(state.gradient_norm) else -math.inf
+            return (-gradient, topology_order.get(state.slot_id, len(topology_order)), index)
+
+        return min(dormant, key=rank)[1]
+
+    # --- checkpointing -----------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready state, enough for `restore` to continue exactly where this policy is."""
+        return {
+            "version": VERSION,
+            "recent_losses": list(self._recent),
+            "best_before": self._best_before,
+            "evaluations_since_germination": self._since_germination,
+            "germinations": self._germinations,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a `state()` snapshot; a malformed one raises `HeuristicStateError`."""
+        if state.get("version") != VERSION:
+            raise HeuristicStateError("version", f"is {state.get('version')!r}, expected {VERSION!r}")
+        losses = state.get("recent_losses")
+        if not isinstance(losses, list) or not all(_is_finite_number(x) for x in losses):
+            raise HeuristicStateError("recent_losses", f"must be a list of finite numbers, got {losses!r}")
+        if len(losses) > self.settings.plateau_patience:
+            raise HeuristicStateError(
+                "recent_losses", f"holds {len(losses)} values, patience is {self.settings.plateau_patience}"
+            )
+        best_before = state.get("best_before")
+        if best_before is not None and not _is_finite_number(best_before):
+            raise HeuristicStateError("best_before", f"must be a finite number or null, got {best_before!r}")
+        since = state.get("evaluations_since_germination")
+        if since is not None and not _is_count(since):
+            raise HeuristicStateError(
+                "evaluations_since_germination", f"must be a count or null, got {since!r}"
+            )
+        germinations = state.get("germinations")
+        if not _is_count(germinations):
+            raise HeuristicStateError("germinations", f"must be a count, got {germinations!r}")
+        self._recent = deque((float(x) for x in losses), maxlen=self.settings.plateau_patience)
+        self._best_before = None if best_before is None else float(best_before)
+        self._since_germination = since
+        self._germinations = germinations
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

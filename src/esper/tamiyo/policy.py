@@ -1,0 +1,485 @@
+"""GNNPolicy: the heterogeneous GNN behind the `Policy` protocol, for inference and for Simic.
+
+The factored choice is action -> (slot, blueprint, blend mode, schedule) or (slot) or (lr factor),
+depending on the action. Only the heads that matter for the chosen action count in the log-probability,
+the entropy and `head_choices` (DESIGN §10: per-head credit). Illegal actions and targets are masked
+before sampling: no FOSSILIZE without a seed in PROBATIONARY, no CULL without an active seed, no
+GERMINATE without a dormant slot and an offered blueprint.
+
+Weights are saved as safetensors with a JSON header naming the architecture and schema; a checkpoint for
+another architecture is refused. Compilation (P2) is optional, warmed up, and its fallback is reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from esper.leyline import EsperError, pb
+from esper.tamiyo.gnn import ARCHITECTURE_VERSION, GNNOutput, TamiyoGNN, TamiyoGNNConfig
+from esper.tamiyo.graph import (
+    TAMIYO_SCHEMA,
+    BlueprintLookup,
+    GraphBuilder,
+    GraphSchema,
+    NormalizerStore,
+    TamiyoGraph,
+    collate,
+)
+from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, Proposal
+from esper.tamiyo.settings import TamiyoSettings
+
+HEADS: tuple[str, ...] = ("action", "slot", "blueprint", "blend", "schedule", "lr")
+_A = {action: index for index, action in enumerate(ACTIONS)}
+# Heads whose choice matters for each action (by action head index).
+RELEVANT_HEADS: dict[int, tuple[str, ...]] = {
+    _A[pb.POLICY_ACTION_WAIT]: ("action",),
+    _A[pb.POLICY_ACTION_GERMINATE]: ("action", "slot", "blueprint", "blend", "schedule"),
+    _A[pb.POLICY_ACTION_FOSSILIZE]: ("action", "slot"),
+    _A[pb.POLICY_ACTION_CULL]: ("action", "slot"),
+    _A[pb.POLICY_ACTION_ADJUST_LR]: ("action", "lr"),
+    _A[pb.POLICY_ACTION_PAUSE]: ("action",),
+}
+_MASKED = -1e9
+
+
+class PolicyInferenceError(EsperError):
+    """The policy could not produce a proposal; the caller sees it (no fallback command)."""
+
+    def __init__(self, reason: str, *, compile_disabled: bool = False) -> None:
+        self.reason = reason
+        self.compile_disabled = compile_disabled
+        super().__init__(f"policy inference failed: {reason}")
+
+
+class CheckpointIncompatible(EsperError):
+    """A checkpoint was written for another architecture or schema."""
+
+    def __init__(self, field: str, expected: str, found: str) -> None:
+        self.field = field
+        self.expected = expected
+        self.found = found
+        super().__init__(f"checkpoint {field} is {found!r}, this policy needs {expected!r}")
+
+
+class Cancellation(Protocol):
+    """What a policy checks between layers to abandon a decision that is already late."""
+
+    def check(self) -> None:
+        """Raise if the decision was cancelled."""
+        ...
+
+
+@runtime_checkable
+class GraphPolicy(Protocol):
+    """A policy that decides from a graph the service builds (the GNN); a plain `Policy` reads packets."""
+
+    @property
+    def version(self) -> str:
+        """Identifies the weights."""
+        ...
+
+    @property
+    def builder(self) -> GraphBuilder:
+        """The graph builder whose schema the policy was built for."""
+        ...
+
+    def propose_graph(self, graph: TamiyoGraph, *, cancel: Cancellation | None = None) -> Proposal:
+        """Decide for a built graph, checking `cancel` between layers."""
+        ...
+
+
+@dataclass(frozen=True)
+class CompileStatus:
+    """Whether the GNN runs compiled, why not, and what warming it up cost (P2)."""
+
+    enabled: bool
+    reason: str
+    warm_ms: float = 0.0
+    fallbacks: int = 0
+
+
+@dataclass(frozen=True)
+class ActionEvaluation:
+    """Per-head log-probabilities, entropies and relevance for a batch, plus values (for PPO)."""
+
+    log_probs: dict[str, Tensor]  # head -> [B], zero where the head did not matter
+    entropies: dict[str, Tensor]  # head -> [B], zero where the head did not matter
+    relevant: dict[str, Tensor]  # head -> [B] bool
+    values: Tensor  # [B]
+
+    @property
+    def total_log_prob(self) -> Tensor:
+        """Log-probability of the whole factored choice."""
+        return torch.stack(list(self.log_probs.values())).sum(0)
+
+
+@dataclass
+class _Distributions:
+    """Masked log-probabilities of every head for a batch."""
+
+    action: Tensor  # [B, A]
+    slot: Tensor  # [S, A]: per-slot log-prob within its graph, for each action's mask
+    slot_ok: Tensor  # [S, A] bool
+    blueprint: Tensor  # [P]
+    blend: Tensor
+    schedule: Tensor
+    lr: Tensor
+    value: Tensor
+
+
+def _segment_log_softmax(scores: Tensor, index: Tensor, size: int) -> Tensor:
+    """Log-softmax of `scores` within each segment of `index` (graphs of a batch)."""
+    if scores.numel() == 0:
+        return scores
+    maximum = torch.full((size,), float("-inf"), dtype=scores.dtype).scatter_reduce(
+        0, index, scores, reduce="amax", include_self=True
+    )
+    shifted = scores - maximum[index]
+    total = torch.zeros(size, dtype=scores.dtype).index_add(0, index, shifted.exp())
+    return shifted - total.log()[index]
+
+
+class GNNPolicy:
+    """The GNN controller: implements `Policy` (and `GraphPolicy`), with a PPO-facing evaluation API."""
+
+    def __init__(
+        self,
+        settings: TamiyoSettings,
+        *,
+        seed: int | None = None,
+        schema: GraphSchema = TAMIYO_SCHEMA,
+        config: TamiyoGNNConfig | None = None,
+        normalizer_store: NormalizerStore | None = None,
+        blueprint_metadata: BlueprintLookup | None = None,
+        greedy: bool | None = None,
+        compiler: Callable[[torch.nn.Module], Callable[..., GNNOutput]] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._config = config or TamiyoGNNConfig(schema=schema)
+        if self._config.schema != schema:
+            raise CheckpointIncompatible("schema_version", schema.version, self._config.schema.version)
+        self._builder = GraphBuilder(
+            settings, schema=schema, normalizer_store=normalizer_store, blueprint_metadata=blueprint_metadata
+        )
+        seed = settings.gnn_seed if seed is None else seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module = TamiyoGNN(self._config)
+        self.module.to(torch.device(settings.device)).eval()
+        self._generator = torch.Generator().manual_seed(seed)
+        self._greedy = settings.gnn_greedy if greedy is None else greedy
+        self._version = self._weights_version()
+        self._forward: Callable[..., GNNOutput] = self.module
+        self._compiler = compiler
+        self._compile = CompileStatus(enabled=False, reason="disabled by settings (enable_compile=false)")
+        if settings.enable_compile and compiler is None:
+            self._compiler = torch.compile
+
+    # -- identity and persistence -------------------------------------------------------------------
+
+    @property
+    def version(self) -> str:
+        """`gnn-<architecture>-<weights hash>`: changes whenever the weights do."""
+        return self._version
+
+    @property
+    def builder(self) -> GraphBuilder:
+        """The graph builder for this policy's schema."""
+        return self._builder
+
+    @property
+    def config(self) -> TamiyoGNNConfig:
+        """The network's sizes and schema."""
+        return self._config
+
+    @property
+    def compile_status(self) -> CompileStatus:
+        """Compiled or eager, and why."""
+        return self._compile
+
+    def _weights_version(self) -> str:
+        digest = hashlib.sha256(self.state_bytes()).hexdigest()[:12]
+        return f"gnn-{ARCHITECTURE_VERSION}-{digest}"
+
+    def state_bytes(self) -> bytes:
+        """The weights as safetensors bytes with the JSON header (the `PolicyUpdate` payload format)."""
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.module.state_dict().items()}
+        return bytes(save_safetensors(tensors, metadata={"header": json.dumps(self._config.header())}))
+
+    def load_state_bytes(self, payload: bytes) -> None:
+        """Load weights from `state_bytes()` output of a compatible policy; refuse anything else."""
+        header = _read_header(payload)
+        for key, expected in self._config.header().items():
+            found = header.get(key, "")
+            if found != expected:
+                raise CheckpointIncompatible(key, expected, found)
+        tensors = load_safetensors(payload)
+        self.module.load_state_dict(tensors, strict=True)
+        self.module.eval()
+        self._version = self._weights_version()
+
+    def save(self, path: Path) -> None:
+        """Write the weights and header to `path` (safetensors; never pickle)."""
+        path.write_bytes(self.state_bytes())
+
+    @classmethod
+    def load(cls, path: Path, settings: TamiyoSettings, **kwargs: Any) -> GNNPolicy:
+        """A policy with the weights of `path`; the header must match this architecture and schema."""
+        policy = cls(settings, **kwargs)
+        policy.load_state_bytes(path.read_bytes())
+        return policy
+
+    # -- compile and warm-up ------------------------------------------------------------------------
+
+    def warm_up(self, sizes: Sequence[tuple[int, int, int]] = ((8, 4, 4), (48, 16, 8))) -> CompileStatus:
+        """Run the network on graphs of typical sizes (compiling first when enabled) before deciding.
+
+        A compile failure falls back to eager; the returned status says so and why, and the caller
+        reports it. Warm-up graphs are synthetic and never become commands.
+        """
+        graphs = [self._builder.build(_warmup_packet(*size), update_stats=False) for size in sizes]
+        if self._compiler is not None and not self._compile.enabled:
+            start = time.perf_counter()
+            try:
+                compiled = self._compiler(self.module)
+                with torch.inference_mode():
+                    for graph in graphs:
+                        compiled(graph)
+            except Exception as exc:  # noqa: BLE001 (any compile failure -> eager, reported by the caller)
+                self._forward = self.module
+                self._compile = CompileStatus(
+                    enabled=False,
+                    reason=f"compile failed: {type(exc).__name__}: {exc}",
+                    fallbacks=self._compile.fallbacks + 1,
+                )
+            else:
+                self._forward = compiled
+                warm_ms = (time.perf_counter() - start) * 1e3
+                self._compile = CompileStatus(enabled=True, reason="compiled", warm_ms=warm_ms)
+        if not self._compile.enabled:
+            with torch.inference_mode():
+                for graph in graphs:
+                    self.module(graph)
+        return self._compile
+
+    def _run(self, graph: TamiyoGraph, cancel: Cancellation | None) -> GNNOutput:
+        checkpoint = cancel.check if cancel is not None else None
+        if self._compile.enabled:
+            try:
+                return self._forward(graph)  # type: ignore[no-any-return,unused-ignore]
+            except Exception as exc:
+                self._forward = self.module
+                self._compile = CompileStatus(
+                    enabled=False,
+                    reason=f"compiled forward failed: {type(exc).__name__}: {exc}",
+                    warm_ms=self._compile.warm_ms,
+                    fallbacks=self._compile.fallbacks + 1,
+                )
+                raise PolicyInferenceError(self._compile.reason, compile_disabled=True) from exc
+        if checkpoint is None:
+            return self.module.forward(graph)
+        return self.module.forward(graph, checkpoint)
+
+    # -- deciding -----------------------------------------------------------------------------------
+
+    def propose(self, packet: pb.SystemStatePacket) -> Proposal:
+        """The `Policy` protocol: build the graph of `packet` and decide."""
+        return self.propose_graph(self._builder.build(packet))
+
+    def propose_graph(self, graph: TamiyoGraph, *, cancel: Cancellation | None = None) -> Proposal:
+        """Decide for one graph: sample (or take the argmax when greedy) each head that matters."""
+        if graph.num_graphs != 1:
+            raise PolicyInferenceError(f"propose_graph takes one graph, got a batch of {graph.num_graphs}")
+        self.module.eval()
+        with torch.inference_mode():
+            dists = self._distributions(self._run(graph, cancel), graph)
+            action = self._choose(dists.action[0])
+            choices: dict[str, int] = {"action": action}
+            relevant = RELEVANT_HEADS[action]
+            if "slot" in relevant:
+                choices["slot"] = self._choose(dists.slot[:, action])
+            if "blueprint" in relevant:
+                choices["blueprint"] = self._choose(dists.blueprint)
+            for head in ("blend", "schedule", "lr"):
+                if head in relevant:
+                    choices[head] = self._choose(getattr(dists, head)[0])
+            log_probs: dict[str, Tensor | None] = {
+                "action": dists.action[0, action],
+                "slot": dists.slot[choices.get("slot", 0), action] if "slot" in choices else None,
+                "blueprint": dists.blueprint[choices["blueprint"]] if "blueprint" in choices else None,
+                **{h: getattr(dists, h)[0, choices[h]] for h in ("blend", "schedule", "lr") if h in choices},
+            }
+            head_log_probs = {head: float(lp) for head, lp in log_probs.items() if lp is not None}
+            value = float(dists.value[0])
+        for head, log_prob in head_log_probs.items():
+            if log_prob <= _MASKED / 2:
+                raise PolicyInferenceError(f"head {head} chose a masked option (log-prob {log_prob})")
+        return Proposal(
+            action=ACTIONS[action],
+            slot_id=graph.slot_ids[choices["slot"]] if "slot" in choices else "",
+            blueprint_id=graph.blueprint_ids[choices["blueprint"]] if "blueprint" in choices else "",
+            blend_mode=BLEND_MODES[choices.get("blend", 0)],
+            alpha_ramp_steps=ALPHA_RAMP_STEPS[choices.get("schedule", 1)],
+            lr_factor=LR_FACTORS[choices["lr"]] if "lr" in choices else 1.0,
+            reason="gnn",
+            log_prob=sum(head_log_probs.values()),
+            value=value,
+            head_choices=choices,
+            head_log_probs=head_log_probs,
+        )
+
+    def _choose(self, log_probs: Tensor) -> int:
+        if log_probs.numel() == 0:
+            raise PolicyInferenceError("a head that matters has no options")
+        if self._greedy:
+            return int(log_probs.argmax())
+        return int(torch.multinomial(log_probs.exp(), 1, generator=self._generator))
+
+    def _distributions(self, out: GNNOutput, graph: TamiyoGraph) -> _Distributions:
+        size = graph.num_graphs
+        action_mask = graph.action_mask.to(out.action_logits.device)
+        action = torch.log_softmax(out.action_logits.masked_fill(~action_mask, _MASKED), dim=-1)
+        slot_ok = graph.slot_action_mask.to(out.slot_scores.device)
+        slot_batch = graph.batch["slot"].to(out.slot_scores.device)
+        per_action = out.slot_scores[:, None].expand_as(slot_ok).masked_fill(~slot_ok, _MASKED)
+        slot = torch.stack(
+            [_segment_log_softmax(per_action[:, a], slot_batch, size) for a in range(len(ACTIONS))], dim=1
+        ).reshape(slot_ok.shape)
+        bp_batch = graph.batch["blueprint"].to(out.blueprint_scores.device)
+        blueprint = _segment_log_softmax(out.blueprint_scores, bp_batch, size)
+        return _Distributions(
+            action=action,
+            slot=slot,
+            slot_ok=slot_ok,
+            blueprint=blueprint,
+            blend=torch.log_softmax(out.blend_logits, dim=-1),
+            schedule=torch.log_softmax(out.schedule_logits, dim=-1),
+            lr=torch.log_softmax(out.lr_logits, dim=-1),
+            value=out.value,
+        )
+
+    # -- learning (Simic) ---------------------------------------------------------------------------
+
+    def evaluate_actions(
+        self, graphs: Sequence[TamiyoGraph], head_choices: Sequence[dict[str, int]]
+    ) -> ActionEvaluation:
+        """Per-head log-probs, entropies and values of recorded choices, with gradients (train mode).
+
+        `head_choices[i]` is the `Proposal.head_choices` of graph i: indices local to that graph.
+        A head counts only where it mattered for the recorded action.
+        """
+        if len(graphs) != len(head_choices):
+            raise ValueError(f"{len(graphs)} graphs but {len(head_choices)} choice sets")
+        batch = collate(graphs)
+        out = self.module(batch)
+        dists = self._distributions(out, batch)
+        size = batch.num_graphs
+        actions = torch.tensor([choices["action"] for choices in head_choices], dtype=torch.long)
+        relevant = {
+            head: torch.tensor([head in RELEVANT_HEADS[int(a)] for a in actions.tolist()], dtype=torch.bool)
+            for head in HEADS
+        }
+        slot_offsets = _offsets(batch.batch["slot"], size)
+        bp_offsets = _offsets(batch.batch["blueprint"], size)
+
+        def pick(head: str, default: int = 0) -> Tensor:
+            return torch.tensor([c.get(head, default) for c in head_choices], dtype=torch.long)
+
+        log_probs: dict[str, Tensor] = {"action": dists.action.gather(1, actions[:, None]).squeeze(1)}
+        entropies: dict[str, Tensor] = {"action": _entropy(dists.action, action_mask=batch.action_mask)}
+        # Slot: the log-prob of the chosen slot under the chosen action's mask, entropy per graph.
+        slot_actions = actions[batch.batch["slot"]]
+        slot_rows = dists.slot.gather(1, slot_actions[:, None]).squeeze(1)
+        slot_ok = batch.slot_action_mask.gather(1, slot_actions[:, None]).squeeze(1)
+        log_probs["slot"] = _pick_segment(slot_rows, slot_offsets, pick("slot"), relevant["slot"])
+        entropies["slot"] = _segment_entropy(slot_rows, slot_ok, batch.batch["slot"], size)
+        bp_ok = torch.ones_like(dists.blueprint, dtype=torch.bool)
+        log_probs["blueprint"] = _pick_segment(
+            dists.blueprint, bp_offsets, pick("blueprint"), relevant["blueprint"]
+        )
+        entropies["blueprint"] = _segment_entropy(dists.blueprint, bp_ok, batch.batch["blueprint"], size)
+        for head in ("blend", "schedule", "lr"):
+            table: Tensor = getattr(dists, head)
+            log_probs[head] = table.gather(1, pick(head)[:, None]).squeeze(1)
+            entropies[head] = _entropy(table)
+        zero = torch.zeros(size)
+        return ActionEvaluation(
+            log_probs={h: torch.where(relevant[h], lp, zero) for h, lp in log_probs.items()},
+            entropies={h: torch.where(relevant[h], e, zero) for h, e in entropies.items()},
+            relevant=relevant,
+            values=dists.value,
+        )
+
+
+def _offsets(index: Tensor, size: int) -> Tensor:
+    counts = torch.bincount(index, minlength=size)
+    return torch.cumsum(counts, 0) - counts
+
+
+def _pick_segment(log_probs: Tensor, offsets: Tensor, local: Tensor, relevant: Tensor) -> Tensor:
+    if log_probs.numel() == 0:
+        return torch.zeros(local.shape[0])
+    positions = (offsets + local).clamp(max=log_probs.shape[0] - 1)
+    return torch.where(relevant, log_probs[positions], torch.zeros(local.shape[0]))
+
+
+def _entropy(log_probs: Tensor, action_mask: Tensor | None = None) -> Tensor:
+    probs = log_probs.exp()
+    terms = -(probs * log_probs)
+    if action_mask is not None:
+        terms = terms * action_mask.float()
+    return terms.sum(-1)
+
+
+def _segment_entropy(log_probs: Tensor, ok: Tensor, index: Tensor, size: int) -> Tensor:
+    if log_probs.numel() == 0:
+        return torch.zeros(size)
+    terms = -(log_probs.exp() * log_probs) * ok.float()
+    return torch.zeros(size, dtype=terms.dtype).index_add(0, index, terms)
+
+
+def _read_header(payload: bytes) -> dict[str, str]:
+    """The JSON header of a safetensors payload written by `state_bytes`."""
+    if len(payload) < 8:
+        raise CheckpointIncompatible("payload", "safetensors bytes", f"{len(payload)} bytes")
+    length = int.from_bytes(payload[:8], "little")
+    try:
+        meta = json.loads(payload[8 : 8 + length]).get("__metadata__", {})
+        header = json.loads(meta.get("header", "{}"))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise CheckpointIncompatible("header", "a JSON header", f"unreadable ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointIncompatible("header", "a JSON object", type(header).__name__)
+    return {str(k): str(v) for k, v in header.items()}
+
+
+def _warmup_packet(n_layers: int, n_slots: int, n_blueprints: int) -> pb.SystemStatePacket:
+    """A synthetic packet of the given size, used only to warm the network up (never for commands)."""
+    packet = pb.SystemStatePacket(
+        packet_id="warmup",
+        training_run_id="warmup",
+        source_subsystem="tamiyo.warmup",
+        validation_loss=1.0,
+        training_loss=1.0,
+    )
+    for index in range(n_layers):
+        packet.topology.layers.add(layer_id=f"warmup-layer-{index}", kind="linear", width=64, depth=index)
+    for index in range(n_slots):
+        slot_id = f"warmup-slot-{index}"
+        packet.topology.slots.add(
+            slot_id=slot_id, layer_id=f"warmup-layer-{index % max(n_layers, 1)}", width=64
+        )
+        packet.seed_states.add(seed_id=f"warmup-seed-{index}", slot_id=slot_id, stage=pb.SEED_STAGE_DORMANT)
+    packet.blueprint_ids.extend(f"warmup-blueprint-{index}" for index in range(n_blueprints))
+    return packet

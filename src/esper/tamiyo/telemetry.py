@@ -1,0 +1,273 @@
+"""Tamiyo's telemetry (P5): one table of events, Prometheus metrics, health, blend annotations (P8).
+
+`EVENTS` is the only place an event's level and priority are decided. Events are `pb.TelemetryEvent`s,
+collected into a `pb.TelemetryPacket` with metrics and health; a sink (the bus, later) receives each
+packet, and every event is also logged at its level so nothing disappears when no sink is wired.
+Prometheus metrics live in a per-service `CollectorRegistry`, never the global one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from esper.leyline import Clock, EsperError, pb, short_name
+from esper.tamiyo.graph import GraphCoverage
+from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.settings import TamiyoSettings
+
+_log = logging.getLogger("esper.tamiyo")
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """Level and priority of one event."""
+
+    level: int
+    priority: int
+
+
+EVENTS: dict[str, EventSpec] = {
+    "decision_deadline_exceeded": EventSpec(pb.TELEMETRY_LEVEL_CRITICAL, pb.MESSAGE_PRIORITY_CRITICAL),
+    "policy_inference_failed": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
+    "command_build_failed": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
+    "worker_saturated": EventSpec(pb.TELEMETRY_LEVEL_CRITICAL, pb.MESSAGE_PRIORITY_CRITICAL),
+    "normalizer_flush_failed": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
+    "gnn_compile_fallback": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
+    "gnn_compile_disabled": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
+    "gnn_compile_warm": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
+    "graph_missing_features": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
+    "graph_nodes_dropped": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
+    "risk_gate_override": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
+    "step_over_budget": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
+    "blueprint_metadata_unavailable": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
+}
+_LOG_LEVELS = {
+    pb.TELEMETRY_LEVEL_DEBUG: logging.DEBUG,
+    pb.TELEMETRY_LEVEL_INFO: logging.INFO,
+    pb.TELEMETRY_LEVEL_WARNING: logging.WARNING,
+    pb.TELEMETRY_LEVEL_ERROR: logging.ERROR,
+    pb.TELEMETRY_LEVEL_CRITICAL: logging.CRITICAL,
+}
+
+TelemetrySink = Callable[[pb.TelemetryPacket], None]
+
+
+class UnknownTelemetryEvent(EsperError):
+    """An event name that is not in `EVENTS` (every event must have a level and a priority)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"telemetry event {name!r} is not declared in EVENTS")
+
+
+class TamiyoTelemetry:
+    """Events, metrics and health of one service."""
+
+    def __init__(
+        self,
+        settings: TamiyoSettings,
+        clock: Clock,
+        *,
+        sink: TelemetrySink | None = None,
+        registry: CollectorRegistry | None = None,
+        max_buffered: int = 1024,
+    ) -> None:
+        self._clock = clock
+        self._sink = sink
+        self._events: deque[pb.TelemetryEvent] = deque(maxlen=max_buffered)
+        self._indicators: dict[str, float] = {
+            "step_timeout_ms": settings.step_timeout_ms,
+            "metadata_timeout_ms": settings.metadata_timeout_ms,
+            "last_latency_ms": float("nan"),
+            "deadline_misses": 0.0,
+            "compile_enabled": 0.0,
+            "compile_fallbacks": 0.0,
+        }
+        self._compile_reason = "not started"
+        self._last_missing: dict[str, tuple[str, ...]] = {}
+        self.registry = registry or CollectorRegistry()
+        self.latency_ms = Histogram(
+            "tamiyo_step_latency_ms",
+            "evaluate_step latency (graph, inference, risk, signing)",
+            buckets=(0.5, 1, 2, 3, 4, 5, 7.5, 10, 20, 50, 100),
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "tamiyo_decisions", "Commands issued, by final action", ["action"], registry=self.registry
+        )
+        self.overrides = Counter(
+            "tamiyo_risk_overrides", "Risk gate overrides", ["gate"], registry=self.registry
+        )
+        self.coverage = Gauge(
+            "tamiyo_graph_coverage",
+            "Fraction of graph features present",
+            ["node_type"],
+            registry=self.registry,
+        )
+        self.compile_warm_ms = Gauge(
+            "tamiyo_gnn_compile_warm_ms", "GNN compile warm-up", registry=self.registry
+        )
+        self.compile_fallbacks = Counter(
+            "tamiyo_gnn_compile_fallback", "GNN compile fallbacks to eager", registry=self.registry
+        )
+        self.deadline_misses = Counter(
+            "tamiyo_deadline_misses", "Decisions that missed the deadline", registry=self.registry
+        )
+        self._metric_points: dict[str, tuple[float, str]] = {}
+
+    @property
+    def has_sink(self) -> bool:
+        """True when packets are handed to a sink (otherwise they wait in the buffer for `flush()`)."""
+        return self._sink is not None
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def emit(self, name: str, description: str, **attributes: str) -> pb.TelemetryEvent:
+        """Record event `name` at the level of the table, log it, and return it."""
+        spec = EVENTS.get(name)
+        if spec is None:
+            raise UnknownTelemetryEvent(name)
+        event = pb.TelemetryEvent(name=name, description=description, level=spec.level)
+        event.attributes.update(attributes)
+        self._events.append(event)
+        _log.log(_LOG_LEVELS[spec.level], "%s: %s %s", name, description, attributes or "")
+        return event
+
+    def metric(self, name: str, value: float, unit: str = "") -> None:
+        """Set metric point `name` (dotted name, as in the brief) for the next packet."""
+        self._metric_points[name] = (value, unit)
+
+    # -- what the service reports -------------------------------------------------------------------
+
+    def record_decision(self, proposal: Proposal, latency_ms: float) -> None:
+        """Latency and final action of one issued command."""
+        self.latency_ms.observe(latency_ms)
+        self.decisions.labels(action=short_name(pb.PolicyAction, proposal.action)).inc()
+        self._indicators["last_latency_ms"] = latency_ms
+        self.metric("tamiyo.step.latency_ms", latency_ms, "ms")
+
+    def record_deadline_miss(self, budget_ms: float, elapsed_ms: float, packet_id: str) -> None:
+        """A CRITICAL event and the counter; the caller re-raises."""
+        self.deadline_misses.inc()
+        self._indicators["deadline_misses"] += 1
+        self._indicators["last_latency_ms"] = elapsed_ms
+        self.emit(
+            "decision_deadline_exceeded",
+            f"decision for packet {packet_id} missed its {budget_ms:.2f} ms deadline",
+            packet_id=packet_id,
+            budget_ms=f"{budget_ms:.3f}",
+            elapsed_ms=f"{elapsed_ms:.3f}",
+        )
+
+    def record_coverage(self, coverage: GraphCoverage, packet_id: str) -> None:
+        """Coverage gauges every time; an event naming the missing keys whenever that set changes."""
+        for node_type, fraction in coverage.present_fraction.items():
+            self.coverage.labels(node_type=node_type).set(fraction)
+            self.metric(f"tamiyo.graph.coverage.{node_type}", fraction)
+        if coverage.missing != self._last_missing:
+            if coverage.missing:
+                keys = "; ".join(f"{k}: {', '.join(v)}" for k, v in coverage.missing.items())
+                self.emit(
+                    "graph_missing_features",
+                    f"packet {packet_id} lacks {keys}",
+                    packet_id=packet_id,
+                    missing=keys,
+                )
+            self._last_missing = dict(coverage.missing)
+        dropped = {k: v for k, v in coverage.dropped_nodes.items() if v}
+        if dropped:
+            cut_edges = {k: v for k, v in coverage.dropped_edges.items() if v}
+            self.emit(
+                "graph_nodes_dropped",
+                f"caps cut nodes {dropped} and edges {cut_edges}",
+                packet_id=packet_id,
+                **{f"dropped_{k}": str(v) for k, v in dropped.items()},
+            )
+
+    def record_compile(self, enabled: bool, reason: str, warm_ms: float, fallbacks: int) -> None:
+        """Compile state (P2): warm-up metric, fallback counter, and the reason compile is off."""
+        previous = int(self._indicators["compile_fallbacks"])
+        if fallbacks > previous:
+            self.compile_fallbacks.inc(fallbacks - previous)
+            self.emit("gnn_compile_fallback", f"GNN runs eager: {reason}", reason=reason)
+        elif enabled:
+            self.compile_warm_ms.set(warm_ms)
+            self.emit("gnn_compile_warm", f"GNN compiled, warm-up {warm_ms:.1f} ms", warm_ms=f"{warm_ms:.1f}")
+        else:
+            self.emit("gnn_compile_disabled", f"GNN runs eager: {reason}", reason=reason)
+        self.metric("tamiyo.gnn.compile_warm_ms", warm_ms, "ms")
+        self._indicators["compile_enabled"] = float(enabled)
+        self._indicators["compile_fallbacks"] = float(fallbacks)
+        self._compile_reason = reason
+
+    def health(self) -> pb.SystemHealth:
+        """Health with the timeout budgets, last latency and compile state as indicators."""
+        indicators = self._indicators
+        status = pb.HEALTH_STATUS_HEALTHY
+        summary = "deciding within budget"
+        last = indicators["last_latency_ms"]
+        if not math.isnan(last) and last > indicators["step_timeout_ms"]:  # unmeasured is not "over"
+            status, summary = pb.HEALTH_STATUS_DEGRADED, f"last decision took {last:.2f} ms"
+        if any(event.level == pb.TELEMETRY_LEVEL_CRITICAL for event in self._events):
+            status, summary = pb.HEALTH_STATUS_CRITICAL, "a decision failed critically since the last report"
+        health = pb.SystemHealth(status=status, summary=f"{summary}; compile: {self._compile_reason}")
+        health.indicators.update(indicators)
+        return health
+
+    def flush(self, training_run_id: str = "") -> pb.TelemetryPacket:
+        """Everything since the last flush as one packet, handed to the sink (if any) and returned."""
+        events = list(self._events)
+        packet = pb.TelemetryPacket(
+            packet_id=f"tel-{uuid.uuid4().hex}",
+            source_subsystem="tamiyo",
+            training_run_id=training_run_id,
+        )
+        packet.timestamp.FromNanoseconds(self._clock.wall_ns())
+        packet.system_health.CopyFrom(self.health())
+        packet.events.extend(events)
+        for name, (value, unit) in self._metric_points.items():
+            packet.metrics.add(name=name, value=value, unit=unit)
+        levels = [spec.level for spec in (EVENTS[e.name] for e in events)] or [pb.TELEMETRY_LEVEL_INFO]
+        priorities = [EVENTS[e.name].priority for e in events] or [pb.MESSAGE_PRIORITY_NORMAL]
+        packet.level = max(levels)
+        packet.priority = max(priorities)
+        self._events.clear()
+        if self._sink is not None:
+            self._sink(packet)
+        return packet
+
+
+class BlendAnnotator:
+    """P8: blend-mode annotations for GERMINATE commands, resolved once from settings."""
+
+    def __init__(self, settings: TamiyoSettings) -> None:
+        self.enabled = settings.enable_blend_mode_ann
+        common = {"alpha_lo": f"{settings.blend_alpha_lo:g}", "alpha_hi": f"{settings.blend_alpha_hi:g}"}
+        self._per_mode: dict[int, dict[str, str]] = {
+            pb.BLEND_MODE_CONVEX: {},
+            pb.BLEND_MODE_RESIDUAL: {},
+            pb.BLEND_MODE_CHANNEL: {"channel_alpha_init": f"{settings.blend_channel_alpha_init:g}"},
+            pb.BLEND_MODE_CONFIDENCE: {
+                "gate_k": f"{settings.blend_gate_k:g}",
+                "gate_tau": f"{settings.blend_gate_tau:g}",
+                **common,
+            },
+        }
+
+    def annotations(self, proposal: Proposal) -> dict[str, str]:
+        """Annotations for `proposal` (empty unless enabled and GERMINATE)."""
+        if not self.enabled or proposal.action != pb.POLICY_ACTION_GERMINATE:
+            return {}
+        notes = {
+            "blend_mode": short_name(pb.BlendMode, proposal.blend_mode),
+            "alpha_ramp_steps": str(proposal.alpha_ramp_steps),
+        }
+        notes.update({f"blend_{k}": v for k, v in self._per_mode.get(proposal.blend_mode, {}).items()})
+        return notes

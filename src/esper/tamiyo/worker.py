@@ -1,0 +1,228 @@
+"""The inference worker: a persistent thread that runs decisions under a hard deadline.
+
+Design (P1 and the review): a decision runs on a long-lived worker thread while the caller waits at most
+the remaining budget. When the budget runs out the caller gets `DeadlineExceeded` at once; the late job is
+told to stop (its `CancelToken` is set, and the GNN checks it between layers) and its result is discarded
+whatever it turns out to be.
+
+A thread cannot be killed, so the late job may still be finishing its current layer. It must not delay the
+next decision, so the next `run` does not queue behind it: the busy thread is retired (it exits as soon as
+its job stops) and a fresh thread takes the decision. Bound, stated honestly: a late job keeps a core busy
+for at most one layer of the network after its deadline (a policy that never checks its token runs to
+completion); at most `max_retired` retired threads may be winding down at once, beyond that `run` fails
+with `WorkerSaturated` instead of piling up threads. `close()` cancels and joins every thread and raises
+`WorkerLeak` if one does not stop in time: nothing keeps running behind the caller's back.
+
+Thread budget (DESIGN §10): torch's intra-op thread count is process-wide in this build (OpenMP), so the
+worker sets it once to `cpu_threads` at start; the trainer in the same process shares that budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import torch
+
+from esper.leyline import EsperError
+
+T = TypeVar("T")
+
+
+class DeadlineExceeded(EsperError):
+    """A decision missed its deadline; its late result, if any, is discarded."""
+
+    def __init__(self, budget_ms: float, elapsed_ms: float, what: str) -> None:
+        self.budget_ms = budget_ms
+        self.elapsed_ms = elapsed_ms
+        self.what = what
+        super().__init__(
+            f"{what} missed its deadline: {elapsed_ms:.2f} ms elapsed, budget {budget_ms:.2f} ms"
+        )
+
+
+class DecisionCancelled(EsperError):
+    """Raised inside a late job when it reaches a checkpoint after its deadline."""
+
+
+class WorkerClosed(EsperError):
+    """The worker was closed; it takes no more jobs."""
+
+
+class WorkerSaturated(EsperError):
+    """Too many late jobs are still winding down; a new decision is refused rather than queued."""
+
+    def __init__(self, retired_alive: int) -> None:
+        self.retired_alive = retired_alive
+        super().__init__(f"{retired_alive} late decision(s) are still running; refusing a new one")
+
+
+class WorkerLeak(EsperError):
+    """`close()` could not stop every worker thread within its timeout."""
+
+    def __init__(self, threads: list[str]) -> None:
+        self.threads = threads
+        super().__init__(f"worker thread(s) still running after close: {', '.join(threads)}")
+
+
+class CancelToken:
+    """Set when a job's deadline has passed; the job checks it between layers."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the job to stop at its next checkpoint."""
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once `cancel()` was called."""
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise `DecisionCancelled` if the job was cancelled."""
+        if self._event.is_set():
+            raise DecisionCancelled("decision cancelled after its deadline")
+
+
+@dataclass
+class _Job(Generic[T]):
+    fn: Callable[[CancelToken], T]
+    token: CancelToken = field(default_factory=CancelToken)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: T | None = None
+    error: BaseException | None = None
+    succeeded: bool = False
+
+
+_STOP = object()
+
+
+class _Lane:
+    """One worker thread with its own queue."""
+
+    _ids = itertools.count()
+
+    def __init__(self, name: str, cpu_threads: int) -> None:
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._cpu_threads = cpu_threads
+        self.current: _Job[object] | None = None
+        self.outstanding: _Job[object] | None = None
+        self.thread = threading.Thread(target=self._loop, name=f"{name}-{next(self._ids)}", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        if torch.get_num_threads() != self._cpu_threads:
+            torch.set_num_threads(self._cpu_threads)
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, _Job)
+            self.current = item
+            try:
+                item.token.check()  # a job whose deadline passed while queued never starts
+                item.result = item.fn(item.token)
+                item.succeeded = True
+            except BaseException as exc:  # noqa: BLE001 (handed to the waiting caller, which re-raises it)
+                item.error = exc
+            finally:
+                self.current = None
+                item.done.set()
+
+    @property
+    def busy(self) -> bool:
+        job = self.outstanding
+        return job is not None and not job.done.is_set()
+
+    def submit(self, job: _Job[object]) -> None:
+        self.outstanding = job
+        self._queue.put(job)
+
+    def stop(self) -> None:
+        for job in (self.current, self.outstanding):
+            if job is not None:
+                job.token.cancel()
+        self._queue.put(_STOP)
+
+
+class InferenceWorker:
+    """Runs jobs on a persistent thread under a hard deadline. Thread-safe for one caller at a time."""
+
+    def __init__(
+        self,
+        *,
+        cpu_threads: int = 1,
+        max_retired: int = 2,
+        join_timeout_s: float = 5.0,
+        name: str = "tamiyo-inference",
+    ) -> None:
+        self._cpu_threads = cpu_threads
+        self._max_retired = max_retired
+        self._join_timeout_s = join_timeout_s
+        self._name = name
+        self._lock = threading.Lock()
+        self._closed = False
+        self._lane = _Lane(name, cpu_threads)
+        self._retired: list[_Lane] = []
+        self.deadline_misses = 0
+        self.replacements = 0
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """Every thread this worker started that is still alive."""
+        lanes = [self._lane, *self._retired]
+        return [lane.thread for lane in lanes if lane.thread.is_alive()]
+
+    def run(self, fn: Callable[[CancelToken], T], *, timeout_ms: float, what: str = "decision") -> T:
+        """Run `fn(token)` on the worker; its result, or its exception, or `DeadlineExceeded`."""
+        start = time.monotonic()
+        with self._lock:
+            if self._closed:
+                raise WorkerClosed(f"{self._name} is closed")
+            self._prune()
+            if self._lane.busy:
+                # A late job is still finishing a layer: do not wait for it, take a fresh thread.
+                if len(self._retired) >= self._max_retired:
+                    raise WorkerSaturated(len(self._retired))
+                self._lane.stop()
+                self._retired.append(self._lane)
+                self._lane = _Lane(self._name, self._cpu_threads)
+                self.replacements += 1
+            job: _Job[T] = _Job(fn)
+            self._lane.submit(job)  # type: ignore[arg-type]
+        remaining_s = max(timeout_ms / 1e3 - (time.monotonic() - start), 0.0)
+        if not job.done.wait(remaining_s):
+            job.token.cancel()
+            self.deadline_misses += 1
+            raise DeadlineExceeded(timeout_ms, (time.monotonic() - start) * 1e3, what)
+        if job.error is not None:
+            raise job.error
+        if not job.succeeded:
+            raise EsperError(f"{what} finished without a result or an error")  # unreachable by design
+        return job.result  # type: ignore[return-value]
+
+    def _prune(self) -> None:
+        self._retired = [lane for lane in self._retired if lane.thread.is_alive()]
+
+    def close(self) -> None:
+        """Cancel what runs, stop every thread and join them; `WorkerLeak` if one will not stop."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            lanes = [self._lane, *self._retired]
+        for lane in lanes:
+            lane.stop()
+        deadline = time.monotonic() + self._join_timeout_s
+        for lane in lanes:
+            lane.thread.join(max(deadline - time.monotonic(), 0.0))
+        alive = [lane.thread.name for lane in lanes if lane.thread.is_alive()]
+        if alive:
+            raise WorkerLeak(alive)

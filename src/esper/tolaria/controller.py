@@ -1,0 +1,46 @@
+"""How Tolaria talks to its controller: a small protocol, so the trainer never imports Tamiyo."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from esper.leyline import pb
+
+
+class Controller(Protocol):
+    """Decides, for one state packet, the signed command the trainer hands to Kasmina."""
+
+    def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
+        """The command for this packet."""
+        ...
+
+    def export_state(self) -> dict[str, Any]:
+        """JSON-ready state the controller needs to resume exactly (saved with every checkpoint)."""
+        ...
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Inverse of `export_state`."""
+        ...
+
+
+@dataclass(frozen=True)
+class BoundController:
+    """A `Controller` assembled from callables (the composition root binds a service and its policy)."""
+
+    decide: Callable[[pb.SystemStatePacket], pb.AdaptationCommand]
+    save: Callable[[], dict[str, Any]]
+    load: Callable[[dict[str, Any]], None]
+
+    def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
+        """The command for this packet."""
+        return self.decide(packet)
+
+    def export_state(self) -> dict[str, Any]:
+        """The bound policy's state."""
+        return self.save()
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Give the bound policy its saved state back."""
+        self.load(dict(state))

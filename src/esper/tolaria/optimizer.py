@@ -1,0 +1,112 @@
+"""The trainer's optimizer with one parameter group per owner: the host, and each seed by its id.
+
+Seeds come and go while training; adding a group or retiring one leaves every other parameter's state
+(Adam moments and step counts) untouched. The state round-trips through tensors + JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from esper.leyline import EsperError
+
+HOST_GROUP = "host"
+
+
+class OptimizerStateError(EsperError):
+    """Saved optimizer state does not fit the parameters it is restored onto."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"optimizer state cannot be restored: {reason}")
+
+
+class GroupedAdam:
+    """Adam over named parameter groups that can be added and retired while training."""
+
+    def __init__(
+        self, host_parameters: Iterable[nn.Parameter], *, lr: float, weight_decay: float = 0.0
+    ) -> None:
+        self.optimizer = torch.optim.Adam(
+            [{"params": list(host_parameters), "name": HOST_GROUP}], lr=lr, weight_decay=weight_decay
+        )
+
+    @property
+    def group_names(self) -> list[str]:
+        """Group names in order."""
+        return [str(group["name"]) for group in self.optimizer.param_groups]
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the host group (every group shares it)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every group."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def holds(self, parameter: nn.Parameter) -> bool:
+        """True when `parameter` is optimised."""
+        return any(parameter is p for group in self.optimizer.param_groups for p in group["params"])
+
+    def add_group(self, name: str, parameters: Sequence[nn.Parameter]) -> None:
+        """Start optimising `parameters` under `name` (a seed id) at the current learning rate."""
+        if name in self.group_names:
+            raise ValueError(f"optimizer group {name!r} already exists")
+        self.optimizer.add_param_group({"params": list(parameters), "name": name, "lr": self.lr})
+
+    def retire_group(self, name: str) -> None:
+        """Stop optimising the group `name` and forget its state; other groups keep theirs."""
+        for index, group in enumerate(self.optimizer.param_groups):
+            if group["name"] == name:
+                for parameter in group["params"]:
+                    self.optimizer.state.pop(parameter, None)
+                del self.optimizer.param_groups[index]
+                return
+        raise KeyError(f"no optimizer group {name!r}; groups are {self.group_names}")
+
+    def step(self) -> None:
+        """One optimizer step."""
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        """Clear every gradient."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- persistence ----------------------------------------------------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors, JSON) of the optimizer: per-parameter moments, group layout and hyperparameters."""
+        state = self.optimizer.state_dict()
+        tensors: dict[str, Tensor] = {}
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, entry in state["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optimizer.{index}.{key}"] = value.detach().clone().contiguous()
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        groups = [{k: v for k, v in group.items()} for group in state["param_groups"]]
+        return tensors, {"param_groups": groups, "scalars": scalars}
+
+    def restore_state(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Load state exported by `export_state` onto groups already created in the same order."""
+        groups = meta["param_groups"]
+        names = [str(group["name"]) for group in groups]
+        if names != self.group_names:
+            raise OptimizerStateError(f"saved groups {names} differ from current {self.group_names}")
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value.clone()
+        for index, entry in meta["scalars"].items():
+            state.setdefault(int(index), {}).update(entry)
+        try:
+            self.optimizer.load_state_dict({"state": state, "param_groups": [dict(g) for g in groups]})
+        except (ValueError, KeyError) as exc:
+            raise OptimizerStateError(str(exc)) from exc

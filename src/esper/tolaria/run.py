@@ -1,0 +1,251 @@
+"""`esper run` as a recipe: resolve the config, build data, host, catalogue, seeds and trainer, train,
+write the run directory and its summary. The controller is built by the caller (the composition root)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from esper.kasmina import KasminaSettings, SeedManager
+from esper.leyline import EsperError, SignatureVerifier, pb
+from esper.tolaria.controller import Controller
+from esper.tolaria.data import Dataset, load_digits, load_npz, make_task
+from esper.tolaria.hosts import build_host
+from esper.tolaria.records import RunDirectory
+from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.trainer import EpochReport, Trainer
+from esper.urza import BlueprintCatalogue
+
+
+class RunConfigError(EsperError):
+    """A run cannot start with this configuration (or resume from this directory)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run was started with; written to `config.json` and read back on resume."""
+
+    task: str
+    host: str
+    policy: str
+    difficulty: float
+    run_dir: Path
+    catalogue_path: Path
+    training_run_id: str
+    tolaria: TolariaSettings
+    kasmina: KasminaSettings
+
+    def to_json(self) -> dict[str, Any]:
+        """The resolved configuration as JSON."""
+        return {
+            "task": self.task,
+            "host": self.host,
+            "policy": self.policy,
+            "difficulty": self.difficulty,
+            "run_dir": str(self.run_dir),
+            "catalogue_path": str(self.catalogue_path),
+            "training_run_id": self.training_run_id,
+            "tolaria": self.tolaria.model_dump(mode="json"),
+            "kasmina": self.kasmina.model_dump(mode="json"),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunConfig:
+        """Inverse of `to_json`."""
+        return cls(
+            task=str(data["task"]),
+            host=str(data["host"]),
+            policy=str(data["policy"]),
+            difficulty=float(data["difficulty"]),
+            run_dir=Path(data["run_dir"]),
+            catalogue_path=Path(data["catalogue_path"]),
+            training_run_id=str(data["training_run_id"]),
+            tolaria=TolariaSettings(**data["tolaria"]),
+            kasmina=KasminaSettings(**data["kasmina"]),
+        )
+
+
+def new_training_run_id() -> str:
+    """A fresh run id."""
+    return f"run-{uuid.uuid4().hex[:12]}"
+
+
+def load_task(task: str, host: str, *, seed: int, difficulty: float) -> Dataset:
+    """The dataset for `task` ("digits", "generated" or a path to an .npz file), shaped for `host`."""
+    image = host == "cnn"
+    if task == "digits":
+        return load_digits(seed, image=image)
+    if task == "generated":
+        if image:
+            raise RunConfigError("the generated task is tabular; use --host mlp")
+        return make_task(difficulty, seed)
+    if task.endswith(".npz"):
+        return load_npz(Path(task), seed, image=image)
+    raise RunConfigError(f"unknown task {task!r}: use digits, generated or a path to an .npz file")
+
+
+def resolve_config(config: RunConfig, *, resume: bool) -> RunConfig:
+    """The config to run: `config` for a fresh run, the run directory's own on resume."""
+    path = config.run_dir / "config.json"
+    if resume:
+        if not path.exists():
+            raise RunConfigError(f"cannot resume: {path} does not exist")
+        return RunConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+    if path.exists():
+        raise RunConfigError(f"{config.run_dir} already holds a run; use --resume or another --run-dir")
+    return config
+
+
+def run_experiment(
+    config: RunConfig,
+    controller: Controller,
+    secret: bytes,
+    *,
+    resume: bool = False,
+    console: Console | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train as `config` says under `controller`; returns (and writes) the summary."""
+    started = time.monotonic()
+    settings = config.tolaria
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    run_dir = RunDirectory(config.run_dir)
+    if not resume:
+        run_dir.write_json(run_dir.config_path, config.to_json())
+    dataset = load_task(config.task, config.host, seed=settings.seed, difficulty=config.difficulty)
+    host = build_host(config.host, dataset.input_shape, dataset.num_classes)
+    params_initial = host.parameter_count()
+    catalogue = BlueprintCatalogue.open_default(config.catalogue_path)
+    try:
+        verifier = SignatureVerifier(
+            secret, freshness_s=config.kasmina.command_freshness_s, future_skew_s=config.kasmina.clock_skew_s
+        )
+        manager = SeedManager(
+            host.slots(), catalogue, verifier, config.kasmina, training_run_id=config.training_run_id
+        )
+        trainer = Trainer(
+            settings=settings,
+            dataset=dataset,
+            host=host,
+            manager=manager,
+            controller=controller,
+            blueprint_ids=catalogue.ids_for(host.slot_kind),
+            run_dir=run_dir,
+            training_run_id=config.training_run_id,
+        )
+        resumed_from = None
+        if resume and trainer.resume():
+            resumed_from = trainer.step
+        outcome = _fit(trainer, console, progress)
+    finally:
+        catalogue.close()
+    fossilized = sum(1 for s in manager.slot_ids if manager.stage(s) == pb.SEED_STAGE_FOSSILIZED)
+    summary = {
+        "run_id": config.training_run_id,
+        "task": dataset.name,
+        "host": config.host,
+        "policy": config.policy,
+        "epochs": settings.epochs,
+        "steps": outcome.steps,
+        "final_val_accuracy": outcome.evaluation.accuracy,
+        "final_val_loss": outcome.evaluation.loss,
+        "best_val_accuracy": trainer.best_val_accuracy,
+        "params_initial": params_initial,
+        "params_final": outcome.parameters,
+        "seeds_fossilized": fossilized,
+        "rollbacks": outcome.rollbacks,
+        "decisions": trainer.decisions,
+        "resumed_from_step": resumed_from,
+        "wall_seconds": time.monotonic() - started,
+        **lifecycle_counts(run_dir),
+    }
+    run_dir.write_json(run_dir.summary_path, summary)
+    return summary
+
+
+def lifecycle_counts(run_dir: RunDirectory) -> dict[str, Any]:
+    """From events.jsonl: transitions per stage reached, seeds germinated and culled."""
+    reached: Counter[str] = Counter()
+    for event in run_dir.events.read():
+        if event.get("kind") == "transition":
+            reached[str(event["to_stage"])] += 1
+    return {
+        "transitions": dict(sorted(reached.items())),
+        "seeds_germinated": reached.get("GERMINATED", 0),
+        "seeds_culled": reached.get("CULLED", 0),
+    }
+
+
+def _fit(trainer: Trainer, console: Console | None, show: bool) -> Any:
+    if not show:
+        return trainer.fit()
+    progress = Progress(
+        TextColumn("[bold]epoch"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        epochs = trainer.settings.epochs
+        task = progress.add_task(
+            "train",
+            total=epochs,
+            completed=trainer.step // trainer.steps_per_epoch,
+            status="",
+        )
+
+        def on_epoch(report: EpochReport) -> None:
+            progress.update(
+                task,
+                completed=report.epoch,
+                status=f"acc {report.validation_accuracy:.3f}  params {report.parameters:,}  "
+                f"active seeds {report.active_seeds}  fossilised {report.fossilized_seeds}",
+            )
+
+        return trainer.fit(on_epoch=on_epoch)
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """The summary as a rich table."""
+    table = Table(title=f"run {summary['run_id']}", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key in (
+        "task",
+        "host",
+        "policy",
+        "epochs",
+        "final_val_accuracy",
+        "best_val_accuracy",
+        "params_initial",
+        "params_final",
+        "seeds_germinated",
+        "seeds_fossilized",
+        "seeds_culled",
+        "rollbacks",
+        "decisions",
+        "wall_seconds",
+    ):
+        value = summary.get(key)
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    transitions = summary.get("transitions", {})
+    table.add_row("transitions", ", ".join(f"{k} {v}" for k, v in transitions.items()) or "none")
+    return table
+
+
+ControllerFactory = Callable[[], Controller]

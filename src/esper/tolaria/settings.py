@@ -1,0 +1,40 @@
+"""Tolaria's settings, resolved once (prefix `TOLARIA_`) and passed to the trainer."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from esper.leyline.settings import StrictSettings
+
+
+class TolariaSettings(StrictSettings):
+    """The training loop's knobs: schedule, optimiser, decisions, checkpoints and rollback."""
+
+    model_config = SettingsConfigDict(env_prefix="TOLARIA_")
+
+    epochs: int = Field(default=40, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=3e-3, gt=0, le=10.0, description="Adam learning rate (host and seeds).")
+    weight_decay: float = Field(default=0.0, ge=0)
+    decision_interval: int = Field(default=20, ge=1, description="Training steps between decisions.")
+    seed: int = Field(default=0, ge=0, description="Seed of every random choice of the run.")
+    threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads of the trainer.")
+    eval_batch_size: int = Field(default=1024, ge=1)
+    checkpoint_every_epochs: int = Field(default=1, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept on disk (newest).")
+    # Loss explosion: NaN/inf, or a spike above `spike_factor` times the running loss (and by at least
+    # `spike_min_delta`), once `spike_warmup_steps` have set the running loss.
+    spike_factor: float = Field(default=4.0, gt=1.0)
+    spike_min_delta: float = Field(default=1.0, gt=0)
+    spike_warmup_steps: int = Field(default=50, ge=1)
+    loss_ema_decay: float = Field(default=0.95, gt=0, lt=1)
+    rollback_lr_factor: float = Field(
+        default=0.5, gt=0, le=1.0, description="lr multiplier after a rollback."
+    )
+    max_rollbacks: int = Field(default=3, ge=0)
+    max_controller_failures: int = Field(
+        default=3, ge=1, description="Consecutive failed decisions before the run stops."
+    )
+    min_lr: float = Field(default=1e-6, gt=0)
+    max_lr: float = Field(default=1.0, gt=0)

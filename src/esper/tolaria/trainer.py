@@ -1,0 +1,462 @@
+"""The training loop: steps, decisions, seed parameters in and out of the optimizer, checkpoints, rollback.
+
+One step: forward, loss check (a NaN/inf or spiking loss rolls back to the last good checkpoint),
+backward, `SeedManager.observe_backward`, optimizer step, `SeedManager.advance`, parameter changes.
+Every `decision_interval` steps: evaluation with counterfactual contributions, the state packet, the
+controller's command, Kasmina's verdict. Every `checkpoint_every_epochs` epochs: an atomic checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from esper.kasmina import SeedManager, stage_name
+from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, short_name
+from esper.tolaria.checkpoint import Checkpoint, CheckpointStore
+from esper.tolaria.controller import Controller
+from esper.tolaria.data import Dataset
+from esper.tolaria.evaluation import Evaluation, evaluate
+from esper.tolaria.hosts import Host
+from esper.tolaria.optimizer import HOST_GROUP, GroupedAdam
+from esper.tolaria.packet import build_packet
+from esper.tolaria.records import RunDirectory
+from esper.tolaria.settings import TolariaSettings
+
+
+class TrainingDiverged(EsperError):
+    """The loss exploded more often than `max_rollbacks` allows."""
+
+    def __init__(self, step: int, rollbacks: int, reason: str) -> None:
+        self.step = step
+        self.rollbacks = rollbacks
+        self.reason = reason
+        super().__init__(f"training diverged at step {step} after {rollbacks} rollback(s): {reason}")
+
+
+class ControllerFailed(EsperError):
+    """The controller failed `max_controller_failures` decisions in a row."""
+
+    def __init__(self, step: int, failures: int, last_error: BaseException) -> None:
+        self.step = step
+        self.failures = failures
+        self.last_error = last_error
+        super().__init__(f"controller failed {failures} decisions in a row (step {step}): {last_error}")
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What the progress display shows at the end of an epoch."""
+
+    epoch: int
+    epochs: int
+    step: int
+    validation_accuracy: float
+    validation_loss: float
+    parameters: int
+    active_seeds: int
+    fossilized_seeds: int
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """The end of `fit`: final evaluation and parameter counts."""
+
+    evaluation: Evaluation
+    steps: int
+    parameters: int
+    rollbacks: int
+
+
+class Trainer:
+    """Trains a host with seeds under a controller, writing the run directory as it goes."""
+
+    def __init__(
+        self,
+        *,
+        settings: TolariaSettings,
+        dataset: Dataset,
+        host: Host,
+        manager: SeedManager,
+        controller: Controller,
+        blueprint_ids: Sequence[str],
+        run_dir: RunDirectory,
+        training_run_id: str,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.settings = settings
+        self.dataset = dataset
+        self.host = host
+        self.manager = manager
+        self.controller = controller
+        self.blueprint_ids = list(blueprint_ids)
+        self.run_dir = run_dir
+        self.training_run_id = training_run_id
+        self.clock = clock
+        self.store = CheckpointStore(run_dir.checkpoint_dir, keep=settings.keep_checkpoints)
+        self.steps_per_epoch = max(1, math.ceil(len(dataset.x_train) / settings.batch_size))
+        self.total_steps = settings.epochs * self.steps_per_epoch
+        self.optimizer = self._build_optimizer([HOST_GROUP], settings.lr)
+        self.step = 0
+        self.loss_ema: float | None = None
+        self.rollbacks = 0
+        self.controller_failures = 0
+        self.decisions = 0
+        self.best_val_accuracy = 0.0
+        self.interval_loss_sum = 0.0
+        self.interval_loss_count = 0
+        self.last_evaluation: Evaluation | None = None
+        self._permutation_epoch = -1
+        self._permutation = torch.empty(0, dtype=torch.long)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def fit(self, on_epoch: Callable[[EpochReport], None] | None = None) -> TrainingOutcome:
+        """Train to `epochs` (from wherever a resume left off) and return the final outcome."""
+        if not self.store.steps():
+            self.save_checkpoint()
+        while self.step < self.total_steps:
+            self.train_step()
+            if self.step % self.settings.decision_interval == 0:
+                self.decide()
+            if self.step % self.steps_per_epoch == 0:
+                epoch = self.step // self.steps_per_epoch
+                if epoch % self.settings.checkpoint_every_epochs == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if on_epoch is not None:
+                    on_epoch(self._epoch_report(epoch))
+        self.manager.terminate(self.step)
+        self._flush_events()
+        self._apply_parameter_changes()
+        final = self._evaluate()
+        self.run_dir.metrics.append(self._metrics_record(final, final=True))
+        return TrainingOutcome(
+            evaluation=final,
+            steps=self.step,
+            parameters=self.host.parameter_count(),
+            rollbacks=self.rollbacks,
+        )
+
+    def train_step(self) -> None:
+        """One optimisation step on the next batch (or a rollback when the loss explodes)."""
+        settings = self.settings
+        epoch, index = divmod(self.step, self.steps_per_epoch)
+        batch = self._epoch_permutation(epoch)[
+            index * settings.batch_size : (index + 1) * settings.batch_size
+        ]
+        xb, yb = self.dataset.x_train[batch], self.dataset.y_train[batch]
+        if (self.step + 1) % settings.decision_interval == 0:
+            self.manager.arm_gradient_probes()
+        self.host.train()
+        loss = nn.functional.cross_entropy(self.host(xb), yb)
+        value = float(loss.detach())
+        explosion = self._explosion(value)
+        if explosion:
+            self.rollback(explosion)
+            return
+        self.optimizer.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.manager.observe_backward(self.step)
+        self.optimizer.step()
+        self.manager.advance(self.step)
+        self._flush_events()
+        self._apply_parameter_changes()
+        decay = settings.loss_ema_decay
+        self.loss_ema = value if self.loss_ema is None else decay * self.loss_ema + (1 - decay) * value
+        self.interval_loss_sum += value
+        self.interval_loss_count += 1
+        self.step += 1
+
+    def decide(self) -> None:
+        """Evaluate, build the packet, ask the controller and hand its command to Kasmina."""
+        evaluation = self._evaluate()
+        for slot_id, contribution in evaluation.contributions.items():
+            self.manager.record_contribution(
+                slot_id, accuracy=contribution.accuracy, loss=contribution.loss, step=self.step
+            )
+        self.best_val_accuracy = max(self.best_val_accuracy, evaluation.accuracy)
+        training_loss = self.interval_loss_sum / max(1, self.interval_loss_count)
+        self.interval_loss_sum, self.interval_loss_count = 0.0, 0
+        packet = build_packet(
+            training_run_id=self.training_run_id,
+            experiment_name=self.dataset.name,
+            epoch=self.step // self.steps_per_epoch,
+            global_step=self.step,
+            validation_loss=evaluation.loss,
+            validation_accuracy=evaluation.accuracy,
+            training_loss=training_loss,
+            timestamp_ns=self.clock.wall_ns(),
+            topology=self.host.topology(),
+            seed_states=self.manager.seed_states(
+                learning_rate=self.optimizer.lr, steps_per_epoch=self.steps_per_epoch
+            ),
+            blueprint_ids=self.blueprint_ids,
+            training_metrics=self._training_metrics(training_loss),
+        )
+        self.run_dir.metrics.append(
+            self._metrics_record(evaluation, final=False, training_loss=training_loss)
+        )
+        self.decisions += 1
+        record: dict[str, Any] = {
+            "step": self.step,
+            "epoch": packet.current_epoch,
+            "packet_id": packet.packet_id,
+        }
+        try:
+            command = self.controller.evaluate_step(packet)
+        except EsperError as exc:
+            self.controller_failures += 1
+            record.update(error=f"{type(exc).__name__}: {exc}")
+            self.run_dir.decisions.append(record)
+            self._log_trainer_event("controller_failed", reason=str(exc))
+            if self.controller_failures >= self.settings.max_controller_failures:
+                raise ControllerFailed(self.step, self.controller_failures, exc) from exc
+            return
+        self.controller_failures = 0
+        result = self.manager.apply(command, step=self.step)
+        if result.accepted and command.command_type == pb.COMMAND_OPTIMIZER:
+            self._adjust_lr(command.optimizer_adjustment.hyperparameters.get("lr_factor", 1.0))
+        self._apply_parameter_changes()
+        self._flush_events()
+        record.update(_command_record(command))
+        record.update(
+            accepted=result.accepted,
+            rejection=result.reason.value if result.reason else "",
+            detail=result.detail,
+            validation_accuracy=evaluation.accuracy,
+            validation_loss=evaluation.loss,
+        )
+        self.run_dir.decisions.append(record)
+
+    # -- rollback and checkpoints ---------------------------------------------------------------------------
+
+    def _explosion(self, loss: float) -> str:
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        ema = self.loss_ema
+        settings = self.settings
+        if (
+            ema is not None
+            and self.step >= settings.spike_warmup_steps
+            and loss > settings.spike_factor * ema
+            and loss > ema + settings.spike_min_delta
+        ):
+            return f"loss spiked to {loss:.4g} (running {ema:.4g})"
+        return ""
+
+    def rollback(self, reason: str) -> None:
+        """Go back to the last good checkpoint, lower the learning rate, and report it."""
+        if self.rollbacks >= self.settings.max_rollbacks:
+            raise TrainingDiverged(self.step, self.rollbacks, reason)
+        failed_step = self.step
+        checkpoint = self.store.latest()
+        if checkpoint is None:
+            raise TrainingDiverged(self.step, self.rollbacks, f"{reason}; no checkpoint to roll back to")
+        rollbacks = self.rollbacks + 1
+        self.restore(checkpoint)
+        self.rollbacks = rollbacks
+        self._adjust_lr(self.settings.rollback_lr_factor)
+        self._log_trainer_event(
+            "rollback",
+            reason=reason,
+            detail={"failed_step": failed_step, "restored_step": self.step, "lr": self.optimizer.lr},
+        )
+
+    def save_checkpoint(self) -> None:
+        """Write an atomic checkpoint of everything needed to continue exactly from here."""
+        tensors: dict[str, Tensor] = {
+            f"model.{k}": v.detach().clone() for k, v in self.host.state_dict().items()
+        }
+        optimizer_tensors, optimizer_meta = self.optimizer.export_state()
+        tensors.update(optimizer_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {
+            "training_run_id": self.training_run_id,
+            "step": self.step,
+            "loss_ema": self.loss_ema,
+            "rollbacks": self.rollbacks,
+            "decisions": self.decisions,
+            "controller_failures": self.controller_failures,
+            "best_val_accuracy": self.best_val_accuracy,
+            "interval_loss_sum": self.interval_loss_sum,
+            "interval_loss_count": self.interval_loss_count,
+            "manager": self.manager.export_state(),
+            "optimizer": optimizer_meta,
+            "controller": self.controller.export_state(),
+            "logs": self.run_dir.log_sizes(),
+        }
+        self.store.save(self.step, tensors, meta)
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint (logs cut back to it); False when there is none."""
+        checkpoint = self.store.latest()
+        if checkpoint is None:
+            return False
+        self.run_dir.truncate_logs(checkpoint.meta["logs"])
+        self.restore(checkpoint)
+        return True
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Put host, seeds, optimizer, controller, RNG and counters back as `checkpoint` has them."""
+        meta = checkpoint.meta
+        self.manager.restore_state(meta["manager"])
+        model_state = {
+            k.removeprefix("model."): v for k, v in checkpoint.tensors.items() if k.startswith("model.")
+        }
+        self.host.load_state_dict(model_state, strict=True)
+        groups = [str(group["name"]) for group in meta["optimizer"]["param_groups"]]
+        self.optimizer = self._build_optimizer(groups, float(meta["optimizer"]["param_groups"][0]["lr"]))
+        optimizer_tensors = {k: v for k, v in checkpoint.tensors.items() if k.startswith("optimizer.")}
+        self.optimizer.restore_state(optimizer_tensors, meta["optimizer"])
+        self.controller.restore_state(meta["controller"])
+        torch.set_rng_state(checkpoint.tensors["rng.torch"])
+        self.step = int(meta["step"])
+        self.loss_ema = None if meta["loss_ema"] is None else float(meta["loss_ema"])
+        self.rollbacks = int(meta["rollbacks"])
+        self.decisions = int(meta["decisions"])
+        self.controller_failures = int(meta["controller_failures"])
+        self.best_val_accuracy = float(meta["best_val_accuracy"])
+        self.interval_loss_sum = float(meta["interval_loss_sum"])
+        self.interval_loss_count = int(meta["interval_loss_count"])
+        self.manager.drain_parameter_changes()
+
+    # -- helpers --------------------------------------------------------------------------------------------
+
+    def _build_optimizer(self, group_order: Sequence[str], lr: float) -> GroupedAdam:
+        seed_groups = dict(self.manager.seed_parameter_groups())
+        seed_ids = {id(p) for params in seed_groups.values() for p in params}
+        host_params = [p for p in self.host.parameters() if id(p) not in seed_ids]
+        optimizer = GroupedAdam(host_params, lr=lr, weight_decay=self.settings.weight_decay)
+        if group_order[0] != HOST_GROUP or set(group_order[1:]) != set(seed_groups):
+            raise EsperError(
+                f"optimizer groups {list(group_order)} do not match the host and seeds {list(seed_groups)}"
+            )
+        for name in group_order[1:]:
+            optimizer.add_group(name, seed_groups[name])
+        return optimizer
+
+    def _apply_parameter_changes(self) -> None:
+        changes = self.manager.drain_parameter_changes()
+        for seed_id, _ in changes.retired:
+            if seed_id in self.optimizer.group_names:
+                self.optimizer.retire_group(seed_id)
+        for seed_id, params in changes.added:
+            self.optimizer.add_group(seed_id, params)
+
+    def _adjust_lr(self, factor: float) -> None:
+        if not (math.isfinite(factor) and factor > 0):
+            raise EsperError(f"lr factor must be finite and > 0, got {factor}")
+        lr = min(self.settings.max_lr, max(self.settings.min_lr, self.optimizer.lr * factor))
+        self.optimizer.set_lr(lr)
+
+    def _epoch_permutation(self, epoch: int) -> Tensor:
+        # Each epoch's order depends only on (seed, epoch): a resumed run draws the same batches.
+        if epoch != self._permutation_epoch:
+            generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + epoch)
+            self._permutation = torch.randperm(len(self.dataset.x_train), generator=generator)
+            self._permutation_epoch = epoch
+        return self._permutation
+
+    def _evaluate(self) -> Evaluation:
+        evaluation = evaluate(
+            self.host,
+            self.manager,
+            self.dataset.x_val,
+            self.dataset.y_val,
+            batch_size=self.settings.eval_batch_size,
+        )
+        self.last_evaluation = evaluation
+        return evaluation
+
+    def _training_metrics(self, training_loss: float) -> dict[str, float]:
+        return {
+            "lr": self.optimizer.lr,
+            "param_count": float(self.host.parameter_count()),
+            "host_param_count": float(self.host.host_parameter_count()),
+            "seed_param_count": float(self.manager.seed_parameter_count()),
+            "train_loss": training_loss,
+            "loss_ema": self.loss_ema if self.loss_ema is not None else training_loss,
+            "best_val_accuracy": self.best_val_accuracy,
+            "steps_per_epoch": float(self.steps_per_epoch),
+            "decision_interval": float(self.settings.decision_interval),
+            "total_epochs": float(self.settings.epochs),
+            "progress": self.step / self.total_steps,
+            "rollbacks": float(self.rollbacks),
+        }
+
+    def _metrics_record(
+        self, evaluation: Evaluation, *, final: bool, training_loss: float | None = None
+    ) -> dict[str, Any]:
+        stages = {slot_id: stage_name(self.manager.stage(slot_id)) for slot_id in self.manager.slot_ids}
+        return {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "final": final,
+            "validation_accuracy": evaluation.accuracy,
+            "validation_loss": evaluation.loss,
+            "training_loss": training_loss,
+            "lr": self.optimizer.lr,
+            "parameters": self.host.parameter_count(),
+            "stages": stages,
+            "alphas": {slot_id: self.manager.alpha(slot_id) for slot_id in self.manager.slot_ids},
+            "contributions": {
+                slot: {"accuracy": c.accuracy, "loss": c.loss} for slot, c in evaluation.contributions.items()
+            },
+        }
+
+    def _epoch_report(self, epoch: int) -> EpochReport:
+        evaluation = self.last_evaluation or self._evaluate()
+        fossilized = sum(
+            1 for s in self.manager.slot_ids if self.manager.stage(s) == pb.SEED_STAGE_FOSSILIZED
+        )
+        return EpochReport(
+            epoch=epoch,
+            epochs=self.settings.epochs,
+            step=self.step,
+            validation_accuracy=evaluation.accuracy,
+            validation_loss=evaluation.loss,
+            parameters=self.host.parameter_count(),
+            active_seeds=len(self.manager.live_seed_ids()),
+            fossilized_seeds=fossilized,
+        )
+
+    def _flush_events(self) -> None:
+        epoch = self.step / self.steps_per_epoch
+        for event in self.manager.drain_events():
+            self.run_dir.events.append({**event.to_json(), "epoch": epoch})
+
+    def _log_trainer_event(self, kind: str, *, reason: str, detail: dict[str, Any] | None = None) -> None:
+        self.run_dir.events.append(
+            {
+                "kind": kind,
+                "step": self.step,
+                "epoch": self.step / self.steps_per_epoch,
+                "reason": reason,
+                "detail": detail or {},
+            }
+        )
+
+
+def _command_record(command: pb.AdaptationCommand) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "command_id": command.command_id,
+        "command_type": short_name(pb.CommandType, command.command_type),
+        "issued_by": command.issued_by,
+        "target_seed_id": command.target_seed_id,
+        "annotations": dict(command.annotations),
+    }
+    if command.HasField("seed_operation"):
+        operation = command.seed_operation
+        record.update(
+            operation=short_name(pb.SeedOperation, operation.operation),
+            slot_id=operation.slot_id,
+            blueprint_id=operation.blueprint_id,
+            blend_mode=short_name(pb.BlendMode, operation.blend_mode),
+            alpha_ramp_steps=operation.alpha_ramp_steps,
+        )
+    return record

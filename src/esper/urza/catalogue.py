@@ -1,0 +1,356 @@
+"""BlueprintCatalogue: the blueprint descriptors in SQLite, their factories, and change notifications.
+
+Durability: WAL journal, `synchronous=FULL`, one transaction per change. Every change bumps the
+catalogue's revision, stamps it on the descriptor it touched, and is announced to every listener as a
+`pb.CatalogueChange` after it has been committed. A listener that raises does not undo the change; the
+caller sees `ListenerFailed` naming every listener error.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from torch import nn
+
+from esper.leyline import SYSTEM_CLOCK, Clock, pb, serialize, timestamp_from_ns
+from esper.urza.blueprints import (
+    BUILTIN_FACTORIES,
+    HOST_KINDS,
+    FactoryRegistry,
+    build_blueprint,
+    count_parameters,
+)
+from esper.urza.errors import (
+    BlueprintQuarantined,
+    CatalogueCorrupt,
+    DuplicateBlueprint,
+    InvalidDescriptor,
+    ListenerFailed,
+    UnknownBlueprint,
+)
+
+SCHEMA_VERSION = 1
+Listener = Callable[[pb.CatalogueChange], None]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS blueprints (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    blueprint_id TEXT NOT NULL UNIQUE,
+    descriptor BLOB NOT NULL,
+    quarantine_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS seeded (blueprint_id TEXT PRIMARY KEY);
+"""
+
+
+def _validate_descriptor(descriptor: pb.BlueprintDescriptor) -> None:
+    blueprint_id = str(descriptor.blueprint_id)
+    if not blueprint_id:
+        raise InvalidDescriptor(blueprint_id, "blueprint_id", "is required and was empty")
+    if not descriptor.name:
+        raise InvalidDescriptor(blueprint_id, "name", "is required and was empty")
+    if descriptor.tier == pb.BLUEPRINT_TIER_UNSPECIFIED:
+        raise InvalidDescriptor(blueprint_id, "tier", "is required and was UNSPECIFIED")
+    if not math.isfinite(descriptor.risk) or not 0.0 <= descriptor.risk <= 1.0:
+        raise InvalidDescriptor(blueprint_id, "risk", f"must be in [0, 1], got {descriptor.risk}")
+    kinds = list(descriptor.host_kinds)
+    if not kinds or any(kind not in HOST_KINDS for kind in kinds) or len(set(kinds)) != len(kinds):
+        raise InvalidDescriptor(
+            blueprint_id, "host_kinds", f"must be distinct values of {list(HOST_KINDS)}, got {kinds}"
+        )
+    for name, bounds in descriptor.allowed_parameters.items():
+        low, high = bounds.min_value, bounds.max_value
+        if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+            raise InvalidDescriptor(
+                blueprint_id, f"allowed_parameters[{name}]", f"needs finite min <= max, got [{low}, {high}]"
+            )
+
+
+class BlueprintCatalogue:
+    """The blueprint library of one deployment: descriptors in SQLite, modules from registered factories.
+
+    Safe to share between threads of one process (a lock serialises access to the connection).
+    """
+
+    def __init__(
+        self, path: Path, *, factories: FactoryRegistry = BUILTIN_FACTORIES, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self.path = Path(path)
+        self._factories = factories
+        self._clock = clock
+        self._listeners: builtins.list[Listener] = []
+        self._lock = threading.RLock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            self._check_schema()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise CatalogueCorrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
+        except CatalogueCorrupt:
+            self._db.close()
+            raise
+
+    @classmethod
+    def open_default(
+        cls, path: Path, *, factories: FactoryRegistry = BUILTIN_FACTORIES, clock: Clock = SYSTEM_CLOCK
+    ) -> BlueprintCatalogue:
+        """Open (or create) the catalogue at `path` and add every built-in blueprint never added before.
+
+        Idempotent: a second open changes nothing, and a built-in that was removed stays removed.
+        """
+        catalogue = cls(path, factories=factories, clock=clock)
+        catalogue._seed_builtins()
+        return catalogue
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> BlueprintCatalogue:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        """The catalogue's revision: the number of changes ever committed."""
+        with self._lock:
+            row = self._query_one("SELECT value FROM meta WHERE key = 'revision'")
+        return int(row[0]) if row else 0
+
+    def list(self) -> builtins.list[pb.BlueprintDescriptor]:
+        """Every descriptor, quarantined ones included, in the order they were added."""
+        with self._lock:
+            rows = self._query_all("SELECT blueprint_id, descriptor FROM blueprints ORDER BY position")
+        return [self._decode(str(blueprint_id), blob) for blueprint_id, blob in rows]
+
+    def get(self, blueprint_id: str) -> pb.BlueprintDescriptor:
+        """The descriptor of `blueprint_id` (a copy), or `UnknownBlueprint`."""
+        with self._lock:
+            row = self._query_one("SELECT descriptor FROM blueprints WHERE blueprint_id = ?", (blueprint_id,))
+        if row is None:
+            raise UnknownBlueprint(blueprint_id)
+        return self._decode(blueprint_id, row[0])
+
+    def quarantine_reason(self, blueprint_id: str) -> str | None:
+        """Why `blueprint_id` is quarantined, or None when it is not."""
+        with self._lock:
+            row = self._query_one(
+                "SELECT quarantine_reason FROM blueprints WHERE blueprint_id = ?", (blueprint_id,)
+            )
+        if row is None:
+            raise UnknownBlueprint(blueprint_id)
+        return None if row[0] is None else str(row[0])
+
+    def ids_for(self, kind: str) -> builtins.list[str]:
+        """Ids of the blueprints that can be built for host `kind`, quarantined ones excluded, in order."""
+        return [
+            str(descriptor.blueprint_id)
+            for descriptor in self.list()
+            if kind in descriptor.host_kinds and not descriptor.quarantine
+        ]
+
+    def build(self, blueprint_id: str, width: int, kind: str, **params: float) -> nn.Module:
+        """A fresh module of `blueprint_id` for a slot of `width` in a host of `kind`.
+
+        Raises `UnknownBlueprint`, `BlueprintQuarantined`, or `BlueprintNotApplicable` (wrong kind, bad
+        width, unknown parameter or one outside the descriptor's bounds).
+        """
+        descriptor = self.get(blueprint_id)
+        if descriptor.quarantine:
+            raise BlueprintQuarantined(
+                blueprint_id, self.quarantine_reason(blueprint_id) or "no reason given"
+            )
+        spec = self._factories.get(blueprint_id)
+        return build_blueprint(spec, descriptor, width, kind, params)
+
+    def param_count(self, blueprint_id: str, width: int, kind: str, **params: float) -> int:
+        """Parameters of `blueprint_id` at this width and kind, counted on a module really built."""
+        return count_parameters(self.build(blueprint_id, width, kind, **params))
+
+    # --- changing ----------------------------------------------------------------------------------
+
+    def subscribe(self, callback: Listener) -> None:
+        """Call `callback` with every committed change from now on."""
+        with self._lock:
+            self._listeners.append(callback)
+
+    def add(self, descriptor: pb.BlueprintDescriptor) -> pb.BlueprintDescriptor:
+        """Add a new blueprint (a factory must be registered for its id); returns it as stored."""
+        _validate_descriptor(descriptor)
+        blueprint_id = str(descriptor.blueprint_id)
+        self._factories.get(blueprint_id)
+        with self._lock, self._transaction():
+            if self._query_one("SELECT 1 FROM blueprints WHERE blueprint_id = ?", (blueprint_id,)):
+                raise DuplicateBlueprint(blueprint_id)
+            stored = self._store(descriptor, insert=True, quarantine_reason=None)
+        return self._announce(pb.CATALOGUE_CHANGE_ADDED, stored)
+
+    def update(self, descriptor: pb.BlueprintDescriptor) -> pb.BlueprintDescriptor:
+        """Replace an existing blueprint's descriptor (its revision is assigned here); returns it as stored.
+
+        Lifting the quarantine flag through an update clears the recorded reason.
+        """
+        _validate_descriptor(descriptor)
+        blueprint_id = str(descriptor.blueprint_id)
+        with self._lock, self._transaction():
+            row = self._query_one(
+                "SELECT quarantine_reason FROM blueprints WHERE blueprint_id = ?", (blueprint_id,)
+            )
+            if row is None:
+                raise UnknownBlueprint(blueprint_id)
+            reason = (row[0] or "quarantined by an update") if descriptor.quarantine else None
+            stored = self._store(descriptor, insert=False, quarantine_reason=reason)
+        return self._announce(pb.CATALOGUE_CHANGE_UPDATED, stored)
+
+    def quarantine(self, blueprint_id: str, reason: str) -> pb.BlueprintDescriptor:
+        """Mark `blueprint_id` quarantined for `reason`: still listed, never offered or built."""
+        if not reason:
+            raise InvalidDescriptor(blueprint_id, "quarantine reason", "is required and was empty")
+        with self._lock, self._transaction():
+            descriptor = self.get(blueprint_id)
+            descriptor.quarantine = True
+            stored = self._store(descriptor, insert=False, quarantine_reason=reason)
+        return self._announce(pb.CATALOGUE_CHANGE_QUARANTINED, stored)
+
+    def remove(self, blueprint_id: str) -> None:
+        """Delete `blueprint_id` from the catalogue."""
+        with self._lock, self._transaction():
+            descriptor = self.get(blueprint_id)
+            descriptor.revision = self._bump_revision()
+            self._db.execute("DELETE FROM blueprints WHERE blueprint_id = ?", (blueprint_id,))
+        self._announce(pb.CATALOGUE_CHANGE_REMOVED, descriptor)
+
+    # --- internals ---------------------------------------------------------------------------------
+
+    def _seed_builtins(self) -> None:
+        with self._lock, self._transaction():
+            seeded = {str(row[0]) for row in self._query_all("SELECT blueprint_id FROM seeded")}
+            present = {str(row[0]) for row in self._query_all("SELECT blueprint_id FROM blueprints")}
+            for spec in self._factories:
+                blueprint_id = spec.blueprint_id
+                if blueprint_id in seeded:
+                    continue
+                self._db.execute("INSERT INTO seeded (blueprint_id) VALUES (?)", (blueprint_id,))
+                if blueprint_id not in present:
+                    self._store(spec.descriptor, insert=True, quarantine_reason=None)
+
+    def _check_schema(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('revision', 0)")
+        elif row[0] != SCHEMA_VERSION:
+            raise CatalogueCorrupt(self.path, f"schema version {row[0]!r}, expected {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            raise CatalogueCorrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise CatalogueCorrupt(self.path, f"commit failed: {type(exc).__name__}: {exc}") from exc
+
+    def _bump_revision(self) -> int:
+        row = self._query_one("UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value")
+        if row is None:
+            raise CatalogueCorrupt(self.path, "the revision counter is missing")
+        return int(row[0])
+
+    def _store(
+        self, descriptor: pb.BlueprintDescriptor, *, insert: bool, quarantine_reason: str | None
+    ) -> pb.BlueprintDescriptor:
+        stored = pb.BlueprintDescriptor()
+        stored.CopyFrom(descriptor)
+        stored.revision = self._bump_revision()
+        blob = serialize(stored)
+        if insert:
+            self._db.execute(
+                "INSERT INTO blueprints (blueprint_id, descriptor, quarantine_reason) VALUES (?, ?, ?)",
+                (stored.blueprint_id, blob, quarantine_reason),
+            )
+        else:
+            self._db.execute(
+                "UPDATE blueprints SET descriptor = ?, quarantine_reason = ? WHERE blueprint_id = ?",
+                (blob, quarantine_reason, stored.blueprint_id),
+            )
+        return stored
+
+    def _announce(self, kind: int, descriptor: pb.BlueprintDescriptor) -> pb.BlueprintDescriptor:
+        change = pb.CatalogueChange(
+            kind=kind,
+            blueprint_id=descriptor.blueprint_id,
+            revision=descriptor.revision,
+            issued_at=timestamp_from_ns(self._clock.wall_ns()),
+        )
+        change.descriptor.CopyFrom(descriptor)
+        with self._lock:
+            listeners = list(self._listeners)
+        errors: builtins.list[BaseException] = []
+        for listener in listeners:
+            notice = pb.CatalogueChange()
+            notice.CopyFrom(change)
+            try:
+                listener(notice)
+            except Exception as exc:  # noqa: BLE001 (collected and re-raised below as ListenerFailed)
+                errors.append(exc)
+        if errors:
+            raise ListenerFailed(str(descriptor.blueprint_id), int(descriptor.revision), errors) from errors[
+                0
+            ]
+        return descriptor
+
+    def _decode(self, blueprint_id: str, blob: object) -> pb.BlueprintDescriptor:
+        if not isinstance(blob, bytes):
+            raise CatalogueCorrupt(self.path, f"descriptor of {blueprint_id!r} is {type(blob).__name__}")
+        descriptor = pb.BlueprintDescriptor()
+        try:
+            descriptor.ParseFromString(blob)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            raise CatalogueCorrupt(
+                self.path, f"descriptor of {blueprint_id!r} does not decode: {exc}"
+            ) from exc
+        if descriptor.blueprint_id != blueprint_id:
+            raise CatalogueCorrupt(
+                self.path, f"row {blueprint_id!r} holds a descriptor for {descriptor.blueprint_id!r}"
+            )
+        return descriptor
+
+    def _query_one(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        try:
+            row: tuple[Any, ...] | None = self._db.execute(sql, args).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise CatalogueCorrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
+        return row
+
+    def _query_all(self, sql: str, args: tuple[Any, ...] = ()) -> builtins.list[tuple[Any, ...]]:
+        try:
+            rows: builtins.list[tuple[Any, ...]] = self._db.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise CatalogueCorrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
+        return rows

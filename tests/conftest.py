@@ -1,0 +1,113 @@
+"""Fixtures shared by every test package: a private Redis server and a bus of either backend.
+
+Redis tests need a `redis-server` binary. Without one they are skipped, unless `REDIS_TESTS_REQUIRED=1`
+(CI sets it): then they fail, because a skipped conformance run on Redis proves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from esper.leyline import EsperSettings, load_settings
+from esper.oona import Bus, OonaSettings, open_bus
+from esper.oona.local_redis import LocalRedisServer, RedisServerMissing
+
+REDIS_REQUIRED = os.environ.get("REDIS_TESTS_REQUIRED") == "1"
+
+
+def local_redis(workdir: Path, port: int | None = None) -> LocalRedisServer:
+    """A (not yet started) private redis-server; skips the test, or fails it in CI, if none is installed."""
+    try:
+        return LocalRedisServer(workdir, port)
+    except RedisServerMissing as exc:
+        if REDIS_REQUIRED:
+            pytest.fail(f"REDIS_TESTS_REQUIRED=1 but Redis tests cannot run: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisServer]:
+    """One private redis-server (127.0.0.1, free port, no persistence) for the whole session."""
+    server = local_redis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[LocalRedisServer]:
+    """A redis-server of the test's own, which the test may kill and restart."""
+    server = local_redis(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class BusSpec:
+    """How to open one test bus; picklable, so that spawned processes can open the same bus."""
+
+    backend: str
+    esper: EsperSettings
+    oona: OonaSettings
+
+    def with_settings(self, **overrides: Any) -> BusSpec:
+        """The same bus with some `OonaSettings` changed."""
+        return BusSpec(self.backend, self.esper, self.oona.model_copy(update=overrides))
+
+    def open(self) -> Bus:
+        """A new connection to the bus."""
+        return open_bus(self.esper, self.oona)
+
+
+def fast_oona_settings(**overrides: Any) -> OonaSettings:
+    """Oona settings for tests: short retries, so an outage is noticed in milliseconds."""
+    defaults: dict[str, Any] = {
+        "retry_base_ms": 5.0,
+        "retry_max_ms": 50.0,
+        "retry_limit": 3,
+        "socket_timeout_s": 2.0,
+        "poll_interval_ms": 2.0,
+        "emergency_poll_ms": 20,
+    }
+    return load_settings(OonaSettings, environ={}, **(defaults | overrides))
+
+
+@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
+def bus_spec(request: pytest.FixtureRequest, tmp_path: Path) -> BusSpec:
+    """A fresh, empty bus of each backend in turn."""
+    url = ""
+    if request.param == "redis":
+        server: LocalRedisServer = request.getfixturevalue("redis_server")
+        client = redis.Redis.from_url(server.url)
+        client.flushall()
+        client.close()
+        url = server.url
+    esper = load_settings(EsperSettings, environ={}, data_dir=tmp_path / "data", bus_url=url)
+    return BusSpec(str(request.param), esper, fast_oona_settings())
+
+
+@pytest.fixture
+def make_bus(bus_spec: BusSpec) -> Iterator[Callable[..., Bus]]:
+    """Opens buses on the test's bus (with optional `OonaSettings` overrides) and closes them after."""
+    opened: list[Bus] = []
+
+    def factory(**overrides: Any) -> Bus:
+        bus = bus_spec.with_settings(**overrides).open()
+        opened.append(bus)
+        return bus
+
+    yield factory
+    for bus in opened:
+        bus.close()

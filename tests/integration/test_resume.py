@@ -1,0 +1,70 @@
+"""A run killed with SIGKILL and resumed ends in the same state as an uninterrupted run (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _worker(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tests.integration.run_worker", str(run_dir), *extra]
+
+
+def _final_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    checkpoints = sorted((run_dir / "checkpoints").glob("ckpt-*.json"))
+    record = json.loads(checkpoints[-1].read_text())
+    tensors = load_file(run_dir / "checkpoints" / record["tensors_file"])
+    return tensors, record["meta"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    reference = tmp_path / "reference" / "run"
+    subprocess.run(_worker(reference), cwd=REPO, env=env, check=True, timeout=120)
+
+    interrupted = tmp_path / "interrupted" / "run"
+    process = subprocess.Popen(_worker(interrupted, "--delay", "0.05"), cwd=REPO, env=env)
+    checkpoints = interrupted / "checkpoints"
+    deadline = time.monotonic() + 90
+    killed_after: list[str] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        done = sorted(p.name for p in checkpoints.glob("ckpt-*.json")) if checkpoints.exists() else []
+        # Kill once a mid-run checkpoint (after some seeds have germinated) is on disk.
+        if any(name >= "ckpt-000000069.json" for name in done):
+            os.kill(process.pid, signal.SIGKILL)
+            killed_after = done
+            break
+        time.sleep(0.02)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (interrupted / "summary.json").exists()
+    assert killed_after
+
+    subprocess.run(_worker(interrupted, "--resume"), cwd=REPO, env=env, check=True, timeout=120)
+
+    summary = json.loads((interrupted / "summary.json").read_text())
+    expected = json.loads((reference / "summary.json").read_text())
+    assert summary["resumed_from_step"] is not None and summary["resumed_from_step"] > 0
+    for key in ("final_val_accuracy", "final_val_loss", "params_final", "seeds_fossilized", "transitions"):
+        assert summary[key] == expected[key], key
+    tensors, meta = _final_checkpoint(interrupted)
+    reference_tensors, reference_meta = _final_checkpoint(reference)
+    assert tensors.keys() == reference_tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, reference_tensors[name]), name
+    assert meta["manager"] == reference_meta["manager"]
+    assert meta["controller"] == reference_meta["controller"]
+    for log in ("events.jsonl", "metrics.jsonl"):
+        assert (interrupted / log).read_text() == (reference / log).read_text(), log

@@ -1,0 +1,219 @@
+"""TamiyoService: routing only, one settings object, the persistent worker, failures surfaced."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from typing import Any
+
+import pytest
+
+import esper.tamiyo
+from esper.leyline import ContractViolation, ManualClock, SignatureVerifier, pb
+from esper.tamiyo import service as service_module
+from esper.tamiyo.graph import InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.risk import RiskGates
+from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.settings import TamiyoSettings
+from esper.tamiyo.worker import DeadlineExceeded, InferenceWorker
+from tests.tamiyo.packets import SECRET, ScriptedPolicy, make_packet, settings, small_policy
+
+WAIT = Proposal(action=pb.POLICY_ACTION_WAIT)
+
+
+def test_constructor_is_compatible_and_evaluate_step_signs_a_command() -> None:
+    clock = ManualClock()
+    service = TamiyoService(settings(), ScriptedPolicy(WAIT), SECRET, clock=clock)
+    try:
+        command = service.evaluate_step(make_packet())
+        assert command.command_type == pb.COMMAND_WAIT
+        SignatureVerifier(SECRET, clock=clock).verify(command)
+        assert command.annotations["risk_gate"] == "pass"
+    finally:
+        service.close()
+
+
+def test_gnn_policy_end_to_end_through_risk_and_signing() -> None:
+    sent: list[pb.TelemetryPacket] = []
+    service = TamiyoService(settings(), small_policy(), SECRET, telemetry_sink=sent.append)
+    try:
+        packet = make_packet(stages={0: pb.SEED_STAGE_TRAINING})
+        for _ in range(5):
+            command = service.evaluate_step(packet)
+            assert command.signature and command.command_type != pb.COMMAND_UNSPECIFIED
+        decision = service.last_decision
+        assert decision is not None and decision.policy_version == service.policy_version
+        assert decision.proposal.head_choices
+        names = {event.name for packet_ in sent for event in packet_.events}
+        assert "graph_missing_features" in names  # bp-0 has no catalogue entry: reported, not hidden
+    finally:
+        service.close()
+
+
+def test_evaluate_step_is_the_only_entry_point() -> None:
+    assert not hasattr(TamiyoService, "evaluate_epoch")
+    public = {name for name, _ in inspect.getmembers(TamiyoService) if not name.startswith("_")}
+    assert public == {"evaluate_step", "close", "policy_version"}
+
+
+def test_package_exports_only_the_service_and_policy_classes() -> None:
+    assert set(esper.tamiyo.__all__) <= {"TamiyoService", "GNNPolicy", "HeuristicPolicy"}
+    assert {"TamiyoService", "GNNPolicy"} <= set(esper.tamiyo.__all__)
+
+
+def test_package_docstring_points_to_the_design_of_record_not_the_legacy_spec() -> None:
+    doc = esper.tamiyo.__doc__ or ""
+    assert "DESIGN.md" in doc and "legacy" in doc
+
+
+def test_deadline_miss_raises_critical_and_never_returns_a_pause() -> None:
+    sent: list[pb.TelemetryPacket] = []
+    policy = ScriptedPolicy(WAIT, block_first=True)
+    service = TamiyoService(settings(), policy, SECRET, step_timeout_ms=1.0, telemetry_sink=sent.append)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            service.evaluate_step(make_packet())
+        critical = [e for p in sent for e in p.events if e.name == "decision_deadline_exceeded"]
+        assert len(critical) == 1 and critical[0].level == pb.TELEMETRY_LEVEL_CRITICAL
+        assert service.last_decision is None
+    finally:
+        policy.release.set()
+        service.close()
+
+
+def test_late_decision_does_not_block_the_next_one() -> None:
+    policy = ScriptedPolicy(WAIT, block_first=True)
+    tight = TamiyoService(settings(), policy, SECRET, step_timeout_ms=1.0)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            tight.evaluate_step(make_packet())
+        # The first decision is still blocked inside the policy; the next one must not wait for it.
+        tight.step_timeout_ms = 30_000.0
+        assert tight.evaluate_step(make_packet()).command_type == pb.COMMAND_WAIT
+        assert policy.calls == 2
+    finally:
+        policy.release.set()
+        tight.close()
+
+
+def test_persistent_worker_runs_every_decision_off_the_caller_thread() -> None:
+    policy = ScriptedPolicy(WAIT)
+    service = TamiyoService(settings(), policy, SECRET)
+    try:
+        for _ in range(3):
+            service.evaluate_step(make_packet())
+        assert len(set(policy.threads)) == 1 and policy.threads[0] != threading.get_ident()
+        assert isinstance(service._worker, InferenceWorker)
+    finally:
+        service.close()
+    assert service._worker.threads == []
+
+
+def test_settings_are_resolved_once_not_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    service = TamiyoService(settings(), small_policy(), SECRET)
+
+    def forbidden(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("settings were read on the hot path")
+
+    monkeypatch.setattr(TamiyoSettings, "__init__", forbidden)
+    monkeypatch.setattr("os.environ.get", forbidden)
+    monkeypatch.setattr("os.getenv", forbidden)
+    try:
+        germinate = make_packet()
+        for _ in range(3):
+            service.evaluate_step(germinate)
+    finally:
+        service.close()
+
+
+def test_one_settings_object_feeds_every_component() -> None:
+    config = settings(step_timeout_ms=7.0, max_layers=2, risk_max_blueprint_risk=0.3)
+    policy = small_policy(config)
+    service = TamiyoService(config, policy, SECRET, step_timeout_ms=10_000.0)
+    try:
+        assert service.settings is config
+        assert policy.builder.build(make_packet(n_layers=5)).num_nodes("layer") == 2
+        assert service._risk._max_risk == 0.3
+        health = service.telemetry.health()
+        assert health.indicators["step_timeout_ms"] == 7.0
+    finally:
+        service.close()
+
+
+def test_service_only_routes_between_separate_components() -> None:
+    service = TamiyoService(settings(), ScriptedPolicy(WAIT), SECRET)
+    try:
+        assert isinstance(service._risk, RiskGates)
+        source = inspect.getsource(service_module)
+        for computation in ("torch.", "softmax", "validation_loss", "isolation_violations"):
+            assert computation not in source
+    finally:
+        service.close()
+
+
+def test_risk_override_is_recorded_in_the_command_annotations() -> None:
+    germinate = Proposal(action=pb.POLICY_ACTION_GERMINATE, slot_id="slot-0", blueprint_id="bp-0")
+    service = TamiyoService(settings(), ScriptedPolicy(germinate), SECRET, blueprint_metadata=lambda _b: None)
+    try:
+        command = service.evaluate_step(make_packet())
+        assert command.command_type == pb.COMMAND_WAIT
+        assert command.annotations["risk_gate"] == "blueprint"
+        assert command.annotations["policy_action"] == "POLICY_ACTION_GERMINATE"
+        assert "no catalogue entry" in command.annotations["risk_reason"]
+    finally:
+        service.close()
+
+
+def test_germinate_carries_blend_annotations() -> None:
+    germinate = Proposal(
+        action=pb.POLICY_ACTION_GERMINATE,
+        slot_id="slot-0",
+        blueprint_id="bp-0",
+        blend_mode=pb.BLEND_MODE_CHANNEL,
+    )
+    descriptor = pb.BlueprintDescriptor(blueprint_id="bp-0", tier=pb.BLUEPRINT_TIER_SAFE)
+    service = TamiyoService(
+        settings(), ScriptedPolicy(germinate), SECRET, blueprint_metadata=lambda _b: descriptor
+    )
+    try:
+        command = service.evaluate_step(make_packet())
+        assert command.seed_operation.blueprint_id == "bp-0"
+        assert command.annotations["blend_mode"] == "CHANNEL"
+        assert command.annotations["blend_channel_alpha_init"] == "0"
+    finally:
+        service.close()
+
+
+def test_normalizer_write_failure_is_an_event_not_silence() -> None:
+    class FailingStore(InMemoryNormalizerStore):
+        def save(self, states: dict[str, NormalizerState]) -> None:
+            raise OSError("read-only file system")
+
+    sent: list[pb.TelemetryPacket] = []
+    policy = small_policy(settings(normalizer_flush_every=1), normalizer_store=FailingStore())
+    service = TamiyoService(settings(), policy, SECRET, telemetry_sink=sent.append)
+    service.evaluate_step(make_packet())
+    events = [e for p in sent for e in p.events if e.name == "normalizer_flush_failed"]
+    assert events and "read-only file system" in events[0].description
+    service._worker.close()
+
+
+def test_invalid_packet_raises_and_issues_nothing() -> None:
+    service = TamiyoService(settings(), ScriptedPolicy(WAIT), SECRET)
+    try:
+        packet = make_packet()
+        packet.packet_id = ""
+        with pytest.raises(ContractViolation, match="packet_id"):
+            service.evaluate_step(packet)
+        assert service.last_decision is None
+    finally:
+        service.close()
+
+
+def test_compile_disabled_reason_is_reported_at_start() -> None:
+    service = TamiyoService(settings(), small_policy(), SECRET)
+    try:
+        assert "enable_compile=false" in service.telemetry.health().summary
+    finally:
+        service.close()
