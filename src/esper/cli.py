@@ -117,7 +117,9 @@ def run(
         "lr": lr,
     }
     try:
-        tolaria = load_settings(TolariaSettings, None, **{k: v for k, v in overrides.items() if v is not None})
+        tolaria = load_settings(
+            TolariaSettings, None, **{k: v for k, v in overrides.items() if v is not None}
+        )
         kasmina = load_settings(KasminaSettings)
         if resume and run_dir is None:
             raise ConfigurationError("--resume needs --run-dir")
