@@ -12,6 +12,11 @@ import esper
 from esper.leyline import ConfigurationError, EsperError, EsperSettings, load_settings, resolve_signing_secret
 
 if TYPE_CHECKING:
+    from esper.tamiyo.metadata import BlueprintMetadataCache
+    from esper.tamiyo.proposal import Policy
+    from esper.tamiyo.service import TamiyoService
+    from esper.tamiyo.settings import TamiyoSettings
+    from esper.tamiyo.updates import PolicyUpdateIntake
     from esper.tolaria.controller import Controller
 
 app = typer.Typer(
@@ -27,11 +32,17 @@ policy_app = typer.Typer(help="Inspect Tamiyo's policy.", no_args_is_help=True)
 app.add_typer(simic_app, name="simic")
 app.add_typer(bus_app, name="bus")
 app.add_typer(policy_app, name="policy")
+blueprints_app = typer.Typer(
+    help="The blueprint catalogue (Urza): list it, quarantine or release a blueprint.",
+    invoke_without_command=True,
+)
+app.add_typer(blueprints_app, name="blueprints")
 
 console = Console()
 err_console = Console(stderr=True)
 
 NOT_BUILT_EXIT = 2
+HALTED_EXIT = 3
 
 
 def _not_built(command: str, issue: int) -> None:
@@ -47,25 +58,167 @@ def _settings() -> EsperSettings:
         raise typer.Exit(2) from exc
 
 
+def _blueprint_metadata(tamiyo_settings: TamiyoSettings) -> BlueprintMetadataCache:
+    """Tamiyo's blueprint metadata cache for this process, for `TamiyoService(blueprint_metadata=...)`.
+
+    Filled from the deployment's catalogue (<ESPER_DATA_DIR>/urza.sqlite3, warmed with every entry) and
+    kept fresh by Urza's change notifications on the deployment's bus, polled by a background thread
+    (a consumer group of its own, removed at exit with the connections).
+    """
+    import atexit
+    import logging
+
+    from esper.oona import OonaSettings, open_bus
+    from esper.tamiyo.metadata import BlueprintMetadataCache
+    from esper.urza import BlueprintCatalogue, BusChangePublisher, CatalogueChangeFeed, NotificationFailed
+
+    settings = _settings()
+    bus = open_bus(settings, load_settings(OonaSettings))
+    publisher = BusChangePublisher(bus)
+    catalogue = BlueprintCatalogue.open_default(settings.data_dir / "urza.sqlite3", publisher=publisher)
+    try:  # announce what an earlier process committed but could not publish (the outbox keeps it if not)
+        catalogue.publish_pending()
+    except NotificationFailed as exc:
+        logging.getLogger("esper.cli").warning("catalogue notifications still pending: %s", exc)
+    cache = BlueprintMetadataCache(catalogue, tamiyo_settings, feed_factory=lambda: CatalogueChangeFeed(bus))
+
+    def shut_down() -> None:
+        try:
+            cache.close()
+        finally:
+            bus.close()
+            catalogue.close()
+
+    atexit.register(shut_down)
+    cache.warm(descriptor.blueprint_id for descriptor in catalogue.list())
+    cache.start()
+    return cache
+
+
 @app.command()
 def version() -> None:
     """Print Esper's version."""
     console.print(f"esper {esper.__version__}")
 
 
-def _build_controller(policy: str, secret: bytes) -> Controller:
-    """The one place a run's controller is built: Tamiyo with the chosen policy, bound for Tolaria."""
-    from esper.tamiyo import TamiyoService
-    from esper.tamiyo.heuristic import HeuristicPolicy
+def _build_controller(
+    policy: str, secret: bytes, policy_checkpoint: Path | None = None, durable: _TamiyoRunState | None = None
+) -> Controller:
+    """The one place a run's controller is built: Tamiyo with the chosen policy, bound for Tolaria.
+
+    `gnn` is the heterogeneous GNN: untrained (seeded) weights, or the safetensors checkpoint named by
+    `policy_checkpoint` / TAMIYO_POLICY_CHECKPOINT. Its inference worker runs with TAMIYO_CPU_THREADS
+    torch threads; the trainer keeps its own budget (TOLARIA_THREADS).
+    """
+    from esper.tamiyo import GNNPolicy, HeuristicPolicy
     from esper.tamiyo.settings import TamiyoSettings
     from esper.tolaria.controller import BoundController
 
-    tamiyo_settings = load_settings(TamiyoSettings)
-    if policy != "heuristic":
-        raise ConfigurationError(f"unknown policy {policy!r}; available: heuristic")
-    heuristic = HeuristicPolicy(tamiyo_settings)
-    service = TamiyoService(tamiyo_settings, heuristic, secret)
-    return BoundController(decide=service.evaluate_step, save=heuristic.state, load=heuristic.restore)
+    overrides: dict[str, Any] = {} if policy_checkpoint is None else {"policy_checkpoint": policy_checkpoint}
+    tamiyo_settings = load_settings(TamiyoSettings, None, **overrides)
+    if policy == "heuristic":
+        heuristic = HeuristicPolicy(tamiyo_settings)
+        service = _tamiyo_service(durable, tamiyo_settings, heuristic, secret)
+        return BoundController(decide=service.evaluate_step, save=heuristic.state, load=heuristic.restore)
+    if policy == "gnn":
+        checkpoint = tamiyo_settings.policy_checkpoint
+        if checkpoint is not None and not checkpoint.is_file():
+            raise ConfigurationError(f"policy checkpoint {checkpoint} does not exist")
+        gnn = (
+            GNNPolicy.load(checkpoint, tamiyo_settings)
+            if checkpoint is not None
+            else GNNPolicy(tamiyo_settings)
+        )
+        service = _tamiyo_service(durable, tamiyo_settings, gnn, secret)
+        intake = _policy_intake(durable, service, gnn, secret, tamiyo_settings)
+        return BoundController(
+            decide=intake.evaluate_step, save=intake.export_state, load=intake.restore_state
+        )
+    raise ConfigurationError(f"unknown policy {policy!r}; available: heuristic, gnn")
+
+
+class _TamiyoRunState:
+    """A run's durable Tamiyo state: RUN_DIR/tamiyo.sqlite3, the deployment's bus (ESPER_BUS_URL, or the
+    embedded bus in ESPER_DATA_DIR) that its outbox publishes field reports and decisions on, and the service
+    writing to them. `finish` ends it once: open observation windows close as ABORTED when the run ended,
+    and stay open for `esper run --resume` when it stopped early (failure, halt, interrupt)."""
+
+    def __init__(self, run_dir: Path, settings: EsperSettings) -> None:
+        import click
+
+        from esper.oona import OonaSettings, open_bus
+        from esper.tamiyo.store import TamiyoStore
+
+        self.store = TamiyoStore(run_dir / "tamiyo.sqlite3")
+        try:
+            self.bus = open_bus(settings, load_settings(OonaSettings))
+        except BaseException:
+            self.store.close()
+            raise
+        self.services: list[TamiyoService] = []
+        self._finished = False
+        context = click.get_current_context(silent=True)
+        if context is not None:  # a run that raises still closes its store, leaving windows to resume
+            context.call_on_close(lambda: self.finish(run_ended=False))
+
+    def finish(self, *, run_ended: bool) -> None:
+        """Close the services (ABORTED reports for open windows if `run_ended`), then the bus and store."""
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            for service in self.services:
+                service.close(abort_open_windows=run_ended)
+        finally:
+            self.bus.close()
+            self.store.close()
+
+
+def _tamiyo_service(
+    durable: _TamiyoRunState | None, settings: TamiyoSettings, policy: Policy, secret: bytes
+) -> TamiyoService:
+    """A Tamiyo service that records into the run's store when there is one (P9)."""
+    from esper.tamiyo import TamiyoService
+
+    metadata = _blueprint_metadata(settings)
+    if durable is None:
+        return TamiyoService(settings, policy, secret, blueprint_metadata=metadata)
+    service = TamiyoService(
+        settings, policy, secret, store=durable.store, bus=durable.bus, blueprint_metadata=metadata
+    )
+    durable.services.append(service)
+    return service
+
+
+def _policy_intake(
+    durable: _TamiyoRunState | None,
+    service: TamiyoService,
+    policy: Policy,
+    secret: bytes,
+    settings: TamiyoSettings,
+) -> PolicyUpdateIntake:
+    """P3 for a run: policy updates from the deployment's bus, polled between decisions (outside the
+    deadline), swapped in with probation; accepted weights are archived in RUN_DIR/policies for --resume."""
+    from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
+
+    if durable is None:
+        return PolicyUpdateIntake(service, policy, secret, settings)
+    run_dir = durable.store.path.parent
+    return PolicyUpdateIntake(
+        service,
+        policy,
+        secret,
+        settings,
+        feed=PolicyUpdateFeed(durable.bus, f"tamiyo-{run_dir.name}"),
+        archive=run_dir / "policies",
+        lineage=durable.store,
+    )
+
+
+def _default_policy() -> str:
+    from esper.tamiyo.settings import TamiyoSettings
+
+    return load_settings(TamiyoSettings).policy
 
 
 @app.command()
@@ -84,7 +237,13 @@ def run(
     run_dir: Annotated[
         Path | None, typer.Option(help="Run directory [<ESPER_DATA_DIR>/runs/<run id>].")
     ] = None,
-    policy: Annotated[str, typer.Option(help="Tamiyo's policy: 'heuristic'.")] = "heuristic",
+    policy: Annotated[
+        str | None, typer.Option(help="Tamiyo's policy: 'heuristic' or 'gnn' [TAMIYO_POLICY, heuristic].")
+    ] = None,
+    policy_checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Weights of the gnn policy (safetensors) [TAMIYO_POLICY_CHECKPOINT, untrained]."),
+    ] = None,
     decision_interval: Annotated[
         int | None,
         typer.Option(help="Training steps between controller decisions [TOLARIA_DECISION_INTERVAL, 20]."),
@@ -96,9 +255,22 @@ def run(
         bool, typer.Option(help="Continue the run in --run-dir from its last checkpoint (its config wins).")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    with_report: Annotated[
+        bool,
+        typer.Option(
+            "--report/--no-report", help="Write the report with plots into RUN_DIR/report at the end."
+        ),
+    ] = True,
 ) -> None:
-    """Grow a model on a task (sklearn's digits by default) and write a run directory."""
+    """Grow a model on a task (sklearn's digits by default) and write a run directory.
+
+    The run listens for emergency HALT signals on the deployment's bus (ESPER_BUS_URL; the embedded bus
+    in ESPER_DATA_DIR by default): on one it checkpoints, logs the reason and exits with status 3; continue
+    it with --resume. A run that diverges broadcasts a HALT to every process on the bus.
+    """
     from esper.kasmina import KasminaSettings
+    from esper.oona import OonaSettings
+    from esper.tolaria.emergency import BusEmergencyChannel
     from esper.tolaria.run import (
         RunConfig,
         new_training_run_id,
@@ -128,7 +300,7 @@ def run(
             RunConfig(
                 task=task,
                 host=host,
-                policy=policy,
+                policy=policy or _default_policy(),
                 difficulty=difficulty,
                 run_dir=run_dir or settings.data_dir / "runs" / run_id,
                 catalogue_path=settings.data_dir / "urza.sqlite3",
@@ -139,15 +311,48 @@ def run(
             resume=resume,
         )
         secret = resolve_signing_secret(settings)
-        controller = _build_controller(config.policy, secret)
-        summary = run_experiment(
-            config, controller, secret, resume=resume, console=console, progress=progress
+        durable = _TamiyoRunState(config.run_dir, settings)
+        controller = _build_controller(config.policy, secret, policy_checkpoint, durable)
+        channel = BusEmergencyChannel.open(
+            settings,
+            load_settings(OonaSettings),
+            training_run_id=config.training_run_id,
+            origin=f"tolaria {config.training_run_id}",
         )
+        try:
+            summary = run_experiment(
+                config,
+                controller,
+                secret,
+                resume=resume,
+                console=console,
+                progress=progress,
+                emergency=channel,
+            )
+        finally:
+            channel.close()
+        durable.finish(run_ended=summary.get("status") != "halted")
     except EsperError as exc:
         err_console.print(f"[bold red]esper run failed[/]: {exc}")
         raise typer.Exit(1) from exc
     console.print(summary_table(summary))
     console.print(f"run directory: {config.run_dir}")
+    if with_report:
+        from esper.tolaria.report import ReportError, write_report
+
+        try:
+            console.print(f"report: {write_report(config.run_dir).markdown}")
+        except ReportError as exc:
+            err_console.print(f"[bold red]the run finished but its report failed[/]: {exc}")
+            raise typer.Exit(1) from exc
+    if summary["status"] == "halted":
+        halt = summary["halt"]
+        err_console.print(
+            f"[bold red]run halted[/] at step {summary['steps']} by an emergency signal from "
+            f"{halt['origin']}: {halt['reason']}\ncheckpoint written; continue with: "
+            f"esper run --resume --run-dir {config.run_dir}"
+        )
+        raise typer.Exit(HALTED_EXIT)
 
 
 @app.command()
@@ -157,22 +362,109 @@ def serve() -> None:
 
 
 @app.command()
-def report() -> None:
-    """Render a run directory's report with plots."""
-    _not_built("report", 3)
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory (the one `esper run` wrote).")],
+) -> None:
+    """Render a run directory's report: accuracy, parameter and lifecycle plots (PNG) and report.md,
+    written to RUN_DIR/report."""
+    from esper.tolaria.report import ReportError, write_report
+
+    try:
+        files = write_report(run_dir)
+    except ReportError as exc:
+        err_console.print(f"[bold red]esper report failed[/]: {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"report: {files.markdown}")
+    for image in files.images:
+        console.print(f"plot: {image}")
 
 
 @app.command()
-def reports() -> None:
-    """List a run's field reports."""
-    _not_built("reports", 5)
+def reports(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory (the one `esper run` wrote).")],
+    outcome: Annotated[
+        str | None, typer.Option(help="Only this outcome: success, neutral, regression or aborted.")
+    ] = None,
+    status: Annotated[
+        str | None, typer.Option(help="Only this publication status: pending, published or dropped.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object, not a table.")] = False,
+) -> None:
+    """List a run's field reports (RUN_DIR/tamiyo.sqlite3): outcome, metrics and publication status."""
+    _print_field_reports(run_dir, outcome, status, as_json)
 
 
-@app.command()
+def _print_field_reports(run_dir: Path, outcome: str | None, status: str | None, as_json: bool) -> None:
+    import json
+
+    from google.protobuf.json_format import MessageToDict
+    from rich.table import Table
+
+    from esper.leyline import ContractViolation, from_short_name, pb, short_name
+    from esper.tamiyo.store import OUTBOX_STATUSES, StoreError, TamiyoStore
+
+    if status is not None and status not in OUTBOX_STATUSES:
+        err_console.print(
+            f"[bold red]--status[/] must be one of {', '.join(OUTBOX_STATUSES)}, got {status!r}"
+        )
+        raise typer.Exit(2)
+    try:
+        wanted = None if outcome is None else from_short_name(pb.FieldReportOutcome, outcome.upper())
+    except ContractViolation as exc:
+        err_console.print(f"[bold red]--outcome[/]: {exc}")
+        raise typer.Exit(2) from exc
+    path = run_dir / "tamiyo.sqlite3"
+    try:
+        with TamiyoStore(path, create=False) as store:
+            stored = store.field_reports(outcome=wanted, status=status)  # type: ignore[arg-type]
+    except StoreError as exc:
+        err_console.print(f"[bold red]cannot read field reports[/]: {exc}")
+        raise typer.Exit(1) from exc
+    if as_json:
+        rows = [
+            {
+                **MessageToDict(s.report, preserving_proto_field_name=True),
+                "status": s.status,
+                "attempts": s.attempts,
+                "last_error": s.last_error,
+            }
+            for s in stored
+        ]
+        typer.echo(json.dumps({"store": str(path), "field_reports": rows}))
+        return
+    table = Table(title=f"Field reports: {path} ({len(stored)})")
+    table.add_column("report / command", overflow="fold", ratio=1)
+    for column in ("action", "seed", "outcome", "acc Δ", "loss Δ", "params Δ", "N"):
+        table.add_column(column, no_wrap=True, justify="right" if "Δ" in column or column == "N" else "left")
+    table.add_column("status", overflow="fold")
+    for s in stored:
+        report, metrics = s.report, s.report.metrics
+
+        def figure(key: str, spec: str, metrics: Any = metrics) -> str:
+            return format(metrics[key], spec) if key in metrics else "—"
+
+        table.add_row(
+            f"{report.report_id}\n[dim]{report.command_id}[/]",
+            short_name(pb.PolicyAction, report.action) if report.action else "—",
+            report.seed_id or "—",
+            short_name(pb.FieldReportOutcome, report.outcome),
+            figure("accuracy_delta", "+.4f"),
+            figure("loss_delta", "+.4f"),
+            figure("param_delta", "+.0f"),
+            str(report.observation_window_epochs),
+            s.status if s.status != "dropped" else f"dropped: {s.last_error}",
+        )
+    console.print(table)
+
+
+@blueprints_app.callback(invoke_without_command=True)
 def blueprints(
+    ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Print the catalogue as JSON instead of a table."),
 ) -> None:
     """List the blueprint catalogue (Urza) at <ESPER_DATA_DIR>/urza.sqlite3, seeding it on first use."""
+    if ctx.invoked_subcommand is not None:
+        return
     import json
 
     from rich.table import Table
@@ -224,16 +516,200 @@ def blueprints(
     console.print(table)
 
 
+def _change_catalogue(verb: str, blueprint_id: str, reason: str | None) -> None:
+    """Quarantine (with `reason`) or release a blueprint, and publish the change on the bus."""
+    from esper.oona import BusError, OonaSettings, open_bus
+    from esper.urza import BlueprintCatalogue, BusChangePublisher, NotificationFailed, UrzaError
+
+    settings = _settings()
+    try:
+        bus = open_bus(settings, load_settings(OonaSettings))
+    except (ConfigurationError, BusError) as exc:
+        err_console.print(f"[bold red]cannot open the bus[/]: {exc}")
+        raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1) from exc
+    path = settings.data_dir / "urza.sqlite3"
+    try:
+        with BlueprintCatalogue.open_default(path, publisher=BusChangePublisher(bus)) as catalogue:
+            if reason is not None:
+                descriptor = catalogue.quarantine(blueprint_id, reason)
+            else:
+                descriptor = catalogue.unquarantine(blueprint_id)
+    except NotificationFailed as exc:
+        err_console.print(f"[bold yellow]{verb}d, but not announced yet[/]: {exc}")
+        raise typer.Exit(1) from exc
+    except UrzaError as exc:
+        err_console.print(f"[bold red]cannot {verb} {blueprint_id}[/]: {exc}")
+        raise typer.Exit(2) from exc
+    finally:
+        bus.close()
+    console.print(f"{blueprint_id}: {verb}d at revision {descriptor.revision}, announced on the bus")
+
+
+@blueprints_app.command("quarantine")
+def blueprints_quarantine(
+    blueprint_id: Annotated[str, typer.Argument(help="Id of the blueprint (see `esper blueprints`).")],
+    reason: Annotated[str, typer.Option(help="Why: recorded in the catalogue and shown by the list.")],
+) -> None:
+    """Quarantine a blueprint: never offered or built again, and every Tamiyo on the bus refuses it."""
+    _change_catalogue("quarantine", blueprint_id, reason)
+
+
+@blueprints_app.command("unquarantine")
+def blueprints_unquarantine(
+    blueprint_id: Annotated[str, typer.Argument(help="Id of the blueprint (see `esper blueprints`).")],
+) -> None:
+    """Lift a blueprint's quarantine, and announce it on the bus."""
+    _change_catalogue("unquarantine", blueprint_id, None)
+
+
+def _simic_learner(state_dir: Path | None, policy_checkpoint: Path | None, bus: Any | None) -> Any:
+    """Simic's learner: the policy of its state directory (or the checkpoint, or an untrained GNN)."""
+    from esper.simic.settings import SimicSettings
+    from esper.simic.trainer import SimicState, SimicTrainer, bus_publisher
+    from esper.tamiyo import GNNPolicy
+    from esper.tamiyo.settings import TamiyoSettings
+
+    settings = _settings()
+    tamiyo_settings = load_settings(TamiyoSettings)
+    state = SimicState(state_dir or settings.data_dir / "simic")
+    saved = state.load_policy(tamiyo_settings)
+    if saved is not None:
+        policy, sequence = saved
+    elif policy_checkpoint is not None:
+        policy, sequence = GNNPolicy.load(policy_checkpoint, tamiyo_settings), 0
+    else:
+        policy, sequence = GNNPolicy(tamiyo_settings), 0
+    return SimicTrainer(
+        load_settings(SimicSettings),
+        tamiyo_settings,
+        policy,
+        resolve_signing_secret(settings),
+        sequence=sequence,
+        publish=bus_publisher(bus) if bus is not None else None,
+        state=state,
+    )
+
+
+def _print_round(result: Any, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    verdict = "[green]published[/]" if result.published else "[yellow]not published[/]"
+    console.print(
+        f"round ({result.mode}): {verdict} {result.version or '-'} (sequence {result.sequence or '-'}, "
+        f"parent {result.parent_version}); {result.transitions} transitions, {result.on_policy} on-policy, "
+        f"{result.heuristic} heuristic; skipped {result.skipped or 'none'}"
+    )
+    for reason in result.reasons:
+        console.print(f"  reason: {reason}")
+    for name, value in sorted(result.metrics.items()):
+        console.print(f"  {name} = {value:.4g}")
+
+
 @simic_app.command("train")
-def simic_train() -> None:
-    """Train a policy offline from run directories."""
-    _not_built("simic train", 7)
+def simic_train(
+    *,
+    sources: Annotated[
+        list[Path],
+        typer.Option(
+            "--from",
+            help="A run directory (its bus.sqlite3, else the deployment bus filtered to the run's id) or an "
+            "embedded bus file. Repeat for several runs.",
+        ),
+    ],
+    mode: Annotated[
+        str, typer.Option(help="auto (PPO when enough GNN decisions), ppo or imitation.")
+    ] = "auto",
+    state_dir: Annotated[Path | None, typer.Option(help="Simic's state [<ESPER_DATA_DIR>/simic].")] = None,
+    policy_checkpoint: Annotated[
+        Path | None, typer.Option(help="Starting weights when the state directory has none [untrained].")
+    ] = None,
+    publish: Annotated[
+        bool, typer.Option("--publish/--no-publish", help="Publish an accepted update on the deployment bus.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the round as one JSON object.")] = False,
+) -> None:
+    """Train one round offline from recorded runs; a candidate that passes validation is signed, saved
+    in the state directory and (with --publish) published for every running Tamiyo."""
+    import json
+
+    from esper.oona import BusError, EmbeddedBus, OonaSettings, open_bus
+    from esper.simic.trainer import offline_records
+    from esper.simic.transitions import RecordCollector
+
+    if mode not in ("auto", "ppo", "imitation"):
+        err_console.print(f"[bold red]unknown mode[/] {mode!r}: use auto, ppo or imitation")
+        raise typer.Exit(2)
+    settings = _settings()
+    oona = load_settings(OonaSettings)
+    collector = RecordCollector()
+    deployment = None
+    try:
+        for source in sources:
+            bus_file = source if source.is_file() else source / "bus.sqlite3"
+            if bus_file.is_file():
+                local = EmbeddedBus(bus_file, oona)
+                try:
+                    offline_records(local, collector)
+                finally:
+                    local.close()
+            elif (source / "config.json").is_file():
+                run_id = str(json.loads((source / "config.json").read_text())["training_run_id"])
+                deployment = deployment or open_bus(settings, oona)
+                offline_records(deployment, collector, training_run_id=run_id)
+            else:
+                raise ConfigurationError(f"{source} is neither a run directory nor a bus file")
+        publisher = None
+        if publish:
+            deployment = deployment or open_bus(settings, oona)
+            publisher = deployment
+        learner = _simic_learner(state_dir, policy_checkpoint, publisher)
+        result = learner.run_round(collector.transitions(learner.settings), mode=mode)  # type: ignore[arg-type]
+    except (EsperError, BusError) as exc:
+        err_console.print(f"[bold red]esper simic train failed[/]: {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        if deployment is not None:
+            deployment.close()
+    _print_round(result, as_json)
 
 
 @simic_app.command("serve")
-def simic_serve() -> None:
-    """Consume field reports from the bus, train in rounds, publish policy updates."""
-    _not_built("simic serve", 7)
+def simic_serve(
+    state_dir: Annotated[Path | None, typer.Option(help="Simic's state [<ESPER_DATA_DIR>/simic].")] = None,
+    policy_checkpoint: Annotated[
+        Path | None, typer.Option(help="Starting weights when the state directory has none [untrained].")
+    ] = None,
+    group: Annotated[str, typer.Option(help="Consumer group on the decision and report streams.")] = "simic",
+    max_rounds: Annotated[int | None, typer.Option(help="Stop after this many rounds [never].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each round as one JSON object.")] = False,
+) -> None:
+    """Consume decisions and field reports from the bus, train a round every SIMIC_ROUND_MIN_NEW_REPORTS
+    new reports, and publish the updates that pass validation. Ctrl-C stops it."""
+    from esper.oona import OonaSettings, open_bus
+    from esper.simic.trainer import serve as serve_rounds
+
+    settings = _settings()
+    try:
+        bus = open_bus(settings, load_settings(OonaSettings))
+    except EsperError as exc:
+        err_console.print(f"[bold red]cannot open the bus[/]: {exc}")
+        raise typer.Exit(1) from exc
+    try:
+        learner = _simic_learner(state_dir, policy_checkpoint, bus)
+        console.print(f"simic serving {learner.policy.version} (sequence {learner.sequence}); group {group}")
+        serve_rounds(
+            bus, learner, group=group, max_rounds=max_rounds, on_round=lambda r: _print_round(r, as_json)
+        )
+    except KeyboardInterrupt:
+        console.print("simic stopped")
+    except EsperError as exc:
+        err_console.print(f"[bold red]esper simic serve failed[/]: {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        bus.close()
 
 
 @bus_app.command("stats")
@@ -290,9 +766,67 @@ def bus_stats(
 
 
 @policy_app.command("show")
-def policy_show() -> None:
-    """Show the current policy version, lineage and validation figures."""
-    _not_built("policy show", 7)
+def policy_show(
+    state_dir: Annotated[Path | None, typer.Option(help="Simic's state [<ESPER_DATA_DIR>/simic].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object, not tables.")] = False,
+) -> None:
+    """Show the current policy version, lineage and validation figures (from Simic's state directory)."""
+    import json
+
+    from rich.table import Table
+
+    from esper.simic.trainer import SimicState
+    from esper.tamiyo.updates import PolicyUpdateRejected, read_payload_header
+
+    root = state_dir or _settings().data_dir / "simic"
+    if not root.is_dir():
+        err_console.print(f"no Simic state at {root}: no policy has been trained yet (esper simic train)")
+        raise typer.Exit(1)
+    state = SimicState(root)
+    try:
+        header = read_payload_header(state.policy_path.read_bytes()) if state.policy_path.exists() else {}
+    except PolicyUpdateRejected as exc:
+        err_console.print(f"[bold red]{state.policy_path} is not a policy payload[/]: {exc}")
+        raise typer.Exit(1) from exc
+    rounds = state.rounds()
+    published = [r for r in rounds if r["published"]]
+    if as_json:
+        typer.echo(json.dumps({"state_dir": str(root), "current": header, "rounds": rounds}))
+        return
+    if header:
+        console.print(
+            f"current policy [bold]{header.get('tamiyo_policy_version')}[/] "
+            f"sequence {header.get('sequence')} "
+            f"(parent {header.get('parent_version') or '-'}), {header.get('architecture_version')}, "
+            f"registry {header.get('registry_digest')}"
+        )
+    else:
+        console.print("no policy published yet")
+    table = Table(title=f"Lineage ({root})")
+    for column in ("sequence", "version", "parent", "mode", "transitions", "explained var", "KL", "held-out"):
+        table.add_column(column)
+    for r in published:
+        metrics = r["metrics"]
+        held_out = metrics.get("validation.holdout_surrogate", metrics.get("validation.holdout_agreement"))
+
+        def figure(value: float | None) -> str:
+            return "—" if value is None else f"{value:.4g}"  # missing is shown as missing
+
+        table.add_row(
+            str(r["sequence"]),
+            r["version"],
+            r["parent_version"],
+            r["mode"],
+            str(r["transitions"]),
+            figure(metrics.get("ppo.explained_variance")),
+            figure(metrics.get("validation.action_kl")),
+            figure(held_out),
+        )
+    console.print(table)
+    refused = [r for r in rounds if not r["published"]]
+    if refused:
+        last = refused[-1]
+        console.print(f"{len(refused)} round(s) not published; last: {'; '.join(last['reasons'])}")
 
 
 def main() -> None:

@@ -1,6 +1,9 @@
 """A training run under the scripted controller, as its own process (for kill-and-resume tests).
 
-python -m tests.integration.run_worker RUN_DIR [--resume] [--delay SECONDS]
+python -m tests.integration.run_worker RUN_DIR [--resume] [--delay SECONDS] [--bus-dir DIR]
+
+With `--bus-dir`, the run listens for emergency HALTs on the embedded bus in DIR and exits with status
+HALTED_EXIT when one stops it.
 """
 
 from __future__ import annotations
@@ -9,12 +12,23 @@ import argparse
 from pathlib import Path
 
 from esper.kasmina import KasminaSettings
-from esper.leyline import load_settings
+from esper.leyline import EsperSettings, load_settings
+from esper.oona import OonaSettings
+from esper.tolaria.emergency import BusEmergencyChannel
 from esper.tolaria.run import RunConfig, run_experiment
 from esper.tolaria.settings import TolariaSettings
 from tests.integration.scripted import ScriptedController
 
 SECRET = b"integration-secret-0123456789"
+HALTED_EXIT = 3
+
+
+def bus_settings(bus_dir: Path) -> tuple[EsperSettings, OonaSettings]:
+    """The deployment settings of a test bus: the embedded file in `bus_dir`, the test secret."""
+    esper = load_settings(
+        EsperSettings, environ={}, data_dir=bus_dir, bus_url="", signing_secret=SECRET.decode()
+    )
+    return esper, load_settings(OonaSettings, environ={}, emergency_poll_ms=10)
 
 
 def config(run_dir: Path, *, epochs: int = 8) -> RunConfig:
@@ -57,8 +71,28 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--bus-dir", type=Path, default=None)
     args = parser.parse_args()
-    run_experiment(config(args.run_dir), controller(args.delay), SECRET, resume=args.resume, progress=False)
+    channel = None
+    if args.bus_dir is not None:
+        esper, oona = bus_settings(args.bus_dir)
+        channel = BusEmergencyChannel.open(
+            esper, oona, training_run_id="run-integration", origin="run_worker", poll_interval_s=0.01
+        )
+    try:
+        summary = run_experiment(
+            config(args.run_dir),
+            controller(args.delay),
+            SECRET,
+            resume=args.resume,
+            progress=False,
+            emergency=channel,
+        )
+    finally:
+        if channel is not None:
+            channel.close()
+    if summary["status"] == "halted":
+        raise SystemExit(HALTED_EXIT)
 
 
 if __name__ == "__main__":

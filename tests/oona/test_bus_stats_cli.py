@@ -20,7 +20,7 @@ runner = CliRunner()
 def fill(bus_url: str, data_dir: Path) -> None:
     settings = load_settings(EsperSettings, environ={}, data_dir=data_dir, bus_url=bus_url)
     bus = open_bus(settings, fast_oona_settings(max_deliveries=1))
-    broadcaster = EmergencyBroadcaster(bus, origin="test")
+    broadcaster = EmergencyBroadcaster(bus, origin="test", secret=b"stats-test-secret-0123456789")
     for reason in ("a", "b", "c"):
         broadcaster.halt(reason)
     bus.ensure_group(Streams.EMERGENCY, "tolaria")

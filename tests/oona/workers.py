@@ -7,7 +7,7 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 
 from esper.leyline import EsperSettings, pb
-from esper.oona import EmergencyListener, OonaSettings, envelope_for, open_bus
+from esper.oona import OonaSettings, envelope_for, open_bus, open_emergency_listener
 
 
 def numbered_envelope(producer: str, number: int) -> pb.BusEnvelope:
@@ -79,15 +79,12 @@ def wait_for_halt(
     esper: EsperSettings, oona: OonaSettings, name: str, ready: Queue[str], out: Queue[tuple[str, str, int]]
 ) -> None:
     """Listen for emergencies from a background thread; report the first HALT and when it arrived."""
-    bus = open_bus(esper, oona)
     received: list[pb.EmergencySignal] = []
-    listener = EmergencyListener(bus, oona, name=name, on_signal=received.append)
-    listener.start()
+    listener = open_emergency_listener(esper, oona, name=name, on_signal=received.append)
     ready.put(name)
     if not listener.halt_requested.wait(timeout=30):
         listener.stop()
         raise TimeoutError(f"{name} saw no halt within 30 s")
     arrived_ns = time.time_ns()
     listener.close()
-    bus.close()
     out.put((name, received[0].reason, arrived_ns))

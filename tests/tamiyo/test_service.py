@@ -54,7 +54,7 @@ def test_gnn_policy_end_to_end_through_risk_and_signing() -> None:
 def test_evaluate_step_is_the_only_entry_point() -> None:
     assert not hasattr(TamiyoService, "evaluate_epoch")
     public = {name for name, _ in inspect.getmembers(TamiyoService) if not name.startswith("_")}
-    assert public == {"evaluate_step", "close", "policy_version"}
+    assert public == {"evaluate_step", "close", "policy_version", "swap_policy"}
 
 
 def test_package_exports_only_the_service_and_policy_classes() -> None:

@@ -147,3 +147,18 @@ def test_a_job_cancelled_before_it_starts_never_runs() -> None:
     token.cancel()
     with pytest.raises(DecisionCancelled):
         token.check()
+
+
+def test_worker_has_its_own_thread_budget_and_leaves_the_callers_alone() -> None:
+    """DESIGN §10: the inference thread runs with `cpu_threads` torch threads; the trainer keeps its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    worker = InferenceWorker(cpu_threads=1)
+    try:
+        assert worker.run(lambda _t: torch.get_num_threads(), timeout_ms=GENEROUS_MS) == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        worker.close()
+        torch.set_num_threads(before)

@@ -135,6 +135,14 @@ class SeedSlot(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------
 
+    def __call__(self, x: Tensor) -> Tensor:
+        # A dormant slot skips nn.Module's call machinery: one attribute test instead of several
+        # microseconds per call (benchmarks/slot_overhead.py). Module hooks on the slot still run.
+        if self.mode is SlotMode.IDENTITY and not (self._forward_pre_hooks or self._forward_hooks):
+            return x
+        result: Tensor = super().__call__(x)
+        return result
+
     def forward(self, x: Tensor) -> Tensor:
         """The slot's output; the identity when no seed acts here."""
         mode = self.mode

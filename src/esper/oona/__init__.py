@@ -3,7 +3,8 @@
 `open_bus(esper_settings, oona_settings)` returns the deployment's bus: the embedded SQLite backend by
 default, Redis Streams for a `redis://` URL. Messages travel in envelopes (`envelope_for`,
 `open_envelope`); telemetry is routed by priority (`publish_telemetry`); emergencies are broadcast to
-every process (`EmergencyBroadcaster`, `EmergencyListener`).
+every process (`EmergencyBroadcaster` signs, `EmergencyListener` verifies; a process starts listening
+with `open_emergency_listener`).
 """
 
 from esper.oona.bus import (
@@ -19,7 +20,13 @@ from esper.oona.bus import (
     StreamStats,
 )
 from esper.oona.embedded import EmbeddedBus
-from esper.oona.emergency import EmergencyBroadcaster, EmergencyHandlerFailed, EmergencyListener
+from esper.oona.emergency import (
+    EmergencyBroadcaster,
+    EmergencyHandlerFailed,
+    EmergencyListener,
+    emergency_verifier,
+    open_emergency_listener,
+)
 from esper.oona.envelopes import UnexpectedMessageType, envelope_for, open_envelope
 from esper.oona.factory import open_bus
 from esper.oona.redis_streams import RedisBus
@@ -44,8 +51,10 @@ __all__ = [
     "StreamStats",
     "Streams",
     "UnexpectedMessageType",
+    "emergency_verifier",
     "envelope_for",
     "open_bus",
+    "open_emergency_listener",
     "open_envelope",
     "publish_telemetry",
     "telemetry_stream",

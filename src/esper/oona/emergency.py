@@ -9,8 +9,13 @@ a service can `start()` a background thread instead, which calls the callbacks a
 exception from a callback is never swallowed: `poll()` raises `EmergencyHandlerFailed`, and a background
 thread stops and re-raises it from `raise_if_failed()` and `stop()`.
 
-`EmergencySignal` has no signature field in the contract, so signals are not authenticated; anyone who
-can publish on the bus can halt a run.
+Signals are signed (`esper.leyline.signing`, the deployment's secret) and every listener verifies them
+(MAC, freshness, its own nonce ledger): a forged, stale or replayed signal is refused, logged as an error
+and counted in `rejected_total`; it never sets `halt_requested`. Every accepted signal is logged (a HALT
+at CRITICAL), so it is an event in every process that listens.
+
+`open_emergency_listener` is the one way a process (trainer, Tamiyo, Simic) starts listening: it opens
+the deployment's bus, builds the verifier from the deployment's settings and starts the thread.
 """
 
 from __future__ import annotations
@@ -23,9 +28,21 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from esper.leyline import SYSTEM_CLOCK, Clock, ContractViolation, MalformedMessage, pb
+from esper.leyline import (
+    SYSTEM_CLOCK,
+    Clock,
+    ContractViolation,
+    EsperSettings,
+    MalformedMessage,
+    SignatureError,
+    SignatureVerifier,
+    pb,
+    resolve_signing_secret,
+    sign,
+)
 from esper.oona.bus import Bus, BusError, BusUnavailable, Streams
 from esper.oona.envelopes import UnexpectedMessageType, envelope_for, open_envelope
+from esper.oona.factory import open_bus
 from esper.oona.settings import OonaSettings
 
 logger = logging.getLogger(__name__)
@@ -48,13 +65,14 @@ class EmergencyHandlerFailed(BusError):
 
 
 class EmergencyBroadcaster:
-    """Publishes `EmergencySignal`s on the emergency stream with CRITICAL priority."""
+    """Publishes signed `EmergencySignal`s on the emergency stream with CRITICAL priority."""
 
-    def __init__(self, bus: Bus, origin: str, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, bus: Bus, origin: str, *, secret: bytes, clock: Clock = SYSTEM_CLOCK) -> None:
         if not origin:
             raise ValueError("an emergency broadcaster needs an origin (who raises the signal)")
         self._bus = bus
         self.origin = origin
+        self._secret = secret
         self._clock = clock
 
     def broadcast(
@@ -79,6 +97,7 @@ class EmergencyBroadcaster:
         )
         signal.triggered_at.FromNanoseconds(self._clock.wall_ns())
         signal.attributes.update(attributes or {})
+        sign(signal, self._secret, clock=self._clock)
         envelope = envelope_for(
             signal, pb.MESSAGE_PRIORITY_CRITICAL, trace_id=signal.signal_id, clock=self._clock
         )
@@ -94,26 +113,36 @@ class EmergencyBroadcaster:
 
 
 class EmergencyListener:
-    """Receives every emergency signal published after it was created, in its own consumer group."""
+    """Receives every emergency signal published after it was created, in its own consumer group.
+
+    `verifier` checks each signal's signature, freshness and nonce; give each listener its own (the
+    nonce ledger is what makes a replayed signal fail). With `owns_bus`, `close()` also closes `bus`.
+    """
 
     def __init__(
         self,
         bus: Bus,
         settings: OonaSettings,
         *,
+        verifier: SignatureVerifier,
         on_signal: SignalHandler | None = None,
         on_telemetry: TelemetryHandler | None = None,
         name: str | None = None,
         batch: int = 64,
+        owns_bus: bool = False,
     ) -> None:
         self._bus = bus
         self._settings = settings
+        self._verifier = verifier
         self._on_signal = on_signal
         self._on_telemetry = on_telemetry
         self._batch = batch
         self.group = name or f"emergency.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         self.halt_requested = threading.Event()
         self.malformed_total = 0
+        self.rejected_total = 0
+        self.last_rejection: SignatureError | None = None
+        self._owns_bus = owns_bus
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -123,7 +152,8 @@ class EmergencyListener:
         """Signals that arrived since the last poll (callbacks already called); non-blocking by default.
 
         Malformed envelopes on the emergency stream are acked, logged as errors and counted in
-        `malformed_total`; a HALT sets `halt_requested`.
+        `malformed_total`; signals that fail verification likewise in `rejected_total` (and
+        `last_rejection`). An accepted HALT sets `halt_requested`.
         """
         deliveries = self._bus.consume(
             Streams.EMERGENCY, self.group, self.group, count=self._batch, block_ms=block_ms
@@ -140,13 +170,35 @@ class EmergencyListener:
                 if envelope.message_type == pb.BUS_MESSAGE_TYPE_TELEMETRY:
                     urgent.append((delivery.message_id, open_envelope(envelope, pb.TelemetryPacket)))
                 else:
-                    signals.append((delivery.message_id, open_envelope(envelope, pb.EmergencySignal)))
+                    signal = open_envelope(envelope, pb.EmergencySignal)
+                    self._verifier.verify(signal)
+                    signals.append((delivery.message_id, signal))
             except (MalformedMessage, ContractViolation, UnexpectedMessageType) as exc:
                 self.malformed_total += 1
                 logger.error(
                     "oona: unreadable message %s on the emergency stream: %s", delivery.message_id, exc
                 )
+            except SignatureError as exc:
+                self.rejected_total += 1
+                self.last_rejection = exc
+                logger.error(
+                    "oona: emergency signal %s refused by listener %s: %s",
+                    delivery.message_id,
+                    self.group,
+                    exc,
+                )
         for _, signal in signals:
+            level = (
+                pb.EmergencyLevel.Name(signal.level) if signal.level in pb.EmergencyLevel.values() else "?"
+            )
+            logger.log(
+                logging.CRITICAL if signal.level == pb.EMERGENCY_LEVEL_HALT else logging.WARNING,
+                "oona: emergency %s from %s received by %s: %s",
+                level,
+                signal.origin,
+                self.group,
+                signal.reason,
+            )
             if signal.level == pb.EMERGENCY_LEVEL_HALT:
                 self.halt_requested.set()
         self._dispatch(signals, self._on_signal)
@@ -202,8 +254,57 @@ class EmergencyListener:
         self.raise_if_failed()
 
     def close(self) -> None:
-        """Stop, and remove this listener's consumer group from the bus."""
+        """Stop, remove this listener's consumer group, and close the bus if the listener opened it."""
         try:
             self.stop()
         finally:
-            self._bus.delete_group(Streams.EMERGENCY, self.group)
+            try:
+                self._bus.delete_group(Streams.EMERGENCY, self.group)
+            finally:
+                if self._owns_bus:
+                    self._bus.close()
+
+
+def emergency_verifier(esper_settings: EsperSettings, *, clock: Clock = SYSTEM_CLOCK) -> SignatureVerifier:
+    """A verifier of emergency signals with the deployment's secret, freshness window and clock skew."""
+    return SignatureVerifier(
+        resolve_signing_secret(esper_settings),
+        freshness_s=esper_settings.command_freshness_s,
+        future_skew_s=esper_settings.clock_skew_s,
+        clock=clock,
+    )
+
+
+def open_emergency_listener(
+    esper_settings: EsperSettings,
+    oona_settings: OonaSettings,
+    *,
+    name: str | None = None,
+    on_signal: SignalHandler | None = None,
+    on_telemetry: TelemetryHandler | None = None,
+    start: bool = True,
+) -> EmergencyListener:
+    """Listen for emergencies on the deployment's bus: the one call a trainer, Tamiyo or Simic makes.
+
+    Opens its own connection to the bus (closed by `close()`), verifies signals with the deployment's
+    secret, and with `start=True` polls from a background thread: check `listener.halt_requested`
+    (a `threading.Event`) between steps, or pass `on_signal`. With `start=False`, call `poll()` yourself.
+    """
+    verifier = emergency_verifier(esper_settings)
+    bus = open_bus(esper_settings, oona_settings)
+    try:
+        listener = EmergencyListener(
+            bus,
+            oona_settings,
+            verifier=verifier,
+            on_signal=on_signal,
+            on_telemetry=on_telemetry,
+            name=name,
+            owns_bus=True,
+        )
+    except BaseException:
+        bus.close()
+        raise
+    if start:
+        listener.start()
+    return listener

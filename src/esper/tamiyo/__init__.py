@@ -5,15 +5,8 @@ design of the prototype it replaces. The public surface is deliberately small: t
 classes. Everything else in this package is internal and may change.
 """
 
-import importlib.util
-
+from esper.tamiyo.heuristic import HeuristicPolicy
 from esper.tamiyo.policy import GNNPolicy
 from esper.tamiyo.service import TamiyoService
 
-__all__ = ["GNNPolicy", "TamiyoService"]
-
-# The heuristic baseline lives in its own module; export it when it is part of the tree.
-if importlib.util.find_spec("esper.tamiyo.heuristic") is not None:
-    from esper.tamiyo.heuristic import HeuristicPolicy  # type: ignore[import-not-found,unused-ignore]
-
-    __all__ += ["HeuristicPolicy"]
+__all__ = ["GNNPolicy", "HeuristicPolicy", "TamiyoService"]

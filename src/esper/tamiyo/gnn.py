@@ -64,6 +64,138 @@ class GNNOutput:
 Checkpoint = Callable[[], None]
 
 
+@dataclass(frozen=True)
+class _DenseRelation:
+    """One relation of one graph as dense blocks: edge mask, mean-aggregation weights, edge features."""
+
+    mask: Tensor  # [n_dst, n_src] bool
+    mean: Tensor  # [n_dst, n_src]: 1/in-degree where an edge exists
+    attr: Tensor  # [n_dst, n_src, edge_dim]
+    log_mask: Tensor  # [n_dst, n_src, 1]: 0 where an edge exists, -inf elsewhere
+
+
+def _attention_map(lin: nn.Module, att: Tensor, heads: int, channels: int) -> Tensor:
+    """(lin(x).view(H, C) * att).sum(-1) is linear in x: the [in, H] matrix that computes it directly."""
+    weight: Tensor = lin.weight  # type: ignore[assignment]
+    return (weight.view(heads, channels, -1) * att.view(heads, channels, 1)).sum(1).t()
+
+
+@dataclass(frozen=True)
+class _PackedSage:
+    """One SAGE layer, per destination type: [root | relation...] weights side by side, biases summed."""
+
+    weight: dict[str, Tensor]  # dst type -> [(1 + k) * hidden, hidden]
+    bias: dict[str, Tensor]
+    relations: dict[str, tuple[EdgeKey, ...]]  # dst type -> its incoming relations, in weight order
+
+
+@dataclass(frozen=True)
+class _PackedGat:
+    """One GAT layer, per node type: every projection of that type's features in one matrix.
+
+    Columns, for node type t: for each relation with source t its source features (H*C) and source
+    attention (H); for each relation with destination t its destination attention (H). `slices` says
+    where each piece is: (relation, part) -> (type, start, width).
+    """
+
+    weight: dict[str, Tensor]  # type -> [in, columns]
+    slices: dict[tuple[EdgeKey, str], tuple[str, int, int]]
+    edge_map: dict[EdgeKey, Tensor]  # [edge_dim, H]
+    bias: dict[EdgeKey, Tensor]
+
+    def part(self, projected: dict[str, Tensor], rel: EdgeKey, name: str) -> Tensor:
+        """Columns `name` ("src", "a_src", "a_dst") of relation `rel` in the projected features."""
+        node_type, start, width = self.slices[(rel, name)]
+        return projected[node_type].narrow(1, start, width)
+
+
+class _DenseKernel:
+    """Packs the layers' weights for the dense inference path and re-packs when any weight changes.
+
+    The cache key is every parameter's identity and in-place version counter, so `load_state_dict`, an
+    optimiser step or `.to(device)` all invalidate it.
+    """
+
+    def __init__(self, types: tuple[str, ...], relations: tuple[EdgeKey, ...]) -> None:
+        self._types = types
+        self._relations = relations
+        self._cache: dict[int, tuple[tuple[int, ...], object]] = {}
+
+    @staticmethod
+    def _key(*modules: nn.Module) -> tuple[int, ...]:
+        params = [p for module in modules for p in module.parameters()]
+        return tuple(p._version for p in params) + tuple(id(p) for p in params)
+
+    def sage(self, convs: dict[EdgeKey, SAGEConv], root: nn.ModuleDict, owner: nn.Module) -> _PackedSage:
+        """The packed weights of one SAGE layer (`owner` holds the convolutions, `root` the root maps)."""
+        key = self._key(owner, root)
+        cached = self._cache.get(id(owner))
+        if cached is not None and cached[0] == key:
+            return cached[1]  # type: ignore[return-value]
+        weight, bias, incoming = {}, {}, {}
+        for name in self._types:
+            rels = tuple(rel for rel in self._relations if rel[2] == name)
+            lin_root: nn.Linear = root[name]  # type: ignore[assignment]
+            parts = [lin_root.weight] + [convs[rel].lin_l.weight for rel in rels]
+            total = lin_root.bias
+            for rel in rels:
+                if convs[rel].lin_l.bias is not None:
+                    total = total + convs[rel].lin_l.bias
+            weight[name] = torch.cat(parts, dim=1).t().contiguous()
+            bias[name] = total.detach().clone()
+            incoming[name] = rels
+        packed = _PackedSage(weight, bias, incoming)
+        self._cache[id(owner)] = (key, packed)
+        return packed
+
+    def gat(self, convs: dict[EdgeKey, GATConv], owner: nn.Module) -> _PackedGat:
+        """The packed weights of one GAT layer."""
+        key = self._key(owner)
+        cached = self._cache.get(id(owner))
+        if cached is not None and cached[0] == key:
+            return cached[1]  # type: ignore[return-value]
+        columns: dict[str, list[Tensor]] = {name: [] for name in self._types}
+        widths: dict[str, int] = {name: 0 for name in self._types}
+        slices: dict[tuple[EdgeKey, str], tuple[str, int, int]] = {}
+
+        def add(name: str, rel: EdgeKey, part: str, block: Tensor) -> None:
+            slices[(rel, part)] = (name, widths[name], block.shape[1])
+            columns[name].append(block)
+            widths[name] += block.shape[1]
+
+        edge_map, bias = {}, {}
+        for rel in self._relations:
+            conv = convs[rel]
+            assert conv.lin_src is not None and conv.lin_dst is not None and conv.lin_edge is not None
+            heads, channels = conv.heads, conv.out_channels
+            add(rel[0], rel, "src", conv.lin_src.weight.t())
+            add(rel[0], rel, "a_src", _attention_map(conv.lin_src, conv.att_src, heads, channels))
+            add(rel[2], rel, "a_dst", _attention_map(conv.lin_dst, conv.att_dst, heads, channels))
+            assert conv.att_edge is not None
+            edge_map[rel] = _attention_map(conv.lin_edge, conv.att_edge, heads, channels).contiguous()
+            bias[rel] = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(heads * channels)
+        weight = {name: torch.cat(parts, dim=1).contiguous() for name, parts in columns.items() if parts}
+        packed = _PackedGat(weight, slices, edge_map, bias)
+        self._cache[id(owner)] = (key, packed)
+        return packed
+
+
+def _dense_attention(
+    relation: _DenseRelation, *, heads: int, src: Tensor, a_src: Tensor, a_dst: Tensor, edge: Tensor | None
+) -> Tensor:
+    """GATConv's aggregation on dense blocks: softmax of leaky-ReLU logits over each destination's
+    incoming edges, weighted sum of source features. Destinations without edges get 0 (PyG: 0 + bias)."""
+    n_dst, n_src = relation.mask.shape
+    logits = a_dst[:, None, :] + a_src[None, :, :]
+    if edge is not None:
+        logits = logits + edge
+    logits = torch.nn.functional.leaky_relu(logits, 0.2) + relation.log_mask
+    weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # a row of -inf (no edge) -> NaN -> 0
+    channels = src.shape[1] // heads
+    out = torch.matmul(weights.permute(2, 0, 1), src.view(n_src, heads, channels).transpose(0, 1))
+    return out.transpose(0, 1).reshape(n_dst, heads * channels)
+
+
 def _no_checkpoint() -> None:
     return None
 
@@ -89,39 +221,32 @@ class TamiyoGNN(nn.Module):
                 for spec in schema.node_types
             }
         )
-        self.sage = nn.ModuleList(
-            [
-                HeteroConv(
-                    {key: SAGEConv((hidden, hidden), hidden, root_weight=False) for key in self._relations},
-                    aggr="sum",
-                )
-                for _ in range(2)
-            ]
-        )
+        # The same convolution objects, by relation, for the dense inference kernel.
+        self._sage_convs: list[dict[EdgeKey, SAGEConv]] = [
+            {key: SAGEConv((hidden, hidden), hidden, root_weight=False) for key in self._relations}
+            for _ in range(2)
+        ]
+        self.sage = nn.ModuleList([HeteroConv(dict(convs), aggr="sum") for convs in self._sage_convs])
         # One root transform per node type and layer instead of one per relation: summing k relations'
         # root terms is one linear map, so this is the same family of functions at 1/k of the cost.
         self.sage_root = nn.ModuleList(
             [nn.ModuleDict({name: nn.Linear(hidden, hidden) for name in self._types}) for _ in range(2)]
         )
         per_head = gat // config.gat_heads
-        self.gat = nn.ModuleList(
-            [
-                HeteroConv(
-                    {
-                        key: GATConv(
-                            (width, width),
-                            per_head,
-                            heads=config.gat_heads,
-                            edge_dim=self._edge_dims[key],
-                            add_self_loops=False,
-                        )
-                        for key in self._relations
-                    },
-                    aggr="sum",
+        self._gat_convs: list[dict[EdgeKey, GATConv]] = [
+            {
+                key: GATConv(
+                    (width, width),
+                    per_head,
+                    heads=config.gat_heads,
+                    edge_dim=self._edge_dims[key],
+                    add_self_loops=False,
                 )
-                for width in (hidden, gat)
-            ]
-        )
+                for key in self._relations
+            }
+            for width in (hidden, gat)
+        ]
+        self.gat = nn.ModuleList([HeteroConv(dict(convs), aggr="sum") for convs in self._gat_convs])
         self.gat_skip = nn.ModuleDict({name: nn.Linear(hidden, gat) for name in self._types})
         self.readout = nn.Sequential(nn.Linear(gat * len(self._types), gat), nn.ReLU())
         self.action_head = nn.Linear(gat, len(ACTIONS))
@@ -131,6 +256,10 @@ class TamiyoGNN(nn.Module):
         self.schedule_head = nn.Linear(gat, len(ALPHA_RAMP_STEPS))
         self.lr_head = nn.Linear(gat, len(LR_FACTORS))
         self.value_head = nn.Linear(gat, 1)
+        # Inference without autograd runs the dense kernel (same weights, same function, far fewer ops).
+        self.dense_inference = True
+        self._kernel = _DenseKernel(self._types, self._relations)
+        self._adjacency_cache: dict[EdgeKey, tuple[Tensor, Tensor, _DenseRelation]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -165,15 +294,33 @@ class TamiyoGNN(nn.Module):
         return attrs
 
     def forward(self, graph: TamiyoGraph, checkpoint: Checkpoint = _no_checkpoint) -> GNNOutput:
-        """Run the network on `graph` (one graph or a batch)."""
+        """Run the network on `graph` (one graph or a batch).
+
+        Without autograd (inference) and with `dense_inference` on, the dense kernel runs; with gradients
+        (Simic's training) PyG's message passing does. Both compute the same function of the same weights.
+        """
+        self._check(graph)
+        device = self.device
+        edge_attr = self.edge_attrs(graph, device)
+        if self.dense_inference and not torch.is_grad_enabled():
+            adjacency = self.dense_adjacency(graph, edge_attr, device)
+            if adjacency is not None:
+                return self._forward_dense(graph, adjacency, checkpoint)
+        return self.forward_message_passing(graph, checkpoint, edge_attr)
+
+    def forward_message_passing(
+        self,
+        graph: TamiyoGraph,
+        checkpoint: Checkpoint = _no_checkpoint,
+        edge_attr: dict[EdgeKey, Tensor] | None = None,
+    ) -> GNNOutput:
+        """The network through PyG's `HeteroConv` / `SAGEConv` / `GATConv` (the reference path)."""
         self._check(graph)
         device = self.device
         edge_index = {key: graph.edge_index[key].to(device) for key in self._relations}
-        edge_attr = self.edge_attrs(graph, device)
-        h = {
-            name: self.encoders[name](torch.cat([graph.x[name], graph.mask[name]], dim=1).to(device))
-            for name in self._types
-        }
+        if edge_attr is None:
+            edge_attr = self.edge_attrs(graph, device)
+        h = self._encode(graph, device)
         for conv, root_types in zip(self.sage, self.sage_root, strict=True):
             root: nn.ModuleDict = root_types  # type: ignore[assignment]
             checkpoint()
@@ -194,14 +341,129 @@ class TamiyoGNN(nn.Module):
                 for name in self._types
             }
         checkpoint()
-        batch = {name: graph.batch[name].to(device) for name in self._types}
-        size = graph.num_graphs
-        pooled = [scatter(h[name], batch[name], dim=0, dim_size=size, reduce="mean") for name in self._types]
-        context = self.readout(torch.cat(pooled, dim=1))
-        slot_h = h["slot"]
-        slot_ctx = context[batch["slot"]]
-        bp_h = h["blueprint"]
-        bp_ctx = context[batch["blueprint"]]
+        return self._heads(graph, h, device)
+
+    def dense_adjacency(
+        self, graph: TamiyoGraph, edge_attr: dict[EdgeKey, Tensor], device: torch.device
+    ) -> dict[EdgeKey, _DenseRelation] | None:
+        """Each relation as dense [n_dst, n_src] matrices, or None when a relation repeats an edge.
+
+        Tamiyo's graphs have at most a few hundred nodes per type, so dense blocks cost little and turn
+        every gather/scatter of message passing into one matrix product. Repeated edges (which message
+        passing would count twice) send the caller back to the message-passing path.
+        """
+        dense: dict[EdgeKey, _DenseRelation] = {}
+        for key in self._relations:
+            src, _, dst = key
+            n_src, n_dst = graph.x[src].shape[0], graph.x[dst].shape[0]
+            index = graph.edge_index[key].to(device)
+            # A run's topology rarely changes between decisions: reuse the blocks of identical edges.
+            cached = self._adjacency_cache.get(key)
+            if (
+                cached is not None
+                and cached[2].mask.shape == (n_dst, n_src)
+                and cached[0].shape == index.shape
+                and cached[1].shape == edge_attr[key].shape
+                and torch.equal(cached[0], index)
+                and torch.equal(cached[1], edge_attr[key])
+            ):
+                dense[key] = cached[2]
+                continue
+            count = torch.zeros((n_dst, n_src), device=device)
+            count.index_put_((index[1], index[0]), torch.ones(index.shape[1], device=device), accumulate=True)
+            if index.shape[1] and bool(count.max() > 1):
+                return None
+            attr = torch.zeros((n_dst, n_src, self._edge_dims[key]), device=device)
+            attr[index[1], index[0]] = edge_attr[key]
+            degree = count.sum(1, keepdim=True).clamp(min=1.0)
+            mask = count > 0
+            log_mask = torch.zeros((n_dst, n_src, 1), device=device).masked_fill(
+                ~mask[:, :, None], float("-inf")
+            )
+            dense[key] = _DenseRelation(mask=mask, mean=count / degree, attr=attr, log_mask=log_mask)
+            self._adjacency_cache[key] = (index.clone(), edge_attr[key].clone(), dense[key])
+        return dense
+
+    def _forward_dense(
+        self, graph: TamiyoGraph, adjacency: dict[EdgeKey, _DenseRelation], checkpoint: Checkpoint
+    ) -> GNNOutput:
+        device = self.device
+        h = self._encode(graph, device)
+        for convs, root, owner in zip(self._sage_convs, self.sage_root, self.sage, strict=True):
+            checkpoint()
+            sage = self._kernel.sage(convs, root, owner)  # type: ignore[arg-type]
+            # SAGE (mean aggregation, no root weight) summed over relations, plus the root transform:
+            # one product per type of [h | A_r @ h_src ...] with the packed [root | lin_l ...] weights.
+            h = {
+                name: torch.relu(
+                    torch.addmm(
+                        sage.bias[name],
+                        torch.cat(
+                            [h[name], *(adjacency[rel].mean @ h[rel[0]] for rel in sage.relations[name])], 1
+                        ),
+                        sage.weight[name],
+                    )
+                )
+                + h[name]
+                for name in self._types
+            }
+        pre = h
+        h = {name: self.gat_skip[name](pre[name]) for name in self._types}
+        for index, (convs, owner) in enumerate(zip(self._gat_convs, self.gat, strict=True)):
+            checkpoint()
+            gat = self._kernel.gat(convs, owner)
+            source = pre if index == 0 else h
+            projected = {name: source[name] @ weight for name, weight in gat.weight.items()}
+            out: dict[str, Tensor] = {}
+            for rel, relation in adjacency.items():
+                n_dst, n_src = relation.mask.shape
+                if n_src == 0 or n_dst == 0:
+                    term = gat.bias[rel].expand(n_dst, -1)
+                else:
+                    edge = relation.attr @ gat.edge_map[rel] if self._declared_edge_features[rel] else None
+                    heads = gat.edge_map[rel].shape[1]
+                    term = _dense_attention(
+                        relation,
+                        heads=heads,
+                        src=gat.part(projected, rel, "src"),
+                        a_src=gat.part(projected, rel, "a_src"),
+                        a_dst=gat.part(projected, rel, "a_dst"),
+                        edge=edge,
+                    )
+                    term = term + gat.bias[rel]
+                out[rel[2]] = out[rel[2]] + term if rel[2] in out else term
+            h = {
+                name: torch.nn.functional.elu(out[name]) + h[name] if name in out else h[name]
+                for name in self._types
+            }
+        checkpoint()
+        return self._heads(graph, h, device)
+
+    def _encode(self, graph: TamiyoGraph, device: torch.device) -> dict[str, Tensor]:
+        return {
+            name: self.encoders[name](torch.cat([graph.x[name], graph.mask[name]], dim=1).to(device))
+            for name in self._types
+        }
+
+    def _heads(self, graph: TamiyoGraph, h: dict[str, Tensor], device: torch.device) -> GNNOutput:
+        slot_h, bp_h = h["slot"], h["blueprint"]
+        if graph.num_graphs == 1:  # one graph: pooling is a column mean (zeros for an empty node type)
+            pooled = [
+                h[name].mean(0, keepdim=True) if h[name].shape[0] else h[name].new_zeros(1, h[name].shape[1])
+                for name in self._types
+            ]
+            context = self.readout(torch.cat(pooled, dim=1))
+            slot_ctx = context.expand(slot_h.shape[0], -1)
+            bp_ctx = context.expand(bp_h.shape[0], -1)
+        else:
+            batch = {name: graph.batch[name].to(device) for name in self._types}
+            size = graph.num_graphs
+            pooled = [
+                scatter(h[name], batch[name], dim=0, dim_size=size, reduce="mean") for name in self._types
+            ]
+            context = self.readout(torch.cat(pooled, dim=1))
+            slot_ctx = context[batch["slot"]]
+            bp_ctx = context[batch["blueprint"]]
         return GNNOutput(
             action_logits=self.action_head(context),
             slot_scores=self.slot_head(torch.cat([slot_h, slot_ctx], dim=1)).squeeze(-1),

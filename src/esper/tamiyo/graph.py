@@ -434,6 +434,8 @@ class FeatureNormalizer:
         self._flush_every = flush_every
         self._lock = threading.Lock()
         self._updates_since_flush = 0
+        self._pending: list[tuple[str, Tensor, Tensor]] = []
+        self._scaled: dict[str, tuple[Tensor, Tensor]] = {}
         self._count: dict[str, Tensor] = {}
         self._mean: dict[str, Tensor] = {}
         self._m2: dict[str, Tensor] = {}
@@ -461,21 +463,40 @@ class FeatureNormalizer:
     @property
     def flush_due(self) -> bool:
         """True when enough updates accumulated since the last write."""
-        return self._store is not None and self._updates_since_flush >= self._flush_every
+        with self._lock:
+            pending = len(self._pending)
+        return self._store is not None and self._updates_since_flush + pending >= self._flush_every
 
     def normalize(self, name: str, values: Tensor, present: Tensor, *, update: bool) -> Tensor:
-        """Normalise the continuous columns of `values` (float32 [N, F]); missing entries stay 0."""
+        """Normalise the continuous columns of `values` (float32 [N, F]); missing entries stay 0.
+
+        A graph is normalised with the statistics of every *earlier* graph; with `update` its own values
+        are queued and folded in by `commit()` (the service calls it after the decision, off the deadline;
+        the next `normalize` or `states` does it otherwise).
+        """
         width = values.shape[1]
         if width == 0 or values.shape[0] == 0:
             return values
         with self._lock:
+            mean, scale = self._scaled.get(name) or self._scale(name)
             if update:
+                self._pending.append((name, values, present))
+        return ((values - mean) / scale).clamp(-10.0, 10.0) * present
+
+    def _scale(self, name: str) -> tuple[Tensor, Tensor]:
+        count = self._count[name]
+        std = torch.where(count > 1, (self._m2[name] / (count - 1).clamp(min=1)).sqrt(), 1.0)
+        self._scaled[name] = (self._mean[name].float(), std.float().clamp(min=1e-3))
+        return self._scaled[name]
+
+    def commit(self) -> None:
+        """Fold the queued values into the running statistics."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            for name, values, present in pending:
                 self._update(name, values.double(), present.double())
-            count = self._count[name]
-            std = torch.where(count > 1, (self._m2[name] / (count - 1).clamp(min=1)).sqrt(), 1.0)
-            mean = self._mean[name]
-        scaled = (values - mean.float()) / std.float().clamp(min=1e-3)
-        return scaled.clamp(-10.0, 10.0) * present
+            for name in {name for name, _, _ in pending}:
+                self._scale(name)  # ready for the next graph, so normalising costs no statistics work
 
     def _update(self, name: str, values: Tensor, present: Tensor) -> None:
         batch_count = present.sum(0)
@@ -495,7 +516,8 @@ class FeatureNormalizer:
         self._updates_since_flush += 1
 
     def states(self) -> dict[str, NormalizerState]:
-        """A snapshot of every node type's statistics."""
+        """A snapshot of every node type's statistics (queued values included)."""
+        self.commit()
         with self._lock:
             return {
                 name: NormalizerState(
@@ -572,6 +594,7 @@ class GraphBuilder:
 
     def build(self, packet: pb.SystemStatePacket, *, update_stats: bool = True) -> TamiyoGraph:
         """The graph of `packet`; raises `GraphSchemaError` when the packet does not fit the schema."""
+        self.normalizer.commit()  # earlier graphs' values, unless the service already folded them in
         missing = _Missing()
         layers_all = list(packet.topology.layers)
         slots_all = list(packet.topology.slots)

@@ -316,3 +316,32 @@ def _is_finite_number(value: object) -> bool:
 
 def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+WAIT_ONLY_VERSION = "wait-only-v1"
+
+
+class WaitOnlyPolicy:
+    """The no-growth control (DESIGN §10 "baselines run side by side"): every decision is WAIT, so the
+    host trains with its slots dormant under exactly the same loop as a grown run."""
+
+    @property
+    def version(self) -> str:
+        """The control's version."""
+        return WAIT_ONLY_VERSION
+
+    def propose(self, packet: pb.SystemStatePacket) -> Proposal:
+        """WAIT, whatever the packet says."""
+        del packet
+        return Proposal(action=pb.POLICY_ACTION_WAIT, reason="wait: the no-growth control never grows")
+
+    def state(self) -> dict[str, Any]:
+        """The control has no state beyond its version."""
+        return {"version": WAIT_ONLY_VERSION}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Check the snapshot is the control's own."""
+        if state.get("version") != WAIT_ONLY_VERSION:
+            raise HeuristicStateError(
+                "version", f"is {state.get('version')!r}, expected {WAIT_ONLY_VERSION!r}"
+            )

@@ -12,6 +12,7 @@ another architecture is refused. Compilation (P2) is optional, warmed up, and it
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -164,14 +165,18 @@ class GNNPolicy:
         blueprint_metadata: BlueprintLookup | None = None,
         greedy: bool | None = None,
         compiler: Callable[[torch.nn.Module], Callable[..., GNNOutput]] | None = None,
+        builder: GraphBuilder | None = None,
     ) -> None:
         self._settings = settings
         self._config = config or TamiyoGNNConfig(schema=schema)
         if self._config.schema != schema:
             raise CheckpointIncompatible("schema_version", schema.version, self._config.schema.version)
-        self._builder = GraphBuilder(
+        # A candidate policy (P3) shares the serving policy's builder: same normaliser, same catalogue.
+        self._builder = builder or GraphBuilder(
             settings, schema=schema, normalizer_store=normalizer_store, blueprint_metadata=blueprint_metadata
         )
+        if self._builder.schema != schema:
+            raise CheckpointIncompatible("schema_version", schema.version, self._builder.schema.version)
         seed = settings.gnn_seed if seed is None else seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -229,6 +234,26 @@ class GNNPolicy:
         self.module.eval()
         self._version = self._weights_version()
 
+    def state(self) -> dict[str, Any]:
+        """JSON-ready run state (saved with Tolaria's checkpoints): the weights' version and the sampler."""
+        generator = base64.b64encode(self._generator.get_state().numpy().tobytes()).decode("ascii")
+        return {"policy": "gnn", "version": self._version, "generator": generator}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a `state()` snapshot; weights of another version are refused, never mixed."""
+        if state.get("policy") != "gnn":
+            raise CheckpointIncompatible("policy", "gnn", str(state.get("policy")))
+        if state.get("version") != self._version:
+            raise CheckpointIncompatible("version", str(state.get("version")), self._version)
+        encoded = state.get("generator")
+        if not isinstance(encoded, str):
+            raise CheckpointIncompatible("generator", "a base64 sampler state", type(encoded).__name__)
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+            self._generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        except (ValueError, RuntimeError) as exc:
+            raise CheckpointIncompatible("generator", "a valid sampler state", str(exc)) from exc
+
     def save(self, path: Path) -> None:
         """Write the weights and header to `path` (safetensors; never pickle)."""
         path.write_bytes(self.state_bytes())
@@ -248,7 +273,9 @@ class GNNPolicy:
         A compile failure falls back to eager; the returned status says so and why, and the caller
         reports it. Warm-up graphs are synthetic and never become commands.
         """
-        graphs = [self._builder.build(_warmup_packet(*size), update_stats=False) for size in sizes]
+        # A builder of its own: warm-up ids must never reach the catalogue or the normaliser statistics.
+        builder = GraphBuilder(self._settings, schema=self._config.schema)
+        graphs = [builder.build(_warmup_packet(*size), update_stats=False) for size in sizes]
         if self._compiler is not None and not self._compile.enabled:
             start = time.perf_counter()
             try:
@@ -301,7 +328,8 @@ class GNNPolicy:
         """Decide for one graph: sample (or take the argmax when greedy) each head that matters."""
         if graph.num_graphs != 1:
             raise PolicyInferenceError(f"propose_graph takes one graph, got a batch of {graph.num_graphs}")
-        self.module.eval()
+        if self.module.training:
+            self.module.eval()
         with torch.inference_mode():
             dists = self._distributions(self._run(graph, cancel), graph)
             action = self._choose(dists.action[0])
@@ -353,11 +381,15 @@ class GNNPolicy:
         slot_ok = graph.slot_action_mask.to(out.slot_scores.device)
         slot_batch = graph.batch["slot"].to(out.slot_scores.device)
         per_action = out.slot_scores[:, None].expand_as(slot_ok).masked_fill(~slot_ok, _MASKED)
-        slot = torch.stack(
-            [_segment_log_softmax(per_action[:, a], slot_batch, size) for a in range(len(ACTIONS))], dim=1
-        ).reshape(slot_ok.shape)
-        bp_batch = graph.batch["blueprint"].to(out.blueprint_scores.device)
-        blueprint = _segment_log_softmax(out.blueprint_scores, bp_batch, size)
+        if size == 1:  # one graph: its segments are the whole columns
+            slot = torch.log_softmax(per_action, dim=0)
+            blueprint = torch.log_softmax(out.blueprint_scores, dim=0)
+        else:
+            slot = torch.stack(
+                [_segment_log_softmax(per_action[:, a], slot_batch, size) for a in range(len(ACTIONS))], dim=1
+            ).reshape(slot_ok.shape)
+            bp_batch = graph.batch["blueprint"].to(out.blueprint_scores.device)
+            blueprint = _segment_log_softmax(out.blueprint_scores, bp_batch, size)
         return _Distributions(
             action=action,
             slot=slot,

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, validate_packet
+from esper.oona import Bus
 from esper.tamiyo.commands import CommandBuildError, CommandFactory
+from esper.tamiyo.field_reports import FieldReports
 from esper.tamiyo.graph import BlueprintLookup, GraphCoverage, NormalizerWriteError
 from esper.tamiyo.policy import CompileStatus, GraphPolicy, PolicyInferenceError
 from esper.tamiyo.proposal import Policy, Proposal
 from esper.tamiyo.risk import RiskContext, RiskDecision, RiskGates
 from esper.tamiyo.settings import TamiyoSettings
+from esper.tamiyo.store import TamiyoStore
 from esper.tamiyo.telemetry import BlendAnnotator, TamiyoTelemetry, TelemetrySink
 from esper.tamiyo.worker import CancelToken, DeadlineExceeded, InferenceWorker, WorkerSaturated
 
@@ -56,6 +59,8 @@ class TamiyoService:
         blueprint_metadata: BlueprintLookup | None = None,
         telemetry_sink: TelemetrySink | None = None,
         registry: CollectorRegistry | None = None,
+        store: TamiyoStore | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.settings = settings
         self.step_timeout_ms = settings.step_timeout_ms if step_timeout_ms is None else step_timeout_ms
@@ -85,6 +90,12 @@ class TamiyoService:
                 ),
             )
         self._warm_up()
+        # P9: with a store, every decision is recorded and observed; the outbox publishes on `bus`.
+        self._field_reports = (
+            None
+            if store is None
+            else FieldReports(settings, store, bus, clock, self.telemetry, policy_version=policy.version)
+        )
 
     def _warm_up(self) -> None:
         warm_up = getattr(self._policy, "warm_up", None)
@@ -100,6 +111,15 @@ class TamiyoService:
     def policy_version(self) -> str:
         """Version of the policy currently deciding."""
         return self._policy.version
+
+    def swap_policy(self, policy: Policy) -> Policy:
+        """Make `policy` decide from the next packet on, in one step; returns the one it replaces (P3).
+
+        Call it between decisions (the policy-update intake does), never from inside one.
+        """
+        previous = self._policy
+        self._policy, self._graph_policy = policy, policy if isinstance(policy, GraphPolicy) else None
+        return previous
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """Decide for one packet and return the signed command; failures raise typed errors."""
@@ -135,8 +155,11 @@ class TamiyoService:
                 inference.proposal, decision, command, latency_ms, self._policy.version
             )
             self._flush_normalizer()
+            self._record(packet, inference.proposal, decision, command)
             return command
         finally:
+            if self._field_reports is not None:
+                self._field_reports.emit_pending()
             if self.telemetry.has_sink:
                 self.telemetry.flush(packet.training_run_id)
 
@@ -179,19 +202,46 @@ class TamiyoService:
 
     def _flush_normalizer(self) -> None:
         # Outside the deadline: the command is already built. A failed write is an ERROR event.
-        if self._graph_policy is None or not self._graph_policy.builder.normalizer.flush_due:
+        if self._graph_policy is None:
+            return
+        self._graph_policy.builder.normalizer.commit()  # this packet's values join the statistics
+        if not self._graph_policy.builder.normalizer.flush_due:
             return
         try:
             self._graph_policy.builder.normalizer.flush()
         except NormalizerWriteError as exc:
             self.telemetry.emit("normalizer_flush_failed", str(exc), reason=exc.reason)
 
-    def close(self) -> None:
+    def _record(
+        self,
+        packet: pb.SystemStatePacket,
+        proposal: Proposal,
+        decision: RiskDecision,
+        command: pb.AdaptationCommand,
+    ) -> None:
+        # Outside the deadline: the command is built. A store failure raises (the decision is unrecorded).
+        if self._field_reports is not None:
+            self._field_reports.after_decision(
+                packet,
+                command,
+                proposal=proposal,
+                final=decision.proposal,
+                risk_reason=decision.reason,
+                policy_version=self._policy.version,
+            )
+
+    def close(self, *, abort_open_windows: bool = True) -> None:
         """Stop the inference worker (joining its threads) and write the normaliser statistics.
 
+        With a store: open observation windows close as ABORTED (`abort_open_windows=False` leaves them for
+        a resumed run), and the outbox publishes what is due one last time (the store stays open).
         Raises `WorkerLeak` if a worker thread does not stop, `NormalizerWriteError` if the final write
-        fails.
+        fails, `StoreError` if the store does.
         """
         self._worker.close()
         if self._graph_policy is not None:
             self._graph_policy.builder.normalizer.flush()
+        if self._field_reports is not None:
+            self._field_reports.close(abort_open_windows=abort_open_windows)
+            if self.telemetry.has_sink:
+                self.telemetry.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -22,7 +23,10 @@ class TamiyoSettings(StrictSettings):
     enable_compile: bool = Field(default=False, description="torch.compile the GNN (with warm-up).")
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     cpu_threads: int = Field(default=1, ge=1, le=256, description="torch threads of the inference worker.")
-    policy: Literal["heuristic", "gnn"] = Field(default="heuristic")
+    policy: Literal["heuristic", "gnn"] = Field(default="heuristic", description="Policy of `esper run`.")
+    policy_checkpoint: Path | None = Field(
+        default=None, description="safetensors weights of the GNN policy (untrained weights when unset)."
+    )
     # P8: blend-mode annotations on seed commands.
     enable_blend_mode_ann: bool = Field(default=True)
     # Graph builder.
@@ -70,7 +74,22 @@ class TamiyoSettings(StrictSettings):
     gnn_seed: int = Field(default=0, ge=0, description="Seed of weight initialisation and sampling.")
     gnn_greedy: bool = Field(default=False, description="Take the most likely choice instead of sampling.")
     # P9: field-report lifecycle.
-    fr_obs_window_epochs: int = Field(default=1, ge=1, description="Decisions per observation window.")
+    fr_obs_window_epochs: int = Field(
+        default=1, ge=1, description="Epochs a decision is observed for before its field report is written."
+    )
+    fr_success_accuracy_gain: float = Field(
+        default=0.005, ge=0.0, description="Accuracy gain over the window at which the outcome is SUCCESS."
+    )
+    fr_regression_accuracy_drop: float = Field(
+        default=0.01, ge=0.0, description="Accuracy loss over the window at which the outcome is REGRESSION."
+    )
+    fr_regression_loss_rise: float = Field(
+        default=0.1, ge=0.0, description="Relative rise of validation loss that makes the outcome REGRESSION."
+    )
+    fr_outbox_batch: int = Field(default=256, ge=1, description="Outbox entries published per bus call.")
+    fr_outbox_poll_ms: float = Field(
+        default=1000.0, gt=0, description="Longest the outbox publisher sleeps when nothing is due."
+    )
     fr_retry_backoff_ms: float = Field(default=1000.0, gt=0)
     fr_retry_backoff_mult: float = Field(default=2.0, ge=1.0)
     fr_retry_jitter: float = Field(default=0.1, ge=0.0, lt=1.0)
@@ -78,3 +97,9 @@ class TamiyoSettings(StrictSettings):
     retention_days: float = Field(default=30.0, gt=0)
     # P3: policy-update intake.
     update_freshness_s: float = Field(default=3600.0, gt=0)
+    update_probation_decisions: int = Field(
+        default=8, ge=1, description="Decisions a newly swapped-in policy is watched for (rollback window)."
+    )
+    update_probation_max_failures: int = Field(
+        default=1, ge=1, description="Failed or late decisions in the window that roll the policy back."
+    )

@@ -13,8 +13,10 @@ completion); at most `max_retired` retired threads may be winding down at once, 
 with `WorkerSaturated` instead of piling up threads. `close()` cancels and joins every thread and raises
 `WorkerLeak` if one does not stop in time: nothing keeps running behind the caller's back.
 
-Thread budget (DESIGN §10): torch's intra-op thread count is process-wide in this build (OpenMP), so the
-worker sets it once to `cpu_threads` at start; the trainer in the same process shares that budget.
+Thread budget (DESIGN §10): each worker thread sets its own OpenMP intra-op count to `cpu_threads`
+(`TAMIYO_CPU_THREADS`, default 1) when it starts; the trainer's thread keeps the count it set for itself
+(`TOLARIA_THREADS`). On a shared 2-core machine two inference threads made the same forward pass 3-20x
+slower at the median and tail (docs/p7-attention-and-cuda-graphs.md), so one thread per role is the default.
 """
 
 from __future__ import annotations

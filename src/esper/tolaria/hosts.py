@@ -15,6 +15,8 @@ from esper.kasmina import SeedSlot
 from esper.leyline import EsperError, pb
 
 HOST_KINDS = ("mlp", "cnn")
+POOLED_SIDE = 2
+POOLED_CELLS = POOLED_SIDE * POOLED_SIDE
 
 
 class HostNotApplicable(EsperError):
@@ -108,7 +110,12 @@ class MLPHost(Host):
 
 
 class ConvHost(Host):
-    """conv(c1) -> ReLU -> slot -> conv(c2, stride 2) -> ReLU -> slot -> global average -> linear."""
+    """conv(c1) -> ReLU -> slot -> conv(c2, stride 2) -> ReLU -> slot -> 2x2 average pool -> linear.
+
+    The head sees a 2x2 average of the last feature map rather than a global average: a global average
+    throws away where strokes are, and the host then learns so slowly that it never plateaus within a
+    run, so the controller never has a reason to grow it.
+    """
 
     slot_kind = "conv"
 
@@ -128,7 +135,7 @@ class ConvHost(Host):
         self.with_slots = with_slots
         self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, stride=2, padding=1)
-        self.head = nn.Linear(c2, num_classes)
+        self.head = nn.Linear(c2 * POOLED_CELLS, num_classes)
         self.slot1 = SeedSlot("c1", c1, "conv", layer_id="conv1", depth=0) if with_slots else None
         self.slot2 = SeedSlot("c2", c2, "conv", layer_id="conv2", depth=1) if with_slots else None
 
@@ -147,7 +154,8 @@ class ConvHost(Host):
         x = torch.relu(self.conv2(x))
         if self.slot2 is not None:
             x = self.slot2(x)
-        logits: Tensor = self.head(x.mean(dim=(2, 3)))
+        pooled = nn.functional.adaptive_avg_pool2d(x, POOLED_SIDE).flatten(1)
+        logits: Tensor = self.head(pooled)
         return logits
 
 

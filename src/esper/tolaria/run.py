@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from esper.kasmina import KasminaSettings, SeedManager
 from esper.leyline import EsperError, SignatureVerifier, pb
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset, load_digits, load_npz, make_task
+from esper.tolaria.emergency import EmergencyChannel
 from esper.tolaria.hosts import build_host
 from esper.tolaria.records import RunDirectory
 from esper.tolaria.settings import TolariaSettings
@@ -115,8 +116,12 @@ def run_experiment(
     resume: bool = False,
     console: Console | None = None,
     progress: bool = True,
+    emergency: EmergencyChannel | None = None,
 ) -> dict[str, Any]:
-    """Train as `config` says under `controller`; returns (and writes) the summary."""
+    """Train as `config` says under `controller`; returns (and writes) the summary.
+
+    With an `emergency` channel the run obeys HALT signals: it checkpoints and stops early, and the
+    summary says `"status": "halted"` with the signal's reason (resume it with `resume=True`)."""
     started = time.monotonic()
     settings = config.tolaria
     torch.set_num_threads(settings.threads)
@@ -144,6 +149,7 @@ def run_experiment(
             blueprint_ids=catalogue.ids_for(host.slot_kind),
             run_dir=run_dir,
             training_run_id=config.training_run_id,
+            emergency=emergency,
         )
         resumed_from = None
         if resume and trainer.resume():
@@ -169,6 +175,8 @@ def run_experiment(
         "decisions": trainer.decisions,
         "resumed_from_step": resumed_from,
         "wall_seconds": time.monotonic() - started,
+        "status": "halted" if outcome.halt is not None else "completed",
+        "halt": asdict(outcome.halt) if outcome.halt is not None else None,
         **lifecycle_counts(run_dir),
     }
     run_dir.write_json(run_dir.summary_path, summary)
@@ -229,6 +237,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         "task",
         "host",
         "policy",
+        "status",
         "epochs",
         "final_val_accuracy",
         "best_val_accuracy",

@@ -4,6 +4,8 @@ One step: forward, loss check (a NaN/inf or spiking loss rolls back to the last 
 backward, `SeedManager.observe_backward`, optimizer step, `SeedManager.advance`, parameter changes.
 Every `decision_interval` steps: evaluation with counterfactual contributions, the state packet, the
 controller's command, Kasmina's verdict. Every `checkpoint_every_epochs` epochs: an atomic checkpoint.
+Between steps, an optional emergency channel is polled: a HALT checkpoints, logs an event and ends `fit`
+with a halted outcome (the run resumes from that checkpoint); a run that diverges broadcasts a HALT.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, short_name
 from esper.tolaria.checkpoint import Checkpoint, CheckpointStore
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset
+from esper.tolaria.emergency import ChannelTrouble, EmergencyChannel, HaltRequest
 from esper.tolaria.evaluation import Evaluation, evaluate
 from esper.tolaria.hosts import Host
 from esper.tolaria.optimizer import HOST_GROUP, GroupedAdam
@@ -65,12 +68,19 @@ class EpochReport:
 
 @dataclass(frozen=True)
 class TrainingOutcome:
-    """The end of `fit`: final evaluation and parameter counts."""
+    """The end of `fit`: final evaluation and parameter counts; `halt` is set when an emergency HALT
+    stopped the run early (its checkpoint is the latest, so the run can be resumed)."""
 
     evaluation: Evaluation
     steps: int
     parameters: int
     rollbacks: int
+    halt: HaltRequest | None = None
+
+    @property
+    def halted(self) -> bool:
+        """True when the run stopped on an emergency HALT before its last step."""
+        return self.halt is not None
 
 
 class Trainer:
@@ -88,6 +98,7 @@ class Trainer:
         run_dir: RunDirectory,
         training_run_id: str,
         clock: Clock = SYSTEM_CLOCK,
+        emergency: EmergencyChannel | None = None,
     ) -> None:
         self.settings = settings
         self.dataset = dataset
@@ -98,6 +109,8 @@ class Trainer:
         self.run_dir = run_dir
         self.training_run_id = training_run_id
         self.clock = clock
+        self.emergency = emergency
+        self._channel_trouble = False
         self.store = CheckpointStore(run_dir.checkpoint_dir, keep=settings.keep_checkpoints)
         self.steps_per_epoch = max(1, math.ceil(len(dataset.x_train) / settings.batch_size))
         self.total_steps = settings.epochs * self.steps_per_epoch
@@ -121,6 +134,9 @@ class Trainer:
         if not self.store.steps():
             self.save_checkpoint()
         while self.step < self.total_steps:
+            halt = self._poll_emergency()
+            if halt is not None:
+                return self._halt(halt)
             self.train_step()
             if self.step % self.settings.decision_interval == 0:
                 self.decide()
@@ -233,6 +249,51 @@ class Trainer:
         )
         self.run_dir.decisions.append(record)
 
+    # -- emergencies ----------------------------------------------------------------------------------------
+
+    def _poll_emergency(self) -> HaltRequest | None:
+        if self.emergency is None:
+            return None
+        polled = self.emergency.poll_halt()
+        if isinstance(polled, ChannelTrouble):
+            # Degraded, not fatal: training goes on without halt signals, and the log says so once.
+            if not self._channel_trouble:
+                self._log_trainer_event("emergency_channel_unavailable", reason=polled.reason)
+            self._channel_trouble = True
+            return None
+        if self._channel_trouble:
+            self._log_trainer_event("emergency_channel_recovered", reason="emergency stream readable again")
+            self._channel_trouble = False
+        return polled
+
+    def _halt(self, halt: HaltRequest) -> TrainingOutcome:
+        """Obey a HALT: log it, checkpoint (the event included), and end with a halted outcome."""
+        self._log_trainer_event(
+            "emergency_halt",
+            reason=halt.reason,
+            detail={
+                "origin": halt.origin,
+                "signal_id": halt.signal_id,
+                "training_run_id": halt.training_run_id,
+            },
+        )
+        self.save_checkpoint()
+        return TrainingOutcome(
+            evaluation=self._evaluate(),
+            steps=self.step,
+            parameters=self.host.parameter_count(),
+            rollbacks=self.rollbacks,
+            halt=halt,
+        )
+
+    def _diverged(self, reason: str) -> TrainingDiverged:
+        """The error that ends a diverged run, after telling every process on the bus to halt."""
+        error = TrainingDiverged(self.step, self.rollbacks, reason)
+        if self.emergency is not None:
+            signal_id = self.emergency.broadcast_halt(f"run {self.training_run_id}: {error}")
+            self._log_trainer_event("emergency_broadcast", reason=str(error), detail={"signal_id": signal_id})
+        return error
+
     # -- rollback and checkpoints ---------------------------------------------------------------------------
 
     def _explosion(self, loss: float) -> str:
@@ -252,11 +313,11 @@ class Trainer:
     def rollback(self, reason: str) -> None:
         """Go back to the last good checkpoint, lower the learning rate, and report it."""
         if self.rollbacks >= self.settings.max_rollbacks:
-            raise TrainingDiverged(self.step, self.rollbacks, reason)
+            raise self._diverged(reason)
         failed_step = self.step
         checkpoint = self.store.latest()
         if checkpoint is None:
-            raise TrainingDiverged(self.step, self.rollbacks, f"{reason}; no checkpoint to roll back to")
+            raise self._diverged(f"{reason}; no checkpoint to roll back to")
         rollbacks = self.rollbacks + 1
         self.restore(checkpoint)
         self.rollbacks = rollbacks

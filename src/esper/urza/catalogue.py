@@ -1,17 +1,28 @@
 """BlueprintCatalogue: the blueprint descriptors in SQLite, their factories, and change notifications.
 
-Durability: WAL journal, `synchronous=FULL`, one transaction per change. Every change bumps the
-catalogue's revision, stamps it on the descriptor it touched, and is announced to every listener as a
-`pb.CatalogueChange` after it has been committed. A listener that raises does not undo the change; the
-caller sees `ListenerFailed` naming every listener error.
+Durability: WAL journal, `synchronous=FULL`, one transaction per change. Every change (add, update,
+quarantine, unquarantine, remove, and the seeding of built-ins) bumps the catalogue's revision, stamps it
+on the descriptor it touched, and writes a `pb.CatalogueChange` into the outbox table in the same
+transaction. After the commit:
+
+1. with a `ChangePublisher` (the bus), every change in the outbox is published, then deleted from the
+   outbox. A publish that fails raises `NotificationFailed`; the change is committed and its notification
+   stays in the outbox until the next change or `publish_pending()` (any process may flush it). A crash
+   between publish and delete publishes it again: at-least-once, never lost.
+2. every in-process listener is called. A listener that raises does not undo the change; the caller
+   sees `ListenerFailed` naming every listener error.
+
+Opening a catalogue publishes nothing; call `publish_pending()` to flush what an earlier process left.
 """
 
 from __future__ import annotations
 
 import builtins
+import logging
 import math
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +31,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 from torch import nn
 
-from esper.leyline import SYSTEM_CLOCK, Clock, pb, serialize, timestamp_from_ns
+from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, serialize, timestamp_from_ns
 from esper.urza.blueprints import (
     BUILTIN_FACTORIES,
     HOST_KINDS,
@@ -31,11 +42,16 @@ from esper.urza.blueprints import (
 from esper.urza.errors import (
     BlueprintQuarantined,
     CatalogueCorrupt,
+    CatalogueTimeout,
     DuplicateBlueprint,
     InvalidDescriptor,
     ListenerFailed,
+    NotificationFailed,
     UnknownBlueprint,
 )
+from esper.urza.notifications import ChangePublisher
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 Listener = Callable[[pb.CatalogueChange], None]
@@ -49,7 +65,12 @@ CREATE TABLE IF NOT EXISTS blueprints (
     quarantine_reason TEXT
 );
 CREATE TABLE IF NOT EXISTS seeded (blueprint_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS outbox (revision INTEGER PRIMARY KEY, change BLOB NOT NULL);
 """
+# How long a write waits for another process's lock (sqlite3's default, made explicit).
+BUSY_TIMEOUT_MS = 5_000
+# VM instructions between two checks of a read's deadline.
+_DEADLINE_CHECK_EVERY = 1_000
 
 
 def _validate_descriptor(descriptor: pb.BlueprintDescriptor) -> None:
@@ -78,19 +99,28 @@ def _validate_descriptor(descriptor: pb.BlueprintDescriptor) -> None:
 class BlueprintCatalogue:
     """The blueprint library of one deployment: descriptors in SQLite, modules from registered factories.
 
-    Safe to share between threads of one process (a lock serialises access to the connection).
+    Safe to share between threads of one process (a lock serialises access to the connection), and
+    between processes (SQLite's locks). With a `publisher`, committed changes are published on the bus.
     """
 
     def __init__(
-        self, path: Path, *, factories: FactoryRegistry = BUILTIN_FACTORIES, clock: Clock = SYSTEM_CLOCK
+        self,
+        path: Path,
+        *,
+        factories: FactoryRegistry = BUILTIN_FACTORIES,
+        clock: Clock = SYSTEM_CLOCK,
+        publisher: ChangePublisher | None = None,
     ) -> None:
         self.path = Path(path)
         self._factories = factories
         self._clock = clock
+        self._publisher = publisher
         self._listeners: builtins.list[Listener] = []
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -105,13 +135,19 @@ class BlueprintCatalogue:
 
     @classmethod
     def open_default(
-        cls, path: Path, *, factories: FactoryRegistry = BUILTIN_FACTORIES, clock: Clock = SYSTEM_CLOCK
+        cls,
+        path: Path,
+        *,
+        factories: FactoryRegistry = BUILTIN_FACTORIES,
+        clock: Clock = SYSTEM_CLOCK,
+        publisher: ChangePublisher | None = None,
     ) -> BlueprintCatalogue:
         """Open (or create) the catalogue at `path` and add every built-in blueprint never added before.
 
-        Idempotent: a second open changes nothing, and a built-in that was removed stays removed.
+        Idempotent: a second open changes nothing, and a built-in that was removed stays removed. The
+        seeding's ADDED notifications wait in the outbox for the next change or `publish_pending()`.
         """
-        catalogue = cls(path, factories=factories, clock=clock)
+        catalogue = cls(path, factories=factories, clock=clock, publisher=publisher)
         catalogue._seed_builtins()
         return catalogue
 
@@ -141,10 +177,19 @@ class BlueprintCatalogue:
             rows = self._query_all("SELECT blueprint_id, descriptor FROM blueprints ORDER BY position")
         return [self._decode(str(blueprint_id), blob) for blueprint_id, blob in rows]
 
-    def get(self, blueprint_id: str) -> pb.BlueprintDescriptor:
-        """The descriptor of `blueprint_id` (a copy), or `UnknownBlueprint`."""
-        with self._lock:
-            row = self._query_one("SELECT descriptor FROM blueprints WHERE blueprint_id = ?", (blueprint_id,))
+    def get(self, blueprint_id: str, *, timeout_ms: float | None = None) -> pb.BlueprintDescriptor:
+        """The descriptor of `blueprint_id` (a copy), or `UnknownBlueprint`.
+
+        With `timeout_ms`, the read is abandoned at the deadline (waiting for this connection, for
+        another process's lock, or running the query) and `CatalogueTimeout` is raised; nothing of it
+        keeps running afterwards.
+        """
+        sql = "SELECT descriptor FROM blueprints WHERE blueprint_id = ?"
+        if timeout_ms is None:
+            with self._lock:
+                row = self._query_one(sql, (blueprint_id,))
+        else:
+            row = self._query_one_by(sql, (blueprint_id,), blueprint_id, timeout_ms)
         if row is None:
             raise UnknownBlueprint(blueprint_id)
         return self._decode(blueprint_id, row[0])
@@ -187,6 +232,42 @@ class BlueprintCatalogue:
 
     # --- changing ----------------------------------------------------------------------------------
 
+    @property
+    def pending_notifications(self) -> int:
+        """Changes committed but not yet published (waiting in the outbox)."""
+        with self._lock:
+            row = self._query_one("SELECT COUNT(*) FROM outbox")
+        return int(row[0]) if row else 0
+
+    def publish_pending(self) -> int:
+        """Publish every change waiting in the outbox, oldest first; returns how many were published.
+
+        Raises `NotificationFailed` (the changes stay in the outbox) if the publisher fails, and
+        `RuntimeError` if this catalogue has no publisher.
+        """
+        if self._publisher is None:
+            raise RuntimeError(f"catalogue {self.path} has no publisher to send its outbox to")
+        with self._lock:
+            rows = self._query_all("SELECT revision, change FROM outbox ORDER BY revision")
+        if not rows:
+            return 0
+        changes = []
+        for revision, blob in rows:
+            change = pb.CatalogueChange()
+            try:
+                change.ParseFromString(blob)
+            except (DecodeError, ValueError, RuntimeError, TypeError) as exc:
+                raise CatalogueCorrupt(self.path, f"outbox entry {revision} does not decode: {exc}") from exc
+            changes.append(change)
+        try:
+            self._publisher.publish(changes)
+        except EsperError as exc:  # the bus's typed errors; the outbox keeps the changes
+            raise NotificationFailed(int(rows[-1][0]), len(rows), exc) from exc
+        published = [(int(row[0]),) for row in rows]
+        with self._lock, self._transaction():
+            self._db.executemany("DELETE FROM outbox WHERE revision = ?", published)
+        return len(published)
+
     def subscribe(self, callback: Listener) -> None:
         """Call `callback` with every committed change from now on."""
         with self._lock:
@@ -200,8 +281,8 @@ class BlueprintCatalogue:
         with self._lock, self._transaction():
             if self._query_one("SELECT 1 FROM blueprints WHERE blueprint_id = ?", (blueprint_id,)):
                 raise DuplicateBlueprint(blueprint_id)
-            stored = self._store(descriptor, insert=True, quarantine_reason=None)
-        return self._announce(pb.CATALOGUE_CHANGE_ADDED, stored)
+            change = self._store(pb.CATALOGUE_CHANGE_ADDED, descriptor, insert=True, quarantine_reason=None)
+        return self._announce(change)
 
     def update(self, descriptor: pb.BlueprintDescriptor) -> pb.BlueprintDescriptor:
         """Replace an existing blueprint's descriptor (its revision is assigned here); returns it as stored.
@@ -217,8 +298,10 @@ class BlueprintCatalogue:
             if row is None:
                 raise UnknownBlueprint(blueprint_id)
             reason = (row[0] or "quarantined by an update") if descriptor.quarantine else None
-            stored = self._store(descriptor, insert=False, quarantine_reason=reason)
-        return self._announce(pb.CATALOGUE_CHANGE_UPDATED, stored)
+            change = self._store(
+                pb.CATALOGUE_CHANGE_UPDATED, descriptor, insert=False, quarantine_reason=reason
+            )
+        return self._announce(change)
 
     def quarantine(self, blueprint_id: str, reason: str) -> pb.BlueprintDescriptor:
         """Mark `blueprint_id` quarantined for `reason`: still listed, never offered or built."""
@@ -227,8 +310,22 @@ class BlueprintCatalogue:
         with self._lock, self._transaction():
             descriptor = self.get(blueprint_id)
             descriptor.quarantine = True
-            stored = self._store(descriptor, insert=False, quarantine_reason=reason)
-        return self._announce(pb.CATALOGUE_CHANGE_QUARANTINED, stored)
+            change = self._store(
+                pb.CATALOGUE_CHANGE_QUARANTINED, descriptor, insert=False, quarantine_reason=reason
+            )
+        return self._announce(change)
+
+    def unquarantine(self, blueprint_id: str) -> pb.BlueprintDescriptor:
+        """Lift the quarantine of `blueprint_id` (announced as an UPDATE); returns it as stored."""
+        with self._lock, self._transaction():
+            descriptor = self.get(blueprint_id)
+            if not descriptor.quarantine:
+                raise InvalidDescriptor(blueprint_id, "quarantine", "cannot be lifted: it is not quarantined")
+            descriptor.quarantine = False
+            change = self._store(
+                pb.CATALOGUE_CHANGE_UPDATED, descriptor, insert=False, quarantine_reason=None
+            )
+        return self._announce(change)
 
     def remove(self, blueprint_id: str) -> None:
         """Delete `blueprint_id` from the catalogue."""
@@ -236,7 +333,8 @@ class BlueprintCatalogue:
             descriptor = self.get(blueprint_id)
             descriptor.revision = self._bump_revision()
             self._db.execute("DELETE FROM blueprints WHERE blueprint_id = ?", (blueprint_id,))
-        self._announce(pb.CATALOGUE_CHANGE_REMOVED, descriptor)
+            change = self._record(pb.CATALOGUE_CHANGE_REMOVED, descriptor)
+        self._announce(change)
 
     # --- internals ---------------------------------------------------------------------------------
 
@@ -250,7 +348,9 @@ class BlueprintCatalogue:
                     continue
                 self._db.execute("INSERT INTO seeded (blueprint_id) VALUES (?)", (blueprint_id,))
                 if blueprint_id not in present:
-                    self._store(spec.descriptor, insert=True, quarantine_reason=None)
+                    self._store(
+                        pb.CATALOGUE_CHANGE_ADDED, spec.descriptor, insert=True, quarantine_reason=None
+                    )
 
     def _check_schema(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -283,8 +383,8 @@ class BlueprintCatalogue:
         return int(row[0])
 
     def _store(
-        self, descriptor: pb.BlueprintDescriptor, *, insert: bool, quarantine_reason: str | None
-    ) -> pb.BlueprintDescriptor:
+        self, kind: int, descriptor: pb.BlueprintDescriptor, *, insert: bool, quarantine_reason: str | None
+    ) -> pb.CatalogueChange:
         stored = pb.BlueprintDescriptor()
         stored.CopyFrom(descriptor)
         stored.revision = self._bump_revision()
@@ -299,9 +399,10 @@ class BlueprintCatalogue:
                 "UPDATE blueprints SET descriptor = ?, quarantine_reason = ? WHERE blueprint_id = ?",
                 (blob, quarantine_reason, stored.blueprint_id),
             )
-        return stored
+        return self._record(kind, stored)
 
-    def _announce(self, kind: int, descriptor: pb.BlueprintDescriptor) -> pb.BlueprintDescriptor:
+    def _record(self, kind: int, descriptor: pb.BlueprintDescriptor) -> pb.CatalogueChange:
+        """The change of `descriptor`, written to the outbox inside the caller's transaction."""
         change = pb.CatalogueChange(
             kind=kind,
             blueprint_id=descriptor.blueprint_id,
@@ -309,6 +410,21 @@ class BlueprintCatalogue:
             issued_at=timestamp_from_ns(self._clock.wall_ns()),
         )
         change.descriptor.CopyFrom(descriptor)
+        self._db.execute(
+            "INSERT INTO outbox (revision, change) VALUES (?, ?)", (change.revision, serialize(change))
+        )
+        return change
+
+    def _announce(self, change: pb.CatalogueChange) -> pb.BlueprintDescriptor:
+        """After the commit: publish the outbox (if there is a publisher), then call the listeners."""
+        descriptor = change.descriptor
+        failed: NotificationFailed | None = None
+        if self._publisher is not None:
+            try:
+                self.publish_pending()
+            except NotificationFailed as exc:
+                logger.error("urza: %s", exc)
+                failed = exc
         with self._lock:
             listeners = list(self._listeners)
         errors: builtins.list[BaseException] = []
@@ -320,10 +436,16 @@ class BlueprintCatalogue:
             except Exception as exc:  # noqa: BLE001 (collected and re-raised below as ListenerFailed)
                 errors.append(exc)
         if errors:
+            if failed is not None:
+                errors.append(failed)
             raise ListenerFailed(str(descriptor.blueprint_id), int(descriptor.revision), errors) from errors[
                 0
             ]
-        return descriptor
+        if failed is not None:
+            raise failed
+        stored = pb.BlueprintDescriptor()
+        stored.CopyFrom(descriptor)
+        return stored
 
     def _decode(self, blueprint_id: str, blob: object) -> pb.BlueprintDescriptor:
         if not isinstance(blob, bytes):
@@ -340,6 +462,33 @@ class BlueprintCatalogue:
                 self.path, f"row {blueprint_id!r} holds a descriptor for {descriptor.blueprint_id!r}"
             )
         return descriptor
+
+    def _query_one_by(
+        self, sql: str, args: tuple[Any, ...], blueprint_id: str, timeout_ms: float
+    ) -> tuple[Any, ...] | None:
+        """`_query_one` abandoned at a deadline: lock wait, busy wait and the query itself are bounded."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        if not self._lock.acquire(timeout=timeout_ms / 1000):
+            raise CatalogueTimeout(self.path, blueprint_id, timeout_ms)
+        try:
+            remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            self._db.execute(f"PRAGMA busy_timeout = {remaining_ms}")
+            self._db.set_progress_handler(lambda: int(time.monotonic() > deadline), _DEADLINE_CHECK_EVERY)
+            try:
+                row: tuple[Any, ...] | None = self._db.execute(sql, args).fetchone()
+            except sqlite3.OperationalError as exc:
+                text = str(exc)
+                if "interrupted" in text or "locked" in text or "busy" in text:
+                    raise CatalogueTimeout(self.path, blueprint_id, timeout_ms) from exc
+                raise CatalogueCorrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
+            except sqlite3.DatabaseError as exc:
+                raise CatalogueCorrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                self._db.set_progress_handler(None, 0)
+                self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            return row
+        finally:
+            self._lock.release()
 
     def _query_one(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
         try:

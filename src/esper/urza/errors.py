@@ -77,3 +77,30 @@ class ListenerFailed(UrzaError):
             f"change of {blueprint_id!r} at revision {revision} was committed, "
             f"but {len(errors)} listener(s) failed: {names}"
         )
+
+
+class NotificationFailed(UrzaError):
+    """A change was committed, but its notification could not be published on the bus yet.
+
+    Nothing is lost: the notification stays in the catalogue's outbox (`pending` of them) and is
+    published by the next change or by `publish_pending()`, from this process or any other.
+    """
+
+    def __init__(self, revision: int, pending: int, cause: BaseException) -> None:
+        self.revision = revision
+        self.pending = pending
+        self.cause = cause
+        super().__init__(
+            f"catalogue revision {revision} is committed, but {pending} change notification(s) could not be "
+            f"published (they stay in the outbox): {type(cause).__name__}: {cause}"
+        )
+
+
+class CatalogueTimeout(UrzaError):
+    """A read of the catalogue did not finish within its deadline (another writer held it, or it is slow)."""
+
+    def __init__(self, path: Path, blueprint_id: str, timeout_ms: float) -> None:
+        self.path = path
+        self.blueprint_id = blueprint_id
+        self.timeout_ms = timeout_ms
+        super().__init__(f"reading {blueprint_id!r} from {path} took longer than {timeout_ms:g} ms")

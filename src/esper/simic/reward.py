@@ -1,0 +1,67 @@
+"""The reward of one decision, from the outcome its field report measured over the observation window.
+
+Deliberately simple (DESIGN §10): change in validation accuracy, decrease in validation loss, the seed's
+counterfactual accuracy contribution when Kasmina measured it, minus a cost per thousand parameters
+added. The weights live in `SimicSettings`. A report that did not measure the accuracy or loss change
+gives no reward at all (unmeasured is not zero): its decision is left out and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from esper.leyline import EsperError, pb
+from esper.simic.settings import SimicSettings
+
+# Keys of `FieldReport.metrics` the reward reads.
+ACCURACY_DELTA = "accuracy_delta"  # validation accuracy at window close minus at the decision
+LOSS_DELTA = "loss_delta"  # validation loss at window close minus at the decision
+PARAM_DELTA = "param_delta"  # parameters added over the window (negative when removed)
+CONTRIBUTION_ACCURACY = "contribution_accuracy"  # accuracy with the seed minus with its alpha forced to 0
+REQUIRED_KEYS: tuple[str, ...] = (ACCURACY_DELTA, LOSS_DELTA)
+
+
+class UnmeasuredOutcome(EsperError):
+    """A field report lacks (or has non-finite) figures the reward needs."""
+
+    def __init__(self, report_id: str, keys: tuple[str, ...]) -> None:
+        self.report_id = report_id
+        self.keys = keys
+        super().__init__(f"field report {report_id} did not measure {', '.join(keys)}")
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A reward and its terms (kept for reporting what the learner was paid for)."""
+
+    total: float
+    accuracy: float
+    loss: float
+    contribution: float
+    param_cost: float
+
+
+def _finite(report: pb.FieldReport, key: str) -> float | None:
+    if key not in report.metrics:
+        return None
+    value = float(report.metrics[key])
+    return value if math.isfinite(value) else None
+
+
+def reward_of(report: pb.FieldReport, settings: SimicSettings) -> Reward:
+    """The reward for the decision `report` closes; `UnmeasuredOutcome` if the outcome was not measured."""
+    missing = tuple(key for key in REQUIRED_KEYS if _finite(report, key) is None)
+    if missing:
+        raise UnmeasuredOutcome(report.report_id, missing)
+    accuracy = settings.reward_accuracy_weight * (_finite(report, ACCURACY_DELTA) or 0.0)
+    loss = -settings.reward_loss_weight * (_finite(report, LOSS_DELTA) or 0.0)
+    measured_contribution = _finite(report, CONTRIBUTION_ACCURACY)
+    contribution = settings.reward_contribution_weight * (measured_contribution or 0.0)
+    params = _finite(report, PARAM_DELTA) or 0.0
+    param_cost = settings.reward_param_cost * params / 1000.0
+    total = accuracy + loss + contribution - param_cost
+    clipped = max(-settings.reward_clip, min(settings.reward_clip, total))
+    return Reward(
+        total=clipped, accuracy=accuracy, loss=loss, contribution=contribution, param_cost=param_cost
+    )

@@ -1,0 +1,63 @@
+"""Simic's settings, resolved once (prefix `SIMIC_`) and passed to every component."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from esper.leyline.settings import StrictSettings
+
+
+class SimicSettings(StrictSettings):
+    """Reward weights, PPO hyperparameters, validation bounds and the rhythm of training rounds."""
+
+    model_config = SettingsConfigDict(env_prefix="SIMIC_")
+
+    # Reward (DESIGN §10: start simple). Per decision, over its observation window.
+    reward_accuracy_weight: float = Field(default=1.0, ge=0, description="x validation accuracy change.")
+    reward_loss_weight: float = Field(default=0.5, ge=0, description="x validation loss decrease.")
+    reward_contribution_weight: float = Field(
+        default=0.5, ge=0, description="x counterfactual accuracy contribution of the seed, when measured."
+    )
+    reward_param_cost: float = Field(
+        default=0.01, ge=0, description="Cost per 1000 parameters added over the window."
+    )
+    reward_clip: float = Field(default=1.0, gt=0, description="Rewards are clipped to [-clip, clip].")
+    # Returns and advantages over the decisions of one run, in step order.
+    gamma: float = Field(default=0.9, ge=0, le=1)
+    gae_lambda: float = Field(default=0.95, ge=0, le=1)
+    # PPO.
+    learning_rate: float = Field(default=3e-4, gt=0)
+    update_epochs: int = Field(default=4, ge=1)
+    minibatch_size: int = Field(default=32, ge=1)
+    clip_coef: float = Field(default=0.2, gt=0, lt=1)
+    value_coef: float = Field(default=0.5, ge=0)
+    entropy_coef: float = Field(default=0.01, ge=0)
+    max_grad_norm: float = Field(default=0.5, gt=0)
+    normalize_advantages: bool = Field(default=True)
+    target_kl: float = Field(
+        default=0.03,
+        gt=0,
+        description="Stop a round's epochs once the action head moved this far (exact KL).",
+    )
+    # Validation before publishing.
+    max_kl: float = Field(default=0.1, gt=0, description="Largest approximate KL from the parent allowed.")
+    holdout_fraction: float = Field(default=0.2, ge=0, lt=1, description="Share of transitions held out.")
+    regression_tolerance: float = Field(
+        default=0.005,
+        ge=0,
+        description="How much worse than the parent the held-out figure may be (reward units, or agreement): "
+        "a candidate that barely moved must not be refused for noise in the last digit.",
+    )
+    min_transitions: int = Field(default=16, ge=2, description="Fewest transitions that make a round.")
+    # Imitation bootstrap from the heuristic's decisions.
+    imitation_epochs: int = Field(default=30, ge=1)
+    imitation_learning_rate: float = Field(default=1e-3, gt=0)
+    # Rounds (`esper simic serve`).
+    round_min_new_reports: int = Field(default=64, ge=1, description="New field reports that start a round.")
+    poll_ms: int = Field(default=500, ge=1, description="How long one poll of the bus blocks.")
+    max_transitions: int = Field(default=20_000, ge=1, description="Newest transitions kept for training.")
+    # Identity and determinism.
+    policy_id: str = Field(default="tamiyo-gnn", min_length=1)
+    seed: int = Field(default=0, ge=0)
+    threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads of the learner.")

@@ -1,0 +1,329 @@
+"""Simic's training rounds: transitions in, a validated and signed policy update out (or a logged refusal).
+
+One round, as a recipe:
+
+1. Graphs: rebuild every decision's graph with the policy's own builder; resolve the recorded choices.
+2. Mode: PPO when there are enough decisions sampled by the GNN itself (on-policy material); otherwise the
+   imitation bootstrap when there are enough heuristic decisions; otherwise the round is skipped.
+3. Split: a held-out share of the decisions is kept away from training, for validation.
+4. Train a *candidate* (a copy of the current policy): `ppo.ppo_update` or `imitation.imitate`.
+5. Validate the candidate against its parent (`validation.validate_candidate`).
+6. Publish: a passing candidate becomes the next version of the lineage (sequence + 1), is signed and
+   published, saved in the state directory, and is the parent of the next round. A failing one is not
+   published; the round's record says why.
+
+Every round appends one JSON line to `lineage.jsonl` in the state directory: mode, versions, sequence,
+counts, training and validation figures, and the reasons a candidate was refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb
+from esper.oona import Bus, Streams, envelope_for
+from esper.simic.imitation import imitate
+from esper.simic.ppo import make_rollout, ppo_update
+from esper.simic.settings import SimicSettings
+from esper.simic.transitions import RecordCollector, TransitionSet, build_samples, drain_bus
+from esper.simic.updates import build_policy_update
+from esper.simic.validation import validate_candidate
+from esper.tamiyo.gnn import TamiyoGNNConfig
+from esper.tamiyo.graph import BlueprintLookup, GraphBuilder
+from esper.tamiyo.policy import GNNPolicy
+from esper.tamiyo.settings import TamiyoSettings
+from esper.tamiyo.updates import read_payload_header
+
+_log = logging.getLogger("esper.simic")
+
+Mode = Literal["auto", "ppo", "imitation"]
+Publisher = Callable[[pb.PolicyUpdate], None]
+
+
+class SimicStateError(EsperError):
+    """The state directory holds something Simic cannot continue from."""
+
+
+@dataclass
+class RoundResult:
+    """What one round did."""
+
+    mode: str
+    published: bool
+    parent_version: str
+    version: str = ""
+    sequence: int = 0
+    transitions: int = 0
+    samples: int = 0
+    on_policy: int = 0
+    heuristic: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    finished_at_ns: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready (NaN figures are written as null: not measured)."""
+        data = asdict(self)
+        data["metrics"] = {k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()}
+        return data
+
+
+class SimicState:
+    """Simic's directory: the current policy (`policy.safetensors`, payload format) and `lineage.jsonl`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.policy_path = root / "policy.safetensors"
+        self.lineage_path = root / "lineage.jsonl"
+
+    def record(self, result: RoundResult) -> None:
+        """Append a round's record."""
+        with open(self.lineage_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(result.to_json(), sort_keys=True) + "\n")
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """Every round's record, oldest first."""
+        if not self.lineage_path.exists():
+            return []
+        with open(self.lineage_path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def save_policy(self, payload: bytes) -> None:
+        """Replace the current policy atomically."""
+        temporary = self.policy_path.with_suffix(".tmp")
+        temporary.write_bytes(payload)
+        temporary.replace(self.policy_path)
+
+    def load_policy(
+        self, settings: TamiyoSettings, config: TamiyoGNNConfig | None = None
+    ) -> tuple[GNNPolicy, int] | None:
+        """The saved policy and its sequence, or None when nothing was published yet."""
+        if not self.policy_path.exists():
+            return None
+        payload = self.policy_path.read_bytes()
+        header = read_payload_header(payload)
+        policy = GNNPolicy(settings, config=config)
+        policy.load_state_bytes(payload)
+        try:
+            sequence = int(header["sequence"])
+        except (KeyError, ValueError) as exc:
+            raise SimicStateError(f"{self.policy_path} has no lineage sequence in its header") from exc
+        return policy, sequence
+
+
+class SimicTrainer:
+    """Trains Tamiyo's policy in rounds and publishes the candidates that pass validation."""
+
+    def __init__(
+        self,
+        settings: SimicSettings,
+        tamiyo_settings: TamiyoSettings,
+        policy: GNNPolicy,
+        secret: bytes,
+        *,
+        sequence: int = 0,
+        publish: Publisher | None = None,
+        state: SimicState | None = None,
+        training_run_id: str = "",
+        clock: Clock = SYSTEM_CLOCK,
+        blueprint_metadata: BlueprintLookup | None = None,
+    ) -> None:
+        self.settings = settings
+        # The catalogue lookup Tamiyo's builder had, so rebuilt graphs see the same blueprint features.
+        self._blueprint_metadata = blueprint_metadata
+        self._tamiyo_settings = tamiyo_settings
+        self.policy = policy
+        self.sequence = sequence
+        self._secret = secret
+        self._publish = publish
+        self._state = state
+        self._training_run_id = training_run_id
+        self._clock = clock
+        self._generator = torch.Generator().manual_seed(settings.seed)
+        self.last_update: pb.PolicyUpdate | None = None
+
+    def run_round(self, transitions: TransitionSet, *, mode: Mode = "auto") -> RoundResult:
+        """One round (see the module docstring); never raises for a refused candidate."""
+        parent = self.policy
+        result = RoundResult(mode="skipped", published=False, parent_version=parent.version)
+        result.transitions = len(transitions.transitions)
+        samples, graph_skips = build_samples(self._new_builder, transitions)  # step 1
+        result.skipped = dict(transitions.skipped + graph_skips)
+        on_policy = [s for s in samples if s.transition.on_policy_material]
+        heuristic = [s for s in samples if not s.transition.on_policy_material]
+        result.samples, result.on_policy, result.heuristic = len(samples), len(on_policy), len(heuristic)
+        enough = self.settings.min_transitions
+        chosen = mode
+        if mode == "auto":  # step 2
+            chosen = (
+                "ppo" if len(on_policy) >= enough else "imitation" if len(heuristic) >= enough else "auto"
+            )
+        pool = on_policy if chosen == "ppo" else heuristic
+        if chosen == "auto" or len(pool) < enough:
+            result.reasons.append(
+                f"not enough transitions: {len(on_policy)} on-policy, {len(heuristic)} heuristic "
+                f"(need {enough} of one kind for mode {mode})"
+            )
+            return self._finish(result)
+        result.mode = chosen
+        candidate = self._copy(parent)
+        train_rows, holdout_rows = self._split(len(pool))  # step 3
+        if chosen == "ppo":
+            rollout = make_rollout(parent, pool, self.settings)
+            stats = ppo_update(
+                candidate, rollout.subset(train_rows), self.settings, generator=self._generator
+            )
+            candidate.load_state_bytes(candidate.state_bytes())  # the version follows the new weights
+            result.metrics.update(stats.as_metrics())
+            report = validate_candidate(
+                parent,
+                candidate,
+                self.settings,
+                graphs=[s.graph for s in pool],
+                training_losses={"policy_loss": stats.policy_loss, "value_loss": stats.value_loss},
+                holdout=rollout.subset(holdout_rows),
+            )
+        else:
+            imitation = imitate(
+                candidate, [pool[i] for i in train_rows], self.settings, generator=self._generator
+            )
+            candidate.load_state_bytes(candidate.state_bytes())
+            result.metrics.update(imitation.as_metrics())
+            report = validate_candidate(
+                parent,
+                candidate,
+                self.settings,
+                graphs=[s.graph for s in pool],
+                training_losses={"loss": imitation.loss, "value_loss": imitation.value_loss},
+                imitation_holdout=[pool[i] for i in holdout_rows],
+                kl_bound=False,  # imitation moves far from its (random) parent on purpose
+            )
+        result.metrics.update(report.metrics)
+        result.version = candidate.version
+        if not report.passed:  # step 5
+            result.reasons.extend(report.reasons)
+            _log.warning(
+                "simic: candidate %s not published: %s", candidate.version, "; ".join(report.reasons)
+            )
+            return self._finish(result)
+        self._release(candidate, result)  # step 6
+        return self._finish(result)
+
+    def _new_builder(self) -> GraphBuilder:
+        return GraphBuilder(
+            self._tamiyo_settings,
+            schema=self.policy.config.schema,
+            blueprint_metadata=self._blueprint_metadata,
+        )
+
+    def _copy(self, policy: GNNPolicy) -> GNNPolicy:
+        copy = GNNPolicy(self._tamiyo_settings, config=policy.config, builder=policy.builder)
+        copy.load_state_bytes(policy.state_bytes())
+        return copy
+
+    def _split(self, size: int) -> tuple[list[int], list[int]]:
+        """Training rows in trajectory order and held-out rows (at least one of each)."""
+        holdout_count = min(size - 1, max(1, round(size * self.settings.holdout_fraction)))
+        order = torch.randperm(size, generator=self._generator).tolist()
+        holdout = sorted(order[:holdout_count])
+        train = sorted(order[holdout_count:])
+        return train, holdout
+
+    def _release(self, candidate: GNNPolicy, result: RoundResult) -> None:
+        sequence = self.sequence + 1
+        update = build_policy_update(
+            candidate,
+            self._secret,
+            parent_version=result.parent_version,
+            sequence=sequence,
+            policy_id=self.settings.policy_id,
+            training_run_id=self._training_run_id,
+            validation_metrics=result.metrics,
+            clock=self._clock,
+        )
+        if self._publish is not None:
+            self._publish(update)
+        if self._state is not None:
+            self._state.save_policy(update.payload)
+        self.policy, self.sequence = candidate, sequence
+        result.published, result.sequence = True, sequence
+        self.last_update = update
+        _log.info(
+            "simic: published %s (sequence %d, parent %s)", candidate.version, sequence, result.parent_version
+        )
+
+    def _finish(self, result: RoundResult) -> RoundResult:
+        result.finished_at_ns = self._clock.wall_ns()
+        if self._state is not None:
+            self._state.record(result)
+        return result
+
+
+def bus_publisher(bus: Bus) -> Publisher:
+    """Publish updates on the policy-update stream of `bus`."""
+
+    def publish(update: pb.PolicyUpdate) -> None:
+        bus.publish(Streams.POLICY_UPDATES, envelope_for(update, pb.MESSAGE_PRIORITY_HIGH))
+
+    return publish
+
+
+def serve(
+    bus: Bus,
+    trainer: SimicTrainer,
+    *,
+    group: str = "simic",
+    consumer: str = "simic-0",
+    should_stop: Callable[[], bool] = lambda: False,
+    max_rounds: int | None = None,
+    on_round: Callable[[RoundResult], None] | None = None,
+) -> list[RoundResult]:
+    """Consume decisions and field reports from the bus and train a round every
+    `round_min_new_reports` new reports, until `should_stop()` or `max_rounds`."""
+    settings = trainer.settings
+    collector = RecordCollector(max_records=settings.max_transitions)
+    results: list[RoundResult] = []
+    reports_at_last_round = 0
+    while not should_stop() and (max_rounds is None or len(results) < max_rounds):
+        drain_bus(bus, collector, group=group, consumer=consumer, block_ms=settings.poll_ms)
+        if collector.report_count - reports_at_last_round < settings.round_min_new_reports:
+            continue
+        reports_at_last_round = collector.report_count
+        result = trainer.run_round(collector.transitions(settings))
+        results.append(result)
+        if on_round is not None:
+            on_round(result)
+    return results
+
+
+def offline_records(
+    bus: Bus, collector: RecordCollector | None = None, *, training_run_id: str = ""
+) -> RecordCollector:
+    """Every decision and field report on `bus` (of one run when `training_run_id` is given), read
+    through a throwaway consumer group that is deleted afterwards."""
+    everything = RecordCollector()
+    group = f"simic-offline-{time.time_ns()}"
+    try:
+        drain_bus(bus, everything, group=group, consumer="simic-offline")
+    finally:
+        for stream in (Streams.DECISIONS, Streams.FIELD_REPORTS):
+            bus.delete_group(stream, group)
+    collector = collector if collector is not None else RecordCollector()
+    collector.extend(
+        message
+        for message in everything.messages()
+        if not training_run_id or message.training_run_id == training_run_id
+    )
+    collector.rejected.update(everything.rejected)
+    return collector

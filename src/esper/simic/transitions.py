@@ -1,0 +1,283 @@
+"""Decision records and field reports -> transitions Simic can learn from.
+
+A decision (`DecisionRecord`: the packet, the factored choice with its behaviour log-probability and
+value, the policy version) is joined with its field report (the measured outcome over the observation
+window) by `command_id`. The reward comes from the report (`reward.py`). Decisions of one training run,
+in step order, form one trajectory; its last decision ends it.
+
+A decision is *on-policy material* (usable by PPO) when the policy that made it sampled from Tamiyo's
+own policy class and recorded per-head log-probabilities. The heuristic's decisions carry no
+log-probability: they serve the imitation bootstrap only. Whatever cannot be used is counted by reason,
+never dropped silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from esper.leyline import EsperError, pb
+from esper.oona import Bus, Streams, open_envelope
+from esper.simic.reward import Reward, UnmeasuredOutcome, reward_of
+from esper.simic.settings import SimicSettings
+from esper.tamiyo.graph import GraphBuilder, TamiyoGraph
+from esper.tamiyo.policy import RELEVANT_HEADS
+from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES
+
+# The command type each action becomes when the risk gates let it through.
+COMMAND_OF_ACTION: dict[int, int] = {
+    pb.POLICY_ACTION_WAIT: pb.COMMAND_WAIT,
+    pb.POLICY_ACTION_GERMINATE: pb.COMMAND_SEED,
+    pb.POLICY_ACTION_FOSSILIZE: pb.COMMAND_SEED,
+    pb.POLICY_ACTION_CULL: pb.COMMAND_SEED,
+    pb.POLICY_ACTION_ADJUST_LR: pb.COMMAND_OPTIMIZER,
+    pb.POLICY_ACTION_PAUSE: pb.COMMAND_PAUSE,
+}
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One decision with its outcome."""
+
+    decision: pb.DecisionRecord
+    report: pb.FieldReport
+    reward: Reward
+    done: bool
+
+    @property
+    def on_policy_material(self) -> bool:
+        """True when the decision was sampled by the GNN with recorded per-head log-probabilities."""
+        choices = self.decision.head_choices
+        return (
+            "action" in choices and "action" in self.decision.head_log_probs and self.decision.log_prob <= 0
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A transition with its graph and the choice as head indices local to that graph."""
+
+    transition: Transition
+    graph: TamiyoGraph
+    choices: dict[str, int]
+
+    @property
+    def reward(self) -> float:
+        """The transition's reward."""
+        return self.transition.reward.total
+
+    @property
+    def old_log_prob(self) -> float:
+        """Behaviour log-probability of the whole factored choice."""
+        return float(self.transition.decision.log_prob)
+
+
+@dataclass
+class TransitionSet:
+    """Transitions, in trajectory order, and what could not be used (reason -> count)."""
+
+    transitions: list[Transition] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+class RecordCollector:
+    """Decisions and field reports as they arrive (any order), joined into transitions on demand.
+
+    Keeps at most `max_records` of each kind (the oldest go first), so a long-running learner is bounded.
+    """
+
+    def __init__(self, max_records: int = 100_000) -> None:
+        self._max = max_records
+        self._decisions: OrderedDict[str, pb.DecisionRecord] = OrderedDict()
+        self._reports: OrderedDict[str, pb.FieldReport] = OrderedDict()
+        self.rejected: Counter[str] = Counter()
+
+    @property
+    def report_count(self) -> int:
+        """Field reports held."""
+        return len(self._reports)
+
+    def add_decision(self, record: pb.DecisionRecord) -> None:
+        """Keep a decision record (the newest copy of a command id wins)."""
+        if not record.command_id:
+            self.rejected["decision_without_command_id"] += 1
+            return
+        self._decisions[record.command_id] = record
+        self._decisions.move_to_end(record.command_id)
+        while len(self._decisions) > self._max:
+            self._decisions.popitem(last=False)
+
+    def add_report(self, report: pb.FieldReport) -> None:
+        """Keep a field report (one per command id; the newest wins)."""
+        self._reports[report.command_id] = report
+        self._reports.move_to_end(report.command_id)
+        while len(self._reports) > self._max:
+            self._reports.popitem(last=False)
+
+    def extend(self, messages: Iterable[pb.DecisionRecord | pb.FieldReport]) -> None:
+        """Add decisions and reports from any iterable (tests, offline files)."""
+        for message in messages:
+            if isinstance(message, pb.DecisionRecord):
+                self.add_decision(message)
+            else:
+                self.add_report(message)
+
+    def messages(self) -> list[pb.DecisionRecord | pb.FieldReport]:
+        """Every record held (decisions first)."""
+        return [*self._decisions.values(), *self._reports.values()]
+
+    def transitions(self, settings: SimicSettings) -> TransitionSet:
+        """Every decision that has its report, as trajectories per run in step order."""
+        result = TransitionSet()
+        runs: dict[str, list[tuple[pb.DecisionRecord, pb.FieldReport, Reward]]] = {}
+        for command_id, decision in self._decisions.items():
+            report = self._reports.get(command_id)
+            if report is None:
+                result.skipped["no_field_report_yet"] += 1
+                continue
+            if decision.final_command_type and decision.final_command_type != COMMAND_OF_ACTION.get(
+                decision.action
+            ):
+                # The risk gates issued something else: the outcome is not the chosen action's to claim.
+                result.skipped["overridden_by_risk_gate"] += 1
+                continue
+            try:
+                reward = reward_of(report, settings)
+            except UnmeasuredOutcome:
+                result.skipped["outcome_not_measured"] += 1
+                continue
+            runs.setdefault(decision.training_run_id, []).append((decision, report, reward))
+        result.skipped["report_without_decision"] = sum(
+            1 for command_id in self._reports if command_id not in self._decisions
+        )
+        for run_id in sorted(runs):
+            steps = sorted(
+                runs[run_id], key=lambda item: (item[0].packet.global_step, item[0].issued_at.ToNanoseconds())
+            )
+            for index, (decision, report, reward) in enumerate(steps):
+                result.transitions.append(
+                    Transition(decision=decision, report=report, reward=reward, done=index == len(steps) - 1)
+                )
+        result.skipped += Counter()  # drops zero counts
+        return result
+
+
+def drain_bus(bus: Bus, collector: RecordCollector, *, group: str, consumer: str, block_ms: int = 0) -> int:
+    """Move every decision record and field report waiting for `group` into `collector`; returns how many.
+
+    Messages are acked once held; a message that does not open as its type is counted in
+    `collector.rejected` and acked (it would never open).
+    """
+    moved = 0
+    for stream, message_type in (
+        (Streams.DECISIONS, pb.DecisionRecord),
+        (Streams.FIELD_REPORTS, pb.FieldReport),
+    ):
+        bus.ensure_group(stream, group, from_beginning=True)
+        wait = block_ms
+        while True:
+            deliveries = bus.consume(stream, group, consumer, count=256, block_ms=wait)
+            wait = 0
+            if not deliveries:
+                break
+            for delivery in deliveries:
+                try:
+                    message = open_envelope(delivery.envelope, message_type)
+                except EsperError as exc:
+                    collector.rejected[f"{message_type.DESCRIPTOR.name}:{type(exc).__name__}"] += 1
+                    continue
+                collector.extend([message])
+                moved += 1
+            bus.ack(stream, group, [d.message_id for d in deliveries])
+    return moved
+
+
+class ChoiceUnresolvable(EsperError):
+    """A recorded choice does not name something of the rebuilt graph."""
+
+    def __init__(self, command_id: str, reason: str) -> None:
+        self.command_id = command_id
+        self.reason = reason
+        super().__init__(f"decision {command_id}: {reason}")
+
+
+def resolve_choices(decision: pb.DecisionRecord, graph: TamiyoGraph) -> dict[str, int]:
+    """The decision's factored choice as head indices local to `graph`, checked against the graph.
+
+    The GNN records `head_choices` directly; for the heuristic they are recovered from the action, slot
+    and blueprint it named (its blend mode and schedule only when recorded).
+    """
+    choices = {str(head): int(index) for head, index in decision.head_choices.items()}
+    if "action" not in choices:
+        if decision.action not in ACTIONS:
+            raise ChoiceUnresolvable(decision.command_id, f"action {decision.action} is not a head option")
+        choices["action"] = ACTIONS.index(decision.action)
+        if decision.slot_id:
+            if decision.slot_id not in graph.slot_ids:
+                raise ChoiceUnresolvable(
+                    decision.command_id, f"slot {decision.slot_id!r} is not in the graph"
+                )
+            choices["slot"] = graph.slot_ids.index(decision.slot_id)
+        if decision.blueprint_id and decision.action == pb.POLICY_ACTION_GERMINATE:
+            if decision.blueprint_id not in graph.blueprint_ids:
+                raise ChoiceUnresolvable(
+                    decision.command_id, f"blueprint {decision.blueprint_id!r} is not in the graph"
+                )
+            choices["blueprint"] = graph.blueprint_ids.index(decision.blueprint_id)
+    action = choices["action"]
+    if not 0 <= action < len(ACTIONS) or not bool(graph.action_mask[0, action]):
+        raise ChoiceUnresolvable(decision.command_id, f"action index {action} is not legal in the graph")
+    limits = {
+        "slot": len(graph.slot_ids),
+        "blueprint": len(graph.blueprint_ids),
+        "blend": len(BLEND_MODES),
+        "schedule": len(ALPHA_RAMP_STEPS),
+    }
+    for head in RELEVANT_HEADS[action]:
+        if head == "action" or head not in choices:
+            continue
+        if head in limits and not 0 <= choices[head] < limits[head]:
+            raise ChoiceUnresolvable(decision.command_id, f"{head} index {choices[head]} is out of range")
+    for head in ("slot", "blueprint"):
+        if head in RELEVANT_HEADS[action] and head not in choices:
+            raise ChoiceUnresolvable(decision.command_id, f"the action needs a {head} and none was recorded")
+    if "slot" in RELEVANT_HEADS[action] and not bool(graph.slot_action_mask[choices["slot"], action]):
+        raise ChoiceUnresolvable(
+            decision.command_id, f"slot index {choices['slot']} is illegal for the action"
+        )
+    return choices
+
+
+def build_samples(
+    new_builder: Callable[[], GraphBuilder], transitions: TransitionSet
+) -> tuple[list[Sample], Counter[str]]:
+    """Graphs for every transition, rebuilt the way Tamiyo built them when it decided.
+
+    Tamiyo's builder normalises each packet with running statistics that start fresh with the run (those
+    of the run's earlier packets); so does this, with one fresh builder per run fed its packets in step
+    order.
+    The graphs then match the ones the behaviour log-probabilities were computed on (decisions without a
+    report, which are not here, shift the statistics slightly).
+    """
+    samples: list[Sample] = []
+    skipped: Counter[str] = Counter()
+    builders: dict[str, GraphBuilder] = {}
+    for transition in transitions.transitions:
+        decision = transition.decision
+        builder = builders.setdefault(decision.training_run_id, new_builder())
+        try:
+            graph = builder.build(decision.packet, update_stats=True)
+            choices = resolve_choices(decision, graph)
+        except ChoiceUnresolvable:
+            skipped["choice_not_in_graph"] += 1
+            continue
+        except EsperError as exc:
+            skipped[f"graph:{type(exc).__name__}"] += 1
+            continue
+        if transition.on_policy_material and not math.isfinite(decision.log_prob):
+            skipped["log_prob_not_finite"] += 1
+            continue
+        samples.append(Sample(transition=transition, graph=graph, choices=choices))
+    return samples, skipped

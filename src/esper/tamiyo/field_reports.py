@@ -1,0 +1,328 @@
+"""Field-report lifecycle (P9): one observation window per decision, one report when it closes.
+
+Every decision opens a window keyed by its command id, at the packet's epoch, with the packet's validation
+accuracy, loss and parameter count as baseline; the decision record (packet, behaviour log-probability,
+value, head choices) is stored in the same transaction. Later packets reach Tamiyo through
+`evaluate_step`; a packet at epoch >= start + N (`TAMIYO_FR_OBS_WINDOW_EPOCHS`) closes the window with a
+report `fr-synth-<uuid>`: the outcome judged from the accuracy and loss change over the window, the
+parameter cost, the seed's counterfactual contribution when Kasmina measured it, and
+`observation_window_epochs = N`. Windows live in the store, so a restarted service resumes them; at the end
+of a run the windows still open close as ABORTED.
+
+`FieldReports` bundles the lifecycle with the outbox and its publisher thread for the service.
+"""
+
+from __future__ import annotations
+
+import queue
+import uuid
+from collections.abc import Mapping
+
+from esper.leyline import Clock, pb, short_name
+from esper.oona import Bus
+from esper.tamiyo.outbox import FieldReportOutbox, OutboxMetrics, OutboxPublisher
+from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.settings import TamiyoSettings
+from esper.tamiyo.store import ObservationWindow, StoreError, TamiyoStore
+from esper.tamiyo.telemetry import TamiyoTelemetry
+
+SYNTH_PREFIX = "fr-synth-"
+_OUTCOME_NAMES = {
+    pb.FIELD_REPORT_OUTCOME_SUCCESS: "SUCCESS",
+    pb.FIELD_REPORT_OUTCOME_NEUTRAL: "NEUTRAL",
+    pb.FIELD_REPORT_OUTCOME_REGRESSION: "REGRESSION",
+    pb.FIELD_REPORT_OUTCOME_ABORTED: "ABORTED",
+}
+
+
+def new_report_id() -> str:
+    """A report id that is unique for ever (random, never a counter that a restart could reset)."""
+    return f"{SYNTH_PREFIX}{uuid.uuid4().hex}"
+
+
+def judge_outcome(accuracy_delta: float, loss_delta_frac: float | None, settings: TamiyoSettings) -> int:
+    """REGRESSION if accuracy fell or loss rose past the thresholds, SUCCESS on a clear gain, else NEUTRAL."""
+    if accuracy_delta <= -settings.fr_regression_accuracy_drop or (
+        loss_delta_frac is not None and loss_delta_frac >= settings.fr_regression_loss_rise
+    ):
+        return int(pb.FIELD_REPORT_OUTCOME_REGRESSION)
+    if accuracy_delta >= settings.fr_success_accuracy_gain:
+        return int(pb.FIELD_REPORT_OUTCOME_SUCCESS)
+    return int(pb.FIELD_REPORT_OUTCOME_NEUTRAL)
+
+
+def _param_count(packet: pb.SystemStatePacket) -> float | None:
+    value = packet.training_metrics.get("param_count")
+    return None if value is None else float(value)
+
+
+def _seed_state(packet: pb.SystemStatePacket, slot_id: str) -> pb.SeedState | None:
+    if not slot_id:
+        return None
+    return next((state for state in packet.seed_states if state.slot_id == slot_id), None)
+
+
+class FieldReportLifecycle:
+    """Opens a window per decision, closes due windows into reports, aborts what is open at the end."""
+
+    def __init__(self, settings: TamiyoSettings, store: TamiyoStore, clock: Clock) -> None:
+        self._settings = settings
+        self._store = store
+        self._clock = clock
+
+    # -- decisions ----------------------------------------------------------------------------------
+
+    def record_decision(
+        self,
+        packet: pb.SystemStatePacket,
+        command: pb.AdaptationCommand,
+        *,
+        proposal: Proposal,
+        final: Proposal,
+        risk_reason: str,
+        policy_version: str,
+    ) -> ObservationWindow:
+        """Store the decision record and open its window (one transaction); returns the window.
+
+        `proposal` is what the policy chose (its log-probability is the behaviour policy's), `final` what
+        the risk gates made of it and `command` what was issued.
+        """
+        record = pb.DecisionRecord(
+            decision_id=f"dec-{command.command_id.removeprefix('cmd-')}",
+            command_id=command.command_id,
+            training_run_id=packet.training_run_id,
+            action=proposal.action,
+            log_prob=proposal.log_prob,
+            value_estimate=proposal.value,
+            policy_version=policy_version,
+            final_command_type=command.command_type,
+            risk_reason=risk_reason,
+            slot_id=proposal.slot_id,
+            blueprint_id=proposal.blueprint_id,
+        )
+        record.packet.CopyFrom(packet)
+        record.issued_at.CopyFrom(command.issued_at)
+        record.head_choices.update(proposal.head_choices)
+        record.head_log_probs.update(proposal.head_log_probs)
+        seed_op = command.seed_operation if command.HasField("seed_operation") else None
+        window = ObservationWindow(
+            command_id=command.command_id,
+            training_run_id=packet.training_run_id,
+            start_epoch=packet.current_epoch,
+            window_epochs=self._settings.fr_obs_window_epochs,
+            opened_at_ns=self._clock.wall_ns(),
+            policy_version=policy_version,
+            action=final.action,
+            command_type=command.command_type,
+            slot_id=seed_op.slot_id if seed_op else "",
+            seed_id=command.target_seed_id,
+            blueprint_id=seed_op.blueprint_id if seed_op else "",
+            baseline_accuracy=packet.validation_accuracy,
+            baseline_loss=packet.validation_loss,
+            baseline_params=_param_count(packet),
+        )
+        self._store.record_decision(record, window)
+        return window
+
+    # -- closing windows ----------------------------------------------------------------------------
+
+    def observe(self, packet: pb.SystemStatePacket) -> list[pb.FieldReport]:
+        """Close every window of the packet's run that its epoch completes; returns the reports written."""
+        reports = []
+        for window in self._store.due_windows(packet.training_run_id, packet.current_epoch):
+            report = self.synthesise(window, packet)
+            self._store.close_window(window.command_id, report)
+            reports.append(report)
+        return reports
+
+    def synthesise(self, window: ObservationWindow, packet: pb.SystemStatePacket) -> pb.FieldReport:
+        """The report of `window` as measured by `packet`."""
+        metrics: dict[str, float] = {
+            "baseline_accuracy": window.baseline_accuracy,
+            "final_accuracy": packet.validation_accuracy,
+            "accuracy_delta": packet.validation_accuracy - window.baseline_accuracy,
+            "baseline_loss": window.baseline_loss,
+            "final_loss": packet.validation_loss,
+            "loss_delta": packet.validation_loss - window.baseline_loss,
+            "epochs_observed": float(packet.current_epoch - window.start_epoch),
+        }
+        loss_frac = None
+        if window.baseline_loss > 0:
+            loss_frac = metrics["loss_delta"] / window.baseline_loss
+            metrics["loss_delta_frac"] = loss_frac
+        params = _param_count(packet)
+        if params is not None and window.baseline_params is not None:
+            metrics["param_delta"] = params - window.baseline_params
+            if window.baseline_params > 0:
+                metrics["param_growth_frac"] = metrics["param_delta"] / window.baseline_params
+        seed_id = window.seed_id
+        state = _seed_state(packet, window.slot_id)
+        if state is not None:
+            if state.metrics.get("contribution_measured") == 1.0:
+                for key in ("contribution_accuracy", "contribution_loss"):
+                    if key in state.metrics:
+                        metrics[key] = float(state.metrics[key])
+            if window.action == pb.POLICY_ACTION_GERMINATE and state.blueprint_id:
+                seed_id = state.seed_id  # the seed this germination created
+        outcome = judge_outcome(metrics["accuracy_delta"], loss_frac, self._settings)
+        return self._report(window, outcome, metrics, seed_id, notes="")
+
+    def abort_open(self, reason: str, training_run_id: str | None = None) -> list[pb.FieldReport]:
+        """Close every open window (of one run, or all) as ABORTED with `reason`."""
+        reports = []
+        for window in self._store.open_windows(training_run_id):
+            metrics = {"baseline_accuracy": window.baseline_accuracy, "baseline_loss": window.baseline_loss}
+            report = self._report(window, pb.FIELD_REPORT_OUTCOME_ABORTED, metrics, window.seed_id, reason)
+            self._store.close_window(window.command_id, report)
+            reports.append(report)
+        return reports
+
+    def _report(
+        self, window: ObservationWindow, outcome: int, metrics: dict[str, float], seed_id: str, notes: str
+    ) -> pb.FieldReport:
+        report = pb.FieldReport(
+            report_id=new_report_id(),
+            command_id=window.command_id,
+            training_run_id=window.training_run_id,
+            seed_id=seed_id,
+            blueprint_id=window.blueprint_id,
+            outcome=outcome,
+            observation_window_epochs=window.window_epochs,
+            tamiyo_policy_version=window.policy_version,
+            action=window.action,
+            notes=notes,
+        )
+        report.metrics.update(metrics)
+        report.issued_at.FromNanoseconds(self._clock.wall_ns())
+        return report
+
+
+class FieldReports:
+    """What the service holds: the lifecycle, the outbox and its publisher thread, and their telemetry.
+
+    Events raised on the publisher thread are queued and emitted on the service's thread by
+    `emit_pending`, so the telemetry buffer is only ever touched by one thread.
+    """
+
+    def __init__(
+        self,
+        settings: TamiyoSettings,
+        store: TamiyoStore,
+        bus: Bus | None,
+        clock: Clock,
+        telemetry: TamiyoTelemetry,
+        *,
+        policy_version: str,
+        background: bool = True,
+    ) -> None:
+        self.store = store
+        self.lifecycle = FieldReportLifecycle(settings, store, clock)
+        self._telemetry = telemetry
+        self._queued: queue.SimpleQueue[tuple[str, str, dict[str, str]]] = queue.SimpleQueue()
+        self.metrics = OutboxMetrics(telemetry.registry)
+        retention = store.apply_retention(settings.retention_days)
+        store.record_policy_version(policy_version, "service start")
+        self.outbox: FieldReportOutbox | None = None
+        self._publisher: OutboxPublisher | None = None
+        if bus is None:
+            pending = store.pending_count("field_report")
+            self.metrics.pending.set(pending)
+            telemetry.emit(
+                "field_report_outbox_unwired",
+                f"no bus wired: field reports are stored in {store.path} and wait there ({pending} pending)",
+                path=str(store.path),
+            )
+        else:
+            self.outbox = FieldReportOutbox(
+                store, bus, settings, clock, metrics=self.metrics, events=self._queue_event
+            )
+            if background:
+                self._publisher = OutboxPublisher(
+                    self.outbox, self._queue_event, poll_s=settings.fr_outbox_poll_ms / 1000
+                )
+        if retention.field_reports or retention.decisions:
+            telemetry.emit(
+                "tamiyo_store_retention",
+                f"retention removed {retention.field_reports} reports and {retention.decisions} decisions "
+                f"older than {settings.retention_days:g} days",
+                removed_reports=str(retention.field_reports),
+            )
+
+    def _queue_event(self, name: str, description: str, attributes: Mapping[str, str]) -> None:
+        self._queued.put((name, description, dict(attributes)))
+
+    def after_decision(
+        self,
+        packet: pb.SystemStatePacket,
+        command: pb.AdaptationCommand,
+        *,
+        proposal: Proposal,
+        final: Proposal,
+        risk_reason: str,
+        policy_version: str,
+    ) -> list[pb.FieldReport]:
+        """Close the windows this packet completes, record the decision, wake the publisher.
+
+        A store failure is a `StoreError` (with an ERROR event): the decision was not recorded.
+        """
+        try:
+            reports = self.lifecycle.observe(packet)
+            self.lifecycle.record_decision(
+                packet,
+                command,
+                proposal=proposal,
+                final=final,
+                risk_reason=risk_reason,
+                policy_version=policy_version,
+            )
+        except StoreError as exc:
+            self._telemetry.emit("tamiyo_store_write_failed", str(exc), path=str(exc.path))
+            raise
+        self._announce(reports)
+        if self._publisher is not None:
+            self._publisher.notify()
+        return reports
+
+    def _announce(self, reports: list[pb.FieldReport]) -> None:
+        for report in reports:
+            outcome = _OUTCOME_NAMES.get(report.outcome, str(report.outcome))
+            self._telemetry.emit(
+                "field_report_synthesised",
+                f"{report.report_id} for {report.command_id}: {outcome} over "
+                f"{report.observation_window_epochs} epoch(s) "
+                f"({short_name(pb.PolicyAction, report.action) if report.action else 'no action'})",
+                report_id=report.report_id,
+                command_id=report.command_id,
+                outcome=outcome,
+            )
+
+    def emit_pending(self) -> None:
+        """Emit the events the publisher thread queued, and the outbox figures, on this thread."""
+        while True:
+            try:
+                name, description, attributes = self._queued.get_nowait()
+            except queue.Empty:
+                break
+            self._telemetry.emit(name, description, **attributes)
+        for name, value in self.metrics.values().items():
+            self._telemetry.metric(name, value)
+
+    def close(self, *, abort_open_windows: bool) -> None:
+        """Stop the publisher; close open windows as ABORTED (end of run) or leave them to resume; publish
+        what is due one last time. The store stays open (its owner closes it)."""
+        try:
+            if self._publisher is not None:
+                self._publisher.close()
+            if abort_open_windows:
+                try:
+                    self._announce(self.lifecycle.abort_open("run ended before the window closed"))
+                except StoreError as exc:
+                    self._telemetry.emit("tamiyo_store_write_failed", str(exc), path=str(exc.path))
+                    raise
+            if self.outbox is not None:
+                # Full batches published: more may be due. A failed pass leaves the rest pending on disk.
+                draining = True
+                while draining:
+                    draining = self.outbox.pump().published >= self.outbox.batch
+        finally:
+            self.emit_pending()

@@ -1,0 +1,528 @@
+"""Policy-update intake (P3): verify, validate, load into a candidate, swap in one step, roll back.
+
+An update is checked in this order, cheapest and least trusting first: contract (required fields),
+signature, freshness and replay (`SignatureVerifier`), version strictly newer than the serving one
+(`sequence`), architecture and registry compatibility, payload hash, payload format (safetensors only: a
+pickle is refused before anything reads it), the lineage written in the payload's own header, and finally
+loading the weights into a *candidate* policy that shares the serving policy's graph builder. The
+candidate must produce finite outputs on a probe graph; only then does the service swap it in, between two
+decisions, in one assignment.
+
+After a swap the new policy is on probation for its first `update_probation_decisions` decisions: a
+decision that fails (an inference error, or a miss of the hard inference deadline) counts against it, and
+`update_probation_max_failures` of them roll the service back to the previous policy. (A decision whose
+signing and bookkeeping ran past the budget after a timely inference is the service's `step_over_budget`
+warning, not the policy's failure.) Accepted weights can be archived, so a resumed run restores them. Every
+rejection and every rollback is an event with its reason and a metric (`tamiyo_policy_updates`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from prometheus_client import Counter, Gauge
+
+from esper.leyline import (
+    SYSTEM_CLOCK,
+    Clock,
+    ContractViolation,
+    EsperError,
+    MalformedMessage,
+    SignatureError,
+    SignatureVerifier,
+    parse,
+    pb,
+    validate_policy_update,
+)
+from esper.oona import Bus, Streams
+from esper.tamiyo.gnn import ARCHITECTURE_VERSION, TamiyoGNNConfig
+from esper.tamiyo.graph import TAMIYO_SCHEMA
+from esper.tamiyo.policy import HEADS, CheckpointIncompatible, GNNPolicy
+from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, Policy
+from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.settings import TamiyoSettings
+from esper.tamiyo.telemetry import EVENTS, EventSpec
+
+# The intake's events, declared in Tamiyo's one event table (level and priority decided here once).
+EVENTS.update(
+    {
+        "policy_update_accepted": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
+        "policy_update_rejected": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
+        "policy_rolled_back": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
+    }
+)
+
+# Keys of the JSON header a `PolicyUpdate` payload carries besides the architecture header of the policy.
+LINEAGE_KEYS: tuple[str, ...] = ("tamiyo_policy_version", "parent_version", "sequence", "registry_digest")
+_PICKLE_PROTOCOLS = range(2, 6)
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive: a pickle inside a zip
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class PolicyUpdateRejected(EsperError):
+    """An update was refused; `reason` is a short machine-readable code, `detail` says why."""
+
+    def __init__(self, reason: str, detail: str, *, version: str = "", sequence: int = 0) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.version = version
+        self.sequence = sequence
+        super().__init__(
+            f"policy update {version or '?'} (sequence {sequence}) rejected ({reason}): {detail}"
+        )
+
+
+def policy_registry_digest(config: TamiyoGNNConfig) -> str:
+    """Digest of everything that gives the policy's outputs their meaning.
+
+    The graph schema (node types, features, relations) and the registries of the heads: actions, blend
+    modes, ramp lengths, lr factors. Weights trained against another registry would pick other things.
+    """
+    body = {
+        "schema": config.schema.digest,
+        "heads": list(HEADS),
+        "actions": list(ACTIONS),
+        "blend_modes": list(BLEND_MODES),
+        "alpha_ramp_steps": list(ALPHA_RAMP_STEPS),
+        "lr_factors": list(LR_FACTORS),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_payload_header(payload: bytes) -> dict[str, str]:
+    """The JSON header of a safetensors payload; a pickle or anything else is `PolicyUpdateRejected`.
+
+    Nothing here unpickles or executes anything: the bytes are inspected, and only a well-formed
+    safetensors header is parsed (as JSON).
+    """
+    if len(payload) >= 2 and payload[0] == 0x80 and payload[1] in _PICKLE_PROTOCOLS:
+        raise PolicyUpdateRejected("pickle_payload", f"payload is a pickle (protocol {payload[1]})")
+    if payload.startswith(_ZIP_MAGIC):
+        raise PolicyUpdateRejected("pickle_payload", "payload is a torch.save archive (pickle inside)")
+    if len(payload) < 8:
+        raise PolicyUpdateRejected("not_safetensors", f"payload of {len(payload)} bytes has no header")
+    length = int.from_bytes(payload[:8], "little")
+    if length == 0 or length > min(len(payload) - 8, _MAX_HEADER_BYTES):
+        raise PolicyUpdateRejected("not_safetensors", f"header length {length} does not fit the payload")
+    try:
+        document = json.loads(payload[8 : 8 + length])
+        metadata = document.get("__metadata__", {})
+        header = json.loads(metadata.get("header", "null"))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise PolicyUpdateRejected("not_safetensors", f"header is not safetensors JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise PolicyUpdateRejected("not_safetensors", "safetensors metadata carries no policy header")
+    return {str(key): str(value) for key, value in header.items()}
+
+
+class PolicyLineage(Protocol):
+    """Where the succession of serving versions is recorded (Tamiyo's store implements it)."""
+
+    def record_policy_version(self, version: str, source: str) -> bool:
+        """Make `version` current; False if it already is."""
+        ...
+
+
+@dataclass(frozen=True)
+class ServingPolicy:
+    """What is deciding now and where it came from."""
+
+    version: str
+    sequence: int
+    parent_version: str = ""
+    policy_id: str = ""
+
+
+@dataclass
+class _Probation:
+    previous: Policy
+    previous_serving: ServingPolicy
+    remaining: int
+    failures: list[str] = field(default_factory=list)
+
+
+Candidate = Callable[[Policy], GNNPolicy]
+
+
+class PolicyUpdateIntake:
+    """Receives policy updates for one `TamiyoService` and swaps them in transactionally (P3).
+
+    Use `evaluate_step` as the controller's entry point: it polls the feed (between decisions, outside
+    the decision's deadline), decides with the service, and keeps the probation of a fresh policy.
+    """
+
+    def __init__(
+        self,
+        service: TamiyoService,
+        policy: Policy,
+        secret: bytes,
+        settings: TamiyoSettings,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        feed: PolicyUpdateFeed | None = None,
+        sequence: int = 0,
+        config: TamiyoGNNConfig | None = None,
+        clock_skew_s: float = 5.0,
+        archive: Path | None = None,
+        lineage: PolicyLineage | None = None,
+    ) -> None:
+        self._service = service
+        self._archive = archive
+        self._lineage = lineage
+        self._policy = policy  # the policy the service decides with (swapped together with it)
+        self._settings = settings
+        self._clock = clock
+        self._feed = feed
+        self._config = config or TamiyoGNNConfig(schema=TAMIYO_SCHEMA)
+        self._verifier = SignatureVerifier(
+            secret, freshness_s=settings.update_freshness_s, future_skew_s=clock_skew_s, clock=clock
+        )
+        self.serving = ServingPolicy(version=service.policy_version, sequence=sequence)
+        # The highest sequence ever accepted: a rolled-back update is not taken again.
+        self._watermark = sequence
+        self._probation: _Probation | None = None
+        registry = service.telemetry.registry
+        self.updates = Counter(
+            "tamiyo_policy_updates",
+            "Policy updates by outcome (accepted, rejected, rolled_back) and reason",
+            ["outcome", "reason"],
+            registry=registry,
+        )
+        self.sequence_gauge = Gauge(
+            "tamiyo_policy_sequence", "Sequence of the policy deciding now", registry=registry
+        )
+        self.sequence_gauge.set(sequence)
+
+    @property
+    def policy(self) -> Policy:
+        """The policy deciding now."""
+        return self._policy
+
+    @property
+    def on_probation(self) -> bool:
+        """True while a freshly swapped-in policy is still being watched."""
+        return self._probation is not None
+
+    # -- intake -------------------------------------------------------------------------------------
+
+    def offer(self, update: pb.PolicyUpdate) -> ServingPolicy:
+        """Check `update`, load it into a candidate and swap it in; `PolicyUpdateRejected` otherwise.
+
+        The serving policy is untouched by a rejection. Every outcome is an event and a metric.
+        """
+        try:
+            candidate = self._candidate(update)
+        except PolicyUpdateRejected as exc:
+            self._reject(exc)
+            raise
+        previous = self._service.swap_policy(candidate)
+        self._policy = candidate
+        previous_serving = self.serving
+        self.serving = ServingPolicy(
+            version=candidate.version,
+            sequence=update.sequence,
+            parent_version=update.parent_version,
+            policy_id=update.policy_id,
+        )
+        self._watermark = update.sequence
+        self._remember(candidate.version, bytes(update.payload), f"policy update {update.sequence}")
+        self._probation = _Probation(
+            previous=previous,
+            previous_serving=previous_serving,
+            remaining=self._settings.update_probation_decisions,
+        )
+        self.updates.labels(outcome="accepted", reason="ok").inc()
+        self.sequence_gauge.set(update.sequence)
+        self._service.telemetry.metric("tamiyo.policy.sequence", float(update.sequence))
+        self._service.telemetry.emit(
+            "policy_update_accepted",
+            f"policy {candidate.version} (sequence {update.sequence}, parent {update.parent_version or '-'}) "
+            f"replaces {previous_serving.version}",
+            version=candidate.version,
+            sequence=str(update.sequence),
+            previous=previous_serving.version,
+        )
+        return self.serving
+
+    def offer_bytes(self, data: bytes) -> ServingPolicy:
+        """`offer` for an update still in its wire form (a malformed one is rejected with a reason)."""
+        try:
+            update = parse(pb.PolicyUpdate, data)
+        except MalformedMessage as exc:
+            rejected = PolicyUpdateRejected("malformed", exc.reason)
+            self._reject(rejected)
+            raise rejected from exc
+        return self.offer(update)
+
+    def _candidate(self, update: pb.PolicyUpdate) -> GNNPolicy:
+        version, sequence = update.tamiyo_policy_version, int(update.sequence)
+
+        def rejected(reason: str, detail: str) -> PolicyUpdateRejected:
+            return PolicyUpdateRejected(reason, detail, version=version, sequence=sequence)
+
+        try:
+            validate_policy_update(update)
+        except ContractViolation as exc:
+            raise rejected("malformed", str(exc)) from exc
+        try:
+            self._verifier.verify(update)
+        except SignatureError as exc:
+            raise rejected(exc.reason, exc.detail) from exc
+        if sequence <= self._watermark:
+            raise rejected("not_newer", f"sequence {sequence} is not newer than {self._watermark}")
+        if version == self.serving.version:
+            raise rejected("not_newer", f"version {version} is already serving")
+        if update.architecture_version != ARCHITECTURE_VERSION:
+            raise rejected(
+                "architecture_mismatch",
+                f"update is for {update.architecture_version!r}, this Tamiyo runs {ARCHITECTURE_VERSION!r}",
+            )
+        expected_registry = policy_registry_digest(self._config)
+        if update.registry_digest != expected_registry:
+            raise rejected(
+                "registry_mismatch",
+                f"registry digest {update.registry_digest!r}, this Tamiyo has {expected_registry!r}",
+            )
+        digest = hashlib.sha256(update.payload).hexdigest()
+        if digest != update.payload_sha256:
+            raise rejected("payload_hash_mismatch", f"payload hashes to {digest}, update says so differently")
+        try:
+            header = read_payload_header(update.payload)
+        except PolicyUpdateRejected as exc:
+            raise rejected(exc.reason, exc.detail) from exc
+        claimed = {
+            "tamiyo_policy_version": version,
+            "parent_version": update.parent_version,
+            "sequence": str(sequence),
+            "registry_digest": update.registry_digest,
+        }
+        for key, value in claimed.items():
+            if header.get(key) != value:
+                raise rejected(
+                    "header_mismatch", f"payload header {key}={header.get(key)!r}, update {value!r}"
+                )
+        candidate = self._new_candidate()
+        try:
+            candidate.load_state_bytes(bytes(update.payload))
+        except CheckpointIncompatible as exc:
+            raise rejected("architecture_mismatch", str(exc)) from exc
+        except Exception as exc:  # any failure to load is a rejection with its reason
+            raise rejected("load_failed", f"{type(exc).__name__}: {exc}") from exc
+        if candidate.version != version:
+            raise rejected("version_mismatch", f"weights are {candidate.version}, update claims {version}")
+        self._check_candidate(candidate, rejected)
+        return candidate
+
+    def _new_candidate(self) -> GNNPolicy:
+        serving = self._policy
+        if isinstance(serving, GNNPolicy):
+            return GNNPolicy(self._settings, config=serving.config, builder=serving.builder)
+        return GNNPolicy(self._settings, config=self._config)
+
+    @staticmethod
+    def _check_candidate(candidate: GNNPolicy, rejected: Callable[[str, str], PolicyUpdateRejected]) -> None:
+        try:
+            candidate.warm_up()
+            if not all(bool(torch.isfinite(p).all()) for p in candidate.module.parameters()):
+                raise rejected("candidate_invalid", "weights are not finite")
+        except PolicyUpdateRejected:
+            raise
+        except Exception as exc:  # a candidate that cannot run is rejected, never swapped in
+            raise rejected("candidate_invalid", f"probe run failed: {type(exc).__name__}: {exc}") from exc
+
+    def _reject(self, exc: PolicyUpdateRejected) -> None:
+        self.updates.labels(outcome="rejected", reason=exc.reason).inc()
+        self._service.telemetry.emit(
+            "policy_update_rejected",
+            exc.detail,
+            reason=exc.reason,
+            version=exc.version,
+            sequence=str(exc.sequence),
+            serving=self.serving.version,
+        )
+
+    # -- deciding, probation and rollback ----------------------------------------------------------
+
+    def poll(self) -> list[ServingPolicy | PolicyUpdateRejected]:
+        """Take every update waiting on the feed; each is accepted or rejected (never raised here)."""
+        if self._feed is None:
+            return []
+        outcomes: list[ServingPolicy | PolicyUpdateRejected] = []
+        # Newest first: a Tamiyo that fell behind jumps to the latest valid update in one swap.
+        fetched = sorted(
+            self._feed.fetch(),
+            key=lambda item: -1 if isinstance(item, PolicyUpdateRejected) else -item.sequence,
+        )
+        for item in fetched:
+            try:
+                if isinstance(item, PolicyUpdateRejected):
+                    self._reject(item)
+                    outcomes.append(item)
+                else:
+                    outcomes.append(self.offer(item))
+            except PolicyUpdateRejected as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
+        """Poll for updates, then decide with the service; a policy that fails its probation is rolled
+        back (the failed decision's error still reaches the caller)."""
+        self.poll()
+        try:
+            command = self._service.evaluate_step(packet)
+        except (ContractViolation, MalformedMessage):
+            raise  # the packet's fault, not the policy's
+        except Exception as exc:
+            self._judge(f"{type(exc).__name__}: {exc}")
+            raise
+        self._judge("")
+        return command
+
+    def _judge(self, failure: str) -> None:
+        probation = self._probation
+        if probation is None:
+            return
+        if failure:
+            probation.failures.append(failure)
+        probation.remaining -= 1
+        if len(probation.failures) >= self._settings.update_probation_max_failures:
+            self.rollback("; ".join(probation.failures))
+        elif probation.remaining <= 0:
+            self._probation = None
+
+    def rollback(self, reason: str) -> ServingPolicy:
+        """Put the policy that served before the last swap back (an event and a metric)."""
+        probation = self._probation
+        if probation is None:
+            raise EsperError("no swapped-in policy to roll back")
+        failed = self.serving
+        self._service.swap_policy(probation.previous)
+        self._policy = probation.previous
+        self.serving = probation.previous_serving
+        self._remember(self.serving.version, None, f"rollback from {failed.version}")
+        self._probation = None
+        self.updates.labels(outcome="rolled_back", reason="probation_failed").inc()
+        self.sequence_gauge.set(self.serving.sequence)
+        self._service.telemetry.emit(
+            "policy_rolled_back",
+            f"policy {failed.version} (sequence {failed.sequence}) failed its probation: {reason}; "
+            f"{self.serving.version} serves again",
+            version=failed.version,
+            sequence=str(failed.sequence),
+            restored=self.serving.version,
+            reason=reason,
+        )
+        return self.serving
+
+    def _remember(self, version: str, payload: bytes | None, source: str) -> None:
+        """Keep accepted weights in the archive (so a resumed run can load them) and extend the lineage."""
+        if payload is not None and self._archive is not None:
+            self._archive.mkdir(parents=True, exist_ok=True)
+            path = self._archive / f"{version}.safetensors"
+            temporary = path.with_suffix(".tmp")
+            temporary.write_bytes(payload)
+            temporary.replace(path)
+        if self._lineage is not None:
+            self._lineage.record_policy_version(version, source)
+
+    def export_state(self) -> dict[str, Any]:
+        """The serving policy's run state plus the lineage (saved with the trainer's checkpoints)."""
+        state = getattr(self._policy, "state", None)
+        return {
+            "policy": state() if callable(state) else {},
+            "serving": {
+                "version": self.serving.version,
+                "sequence": self.serving.sequence,
+                "parent_version": self.serving.parent_version,
+                "policy_id": self.serving.policy_id,
+            },
+            "watermark": self._watermark,
+        }
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from `export_state()`.
+
+        A resumed run (a fresh process still on older weights) gets the checkpoint's weights back from the
+        archive. A trainer rollback in a process that has since swapped in a *newer* policy keeps the newer
+        one: the lineage only moves forward; only a policy at the checkpoint's version restores its sampler.
+        """
+        serving = dict(state["serving"])
+        version, sequence = str(serving["version"]), int(serving["sequence"])
+        if sequence < self.serving.sequence:
+            return
+        if version != self._policy.version:
+            path = self._archive / f"{version}.safetensors" if self._archive is not None else None
+            if path is None or not path.is_file():
+                raise PolicyUpdateRejected(
+                    "not_archived",
+                    f"the checkpoint was taken under {version}, whose weights are not archived",
+                    version=version,
+                    sequence=sequence,
+                )
+            candidate = self._new_candidate()
+            candidate.load_state_bytes(path.read_bytes())
+            self._service.swap_policy(candidate)
+            self._policy = candidate
+        self.serving = ServingPolicy(
+            version=version,
+            sequence=sequence,
+            parent_version=str(serving["parent_version"]),
+            policy_id=str(serving["policy_id"]),
+        )
+        self._watermark = max(self._watermark, int(state["watermark"]))
+        self._probation = None
+        self.sequence_gauge.set(self.serving.sequence)
+        restore = getattr(self._policy, "restore", None)
+        if callable(restore) and state.get("policy"):
+            restore(dict(state["policy"]))
+
+
+class PolicyUpdateFeed:
+    """The policy-update stream as this Tamiyo's consumer group sees it.
+
+    Every Tamiyo has its own group, so every one of them sees every update. A message is acked once it
+    was read, whether the update is then accepted or rejected: a refused update is not redelivered.
+    """
+
+    def __init__(self, bus: Bus, group: str, *, consumer: str = "tamiyo", batch: int = 8) -> None:
+        self._bus = bus
+        self._group = group
+        self._consumer = consumer
+        self._batch = batch
+        bus.ensure_group(Streams.POLICY_UPDATES, group, from_beginning=True)
+
+    def fetch(self) -> list[pb.PolicyUpdate | PolicyUpdateRejected]:
+        """Every update waiting now (no blocking); undecodable ones as rejections."""
+        items: list[pb.PolicyUpdate | PolicyUpdateRejected] = []
+        while True:
+            deliveries = self._bus.consume(
+                Streams.POLICY_UPDATES, self._group, self._consumer, count=self._batch, block_ms=0
+            )
+            if not deliveries:
+                return items
+            for delivery in deliveries:
+                envelope = delivery.envelope
+                # Contract checks happen in the intake, where their rejection is reported.
+                if envelope.message_type != pb.BUS_MESSAGE_TYPE_POLICY_UPDATE:
+                    kind = (
+                        pb.BusMessageType.Name(envelope.message_type)
+                        if envelope.message_type in (pb.BusMessageType.values())
+                        else str(envelope.message_type)
+                    )
+                    items.append(
+                        PolicyUpdateRejected("malformed", f"bus message {delivery.message_id} holds {kind}")
+                    )
+                    continue
+                try:
+                    items.append(parse(pb.PolicyUpdate, envelope.payload))
+                except MalformedMessage as exc:
+                    items.append(
+                        PolicyUpdateRejected("malformed", f"bus message {delivery.message_id}: {exc.reason}")
+                    )
+            self._bus.ack(Streams.POLICY_UPDATES, self._group, [d.message_id for d in deliveries])

@@ -1,0 +1,73 @@
+"""`esper run` end to end: a complete summary, the report, and a halted run's exit status."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from esper.cli import HALTED_EXIT, app
+from esper.tolaria.emergency import BusEmergencyChannel, HaltRequest
+
+REQUIRED = (
+    "final_val_accuracy",
+    "params_initial",
+    "params_final",
+    "seeds_fossilized",
+    "seeds_culled",
+    "transitions",
+    "wall_seconds",
+    "run_id",
+)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ESPER_SIGNING_SECRET", "cli-run-test-secret-0123456789")
+    return tmp_path / "data"
+
+
+@pytest.mark.slow
+def test_esper_run_writes_a_complete_summary_and_its_report(data_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--epochs", "3", "--run-dir", str(run_dir), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in REQUIRED:
+        assert key in summary, key
+    assert summary["status"] == "completed" and summary["halt"] is None
+    assert (run_dir / "report" / "report.md").exists() and (run_dir / "report" / "lifecycle.png").exists()
+    assert {"config.json", "metrics.jsonl", "decisions.jsonl", "events.jsonl"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+
+
+@pytest.mark.slow
+def test_a_halted_run_exits_with_its_status_and_says_how_to_resume(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    polls: list[int] = []
+
+    def halt_on_third_poll(self: BusEmergencyChannel) -> HaltRequest | None:
+        polls.append(1)
+        if len(polls) == 3:
+            return HaltRequest(reason="maintenance window", origin="operator", signal_id="sig-cli")
+        return None
+
+    monkeypatch.setattr(BusEmergencyChannel, "poll_halt", halt_on_third_poll)
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--epochs", "2", "--run-dir", str(run_dir), "--no-progress"])
+    assert result.exit_code == HALTED_EXIT, result.output
+    output = " ".join(result.output.split())
+    assert "run halted at step 2" in output and "maintenance window" in output and "--resume" in output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "halted" and summary["halt"]["origin"] == "operator"
+    assert summary["steps"] == 2
+    # The run's consumer group was removed from the bus when the run ended.
+    result = CliRunner().invoke(app, ["bus", "stats", "--json"])
+    assert result.exit_code == 0, result.output
+    streams = json.loads(result.output)["streams"]
+    assert all(not s["groups"] for s in streams if s["stream"].endswith("emergency")), streams

@@ -1,0 +1,316 @@
+"""Simic: rewards, transitions, PPO, validation, imitation, and signed updates Tamiyo accepts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from esper.leyline import ManualClock, pb
+from esper.oona import EmbeddedBus, OonaSettings, Streams, envelope_for
+from esper.simic.imitation import imitate
+from esper.simic.ppo import compute_gae, explained_variance, make_rollout, ppo_update
+from esper.simic.reward import ACCURACY_DELTA, LOSS_DELTA, PARAM_DELTA, UnmeasuredOutcome, reward_of
+from esper.simic.settings import SimicSettings
+from esper.simic.trainer import SimicState, SimicTrainer, bus_publisher, offline_records, serve
+from esper.simic.transitions import RecordCollector, build_samples
+from esper.simic.validation import agreement, choice_log_probs, validate_candidate
+from esper.tamiyo.graph import GraphBuilder
+from esper.tamiyo.policy import GNNPolicy
+from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
+from tests.simic.support import gnn_records, heuristic_records
+from tests.tamiyo.packets import SECRET, SMALL, settings, small_policy
+
+
+def new_builder() -> GraphBuilder:
+    return GraphBuilder(settings())
+
+
+def simic(**overrides: object) -> SimicSettings:
+    values: dict[str, object] = {"min_transitions": 8, "minibatch_size": 16}
+    values.update(overrides)
+    return SimicSettings(**values)  # type: ignore[arg-type]
+
+
+def report(**metrics: float) -> pb.FieldReport:
+    fr = pb.FieldReport(report_id="fr-1", command_id="c", training_run_id="r", outcome=1)
+    fr.metrics.update(metrics)
+    return fr
+
+
+def test_reward_is_accuracy_and_loss_change_minus_parameter_cost() -> None:
+    s = simic(reward_accuracy_weight=1.0, reward_loss_weight=0.5, reward_param_cost=0.01)
+    r = reward_of(report(**{ACCURACY_DELTA: 0.1, LOSS_DELTA: -0.2, PARAM_DELTA: 2000.0}), s)
+    assert r.total == pytest.approx(0.1 + 0.1 - 0.02)
+    assert r.param_cost == pytest.approx(0.02)
+
+
+def test_counterfactual_contribution_counts_when_measured() -> None:
+    s = simic(reward_contribution_weight=0.5)
+    base = reward_of(report(**{ACCURACY_DELTA: 0.0, LOSS_DELTA: 0.0}), s).total
+    with_seed = reward_of(report(**{ACCURACY_DELTA: 0.0, LOSS_DELTA: 0.0, "contribution_accuracy": 0.2}), s)
+    assert with_seed.total == pytest.approx(base + 0.1)
+
+
+def test_unmeasured_outcome_gives_no_reward() -> None:
+    with pytest.raises(UnmeasuredOutcome) as info:
+        reward_of(report(**{ACCURACY_DELTA: 0.1}), simic())
+    assert info.value.keys == (LOSS_DELTA,)
+    with pytest.raises(UnmeasuredOutcome):
+        reward_of(report(**{ACCURACY_DELTA: math.nan, LOSS_DELTA: 0.0}), simic())
+
+
+def test_transitions_join_by_command_id_in_step_order_and_count_what_is_missing() -> None:
+    policy = small_policy()
+    messages = gnn_records(policy, 6)
+    collector = RecordCollector()
+    collector.extend(reversed(messages))  # arrival order does not matter
+    orphan = pb.FieldReport(report_id="fr-orphan", command_id="cmd-orphan", training_run_id="r", outcome=1)
+    collector.add_report(orphan)
+    unreported = messages[0]
+    assert isinstance(unreported, pb.DecisionRecord)
+    extra = pb.DecisionRecord()
+    extra.CopyFrom(unreported)
+    extra.command_id = "cmd-without-report"
+    collector.add_decision(extra)
+    result = collector.transitions(simic())
+    assert len(result.transitions) == 6
+    steps = [t.decision.packet.global_step for t in result.transitions]
+    assert steps == sorted(steps)
+    assert [t.done for t in result.transitions] == [False] * 5 + [True]
+    assert result.skipped == {"no_field_report_yet": 1, "report_without_decision": 1}
+    overridden = next(m for m in messages if isinstance(m, pb.DecisionRecord))
+    overridden.action = pb.POLICY_ACTION_GERMINATE
+    overridden.final_command_type = pb.COMMAND_WAIT  # the risk gates held the germination
+    collector.add_decision(overridden)
+    assert collector.transitions(simic()).skipped["overridden_by_risk_gate"] == 1
+    assert all(t.on_policy_material for t in result.transitions)
+
+
+def test_heuristic_decisions_are_not_on_policy_material_but_resolve_for_imitation() -> None:
+    collector = RecordCollector()
+    collector.extend(heuristic_records(10))
+    transitions = collector.transitions(simic())
+    assert transitions.transitions and not any(t.on_policy_material for t in transitions.transitions)
+    samples, skipped = build_samples(new_builder, transitions)
+    assert len(samples) == 10 and not skipped
+    germinations = [s for s in samples if s.transition.decision.action == pb.POLICY_ACTION_GERMINATE]
+    assert germinations
+    for sample in germinations:
+        assert sample.graph.slot_ids[sample.choices["slot"]] == sample.transition.decision.slot_id
+        assert (
+            sample.graph.blueprint_ids[sample.choices["blueprint"]] == sample.transition.decision.blueprint_id
+        )
+
+
+def test_rebuilt_graphs_reproduce_the_behaviour_log_probabilities() -> None:
+    # Same weights, graphs rebuilt as Tamiyo built them: every PPO ratio starts at exactly 1.
+    behaviour = small_policy()
+    collector = RecordCollector()
+    collector.extend(gnn_records(behaviour, 20))
+    samples, _ = build_samples(new_builder, collector.transitions(simic()))
+    learner_copy = small_policy()  # same seed, same weights, its own (unused) builder
+    recomputed = choice_log_probs(learner_copy, samples)
+    recorded = torch.tensor([s.old_log_prob for s in samples])
+    assert torch.allclose(recomputed, recorded, atol=1e-4)
+
+
+def test_gae_matches_a_hand_computation() -> None:
+    rewards = torch.tensor([1.0, 0.0, 2.0])
+    values = torch.tensor([0.5, 0.5, 0.5])
+    dones = torch.tensor([0.0, 1.0, 1.0])
+    adv, ret = compute_gae(rewards, values, dones, gamma=0.9, gae_lambda=1.0)
+    # Trajectory 1: steps 0-1; trajectory 2: step 2.
+    assert adv[2] == pytest.approx(1.5)
+    assert adv[1] == pytest.approx(-0.5)
+    assert adv[0] == pytest.approx(1.0 + 0.9 * 0.5 - 0.5 + 0.9 * -0.5)
+    assert torch.allclose(ret, adv + values)
+    assert explained_variance(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0])) == 1.0
+    assert math.isnan(explained_variance(torch.ones(3), torch.ones(3)))
+
+
+def _copy(policy: GNNPolicy) -> GNNPolicy:
+    copy = GNNPolicy(settings(), config=SMALL, builder=policy.builder)
+    copy.load_state_bytes(policy.state_bytes())
+    return copy
+
+
+def test_ppo_raises_the_probability_of_the_rewarded_action_and_reports_per_head_figures() -> None:
+    policy = small_policy()
+    collector = RecordCollector()
+    collector.extend(gnn_records(policy, 48))
+    samples, _ = build_samples(new_builder, collector.transitions(simic()))
+    s = simic(learning_rate=3e-3, update_epochs=6, target_kl=10.0, entropy_coef=0.0)
+    rollout = make_rollout(policy, samples, s)
+    candidate = _copy(policy)
+
+    def germinate_prob(p: GNNPolicy) -> float:
+        from esper.simic.validation import action_log_probs
+
+        return float(action_log_probs(p, [x.graph for x in samples])[:, 1].exp().mean())
+
+    before = germinate_prob(candidate)
+    stats = ppo_update(candidate, rollout, s, generator=torch.Generator().manual_seed(0))
+    assert germinate_prob(candidate) > before + 0.05
+    assert (
+        stats.minibatches >= 6 and math.isfinite(stats.approx_kl) and math.isfinite(stats.explained_variance)
+    )
+    assert "action" in stats.head_entropy and "blueprint" in stats.head_entropy
+    assert "blueprint" in stats.head_kl
+    metrics = stats.as_metrics()
+    assert "ppo.entropy.blueprint" in metrics and "ppo.explained_variance" in metrics
+
+
+def test_validation_refuses_non_finite_weights_and_large_kl() -> None:
+    policy = small_policy()
+    collector = RecordCollector()
+    collector.extend(gnn_records(policy, 16))
+    samples, _ = build_samples(new_builder, collector.transitions(simic()))
+    s = simic(max_kl=0.01)
+    rollout = make_rollout(policy, samples, s)
+    graphs = [x.graph for x in samples]
+    same = validate_candidate(policy, _copy(policy), s, graphs=graphs, training_losses={}, holdout=rollout)
+    assert same.passed, same.reasons
+    broken = _copy(policy)
+    with torch.no_grad():
+        next(broken.module.parameters()).fill_(math.nan)
+    report_nan = validate_candidate(policy, broken, s, graphs=graphs, training_losses={}, holdout=rollout)
+    assert not report_nan.passed and "weights are not finite" in report_nan.reasons
+    moved = _copy(policy)
+    with torch.no_grad():
+        moved.module.action_head.bias.copy_(torch.tensor([5.0, -5.0, 0.0, 0.0, 0.0, 0.0]))
+    far = validate_candidate(policy, moved, s, graphs=graphs, training_losses={"loss": 1.0}, holdout=rollout)
+    assert not far.passed and any("KL" in reason for reason in far.reasons)
+    nan_loss = validate_candidate(
+        policy, _copy(policy), s, graphs=graphs, training_losses={"value_loss": math.nan}
+    )
+    assert not nan_loss.passed and any("value_loss" in reason for reason in nan_loss.reasons)
+
+
+def test_imitation_learns_the_heuristics_choices() -> None:
+    policy = small_policy()
+    collector = RecordCollector()
+    collector.extend(heuristic_records(24))
+    samples, _ = build_samples(new_builder, collector.transitions(simic()))
+    before = agreement(policy, samples)
+    stats = imitate(policy, samples, simic(imitation_epochs=15), generator=torch.Generator().manual_seed(0))
+    assert stats.agreement >= 0.9
+    assert stats.agreement > before
+
+
+def test_round_publishes_a_signed_update_that_a_running_tamiyo_accepts(tmp_path: Path) -> None:
+    clock = ManualClock()
+    tamiyo_settings = settings(gnn_greedy=True)
+    serving = small_policy(tamiyo_settings)
+    bus = EmbeddedBus(tmp_path / "bus.sqlite3", OonaSettings())
+    service = TamiyoService(tamiyo_settings, serving, SECRET, clock=clock)
+    try:
+        intake = PolicyUpdateIntake(
+            service,
+            serving,
+            SECRET,
+            tamiyo_settings,
+            clock=clock,
+            config=SMALL,
+            feed=PolicyUpdateFeed(bus, "tamiyo-1"),
+        )
+        # The decisions and reports travel on the bus, as Tamiyo's outbox publishes them.
+        behaviour = small_policy(settings())  # same weights as the serving policy, sampling
+        for message in gnn_records(behaviour, 40):
+            stream = Streams.DECISIONS if isinstance(message, pb.DecisionRecord) else Streams.FIELD_REPORTS
+            bus.publish(stream, envelope_for(message))
+        state = SimicState(tmp_path / "simic")
+        learner = SimicTrainer(
+            simic(learning_rate=1e-3, regression_tolerance=1.0, max_kl=1.0),
+            settings(),
+            small_policy(settings()),
+            SECRET,
+            publish=bus_publisher(bus),
+            state=state,
+            clock=clock,
+        )
+        result = learner.run_round(offline_records(bus).transitions(learner.settings))
+        assert result.mode == "ppo" and result.published, result.reasons
+        assert result.sequence == 1 and result.parent_version == serving.version
+        assert "ppo.explained_variance" in result.metrics
+        intake.poll()
+        assert service.policy_version == result.version != serving.version
+        assert intake.serving.sequence == 1
+        # The state directory continues the lineage.
+        reloaded = state.load_policy(settings(), SMALL)
+        assert reloaded is not None and reloaded[0].version == result.version and reloaded[1] == 1
+        assert state.rounds()[-1]["published"] is True
+    finally:
+        service.close()
+        bus.close()
+
+
+def test_a_refused_candidate_is_not_published_and_the_reason_is_recorded(tmp_path: Path) -> None:
+    published: list[pb.PolicyUpdate] = []
+    state = SimicState(tmp_path / "simic")
+    learner = SimicTrainer(
+        simic(learning_rate=0.05, update_epochs=8, target_kl=100.0, max_kl=1e-6),
+        settings(),
+        small_policy(),
+        SECRET,
+        publish=published.append,
+        state=state,
+    )
+    collector = RecordCollector()
+    collector.extend(gnn_records(small_policy(settings()), 24))
+    result = learner.run_round(collector.transitions(learner.settings))
+    assert result.mode == "ppo" and not result.published
+    assert any("KL" in reason for reason in result.reasons)
+    assert published == [] and learner.sequence == 0
+    assert state.rounds()[-1]["reasons"] == result.reasons
+
+
+def test_too_few_transitions_skip_the_round() -> None:
+    learner = SimicTrainer(simic(min_transitions=50), settings(), small_policy(), SECRET)
+    collector = RecordCollector()
+    collector.extend(gnn_records(small_policy(), 5))
+    result = learner.run_round(collector.transitions(learner.settings))
+    assert result.mode == "skipped" and not result.published and "not enough" in result.reasons[0]
+
+
+def test_imitation_round_publishes_a_bootstrap_policy() -> None:
+    published: list[pb.PolicyUpdate] = []
+    learner = SimicTrainer(
+        simic(imitation_epochs=10), settings(), small_policy(), SECRET, publish=published.append
+    )
+    collector = RecordCollector()
+    collector.extend(heuristic_records(30))
+    result = learner.run_round(collector.transitions(learner.settings))
+    assert result.mode == "imitation" and result.published, result.reasons
+    assert (
+        result.metrics["validation.holdout_agreement"]
+        >= result.metrics["validation.holdout_agreement_parent"]
+    )
+    assert published[0].sequence == 1 and published[0].tamiyo_policy_version == learner.policy.version
+
+
+def test_serve_trains_a_round_from_the_bus_and_publishes_on_it(tmp_path: Path) -> None:
+    bus = EmbeddedBus(tmp_path / "bus.sqlite3", OonaSettings())
+    try:
+        for message in gnn_records(small_policy(settings()), 24):
+            stream = Streams.DECISIONS if isinstance(message, pb.DecisionRecord) else Streams.FIELD_REPORTS
+            bus.publish(stream, envelope_for(message))
+        learner = SimicTrainer(
+            simic(round_min_new_reports=20, poll_ms=1, regression_tolerance=1.0),
+            settings(),
+            small_policy(settings()),
+            SECRET,
+            publish=bus_publisher(bus),
+        )
+        results = serve(bus, learner, max_rounds=1)
+        assert len(results) == 1 and results[0].mode == "ppo" and results[0].published, results[0].reasons
+        lengths = {s.stream: s.length for s in bus.stats()}
+        assert lengths[Streams.POLICY_UPDATES] == 1
+        assert {
+            g.name: g.pending for s in bus.stats() for g in s.groups if s.stream == Streams.FIELD_REPORTS
+        } == {"simic": 0}
+    finally:
+        bus.close()
