@@ -63,3 +63,14 @@ def test_short_configured_secret_is_rejected(tmp_path: Path) -> None:
     settings = load_settings(EsperSettings, environ={}, data_dir=tmp_path, signing_secret="short")
     with pytest.raises(ConfigurationError, match="ESPER_SIGNING_SECRET"):
         resolve_signing_secret(settings)
+
+
+def test_concurrent_first_starts_agree_on_one_signing_key(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = load_settings(EsperSettings, {}, data_dir=tmp_path / "data")
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(lambda _: resolve_signing_secret(settings), range(32)))
+    assert len(keys) == 1
+    assert (tmp_path / "data" / "signing.key").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["signing.key"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,11 +94,21 @@ def resolve_signing_secret(settings: EsperSettings) -> bytes:
     key_path = settings.data_dir / "signing.key"
     if not key_path.exists():
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-            handle.flush()
-            os.fsync(handle.fileno())
+        # Written to a private temporary file, then linked into place: concurrent first starts agree on
+        # one key, and no process ever reads a half-written one.
+        fd, temporary = tempfile.mkstemp(dir=settings.data_dir, prefix=".signing.key.")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temporary, 0o600)
+            try:
+                os.link(temporary, key_path)
+            except FileExistsError:
+                pass  # another process linked its key first; everyone uses that one
+        finally:
+            os.unlink(temporary)
     secret = key_path.read_text().strip().encode()
     if len(secret) < 16:
         raise ConfigurationError(f"signing key in {key_path} is shorter than 16 bytes")

@@ -47,16 +47,6 @@ from esper.tamiyo.policy import HEADS, CheckpointIncompatible, GNNPolicy
 from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, Policy
 from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.telemetry import EVENTS, EventSpec
-
-# The intake's events, declared in Tamiyo's one event table (level and priority decided here once).
-EVENTS.update(
-    {
-        "policy_update_accepted": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
-        "policy_update_rejected": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
-        "policy_rolled_back": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
-    }
-)
 
 # Keys of the JSON header a `PolicyUpdate` payload carries besides the architecture header of the policy.
 LINEAGE_KEYS: tuple[str, ...] = ("tamiyo_policy_version", "parent_version", "sequence", "registry_digest")
