@@ -116,20 +116,26 @@ def _build_controller(
 
     overrides: dict[str, Any] = {} if policy_checkpoint is None else {"policy_checkpoint": policy_checkpoint}
     tamiyo_settings = load_settings(TamiyoSettings, None, **overrides)
+    metadata = _blueprint_metadata(tamiyo_settings)
     if policy == "heuristic":
         heuristic = HeuristicPolicy(tamiyo_settings)
-        service = _tamiyo_service(durable, tamiyo_settings, heuristic, secret)
+        service = _tamiyo_service(durable, tamiyo_settings, heuristic, secret, metadata)
         return BoundController(decide=service.evaluate_step, save=heuristic.state, load=heuristic.restore)
     if policy == "gnn":
         checkpoint = tamiyo_settings.policy_checkpoint
         if checkpoint is not None and not checkpoint.is_file():
             raise ConfigurationError(f"policy checkpoint {checkpoint} does not exist")
+        # The policy's graph builder sees the same catalogue entries as the risk gates, and keeps its
+        # normaliser statistics in the run's store (restored on --resume).
+        inputs: dict[str, Any] = {"blueprint_metadata": metadata}
+        if durable is not None:
+            inputs["normalizer_store"] = durable.store.normalizer_store()
         gnn = (
-            GNNPolicy.load(checkpoint, tamiyo_settings)
+            GNNPolicy.load(checkpoint, tamiyo_settings, **inputs)
             if checkpoint is not None
-            else GNNPolicy(tamiyo_settings)
+            else GNNPolicy(tamiyo_settings, **inputs)
         )
-        service = _tamiyo_service(durable, tamiyo_settings, gnn, secret)
+        service = _tamiyo_service(durable, tamiyo_settings, gnn, secret, metadata)
         intake = _policy_intake(durable, service, gnn, secret, tamiyo_settings)
         return BoundController(
             decide=intake.evaluate_step, save=intake.export_state, load=intake.restore_state
@@ -175,12 +181,15 @@ class _TamiyoRunState:
 
 
 def _tamiyo_service(
-    durable: _TamiyoRunState | None, settings: TamiyoSettings, policy: Policy, secret: bytes
+    durable: _TamiyoRunState | None,
+    settings: TamiyoSettings,
+    policy: Policy,
+    secret: bytes,
+    metadata: BlueprintMetadataCache,
 ) -> TamiyoService:
     """A Tamiyo service that records into the run's store when there is one (P9)."""
     from esper.tamiyo import TamiyoService
 
-    metadata = _blueprint_metadata(settings)
     if durable is None:
         return TamiyoService(settings, policy, secret, blueprint_metadata=metadata)
     service = TamiyoService(
@@ -587,6 +596,8 @@ def _simic_learner(state_dir: Path | None, policy_checkpoint: Path | None, bus: 
         sequence=sequence,
         publish=bus_publisher(bus) if bus is not None else None,
         state=state,
+        # Graphs are rebuilt with the catalogue entries Tamiyo's builder sees.
+        blueprint_metadata=_blueprint_metadata(tamiyo_settings),
     )
 
 
