@@ -91,3 +91,13 @@ def test_checkpoint_is_called_between_layers() -> None:
     calls: list[int] = []
     TamiyoGNN(SMALL).eval()(graph(), lambda: calls.append(1))
     assert len(calls) == 5
+
+
+def test_dense_inference_checks_cancellation_inside_each_layer() -> None:
+    """A late decision stops within a fraction of a layer: the dense kernel checks per node type (SAGE) and
+    per relation (GAT) besides between layers."""
+    calls: list[int] = []
+    model = TamiyoGNN(SMALL).eval()
+    with torch.inference_mode():
+        model(graph(), lambda: calls.append(1))
+    assert len(calls) >= 5 + 2 * len(TAMIYO_SCHEMA.type_names) + 2 * len(TAMIYO_SCHEMA.relations)

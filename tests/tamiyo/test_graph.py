@@ -17,6 +17,7 @@ from esper.tamiyo.graph import (
     NormalizerState,
     NormalizerWriteError,
     RelationSpec,
+    TamiyoGraph,
 )
 from esper.tamiyo.proposal import ACTIONS
 from tests.tamiyo.packets import make_packet, settings
@@ -171,3 +172,33 @@ def test_normalizer_refuses_statistics_of_another_width() -> None:
     store = InMemoryNormalizerStore({"layer": NormalizerState([1.0], [0.0], [0.0])})
     with pytest.raises(GraphSchemaError, match="wrong width"):
         GraphBuilder(settings(), normalizer_store=store)
+
+
+def _assert_same_graph(left: TamiyoGraph, right: TamiyoGraph) -> None:
+    for name in ("x", "mask", "edge_index", "edge_attr"):
+        a, b = getattr(left, name), getattr(right, name)
+        assert set(a) == set(b), name
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    assert left.coverage == right.coverage
+
+
+def test_topology_cache_reuses_an_unchanged_topology_and_follows_a_changed_one() -> None:
+    """The static part of the graph is computed once per topology: the same edge tensors come back while the
+    topology holds, and a grown or edited topology is rebuilt, never served from the cache."""
+    builder = GraphBuilder(settings())
+    first = builder.build(make_packet(4, 3, 2), update_stats=False)
+    again = builder.build(make_packet(4, 3, 2, stages={0: pb.SEED_STAGE_TRAINING}), update_stats=False)
+    key = ("layer", "feeds", "layer")
+    assert again.edge_index[key] is first.edge_index[key]
+    grown = make_packet(5, 4, 2)
+    grown.topology.slots[1].width = 7  # an edited slot width changes its edge features
+    cached = builder.build(grown, update_stats=False)
+    fresh = GraphBuilder(settings()).build(grown, update_stats=False)
+    _assert_same_graph(cached, fresh)
+    assert cached.num_nodes("layer") == 5
+    # A topology error is still raised after a valid topology was cached.
+    broken = make_packet(4, 3, 2)
+    broken.topology.slots[0].layer_id = "nowhere"
+    with pytest.raises(GraphSchemaError, match="not in the topology"):
+        builder.build(broken, update_stats=False)

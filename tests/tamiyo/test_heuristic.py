@@ -120,6 +120,26 @@ def test_only_offered_blueprints_are_used_in_rotation() -> None:
     assert chosen == ["conv_se", "lowrank", "conv_residual", "conv_se", "lowrank", "conv_residual", "conv_se"]
 
 
+def test_the_preferred_blueprint_is_chosen_whenever_it_is_offered() -> None:
+    policy = HeuristicPolicy(
+        HeuristicSettings(
+            plateau_patience=1, germination_cooldown=1, max_active_seeds=5, preferred_blueprints=("b", "c")
+        )
+    )
+    with_c = [p.blueprint_id for p in feed(policy, [1.0] * 4, blueprints=("a", "c")) if p.action == GERMINATE]
+    with_b = [p.blueprint_id for p in feed(policy, [1.0] * 2, blueprints=("c", "b")) if p.action == GERMINATE]
+    assert len(with_c) >= 2 and set(with_c) == {"c"}
+    assert len(with_b) >= 1 and set(with_b) == {"b"}
+
+
+def test_mlp_expand_is_the_default_preference() -> None:
+    policy = HeuristicPolicy(HeuristicSettings(plateau_patience=1, germination_cooldown=1))
+    chosen = [
+        p for p in feed(policy, [1.0] * 3, blueprints=("mlp_small", "mlp_expand")) if p.action == GERMINATE
+    ]
+    assert chosen and {p.blueprint_id for p in chosen} == {"mlp_expand"}
+
+
 def test_no_dormant_slot_waits(policy: HeuristicPolicy) -> None:
     seeds = [seed("s0", pb.SEED_STAGE_FOSSILIZED), seed("s1", pb.SEED_STAGE_EMBARGOED, blueprint="mlp_small")]
     proposal = feed(policy, PLATEAU, seeds=seeds)[-1]

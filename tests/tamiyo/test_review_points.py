@@ -20,7 +20,7 @@ import torch
 
 import esper.tamiyo
 from esper.leyline import ConfigurationError, EsperError, SignatureVerifier, pb
-from esper.tamiyo.gnn import TamiyoGNN
+from esper.tamiyo.gnn import TamiyoGNN, TamiyoGNNConfig
 from esper.tamiyo.graph import TAMIYO_SCHEMA, GraphBuilder, InMemoryNormalizerStore, NormalizerState
 from esper.tamiyo.policy import CheckpointIncompatible, GNNPolicy
 from esper.tamiyo.proposal import Proposal
@@ -44,7 +44,7 @@ def _events(sent: list[pb.TelemetryPacket], name: str) -> list[pb.TelemetryEvent
 # -- gnn.py -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [(4, 3, 2), (9, 6, 3), (0, 0, 0), (3, 0, 2)])
+@pytest.mark.parametrize("size", [(4, 3, 2), (9, 6, 3), (0, 0, 0), (3, 0, 2), (2, 5, 2), (1, 3, 0)])
 def test_p7_dense_attention_kernel_computes_what_pyg_gatconv_computes(size: tuple[int, int, int]) -> None:
     """P7 + gnn.py (edge features on every relation): the dense inference kernel chosen in the decision
     record is the same function as PyG's HeteroConv/SAGEConv/GATConv path, zero edge features included."""
@@ -90,6 +90,41 @@ def test_folded_attention_cache_follows_new_weights() -> None:
         after = model(graph)
     assert not torch.allclose(before.action_logits, after.action_logits)
     _assert_same_output(model.forward_message_passing(graph), after)
+
+
+def test_dense_blocks_follow_changed_edges_and_in_place_edits() -> None:
+    """gnn.py: the cached dense blocks of a relation are reused only for the same edges and features; a
+    new seed's in-use edge feature, or an in-place edit of a cached tensor, rebuilds them."""
+    torch.manual_seed(3)
+    model = TamiyoGNN(SMALL).eval()
+    builder = GraphBuilder(settings())
+    before = builder.build(make_packet(4, 3, 2), update_stats=False)
+    after = builder.build(make_packet(4, 3, 2, stages={1: pb.SEED_STAGE_TRAINING}), update_stats=False)
+    key = ("blueprint", "offered_to", "slot")
+    assert not torch.equal(before.edge_attr[key], after.edge_attr[key])
+    with torch.inference_mode():
+        model(before)
+        dense = model(after)
+    _assert_same_output(model.forward_message_passing(after), dense)
+    # Edit the features the blocks were built from in place: the same tensor object must not hit the cache.
+    reference = model.forward_message_passing(after)
+    after.edge_attr[key].add_(2.0)
+    with torch.inference_mode():
+        dense = model(after)
+    edited = model.forward_message_passing(after)
+    assert not torch.allclose(reference.slot_scores, edited.slot_scores)
+    _assert_same_output(edited, dense)
+
+
+def test_inference_and_training_paths_agree_for_a_full_size_network() -> None:
+    """P7 at full width (256 / 128 x 4): the dense kernel (project-first SAGE, single-edge attention, packed
+    heads) and message passing give the same outputs on a medium graph."""
+    torch.manual_seed(5)
+    model = TamiyoGNN(TamiyoGNNConfig(schema=TAMIYO_SCHEMA)).eval()
+    graph = GraphBuilder(settings()).build(make_packet(12, 6, 3, stages={0: pb.SEED_STAGE_BLENDING}))
+    with torch.inference_mode():
+        dense = model(graph)
+    _assert_same_output(model.forward_message_passing(graph), dense, tol=1e-4)
 
 
 # -- graph_builder.py -----------------------------------------------------------------------------------

@@ -74,6 +74,9 @@ def test_param_count_matches_hand_counts() -> None:
     assert param_count("lowrank", 32, "mlp", rank=8) == 32 * 8 + 8 * 32 + 32
     # Two 3x3 convs 16 -> 16 with biases.
     assert param_count("conv_residual", 16, "conv") == 2 * (16 * 16 * 9 + 16)
+    # Up 12 -> 48 and back 48 -> 12, with biases: 48 new hidden units behind a 12-wide layer.
+    assert param_count("mlp_expand", 12, "mlp") == (12 * 48 + 48) + (48 * 12 + 12)
+    assert param_count("mlp_expand", 12, "mlp", expansion=2) == (12 * 24 + 24) + (24 * 12 + 12)
 
 
 def test_wider_slots_cost_more_parameters() -> None:
@@ -98,6 +101,8 @@ def test_unknown_blueprint_has_no_factory() -> None:
         ("mlp_small", 32, "mlp", {"depth": 2.0}, "unknown parameter"),
         ("mlp_small", 32, "mlp", {"hidden_ratio": float("nan")}, "not finite"),
         ("lowrank", 32, "mlp", {"rank": 2.5}, "must be an integer"),
+        ("mlp_expand", 12, "mlp", {"expansion": 1.0}, r"outside \[2, 16\]"),
+        ("mlp_expand", 12, "conv", {}, "host kind 'conv' is not supported"),
         ("lowrank", 8, "mlp", {"rank": 16}, "exceeds the width"),
         ("attention_lite", 30, "mlp", {}, "not divisible"),
         ("conv_depthwise", 16, "conv", {"kernel_size": 4}, "must be odd"),

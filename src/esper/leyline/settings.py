@@ -8,6 +8,7 @@ down; nothing reads the environment afterwards. Unknown keys and invalid values 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
@@ -103,10 +104,9 @@ def resolve_signing_secret(settings: EsperSettings) -> bytes:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(temporary, 0o600)
-            try:
+            # Another process may have linked its key first; then everyone uses that one.
+            with contextlib.suppress(FileExistsError):
                 os.link(temporary, key_path)
-            except FileExistsError:
-                pass  # another process linked its key first; everyone uses that one
         finally:
             os.unlink(temporary)
     secret = key_path.read_text().strip().encode()

@@ -9,8 +9,9 @@ GAT layers: a relation without declared features gets a zero column, so `GATConv
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -66,12 +67,22 @@ Checkpoint = Callable[[], None]
 
 @dataclass(frozen=True)
 class _DenseRelation:
-    """One relation of one graph as dense blocks: edge mask, mean-aggregation weights, edge features."""
+    """One relation of one graph as dense blocks: edge mask, mean-aggregation weights, edge features.
+
+    `single`: no destination has more than one incoming edge, so GAT's softmax over a destination's edges
+    is exactly 1 (or the row is empty) and attention reduces to `mean @ src`. `complete`: every pair is an
+    edge (no -inf mask needed). `empty_rows`: some destination has no edge (its softmax row is NaN -> 0).
+    `edge_logits` caches the edge term of the attention logits per packed GAT layer (by generation).
+    """
 
     mask: Tensor  # [n_dst, n_src] bool
     mean: Tensor  # [n_dst, n_src]: 1/in-degree where an edge exists
     attr: Tensor  # [n_dst, n_src, edge_dim]
-    log_mask: Tensor  # [n_dst, n_src, 1]: 0 where an edge exists, -inf elsewhere
+    log_mask: Tensor  # [1, n_dst, n_src]: 0 where an edge exists, -inf elsewhere
+    single: bool = False
+    complete: bool = False
+    empty_rows: bool = True
+    edge_logits: dict[int, Tensor] = field(default_factory=dict, compare=False)
 
 
 def _attention_map(lin: nn.Module, att: Tensor, heads: int, channels: int) -> Tensor:
@@ -82,11 +93,18 @@ def _attention_map(lin: nn.Module, att: Tensor, heads: int, channels: int) -> Te
 
 @dataclass(frozen=True)
 class _PackedSage:
-    """One SAGE layer, per destination type: [root | relation...] weights side by side, biases summed."""
+    """One SAGE layer's weights, transposed once for `x @ W` products, biases summed per destination.
 
-    weight: dict[str, Tensor]  # dst type -> [(1 + k) * hidden, hidden]
-    bias: dict[str, Tensor]
-    relations: dict[str, tuple[EdgeKey, ...]]  # dst type -> its incoming relations, in weight order
+    Mean aggregation is linear, so `(A @ h_src) @ W = A @ (h_src @ W)`: at run time each relation takes
+    the order that multiplies its weight with the smaller of its two node sets (aggregate first when the
+    destination has no more rows than the source, project first otherwise). Nothing here depends on that
+    choice, so a graph of a new shape never waits for a re-packing.
+    """
+
+    root: dict[str, Tensor]  # node type -> [hidden, hidden]
+    bias: dict[str, Tensor]  # node type -> root bias + every incoming relation's bias
+    relation: dict[EdgeKey, Tensor]  # [hidden, hidden]
+    incoming: dict[str, tuple[EdgeKey, ...]]  # node type -> the relations into it
 
 
 @dataclass(frozen=True)
@@ -95,18 +113,41 @@ class _PackedGat:
 
     Columns, for node type t: for each relation with source t its source features (H*C) and source
     attention (H); for each relation with destination t its destination attention (H). `slices` says
-    where each piece is: (relation, part) -> (type, start, width).
+    where each piece is: (relation, part) -> (type, start, width). `generation` identifies this packing
+    (caches derived from it are keyed by it, never by `id`).
     """
 
     weight: dict[str, Tensor]  # type -> [in, columns]
     slices: dict[tuple[EdgeKey, str], tuple[str, int, int]]
     edge_map: dict[EdgeKey, Tensor]  # [edge_dim, H]
     bias: dict[EdgeKey, Tensor]
+    bias_by_type: dict[str, Tensor]  # dst type -> sum of its incoming relations' biases
+    generation: int
 
     def part(self, projected: dict[str, Tensor], rel: EdgeKey, name: str) -> Tensor:
         """Columns `name` ("src", "a_src", "a_dst") of relation `rel` in the projected features."""
         node_type, start, width = self.slices[(rel, name)]
         return projected[node_type].narrow(1, start, width)
+
+
+@dataclass(frozen=True)
+class _PackedHeads:
+    """The heads for one graph: every product with the graph context in one matrix.
+
+    Columns of `context_weight`: the slot head's and the blueprint head's first layer on the context half
+    of their `[node | context]` input, then the action, blend, schedule, lr and value heads (`splits`).
+    """
+
+    context_weight: Tensor  # [gat, columns]
+    context_bias: Tensor
+    splits: tuple[int, ...]
+    slot_node: Tensor  # [gat, gat]: the slot head's first layer on the node half
+    slot_out: tuple[Tensor, Tensor]  # last layer weight [gat, 1] and bias
+    blueprint_node: Tensor
+    blueprint_out: tuple[Tensor, Tensor]
+
+
+_generations = itertools.count()
 
 
 class _DenseKernel:
@@ -120,11 +161,27 @@ class _DenseKernel:
         self._types = types
         self._relations = relations
         self._cache: dict[int, tuple[tuple[int, ...], object]] = {}
+        # Where each owner's parameters live (module, name), found once: walking the module tree on every
+        # decision cost more than the check itself. The slots are read afresh, so a replaced parameter
+        # object is still seen.
+        self._slots: dict[tuple[int, ...], list[tuple[dict[str, nn.Parameter | None], str]]] = {}
 
-    @staticmethod
-    def _key(*modules: nn.Module) -> tuple[int, ...]:
-        params = [p for module in modules for p in module.parameters()]
-        return tuple(p._version for p in params) + tuple(id(p) for p in params)
+    def _key(self, *modules: nn.Module) -> tuple[int, ...]:
+        ident = tuple(id(module) for module in modules)
+        slots = self._slots.get(ident)
+        if slots is None:
+            slots = [
+                (sub._parameters, name)
+                for module in modules
+                for sub in module.modules()
+                for name, param in sub._parameters.items()
+                if param is not None
+            ]
+            self._slots[ident] = slots
+        params = [owner[name] for owner, name in slots]
+        # An inference-mode parameter has no version counter (and can only change inside inference mode).
+        versions = tuple(-1 if p is None or p.is_inference() else p._version for p in params)
+        return versions + tuple(id(p) for p in params)
 
     def sage(self, convs: dict[EdgeKey, SAGEConv], root: nn.ModuleDict, owner: nn.Module) -> _PackedSage:
         """The packed weights of one SAGE layer (`owner` holds the convolutions, `root` the root maps)."""
@@ -132,20 +189,32 @@ class _DenseKernel:
         cached = self._cache.get(id(owner))
         if cached is not None and cached[0] == key:
             return cached[1]  # type: ignore[return-value]
-        weight, bias, incoming = {}, {}, {}
+        roots, bias, incoming = {}, {}, {}
         for name in self._types:
-            rels = tuple(rel for rel in self._relations if rel[2] == name)
             lin_root: nn.Linear = root[name]  # type: ignore[assignment]
-            parts = [lin_root.weight] + [convs[rel].lin_l.weight for rel in rels]
+            rels = tuple(rel for rel in self._relations if rel[2] == name)
             total = lin_root.bias
             for rel in rels:
                 if convs[rel].lin_l.bias is not None:
                     total = total + convs[rel].lin_l.bias
-            weight[name] = torch.cat(parts, dim=1).t().contiguous()
+            roots[name] = lin_root.weight.t().contiguous()
             bias[name] = total.detach().clone()
             incoming[name] = rels
-        packed = _PackedSage(weight, bias, incoming)
+        relation = {rel: convs[rel].lin_l.weight.t().contiguous() for rel in self._relations}
+        packed = _PackedSage(roots, bias, relation, incoming)
         self._cache[id(owner)] = (key, packed)
+        return packed
+
+    def heads(self, model: TamiyoGNN) -> _PackedHeads:
+        """The packed heads (see `_PackedHeads`)."""
+        modules: tuple[nn.Module, ...] = (model.slot_head, model.blueprint_head, model.action_head)
+        modules += (model.blend_head, model.schedule_head, model.lr_head, model.value_head)
+        key = self._key(*modules)
+        cached = self._cache.get(id(model.slot_head))
+        if cached is not None and cached[0] == key:
+            return cached[1]  # type: ignore[return-value]
+        packed = _pack_heads(model)
+        self._cache[id(model.slot_head)] = (key, packed)
         return packed
 
     def gat(self, convs: dict[EdgeKey, GATConv], owner: nn.Module) -> _PackedGat:
@@ -175,25 +244,76 @@ class _DenseKernel:
             edge_map[rel] = _attention_map(conv.lin_edge, conv.att_edge, heads, channels).contiguous()
             bias[rel] = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(heads * channels)
         weight = {name: torch.cat(parts, dim=1).contiguous() for name, parts in columns.items() if parts}
-        packed = _PackedGat(weight, slices, edge_map, bias)
+        bias_by_type: dict[str, Tensor] = {}
+        for rel in self._relations:
+            dst = rel[2]
+            bias_by_type[dst] = bias_by_type[dst] + bias[rel] if dst in bias_by_type else bias[rel].clone()
+        packed = _PackedGat(weight, slices, edge_map, bias, bias_by_type, next(_generations))
         self._cache[id(owner)] = (key, packed)
         return packed
+
+
+def _pack_heads(model: TamiyoGNN) -> _PackedHeads:
+    gat = model.config.gat_dim
+    slot_in: nn.Linear = model.slot_head[0]  # type: ignore[assignment]
+    slot_out: nn.Linear = model.slot_head[2]  # type: ignore[assignment]
+    bp_in: nn.Linear = model.blueprint_head[0]  # type: ignore[assignment]
+    bp_out: nn.Linear = model.blueprint_head[2]  # type: ignore[assignment]
+    plain = (model.action_head, model.blend_head, model.schedule_head, model.lr_head, model.value_head)
+    weights: list[Tensor] = [slot_in.weight[:, gat:], bp_in.weight[:, gat:], *(head.weight for head in plain)]
+    biases: list[Tensor] = [slot_in.bias, bp_in.bias, *(head.bias for head in plain)]
+    return _PackedHeads(
+        context_weight=torch.cat(weights, dim=0).t().contiguous(),
+        context_bias=torch.cat(biases).detach().clone(),
+        splits=tuple(int(w.shape[0]) for w in weights),
+        slot_node=slot_in.weight[:, :gat].t().contiguous(),
+        slot_out=(slot_out.weight.t().contiguous(), slot_out.bias.detach().clone()),
+        blueprint_node=bp_in.weight[:, :gat].t().contiguous(),
+        blueprint_out=(bp_out.weight.t().contiguous(), bp_out.bias.detach().clone()),
+    )
 
 
 def _dense_attention(
     relation: _DenseRelation, *, heads: int, src: Tensor, a_src: Tensor, a_dst: Tensor, edge: Tensor | None
 ) -> Tensor:
     """GATConv's aggregation on dense blocks: softmax of leaky-ReLU logits over each destination's
-    incoming edges, weighted sum of source features. Destinations without edges get 0 (PyG: 0 + bias)."""
+    incoming edges, weighted sum of source features. Destinations without edges get 0 (PyG: 0 + bias).
+
+    Logits are laid out [H, n_dst, n_src] (contiguous), so the weighted sum is one batched GEMM.
+    `edge` is the edge term in the same layout."""
     n_dst, n_src = relation.mask.shape
-    logits = a_dst[:, None, :] + a_src[None, :, :]
+    logits = a_dst.t()[:, :, None] + a_src.t()[:, None, :]
     if edge is not None:
-        logits = logits + edge
-    logits = torch.nn.functional.leaky_relu(logits, 0.2) + relation.log_mask
-    weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # a row of -inf (no edge) -> NaN -> 0
+        logits += edge
+    torch.nn.functional.leaky_relu_(logits, 0.2)
+    if not relation.complete:
+        logits += relation.log_mask
+    weights = torch.softmax(logits, dim=2)
+    if relation.empty_rows:
+        weights = weights.nan_to_num_(0.0)  # a row of -inf (no edge) -> NaN -> 0
     channels = src.shape[1] // heads
-    out = torch.matmul(weights.permute(2, 0, 1), src.view(n_src, heads, channels).transpose(0, 1))
+    out = torch.bmm(weights, src.view(n_src, heads, channels).transpose(0, 1))
     return out.transpose(0, 1).reshape(n_dst, heads * channels)
+
+
+def _on(tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` on `device`, without a dispatch when it is already there (the usual case)."""
+    return tensor if tensor.device == device else tensor.to(device)
+
+
+def _version(tensor: Tensor) -> int | None:
+    """The in-place version counter, or None for an inference tensor (which has none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def _unchanged(cached: Tensor, version: int | None, current: Tensor) -> bool:
+    """`current` holds what `cached` held when its blocks were built: the very same, unmodified tensor
+    (the builder reuses a topology's tensors), or equal contents; a modified cached tensor never matches."""
+    if version is None or cached._version != version:
+        return False
+    if cached is current:
+        return True
+    return cached.shape == current.shape and cached.dtype == current.dtype and torch.equal(cached, current)
 
 
 def _no_checkpoint() -> None:
@@ -259,7 +379,12 @@ class TamiyoGNN(nn.Module):
         # Inference without autograd runs the dense kernel (same weights, same function, far fewer ops).
         self.dense_inference = True
         self._kernel = _DenseKernel(self._types, self._relations)
-        self._adjacency_cache: dict[EdgeKey, tuple[Tensor, Tensor, _DenseRelation]] = {}
+        # Per relation: the edges and edge features the cached dense blocks were built from, with the
+        # version counters they had then (the builder hands the same tensors while the topology holds).
+        self._adjacency_cache: dict[
+            EdgeKey, tuple[Tensor, int | None, Tensor, int | None, _DenseRelation]
+        ] = {}
+        self._zero_attr: dict[EdgeKey, Tensor] = {}  # zero features of featureless relations (read-only)
 
     @property
     def device(self) -> torch.device:
@@ -284,13 +409,17 @@ class TamiyoGNN(nn.Module):
             if attr is None:
                 if self._declared_edge_features[key]:
                     raise GraphSchemaError(f"gnn.edge_attr[{key}]", "declared edge features are missing")
-                attr = torch.zeros((count, self._edge_dims[key]))
+                zeros = self._zero_attr.get(key)
+                if zeros is None or zeros.shape[0] != count:
+                    with torch.inference_mode(False):  # a normal tensor: its version is tracked
+                        zeros = self._zero_attr[key] = torch.zeros((count, self._edge_dims[key]))
+                attr = zeros
             if attr.shape != (count, self._edge_dims[key]):
                 raise GraphSchemaError(
                     f"gnn.edge_attr[{key}]",
                     f"shape {tuple(attr.shape)}, expected ({count}, {self._edge_dims[key]})",
                 )
-            attrs[key] = attr.to(device)
+            attrs[key] = _on(attr, device)
         return attrs
 
     def forward(self, graph: TamiyoGraph, checkpoint: Checkpoint = _no_checkpoint) -> GNNOutput:
@@ -356,88 +485,155 @@ class TamiyoGNN(nn.Module):
         for key in self._relations:
             src, _, dst = key
             n_src, n_dst = graph.x[src].shape[0], graph.x[dst].shape[0]
-            index = graph.edge_index[key].to(device)
+            index = _on(graph.edge_index[key], device)
+            attr_in = edge_attr[key]
             # A run's topology rarely changes between decisions: reuse the blocks of identical edges.
             cached = self._adjacency_cache.get(key)
-            if (
-                cached is not None
-                and cached[2].mask.shape == (n_dst, n_src)
-                and cached[0].shape == index.shape
-                and cached[1].shape == edge_attr[key].shape
-                and torch.equal(cached[0], index)
-                and torch.equal(cached[1], edge_attr[key])
-            ):
-                dense[key] = cached[2]
-                continue
+            if cached is not None:
+                old_index, index_version, old_attr, attr_version, blocks = cached
+                if (
+                    blocks.mask.shape == (n_dst, n_src)
+                    and _unchanged(old_index, index_version, index)
+                    and _unchanged(old_attr, attr_version, attr_in)
+                ):
+                    dense[key] = blocks
+                    continue
             count = torch.zeros((n_dst, n_src), device=device)
             count.index_put_((index[1], index[0]), torch.ones(index.shape[1], device=device), accumulate=True)
             if index.shape[1] and bool(count.max() > 1):
                 return None
             attr = torch.zeros((n_dst, n_src, self._edge_dims[key]), device=device)
             attr[index[1], index[0]] = edge_attr[key]
-            degree = count.sum(1, keepdim=True).clamp(min=1.0)
+            in_degree = count.sum(1, keepdim=True)
+            degree = in_degree.clamp(min=1.0)
             mask = count > 0
-            log_mask = torch.zeros((n_dst, n_src, 1), device=device).masked_fill(
-                ~mask[:, :, None], float("-inf")
+            log_mask = torch.zeros((1, n_dst, n_src), device=device).masked_fill(~mask[None], float("-inf"))
+            dense[key] = _DenseRelation(
+                mask=mask,
+                mean=count / degree,
+                attr=attr,
+                log_mask=log_mask,
+                single=bool(in_degree.max() <= 1) if n_dst else True,
+                complete=bool(mask.all()),
+                empty_rows=bool((in_degree == 0).any()),
             )
-            dense[key] = _DenseRelation(mask=mask, mean=count / degree, attr=attr, log_mask=log_mask)
-            self._adjacency_cache[key] = (index.clone(), edge_attr[key].clone(), dense[key])
+            self._adjacency_cache[key] = (index, _version(index), attr_in, _version(attr_in), dense[key])
         return dense
 
     def _forward_dense(
         self, graph: TamiyoGraph, adjacency: dict[EdgeKey, _DenseRelation], checkpoint: Checkpoint
     ) -> GNNOutput:
         device = self.device
-        h = self._encode(graph, device)
+        linear = torch.nn.functional.linear
+        h: dict[str, Tensor] = {}
+        for name in self._types:
+            encoder: nn.Linear = self.encoders[name][0]  # type: ignore[index]
+            features = _on(torch.cat([graph.x[name], graph.mask[name]], dim=1), device)
+            h[name] = torch.relu_(linear(features, encoder.weight, encoder.bias))
+        rows = {name: h[name].shape[0] for name in self._types}
+        # Each relation multiplies its weight with the smaller of its node sets (see _PackedSage).
+        project_first = {rel: rows[rel[0]] < rows[rel[2]] for rel in self._relations}
         for convs, root, owner in zip(self._sage_convs, self.sage_root, self.sage, strict=True):
             checkpoint()
             sage = self._kernel.sage(convs, root, owner)  # type: ignore[arg-type]
-            # SAGE (mean aggregation, no root weight) summed over relations, plus the root transform:
-            # one product per type of [h | A_r @ h_src ...] with the packed [root | lin_l ...] weights.
-            h = {
-                name: torch.relu(
-                    torch.addmm(
-                        sage.bias[name],
-                        torch.cat(
-                            [h[name], *(adjacency[rel].mean @ h[rel[0]] for rel in sage.relations[name])], 1
-                        ),
-                        sage.weight[name],
-                    )
-                )
-                + h[name]
-                for name in self._types
-            }
+            new: dict[str, Tensor] = {}
+            for name in self._types:
+                checkpoint()  # per node type: a late decision stops within a fraction of a layer
+                acc = torch.addmm(sage.bias[name], h[name], sage.root[name])
+                for rel in sage.incoming[name]:
+                    mean, neighbours = adjacency[rel].mean, h[rel[0]]
+                    if project_first[rel]:
+                        acc.addmm_(mean, torch.mm(neighbours, sage.relation[rel]))
+                    else:
+                        acc.addmm_(torch.mm(mean, neighbours), sage.relation[rel])
+                new[name] = torch.relu_(acc).add_(h[name])
+            h = new
         pre = h
-        h = {name: self.gat_skip[name](pre[name]) for name in self._types}
+        h = {}
+        for name in self._types:
+            skip: nn.Linear = self.gat_skip[name]  # type: ignore[assignment]
+            h[name] = linear(pre[name], skip.weight, skip.bias)
         for index, (convs, owner) in enumerate(zip(self._gat_convs, self.gat, strict=True)):
             checkpoint()
             gat = self._kernel.gat(convs, owner)
             source = pre if index == 0 else h
-            projected = {name: source[name] @ weight for name, weight in gat.weight.items()}
+            projected = {name: torch.mm(source[name], weight) for name, weight in gat.weight.items()}
             out: dict[str, Tensor] = {}
             for rel, relation in adjacency.items():
                 n_dst, n_src = relation.mask.shape
                 if n_src == 0 or n_dst == 0:
-                    term = gat.bias[rel].expand(n_dst, -1)
+                    continue
+                checkpoint()  # no edges: PyG gives 0 (+ the bias, added below for every relation)
+                src = gat.part(projected, rel, "src")
+                if relation.single:
+                    # One edge per destination at most: its softmax weight is exactly 1.
+                    term = torch.mm(relation.mean, src)
                 else:
-                    edge = relation.attr @ gat.edge_map[rel] if self._declared_edge_features[rel] else None
-                    heads = gat.edge_map[rel].shape[1]
+                    edge = None
+                    if self._declared_edge_features[rel]:
+                        edge = relation.edge_logits.get(gat.generation)
+                        if edge is None:
+                            relation.edge_logits.clear()
+                            edge = relation.edge_logits[gat.generation] = (
+                                (relation.attr @ gat.edge_map[rel]).permute(2, 0, 1).contiguous()
+                            )
                     term = _dense_attention(
                         relation,
-                        heads=heads,
-                        src=gat.part(projected, rel, "src"),
+                        heads=gat.edge_map[rel].shape[1],
+                        src=src,
                         a_src=gat.part(projected, rel, "a_src"),
                         a_dst=gat.part(projected, rel, "a_dst"),
                         edge=edge,
                     )
-                    term = term + gat.bias[rel]
-                out[rel[2]] = out[rel[2]] + term if rel[2] in out else term
+                dst = rel[2]
+                if dst in out:
+                    out[dst] += term
+                else:
+                    out[dst] = term
             h = {
-                name: torch.nn.functional.elu(out[name]) + h[name] if name in out else h[name]
+                name: torch.nn.functional.elu(
+                    out[name] + gat.bias_by_type[name]
+                    if name in out
+                    else gat.bias_by_type[name].expand(h[name].shape[0], -1)
+                )
+                + h[name]
+                if name in gat.bias_by_type
+                else h[name]
                 for name in self._types
             }
         checkpoint()
-        return self._heads(graph, h, device)
+        if graph.num_graphs != 1:
+            return self._heads(graph, h, device)
+        return self._heads_dense(h)
+
+    def _heads_dense(self, h: dict[str, Tensor]) -> GNNOutput:
+        """`_heads` for one graph with the packed head weights (same function, a third of the ops)."""
+        heads = self._kernel.heads(self)
+        pooled = torch.cat(
+            [
+                h[name].mean(0, keepdim=True) if h[name].shape[0] else h[name].new_zeros(1, h[name].shape[1])
+                for name in self._types
+            ],
+            dim=1,
+        )
+        readout: nn.Linear = self.readout[0]  # type: ignore[assignment]
+        context = torch.relu_(torch.nn.functional.linear(pooled, readout.weight, readout.bias))
+        slot_ctx, bp_ctx, action, blend, schedule, lr, value = torch.split_with_sizes(
+            torch.addmm(heads.context_bias, context, heads.context_weight), list(heads.splits), dim=1
+        )
+        slot_hidden = torch.relu_(torch.addmm(slot_ctx, h["slot"], heads.slot_node))
+        bp_hidden = torch.relu_(torch.addmm(bp_ctx, h["blueprint"], heads.blueprint_node))
+        return GNNOutput(
+            action_logits=action,
+            slot_scores=torch.addmm(heads.slot_out[1], slot_hidden, heads.slot_out[0]).squeeze(-1),
+            blueprint_scores=torch.addmm(heads.blueprint_out[1], bp_hidden, heads.blueprint_out[0]).squeeze(
+                -1
+            ),
+            blend_logits=blend,
+            schedule_logits=schedule,
+            lr_logits=lr,
+            value=value.squeeze(-1),
+        )
 
     def _encode(self, graph: TamiyoGraph, device: torch.device) -> dict[str, Tensor]:
         return {

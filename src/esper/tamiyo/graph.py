@@ -19,8 +19,10 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from esper.tamiyo.settings import TamiyoSettings
 
 EdgeKey = tuple[str, str, str]
+_Array = npt.NDArray[Any]
 BlueprintLookup = Callable[[str], "pb.BlueprintDescriptor | None"]
 
 
@@ -426,7 +429,11 @@ class InMemoryNormalizerStore:
 
 
 class FeatureNormalizer:
-    """Per-feature running mean/variance (Welford, batched), kept through a `NormalizerStore`."""
+    """Per-feature running mean/variance (Welford, batched), kept through a `NormalizerStore`.
+
+    The statistics are a few dozen float64 numbers: they are kept and updated as NumPy arrays, where one
+    operation costs a microsecond instead of a tensor operation's several (commit runs once per decision).
+    """
 
     def __init__(self, schema: GraphSchema, store: NormalizerStore | None, flush_every: int) -> None:
         self._schema = schema
@@ -434,16 +441,16 @@ class FeatureNormalizer:
         self._flush_every = flush_every
         self._lock = threading.Lock()
         self._updates_since_flush = 0
-        self._pending: list[tuple[str, Tensor, Tensor]] = []
-        self._scaled: dict[str, tuple[Tensor, Tensor]] = {}
-        self._count: dict[str, Tensor] = {}
-        self._mean: dict[str, Tensor] = {}
-        self._m2: dict[str, Tensor] = {}
+        self._pending: list[tuple[str, _Array, _Array]] = []
+        self._scaled: dict[str, tuple[_Array, _Array]] = {}
+        self._count: dict[str, _Array] = {}
+        self._mean: dict[str, _Array] = {}
+        self._m2: dict[str, _Array] = {}
         for spec in schema.node_types:
             width = len(spec.continuous)
-            self._count[spec.name] = torch.zeros(width, dtype=torch.float64)
-            self._mean[spec.name] = torch.zeros(width, dtype=torch.float64)
-            self._m2[spec.name] = torch.zeros(width, dtype=torch.float64)
+            self._count[spec.name] = np.zeros(width, dtype=np.float64)
+            self._mean[spec.name] = np.zeros(width, dtype=np.float64)
+            self._m2[spec.name] = np.zeros(width, dtype=np.float64)
         saved = store.load() if store is not None else None
         if saved is not None:
             self._restore(saved)
@@ -456,9 +463,9 @@ class FeatureNormalizer:
                 raise GraphSchemaError(
                     f"normaliser[{name}]", f"saved statistics have the wrong width (expected {width})"
                 )
-            self._count[name] = torch.tensor(state.count, dtype=torch.float64)
-            self._mean[name] = torch.tensor(state.mean, dtype=torch.float64)
-            self._m2[name] = torch.tensor(state.m2, dtype=torch.float64)
+            self._count[name] = np.array(state.count, dtype=np.float64)
+            self._mean[name] = np.array(state.mean, dtype=np.float64)
+            self._m2[name] = np.array(state.m2, dtype=np.float64)
 
     @property
     def flush_due(self) -> bool:
@@ -474,44 +481,56 @@ class FeatureNormalizer:
         are queued and folded in by `commit()` (the service calls it after the decision, off the deadline;
         the next `normalize` or `states` does it otherwise).
         """
-        width = values.shape[1]
-        if width == 0 or values.shape[0] == 0:
+        if values.shape[1] == 0 or values.shape[0] == 0:
+            return values
+        array = values.detach().cpu().numpy().astype(np.float32)
+        mask = present.detach().cpu().numpy().astype(np.float32)
+        return torch.from_numpy(self.normalize_array(name, array, mask, update=update))
+
+    def normalize_array(self, name: str, values: _Array, present: _Array, *, update: bool) -> _Array:
+        """`normalize` on float32 NumPy arrays (the builder's path: no tensor operations)."""
+        if values.shape[1] == 0 or values.shape[0] == 0:
             return values
         with self._lock:
             mean, scale = self._scaled.get(name) or self._scale(name)
             if update:
                 self._pending.append((name, values, present))
-        return ((values - mean) / scale).clamp(-10.0, 10.0) * present
+        out: _Array = np.clip((values - mean) / scale, -10.0, 10.0) * present
+        return out
 
-    def _scale(self, name: str) -> tuple[Tensor, Tensor]:
+    def _scale(self, name: str) -> tuple[_Array, _Array]:
         count = self._count[name]
-        std = torch.where(count > 1, (self._m2[name] / (count - 1).clamp(min=1)).sqrt(), 1.0)
-        self._scaled[name] = (self._mean[name].float(), std.float().clamp(min=1e-3))
+        std = np.where(count > 1, np.sqrt(self._m2[name] / np.maximum(count - 1, 1)), 1.0)
+        self._scaled[name] = (
+            self._mean[name].astype(np.float32),
+            np.maximum(std.astype(np.float32), np.float32(1e-3)),
+        )
         return self._scaled[name]
 
     def commit(self) -> None:
         """Fold the queued values into the running statistics."""
         with self._lock:
+            if not self._pending:
+                return
             pending, self._pending = self._pending, []
             for name, values, present in pending:
-                self._update(name, values.double(), present.double())
+                self._update(name, values.astype(np.float64), present.astype(np.float64))
             for name in {name for name, _, _ in pending}:
                 self._scale(name)  # ready for the next graph, so normalising costs no statistics work
 
-    def _update(self, name: str, values: Tensor, present: Tensor) -> None:
+    def _update(self, name: str, values: _Array, present: _Array) -> None:
         batch_count = present.sum(0)
-        if not bool((batch_count > 0).any()):
+        if not (batch_count > 0).any():
             return
-        batch_mean = (values * present).sum(0) / batch_count.clamp(min=1)
+        batch_mean = (values * present).sum(0) / np.maximum(batch_count, 1)
         batch_m2 = (((values - batch_mean) * present) ** 2).sum(0)
         count, mean, m2 = self._count[name], self._mean[name], self._m2[name]
         total = count + batch_count
         delta = batch_mean - mean
-        safe_total = total.clamp(min=1)
-        self._mean[name] = torch.where(batch_count > 0, mean + delta * batch_count / safe_total, mean)
-        self._m2[name] = torch.where(
-            batch_count > 0, m2 + batch_m2 + delta**2 * count * batch_count / safe_total, m2
-        )
+        safe_total = np.maximum(total, 1)
+        observed = batch_count > 0
+        self._mean[name] = np.where(observed, mean + delta * batch_count / safe_total, mean)
+        self._m2[name] = np.where(observed, m2 + batch_m2 + delta**2 * count * batch_count / safe_total, m2)
         self._count[name] = total
         self._updates_since_flush += 1
 
@@ -546,6 +565,15 @@ _LAYER_KINDS = ("linear", "conv")
 _SLOT_KINDS = ("mlp", "conv")
 _TIERS = (pb.BLUEPRINT_TIER_SAFE, pb.BLUEPRINT_TIER_EXPERIMENTAL, pb.BLUEPRINT_TIER_HIGH_RISK)
 _ACTION_INDEX = {action: index for index, action in enumerate(ACTIONS)}
+# A seed stage as its one-hot stage columns (see `_STAGE_COLUMNS`); unlisted stages have none set.
+_NO_STAGE: tuple[float, ...] = (0.0,) * len(_STAGE_COLUMNS)
+_STAGE_ROWS: dict[int, tuple[float, ...]] = {
+    code: tuple(float(column == index) for index in range(len(_STAGE_COLUMNS)))
+    for column, (_, codes) in enumerate(_STAGE_COLUMNS)
+    for code in codes
+}
+# Presence of a slot's columns after `width_log` when the slot has no seed state.
+_ABSENT_STATE: tuple[float, ...] = (0.0,) * 8 + (1.0, 1.0, 1.0) + (0.0,) * len(_STAGE_COLUMNS)
 
 
 def _log1p(values: list[float]) -> Tensor:
@@ -566,6 +594,29 @@ class _Missing:
     def add(self, node_type: str, keys: set[str]) -> None:
         if keys:
             self.keys.setdefault(node_type, set()).update(keys)
+
+
+@dataclass(frozen=True)
+class _Topology:
+    """What a graph takes from `packet.topology` alone, computed once per distinct topology.
+
+    A run's layers and slots change only when the host grows, so the validation of the topology, the cap
+    on layers and slots, the layer features and the edges among global, layers and slots are reused from
+    one decision to the next (keyed by the serialised topology). The tensors are shared by the graphs
+    built from it and are read-only.
+    """
+
+    key: bytes
+    n_layers_all: int
+    n_slots_all: int
+    layers: list[pb.LayerDescriptor]
+    slots: list[pb.SlotDescriptor]
+    slot_ids: frozenset[str]  # every slot of the topology (before the caps)
+    slot_layer: Tensor  # [kept slots] index of each kept slot's layer
+    layer_features: tuple[_Array, _Array]
+    edge_index: dict[EdgeKey, Tensor]  # the relations among global, layers and slots
+    edge_attr: dict[EdgeKey, Tensor]
+    offered: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # n_bps -> see _offered
 
 
 class GraphBuilder:
@@ -591,28 +642,57 @@ class GraphBuilder:
         self._max_blueprints = settings.max_blueprints
         self._metadata = blueprint_metadata
         self.normalizer = FeatureNormalizer(schema, normalizer_store, settings.normalizer_flush_every)
+        self._topology: _Topology | None = None
 
-    def build(self, packet: pb.SystemStatePacket, *, update_stats: bool = True) -> TamiyoGraph:
-        """The graph of `packet`; raises `GraphSchemaError` when the packet does not fit the schema."""
-        self.normalizer.commit()  # earlier graphs' values, unless the service already folded them in
-        missing = _Missing()
+    def _topology_of(self, packet: pb.SystemStatePacket) -> _Topology:
+        """The validated, capped topology of `packet`: the cached one when the topology is unchanged."""
+        key = packet.topology.SerializeToString(deterministic=True)
+        cached = self._topology
+        if cached is not None and cached.key == key:
+            return cached
         layers_all = list(packet.topology.layers)
         slots_all = list(packet.topology.slots)
-        blueprints_all = list(packet.blueprint_ids)
         layer_ids_all = [layer.layer_id for layer in layers_all]
         self._check_unique("topology.layers", layer_ids_all)
         self._check_unique("topology.slots", [slot.slot_id for slot in slots_all])
-        self._check_unique("blueprint_ids", blueprints_all)
         layer_set = set(layer_ids_all)
         for slot in slots_all:
             if slot.layer_id not in layer_set:
                 raise GraphSchemaError(
                     f"slot {slot.slot_id!r}", f"layer {slot.layer_id!r} is not in the topology"
                 )
-        slot_set = {slot.slot_id for slot in slots_all}
+        # Caps: nodes first, then every edge is built from the kept nodes only.
+        layers = layers_all[: self._max_layers]
+        kept_layers = {layer.layer_id: index for index, layer in enumerate(layers)}
+        slots_on_kept = [slot for slot in slots_all if slot.layer_id in kept_layers]
+        slots = slots_on_kept[: self._max_slots]
+        slot_layer = torch.tensor([kept_layers[slot.layer_id] for slot in slots], dtype=torch.long)
+        edge_index, edge_attr = self._topology_edges(layers, slots, slot_layer)
+        topology = _Topology(
+            key=key,
+            n_layers_all=len(layers_all),
+            n_slots_all=len(slots_all),
+            layers=layers,
+            slots=slots,
+            slot_ids=frozenset(slot.slot_id for slot in slots_all),
+            slot_layer=slot_layer,
+            layer_features=self._layer_features(layers, slot_layer),
+            edge_index=edge_index,
+            edge_attr=edge_attr,
+        )
+        self._topology = topology
+        return topology
+
+    def build(self, packet: pb.SystemStatePacket, *, update_stats: bool = True) -> TamiyoGraph:
+        """The graph of `packet`; raises `GraphSchemaError` when the packet does not fit the schema."""
+        self.normalizer.commit()  # earlier graphs' values, unless the service already folded them in
+        missing = _Missing()
+        topology = self._topology_of(packet)
+        blueprints_all = list(packet.blueprint_ids)
+        self._check_unique("blueprint_ids", blueprints_all)
         states: dict[str, pb.SeedState] = {}
         for state in packet.seed_states:
-            if state.slot_id not in slot_set:
+            if state.slot_id not in topology.slot_ids:
                 raise GraphSchemaError(
                     f"seed {state.seed_id!r}", f"slot {state.slot_id!r} is not in the topology"
                 )
@@ -620,15 +700,11 @@ class GraphBuilder:
                 raise GraphSchemaError(f"slot {state.slot_id!r}", "has more than one seed state")
             states[state.slot_id] = state
 
-        # Caps: nodes first, then every edge is built from the kept nodes only.
-        layers = layers_all[: self._max_layers]
-        kept_layers = {layer.layer_id: index for index, layer in enumerate(layers)}
-        slots_on_kept = [slot for slot in slots_all if slot.layer_id in kept_layers]
-        slots = slots_on_kept[: self._max_slots]
+        layers, slots = topology.layers, topology.slots
         blueprints = blueprints_all[: self._max_blueprints]
         dropped_nodes = {
-            "layer": len(layers_all) - len(layers),
-            "slot": len(slots_all) - len(slots),
+            "layer": topology.n_layers_all - len(layers),
+            "slot": topology.n_slots_all - len(slots),
             "blueprint": len(blueprints_all) - len(blueprints),
         }
         slot_states = [states.get(slot.slot_id) for slot in slots]
@@ -638,24 +714,23 @@ class GraphBuilder:
         if missing_states:
             missing.add("slot", {f"seed_state[{sid}]" for sid in missing_states})
 
-        slot_layer = torch.tensor([kept_layers[slot.layer_id] for slot in slots], dtype=torch.long)
-        stages = torch.tensor([s.stage if s is not None else 0 for s in slot_states], dtype=torch.long)
-        used_blueprints = [s.blueprint_id if s is not None else "" for s in slot_states]
+        # Per-slot facts as plain lists; features are NumPy arrays until the graph's tensors are made.
+        stages = [s.stage if s is not None else 0 for s in slot_states]
+        active = [stage in ACTIVE_STAGES for stage in stages]
         bp_index = {bid: index for index, bid in enumerate(blueprints)}
-        slot_bp = torch.tensor([bp_index.get(bid, -1) for bid in used_blueprints], dtype=torch.long)
-        active = torch.isin(stages, torch.tensor(ACTIVE_STAGES))
+        slot_bp = [bp_index.get(s.blueprint_id, -1) if s is not None else -1 for s in slot_states]
 
-        raw: dict[str, tuple[Tensor, Tensor]] = {
+        raw: dict[str, tuple[_Array, _Array]] = {
             "global": self._global_features(
                 packet,
                 n_layers=len(layers),
                 n_slots=len(slots),
                 n_blueprints=len(blueprints),
-                active=active,
+                active_fraction=sum(active) / len(active) if active else 0.0,
                 missing=missing,
             ),
-            "layer": self._layer_features(layers, slot_layer),
-            "slot": self._slot_features(slots, slot_states, stages, active, missing),
+            "layer": topology.layer_features,
+            "slot": self._slot_features(slots, slot_states, active, missing),
             "blueprint": self._blueprint_features(blueprints, slot_bp, active, missing),
         }
         if missing.keys and self._strict:
@@ -663,20 +738,24 @@ class GraphBuilder:
 
         x: dict[str, Tensor] = {}
         mask: dict[str, Tensor] = {}
+        present_fraction: dict[str, float] = {}
         for spec in self.schema.node_types:
             values, present = raw[spec.name]
             width = len(spec.continuous)
-            normed = self.normalizer.normalize(
+            normed = self.normalizer.normalize_array(
                 spec.name, values[:, :width], present[:, :width], update=update_stats
             )
-            x[spec.name] = torch.cat([normed, values[:, width:] * present[:, width:]], dim=1)
-            mask[spec.name] = present
+            x[spec.name] = torch.from_numpy(
+                np.concatenate([normed, values[:, width:] * present[:, width:]], axis=1, dtype=np.float32)
+            )
+            mask[spec.name] = torch.from_numpy(present)
+            present_fraction[spec.name] = float(present.mean()) if present.size else 1.0
 
-        edge_index, edge_attr = self._edges(layers, slots, blueprints, slot_layer, slot_bp)
+        edge_index, edge_attr = self._edges(topology, len(blueprints), slot_bp)
         full_edges = {
-            "layer__feeds__layer": max(len(layers_all) - 1, 0) - max(len(layers) - 1, 0),
-            "layer__hosts__slot": len(slots_all) - len(slots),
-            "blueprint__offered_to__slot": len(slots_all) * len(blueprints_all)
+            "layer__feeds__layer": max(topology.n_layers_all - 1, 0) - max(len(layers) - 1, 0),
+            "layer__hosts__slot": topology.n_slots_all - len(slots),
+            "blueprint__offered_to__slot": topology.n_slots_all * len(blueprints_all)
             - len(slots) * len(blueprints),
         }
         dropped_edges = {
@@ -687,7 +766,7 @@ class GraphBuilder:
             "layer__summarises__global": dropped_nodes["layer"],
         }
         coverage = GraphCoverage(
-            present_fraction={name: float(mask[name].mean()) if mask[name].numel() else 1.0 for name in mask},
+            present_fraction=present_fraction,
             missing={k: tuple(sorted(v)) for k, v in sorted(missing.keys.items())},
             dropped_nodes=dropped_nodes,
             dropped_edges=dropped_edges,
@@ -723,9 +802,9 @@ class GraphBuilder:
         n_layers: int,
         n_slots: int,
         n_blueprints: int,
-        active: Tensor,
+        active_fraction: float,
         missing: _Missing,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[_Array, _Array]:
         spec = self.schema.node("global")
         values = [
             math.log1p(packet.current_epoch),
@@ -737,7 +816,7 @@ class GraphBuilder:
             math.log1p(n_layers),
             math.log1p(n_slots),
             math.log1p(n_blueprints),
-            float(active.float().mean()) if n_slots else 0.0,
+            active_fraction,
         ]
         present = [1.0] * len(values)
         absent: set[str] = set()
@@ -762,12 +841,13 @@ class GraphBuilder:
                 present.append(0.0)
                 absent.add(f"training_metrics[{key}]")
         missing.add("global", absent)
-        row = torch.tensor([values], dtype=torch.float32)
+        row = np.array([values], dtype=np.float32)
         if row.shape[1] != spec.dim:
             raise GraphSchemaError("global", f"built {row.shape[1]} features, schema declares {spec.dim}")
-        return torch.nan_to_num(row), torch.tensor([present], dtype=torch.float32)
+        return np.nan_to_num(row), np.array([present], dtype=np.float32)
 
-    def _layer_features(self, layers: list[pb.LayerDescriptor], slot_layer: Tensor) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _layer_features(layers: list[pb.LayerDescriptor], slot_layer: Tensor) -> tuple[_Array, _Array]:
         count = len(layers)
         widths = _log1p([layer.width for layer in layers])
         depths = torch.tensor([layer.depth for layer in layers], dtype=torch.float32)
@@ -784,128 +864,121 @@ class GraphBuilder:
                 _one_hot(kinds, 3),
             ],
             dim=1,
-        )
-        return values, torch.ones_like(values)
+        ).numpy()
+        return values, np.ones_like(values)
 
     def _slot_features(
         self,
         slots: list[pb.SlotDescriptor],
         states: list[pb.SeedState | None],
-        stages: Tensor,
-        active: Tensor,
+        active: list[bool],
         missing: _Missing,
-    ) -> tuple[Tensor, Tensor]:
-        count = len(slots)
-        has_state = torch.tensor([s is not None for s in states], dtype=torch.float32)
-        widths = _log1p([slot.width for slot in slots])
-        grad = _log1p([abs(s.gradient_norm) if s is not None else 0.0 for s in states])
-        lr = torch.tensor([s.learning_rate if s is not None else 0.0 for s in states], dtype=torch.float32)
-        age = _log1p([s.age_epochs if s is not None else 0 for s in states])
-        risk = torch.tensor([s.risk_score if s is not None else 0.0 for s in states], dtype=torch.float32)
-        # Seed metrics: a matrix [slots, keys] with presence, read once per key.
-        metric_rows = [s.metrics if s is not None else {} for s in states]
-        metric_values = torch.tensor(
-            [[row.get(key, 0.0) for key in SEED_METRIC_KEYS] for row in metric_rows], dtype=torch.float32
-        ).reshape(count, len(SEED_METRIC_KEYS))
-        metric_present = torch.tensor(
-            [[key in row for key in SEED_METRIC_KEYS] for row in metric_rows], dtype=torch.float32
-        ).reshape(count, len(SEED_METRIC_KEYS))
-        # Metrics are expected only from active seeds; a dormant slot has none and is not "missing".
-        expected = active[:, None].expand_as(metric_present)
-        absent = expected & (metric_present == 0)
-        if bool(absent.any()):
-            rows, cols = absent.nonzero(as_tuple=True)
-            missing.add(
-                "slot",
-                {
-                    f"seed_metrics[{SEED_METRIC_KEYS[c]}]@{slots[r].slot_id}"
-                    for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
-                },
+    ) -> tuple[_Array, _Array]:
+        # One pass over the slots in plain Python floats and one array at the end: a few dozen values per
+        # slot cost less as list entries than as the ~60 small tensor operations of a column-wise build.
+        stage_width = len(_STAGE_COLUMNS)
+        value_rows: list[list[float]] = []
+        present_rows: list[list[float]] = []
+        absent: set[str] = set()
+        for slot, state, is_active in zip(slots, states, active, strict=True):
+            kind = slot.kind.lower()
+            kinds = [float(kind == _SLOT_KINDS[0]), float(kind == _SLOT_KINDS[1])]
+            width = math.log1p(max(float(slot.width), 0.0))
+            if state is None:
+                value_rows.append([width, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, *kinds, 0.0, *_NO_STAGE])
+                present_rows.append([1.0, *_ABSENT_STATE])
+                continue
+            metrics = state.metrics
+            found = [key in metrics for key in SEED_METRIC_KEYS]
+            value = [metrics[key] if ok else 0.0 for key, ok in zip(SEED_METRIC_KEYS, found, strict=True)]
+            if is_active and not all(found):
+                # Metrics are expected only from active seeds; a dormant slot has none and is not "missing".
+                absent.update(
+                    f"seed_metrics[{key}]@{slot.slot_id}"
+                    for key, ok in zip(SEED_METRIC_KEYS, found, strict=True)
+                    if not ok
+                )
+            value_rows.append(
+                [
+                    width,
+                    math.log1p(abs(state.gradient_norm)),
+                    state.learning_rate,
+                    math.log1p(max(float(state.age_epochs), 0.0)),
+                    state.risk_score,
+                    value[0],
+                    value[1] / max(value[2], 1.0),
+                    value[3],
+                    value[4],
+                    *kinds,
+                    1.0,
+                    *_STAGE_ROWS.get(state.stage, _NO_STAGE),
+                ]
             )
-        alpha = metric_values[:, 0]
-        progress = metric_values[:, 1] / metric_values[:, 2].clamp(min=1.0)
-        progress_present = metric_present[:, 1] * metric_present[:, 2]
-        continuous = torch.stack(
-            [widths, grad, lr, age, risk, alpha, progress, metric_values[:, 3], metric_values[:, 4]], dim=1
-        ).reshape(count, 9)
-        base_present = has_state[:, None].expand(count, 5)
-        continuous_present = torch.cat(
-            [
-                torch.ones(count, 1),
-                base_present[:, 1:],
-                metric_present[:, :1],
-                progress_present[:, None],
-                metric_present[:, 3:5],
-            ],
-            dim=1,
-        )
-        kinds = torch.tensor(
-            [_SLOT_KINDS.index(k) if (k := slot.kind.lower()) in _SLOT_KINDS else -1 for slot in slots],
-            dtype=torch.long,
-        )
-        stage_columns = (
-            torch.stack([torch.isin(stages, torch.tensor(codes)) for _, codes in _STAGE_COLUMNS], dim=1)
-            .float()
-            .reshape(count, len(_STAGE_COLUMNS))
-        )
-        categorical = torch.cat([_one_hot(kinds, 2), has_state[:, None], stage_columns], dim=1)
-        categorical_present = torch.cat(
-            [torch.ones(count, 3), has_state[:, None].expand(count, len(_STAGE_COLUMNS))], dim=1
-        )
-        values = torch.cat([continuous, categorical], dim=1)
-        present = torch.cat([continuous_present, categorical_present], dim=1)
-        return torch.nan_to_num(values), present
+            present_rows.append(
+                [
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    1.0,
+                    float(found[0]),
+                    float(found[1] and found[2]),
+                    float(found[3]),
+                    float(found[4]),
+                    1.0,
+                    1.0,
+                    1.0,
+                    *([1.0] * stage_width),
+                ]
+            )
+        missing.add("slot", absent)
+        dim = self.schema.node("slot").dim
+        values = np.array(value_rows, dtype=np.float32).reshape(len(slots), dim)
+        present = np.array(present_rows, dtype=np.float32).reshape(len(slots), dim)
+        return np.nan_to_num(values), present
 
     def _blueprint_features(
-        self, blueprints: list[str], slot_bp: Tensor, active: Tensor, missing: _Missing
-    ) -> tuple[Tensor, Tensor]:
+        self, blueprints: list[str], slot_bp: list[int], active: list[bool], missing: _Missing
+    ) -> tuple[_Array, _Array]:
         count = len(blueprints)
-        in_use = torch.zeros(count)
-        if count:
-            used = slot_bp[active & (slot_bp >= 0)]
-            in_use = torch.bincount(used, minlength=count).float()[:count]
-        descriptors = [self._metadata(bid) if self._metadata is not None else None for bid in blueprints]
-        known = torch.tensor([d is not None for d in descriptors], dtype=torch.float32)
-        unknown = [bid for bid, d in zip(blueprints, descriptors, strict=True) if d is None]
-        if unknown:
-            missing.add("blueprint", {f"descriptor[{bid}]" for bid in unknown})
-        risk = torch.tensor([d.risk if d is not None else 0.0 for d in descriptors], dtype=torch.float32)
-        stage = torch.tensor([d.stage if d is not None else 0 for d in descriptors], dtype=torch.float32)
-        tiers = torch.tensor(
-            [_TIERS.index(d.tier) if d is not None and d.tier in _TIERS else -1 for d in descriptors],
-            dtype=torch.long,
-        )
-        quarantine = torch.tensor(
-            [bool(d is not None and d.quarantine) for d in descriptors], dtype=torch.float32
-        )
-        host = torch.tensor(
-            [
-                [k in d.host_kinds for k in _SLOT_KINDS] if d is not None else [False, False]
-                for d in descriptors
-            ],
-            dtype=torch.float32,
-        ).reshape(count, 2)
-        values = torch.cat(
-            [
-                torch.stack([in_use, risk, stage], dim=1).reshape(count, 3),
-                _one_hot(tiers, 3),
-                quarantine[:, None],
-                host,
-            ],
-            dim=1,
-        )
-        present = torch.cat([torch.ones(count, 1), known[:, None].expand(count, 8)], dim=1)
+        in_use = [0.0] * count
+        for index, is_active in zip(slot_bp, active, strict=True):
+            if is_active and index >= 0:
+                in_use[index] += 1.0
+        value_rows: list[list[float]] = []
+        present_rows: list[list[float]] = []
+        unknown: set[str] = set()
+        for bid, used in zip(blueprints, in_use, strict=True):
+            descriptor = self._metadata(bid) if self._metadata is not None else None
+            if descriptor is None:
+                unknown.add(f"descriptor[{bid}]")
+                value_rows.append([used, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+                present_rows.append([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+                continue
+            tier = descriptor.tier
+            hosts = descriptor.host_kinds
+            value_rows.append(
+                [
+                    used,
+                    descriptor.risk,
+                    float(descriptor.stage),
+                    *(float(tier == known) for known in _TIERS),
+                    float(bool(descriptor.quarantine)),
+                    *(float(kind in hosts) for kind in _SLOT_KINDS),
+                ]
+            )
+            present_rows.append([1.0] * 9)
+        missing.add("blueprint", unknown)
+        values = np.array(value_rows, dtype=np.float32).reshape(count, 9)
+        present = np.array(present_rows, dtype=np.float32).reshape(count, 9)
         return values, present
 
-    def _edges(
-        self,
-        layers: list[pb.LayerDescriptor],
-        slots: list[pb.SlotDescriptor],
-        blueprints: list[str],
-        slot_layer: Tensor,
-        slot_bp: Tensor,
+    @staticmethod
+    def _topology_edges(
+        layers: list[pb.LayerDescriptor], slots: list[pb.SlotDescriptor], slot_layer: Tensor
     ) -> tuple[dict[EdgeKey, Tensor], dict[EdgeKey, Tensor]]:
-        n_layers, n_slots, n_bps = len(layers), len(slots), len(blueprints)
+        """The relations among global, layers and slots (they depend on the topology only)."""
+        n_layers, n_slots = len(layers), len(slots)
         layer_range = torch.arange(n_layers)
         depth = torch.tensor([layer.depth for layer in layers], dtype=torch.float32)
         order = torch.argsort(depth, stable=True)
@@ -916,13 +989,7 @@ class GraphBuilder:
         layer_width = torch.tensor([max(layer.width, 1) for layer in layers], dtype=torch.float32)
         slot_width = torch.tensor([slot.width for slot in slots], dtype=torch.float32)
         width_ratio = (slot_width / layer_width[slot_layer])[:, None] if n_slots else torch.zeros((0, 1))
-        slot_range = torch.arange(n_slots)
-        hosts = torch.stack([slot_layer, slot_range]).reshape(2, n_slots)
-        # Every offered blueprint is a candidate for every slot: the complete bipartite relation.
-        bp_src = torch.arange(n_bps).repeat_interleave(n_slots)
-        slot_dst = slot_range.repeat(n_bps)
-        offered = torch.stack([bp_src, slot_dst]).reshape(2, n_bps * n_slots)
-        in_use = (slot_bp[slot_dst] == bp_src).float()[:, None] if n_slots else torch.zeros((0, 1))
+        hosts = torch.stack([slot_layer, torch.arange(n_slots)]).reshape(2, n_slots)
         zeros_to_global = torch.zeros(n_layers, dtype=torch.long)
         edge_index: dict[EdgeKey, Tensor] = {
             ("global", "conditions", "layer"): torch.stack([zeros_to_global, layer_range]),
@@ -930,31 +997,61 @@ class GraphBuilder:
             ("layer", "feeds", "layer"): feeds,
             ("layer", "hosts", "slot"): hosts,
             ("slot", "attaches", "layer"): hosts.flip(0),
-            ("blueprint", "offered_to", "slot"): offered,
-            ("slot", "considers", "blueprint"): offered.flip(0),
         }
         edge_attr: dict[EdgeKey, Tensor] = {
             ("layer", "feeds", "layer"): depth_gap.reshape(-1, 1),
             ("layer", "hosts", "slot"): width_ratio.reshape(-1, 1),
             ("slot", "attaches", "layer"): width_ratio.reshape(-1, 1),
-            ("blueprint", "offered_to", "slot"): in_use.reshape(-1, 1),
-            ("slot", "considers", "blueprint"): in_use.reshape(-1, 1),
+        }
+        return edge_index, edge_attr
+
+    @staticmethod
+    def _offered(topology: _Topology, n_bps: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Every offered blueprint is a candidate for every slot: the complete bipartite relation
+        (blueprint -> slot edges, their reverse, and the slot index of each edge); cached per count."""
+        cached = topology.offered.get(n_bps)
+        if cached is None:
+            n_slots = len(topology.slots)
+            bp_src = torch.arange(n_bps).repeat_interleave(n_slots)
+            slot_dst = torch.arange(n_slots).repeat(n_bps)
+            offered = torch.stack([bp_src, slot_dst]).reshape(2, n_bps * n_slots)
+            cached = topology.offered[n_bps] = (offered, offered.flip(0), slot_dst)
+        return cached
+
+    def _edges(
+        self, topology: _Topology, n_bps: int, slot_bp: list[int]
+    ) -> tuple[dict[EdgeKey, Tensor], dict[EdgeKey, Tensor]]:
+        offered, considers, slot_dst = self._offered(topology, n_bps)
+        used = np.array(slot_bp, dtype=np.int64).reshape(-1)
+        in_use = torch.from_numpy(
+            (used[slot_dst.numpy()] == offered[0].numpy()).astype(np.float32).reshape(-1, 1)
+        )
+        edge_index = {
+            **topology.edge_index,
+            ("blueprint", "offered_to", "slot"): offered,
+            ("slot", "considers", "blueprint"): considers,
+        }
+        edge_attr = {
+            **topology.edge_attr,
+            ("blueprint", "offered_to", "slot"): in_use,
+            ("slot", "considers", "blueprint"): in_use,
         }
         return edge_index, edge_attr
 
     @staticmethod
     def _legality(
-        stages: Tensor, active: Tensor, states: list[pb.SeedState | None], n_blueprints: int
+        stages: list[int], active: list[bool], states: list[pb.SeedState | None], n_blueprints: int
     ) -> tuple[Tensor, Tensor]:
-        has_state = torch.tensor([s is not None for s in states], dtype=torch.bool)
-        slot_mask = torch.zeros((stages.shape[0], len(ACTIONS)), dtype=torch.bool)
+        slot_mask = np.zeros((len(stages), len(ACTIONS)), dtype=np.bool_)
+        stage = np.array(stages, dtype=np.int64).reshape(-1)
+        has_state = np.array([s is not None for s in states], dtype=np.bool_).reshape(-1)
         slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_GERMINATE]] = (
-            (stages == pb.SEED_STAGE_DORMANT) & has_state & (n_blueprints > 0)
+            (stage == pb.SEED_STAGE_DORMANT) & has_state & (n_blueprints > 0)
         )
-        slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_FOSSILIZE]] = stages == pb.SEED_STAGE_PROBATIONARY
-        slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_CULL]] = active
-        action_mask = torch.zeros((1, len(ACTIONS)), dtype=torch.bool)
-        action_mask[0] = slot_mask.any(dim=0)
+        slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_FOSSILIZE]] = stage == pb.SEED_STAGE_PROBATIONARY
+        slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_CULL]] = np.array(active, dtype=np.bool_).reshape(-1)
+        action_mask = np.zeros((1, len(ACTIONS)), dtype=np.bool_)
+        action_mask[0] = slot_mask.any(axis=0)
         for action in (pb.POLICY_ACTION_WAIT, pb.POLICY_ACTION_ADJUST_LR, pb.POLICY_ACTION_PAUSE):
             action_mask[0, _ACTION_INDEX[action]] = True
-        return action_mask, slot_mask
+        return torch.from_numpy(action_mask), torch.from_numpy(slot_mask)

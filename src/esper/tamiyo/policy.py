@@ -331,25 +331,38 @@ class GNNPolicy:
         if self.module.training:
             self.module.eval()
         with torch.inference_mode():
-            dists = self._distributions(self._run(graph, cancel), graph)
-            action = self._choose(dists.action[0])
+            out = self._run(graph, cancel)
+            # Only the heads that matter for the chosen action are normalised (the same log-probabilities
+            # `_distributions` gives Simic, computed for one graph and only where needed).
+            action_lp = torch.log_softmax(
+                out.action_logits[0].masked_fill(~graph.action_mask[0].to(out.action_logits.device), _MASKED),
+                dim=-1,
+            )
+            action = self._choose(action_lp)
             choices: dict[str, int] = {"action": action}
+            log_probs: dict[str, Tensor] = {"action": action_lp[action]}
             relevant = RELEVANT_HEADS[action]
             if "slot" in relevant:
-                choices["slot"] = self._choose(dists.slot[:, action])
+                slot_ok = graph.slot_action_mask[:, action].to(out.slot_scores.device)
+                slot_lp = torch.log_softmax(out.slot_scores.masked_fill(~slot_ok, _MASKED), dim=0)
+                choices["slot"] = self._choose(slot_lp)
+                log_probs["slot"] = slot_lp[choices["slot"]]
             if "blueprint" in relevant:
-                choices["blueprint"] = self._choose(dists.blueprint)
-            for head in ("blend", "schedule", "lr"):
+                blueprint_lp = torch.log_softmax(out.blueprint_scores, dim=0)
+                choices["blueprint"] = self._choose(blueprint_lp)
+                log_probs["blueprint"] = blueprint_lp[choices["blueprint"]]
+            for head, logits in (
+                ("blend", out.blend_logits),
+                ("schedule", out.schedule_logits),
+                ("lr", out.lr_logits),
+            ):
                 if head in relevant:
-                    choices[head] = self._choose(getattr(dists, head)[0])
-            log_probs: dict[str, Tensor | None] = {
-                "action": dists.action[0, action],
-                "slot": dists.slot[choices.get("slot", 0), action] if "slot" in choices else None,
-                "blueprint": dists.blueprint[choices["blueprint"]] if "blueprint" in choices else None,
-                **{h: getattr(dists, h)[0, choices[h]] for h in ("blend", "schedule", "lr") if h in choices},
-            }
-            head_log_probs = {head: float(lp) for head, lp in log_probs.items() if lp is not None}
-            value = float(dists.value[0])
+                    head_lp = torch.log_softmax(logits[0], dim=-1)
+                    choices[head] = self._choose(head_lp)
+                    log_probs[head] = head_lp[choices[head]]
+            numbers = torch.stack([*log_probs.values(), out.value[0]]).tolist()
+            head_log_probs = dict(zip(log_probs, numbers[:-1], strict=True))
+            value = numbers[-1]
         for head, log_prob in head_log_probs.items():
             if log_prob <= _MASKED / 2:
                 raise PolicyInferenceError(f"head {head} chose a masked option (log-prob {log_prob})")

@@ -140,6 +140,10 @@ def _small_mlp(width: int, kind: str, params: Mapping[str, float]) -> nn.Module:
     return modules.SmallMLP(width, max(1, round(width * params["hidden_ratio"])))
 
 
+def _expansion_mlp(width: int, kind: str, params: Mapping[str, float]) -> nn.Module:
+    return modules.SmallMLP(width, width * int(params["expansion"]))
+
+
 def _bottleneck_mlp(width: int, kind: str, params: Mapping[str, float]) -> nn.Module:
     return modules.SmallMLP(width, max(1, width // int(params["reduction"])))
 
@@ -218,6 +222,21 @@ BUILTIN_SPECS: tuple[BlueprintSpec, ...] = (
         ),
         factory=_small_mlp,
         defaults={"hidden_ratio": 1.0},
+    ),
+    BlueprintSpec(
+        descriptor=_descriptor(
+            "mlp_expand",
+            "Expansion MLP",
+            tier=_SAFE,
+            risk=0.15,
+            kinds=("mlp",),
+            description="Linear up to expansion x width -> GELU -> Linear back: many new hidden units behind "
+            "a narrow layer, for a host whose width limits it.",
+            bounds={"expansion": (2.0, 16.0)},
+        ),
+        factory=_expansion_mlp,
+        defaults={"expansion": 4.0},
+        integer_parameters=frozenset({"expansion"}),
     ),
     BlueprintSpec(
         descriptor=_descriptor(
