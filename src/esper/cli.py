@@ -230,6 +230,18 @@ def _default_policy() -> str:
     return load_settings(TamiyoSettings).policy
 
 
+def _hint_for_deadline_misses(exc: EsperError) -> None:
+    """Tell the operator which knobs apply when a run ended on missed decision deadlines."""
+    from esper.tamiyo.worker import DeadlineExceeded
+
+    if isinstance(getattr(exc, "last_error", None), DeadlineExceeded):
+        err_console.print(
+            "the controller missed its decision deadline repeatedly (a busy machine?): "
+            "TAMIYO_STEP_TIMEOUT_MS sets the budget, TOLARIA_MAX_CONTROLLER_FAILURES the misses in a row "
+            "a run tolerates"
+        )
+
+
 @app.command()
 def run(
     *,
@@ -343,6 +355,7 @@ def run(
         durable.finish(run_ended=summary.get("status") != "halted")
     except EsperError as exc:
         err_console.print(f"[bold red]esper run failed[/]: {exc}")
+        _hint_for_deadline_misses(exc)
         raise typer.Exit(1) from exc
     console.print(summary_table(summary))
     console.print(f"run directory: {config.run_dir}")

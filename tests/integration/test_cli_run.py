@@ -71,3 +71,24 @@ def test_a_halted_run_exits_with_its_status_and_says_how_to_resume(
     assert result.exit_code == 0, result.output
     streams = json.loads(result.output)["streams"]
     assert all(not s["groups"] for s in streams if s["stream"].endswith("emergency")), streams
+
+
+@pytest.mark.slow
+def test_a_run_ended_by_missed_deadlines_fails_loudly_and_names_the_knobs(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No decision can fit a 1 us budget: the run stops after the tolerated misses in a row, exits 1 and
+    tells the operator which settings govern the budget and the tolerance."""
+    monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", "0.001")
+    run_dir = tmp_path / "run"
+    args = ["run", "--policy", "gnn", "--epochs", "3", "--run-dir", str(run_dir), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "missed its deadline" in result.output
+    assert "TAMIYO_STEP_TIMEOUT_MS" in result.output and "TOLARIA_MAX_CONTROLLER_FAILURES" in result.output
+    failures = [
+        json.loads(line)
+        for line in (run_dir / "events.jsonl").read_text().splitlines()
+        if "controller_failed" in line
+    ]
+    assert len(failures) == 3
