@@ -12,6 +12,8 @@ import esper
 from esper.leyline import ConfigurationError, EsperError, EsperSettings, load_settings, resolve_signing_secret
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from esper.tamiyo.metadata import BlueprintMetadataCache
     from esper.tamiyo.proposal import Policy
     from esper.tamiyo.service import TamiyoService
@@ -102,13 +104,17 @@ def version() -> None:
 
 
 def _build_controller(
-    policy: str, secret: bytes, policy_checkpoint: Path | None = None, durable: _TamiyoRunState | None = None
+    policy: str,
+    secret: bytes,
+    policy_checkpoint: Path | None = None,
+    durable: _TamiyoRunState | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> Controller:
     """The one place a run's controller is built: Tamiyo with the chosen policy, bound for Tolaria.
 
     `gnn` is the heterogeneous GNN: untrained (seeded) weights, or the safetensors checkpoint named by
     `policy_checkpoint` / TAMIYO_POLICY_CHECKPOINT. Its inference worker runs with TAMIYO_CPU_THREADS
-    torch threads; the trainer keeps its own budget (TOLARIA_THREADS).
+    torch threads; the trainer keeps its own budget (TOLARIA_THREADS). Tamiyo's metrics go to `registry`.
     """
     from esper.tamiyo import GNNPolicy, HeuristicPolicy
     from esper.tamiyo.settings import TamiyoSettings
@@ -119,7 +125,7 @@ def _build_controller(
     metadata = _blueprint_metadata(tamiyo_settings)
     if policy == "heuristic":
         heuristic = HeuristicPolicy(tamiyo_settings)
-        service = _tamiyo_service(durable, tamiyo_settings, heuristic, secret, metadata)
+        service = _tamiyo_service(durable, tamiyo_settings, heuristic, secret, metadata, registry=registry)
         return BoundController(decide=service.evaluate_step, save=heuristic.state, load=heuristic.restore)
     if policy == "gnn":
         checkpoint = tamiyo_settings.policy_checkpoint
@@ -135,7 +141,7 @@ def _build_controller(
             if checkpoint is not None
             else GNNPolicy(tamiyo_settings, **inputs)
         )
-        service = _tamiyo_service(durable, tamiyo_settings, gnn, secret, metadata)
+        service = _tamiyo_service(durable, tamiyo_settings, gnn, secret, metadata, registry=registry)
         intake = _policy_intake(durable, service, gnn, secret, tamiyo_settings)
         return BoundController(
             decide=intake.evaluate_step, save=intake.export_state, load=intake.restore_state
@@ -186,14 +192,22 @@ def _tamiyo_service(
     policy: Policy,
     secret: bytes,
     metadata: BlueprintMetadataCache,
+    *,
+    registry: CollectorRegistry | None = None,
 ) -> TamiyoService:
     """A Tamiyo service that records into the run's store when there is one (P9)."""
     from esper.tamiyo import TamiyoService
 
     if durable is None:
-        return TamiyoService(settings, policy, secret, blueprint_metadata=metadata)
+        return TamiyoService(settings, policy, secret, blueprint_metadata=metadata, registry=registry)
     service = TamiyoService(
-        settings, policy, secret, store=durable.store, bus=durable.bus, blueprint_metadata=metadata
+        settings,
+        policy,
+        secret,
+        store=durable.store,
+        bus=durable.bus,
+        blueprint_metadata=metadata,
+        registry=registry,
     )
     durable.services.append(service)
     return service
@@ -282,6 +296,13 @@ def run(
             "--report/--no-report", help="Write the report with plots into RUN_DIR/report at the end."
         ),
     ] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve Prometheus metrics on this port while the run trains (0: any free port) "
+            "[NISSA_METRICS_PORT, none]. A snapshot is written to RUN_DIR/metrics.prom at the end either way."
+        ),
+    ] = None,
 ) -> None:
     """Grow a model on a task (sklearn's digits by default) and write a run directory.
 
@@ -289,7 +310,10 @@ def run(
     in ESPER_DATA_DIR by default): on one it checkpoints, logs the reason and exits with status 3; continue
     it with --resume. A run that diverges broadcasts a HALT to every process on the bus.
     """
+    from prometheus_client import CollectorRegistry
+
     from esper.kasmina import KasminaSettings
+    from esper.nissa import MetricsServer, NissaSettings, RunMetrics, write_snapshot
     from esper.oona import OonaSettings
     from esper.tolaria.emergency import BusEmergencyChannel
     from esper.tolaria.run import (
@@ -331,28 +355,62 @@ def run(
             ),
             resume=resume,
         )
-        secret = resolve_signing_secret(settings)
-        durable = _TamiyoRunState(config.run_dir, settings)
-        controller = _build_controller(config.policy, secret, policy_checkpoint, durable)
-        channel = BusEmergencyChannel.open(
-            settings,
-            load_settings(OonaSettings),
-            training_run_id=config.training_run_id,
-            origin=f"tolaria {config.training_run_id}",
+        nissa = load_settings(
+            NissaSettings, None, **({} if metrics_port is None else {"metrics_port": metrics_port})
         )
+        secret = resolve_signing_secret(settings)
+        registry = CollectorRegistry()  # this run's metrics only, never the process-global registry
+        run_metrics = RunMetrics(registry, config.training_run_id)
+        durable = _TamiyoRunState(config.run_dir, settings)
+        controller = _build_controller(config.policy, secret, policy_checkpoint, durable, registry)
+        server = (
+            None
+            if nissa.metrics_port is None
+            else MetricsServer(registry, nissa.metrics_port, nissa.metrics_address)
+        )
+        if server is not None:
+            console.print(f"metrics: {server.url}")
         try:
-            summary = run_experiment(
-                config,
-                controller,
-                secret,
-                resume=resume,
-                console=console,
-                progress=progress,
-                emergency=channel,
+            channel = BusEmergencyChannel.open(
+                settings,
+                load_settings(OonaSettings),
+                training_run_id=config.training_run_id,
+                origin=f"tolaria {config.training_run_id}",
             )
+            try:
+                summary = run_experiment(
+                    config,
+                    controller,
+                    secret,
+                    resume=resume,
+                    console=console,
+                    progress=progress,
+                    emergency=channel,
+                    on_epoch=lambda report: run_metrics.observe(
+                        epoch=report.epoch,
+                        step=report.step,
+                        validation_accuracy=report.validation_accuracy,
+                        validation_loss=report.validation_loss,
+                        parameters=report.parameters,
+                        active_seeds=report.active_seeds,
+                        fossilized_seeds=report.fossilized_seeds,
+                    ),
+                )
+            finally:
+                channel.close()
+            run_metrics.finish(
+                step=summary["steps"],
+                validation_accuracy=summary["final_val_accuracy"],
+                validation_loss=summary["final_val_loss"],
+                parameters=summary["params_final"],
+                fossilized_seeds=summary["seeds_fossilized"],
+            )
+            durable.finish(run_ended=summary.get("status") != "halted")
         finally:
-            channel.close()
-        durable.finish(run_ended=summary.get("status") != "halted")
+            # The final figures (outbox counters included), also when the run failed.
+            write_snapshot(registry, config.run_dir / "metrics.prom")
+            if server is not None:
+                server.close()
     except EsperError as exc:
         err_console.print(f"[bold red]esper run failed[/]: {exc}")
         _hint_for_deadline_misses(exc)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from esper.cli import HALTED_EXIT, app
@@ -33,8 +34,10 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.mark.slow
 def test_esper_run_writes_a_complete_summary_and_its_report(data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, ["run", "--epochs", "3", "--run-dir", str(run_dir), "--no-progress"])
+    args = ["run", "--epochs", "3", "--run-dir", str(run_dir), "--no-progress", "--metrics-port", "0"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert "metrics: http://127.0.0.1:" in result.output
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in REQUIRED:
         assert key in summary, key
@@ -43,6 +46,16 @@ def test_esper_run_writes_a_complete_summary_and_its_report(data_dir: Path, tmp_
     assert {"config.json", "metrics.jsonl", "decisions.jsonl", "events.jsonl"} <= {
         p.name for p in run_dir.iterdir()
     }
+    # The Prometheus snapshot holds the run's gauges and Tamiyo's counters as they were at the end.
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families((run_dir / "metrics.prom").read_text())
+        for sample in family.samples
+    }
+    assert samples["esper_run_epoch"] == 3
+    assert samples["esper_run_validation_accuracy"] == pytest.approx(summary["final_val_accuracy"])
+    assert samples["esper_run_parameters"] == summary["params_final"]
+    assert samples["tamiyo_field_reports_published_total"] >= 1
 
 
 @pytest.mark.slow

@@ -117,8 +117,11 @@ def run_experiment(
     console: Console | None = None,
     progress: bool = True,
     emergency: EmergencyChannel | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> dict[str, Any]:
     """Train as `config` says under `controller`; returns (and writes) the summary.
+
+    `on_epoch` sees every epoch's figures (the progress display does too), e.g. to export them as metrics.
 
     With an `emergency` channel the run obeys HALT signals: it checkpoints and stops early, and the
     summary says `"status": "halted"` with the signal's reason (resume it with `resume=True`)."""
@@ -154,7 +157,7 @@ def run_experiment(
         resumed_from = None
         if resume and trainer.resume():
             resumed_from = trainer.step
-        outcome = _fit(trainer, console, progress)
+        outcome = _fit(trainer, console, progress, on_epoch)
     finally:
         catalogue.close()
     fossilized = sum(1 for s in manager.slot_ids if manager.stage(s) == pb.SEED_STAGE_FOSSILIZED)
@@ -196,9 +199,11 @@ def lifecycle_counts(run_dir: RunDirectory) -> dict[str, Any]:
     }
 
 
-def _fit(trainer: Trainer, console: Console | None, show: bool) -> Any:
+def _fit(
+    trainer: Trainer, console: Console | None, show: bool, observer: Callable[[EpochReport], None] | None
+) -> Any:
     if not show:
-        return trainer.fit()
+        return trainer.fit(on_epoch=observer)
     progress = Progress(
         TextColumn("[bold]epoch"),
         MofNCompleteColumn(),
@@ -224,6 +229,8 @@ def _fit(trainer: Trainer, console: Console | None, show: bool) -> Any:
                 status=f"acc {report.validation_accuracy:.3f}  params {report.parameters:,}  "
                 f"active seeds {report.active_seeds}  fossilised {report.fossilized_seeds}",
             )
+            if observer is not None:
+                observer(report)
 
         return trainer.fit(on_epoch=on_epoch)
 
