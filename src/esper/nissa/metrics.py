@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import ClassVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server, write_to_textfile
@@ -60,31 +61,32 @@ def write_snapshot(registry: CollectorRegistry, path: Path) -> Path:
 
 
 class RunMetrics:
-    """The gauges of one training run, set at the end of every epoch."""
+    """The gauges of one training run: set at the end of every epoch, and once more from the final
+    evaluation (after the last epoch, once the lifecycles were ended)."""
+
+    _GAUGES: ClassVar[dict[str, tuple[str, str]]] = {
+        "epoch": ("esper_run_epoch", "Epochs completed"),
+        "step": ("esper_run_step", "Training steps completed"),
+        "validation_accuracy": (
+            "esper_run_validation_accuracy",
+            "Validation accuracy at the last evaluation",
+        ),
+        "validation_loss": ("esper_run_validation_loss", "Validation loss at the last evaluation"),
+        "parameters": ("esper_run_parameters", "Parameters of the host with its seeds"),
+        "active_seeds": ("esper_run_active_seeds", "Seeds between germination and fossilisation"),
+        "fossilized_seeds": ("esper_run_fossilized_seeds", "Seeds fossilised into the host"),
+    }
 
     def __init__(self, registry: CollectorRegistry, training_run_id: str) -> None:
-        labels = ["run"]
         self._run = training_run_id
-        self.epoch = Gauge("esper_run_epoch", "Epochs completed", labels, registry=registry)
-        self.step = Gauge("esper_run_step", "Training steps completed", labels, registry=registry)
-        self.accuracy = Gauge(
-            "esper_run_validation_accuracy",
-            "Validation accuracy at the last epoch",
-            labels,
-            registry=registry,
-        )
-        self.loss = Gauge(
-            "esper_run_validation_loss", "Validation loss at the last epoch", labels, registry=registry
-        )
-        self.parameters = Gauge(
-            "esper_run_parameters", "Parameters of the host with its seeds", labels, registry=registry
-        )
-        self.active_seeds = Gauge(
-            "esper_run_active_seeds", "Seeds between germination and fossilisation", labels, registry=registry
-        )
-        self.fossilized_seeds = Gauge(
-            "esper_run_fossilized_seeds", "Seeds fossilised into the host", labels, registry=registry
-        )
+        self._gauges = {
+            field: Gauge(name, help_text, ["run"], registry=registry)
+            for field, (name, help_text) in self._GAUGES.items()
+        }
+
+    def _set(self, values: dict[str, float]) -> None:
+        for field, value in values.items():
+            self._gauges[field].labels(self._run).set(value)
 
     def observe(
         self,
@@ -98,14 +100,17 @@ class RunMetrics:
         fossilized_seeds: int,
     ) -> None:
         """Set every gauge from one epoch's figures."""
-        run = self._run
-        self.epoch.labels(run).set(epoch)
-        self.step.labels(run).set(step)
-        self.accuracy.labels(run).set(validation_accuracy)
-        self.loss.labels(run).set(validation_loss)
-        self.parameters.labels(run).set(parameters)
-        self.active_seeds.labels(run).set(active_seeds)
-        self.fossilized_seeds.labels(run).set(fossilized_seeds)
+        self._set(
+            {
+                "epoch": epoch,
+                "step": step,
+                "validation_accuracy": validation_accuracy,
+                "validation_loss": validation_loss,
+                "parameters": parameters,
+                "active_seeds": active_seeds,
+                "fossilized_seeds": fossilized_seeds,
+            }
+        )
 
     def finish(
         self,
@@ -116,10 +121,13 @@ class RunMetrics:
         parameters: int,
         fossilized_seeds: int,
     ) -> None:
-        """The run's final evaluation (after the last epoch, once the lifecycles were ended)."""
-        run = self._run
-        self.step.labels(run).set(step)
-        self.accuracy.labels(run).set(validation_accuracy)
-        self.loss.labels(run).set(validation_loss)
-        self.parameters.labels(run).set(parameters)
-        self.fossilized_seeds.labels(run).set(fossilized_seeds)
+        """The final evaluation's figures (epoch and active seeds keep the last epoch's)."""
+        self._set(
+            {
+                "step": step,
+                "validation_accuracy": validation_accuracy,
+                "validation_loss": validation_loss,
+                "parameters": parameters,
+                "fossilized_seeds": fossilized_seeds,
+            }
+        )
