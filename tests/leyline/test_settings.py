@@ -45,6 +45,23 @@ def test_unknown_key_fails(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings(TamiyoSettings)
 
 
+def test_one_dotenv_file_serves_every_subsystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `.env` holds the settings of several subsystems: each class takes its own prefix and ignores the
+    others'; an unknown key under a class's prefix is still an error naming it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(
+        "# deployment\nESPER_DATA_DIR=/srv/esper\nTAMIYO_STEP_TIMEOUT_MS=7.5\nOONA_MAXLEN=50\n"
+    )
+    assert load_settings(EsperSettings).data_dir == Path("/srv/esper")
+    assert load_settings(TamiyoSettings).step_timeout_ms == 7.5
+    monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", "6.0")  # the environment wins over the file
+    assert load_settings(TamiyoSettings).step_timeout_ms == 6.0
+    (tmp_path / ".env").write_text("ESPER_DATA_DIR=/srv/esper\nTAMIYO_STEP_TIMEOUT=7.5\n")
+    assert load_settings(EsperSettings).data_dir == Path("/srv/esper")
+    with pytest.raises(ConfigurationError, match="TAMIYO_STEP_TIMEOUT"):
+        load_settings(TamiyoSettings)
+
+
 def test_settings_are_frozen() -> None:
     settings = load_settings(TamiyoSettings, environ={})
     with pytest.raises(ValueError, match="frozen"):

@@ -28,7 +28,15 @@ class StrictSettings(BaseSettings):
     """Base of every subsystem's settings: frozen, no unknown keys, read from env and `.env`."""
 
     model_config = SettingsConfigDict(
-        extra="forbid", frozen=True, env_file=".env", env_file_encoding="utf-8", validate_default=True
+        extra="forbid",
+        frozen=True,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        # A `.env` holds every subsystem's settings: each class reads its own prefix (unknown keys under
+        # that prefix are still an error).
+        dotenv_filtering="match_prefix",
+        env_ignore_empty=True,  # `NAME=` means "not set": the default applies
+        validate_default=True,
     )
 
 
