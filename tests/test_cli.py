@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
 import esper
-from esper.cli import app
+from esper.cli import _settings_classes, app, env_example
+from esper.leyline import load_settings
+from esper.tamiyo.settings import TamiyoSettings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 runner = CliRunner()
 
@@ -29,6 +35,7 @@ def test_version() -> None:
         ["simic", "serve"],
         ["bus", "stats"],
         ["policy", "show"],
+        ["settings"],
         ["version"],
     ],
 )
@@ -36,3 +43,51 @@ def test_every_command_has_help(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
     assert "Usage" in result.stdout
+
+
+def test_the_committed_env_example_lists_every_setting_as_generated() -> None:
+    """P6 (docs in sync): `.env.example` is what `esper settings --env-example` prints; regenerate it with
+    `.venv/bin/esper settings --env-example > .env.example` when a setting changes."""
+    assert (ROOT / ".env.example").read_text() == env_example()
+    result = runner.invoke(app, ["settings", "--env-example"])
+    assert result.exit_code == 0 and result.stdout == env_example()
+
+
+def test_the_env_example_uncommented_is_a_valid_env_file_of_the_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = [
+        line.removeprefix("# ")
+        for line in env_example().splitlines()
+        if line.startswith("# ") and "=" in line
+    ]
+    assignments = [line for line in lines if line.split("=", 1)[0].isupper()]
+    (tmp_path / ".env").write_text("\n".join(assignments) + "\n")
+    monkeypatch.chdir(tmp_path)
+    for cls in _settings_classes():
+        for name in cls.model_fields:
+            monkeypatch.delenv(str(cls.model_config.get("env_prefix", "")) + name.upper(), raising=False)
+        defaults = {
+            name: field.get_default(call_default_factory=True) for name, field in cls.model_fields.items()
+        }
+        assert dict(load_settings(cls)) == defaults, cls.__name__
+    # The file is really read: a changed value comes through.
+    (tmp_path / ".env").write_text(
+        "\n".join(assignments).replace("TAMIYO_STEP_TIMEOUT_MS=5.0", "TAMIYO_STEP_TIMEOUT_MS=9.0")
+    )
+    assert load_settings(TamiyoSettings).step_timeout_ms == 9.0
+
+
+def test_settings_shows_what_the_environment_resolves_and_rejects_a_bad_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", "7.25")
+    monkeypatch.setenv("ESPER_SIGNING_SECRET", "a-secret-that-must-not-be-printed")
+    result = runner.invoke(app, ["settings"], terminal_width=240)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if "TAMIYO_STEP_TIMEOUT_MS" in line)
+    assert "7.25" in row and "5.0" in row
+    assert "a-secret-that-must-not-be-printed" not in result.stdout
+    monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", "-1")
+    result = runner.invoke(app, ["settings"])
+    assert result.exit_code == 2 and "TAMIYO_STEP_TIMEOUT_MS" in result.output

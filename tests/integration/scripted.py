@@ -38,6 +38,11 @@ class ScriptedController:
         self.delay_s = delay_s
         self.germinated: list[str] = []
         self.decisions = 0
+        self.prepared = 0
+
+    def prepare(self, packet: pb.SystemStatePacket) -> None:
+        """Nothing to warm up; counts the calls."""
+        self.prepared += 1
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """One signed command for `packet`."""

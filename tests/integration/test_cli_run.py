@@ -10,6 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from esper.cli import HALTED_EXIT, app
+from esper.leyline import EsperSettings, load_settings, pb
+from esper.oona import OonaSettings, Streams, open_bus, open_envelope
 from esper.tolaria.emergency import BusEmergencyChannel, HaltRequest
 
 REQUIRED = (
@@ -105,3 +107,17 @@ def test_a_run_ended_by_missed_deadlines_fails_loudly_and_names_the_knobs(
         if "controller_failed" in line
     ]
     assert len(failures) == 3
+    # Each miss was CRITICAL telemetry, routed to the deployment's emergency stream (not taken as a halt).
+    bus = open_bus(load_settings(EsperSettings), load_settings(OonaSettings))
+    try:
+        bus.ensure_group(Streams.EMERGENCY, "test", from_beginning=True)
+        deliveries = bus.consume(Streams.EMERGENCY, "test", "reader", count=100)
+    finally:
+        bus.close()
+    urgent = [
+        open_envelope(d.envelope, pb.TelemetryPacket)
+        for d in deliveries
+        if d.envelope.message_type == pb.BUS_MESSAGE_TYPE_TELEMETRY
+    ]
+    missed = [e for packet in urgent for e in packet.events if e.name == "decision_deadline_exceeded"]
+    assert len(missed) == 3 and all(p.source_subsystem == "tamiyo" for p in urgent)

@@ -50,6 +50,9 @@ class RecordingController:
         self.commands: list[pb.AdaptationCommand] = []
         self.override: Callable[[pb.SystemStatePacket], pb.AdaptationCommand] | None = None
 
+    def prepare(self, packet: pb.SystemStatePacket) -> None:
+        self.inner.prepare(packet)
+
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         command = self.override(packet) if self.override else self.inner.evaluate_step(packet)
         self.commands.append(command)
@@ -248,6 +251,22 @@ def _unauthentic_commands_change_nothing(trainer: Trainer) -> None:
     recorder.override = None
     rejected = [e for e in trainer.run_dir.events.read() if e["kind"] == "command_rejected"]
     assert [e["reason"] for e in rejected][-4:] == [reason for reason, _ in attacks]
+
+
+def test_the_controller_warms_up_once_per_topology_before_deciding(
+    trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner = trainer.controller.inner  # type: ignore[attr-defined]
+    trainer.decide()
+    trainer.decide()
+    assert inner.prepared == 1 and inner.decisions == 2
+    grown = type(trainer.host.topology())()
+    grown.CopyFrom(trainer.host.topology())
+    grown.layers[0].width += 1
+    monkeypatch.setattr(trainer.host, "topology", lambda: grown)
+    trainer.decide()
+    trainer.decide()
+    assert inner.prepared == 2 and inner.decisions == 4
 
 
 def test_the_wait_only_control_trains_the_same_host_without_growing_it(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 import pytest
+import torch
 
 import esper.tamiyo
 from esper.leyline import ContractViolation, ManualClock, SignatureVerifier, pb
@@ -54,7 +55,40 @@ def test_gnn_policy_end_to_end_through_risk_and_signing() -> None:
 def test_evaluate_step_is_the_only_entry_point() -> None:
     assert not hasattr(TamiyoService, "evaluate_epoch")
     public = {name for name, _ in inspect.getmembers(TamiyoService) if not name.startswith("_")}
-    assert public == {"evaluate_step", "close", "policy_version", "swap_policy"}
+    # `prepare` is a warm-up that decides nothing (see the next test), not a second way to decide.
+    assert public == {"evaluate_step", "prepare", "close", "policy_version", "swap_policy"}
+
+
+def test_prepare_warms_up_on_the_real_topology_and_decides_nothing() -> None:
+    """The warm-up on a run's own packet builds that topology's caches outside the deadline; it signs,
+    records and reports nothing, leaves the normaliser statistics and the sampler alone, so the decision
+    that follows is the one an unprepared service makes."""
+    packet = make_packet(stages={0: pb.SEED_STAGE_TRAINING})
+    proposals = []
+    for prepared in (False, True):
+        torch.manual_seed(0)
+        policy = small_policy()
+        sent: list[pb.TelemetryPacket] = []
+        service = TamiyoService(settings(), policy, SECRET, telemetry_sink=sent.append)
+        try:
+            if prepared:
+                statistics = policy.builder.normalizer.states()
+                service.prepare(packet)
+                assert service.last_decision is None and not sent
+                assert policy.builder.normalizer.states() == statistics
+                assert policy.module._adjacency_cache  # this topology's dense blocks are built
+            service.evaluate_step(packet)
+            assert service.last_decision is not None
+            proposals.append(service.last_decision.proposal)
+        finally:
+            service.close()
+    assert proposals[0] == proposals[1]
+    plain = TamiyoService(settings(), ScriptedPolicy(WAIT), SECRET)
+    try:
+        with pytest.raises(ContractViolation):  # a bad packet fails the warm-up as it fails a decision
+            plain.prepare(pb.SystemStatePacket())
+    finally:
+        plain.close()
 
 
 def test_package_exports_only_the_service_and_policy_classes() -> None:

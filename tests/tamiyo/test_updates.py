@@ -323,11 +323,22 @@ def test_feed_delivers_updates_from_the_bus_between_decisions(tmp_path: Path) ->
         trained = rig.trained()
         bus.publish(Streams.POLICY_UPDATES, envelope_for(rig.update(trained)))
         bus.publish(Streams.POLICY_UPDATES, envelope_for(pb.FieldReport(report_id="x")))
+        warmed: list[str] = []
+        prepare = rig.service.prepare
+
+        def spy(packet: pb.SystemStatePacket) -> None:
+            warmed.append(rig.service.policy_version)
+            prepare(packet)
+
+        rig.service.prepare = spy  # type: ignore[method-assign]
         rig.decide()
         assert rig.service.last_decision is not None
         assert rig.service.last_decision.policy_version == trained.version
+        assert warmed == [trained.version]  # the new policy warmed up on the packet before deciding
         assert rig.rejections("malformed") == 1.0
         assert rig.intake.poll() == []  # everything was acked
+        rig.decide()
+        assert warmed == [trained.version]  # no swap, no warm-up
     finally:
         rig.service.close()
         bus.close()

@@ -99,6 +99,10 @@ class GraphPolicy(Protocol):
         """Decide for a built graph, checking `cancel` between layers."""
         ...
 
+    def rehearse(self, graph: TamiyoGraph) -> None:
+        """Run the network on a real graph without deciding (see `GNNPolicy.rehearse`)."""
+        ...
+
 
 @dataclass(frozen=True)
 class CompileStatus:
@@ -323,6 +327,17 @@ class GNNPolicy:
     def propose(self, packet: pb.SystemStatePacket) -> Proposal:
         """The `Policy` protocol: build the graph of `packet` and decide."""
         return self.propose_graph(self._builder.build(packet))
+
+    def rehearse(self, graph: TamiyoGraph) -> None:
+        """Run the network on `graph` without deciding: nothing is sampled and no state a decision reads
+        changes, but the work a first decision on this graph's topology would do (its dense blocks, the
+        packed weights) is done here, outside the decision deadline."""
+        if graph.num_graphs != 1:
+            raise PolicyInferenceError(f"rehearse takes one graph, got a batch of {graph.num_graphs}")
+        if self.module.training:
+            self.module.eval()
+        with torch.inference_mode():
+            self._run(graph, None)
 
     def propose_graph(self, graph: TamiyoGraph, *, cancel: Cancellation | None = None) -> Proposal:
         """Decide for one graph: sample (or take the argmax when greedy) each head that matters."""

@@ -121,6 +121,26 @@ class TamiyoService:
         self._policy, self._graph_policy = policy, policy if isinstance(policy, GraphPolicy) else None
         return previous
 
+    def prepare(self, packet: pb.SystemStatePacket) -> None:
+        """Warm up on `packet`'s topology outside the decision deadline (under the warm-up budget): a graph
+        policy builds the graph (normaliser statistics untouched) and runs its network on the inference
+        worker without deciding. Nothing is recorded, signed or counted as a decision; a plain policy has
+        nothing to warm up. Tolaria calls it before a process's first decision and after a topology
+        change; failures raise typed errors like a decision's."""
+        validate_packet(packet)
+        graph_policy = self._graph_policy
+        if graph_policy is None:
+            return
+
+        def job(token: CancelToken) -> None:
+            graph = graph_policy.builder.build(packet, update_stats=False)
+            token.check()
+            graph_policy.rehearse(graph)
+
+        self._worker.run(
+            job, timeout_ms=self.settings.warmup_timeout_ms, what=f"warm-up on {packet.packet_id}"
+        )
+
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """Decide for one packet and return the signed command; failures raise typed errors."""
         start = time.perf_counter()

@@ -13,24 +13,16 @@ import math
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from esper.leyline import Clock, EsperError, pb, short_name
+from esper.leyline.events import LOG_LEVELS, EventSpec
 from esper.tamiyo.graph import GraphCoverage
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
 _log = logging.getLogger("esper.tamiyo")
-
-
-@dataclass(frozen=True)
-class EventSpec:
-    """Level and priority of one event."""
-
-    level: int
-    priority: int
 
 
 EVENTS: dict[str, EventSpec] = {
@@ -59,13 +51,6 @@ EVENTS: dict[str, EventSpec] = {
     "policy_update_accepted": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
     "policy_update_rejected": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "policy_rolled_back": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
-}
-_LOG_LEVELS = {
-    pb.TELEMETRY_LEVEL_DEBUG: logging.DEBUG,
-    pb.TELEMETRY_LEVEL_INFO: logging.INFO,
-    pb.TELEMETRY_LEVEL_WARNING: logging.WARNING,
-    pb.TELEMETRY_LEVEL_ERROR: logging.ERROR,
-    pb.TELEMETRY_LEVEL_CRITICAL: logging.CRITICAL,
 }
 
 TelemetrySink = Callable[[pb.TelemetryPacket], None]
@@ -149,7 +134,7 @@ class TamiyoTelemetry:
         event = pb.TelemetryEvent(name=name, description=description, level=spec.level)
         event.attributes.update(attributes)
         self._events.append(event)
-        _log.log(_LOG_LEVELS[spec.level], "%s: %s %s", name, description, attributes or "")
+        _log.log(LOG_LEVELS[spec.level], "%s: %s %s", name, description, attributes or "")
         return event
 
     def metric(self, name: str, value: float, unit: str = "") -> None:

@@ -360,11 +360,18 @@ class PolicyUpdateIntake:
                 outcomes.append(exc)
         return outcomes
 
+    def prepare(self, packet: pb.SystemStatePacket) -> None:
+        """The service's warm-up on `packet` (see `TamiyoService.prepare`)."""
+        self._service.prepare(packet)
+
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """Poll for updates, then decide with the service; a policy that fails its probation is rolled
-        back (the failed decision's error still reaches the caller)."""
-        self.poll()
+        back (the failed decision's error still reaches the caller). A policy swapped in by the poll is
+        first warmed up on this packet, outside the deadline (a failed warm-up counts against it)."""
+        swapped = any(isinstance(outcome, ServingPolicy) for outcome in self.poll())
         try:
+            if swapped:
+                self._service.prepare(packet)
             command = self._service.evaluate_step(packet)
         except (ContractViolation, MalformedMessage):
             raise  # the packet's fault, not the policy's

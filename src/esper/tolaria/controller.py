@@ -12,6 +12,13 @@ from esper.leyline import pb
 class Controller(Protocol):
     """Decides, for one state packet, the signed command the trainer hands to Kasmina."""
 
+    def prepare(self, packet: pb.SystemStatePacket) -> None:
+        """Warm up on this packet's topology, outside any decision deadline; decides nothing.
+
+        The trainer calls it before the first decision of a process and whenever the host's topology
+        changed, so the decision that follows does not pay for first-time work."""
+        ...
+
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """The command for this packet."""
         ...
@@ -32,6 +39,12 @@ class BoundController:
     decide: Callable[[pb.SystemStatePacket], pb.AdaptationCommand]
     save: Callable[[], dict[str, Any]]
     load: Callable[[dict[str, Any]], None]
+    rehearse: Callable[[pb.SystemStatePacket], None] | None = None
+
+    def prepare(self, packet: pb.SystemStatePacket) -> None:
+        """The bound service's warm-up on this packet (nothing to do for a controller without one)."""
+        if self.rehearse is not None:
+            self.rehearse(packet)
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """The command for this packet."""

@@ -119,6 +119,7 @@ class Trainer:
         self.loss_ema: float | None = None
         self.rollbacks = 0
         self.controller_failures = 0
+        self._prepared_topology: bytes | None = None  # the topology the controller last warmed up on
         self.decisions = 0
         self.best_val_accuracy = 0.0
         self.interval_loss_sum = 0.0
@@ -224,6 +225,10 @@ class Trainer:
             "packet_id": packet.packet_id,
         }
         try:
+            topology = packet.topology.SerializeToString(deterministic=True)
+            if topology != self._prepared_topology:
+                self.controller.prepare(packet)
+                self._prepared_topology = topology
             command = self.controller.evaluate_step(packet)
         except EsperError as exc:
             self.controller_failures += 1

@@ -1,0 +1,112 @@
+"""What the supervisor reports: one table of events, each with a reason, and their telemetry form.
+
+`EVENTS` is the only place an event's level and priority are decided. Every event is logged at its level;
+sinks (the CLI's printer, `BusEventPublisher`) receive it as well. A give-up is HIGH priority, so Oona
+routes it to the emergency stream where every listener sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb
+from esper.leyline.events import LOG_LEVELS, EventSpec
+from esper.oona import Bus, BusError, publish_telemetry
+
+_log = logging.getLogger("esper.weatherlight")
+
+
+EVENTS: dict[str, EventSpec] = {
+    "supervisor_started": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
+    "supervisor_stopping": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
+    "supervisor_stopped": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
+    "emergency_halt": EventSpec(pb.TELEMETRY_LEVEL_CRITICAL, pb.MESSAGE_PRIORITY_NORMAL),
+    "emergency_channel_unreadable": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
+    "service_started": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
+    "service_start_failed": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_NORMAL),
+    "service_exited": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
+    "service_restart_scheduled": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
+    "service_given_up": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
+    "service_stopping": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
+    "service_killed": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
+    "service_stopped": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
+}
+
+
+class UnknownSupervisorEvent(EsperError):
+    """An event name that is not in `EVENTS` (every event must have a level and a priority)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"weatherlight event {name!r} is not declared in EVENTS")
+
+
+@dataclass(frozen=True)
+class SupervisorEvent:
+    """Something that happened to a service (or to the supervisor, when `service` is empty), and why."""
+
+    name: str
+    service: str
+    reason: str
+    wall_ns: int
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in EVENTS:
+            raise UnknownSupervisorEvent(self.name)
+
+    @property
+    def level(self) -> int:
+        """The event's telemetry level, from `EVENTS`."""
+        return EVENTS[self.name].level
+
+    def log(self) -> None:
+        """Log the event at its level."""
+        who = self.service or "supervisor"
+        _log.log(LOG_LEVELS[self.level], "%s %s: %s %s", who, self.name, self.reason, self.attributes or "")
+
+
+EventSink = Callable[[SupervisorEvent], None]
+"""Receives every event of a supervisor, on the supervisor's thread."""
+
+
+def telemetry_packet(event: SupervisorEvent) -> pb.TelemetryPacket:
+    """`event` as a one-event telemetry packet from subsystem `weatherlight`."""
+    spec = EVENTS[event.name]
+    packet = pb.TelemetryPacket(
+        packet_id=f"tel-{uuid.uuid4().hex}",
+        source_subsystem="weatherlight",
+        level=spec.level,
+        priority=spec.priority,
+    )
+    packet.timestamp.FromNanoseconds(event.wall_ns)
+    item = packet.events.add(name=event.name, description=event.reason, level=spec.level)
+    item.attributes.update(event.attributes)
+    if event.service:
+        item.attributes["service"] = event.service
+    return packet
+
+
+class BusEventPublisher:
+    """An `EventSink` that publishes each event as telemetry on the bus (urgent ones on the emergency stream).
+
+    A bus that cannot take the packet does not stop the supervisor: the failure is logged as an error
+    with its reason and counted in `failures`, and the event itself was already logged and printed.
+    """
+
+    def __init__(self, bus: Bus, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._bus = bus
+        self._clock = clock
+        self.failures = 0
+        self.last_error: BusError | None = None
+
+    def __call__(self, event: SupervisorEvent) -> None:
+        try:
+            publish_telemetry(self._bus, telemetry_packet(event), clock=self._clock)
+        except BusError as exc:
+            self.failures += 1
+            self.last_error = exc
+            _log.error("weatherlight: event %s not published on the bus: %s", event.name, exc)
