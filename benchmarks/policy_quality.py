@@ -250,6 +250,7 @@ def main() -> None:
             )
 
     heuristic, learned = results["heuristic"], results["learned_gnn"]
+    wait, imitation = results["wait_only"], results["imitation_gnn"]
     summary = {
         "benchmark": "policy_quality",
         "train_tasks": args.train_tasks,
@@ -263,6 +264,12 @@ def main() -> None:
         "learned_vs_heuristic_accuracy_delta": learned["accuracy_mean"] - heuristic["accuracy_mean"],
         "learned_beats_heuristic_on_acc_per_param": learned["acc_per_kparam_mean"]
         > heuristic["acc_per_kparam_mean"],
+        # Accuracy per parameter alone is maximal for never growing: these say whether a policy grows
+        # and whether its growth pays against the WAIT-only control and against its own starting point.
+        "learned_vs_wait_accuracy_delta": learned["accuracy_mean"] - wait["accuracy_mean"],
+        "imitation_vs_wait_accuracy_delta": imitation["accuracy_mean"] - wait["accuracy_mean"],
+        "learned_vs_imitation_accuracy_delta": learned["accuracy_mean"] - imitation["accuracy_mean"],
+        "learned_grows": learned["params_mean"] > wait["params_mean"],
         "ppo_rounds_published": sum(1 for r in rounds if r["mode"] == "ppo" and r["published"]),
         "rounds": rounds,
         "wall_seconds": time.monotonic() - started,
