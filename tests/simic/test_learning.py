@@ -90,6 +90,42 @@ def test_transitions_join_by_command_id_in_step_order_and_count_what_is_missing(
     assert all(t.on_policy_material for t in result.transitions)
 
 
+def test_a_germination_is_paid_its_seeds_contribution_at_the_end_of_the_seeds_life() -> None:
+    """The germination's own window sees only its parameter cost; the contribution its seed had when it
+    was fossilised (or culled) is credited back to it. A slot's seed id returns after a reset, so each
+    germination gets the end that follows it; a seed with no measured end adds nothing."""
+    s = simic(reward_seed_outcome_weight=2.0, reward_param_cost=0.01)
+    ends = {  # step -> (action, seed, contribution at that decision's window)
+        0: (pb.POLICY_ACTION_GERMINATE, "h1", None),
+        1: (pb.POLICY_ACTION_WAIT, "", None),
+        2: (pb.POLICY_ACTION_FOSSILIZE, "h1", 0.03),
+        3: (pb.POLICY_ACTION_GERMINATE, "h1", None),
+        4: (pb.POLICY_ACTION_CULL, "h1", -0.02),
+        5: (pb.POLICY_ACTION_GERMINATE, "h1", None),  # still alive when the records end
+        6: (pb.POLICY_ACTION_GERMINATE, "h2", None),
+        7: (pb.POLICY_ACTION_CULL, "h2", None),  # culled without a measured contribution
+    }
+    collector = RecordCollector()
+    for step, (action, seed_id, contribution) in ends.items():
+        decision = pb.DecisionRecord(command_id=f"c{step}", training_run_id="r", action=action)
+        decision.packet.global_step = step
+        fr = pb.FieldReport(
+            report_id=f"fr-{step}", command_id=f"c{step}", training_run_id="r", seed_id=seed_id
+        )
+        params = 1000.0 if action == pb.POLICY_ACTION_GERMINATE else 0.0
+        fr.metrics.update({ACCURACY_DELTA: 0.0, LOSS_DELTA: 0.0, PARAM_DELTA: params})
+        if contribution is not None:
+            fr.metrics["contribution_accuracy"] = contribution
+        collector.add_decision(decision)
+        collector.add_report(fr)
+    rewards = {t.decision.packet.global_step: t.reward for t in collector.transitions(s).transitions}
+    assert rewards[0].seed_outcome == pytest.approx(0.06) and rewards[0].total == pytest.approx(0.05)
+    assert rewards[3].seed_outcome == pytest.approx(-0.04) and rewards[3].total == pytest.approx(-0.05)
+    assert rewards[5].seed_outcome == 0.0 and rewards[5].total == pytest.approx(-0.01)
+    assert rewards[6].seed_outcome == 0.0
+    assert rewards[1].seed_outcome == rewards[2].seed_outcome == 0.0  # only germinations are credited
+
+
 def test_heuristic_decisions_are_not_on_policy_material_but_resolve_for_imitation() -> None:
     collector = RecordCollector()
     collector.extend(heuristic_records(10))

@@ -4,6 +4,11 @@ Deliberately simple (DESIGN §10): change in validation accuracy, decrease in va
 counterfactual accuracy contribution when Kasmina measured it, minus a cost per thousand parameters
 added. The weights live in `SimicSettings`. A report that did not measure the accuracy or loss change
 gives no reward at all (unmeasured is not zero): its decision is left out and counted.
+
+A germination's own window sees only its cost: the seed trains in isolation (alpha 0) while the window
+is open, and what it is worth shows only when its life ends. So a germination is also paid its seed's
+counterfactual contribution as measured at the fossilisation or cull that ended it (`with_seed_outcome`);
+without it, PPO learns that never growing is the safe choice.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Reward:
     loss: float
     contribution: float
     param_cost: float
+    seed_outcome: float = 0.0
 
 
 def _finite(report: pb.FieldReport, key: str) -> float | None:
@@ -64,4 +70,19 @@ def reward_of(report: pb.FieldReport, settings: SimicSettings) -> Reward:
     clipped = max(-settings.reward_clip, min(settings.reward_clip, total))
     return Reward(
         total=clipped, accuracy=accuracy, loss=loss, contribution=contribution, param_cost=param_cost
+    )
+
+
+def with_seed_outcome(reward: Reward, contribution_accuracy: float, settings: SimicSettings) -> Reward:
+    """`reward` of a germination plus its seed's contribution measured at the end of the seed's life."""
+    seed_outcome = settings.reward_seed_outcome_weight * contribution_accuracy
+    total = reward.accuracy + reward.loss + reward.contribution + seed_outcome - reward.param_cost
+    clipped = max(-settings.reward_clip, min(settings.reward_clip, total))
+    return Reward(
+        total=clipped,
+        accuracy=reward.accuracy,
+        loss=reward.loss,
+        contribution=reward.contribution,
+        param_cost=reward.param_cost,
+        seed_outcome=seed_outcome,
     )

@@ -19,6 +19,12 @@ class SimicSettings(StrictSettings):
     reward_contribution_weight: float = Field(
         default=0.5, ge=0, description="x counterfactual accuracy contribution of the seed, when measured."
     )
+    reward_seed_outcome_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="x counterfactual accuracy contribution of the seed a germination planted, as measured "
+        "when that seed was fossilised or culled (credited to the germination).",
+    )
     reward_param_cost: float = Field(
         default=0.01, ge=0, description="Cost per 1000 parameters added over the window."
     )

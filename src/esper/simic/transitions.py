@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 
 from esper.leyline import EsperError, pb
 from esper.oona import Bus, Streams, open_envelope
-from esper.simic.reward import Reward, UnmeasuredOutcome, reward_of
+from esper.simic.reward import (
+    CONTRIBUTION_ACCURACY,
+    Reward,
+    UnmeasuredOutcome,
+    reward_of,
+    with_seed_outcome,
+)
 from esper.simic.settings import SimicSettings
 from esper.tamiyo.graph import GraphBuilder, TamiyoGraph
 from esper.tamiyo.policy import RELEVANT_HEADS
@@ -153,8 +159,12 @@ class RecordCollector:
             1 for command_id in self._reports if command_id not in self._decisions
         )
         for run_id in sorted(runs):
-            steps = sorted(
-                runs[run_id], key=lambda item: (item[0].packet.global_step, item[0].issued_at.ToNanoseconds())
+            steps = _credit_seed_outcomes(
+                sorted(
+                    runs[run_id],
+                    key=lambda item: (item[0].packet.global_step, item[0].issued_at.ToNanoseconds()),
+                ),
+                settings,
             )
             for index, (decision, report, reward) in enumerate(steps):
                 result.transitions.append(
@@ -162,6 +172,34 @@ class RecordCollector:
                 )
         result.skipped += Counter()  # drops zero counts
         return result
+
+
+_SEED_ENDS = frozenset({pb.POLICY_ACTION_FOSSILIZE, pb.POLICY_ACTION_CULL})
+
+
+def _credit_seed_outcomes(
+    steps: list[tuple[pb.DecisionRecord, pb.FieldReport, Reward]], settings: SimicSettings
+) -> list[tuple[pb.DecisionRecord, pb.FieldReport, Reward]]:
+    """Each germination of one run (in step order) also earns its seed's counterfactual contribution as
+    measured at the first fossilisation or cull of that seed after it (see `reward.with_seed_outcome`;
+    a slot's seed id comes back after a reset, so "after" matters). A seed whose end was not measured, or
+    that was still alive when the records end, adds nothing."""
+    credited = list(steps)
+    next_end: dict[str, float] = {}  # seed id -> contribution at its nearest later end
+    for index in range(len(credited) - 1, -1, -1):
+        decision, report, reward = credited[index]
+        seed_id = report.seed_id
+        if not seed_id:
+            continue
+        if decision.action in _SEED_ENDS:
+            value = float(report.metrics.get(CONTRIBUTION_ACCURACY, math.nan))
+            if math.isfinite(value):
+                next_end[seed_id] = value
+            else:
+                next_end.pop(seed_id, None)  # ended unmeasured: no figure to pass back
+        elif decision.action == pb.POLICY_ACTION_GERMINATE and seed_id in next_end:
+            credited[index] = (decision, report, with_seed_outcome(reward, next_end.pop(seed_id), settings))
+    return credited
 
 
 def drain_bus(bus: Bus, collector: RecordCollector, *, group: str, consumer: str, block_ms: int = 0) -> int:
