@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from esper.tamiyo.proposal import Policy
     from esper.tamiyo.service import TamiyoService
     from esper.tamiyo.settings import TamiyoSettings
-    from esper.tamiyo.updates import PolicyUpdateIntake
+    from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
     from esper.tolaria.controller import Controller
 
 app = typer.Typer(
@@ -261,6 +261,7 @@ class _TamiyoRunState:
             self.store.close()
             raise
         self.services: list[TamiyoService] = []
+        self.feeds: list[PolicyUpdateFeed] = []
         self._finished = False
         context = click.get_current_context(silent=True)
         if context is not None:  # a run that raises still closes its store, leaving windows to resume
@@ -274,6 +275,9 @@ class _TamiyoRunState:
         try:
             for service in self.services:
                 service.close(abort_open_windows=run_ended)
+            if run_ended:  # a run that can still be resumed keeps its place on the policy stream
+                for feed in self.feeds:
+                    feed.remove_group()
         finally:
             self.bus.close()
             self.store.close()
@@ -340,12 +344,14 @@ def _policy_intake(
     if durable is None:
         return PolicyUpdateIntake(service, policy, secret, settings)
     run_dir = durable.store.path.parent
+    feed = PolicyUpdateFeed(durable.bus, f"tamiyo-{run_dir.name}")
+    durable.feeds.append(feed)
     return PolicyUpdateIntake(
         service,
         policy,
         secret,
         settings,
-        feed=PolicyUpdateFeed(durable.bus, f"tamiyo-{run_dir.name}"),
+        feed=feed,
         archive=run_dir / "policies",
         lineage=durable.store,
     )

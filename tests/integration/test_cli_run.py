@@ -121,3 +121,33 @@ def test_a_run_ended_by_missed_deadlines_fails_loudly_and_names_the_knobs(
     ]
     missed = [e for packet in urgent for e in packet.events if e.name == "decision_deadline_exceeded"]
     assert len(missed) == 3 and all(p.source_subsystem == "tamiyo" for p in urgent)
+    assert "tamiyo-run" in _policy_groups()  # a failed run can be resumed: it keeps its consumer group
+
+
+def _policy_groups() -> set[str]:
+    bus = open_bus(load_settings(EsperSettings), load_settings(OonaSettings))
+    try:
+        return {g.name for s in bus.stats() if s.stream == Streams.POLICY_UPDATES for g in s.groups}
+    finally:
+        bus.close()
+
+
+@pytest.mark.slow
+def test_a_completed_gnn_run_leaves_no_consumer_group_behind(data_dir: Path, tmp_path: Path) -> None:
+    """The run's Tamiyo reads policy updates through a consumer group of its own; once the run has ended
+    for good, the group goes (otherwise every update would be kept for a reader that never comes)."""
+    run_dir = tmp_path / "done"
+    args = [
+        "run",
+        "--policy",
+        "gnn",
+        "--epochs",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        "--no-report",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "tamiyo-done" not in _policy_groups()

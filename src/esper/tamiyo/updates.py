@@ -494,6 +494,11 @@ class PolicyUpdateFeed:
         self._batch = batch
         bus.ensure_group(Streams.POLICY_UPDATES, group, from_beginning=True)
 
+    def remove_group(self) -> None:
+        """Delete this Tamiyo's consumer group: for a run that has ended for good (a group nobody reads
+        would otherwise keep receiving every update the deployment publishes)."""
+        self._bus.delete_group(Streams.POLICY_UPDATES, self._group)
+
     def fetch(self) -> list[pb.PolicyUpdate | PolicyUpdateRejected]:
         """Every update waiting now (no blocking); undecodable ones as rejections."""
         items: list[pb.PolicyUpdate | PolicyUpdateRejected] = []
