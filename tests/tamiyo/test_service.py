@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import threading
 from typing import Any
@@ -99,6 +100,50 @@ def test_package_exports_only_the_service_and_policy_classes() -> None:
 def test_package_docstring_points_to_the_design_of_record_not_the_legacy_spec() -> None:
     doc = esper.tamiyo.__doc__ or ""
     assert "DESIGN.md" in doc and "legacy" in doc
+
+
+class _GCObservingPolicy:
+    """Records whether Python's cyclic collector was enabled while it decided."""
+
+    version = "gc-observer"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.seen: list[bool] = []
+        self.fail = fail
+
+    def propose(self, packet: pb.SystemStatePacket) -> Proposal:
+        self.seen.append(gc.isenabled())
+        if self.fail:
+            raise RuntimeError("policy broke")
+        return WAIT
+
+
+def test_the_collector_is_paused_for_a_decision_and_back_after_it_even_after_a_failure() -> None:
+    """A collection inside a decision is a deadline miss that has nothing to do with the policy: the
+    collector waits until the decision is over, and is enabled again however the decision ended."""
+    assert gc.isenabled()
+    for fail in (False, True):
+        policy = _GCObservingPolicy(fail=fail)
+        service = TamiyoService(settings(), policy, SECRET)
+        try:
+            if fail:
+                with pytest.raises(RuntimeError, match="policy broke"):  # a policy's bug is not hidden
+                    service.evaluate_step(make_packet())
+            else:
+                service.evaluate_step(make_packet())
+        finally:
+            service.close()
+        assert policy.seen == [False] and gc.isenabled()
+    gc.disable()  # a caller that turned the collector off keeps it off
+    try:
+        service = TamiyoService(settings(), _GCObservingPolicy(), SECRET)
+        try:
+            service.evaluate_step(make_packet())
+        finally:
+            service.close()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_deadline_miss_raises_critical_and_never_returns_a_pause() -> None:

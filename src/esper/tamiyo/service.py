@@ -9,7 +9,10 @@ a synthetic PAUSE.
 
 from __future__ import annotations
 
+import gc
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -43,6 +46,26 @@ class Decision:
 class _Inference:
     proposal: Proposal
     coverage: GraphCoverage | None
+
+
+@contextmanager
+def _collections_deferred() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for one decision, and run after it if it is due.
+
+    Measured in `esper run --policy gnn`: a generation-1 pass takes about 1 ms (up to 1.8) and happens
+    every few decisions' worth of allocations, a full pass 90-150 ms; either one landing inside a
+    decision is a deadline miss that has nothing to do with the policy. Paused, the collector keeps
+    counting allocations and collects on the first allocation after the decision. (Process-wide: the
+    inference worker's thread is covered too. A caller that disabled collection itself is left alone.)
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class TamiyoService:
@@ -143,6 +166,10 @@ class TamiyoService:
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """Decide for one packet and return the signed command; failures raise typed errors."""
+        with _collections_deferred():
+            return self._decide(packet)
+
+    def _decide(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         start = time.perf_counter()
         try:
             validate_packet(packet)
