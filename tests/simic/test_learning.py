@@ -11,7 +11,16 @@ import torch
 from esper.leyline import ManualClock, pb
 from esper.oona import EmbeddedBus, OonaSettings, Streams, envelope_for
 from esper.simic.imitation import imitate
-from esper.simic.ppo import compute_gae, explained_variance, make_rollout, ppo_update
+from esper.simic.ppo import (
+    action_log_probs,
+    compute_gae,
+    critic_values,
+    discounted_returns,
+    explained_variance,
+    make_rollout,
+    ppo_update,
+    refit_critic,
+)
 from esper.simic.reward import ACCURACY_DELTA, LOSS_DELTA, PARAM_DELTA, UnmeasuredOutcome, reward_of
 from esper.simic.settings import SimicSettings
 from esper.simic.trainer import SimicState, SimicTrainer, bus_publisher, offline_records, serve
@@ -166,6 +175,37 @@ def test_gae_matches_a_hand_computation() -> None:
     assert torch.allclose(ret, adv + values)
     assert explained_variance(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0])) == 1.0
     assert math.isnan(explained_variance(torch.ones(3), torch.ones(3)))
+
+
+def test_the_critic_is_refitted_to_the_batchs_returns_without_moving_the_policy() -> None:
+    """PPO step 0: only the value head changes, and afterwards its values are the ridge fit of the
+    returns the batch's own runs earned; too few rows for the head's weights change nothing."""
+    policy = small_policy()
+    collector = RecordCollector()
+    for run_id in ("run-a", "run-b"):
+        messages = gnn_records(policy, 50, run_id=run_id)
+        # The host's own progress: large early, fading as the run goes on.
+        for decision, fr in zip(messages[0::2], messages[1::2], strict=True):
+            assert isinstance(decision, pb.DecisionRecord) and isinstance(fr, pb.FieldReport)
+            fr.metrics[ACCURACY_DELTA] = 0.3 * (1.0 - decision.packet.global_step / 500.0)
+        collector.extend(messages)
+    samples, _ = build_samples(new_builder, collector.transitions(simic()))
+    s = simic(gamma=0.5)
+    returns = discounted_returns(samples, s.gamma)
+    graphs = [x.graph for x in samples]
+    actions_before = action_log_probs(policy, graphs)
+    state_before = {k: v.clone() for k, v in policy.module.state_dict().items()}
+    rows = list(range(len(samples)))
+    assert refit_critic(policy, samples, rows[:20], s) is None  # 20 rows for 17 weights: left alone
+    assert all(torch.equal(v, state_before[k]) for k, v in policy.module.state_dict().items())
+    before = explained_variance(critic_values(policy, samples), returns)
+    fitted = refit_critic(policy, samples, rows, s)
+    assert fitted is not None
+    after = explained_variance(critic_values(policy, samples), returns)
+    assert after == pytest.approx(fitted, abs=1e-4) and after > 0.2 and after > before + 0.1
+    assert torch.allclose(action_log_probs(policy, graphs), actions_before)
+    changed = {k for k, v in policy.module.state_dict().items() if not torch.equal(v, state_before[k])}
+    assert changed == {"value_head.weight", "value_head.bias"}
 
 
 def _copy(policy: GNNPolicy) -> GNNPolicy:

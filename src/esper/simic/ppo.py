@@ -2,6 +2,11 @@
 
 Every implementation detail is named where it happens:
 
+0. Critic refit: the critic's last layer is refitted (ridge regression, trunk untouched, so no policy
+   output moves) to the discounted returns the batch's own runs earned. The critic comes from the
+   previous round or the imitation bootstrap, i.e. from another policy's runs; measured against it,
+   the decisions of a policy that grows less than the heuristic all looked worse than waiting, and PPO
+   learned never to germinate.
 1. Values: the critic of the policy being trained estimates V(s) for every decision (no gradient).
 2. Returns and advantages: generalised advantage estimation (`gamma`, `gae_lambda`) along each run's
    decisions in step order; the last decision of a run ends its trajectory.
@@ -241,3 +246,50 @@ def _per_head(stats: PPOStats, evaluation: ActionEvaluation, rollout: Rollout, i
         stats.head_entropy[head] = float(evaluation.entropies[head][mask].mean())
         log_ratio = evaluation.log_probs[head][mask].detach() - rollout.old_head_log_probs[head][index][mask]
         stats.head_kl[head] = float(k3_kl(log_ratio).mean())
+
+
+_ROWS_PER_CRITIC_WEIGHT = 4
+
+
+def discounted_returns(samples: Sequence[Sample], gamma: float) -> Tensor:
+    """Monte-Carlo returns along each run's decisions (samples in trajectory order)."""
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    dones = torch.tensor([s.transition.done for s in samples], dtype=torch.float32)
+    returns, _ = compute_gae(rewards, torch.zeros_like(rewards), dones, gamma=gamma, gae_lambda=1.0)
+    return returns
+
+
+def refit_critic(
+    policy: GNNPolicy, samples: Sequence[Sample], fit_rows: Sequence[int], settings: SimicSettings
+) -> float | None:
+    """Step 0 (see the module docstring): the value head refitted in place to the discounted returns of
+    `samples` (in trajectory order), fitted on the rows `fit_rows` only; returns the fit's explained
+    variance on those rows. Only the value head's weights change. With fewer than four rows per weight
+    of the head the fit would only memorise: nothing changes and None is returned."""
+    head = policy.module.value_head
+    if len(fit_rows) < _ROWS_PER_CRITIC_WEIGHT * (head.in_features + 1):
+        return None
+    returns = discounted_returns(samples, settings.gamma)
+    features: list[Tensor] = []
+    hook = policy.module.value_head.register_forward_hook(
+        lambda _module, inputs, _output: features.append(inputs[0].detach())
+    )
+    try:
+        # Message passing (gradients on, none taken) is the path that calls the value head as a module.
+        with torch.enable_grad():
+            for start in range(0, len(fit_rows), 64):
+                chunk = [samples[i] for i in fit_rows[start : start + 64]]
+                policy.evaluate_actions([s.graph for s in chunk], [s.choices for s in chunk])
+    finally:
+        hook.remove()
+    x = torch.cat(features).double()
+    y = returns[list(fit_rows)].double()
+    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    # Ridge, scaled to the features so that the bias is barely shrunk and the fit is well posed.
+    penalty = (1e-2 * float(design.pow(2).mean()) + 1e-8) * torch.eye(design.shape[1], dtype=x.dtype)
+    solution = torch.linalg.solve(design.T @ design + penalty, design.T @ y)
+    with torch.no_grad():
+        head.weight.copy_(solution[:-1].to(head.weight.dtype).reshape_as(head.weight))
+        assert head.bias is not None
+        head.bias.copy_(solution[-1:].to(head.bias.dtype))
+    return explained_variance((design @ solution).float(), y.float())

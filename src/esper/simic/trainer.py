@@ -32,7 +32,7 @@ import torch
 from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb
 from esper.oona import Bus, Streams, envelope_for
 from esper.simic.imitation import imitate
-from esper.simic.ppo import make_rollout, ppo_update
+from esper.simic.ppo import make_rollout, ppo_update, refit_critic
 from esper.simic.settings import SimicSettings
 from esper.simic.transitions import RecordCollector, TransitionSet, build_samples, drain_bus
 from esper.simic.updates import build_policy_update
@@ -180,7 +180,11 @@ class SimicTrainer:
         candidate = self._copy(parent)
         train_rows, holdout_rows = self._split(len(pool))  # step 3
         if chosen == "ppo":
-            rollout = make_rollout(parent, pool, self.settings)
+            fitted = refit_critic(candidate, pool, train_rows, self.settings)  # PPO step 0
+            result.metrics["critic.refitted"] = float(fitted is not None)
+            if fitted is not None:
+                result.metrics["critic.refit_explained_variance"] = fitted
+            rollout = make_rollout(candidate, pool, self.settings)
             stats = ppo_update(
                 candidate, rollout.subset(train_rows), self.settings, generator=self._generator
             )
