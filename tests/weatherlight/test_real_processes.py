@@ -113,3 +113,51 @@ def test_a_killed_service_is_restarted_and_stop_leaves_no_process_behind(tmp_pat
     assert final["stubborn"]["last_exit_code"] == -9  # it ignored SIGTERM and was killed
     assert final["cooperative"]["last_exit_code"] == -15
     assert {s["state"] for s in final.values()} == {"stopped"}
+
+
+# A stand-in supervisor: starts one bound child, reports its pid, then waits to be killed.
+SUPERVISOR = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+BOUND_CHILD = """
+import time
+from esper.weatherlight.child import bind_to_parent
+assert bind_to_parent()
+print("bound", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_a_service_ends_when_its_supervisor_is_killed_with_sigkill() -> None:
+    """A SIGKILLed supervisor cannot stop its children: each service binds itself to its supervisor's
+    life when it starts (the kernel sends it SIGTERM when the supervisor dies)."""
+    import signal
+    import subprocess
+
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, BOUND_CHILD], stdout=subprocess.PIPE, text=True
+    )
+    child_pid = 0
+    try:
+        assert supervisor.stdout is not None
+        child_pid = int(supervisor.stdout.readline())
+        assert supervisor.stdout.readline().strip() == "bound"
+        supervisor.send_signal(signal.SIGKILL)
+        supervisor.wait(timeout=10)
+        wait_until(lambda: not alive(child_pid), "the service to end with its supervisor")
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+        if child_pid and alive(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
+
+
+def test_known_services_start_through_the_binding_entry_point() -> None:
+    from esper.weatherlight import SERVICES
+
+    for spec in SERVICES.values():
+        assert "from esper.weatherlight.child import main; main()" in spec.argv

@@ -22,8 +22,9 @@ class ServiceSpec:
 
 
 def esper_command(*arguments: str) -> tuple[str, ...]:
-    """The `esper` command line with `arguments`, run by this interpreter (no reliance on PATH)."""
-    return (sys.executable, "-c", "from esper.cli import main; main()", *arguments)
+    """The `esper` command line with `arguments`, run by this interpreter (no reliance on PATH), bound to
+    the supervisor's life (see `esper.weatherlight.child`)."""
+    return (sys.executable, "-c", "from esper.weatherlight.child import main; main()", *arguments)
 
 
 SERVICES: dict[str, ServiceSpec] = {
