@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -293,6 +292,7 @@ def _tamiyo_service(
     registry: CollectorRegistry | None = None,
 ) -> TamiyoService:
     """A Tamiyo service that records into the run's store when there is one (P9)."""
+    from esper.oona import TelemetryPublisher
     from esper.tamiyo import TamiyoService
 
     if durable is None:
@@ -305,29 +305,11 @@ def _tamiyo_service(
         bus=durable.bus,
         blueprint_metadata=metadata,
         registry=registry,
-        telemetry_sink=_bus_telemetry_sink(durable.bus),
+        # HIGH and CRITICAL packets on the emergency stream, the rest on telemetry; a refusal is logged.
+        telemetry_sink=TelemetryPublisher(durable.bus),
     )
     durable.services.append(service)
     return service
-
-
-def _bus_telemetry_sink(bus: Any) -> Callable[[pb.TelemetryPacket], None]:
-    """Tamiyo's telemetry packets onto the bus after each decision: HIGH and CRITICAL ones on the emergency
-    stream, the rest on the telemetry stream. A packet the bus refuses is logged with the reason (its
-    events were already logged locally); the decision it describes stands."""
-    import logging
-
-    from esper.oona import BusError, publish_telemetry
-
-    log = logging.getLogger("esper.tamiyo.telemetry")
-
-    def publish(packet: pb.TelemetryPacket) -> None:
-        try:
-            publish_telemetry(bus, packet)
-        except BusError as exc:
-            log.warning("telemetry packet %s not published on the bus: %s", packet.packet_id, exc)
-
-    return publish
 
 
 def _policy_intake(
@@ -614,7 +596,7 @@ def serve(
         channel = BusEmergencyChannel.open(
             settings, oona, training_run_id="", origin=f"weatherlight {socket.gethostname()}/{os.getpid()}"
         )
-    except (EsperError, BusError) as exc:
+    except EsperError as exc:  # BusError included
         bus.close()
         err_console.print(f"[bold red]cannot listen for emergencies[/]: {exc}")
         raise typer.Exit(1) from exc
@@ -628,7 +610,7 @@ def serve(
     try:
         with stop_on_signals(supervisor):
             outcome = supervisor.run()
-    except (EsperError, BusError) as exc:
+    except EsperError as exc:  # BusError included
         err_console.print(f"[bold red]esper serve failed[/]: {exc}")
         raise typer.Exit(1) from exc
     finally:
@@ -651,7 +633,7 @@ def _print_supervisor_event(event: Any) -> None:
     """One line per Weatherlight event: time, who, what, why."""
     from rich.markup import escape
 
-    from esper.leyline import pb, short_name
+    from esper.leyline import short_name
     from esper.weatherlight.health import iso_time
 
     level = short_name(pb.TelemetryLevel, event.level)

@@ -31,7 +31,7 @@ from esper.oona.envelopes import UnexpectedMessageType, envelope_for, open_envel
 from esper.oona.factory import open_bus
 from esper.oona.redis_streams import RedisBus
 from esper.oona.settings import OonaSettings
-from esper.oona.telemetry import publish_telemetry, telemetry_stream
+from esper.oona.telemetry import TelemetryPublisher, publish_telemetry, telemetry_stream
 
 __all__ = [
     "Bus",
@@ -50,6 +50,7 @@ __all__ = [
     "RedisBus",
     "StreamStats",
     "Streams",
+    "TelemetryPublisher",
     "UnexpectedMessageType",
     "emergency_verifier",
     "envelope_for",

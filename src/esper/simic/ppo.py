@@ -271,9 +271,7 @@ def refit_critic(
         return None
     returns = discounted_returns(samples, settings.gamma)
     features: list[Tensor] = []
-    hook = policy.module.value_head.register_forward_hook(
-        lambda _module, inputs, _output: features.append(inputs[0].detach())
-    )
+    hook = head.register_forward_hook(lambda _module, inputs, _output: features.append(inputs[0].detach()))
     try:
         # Message passing (gradients on, none taken) is the path that calls the value head as a module.
         with torch.enable_grad():

@@ -66,20 +66,35 @@ def reward_of(report: pb.FieldReport, settings: SimicSettings) -> Reward:
     contribution = settings.reward_contribution_weight * (measured_contribution or 0.0)
     params = _finite(report, PARAM_DELTA) or 0.0
     param_cost = settings.reward_param_cost * params / 1000.0
-    total = accuracy + loss + contribution - param_cost
-    clipped = max(-settings.reward_clip, min(settings.reward_clip, total))
+    return _reward(settings, accuracy=accuracy, loss=loss, contribution=contribution, param_cost=param_cost)
+
+
+def _reward(
+    settings: SimicSettings,
+    *,
+    accuracy: float,
+    loss: float,
+    contribution: float,
+    param_cost: float,
+    seed_outcome: float = 0.0,
+) -> Reward:
+    """The terms and their clipped sum."""
+    total = accuracy + loss + contribution + seed_outcome - param_cost
     return Reward(
-        total=clipped, accuracy=accuracy, loss=loss, contribution=contribution, param_cost=param_cost
+        total=max(-settings.reward_clip, min(settings.reward_clip, total)),
+        accuracy=accuracy,
+        loss=loss,
+        contribution=contribution,
+        param_cost=param_cost,
+        seed_outcome=seed_outcome,
     )
 
 
 def with_seed_outcome(reward: Reward, contribution_accuracy: float, settings: SimicSettings) -> Reward:
     """`reward` of a germination plus its seed's contribution measured at the end of the seed's life."""
     seed_outcome = settings.reward_seed_outcome_weight * contribution_accuracy
-    total = reward.accuracy + reward.loss + reward.contribution + seed_outcome - reward.param_cost
-    clipped = max(-settings.reward_clip, min(settings.reward_clip, total))
-    return Reward(
-        total=clipped,
+    return _reward(
+        settings,
         accuracy=reward.accuracy,
         loss=reward.loss,
         contribution=reward.contribution,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb
 from esper.leyline.events import LOG_LEVELS, EventSpec
-from esper.oona import Bus, BusError, publish_telemetry
+from esper.oona import Bus, TelemetryPublisher
 
 _log = logging.getLogger("esper.weatherlight")
 
@@ -91,22 +91,17 @@ def telemetry_packet(event: SupervisorEvent) -> pb.TelemetryPacket:
 
 
 class BusEventPublisher:
-    """An `EventSink` that publishes each event as telemetry on the bus (urgent ones on the emergency stream).
-
-    A bus that cannot take the packet does not stop the supervisor: the failure is logged as an error
-    with its reason and counted in `failures`, and the event itself was already logged and printed.
-    """
+    """An `EventSink` that publishes each event as telemetry on the bus (urgent ones on the emergency
+    stream) through Oona's `TelemetryPublisher`: a bus that cannot take the packet does not stop the
+    supervisor (the failure is logged with its reason and counted in `failures`)."""
 
     def __init__(self, bus: Bus, *, clock: Clock = SYSTEM_CLOCK) -> None:
-        self._bus = bus
-        self._clock = clock
-        self.failures = 0
-        self.last_error: BusError | None = None
+        self._publisher = TelemetryPublisher(bus, clock=clock)
+
+    @property
+    def failures(self) -> int:
+        """Events the bus refused."""
+        return self._publisher.failures
 
     def __call__(self, event: SupervisorEvent) -> None:
-        try:
-            publish_telemetry(self._bus, telemetry_packet(event), clock=self._clock)
-        except BusError as exc:
-            self.failures += 1
-            self.last_error = exc
-            _log.error("weatherlight: event %s not published on the bus: %s", event.name, exc)
+        self._publisher(telemetry_packet(event))
