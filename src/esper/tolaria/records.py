@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esper.tolaria.checkpoint import write_atomically
+from esper.leyline.files import write_atomically
 
 
 class JsonlLog:

@@ -3,10 +3,7 @@ shows it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -14,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from esper.leyline import EsperError
+from esper.leyline.files import write_atomically
 
 HEALTH_VERSION = 1
 
@@ -73,18 +71,7 @@ def write_health(
         "services": [service.to_json() for service in services],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    write_atomically(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
 def read_health(path: Path) -> dict[str, Any]:
