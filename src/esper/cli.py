@@ -158,8 +158,9 @@ def settings_command(
         bool, typer.Option("--env-example", help="Print every setting as a commented .env file instead.")
     ] = False,
 ) -> None:
-    """Show every setting of every subsystem: its variable, the value this process resolves (from the
-    environment and .env), and its default. Invalid values fail here as they would at start."""
+    """Show every setting of every subsystem with its resolved value and default.
+
+    Values come from the environment and .env; an invalid one fails here as it would at start."""
     from rich.table import Table
 
     if as_env:
