@@ -122,7 +122,9 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def time_decisions(service: TamiyoService, packets: list[pb.SystemStatePacket], warmup: int) -> list[float]:
-    """Latency of each `evaluate_step` after `warmup` untimed ones."""
+    """Latency of each `evaluate_step` after `warmup` untimed ones (prepared on the first packet's
+    topology beforehand, as Tolaria does before a run's first decision)."""
+    service.prepare(packets[0])
     for packet in packets[:warmup]:
         service.evaluate_step(packet)
     samples = []
@@ -134,28 +136,33 @@ def time_decisions(service: TamiyoService, packets: list[pb.SystemStatePacket], 
 
 
 def time_interleaved(
-    service: TamiyoService,
+    services: list[TamiyoService],
     packets: list[pb.SystemStatePacket],
     warmup: int,
     trainer: TrainingLoop,
     steps_between: int,
-) -> list[float]:
+) -> list[list[float]]:
     """`time_decisions` as `esper run` decides: `steps_between` training steps on the same thread before
-    each decision, so the policy's weights and the worker have gone cold as they do in a run."""
-    samples = []
+    each decision, so the policy's weights and the worker have gone cold as they do in a run. Several
+    services take turns packet by packet (an A/B in one process under the same machine noise)."""
+    for service in services:
+        service.prepare(packets[0])
+    samples: list[list[float]] = [[] for _ in services]
     for index, packet in enumerate(packets):
-        for _ in range(steps_between):
-            trainer.step()
-        start = time.perf_counter()
-        service.evaluate_step(packet)
-        if index >= warmup:
-            samples.append((time.perf_counter() - start) * 1e3)
+        for service, timings in zip(services, samples, strict=True):
+            for _ in range(steps_between):
+                trainer.step()
+            start = time.perf_counter()
+            service.evaluate_step(packet)
+            if index >= warmup:
+                timings.append((time.perf_counter() - start) * 1e3)
     return samples
 
 
-def build_service(policy_kind: str, n_blueprints: int) -> tuple[TamiyoService, Policy]:
-    """A service with a generous deadline (slow decisions are measured, not cut off)."""
-    settings = TamiyoSettings(step_timeout_ms=1000.0, max_blueprints=max(16, n_blueprints))
+def build_service(policy_kind: str, n_blueprints: int, *, plan: bool = True) -> tuple[TamiyoService, Policy]:
+    """A service with a generous deadline (slow decisions are measured, not cut off); `plan`: whether
+    the GNN traces its inference path when prepared on a topology (the default, as in a run)."""
+    settings = TamiyoSettings(step_timeout_ms=1000.0, max_blueprints=max(16, n_blueprints), enable_plan=plan)
     lookup = catalogue(n_blueprints).get
     policy: Policy
     if policy_kind == "gnn":
@@ -166,13 +173,16 @@ def build_service(policy_kind: str, n_blueprints: int) -> tuple[TamiyoService, P
 
 
 def cold_start(n_blueprints: int, size: tuple[int, int, int], max_attempts: int = 100) -> dict[str, Any]:
-    """Construction (warm-up included) to the first decision within the budget, in ms (None if none)."""
+    """Construction (warm-up included) and the preparation on the run's topology that Tolaria does before
+    the first decision, to the first decision within the budget, in ms (None if none)."""
     start = time.perf_counter()
     settings = TamiyoSettings(step_timeout_ms=BUDGET_MS)
     lookup = catalogue(n_blueprints).get
     policy = GNNPolicy(settings, blueprint_metadata=lookup)
     service = TamiyoService(settings, policy, SECRET, blueprint_metadata=lookup)
     constructed = (time.perf_counter() - start) * 1e3
+    service.prepare(make_packet(*size, step=0))
+    prepared = (time.perf_counter() - start) * 1e3
     first_in_budget: float | None = None
     attempts = misses = 0
     try:
@@ -190,6 +200,8 @@ def cold_start(n_blueprints: int, size: tuple[int, int, int], max_attempts: int 
         service.close()
     return {
         "construct_ms": round(constructed, 1),
+        "prepared_ms": round(prepared, 1),
+        "plan_build_ms": round(policy.plan_status.build_ms, 1),
         "first_in_budget_ms": None if first_in_budget is None else round(first_in_budget, 1),
         "decisions_tried": attempts,
         "deadline_misses": misses,
@@ -261,14 +273,19 @@ def forward_ratio(policy: GNNPolicy, packet: pb.SystemStatePacket, repeats: int 
             samples.append((time.perf_counter() - start) * 1e3)
         return statistics.median(samples)
 
+    module.build_plan(graph)
     with torch.inference_mode():
+        planned = median_ms(lambda: module(graph))
+        module.drop_plan()
         dense = median_ms(lambda: module(graph))
         message_passing = median_ms(lambda: module.forward_message_passing(graph))
         build = median_ms(lambda: policy.builder.build(packet, update_stats=False))
     return {
         "build_ms": round(build, 3),
+        "planned_forward_ms": round(planned, 3),
         "dense_forward_ms": round(dense, 3),
         "message_passing_forward_ms": round(message_passing, 3),
+        "planned_vs_dense": round(planned / dense, 3),
         "dense_vs_message_passing": round(dense / message_passing, 3),
     }
 
@@ -315,15 +332,23 @@ def main() -> None:
         results[name] = figures
         print(f"{name:>6} {size}: {figures}")
 
-    # Small and medium sizes as a run decides: training steps between decisions, on the same thread.
+    # Small and medium sizes as a run decides: training steps between decisions, on the same thread; the
+    # traced plan (a run's default) and the untraced dense path taking turns.
     for name in ("small", "medium"):
         size = SIZES[name]
         packets = [make_packet(*size, step=i) for i in range(total)]
-        service, _ = build_service("gnn", size[2])
+        planned, _ = build_service("gnn", size[2])
+        untraced, _ = build_service("gnn", size[2], plan=False)
         try:
-            interleaved = percentiles(time_interleaved(service, packets, args.warmup, trainer, 20))
+            with_plan, without = time_interleaved([planned, untraced], packets, args.warmup, trainer, 20)
         finally:
-            service.close()
+            planned.close()
+            untraced.close()
+        interleaved: dict[str, Any] = dict(percentiles(with_plan))
+        dense_path = percentiles(without)
+        interleaved["without_plan"] = dense_path
+        interleaved["plan_vs_without_p50"] = round(interleaved["p50_ms"] / dense_path["p50_ms"], 3)
+        interleaved["plan_vs_without_p99"] = round(interleaved["p99_ms"] / dense_path["p99_ms"], 3)
         results[f"{name}_between_training_steps"] = interleaved
         print(f"{name} with 20 training steps between decisions: {interleaved}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import inspect
 import threading
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -78,12 +79,20 @@ def test_prepare_warms_up_on_the_real_topology_and_decides_nothing() -> None:
                 assert service.last_decision is None and not sent
                 assert policy.builder.normalizer.states() == statistics
                 assert policy.module._adjacency_cache  # this topology's dense blocks are built
+                assert policy.module.has_plan and policy.plan_status.enabled  # and its inference is traced
             service.evaluate_step(packet)
             assert service.last_decision is not None
             proposals.append(service.last_decision.proposal)
         finally:
             service.close()
-    assert proposals[0] == proposals[1]
+    # The same choices; the traced plan's numbers agree with the dense path's to float rounding.
+    unprepared, prepared_ = proposals
+    assert replace(prepared_, log_prob=0.0, value=0.0, head_log_probs={}) == replace(
+        unprepared, log_prob=0.0, value=0.0, head_log_probs={}
+    )
+    assert prepared_.log_prob == pytest.approx(unprepared.log_prob, abs=1e-5)
+    assert prepared_.value == pytest.approx(unprepared.value, abs=1e-5)
+    assert prepared_.head_log_probs == pytest.approx(unprepared.head_log_probs, abs=1e-5)
     plain = TamiyoService(settings(), ScriptedPolicy(WAIT), SECRET)
     try:
         with pytest.raises(ContractViolation):  # a bad packet fails the warm-up as it fails a decision

@@ -10,7 +10,9 @@ GAT layers: a relation without declared features gets a zero column, so `GATConv
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import GATConv, HeteroConv, SAGEConv
 from torch_geometric.utils import scatter
 
+from esper.leyline import EsperError
 from esper.tamiyo.graph import EdgeKey, GraphSchema, GraphSchemaError, TamiyoGraph
 from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS
 
@@ -88,7 +91,7 @@ class _DenseRelation:
 def _attention_map(lin: nn.Module, att: Tensor, heads: int, channels: int) -> Tensor:
     """(lin(x).view(H, C) * att).sum(-1) is linear in x: the [in, H] matrix that computes it directly."""
     weight: Tensor = lin.weight  # type: ignore[assignment]
-    return (weight.view(heads, channels, -1) * att.view(heads, channels, 1)).sum(1).t()
+    return (weight.detach().view(heads, channels, -1) * att.detach().view(heads, channels, 1)).sum(1).t()
 
 
 @dataclass(frozen=True)
@@ -197,10 +200,10 @@ class _DenseKernel:
             for rel in rels:
                 if convs[rel].lin_l.bias is not None:
                     total = total + convs[rel].lin_l.bias
-            roots[name] = lin_root.weight.t().contiguous()
+            roots[name] = lin_root.weight.detach().t().contiguous()
             bias[name] = total.detach().clone()
             incoming[name] = rels
-        relation = {rel: convs[rel].lin_l.weight.t().contiguous() for rel in self._relations}
+        relation = {rel: convs[rel].lin_l.weight.detach().t().contiguous() for rel in self._relations}
         packed = _PackedSage(roots, bias, relation, incoming)
         self._cache[id(owner)] = (key, packed)
         return packed
@@ -237,7 +240,7 @@ class _DenseKernel:
             conv = convs[rel]
             assert conv.lin_src is not None and conv.lin_dst is not None and conv.lin_edge is not None
             heads, channels = conv.heads, conv.out_channels
-            add(rel[0], rel, "src", conv.lin_src.weight.t())
+            add(rel[0], rel, "src", conv.lin_src.weight.detach().t())
             add(rel[0], rel, "a_src", _attention_map(conv.lin_src, conv.att_src, heads, channels))
             add(rel[2], rel, "a_dst", _attention_map(conv.lin_dst, conv.att_dst, heads, channels))
             assert conv.att_edge is not None
@@ -262,14 +265,18 @@ def _pack_heads(model: TamiyoGNN) -> _PackedHeads:
     plain = (model.action_head, model.blend_head, model.schedule_head, model.lr_head, model.value_head)
     weights: list[Tensor] = [slot_in.weight[:, gat:], bp_in.weight[:, gat:], *(head.weight for head in plain)]
     biases: list[Tensor] = [slot_in.bias, bp_in.bias, *(head.bias for head in plain)]
+
+    def transposed(weight: Tensor) -> Tensor:
+        return weight.detach().t().contiguous().clone()  # a copy even where `.t()` is already contiguous
+
     return _PackedHeads(
-        context_weight=torch.cat(weights, dim=0).t().contiguous(),
+        context_weight=transposed(torch.cat(weights, dim=0)),
         context_bias=torch.cat(biases).detach().clone(),
         splits=tuple(int(w.shape[0]) for w in weights),
-        slot_node=slot_in.weight[:, :gat].t().contiguous(),
-        slot_out=(slot_out.weight.t().contiguous(), slot_out.bias.detach().clone()),
-        blueprint_node=bp_in.weight[:, :gat].t().contiguous(),
-        blueprint_out=(bp_out.weight.t().contiguous(), bp_out.bias.detach().clone()),
+        slot_node=transposed(slot_in.weight[:, :gat]),
+        slot_out=(transposed(slot_out.weight), slot_out.bias.detach().clone()),
+        blueprint_node=transposed(bp_in.weight[:, :gat]),
+        blueprint_out=(transposed(bp_out.weight), bp_out.bias.detach().clone()),
     )
 
 
@@ -318,6 +325,308 @@ def _unchanged(cached: Tensor, version: int | None, current: Tensor) -> bool:
 
 def _no_checkpoint() -> None:
     return None
+
+
+class PlanError(EsperError):
+    """A per-topology plan could not be built (the dense path serves instead)."""
+
+
+EdgeLogits = Callable[[int, EdgeKey, _DenseRelation, _PackedGat], Tensor]
+
+
+def _edge_term(dense_attr: Tensor, edge_map: Tensor) -> Tensor:
+    """A relation's edge term of the attention logits, [H, n_dst, n_src], from its dense edge features."""
+    return (dense_attr @ edge_map).permute(2, 0, 1).contiguous()
+
+
+def _cached_edge_logits(layer: int, rel: EdgeKey, relation: _DenseRelation, gat: _PackedGat) -> Tensor:
+    """The edge term of `rel` in a GAT layer, kept with the relation's dense blocks (by packing)."""
+    edge = relation.edge_logits.get(gat.generation)
+    if edge is None:
+        relation.edge_logits.clear()
+        edge = relation.edge_logits[gat.generation] = _edge_term(relation.attr, gat.edge_map[rel])
+    return edge
+
+
+class _DenseRun:
+    """The dense inference path over one graph's dense blocks, layer by layer.
+
+    Stages take and return per-type features as sequences in schema order, so that `_Plan` can trace
+    them; the eager path calls them with the decision's cancellation checkpoint. `edge_logits` gives a
+    relation's edge term (cached with the dense blocks on the eager path, computed from the plan's
+    inputs on a traced one)."""
+
+    def __init__(
+        self,
+        model: TamiyoGNN,
+        adjacency: dict[EdgeKey, _DenseRelation],
+        edge_logits: EdgeLogits,
+        checkpoint: Checkpoint,
+    ) -> None:
+        self._model = model
+        self._types = model._types
+        self._adjacency = adjacency
+        self._edge_logits = edge_logits
+        self._checkpoint = checkpoint
+
+    def encode(self, xs: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
+        """Per-type encoders on the features and their presence mask side by side."""
+        device = self._model.device
+        out = []
+        for name, x, mask in zip(self._types, xs, masks, strict=True):
+            encoder: nn.Linear = self._model.encoders[name][0]  # type: ignore[index]
+            features = _on(torch.cat([x, mask], dim=1), device)
+            out.append(torch.relu_(torch.nn.functional.linear(features, encoder.weight, encoder.bias)))
+        return out
+
+    def sage(self, layer: int, hs: Sequence[Tensor]) -> list[Tensor]:
+        """SAGE layer `layer`: root product, each relation's mean aggregation, ReLU, residual."""
+        model = self._model
+        sage = model._kernel.sage(model._sage_convs[layer], model.sage_root[layer], model.sage[layer])  # type: ignore[arg-type]
+        h = dict(zip(self._types, hs, strict=True))
+        out = []
+        for name in self._types:
+            self._checkpoint()  # per node type: a late decision stops within a fraction of a layer
+            acc = torch.addmm(sage.bias[name], h[name], sage.root[name])
+            for rel in sage.incoming[name]:
+                mean, neighbours = self._adjacency[rel].mean, h[rel[0]]
+                if neighbours.shape[0] < h[name].shape[0]:  # the weight meets the smaller node set
+                    acc.addmm_(mean, torch.mm(neighbours, sage.relation[rel]))
+                else:
+                    acc.addmm_(torch.mm(mean, neighbours), sage.relation[rel])
+            out.append(torch.relu_(acc).add_(h[name]))
+        return out
+
+    def skip(self, hs: Sequence[Tensor]) -> list[Tensor]:
+        """The GAT block's residual input: a linear map of the SAGE features."""
+        out = []
+        for name, pre in zip(self._types, hs, strict=True):
+            skip: nn.Linear = self._model.gat_skip[name]  # type: ignore[assignment]
+            out.append(torch.nn.functional.linear(pre, skip.weight, skip.bias))
+        return out
+
+    def gat(self, layer: int, source: Sequence[Tensor], hs: Sequence[Tensor]) -> list[Tensor]:
+        """GAT layer `layer` on `source` features, ELU, added to the residual `hs`."""
+        model = self._model
+        gat = model._kernel.gat(model._gat_convs[layer], model.gat[layer])
+        sources = dict(zip(self._types, source, strict=True))
+        projected = {name: torch.mm(sources[name], weight) for name, weight in gat.weight.items()}
+        out: dict[str, Tensor] = {}
+        for rel, relation in self._adjacency.items():
+            n_dst, n_src = relation.mask.shape
+            if n_src == 0 or n_dst == 0:
+                continue  # no edges: PyG gives 0 (+ the bias, added below for every relation)
+            self._checkpoint()
+            src = gat.part(projected, rel, "src")
+            if relation.single:
+                # One edge per destination at most: its softmax weight is exactly 1.
+                term = torch.mm(relation.mean, src)
+            else:
+                term = _dense_attention(
+                    relation,
+                    heads=gat.edge_map[rel].shape[1],
+                    src=src,
+                    a_src=gat.part(projected, rel, "a_src"),
+                    a_dst=gat.part(projected, rel, "a_dst"),
+                    edge=self._edge_logits(layer, rel, relation, gat)
+                    if model._declared_edge_features[rel]
+                    else None,
+                )
+            dst = rel[2]
+            if dst in out:
+                out[dst] += term
+            else:
+                out[dst] = term
+        result = []
+        for name, h in zip(self._types, hs, strict=True):
+            bias = gat.bias_by_type.get(name)
+            if bias is None:
+                result.append(h)
+                continue
+            total = out[name] + bias if name in out else bias.expand(h.shape[0], -1)
+            result.append(torch.nn.functional.elu(total) + h)
+        return result
+
+    def heads(self, hs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """The heads of one graph with the packed head weights, in `GNNOutput`'s field order."""
+        model = self._model
+        heads = model._kernel.heads(model)
+        h = dict(zip(self._types, hs, strict=True))
+        pooled = torch.cat(
+            [
+                h[name].mean(0, keepdim=True) if h[name].shape[0] else h[name].new_zeros(1, h[name].shape[1])
+                for name in self._types
+            ],
+            dim=1,
+        )
+        readout: nn.Linear = model.readout[0]  # type: ignore[assignment]
+        context = torch.relu_(torch.nn.functional.linear(pooled, readout.weight, readout.bias))
+        slot_ctx, bp_ctx, action, blend, schedule, lr, value = torch.split_with_sizes(
+            torch.addmm(heads.context_bias, context, heads.context_weight), list(heads.splits), dim=1
+        )
+        slot_hidden = torch.relu_(torch.addmm(slot_ctx, h["slot"], heads.slot_node))
+        bp_hidden = torch.relu_(torch.addmm(bp_ctx, h["blueprint"], heads.blueprint_node))
+        slot_scores = torch.addmm(heads.slot_out[1], slot_hidden, heads.slot_out[0]).squeeze(-1)
+        bp_scores = torch.addmm(heads.blueprint_out[1], bp_hidden, heads.blueprint_out[0]).squeeze(-1)
+        return action, slot_scores, bp_scores, blend, schedule, lr, value.squeeze(-1)
+
+
+_PLAN_WARM_CALLS = 3  # TorchScript's profiling executor optimises a graph after its first runs
+
+
+class _Stage(nn.Module):
+    """One segment of the dense path as a module for `torch.jit.trace`. It holds the network, so the
+    weights it reads are module attributes, which freezing turns into constants."""
+
+    def __init__(self, model: TamiyoGNN, stage: Callable[..., Sequence[Tensor]]) -> None:
+        super().__init__()
+        self.model = model
+        self._stage = stage
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self._stage(*inputs))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The dense path for one topology and one set of weights, traced and frozen with TorchScript.
+
+    A decision's forward is ~250 small tensor operations; on this CPU, with the run's training between
+    decisions, much of its time is the Python around each operation and the interpreter's working set
+    coming back into the caches. A frozen trace runs the same operations from TorchScript's interpreter
+    with the dense blocks and the packed weights as constants: 0.7-0.8x the dense path's time
+    (docs/p7-attention-and-cuda-graphs.md, Decision 5).
+
+    Fixed by the trace: node counts per type, the edges (so the dense blocks and the aggregation
+    orders) and the weights. Inputs: node features, presence masks, and the edge terms of the relations
+    that attend over several edges, computed here from their edge features and kept while those do not
+    change (a seed's blueprint changes them, the topology stays). Two segments, SAGE and GAT with the
+    heads, with the cancellation checkpoint around each: a late decision stops within half the network.
+    `fits` and `weights` say when a plan no longer applies; the dense path then serves until the next
+    `TamiyoGNN.build_plan`.
+    """
+
+    weights: tuple[int, ...]
+    types: tuple[str, ...]
+    rows: tuple[int, ...]
+    edges: tuple[tuple[EdgeKey, Tensor, int | None], ...]
+    attr_relations: tuple[EdgeKey, ...]
+    sage: Callable[..., tuple[Tensor, ...]]
+    gat: Callable[..., tuple[Tensor, ...]]
+    # Per relation in `attr_relations`: the edge features the current edge terms come from, their
+    # version, and the terms (one per GAT layer).
+    _edge_terms: dict[EdgeKey, tuple[Tensor, int | None, tuple[Tensor, ...]]] = field(default_factory=dict)
+
+    @classmethod
+    def trace(
+        cls,
+        model: TamiyoGNN,
+        graph: TamiyoGraph,
+        adjacency: dict[EdgeKey, _DenseRelation],
+        edge_attr: dict[EdgeKey, Tensor],
+    ) -> _Plan:
+        """Trace and freeze both segments on `graph` (with autograd off, outside inference mode)."""
+        types = model._types
+        n_types, n_gat = len(types), len(model.gat)
+        attr_relations = tuple(
+            rel
+            for rel, relation in adjacency.items()
+            if model._declared_edge_features[rel] and not relation.single and relation.mask.numel()
+        )
+
+        def run(edge_terms: Sequence[Tensor]) -> _DenseRun:
+            keys = [(layer, rel) for layer in range(n_gat) for rel in attr_relations]
+            by_layer = dict(zip(keys, edge_terms, strict=False))  # none for the SAGE segment
+
+            def logits(layer: int, rel: EdgeKey, relation: _DenseRelation, gat: _PackedGat) -> Tensor:
+                return by_layer[(layer, rel)]
+
+            return _DenseRun(model, adjacency, logits, _no_checkpoint)
+
+        def sage(*inputs: Tensor) -> Sequence[Tensor]:
+            r = run(())
+            hs = r.encode(inputs[:n_types], inputs[n_types:])
+            for layer in range(len(model.sage)):
+                hs = r.sage(layer, hs)
+            return hs
+
+        def gat(*inputs: Tensor) -> Sequence[Tensor]:
+            r = run(inputs[n_types:])
+            hs = r.gat(0, inputs[:n_types], r.skip(inputs[:n_types]))
+            for layer in range(1, n_gat):
+                hs = r.gat(layer, hs, hs)
+            return r.heads(hs)
+
+        edges = tuple(
+            (rel, graph.edge_index[rel], _version(graph.edge_index[rel])) for rel in model._relations
+        )
+        rows = tuple(int(graph.x[name].shape[0]) for name in types)
+        features = (*(graph.x[name] for name in types), *(graph.mask[name] for name in types))
+        with warnings.catch_warnings():
+            # torch.jit says it is deprecated in favour of torch.compile, which on this CPU recompiles for
+            # minutes per graph size and gains nothing here (docs/p7-attention-and-cuda-graphs.md).
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
+            sage_frozen = torch.jit.freeze(
+                torch.jit.trace(_Stage(model, sage).eval(), features, check_trace=False)  # type: ignore[no-untyped-call]
+            )
+            plan = cls(
+                model._kernel._key(model), types, rows, edges, attr_relations, sage_frozen, sage_frozen
+            )
+            hidden = sage_frozen(*features)
+            example = (*hidden, *plan._terms(model, graph, edge_attr))
+            gat_frozen = torch.jit.freeze(
+                torch.jit.trace(_Stage(model, gat).eval(), example, check_trace=False)  # type: ignore[no-untyped-call]
+            )
+        return cls(
+            plan.weights, types, rows, edges, attr_relations, sage_frozen, gat_frozen, plan._edge_terms
+        )
+
+    def fits(self, graph: TamiyoGraph) -> bool:
+        """Whether `graph` has this plan's topology (node counts and the very edges)."""
+        for name, rows in zip(self.types, self.rows, strict=True):
+            if graph.x[name].shape[0] != rows:
+                return False
+        return all(_unchanged(cached, version, graph.edge_index[rel]) for rel, cached, version in self.edges)
+
+    def _terms(self, model: TamiyoGNN, graph: TamiyoGraph, edge_attr: dict[EdgeKey, Tensor]) -> list[Tensor]:
+        """The edge terms for `edge_attr`, layer by layer, recomputed only for changed edge features."""
+        terms: list[list[Tensor]] = [[] for _ in model.gat]
+        for rel in self.attr_relations:
+            attr = edge_attr[rel]
+            cached = self._edge_terms.get(rel)
+            if cached is None or not _unchanged(cached[0], cached[1], attr):
+                index = graph.edge_index[rel]
+                n_dst, n_src = graph.x[rel[2]].shape[0], graph.x[rel[0]].shape[0]
+                dense = attr.new_zeros((n_dst, n_src, attr.shape[1]))
+                dense[index[1], index[0]] = attr
+                per_layer = tuple(
+                    _edge_term(dense, model._kernel.gat(convs, owner).edge_map[rel])
+                    for convs, owner in zip(model._gat_convs, model.gat, strict=True)
+                )
+                with torch.inference_mode(False):  # a normal copy: its version is tracked
+                    kept = attr.clone() if attr.is_inference() else attr
+                cached = self._edge_terms[rel] = (kept, _version(kept), per_layer)
+            for layer, term in enumerate(cached[2]):
+                terms[layer].append(term)
+        return [term for layer in terms for term in layer]
+
+    def run(
+        self, model: TamiyoGNN, graph: TamiyoGraph, edge_attr: dict[EdgeKey, Tensor], checkpoint: Checkpoint
+    ) -> GNNOutput:
+        """The network on `graph` (which `fits`), checking `checkpoint` before and after each segment."""
+        checkpoint()
+        hidden = self.sage(
+            *(graph.x[name] for name in self.types), *(graph.mask[name] for name in self.types)
+        )
+        checkpoint()
+        outputs = self.gat(*hidden, *self._terms(model, graph, edge_attr))
+        checkpoint()
+        return GNNOutput(*outputs)
+
+
+def _outputs(output: GNNOutput) -> tuple[Tensor, ...]:
+    return tuple(getattr(output, name) for name in GNNOutput.__dataclass_fields__)
 
 
 class TamiyoGNN(nn.Module):
@@ -385,6 +694,7 @@ class TamiyoGNN(nn.Module):
             EdgeKey, tuple[Tensor, int | None, Tensor, int | None, _DenseRelation]
         ] = {}
         self._zero_attr: dict[EdgeKey, Tensor] = {}  # zero features of featureless relations (read-only)
+        self._plan: _Plan | None = None  # the dense path traced for one topology (`build_plan`)
 
     @property
     def device(self) -> torch.device:
@@ -432,6 +742,9 @@ class TamiyoGNN(nn.Module):
         device = self.device
         edge_attr = self.edge_attrs(graph, device)
         if self.dense_inference and not torch.is_grad_enabled():
+            plan = self._planned(graph)
+            if plan is not None:
+                return plan.run(self, graph, edge_attr, checkpoint)
             adjacency = self.dense_adjacency(graph, edge_attr, device)
             if adjacency is not None:
                 return self._forward_dense(graph, adjacency, checkpoint)
@@ -523,117 +836,68 @@ class TamiyoGNN(nn.Module):
     def _forward_dense(
         self, graph: TamiyoGraph, adjacency: dict[EdgeKey, _DenseRelation], checkpoint: Checkpoint
     ) -> GNNOutput:
-        device = self.device
-        linear = torch.nn.functional.linear
-        h: dict[str, Tensor] = {}
-        for name in self._types:
-            encoder: nn.Linear = self.encoders[name][0]  # type: ignore[index]
-            features = _on(torch.cat([graph.x[name], graph.mask[name]], dim=1), device)
-            h[name] = torch.relu_(linear(features, encoder.weight, encoder.bias))
-        rows = {name: h[name].shape[0] for name in self._types}
-        # Each relation multiplies its weight with the smaller of its node sets (see _PackedSage).
-        project_first = {rel: rows[rel[0]] < rows[rel[2]] for rel in self._relations}
-        for convs, root, owner in zip(self._sage_convs, self.sage_root, self.sage, strict=True):
+        run = _DenseRun(self, adjacency, _cached_edge_logits, checkpoint)
+        hs = run.encode([graph.x[name] for name in self._types], [graph.mask[name] for name in self._types])
+        for layer in range(len(self.sage)):
             checkpoint()
-            sage = self._kernel.sage(convs, root, owner)  # type: ignore[arg-type]
-            new: dict[str, Tensor] = {}
-            for name in self._types:
-                checkpoint()  # per node type: a late decision stops within a fraction of a layer
-                acc = torch.addmm(sage.bias[name], h[name], sage.root[name])
-                for rel in sage.incoming[name]:
-                    mean, neighbours = adjacency[rel].mean, h[rel[0]]
-                    if project_first[rel]:
-                        acc.addmm_(mean, torch.mm(neighbours, sage.relation[rel]))
-                    else:
-                        acc.addmm_(torch.mm(mean, neighbours), sage.relation[rel])
-                new[name] = torch.relu_(acc).add_(h[name])
-            h = new
-        pre = h
-        h = {}
-        for name in self._types:
-            skip: nn.Linear = self.gat_skip[name]  # type: ignore[assignment]
-            h[name] = linear(pre[name], skip.weight, skip.bias)
-        for index, (convs, owner) in enumerate(zip(self._gat_convs, self.gat, strict=True)):
+            hs = run.sage(layer, hs)
+        checkpoint()
+        hs = run.gat(0, hs, run.skip(hs))
+        for layer in range(1, len(self.gat)):
             checkpoint()
-            gat = self._kernel.gat(convs, owner)
-            source = pre if index == 0 else h
-            projected = {name: torch.mm(source[name], weight) for name, weight in gat.weight.items()}
-            out: dict[str, Tensor] = {}
-            for rel, relation in adjacency.items():
-                n_dst, n_src = relation.mask.shape
-                if n_src == 0 or n_dst == 0:
-                    continue
-                checkpoint()  # no edges: PyG gives 0 (+ the bias, added below for every relation)
-                src = gat.part(projected, rel, "src")
-                if relation.single:
-                    # One edge per destination at most: its softmax weight is exactly 1.
-                    term = torch.mm(relation.mean, src)
-                else:
-                    edge = None
-                    if self._declared_edge_features[rel]:
-                        edge = relation.edge_logits.get(gat.generation)
-                        if edge is None:
-                            relation.edge_logits.clear()
-                            edge = relation.edge_logits[gat.generation] = (
-                                (relation.attr @ gat.edge_map[rel]).permute(2, 0, 1).contiguous()
-                            )
-                    term = _dense_attention(
-                        relation,
-                        heads=gat.edge_map[rel].shape[1],
-                        src=src,
-                        a_src=gat.part(projected, rel, "a_src"),
-                        a_dst=gat.part(projected, rel, "a_dst"),
-                        edge=edge,
-                    )
-                dst = rel[2]
-                if dst in out:
-                    out[dst] += term
-                else:
-                    out[dst] = term
-            h = {
-                name: torch.nn.functional.elu(
-                    out[name] + gat.bias_by_type[name]
-                    if name in out
-                    else gat.bias_by_type[name].expand(h[name].shape[0], -1)
-                )
-                + h[name]
-                if name in gat.bias_by_type
-                else h[name]
-                for name in self._types
-            }
+            hs = run.gat(layer, hs, hs)
         checkpoint()
         if graph.num_graphs != 1:
-            return self._heads(graph, h, device)
-        return self._heads_dense(h)
+            return self._heads(graph, dict(zip(self._types, hs, strict=True)), self.device)
+        return GNNOutput(*run.heads(hs))
 
-    def _heads_dense(self, h: dict[str, Tensor]) -> GNNOutput:
-        """`_heads` for one graph with the packed head weights (same function, a third of the ops)."""
-        heads = self._kernel.heads(self)
-        pooled = torch.cat(
-            [
-                h[name].mean(0, keepdim=True) if h[name].shape[0] else h[name].new_zeros(1, h[name].shape[1])
-                for name in self._types
-            ],
-            dim=1,
-        )
-        readout: nn.Linear = self.readout[0]  # type: ignore[assignment]
-        context = torch.relu_(torch.nn.functional.linear(pooled, readout.weight, readout.bias))
-        slot_ctx, bp_ctx, action, blend, schedule, lr, value = torch.split_with_sizes(
-            torch.addmm(heads.context_bias, context, heads.context_weight), list(heads.splits), dim=1
-        )
-        slot_hidden = torch.relu_(torch.addmm(slot_ctx, h["slot"], heads.slot_node))
-        bp_hidden = torch.relu_(torch.addmm(bp_ctx, h["blueprint"], heads.blueprint_node))
-        return GNNOutput(
-            action_logits=action,
-            slot_scores=torch.addmm(heads.slot_out[1], slot_hidden, heads.slot_out[0]).squeeze(-1),
-            blueprint_scores=torch.addmm(heads.blueprint_out[1], bp_hidden, heads.blueprint_out[0]).squeeze(
-                -1
-            ),
-            blend_logits=blend,
-            schedule_logits=schedule,
-            lr_logits=lr,
-            value=value.squeeze(-1),
-        )
+    # -- the per-topology plan ----------------------------------------------------------------------
+
+    def build_plan(self, graph: TamiyoGraph) -> float:
+        """Trace and freeze the dense path for `graph`'s topology and the current weights (see `_Plan`);
+        returns the milliseconds it took. Until the topology or a weight changes, inference on graphs of
+        this topology runs the plan. Raises `PlanError` (and keeps no plan) when the graph cannot have one
+        or the plan does not compute what the dense path computes on `graph`."""
+        start = time.perf_counter()
+        self._plan = None
+        if graph.num_graphs != 1:
+            raise PlanError(f"a plan is built for one graph, got a batch of {graph.num_graphs}")
+        self._check(graph)
+        device = self.device
+        with torch.inference_mode(False), torch.no_grad():
+            edge_attr = self.edge_attrs(graph, device)
+            adjacency = self.dense_adjacency(graph, edge_attr, device)
+            if adjacency is None:
+                raise PlanError("a relation repeats an edge: this graph takes the message-passing path")
+            plan = _Plan.trace(self, graph, adjacency, edge_attr)
+            reference = self._forward_dense(graph, adjacency, _no_checkpoint)
+            for _ in range(_PLAN_WARM_CALLS):  # TorchScript's profiling executor settles in the first calls
+                planned = plan.run(self, graph, edge_attr, _no_checkpoint)
+        for name, want, got in zip(
+            GNNOutput.__dataclass_fields__, _outputs(reference), _outputs(planned), strict=True
+        ):
+            if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-4):
+                raise PlanError(f"the traced plan disagrees with the dense path on {name}")
+        self._plan = plan
+        return (time.perf_counter() - start) * 1e3
+
+    def drop_plan(self) -> None:
+        """Forget the plan (inference runs the dense path until `build_plan`)."""
+        self._plan = None
+
+    @property
+    def has_plan(self) -> bool:
+        """Whether a plan is held (it is used only while its topology and weights still hold)."""
+        return self._plan is not None
+
+    def _planned(self, graph: TamiyoGraph) -> _Plan | None:
+        plan = self._plan
+        if plan is None or graph.num_graphs != 1 or not plan.fits(graph):
+            return None
+        if plan.weights != self._kernel._key(self):
+            self._plan = None  # the weights moved on: this plan computes an older network
+            return None
+        return plan
 
     def _encode(self, graph: TamiyoGraph, device: torch.device) -> dict[str, Tensor]:
         return {

@@ -27,7 +27,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from esper.leyline import EsperError, pb
-from esper.tamiyo.gnn import ARCHITECTURE_VERSION, GNNOutput, TamiyoGNN, TamiyoGNNConfig
+from esper.tamiyo.gnn import ARCHITECTURE_VERSION, GNNOutput, PlanError, TamiyoGNN, TamiyoGNNConfig
 from esper.tamiyo.graph import (
     TAMIYO_SCHEMA,
     BlueprintLookup,
@@ -115,6 +115,17 @@ class CompileStatus:
 
 
 @dataclass(frozen=True)
+class PlanStatus:
+    """Whether inference runs a traced plan of the dense path for the current topology, and why not."""
+
+    enabled: bool
+    reason: str
+    build_ms: float = 0.0
+    builds: int = 0
+    fallbacks: int = 0
+
+
+@dataclass(frozen=True)
 class ActionEvaluation:
     """Per-head log-probabilities, entropies and relevance for a batch, plus values (for PPO)."""
 
@@ -194,6 +205,12 @@ class GNNPolicy:
         self._compile = CompileStatus(enabled=False, reason="disabled by settings (enable_compile=false)")
         if settings.enable_compile and compiler is None:
             self._compiler = torch.compile
+        self._plan = PlanStatus(
+            enabled=False,
+            reason="no topology rehearsed yet"
+            if settings.enable_plan
+            else "disabled by settings (enable_plan=false)",
+        )
 
     # -- identity and persistence -------------------------------------------------------------------
 
@@ -217,6 +234,11 @@ class GNNPolicy:
         """Compiled or eager, and why."""
         return self._compile
 
+    @property
+    def plan_status(self) -> PlanStatus:
+        """Whether the last rehearsed topology has a traced plan, and why not."""
+        return self._plan
+
     def _weights_version(self) -> str:
         digest = hashlib.sha256(self.state_bytes()).hexdigest()[:12]
         return f"gnn-{ARCHITECTURE_VERSION}-{digest}"
@@ -234,6 +256,7 @@ class GNNPolicy:
             if found != expected:
                 raise CheckpointIncompatible(key, expected, found)
         tensors = load_safetensors(payload)
+        self.module.drop_plan()  # it computes the old weights (its weights check would refuse it anyway)
         self.module.load_state_dict(tensors, strict=True)
         self.module.eval()
         self._version = self._weights_version()
@@ -331,13 +354,35 @@ class GNNPolicy:
     def rehearse(self, graph: TamiyoGraph) -> None:
         """Run the network on `graph` without deciding: nothing is sampled and no state a decision reads
         changes, but the work a first decision on this graph's topology would do (its dense blocks, the
-        packed weights) is done here, outside the decision deadline."""
+        packed weights) is done here, outside the decision deadline. Then, unless compiled or disabled,
+        trace the dense path for this topology (`TamiyoGNN.build_plan`); a plan that cannot be built
+        leaves the dense path serving, and `plan_status` says why."""
         if graph.num_graphs != 1:
             raise PolicyInferenceError(f"rehearse takes one graph, got a batch of {graph.num_graphs}")
         if self.module.training:
             self.module.eval()
         with torch.inference_mode():
             self._run(graph, None)
+        if not self._settings.enable_plan or self._compile.enabled:
+            return
+        status = self._plan
+        try:
+            build_ms = self.module.build_plan(graph)
+        except (PlanError, RuntimeError) as exc:  # RuntimeError: TorchScript could not trace or freeze
+            self._plan = PlanStatus(
+                enabled=False,
+                reason=f"plan failed: {type(exc).__name__}: {exc}",
+                builds=status.builds,
+                fallbacks=status.fallbacks + 1,
+            )
+        else:
+            self._plan = PlanStatus(
+                enabled=True,
+                reason="traced",
+                build_ms=build_ms,
+                builds=status.builds + 1,
+                fallbacks=status.fallbacks,
+            )
 
     def propose_graph(self, graph: TamiyoGraph, *, cancel: Cancellation | None = None) -> Proposal:
         """Decide for one graph: sample (or take the argmax when greedy) each head that matters."""

@@ -22,7 +22,7 @@ from esper.oona import Bus
 from esper.tamiyo.commands import CommandBuildError, CommandFactory
 from esper.tamiyo.field_reports import FieldReports
 from esper.tamiyo.graph import BlueprintLookup, GraphCoverage, NormalizerWriteError
-from esper.tamiyo.policy import CompileStatus, GraphPolicy, PolicyInferenceError
+from esper.tamiyo.policy import CompileStatus, GraphPolicy, PlanStatus, PolicyInferenceError
 from esper.tamiyo.proposal import Policy, Proposal
 from esper.tamiyo.risk import RiskContext, RiskDecision, RiskGates
 from esper.tamiyo.settings import TamiyoSettings
@@ -160,9 +160,14 @@ class TamiyoService:
             token.check()
             graph_policy.rehearse(graph)
 
+        before = getattr(graph_policy, "plan_status", None)
         self._worker.run(
             job, timeout_ms=self.settings.warmup_timeout_ms, what=f"warm-up on {packet.packet_id}"
         )
+        after = getattr(graph_policy, "plan_status", None)
+        if isinstance(after, PlanStatus) and after != before:
+            failed = isinstance(before, PlanStatus) and after.fallbacks > before.fallbacks
+            self.telemetry.record_plan(after.enabled, after.reason, after.build_ms, failed=failed)
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """Decide for one packet and return the signed command; failures raise typed errors."""

@@ -21,6 +21,9 @@ class TamiyoSettings(StrictSettings):
     metadata_timeout_ms: float = Field(default=20.0, gt=0, description="Deadline of a catalogue fetch.")
     # P2: compilation of the GNN.
     enable_compile: bool = Field(default=False, description="torch.compile the GNN (with warm-up).")
+    enable_plan: bool = Field(
+        default=True, description="Trace the GNN's inference path per topology when warming up on it."
+    )
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     cpu_threads: int = Field(default=1, ge=1, le=256, description="torch threads of the inference worker.")
     policy: Literal["heuristic", "gnn"] = Field(default="heuristic", description="Policy of `esper run`.")

@@ -34,6 +34,8 @@ EVENTS: dict[str, EventSpec] = {
     "gnn_compile_fallback": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "gnn_compile_disabled": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
     "gnn_compile_warm": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
+    "gnn_plan_built": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
+    "gnn_plan_fallback": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "graph_missing_features": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
     "graph_nodes_dropped": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
     "risk_gate_override": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
@@ -86,8 +88,10 @@ class TamiyoTelemetry:
             "deadline_misses": 0.0,
             "compile_enabled": 0.0,
             "compile_fallbacks": 0.0,
+            "plan_enabled": 0.0,
         }
         self._compile_reason = "not started"
+        self._plan_reason = "no topology rehearsed yet"
         self._last_missing: dict[str, tuple[str, ...]] = {}
         self.registry = registry or CollectorRegistry()
         self.latency_ms = Histogram(
@@ -113,6 +117,16 @@ class TamiyoTelemetry:
         )
         self.compile_fallbacks = Counter(
             "tamiyo_gnn_compile_fallback", "GNN compile fallbacks to eager", registry=self.registry
+        )
+        self.plan_build_ms = Gauge(
+            "tamiyo_gnn_plan_build_ms",
+            "Tracing the GNN's inference path for a topology",
+            registry=self.registry,
+        )
+        self.plan_fallbacks = Counter(
+            "tamiyo_gnn_plan_fallback",
+            "Topologies whose traced plan failed (dense path serves)",
+            registry=self.registry,
         )
         self.deadline_misses = Counter(
             "tamiyo_deadline_misses", "Decisions that missed the deadline", registry=self.registry
@@ -204,6 +218,23 @@ class TamiyoTelemetry:
         self._indicators["compile_fallbacks"] = float(fallbacks)
         self._compile_reason = reason
 
+    def record_plan(self, enabled: bool, reason: str, build_ms: float, *, failed: bool) -> None:
+        """A rehearsal's outcome for the traced plan: built (with its cost) or failed (with the reason; the
+        dense path serves, a HIGH-priority event says so)."""
+        if failed:
+            self.plan_fallbacks.inc()
+            self.emit("gnn_plan_fallback", f"GNN runs its untraced dense path: {reason}", reason=reason)
+        elif enabled:
+            self.plan_build_ms.set(build_ms)
+            self.emit(
+                "gnn_plan_built",
+                f"GNN inference traced for this topology in {build_ms:.0f} ms",
+                build_ms=f"{build_ms:.1f}",
+            )
+            self.metric("tamiyo.gnn.plan_build_ms", build_ms, "ms")
+        self._indicators["plan_enabled"] = float(enabled)
+        self._plan_reason = reason
+
     def health(self) -> pb.SystemHealth:
         """Health with the timeout budgets, last latency and compile state as indicators."""
         indicators = self._indicators
@@ -214,7 +245,9 @@ class TamiyoTelemetry:
             status, summary = pb.HEALTH_STATUS_DEGRADED, f"last decision took {last:.2f} ms"
         if any(event.level == pb.TELEMETRY_LEVEL_CRITICAL for event in self._events):
             status, summary = pb.HEALTH_STATUS_CRITICAL, "a decision failed critically since the last report"
-        health = pb.SystemHealth(status=status, summary=f"{summary}; compile: {self._compile_reason}")
+        health = pb.SystemHealth(
+            status=status, summary=f"{summary}; compile: {self._compile_reason}; plan: {self._plan_reason}"
+        )
         health.indicators.update(indicators)
         return health
 
