@@ -9,6 +9,7 @@ GAT layers: a relation without declared features gets a zero column, so `GATConv
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 import warnings
@@ -515,7 +516,9 @@ class _Plan:
     gat: Callable[..., tuple[Tensor, ...]]
     # Per relation in `attr_relations`: the edge features the current edge terms come from, their
     # version, and the terms (one per GAT layer).
-    _edge_terms: dict[EdgeKey, tuple[Tensor, int | None, tuple[Tensor, ...]]] = field(default_factory=dict)
+    edge_terms_cache: dict[EdgeKey, tuple[Tensor, int | None, tuple[Tensor, ...]]] = field(
+        default_factory=dict
+    )
 
     @classmethod
     def trace(
@@ -570,17 +573,16 @@ class _Plan:
             sage_frozen = torch.jit.freeze(
                 torch.jit.trace(_Stage(model, sage).eval(), features, check_trace=False)  # type: ignore[no-untyped-call]
             )
+            # The GAT segment's example inputs need the plan's edge terms; its trace replaces the stand-in.
             plan = cls(
                 model._kernel._key(model), types, rows, edges, attr_relations, sage_frozen, sage_frozen
             )
             hidden = sage_frozen(*features)
-            example = (*hidden, *plan._terms(model, graph, edge_attr))
+            example = (*hidden, *plan.edge_terms(model, graph, edge_attr))
             gat_frozen = torch.jit.freeze(
                 torch.jit.trace(_Stage(model, gat).eval(), example, check_trace=False)  # type: ignore[no-untyped-call]
             )
-        return cls(
-            plan.weights, types, rows, edges, attr_relations, sage_frozen, gat_frozen, plan._edge_terms
-        )
+        return dataclasses.replace(plan, gat=gat_frozen)
 
     def fits(self, graph: TamiyoGraph) -> bool:
         """Whether `graph` has this plan's topology (node counts and the very edges)."""
@@ -589,12 +591,14 @@ class _Plan:
                 return False
         return all(_unchanged(cached, version, graph.edge_index[rel]) for rel, cached, version in self.edges)
 
-    def _terms(self, model: TamiyoGNN, graph: TamiyoGraph, edge_attr: dict[EdgeKey, Tensor]) -> list[Tensor]:
+    def edge_terms(
+        self, model: TamiyoGNN, graph: TamiyoGraph, edge_attr: dict[EdgeKey, Tensor]
+    ) -> list[Tensor]:
         """The edge terms for `edge_attr`, layer by layer, recomputed only for changed edge features."""
         terms: list[list[Tensor]] = [[] for _ in model.gat]
         for rel in self.attr_relations:
             attr = edge_attr[rel]
-            cached = self._edge_terms.get(rel)
+            cached = self.edge_terms_cache.get(rel)
             if cached is None or not _unchanged(cached[0], cached[1], attr):
                 index = graph.edge_index[rel]
                 n_dst, n_src = graph.x[rel[2]].shape[0], graph.x[rel[0]].shape[0]
@@ -606,7 +610,7 @@ class _Plan:
                 )
                 with torch.inference_mode(False):  # a normal copy: its version is tracked
                     kept = attr.clone() if attr.is_inference() else attr
-                cached = self._edge_terms[rel] = (kept, _version(kept), per_layer)
+                cached = self.edge_terms_cache[rel] = (kept, _version(kept), per_layer)
             for layer, term in enumerate(cached[2]):
                 terms[layer].append(term)
         return [term for layer in terms for term in layer]
@@ -620,7 +624,7 @@ class _Plan:
             *(graph.x[name] for name in self.types), *(graph.mask[name] for name in self.types)
         )
         checkpoint()
-        outputs = self.gat(*hidden, *self._terms(model, graph, edge_attr))
+        outputs = self.gat(*hidden, *self.edge_terms(model, graph, edge_attr))
         checkpoint()
         return GNNOutput(*outputs)
 

@@ -8,9 +8,10 @@ whatever it turns out to be.
 A thread cannot be killed, so the late job may still be finishing its current layer. It must not delay the
 next decision, so the next `run` does not queue behind it: the busy thread is retired (it exits as soon as
 its job stops) and a fresh thread takes the decision. Bound, stated honestly: a late job keeps a core busy
-for at most one layer of the network after its deadline (a policy that never checks its token runs to
-completion); at most `max_retired` retired threads may be winding down at once, beyond that `run` fails
-with `WorkerSaturated` instead of piling up threads. `close()` cancels and joins every thread and raises
+for at most one layer of the network after its deadline, or one of the two segments of a traced plan
+(the GNN checks its token between them); a policy that never checks its token runs to completion. At
+most `max_retired` retired threads may be winding down at once, beyond that `run` fails with
+`WorkerSaturated` instead of piling up threads. `close()` cancels and joins every thread and raises
 `WorkerLeak` if one does not stop in time: nothing keeps running behind the caller's back.
 
 Thread budget (DESIGN §10): each worker thread sets its own OpenMP intra-op count to `cpu_threads`
