@@ -335,6 +335,13 @@ class PlanError(EsperError):
 EdgeLogits = Callable[[int, EdgeKey, _DenseRelation, _PackedGat], Tensor]
 
 
+def _dense_edge_features(index: Tensor, attr: Tensor, n_dst: int, n_src: int) -> Tensor:
+    """Edge features `[E, d]` laid out `[n_dst, n_src, d]` (zeros where there is no edge)."""
+    dense = attr.new_zeros((n_dst, n_src, attr.shape[1]))
+    dense[index[1], index[0]] = attr
+    return dense
+
+
 def _edge_term(dense_attr: Tensor, edge_map: Tensor) -> Tensor:
     """A relation's edge term of the attention logits, [H, n_dst, n_src], from its dense edge features."""
     return (dense_attr @ edge_map).permute(2, 0, 1).contiguous()
@@ -600,10 +607,8 @@ class _Plan:
             attr = edge_attr[rel]
             cached = self.edge_terms_cache.get(rel)
             if cached is None or not _unchanged(cached[0], cached[1], attr):
-                index = graph.edge_index[rel]
                 n_dst, n_src = graph.x[rel[2]].shape[0], graph.x[rel[0]].shape[0]
-                dense = attr.new_zeros((n_dst, n_src, attr.shape[1]))
-                dense[index[1], index[0]] = attr
+                dense = _dense_edge_features(graph.edge_index[rel], attr, n_dst, n_src)
                 per_layer = tuple(
                     _edge_term(dense, model._kernel.gat(convs, owner).edge_map[rel])
                     for convs, owner in zip(model._gat_convs, model.gat, strict=True)
@@ -819,8 +824,7 @@ class TamiyoGNN(nn.Module):
             count.index_put_((index[1], index[0]), torch.ones(index.shape[1], device=device), accumulate=True)
             if index.shape[1] and bool(count.max() > 1):
                 return None
-            attr = torch.zeros((n_dst, n_src, self._edge_dims[key]), device=device)
-            attr[index[1], index[0]] = edge_attr[key]
+            attr = _dense_edge_features(index, attr_in, n_dst, n_src)
             in_degree = count.sum(1, keepdim=True)
             degree = in_degree.clamp(min=1.0)
             mask = count > 0
