@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -67,6 +68,8 @@ class GNNOutput:
 
 
 Checkpoint = Callable[[], None]
+
+_VERSION_OF = operator.attrgetter("_version")
 
 
 @dataclass(frozen=True)
@@ -168,24 +171,29 @@ class _DenseKernel:
         # Where each owner's parameters live (module, name), found once: walking the module tree on every
         # decision cost more than the check itself. The slots are read afresh, so a replaced parameter
         # object is still seen.
-        self._slots: dict[tuple[int, ...], list[tuple[dict[str, nn.Parameter | None], str]]] = {}
+        self._slots: dict[tuple[int, ...], tuple[list[dict[str, nn.Parameter | None]], list[str]]] = {}
 
     def _key(self, *modules: nn.Module) -> tuple[int, ...]:
         ident = tuple(id(module) for module in modules)
         slots = self._slots.get(ident)
         if slots is None:
-            slots = [
+            found = [
                 (sub._parameters, name)
                 for module in modules
                 for sub in module.modules()
                 for name, param in sub._parameters.items()
                 if param is not None
             ]
-            self._slots[ident] = slots
-        params = [owner[name] for owner, name in slots]
-        # An inference-mode parameter has no version counter (and can only change inside inference mode).
-        versions = tuple(-1 if p is None or p.is_inference() else p._version for p in params)
-        return versions + tuple(id(p) for p in params)
+            slots = self._slots[ident] = ([owner for owner, _ in found], [name for _, name in found])
+        owners, names = slots
+        params = list(map(dict.__getitem__, owners, names))
+        try:
+            versions = tuple(map(_VERSION_OF, params))  # C-level loops: this runs on every decision
+        except (RuntimeError, AttributeError):
+            # An inference-mode parameter has no version counter (and can only change inside inference
+            # mode); a removed one is None.
+            versions = tuple(-1 if p is None or p.is_inference() else p._version for p in params)
+        return versions + tuple(map(id, params))
 
     def sage(self, convs: dict[EdgeKey, SAGEConv], root: nn.ModuleDict, owner: nn.Module) -> _PackedSage:
         """The packed weights of one SAGE layer (`owner` holds the convolutions, `root` the root maps)."""
