@@ -263,8 +263,8 @@ def test_a_service_with_the_cache_reports_no_missing_catalogue_and_vets_blueprin
     cache = make_cache(catalogue, bus, Recorder())
     packet = make_packet(n_blueprints=0)
     packet.blueprint_ids.extend(["mlp_small", "conv_se"])
-    service = TamiyoService(
-        settings(), ScriptedPolicy(germinate("conv_se")), SECRET, blueprint_metadata=cache
+    service = TamiyoService(  # normal scheduling: a real-time refusal would be an event (no CAP_SYS_NICE)
+        settings(realtime_priority=0), ScriptedPolicy(germinate("conv_se")), SECRET, blueprint_metadata=cache
     )
     try:
         assert [e.name for e in service.telemetry.flush().events] == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import os
 import threading
 from dataclasses import replace
 from typing import Any
@@ -14,12 +15,13 @@ import torch
 import esper.tamiyo
 from esper.leyline import ContractViolation, ManualClock, SignatureVerifier, pb
 from esper.tamiyo import service as service_module
+from esper.tamiyo import worker as worker_module
 from esper.tamiyo.graph import InMemoryNormalizerStore, NormalizerState
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.risk import RiskGates
 from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.worker import DeadlineExceeded, InferenceWorker
+from esper.tamiyo.worker import DeadlineExceeded, InferenceWorker, WorkerSchedulingError
 from tests.tamiyo.packets import SECRET, ScriptedPolicy, make_packet, settings, small_policy
 
 WAIT = Proposal(action=pb.POLICY_ACTION_WAIT)
@@ -303,5 +305,112 @@ def test_compile_disabled_reason_is_reported_at_start() -> None:
     service = TamiyoService(settings(), small_policy(), SECRET)
     try:
         assert "enable_compile=false" in service.telemetry.health().summary
+    finally:
+        service.close()
+
+
+def _refuse_realtime(priority: int) -> None:
+    if priority:
+        raise PermissionError(1, "Operation not permitted")
+
+
+def test_a_refused_real_time_priority_is_announced_and_decisions_go_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_module, "set_thread_priority", _refuse_realtime)
+    sent: list[pb.TelemetryPacket] = []
+    service = TamiyoService(
+        settings(realtime_priority=10), ScriptedPolicy(WAIT), SECRET, telemetry_sink=sent.append
+    )
+    try:
+        service.evaluate_step(make_packet())
+        events = [e for p in sent for e in p.events if e.name == "worker_realtime_unavailable"]
+        assert len(events) == 1
+        assert events[0].level == pb.TELEMETRY_LEVEL_WARNING
+        assert "not permitted" in events[0].attributes["reason"]
+        assert "TAMIYO_REALTIME_PRIORITY" in events[0].description
+        assert service.telemetry.health().indicators["worker_realtime"] == 0.0
+    finally:
+        service.close()
+
+
+def test_a_required_real_time_priority_that_is_refused_stops_the_service_from_starting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_module, "set_thread_priority", _refuse_realtime)
+    before = {thread.name for thread in threading.enumerate()}
+    with pytest.raises(WorkerSchedulingError) as caught:
+        TamiyoService(settings(realtime_priority=10, realtime_required=True), ScriptedPolicy(WAIT), SECRET)
+    assert caught.value.priority == 10 and "not permitted" in caught.value.reason
+    assert "TAMIYO_REALTIME_REQUIRED" in str(caught.value)
+    leftover = {t.name for t in threading.enumerate()} - before
+    assert not [name for name in leftover if name.startswith("tamiyo-inference")]  # its worker was closed
+
+
+def test_a_granted_real_time_priority_shows_in_health_and_emits_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_module, "set_thread_priority", lambda _priority: None)
+    raised: list[tuple[int, int]] = []
+    restored: list[int] = []
+
+    def fake_raise(priority: int) -> Any:
+        raised.append((threading.get_ident(), priority))
+        return lambda: restored.append(threading.get_ident())
+
+    monkeypatch.setattr(service_module, "raise_priority", fake_raise)
+    sent: list[pb.TelemetryPacket] = []
+    service = TamiyoService(
+        settings(realtime_priority=10), ScriptedPolicy(WAIT), SECRET, telemetry_sink=sent.append
+    )
+    try:
+        service.evaluate_step(make_packet())
+        service.evaluate_step(make_packet())
+        assert not [e for p in sent for e in p.events if e.name == "worker_realtime_unavailable"]
+        assert service.telemetry.health().indicators["worker_realtime"] == 1.0
+        # The calling thread is raised for each decision and put back after it.
+        me = threading.get_ident()
+        assert raised == [(me, 10), (me, 10)] and restored == [me, me]
+    finally:
+        service.close()
+
+
+def test_a_calling_thread_refused_the_priority_is_announced_once_and_decisions_go_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_module, "set_thread_priority", lambda _priority: None)
+    calls: list[int] = []
+
+    def refuse(priority: int) -> Any:
+        calls.append(priority)
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(service_module, "raise_priority", refuse)
+    sent: list[pb.TelemetryPacket] = []
+    service = TamiyoService(
+        settings(realtime_priority=10), ScriptedPolicy(WAIT), SECRET, telemetry_sink=sent.append
+    )
+    try:
+        for _ in range(3):
+            assert service.evaluate_step(make_packet()).command_type == pb.COMMAND_WAIT
+        events = [e for p in sent for e in p.events if e.name == "worker_realtime_unavailable"]
+        assert len(events) == 1 and "calling thread" in events[0].attributes["reason"]
+        assert calls == [10]  # not retried on every decision
+    finally:
+        service.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="per-thread scheduling is Linux only")
+def test_the_calling_thread_gets_its_own_scheduling_back_after_a_decision() -> None:
+    """With the real calls: whether or not the OS grants the priority, the caller leaves
+    `evaluate_step` with the policy it came in with, also when the decision fails."""
+    before = os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+    service = TamiyoService(settings(realtime_priority=10), ScriptedPolicy(WAIT), SECRET)
+    try:
+        service.evaluate_step(make_packet())
+        assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before
+        with pytest.raises(ContractViolation):
+            service.evaluate_step(pb.SystemStatePacket())
+        assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before
     finally:
         service.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 
 import pytest
@@ -12,9 +14,11 @@ from esper.tamiyo.worker import (
     DeadlineExceeded,
     DecisionCancelled,
     InferenceWorker,
+    Scheduling,
     WorkerClosed,
     WorkerLeak,
     WorkerSaturated,
+    raise_priority,
 )
 
 GENEROUS_MS = 30_000.0
@@ -162,3 +166,123 @@ def test_worker_has_its_own_thread_budget_and_leaves_the_callers_alone() -> None
     finally:
         worker.close()
         torch.set_num_threads(before)
+
+
+class FakePriority:
+    """Records each thread's requested priority; refuses real-time ones when `refuse` is set."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.calls: list[tuple[int, int]] = []  # (thread ident, priority)
+        self.current: dict[int, int] = {}
+
+    def __call__(self, priority: int) -> None:
+        ident = threading.get_ident()
+        self.calls.append((ident, priority))
+        if priority and self.refuse:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        self.current[ident] = priority
+
+
+def test_decisions_run_at_the_real_time_priority_and_warm_ups_at_normal_priority() -> None:
+    fake = FakePriority()
+    worker = InferenceWorker(realtime_priority=7, set_priority=fake)
+    try:
+        assert worker.scheduling == Scheduling(7, True)
+        seen = worker.run(lambda _t: fake.current[threading.get_ident()], timeout_ms=GENEROUS_MS)
+        assert seen == 7
+        warm = worker.run(
+            lambda _t: fake.current[threading.get_ident()], timeout_ms=GENEROUS_MS, realtime=False
+        )
+        assert warm == 0  # demoted for the warm-up ...
+        after = worker.run(lambda _t: fake.current[threading.get_ident()], timeout_ms=GENEROUS_MS)
+        assert after == 7  # ... and promoted again for the next decision
+        assert {ident for ident, _ in fake.calls} == {worker.threads[0].ident}  # only the worker thread
+    finally:
+        worker.close()
+
+
+def test_a_replacement_thread_gets_the_real_time_priority_too() -> None:
+    fake = FakePriority()
+    worker = InferenceWorker(realtime_priority=5, set_priority=fake)
+    gate = threading.Event()
+    try:
+        with pytest.raises(DeadlineExceeded):
+            worker.run(lambda _t: gate.wait(30), timeout_ms=TINY_MS)
+        assert worker.run(lambda _t: fake.current[threading.get_ident()], timeout_ms=GENEROUS_MS) == 5
+        assert worker.replacements == 1
+    finally:
+        gate.set()
+        worker.close()
+
+
+def test_a_refused_real_time_priority_is_reported_with_its_reason_and_jobs_still_run() -> None:
+    fake = FakePriority(refuse=True)
+    worker = InferenceWorker(realtime_priority=10, set_priority=fake)
+    try:
+        scheduling = worker.scheduling
+        assert not scheduling.applied and scheduling.realtime_priority == 10
+        assert "PermissionError" in scheduling.reason and "not permitted" in scheduling.reason
+        assert worker.run(lambda _t: "decided", timeout_ms=GENEROUS_MS) == "decided"
+        # Never demoted or re-promoted per job: the thread was never real-time.
+        assert worker.run(lambda _t: "warm", timeout_ms=GENEROUS_MS, realtime=False) == "warm"
+        assert [priority for _, priority in fake.calls] == [10]
+    finally:
+        worker.close()
+
+
+def test_priority_zero_never_touches_the_scheduler() -> None:
+    fake = FakePriority()
+    worker = InferenceWorker(realtime_priority=0, set_priority=fake)
+    try:
+        assert worker.scheduling == Scheduling(0, True)
+        assert worker.run(lambda _t: 1, timeout_ms=GENEROUS_MS) == 1
+        assert fake.calls == []
+    finally:
+        worker.close()
+
+
+def test_priority_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="realtime_priority"):
+        InferenceWorker(realtime_priority=100)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="per-thread scheduling is Linux only")
+def test_the_reported_scheduling_is_the_one_the_os_applied() -> None:
+    """With the real call: where the OS grants SCHED_FIFO the worker thread has it during a decision and
+    the normal policy during a warm-up; where it refuses, the worker says so and decisions still run."""
+
+    def policy(_token: CancelToken) -> tuple[int, int]:
+        return os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+
+    worker = InferenceWorker(realtime_priority=3)
+    try:
+        scheduling = worker.scheduling
+        decided = worker.run(policy, timeout_ms=GENEROUS_MS)
+        warm = worker.run(policy, timeout_ms=GENEROUS_MS, realtime=False)
+        if scheduling.applied:
+            assert decided == (os.SCHED_FIFO, 3)
+            assert warm == (os.SCHED_OTHER, 0)
+        else:
+            assert "OSError" in scheduling.reason or "PermissionError" in scheduling.reason
+            assert decided[0] == warm[0] == os.SCHED_OTHER
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left alone
+    finally:
+        worker.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="per-thread scheduling is Linux only")
+def test_raise_priority_puts_the_previous_policy_back_or_changes_nothing() -> None:
+    before = os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+    try:
+        restore = raise_priority(4)
+    except OSError:  # refused by this OS: nothing may have changed
+        assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before
+        return
+    assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == (os.SCHED_FIFO, 4)
+    inner = raise_priority(9)  # already real-time: left as it is
+    assert os.sched_getparam(0).sched_priority == 4
+    inner()
+    assert os.sched_getparam(0).sched_priority == 4
+    restore()
+    assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before

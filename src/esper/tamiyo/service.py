@@ -28,7 +28,14 @@ from esper.tamiyo.risk import RiskContext, RiskDecision, RiskGates
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tamiyo.store import TamiyoStore
 from esper.tamiyo.telemetry import BlendAnnotator, TamiyoTelemetry, TelemetrySink
-from esper.tamiyo.worker import CancelToken, DeadlineExceeded, InferenceWorker, WorkerSaturated
+from esper.tamiyo.worker import (
+    CancelToken,
+    DeadlineExceeded,
+    InferenceWorker,
+    WorkerSaturated,
+    WorkerSchedulingError,
+    raise_priority,
+)
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,14 @@ class TamiyoService:
             cpu_threads=settings.cpu_threads,
             max_retired=settings.worker_max_retired,
             join_timeout_s=settings.worker_join_timeout_s,
+            realtime_priority=settings.realtime_priority,
         )
+        scheduling = self._worker.scheduling
+        if not scheduling.applied and settings.realtime_required:
+            self._worker.close()
+            raise WorkerSchedulingError(scheduling.realtime_priority, scheduling.reason)
+        self.telemetry.record_scheduling(scheduling.realtime_priority, scheduling.applied, scheduling.reason)
+        self._caller_realtime = scheduling.applied and scheduling.realtime_priority > 0
         self._last_latency_ms: float | None = None
         self.last_decision: Decision | None = None
         if blueprint_metadata is None:
@@ -125,7 +139,10 @@ class TamiyoService:
         if warm_up is None:
             return
         status = self._worker.run(
-            lambda _token: warm_up(), timeout_ms=self.settings.warmup_timeout_ms, what="warm-up"
+            lambda _token: warm_up(),
+            timeout_ms=self.settings.warmup_timeout_ms,
+            what="warm-up",
+            realtime=False,
         )
         if isinstance(status, CompileStatus):
             self.telemetry.record_compile(status.enabled, status.reason, status.warm_ms, status.fallbacks)
@@ -162,7 +179,10 @@ class TamiyoService:
 
         before = getattr(graph_policy, "plan_status", None)
         self._worker.run(
-            job, timeout_ms=self.settings.warmup_timeout_ms, what=f"warm-up on {packet.packet_id}"
+            job,
+            timeout_ms=self.settings.warmup_timeout_ms,
+            what=f"warm-up on {packet.packet_id}",
+            realtime=False,  # tracing a plan takes hundreds of milliseconds: not at real-time priority
         )
         after = getattr(graph_policy, "plan_status", None)
         if isinstance(after, PlanStatus) and after != before:
@@ -177,24 +197,25 @@ class TamiyoService:
     def _decide(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         start = time.perf_counter()
         try:
-            validate_packet(packet)
-            inference = self._infer(packet, start)
-            if inference.coverage is not None:
-                self.telemetry.record_coverage(inference.coverage, packet.packet_id)
-            context = RiskContext(last_latency_ms=self._last_latency_ms)
-            decision = self._risk.evaluate(inference.proposal, packet, context)
-            if decision.overridden:
-                self.telemetry.overrides.labels(gate=decision.gate).inc()
-                self.telemetry.emit(
-                    "risk_gate_override", decision.reason, gate=decision.gate, packet_id=packet.packet_id
-                )
-            annotations = {**decision.annotations(), **self._blend.annotations(decision.proposal)}
-            try:
-                command = self._commands.build(decision.proposal, packet, annotations)
-            except CommandBuildError as exc:
-                self.telemetry.emit("command_build_failed", str(exc), packet_id=packet.packet_id)
-                raise
-            latency_ms = (time.perf_counter() - start) * 1e3
+            with self._caller_priority():  # from the packet to the signed command: the measured part
+                validate_packet(packet)
+                inference = self._infer(packet, start)
+                if inference.coverage is not None:
+                    self.telemetry.record_coverage(inference.coverage, packet.packet_id)
+                context = RiskContext(last_latency_ms=self._last_latency_ms)
+                decision = self._risk.evaluate(inference.proposal, packet, context)
+                if decision.overridden:
+                    self.telemetry.overrides.labels(gate=decision.gate).inc()
+                    self.telemetry.emit(
+                        "risk_gate_override", decision.reason, gate=decision.gate, packet_id=packet.packet_id
+                    )
+                annotations = {**decision.annotations(), **self._blend.annotations(decision.proposal)}
+                try:
+                    command = self._commands.build(decision.proposal, packet, annotations)
+                except CommandBuildError as exc:
+                    self.telemetry.emit("command_build_failed", str(exc), packet_id=packet.packet_id)
+                    raise
+                latency_ms = (time.perf_counter() - start) * 1e3
             self._last_latency_ms = latency_ms
             self.telemetry.record_decision(decision.proposal, latency_ms)
             if latency_ms > self.step_timeout_ms:
@@ -214,6 +235,26 @@ class TamiyoService:
                 self._field_reports.emit_pending()
             if self.telemetry.has_sink:
                 self.telemetry.flush(packet.training_run_id)
+
+    @contextmanager
+    def _caller_priority(self) -> Iterator[None]:
+        """The calling thread at the inference thread's real-time priority for the measured part of a
+        decision, where the inference thread has it (measured: a decision's own thread preempted between
+        hand-offs is what made the steps that ran over budget); a refusal is announced once."""
+        restore = None
+        if self._caller_realtime:
+            priority = self._worker.scheduling.realtime_priority
+            try:
+                restore = raise_priority(priority)
+            except (OSError, AttributeError) as exc:
+                self._caller_realtime = False
+                reason = f"calling thread: {type(exc).__name__}: {exc}"
+                self.telemetry.record_scheduling(priority, False, reason)
+        try:
+            yield
+        finally:
+            if restore is not None:
+                restore()
 
     def _infer(self, packet: pb.SystemStatePacket, start: float) -> _Inference:
         graph_policy = self._graph_policy

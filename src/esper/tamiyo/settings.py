@@ -48,6 +48,18 @@ class TamiyoSettings(StrictSettings):
         default=2, ge=0, description="Late workers allowed to wind down at once before decisions fail."
     )
     worker_join_timeout_s: float = Field(default=5.0, gt=0, description="How long close() waits.")
+    realtime_priority: int = Field(
+        default=10,
+        ge=0,
+        le=99,
+        description="SCHED_FIFO priority of a decision: the inference thread, and the calling thread from "
+        "the packet to the signed command (0: the OS's normal scheduling). Needs CAP_SYS_NICE or an "
+        "RLIMIT_RTPRIO allowance; without one an event says so and decisions run at normal priority.",
+    )
+    realtime_required: bool = Field(
+        default=False,
+        description="Refuse to start when the real-time priority cannot be had, instead of announcing it.",
+    )
     # Risk gates.
     risk_loss_spike_ratio: float = Field(
         default=1.5, gt=1.0, description="validation_loss above ratio x its running baseline is a spike."

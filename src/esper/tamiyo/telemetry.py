@@ -30,6 +30,7 @@ EVENTS: dict[str, EventSpec] = {
     "policy_inference_failed": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
     "command_build_failed": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
     "worker_saturated": EventSpec(pb.TELEMETRY_LEVEL_CRITICAL, pb.MESSAGE_PRIORITY_CRITICAL),
+    "worker_realtime_unavailable": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "normalizer_flush_failed": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
     "gnn_compile_fallback": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "gnn_compile_disabled": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
@@ -89,6 +90,7 @@ class TamiyoTelemetry:
             "compile_enabled": 0.0,
             "compile_fallbacks": 0.0,
             "plan_enabled": 0.0,
+            "worker_realtime": 0.0,
         }
         self._compile_reason = "not started"
         self._plan_reason = "no topology rehearsed yet"
@@ -234,6 +236,18 @@ class TamiyoTelemetry:
             self.metric("tamiyo.gnn.plan_build_ms", build_ms, "ms")
         self._indicators["plan_enabled"] = float(enabled)
         self._plan_reason = reason
+
+    def record_scheduling(self, priority: int, applied: bool, reason: str) -> None:
+        """The inference thread's scheduling: an indicator, and a HIGH-priority event when the real-time
+        priority that was asked for could not be had (decisions then wait behind other tasks)."""
+        self._indicators["worker_realtime"] = float(bool(priority) and applied)
+        if priority and not applied:
+            self.emit(
+                "worker_realtime_unavailable",
+                f"the inference thread runs at normal priority, not SCHED_FIFO {priority}: {reason} (grant "
+                "CAP_SYS_NICE or an RLIMIT_RTPRIO allowance, or set TAMIYO_REALTIME_PRIORITY=0)",
+                reason=reason,
+            )
 
     def health(self) -> pb.SystemHealth:
         """Health with the timeout budgets, last latency and compile state as indicators."""

@@ -18,11 +18,21 @@ Thread budget (DESIGN §10): each worker thread sets its own OpenMP intra-op cou
 (`TAMIYO_CPU_THREADS`, default 1) when it starts; the trainer's thread keeps the count it set for itself
 (`TOLARIA_THREADS`). On a shared 2-core machine two inference threads made the same forward pass 3-20x
 slower at the median and tail (docs/p7-attention-and-cuda-graphs.md), so one thread per role is the default.
+
+Scheduling: with `realtime_priority` > 0 each worker thread asks the OS for the real-time policy
+(`SCHED_FIFO` at that priority, Linux; needs CAP_SYS_NICE or an `RLIMIT_RTPRIO` allowance). Measured in
+`esper run --policy gnn`: a decision's thread at normal priority waited 2-4 ms on its CPU's run queue
+behind kernel threads and other processes' tasks in about one decision in 30, which is what missed
+deadlines; at real-time priority it waits for none of them (docs/p7-attention-and-cuda-graphs.md). The
+thread blocks while idle, so the policy costs nothing between decisions; jobs submitted with
+`realtime=False` (the warm-ups, which trace and run for hundreds of milliseconds) run at normal priority.
+`scheduling` says whether the policy was applied and, if not, why.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 import time
@@ -65,12 +75,62 @@ class WorkerSaturated(EsperError):
         super().__init__(f"{retired_alive} late decision(s) are still running; refusing a new one")
 
 
+class WorkerSchedulingError(EsperError):
+    """The real-time priority was required (`TAMIYO_REALTIME_REQUIRED`) and the OS refused it."""
+
+    def __init__(self, priority: int, reason: str) -> None:
+        self.priority = priority
+        self.reason = reason
+        super().__init__(
+            f"the inference thread cannot run at SCHED_FIFO priority {priority}: {reason} (grant "
+            "CAP_SYS_NICE or an RLIMIT_RTPRIO allowance, or unset TAMIYO_REALTIME_REQUIRED)"
+        )
+
+
 class WorkerLeak(EsperError):
     """`close()` could not stop every worker thread within its timeout."""
 
     def __init__(self, threads: list[str]) -> None:
         self.threads = threads
         super().__init__(f"worker thread(s) still running after close: {', '.join(threads)}")
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """How the worker's threads are scheduled: `realtime_priority` 0 is the OS's normal policy."""
+
+    realtime_priority: int
+    applied: bool
+    reason: str = ""  # why the real-time policy was not applied
+
+
+def set_thread_priority(priority: int) -> None:
+    """The calling thread to `SCHED_FIFO` at `priority` (1-99), or to the normal policy for 0.
+
+    Raises `OSError` when the OS refuses (no CAP_SYS_NICE, no `RLIMIT_RTPRIO` allowance) and
+    `AttributeError` where the platform has no such call (only Linux has it per thread)."""
+    if priority:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    else:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+ThreadPriority = Callable[[int], None]
+
+
+def raise_priority(priority: int) -> Callable[[], None]:
+    """The calling thread to `SCHED_FIFO` `priority`; returns what puts its previous policy back (to be
+    called on the same thread). A thread already under a real-time policy is left as it is. Raises like
+    `set_thread_priority`, with nothing changed."""
+    policy = os.sched_getscheduler(0)
+    if policy in (os.SCHED_FIFO, os.SCHED_RR):
+        return _unchanged
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    return lambda: os.sched_setscheduler(0, policy, os.sched_param(0))
+
+
+def _unchanged() -> None:
+    return None
 
 
 class CancelToken:
@@ -97,6 +157,7 @@ class CancelToken:
 @dataclass
 class _Job(Generic[T]):
     fn: Callable[[CancelToken], T]
+    realtime: bool = True
     token: CancelToken = field(default_factory=CancelToken)
     done: threading.Event = field(default_factory=threading.Event)
     result: T | None = None
@@ -112,24 +173,44 @@ class _Lane:
 
     _ids = itertools.count()
 
-    def __init__(self, name: str, cpu_threads: int) -> None:
+    def __init__(
+        self, name: str, cpu_threads: int, realtime_priority: int, set_priority: ThreadPriority
+    ) -> None:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._cpu_threads = cpu_threads
+        self._priority = realtime_priority
+        self._set_priority = set_priority
+        self.realtime = False
+        self.scheduling_error = ""
+        self.started = threading.Event()
         self.current: _Job[object] | None = None
         self.outstanding: _Job[object] | None = None
         self.thread = threading.Thread(target=self._loop, name=f"{name}-{next(self._ids)}", daemon=True)
         self.thread.start()
 
-    def _loop(self) -> None:
+    def _start(self) -> None:
         if torch.get_num_threads() != self._cpu_threads:
             torch.set_num_threads(self._cpu_threads)
+        if self._priority:
+            try:
+                self._set_priority(self._priority)
+                self.realtime = True
+            except (OSError, AttributeError) as exc:
+                self.scheduling_error = f"{type(exc).__name__}: {exc}"
+        self.started.set()
+
+    def _loop(self) -> None:
+        self._start()
         while True:
             item = self._queue.get()
             if item is _STOP:
                 return
             assert isinstance(item, _Job)
             self.current = item
+            demoted = self.realtime and not item.realtime
             try:
+                if demoted:
+                    self._set_priority(0)
                 item.token.check()  # a job whose deadline passed while queued never starts
                 item.result = item.fn(item.token)
                 item.succeeded = True
@@ -138,6 +219,15 @@ class _Lane:
             finally:
                 self.current = None
                 item.done.set()
+            if demoted:
+                self._restore()
+
+    def _restore(self) -> None:
+        try:
+            self._set_priority(self._priority)
+        except (OSError, AttributeError) as exc:  # allowed a moment ago: only a changed limit gets here
+            self.realtime = False
+            self.scheduling_error = f"{type(exc).__name__}: {exc}"
 
     @property
     def busy(self) -> bool:
@@ -165,17 +255,37 @@ class InferenceWorker:
         max_retired: int = 2,
         join_timeout_s: float = 5.0,
         name: str = "tamiyo-inference",
+        realtime_priority: int = 0,
+        set_priority: ThreadPriority | None = None,
     ) -> None:
+        if not 0 <= realtime_priority <= 99:
+            raise ValueError(f"realtime_priority must be 0 (normal) to 99, got {realtime_priority}")
         self._cpu_threads = cpu_threads
+        self._priority = realtime_priority
+        self._set_priority = set_priority or set_thread_priority
         self._max_retired = max_retired
         self._join_timeout_s = join_timeout_s
         self._name = name
         self._lock = threading.Lock()
         self._closed = False
-        self._lane = _Lane(name, cpu_threads)
+        self._lane = self._new_lane()
         self._retired: list[_Lane] = []
         self.deadline_misses = 0
         self.replacements = 0
+        self._lane.started.wait(join_timeout_s)  # so that `scheduling` reports on a running thread
+
+    def _new_lane(self) -> _Lane:
+        return _Lane(self._name, self._cpu_threads, self._priority, self._set_priority)
+
+    @property
+    def scheduling(self) -> Scheduling:
+        """The scheduling of the thread that takes the next decision."""
+        lane = self._lane
+        if not lane.started.is_set():
+            return Scheduling(self._priority, False, "the worker thread has not started yet")
+        if lane.realtime or not self._priority:
+            return Scheduling(self._priority, True)
+        return Scheduling(self._priority, False, lane.scheduling_error)
 
     @property
     def threads(self) -> list[threading.Thread]:
@@ -183,8 +293,17 @@ class InferenceWorker:
         lanes = [self._lane, *self._retired]
         return [lane.thread for lane in lanes if lane.thread.is_alive()]
 
-    def run(self, fn: Callable[[CancelToken], T], *, timeout_ms: float, what: str = "decision") -> T:
-        """Run `fn(token)` on the worker; its result, or its exception, or `DeadlineExceeded`."""
+    def run(
+        self,
+        fn: Callable[[CancelToken], T],
+        *,
+        timeout_ms: float,
+        what: str = "decision",
+        realtime: bool = True,
+    ) -> T:
+        """Run `fn(token)` on the worker; its result, or its exception, or `DeadlineExceeded`.
+
+        `realtime=False` runs it at normal priority even on a real-time worker (long warm-ups)."""
         start = time.monotonic()
         with self._lock:
             if self._closed:
@@ -196,9 +315,9 @@ class InferenceWorker:
                     raise WorkerSaturated(len(self._retired))
                 self._lane.stop()
                 self._retired.append(self._lane)
-                self._lane = _Lane(self._name, self._cpu_threads)
+                self._lane = self._new_lane()
                 self.replacements += 1
-            job: _Job[T] = _Job(fn)
+            job: _Job[T] = _Job(fn, realtime)
             self._lane.submit(job)  # type: ignore[arg-type]
         remaining_s = max(timeout_ms / 1e3 - (time.monotonic() - start), 0.0)
         if not job.done.wait(remaining_s):

@@ -212,6 +212,9 @@ def _fit(
         TimeElapsedColumn(),
         console=console,
         transient=False,
+        # Redrawn by the training thread after each epoch, never by a refresh thread: that thread holds
+        # the GIL for ~0.4 ms ten times a second, and landing inside a decision it delays it as much.
+        auto_refresh=False,
     )
     with progress:
         epochs = trainer.settings.epochs
@@ -228,6 +231,7 @@ def _fit(
                 completed=report.epoch,
                 status=f"acc {report.validation_accuracy:.3f}  params {report.parameters:,}  "
                 f"active seeds {report.active_seeds}  fossilised {report.fossilized_seeds}",
+                refresh=True,
             )
             if observer is not None:
                 observer(report)
