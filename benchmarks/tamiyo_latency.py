@@ -159,10 +159,18 @@ def time_interleaved(
     return samples
 
 
-def build_service(policy_kind: str, n_blueprints: int, *, plan: bool = True) -> tuple[TamiyoService, Policy]:
+def build_service(
+    policy_kind: str, n_blueprints: int, *, plan: bool = True, realtime: bool = True
+) -> tuple[TamiyoService, Policy]:
     """A service with a generous deadline (slow decisions are measured, not cut off); `plan`: whether
-    the GNN traces its inference path when prepared on a topology (the default, as in a run)."""
-    settings = TamiyoSettings(step_timeout_ms=1000.0, max_blueprints=max(16, n_blueprints), enable_plan=plan)
+    the GNN traces its inference path when prepared on a topology (the default, as in a run);
+    `realtime=False`: decisions at the OS's normal priority instead of `TAMIYO_REALTIME_PRIORITY`."""
+    settings = TamiyoSettings(
+        step_timeout_ms=1000.0,
+        max_blueprints=max(16, n_blueprints),
+        enable_plan=plan,
+        realtime_priority=TamiyoSettings().realtime_priority if realtime else 0,
+    )
     lookup = catalogue(n_blueprints).get
     policy: Policy
     if policy_kind == "gnn":
@@ -181,6 +189,7 @@ def cold_start(n_blueprints: int, size: tuple[int, int, int], max_attempts: int 
     policy = GNNPolicy(settings, blueprint_metadata=lookup)
     service = TamiyoService(settings, policy, SECRET, blueprint_metadata=lookup)
     constructed = (time.perf_counter() - start) * 1e3
+    realtime = service.telemetry.health().indicators["worker_realtime"] == 1.0
     service.prepare(make_packet(*size, step=0))
     prepared = (time.perf_counter() - start) * 1e3
     first_in_budget: float | None = None
@@ -205,6 +214,7 @@ def cold_start(n_blueprints: int, size: tuple[int, int, int], max_attempts: int 
         "first_in_budget_ms": None if first_in_budget is None else round(first_in_budget, 1),
         "decisions_tried": attempts,
         "deadline_misses": misses,
+        "realtime_applied": realtime,  # decisions at TAMIYO_REALTIME_PRIORITY (the OS may refuse it)
     }
 
 
@@ -304,6 +314,7 @@ def main() -> None:
         "torch": torch.__version__,
         "trainer_threads": args.trainer_threads,
         "inference_threads": TamiyoSettings().cpu_threads,
+        "realtime_priority": TamiyoSettings().realtime_priority,
     }
 
     trainer = TrainingLoop()
@@ -337,18 +348,26 @@ def main() -> None:
     for name in ("small", "medium"):
         size = SIZES[name]
         packets = [make_packet(*size, step=i) for i in range(total)]
-        planned, _ = build_service("gnn", size[2])
-        untraced, _ = build_service("gnn", size[2], plan=False)
+        # Medium also at normal priority (the A/B of TAMIYO_REALTIME_PRIORITY; same figures where the OS
+        # refuses the real-time policy).
+        services = [build_service("gnn", size[2])[0], build_service("gnn", size[2], plan=False)[0]]
+        if name == "medium":
+            services.append(build_service("gnn", size[2], realtime=False)[0])
         try:
-            with_plan, without = time_interleaved([planned, untraced], packets, args.warmup, trainer, 20)
+            timed = time_interleaved(services, packets, args.warmup, trainer, 20)
         finally:
-            planned.close()
-            untraced.close()
-        interleaved: dict[str, Any] = dict(percentiles(with_plan))
-        dense_path = percentiles(without)
+            for service in services:
+                service.close()
+        interleaved: dict[str, Any] = dict(percentiles(timed[0]))
+        dense_path = percentiles(timed[1])
         interleaved["without_plan"] = dense_path
         interleaved["plan_vs_without_p50"] = round(interleaved["p50_ms"] / dense_path["p50_ms"], 3)
         interleaved["plan_vs_without_p99"] = round(interleaved["p99_ms"] / dense_path["p99_ms"], 3)
+        if len(timed) > 2:
+            normal = percentiles(timed[2])
+            interleaved["normal_priority"] = normal
+            interleaved["realtime_vs_normal_p50"] = round(interleaved["p50_ms"] / normal["p50_ms"], 3)
+            interleaved["realtime_vs_normal_p99"] = round(interleaved["p99_ms"] / normal["p99_ms"], 3)
         results[f"{name}_between_training_steps"] = interleaved
         print(f"{name} with 20 training steps between decisions: {interleaved}")
 
