@@ -21,8 +21,8 @@ slower at the median and tail (docs/p7-attention-and-cuda-graphs.md), so one thr
 
 Scheduling: with `realtime_priority` > 0 each worker thread asks the OS for the real-time policy
 (`SCHED_FIFO` at that priority, Linux; needs CAP_SYS_NICE or an `RLIMIT_RTPRIO` allowance). Measured in
-`esper run --policy gnn`: a decision's thread at normal priority waited 2-4 ms on its CPU's run queue
-behind kernel threads and other processes' tasks in about one decision in 30, which is what missed
+`esper run --policy gnn`: at normal priority about one decision in 30 waited on its CPU's run queue
+behind kernel threads and other processes' tasks, up to 4 ms, and those waits were most of the missed
 deadlines; at real-time priority it waits for none of them (docs/p7-attention-and-cuda-graphs.md). The
 thread blocks while idle, so the policy costs nothing between decisions; jobs submitted with
 `realtime=False` (the warm-ups, which trace and run for hundreds of milliseconds) run at normal priority.
