@@ -309,6 +309,17 @@ def test_compile_disabled_reason_is_reported_at_start() -> None:
         service.close()
 
 
+def _realtime_service(sent: list[pb.TelemetryPacket]) -> TamiyoService:
+    """A service asking for real-time priority 10, its telemetry packets appended to `sent`."""
+    return TamiyoService(
+        settings(realtime_priority=10), ScriptedPolicy(WAIT), SECRET, telemetry_sink=sent.append
+    )
+
+
+def _unavailable(sent: list[pb.TelemetryPacket]) -> list[pb.TelemetryEvent]:
+    return [e for p in sent for e in p.events if e.name == "worker_realtime_unavailable"]
+
+
 def _refuse_realtime(priority: int) -> None:
     if priority:
         raise PermissionError(1, "Operation not permitted")
@@ -319,12 +330,10 @@ def test_a_refused_real_time_priority_is_announced_and_decisions_go_on(
 ) -> None:
     monkeypatch.setattr(worker_module, "set_thread_priority", _refuse_realtime)
     sent: list[pb.TelemetryPacket] = []
-    service = TamiyoService(
-        settings(realtime_priority=10), ScriptedPolicy(WAIT), SECRET, telemetry_sink=sent.append
-    )
+    service = _realtime_service(sent)
     try:
         service.evaluate_step(make_packet())
-        events = [e for p in sent for e in p.events if e.name == "worker_realtime_unavailable"]
+        events = _unavailable(sent)
         assert len(events) == 1
         assert events[0].level == pb.TELEMETRY_LEVEL_WARNING
         assert "not permitted" in events[0].attributes["reason"]
@@ -360,13 +369,11 @@ def test_a_granted_real_time_priority_shows_in_health_and_emits_nothing(
 
     monkeypatch.setattr(service_module, "raise_priority", fake_raise)
     sent: list[pb.TelemetryPacket] = []
-    service = TamiyoService(
-        settings(realtime_priority=10), ScriptedPolicy(WAIT), SECRET, telemetry_sink=sent.append
-    )
+    service = _realtime_service(sent)
     try:
         service.evaluate_step(make_packet())
         service.evaluate_step(make_packet())
-        assert not [e for p in sent for e in p.events if e.name == "worker_realtime_unavailable"]
+        assert not _unavailable(sent)
         assert service.telemetry.health().indicators["worker_realtime"] == 1.0
         # The calling thread is raised for each decision and put back after it.
         me = threading.get_ident()
@@ -387,13 +394,11 @@ def test_a_calling_thread_refused_the_priority_is_announced_once_and_decisions_g
 
     monkeypatch.setattr(service_module, "raise_priority", refuse)
     sent: list[pb.TelemetryPacket] = []
-    service = TamiyoService(
-        settings(realtime_priority=10), ScriptedPolicy(WAIT), SECRET, telemetry_sink=sent.append
-    )
+    service = _realtime_service(sent)
     try:
         for _ in range(3):
             assert service.evaluate_step(make_packet()).command_type == pb.COMMAND_WAIT
-        events = [e for p in sent for e in p.events if e.name == "worker_realtime_unavailable"]
+        events = _unavailable(sent)
         assert len(events) == 1 and "calling thread" in events[0].attributes["reason"]
         assert calls == [10]  # not retried on every decision
     finally:
