@@ -419,3 +419,32 @@ def test_the_calling_thread_gets_its_own_scheduling_back_after_a_decision() -> N
         assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before
     finally:
         service.close()
+
+
+def test_a_thread_that_loses_its_real_time_priority_after_a_warm_up_is_announced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The priority is granted at start, dropped for the warm-up, and refused when taken back (a limit
+    changed meanwhile): the service reports it after the warm-up, and decisions go on at normal priority."""
+    calls: list[int] = []
+
+    def granted_once(priority: int) -> None:
+        calls.append(priority)
+        if priority and calls.count(priority) > 1:
+            raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(worker_module, "set_thread_priority", granted_once)
+    monkeypatch.setattr(service_module, "raise_priority", lambda _priority: lambda: None)
+    sent: list[pb.TelemetryPacket] = []
+    service = TamiyoService(
+        settings(realtime_priority=10), small_policy(), SECRET, telemetry_sink=sent.append
+    )
+    try:
+        service.prepare(make_packet())
+        service.evaluate_step(make_packet())
+        events = _unavailable(sent)
+        assert len(events) == 1 and "not permitted" in events[0].attributes["reason"]
+        assert service.telemetry.health().indicators["worker_realtime"] == 0.0
+        assert calls[:3] == [10, 0, 10]  # granted, dropped for the warm-up, refused when taken back
+    finally:
+        service.close()

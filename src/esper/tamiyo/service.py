@@ -112,6 +112,7 @@ class TamiyoService:
         if not scheduling.applied and settings.realtime_required:
             self._worker.close()
             raise WorkerSchedulingError(scheduling.realtime_priority, scheduling.reason)
+        self._scheduling = scheduling
         self.telemetry.record_scheduling(scheduling.realtime_priority, scheduling.applied, scheduling.reason)
         self._caller_realtime = scheduling.applied and scheduling.realtime_priority > 0
         self._last_latency_ms: float | None = None
@@ -146,6 +147,17 @@ class TamiyoService:
         )
         if isinstance(status, CompileStatus):
             self.telemetry.record_compile(status.enabled, status.reason, status.warm_ms, status.fallbacks)
+        self._follow_scheduling()
+
+    def _follow_scheduling(self) -> None:
+        """Report a change of the inference thread's scheduling since the last report (a thread that could
+        not get its real-time priority back after a warm-up, a replacement thread refused it)."""
+        current = self._worker.scheduling
+        if current.pending or current == self._scheduling:
+            return
+        self._scheduling = current
+        self._caller_realtime = current.applied and current.realtime_priority > 0
+        self.telemetry.record_scheduling(current.realtime_priority, current.applied, current.reason)
 
     @property
     def policy_version(self) -> str:
@@ -188,6 +200,7 @@ class TamiyoService:
         if isinstance(after, PlanStatus) and after != before:
             failed = isinstance(before, PlanStatus) and after.fallbacks > before.fallbacks
             self.telemetry.record_plan(after.enabled, after.reason, after.build_ms, failed=failed)
+        self._follow_scheduling()
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """Decide for one packet and return the signed command; failures raise typed errors."""
@@ -226,6 +239,7 @@ class TamiyoService:
             self._record(packet, inference.proposal, decision, command)
             return command
         finally:
+            self._follow_scheduling()
             if self._field_reports is not None:
                 self._field_reports.emit_pending()
             if self.telemetry.has_sink:

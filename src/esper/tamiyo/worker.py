@@ -102,6 +102,7 @@ class Scheduling:
     realtime_priority: int
     applied: bool
     reason: str = ""  # why the real-time policy was not applied
+    pending: bool = False  # the thread has not started yet: nothing is known
 
 
 def set_thread_priority(priority: int) -> None:
@@ -282,7 +283,7 @@ class InferenceWorker:
         """The scheduling of the thread that takes the next decision."""
         lane = self._lane
         if not lane.started.is_set():
-            return Scheduling(self._priority, False, "the worker thread has not started yet")
+            return Scheduling(self._priority, False, "the worker thread has not started yet", pending=True)
         if lane.realtime or not self._priority:
             return Scheduling(self._priority, True)
         return Scheduling(self._priority, False, lane.scheduling_error)
