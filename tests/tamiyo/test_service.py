@@ -6,6 +6,7 @@ import gc
 import inspect
 import os
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -377,7 +378,7 @@ def test_a_granted_real_time_priority_shows_in_health_and_emits_nothing(
         assert service.telemetry.health().indicators["worker_realtime"] == 1.0
         # The calling thread is raised for each decision and put back after it.
         me = threading.get_ident()
-        assert raised == [(me, 10), (me, 10)] and restored == [me, me]
+        assert raised == [(me, 11), (me, 11)] and restored == [me, me]  # one above the inference thread
     finally:
         service.close()
 
@@ -400,7 +401,7 @@ def test_a_calling_thread_refused_the_priority_is_announced_once_and_decisions_g
             assert service.evaluate_step(make_packet()).command_type == pb.COMMAND_WAIT
         events = _unavailable(sent)
         assert len(events) == 1 and "calling thread" in events[0].attributes["reason"]
-        assert calls == [10]  # not retried on every decision
+        assert calls == [11]  # not retried on every decision
     finally:
         service.close()
 
@@ -448,3 +449,41 @@ def test_a_thread_that_loses_its_real_time_priority_after_a_warm_up_is_announced
         assert calls[:3] == [10, 0, 10]  # granted, dropped for the warm-up, refused when taken back
     finally:
         service.close()
+
+
+class NonCooperativePolicy:
+    """Computes for `seconds` in GIL-releasing torch operations, never looking at a cancellation token."""
+
+    version = "busy-1"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def propose(self, packet: pb.SystemStatePacket) -> Proposal:
+        weights = torch.ones(256, 256)
+        end = time.monotonic() + self.seconds
+        while time.monotonic() < end:
+            torch.mm(weights, weights)
+        return WAIT
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux only")
+def test_the_deadline_holds_on_a_single_core_at_real_time_priority() -> None:
+    """Caller and inference thread on one CPU: when the deadline passes, the caller (one priority above
+    the inference thread where real-time priority is granted, preempting by the OS's normal rules where
+    it is not) gets the CPU back and raises at once, while the late job still computes."""
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(affinity)})  # the worker thread inherits it when it is created
+    try:
+        service = TamiyoService(
+            settings(realtime_priority=10), NonCooperativePolicy(0.5), SECRET, step_timeout_ms=20.0
+        )
+        try:
+            start = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                service.evaluate_step(make_packet())
+            assert time.monotonic() - start < 0.25  # not the late job's 0.5 s
+        finally:
+            service.close()
+    finally:
+        os.sched_setaffinity(0, affinity)

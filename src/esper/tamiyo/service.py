@@ -258,14 +258,16 @@ class TamiyoService:
 
     @contextmanager
     def _caller_priority(self) -> Iterator[None]:
-        """The calling thread at the inference thread's real-time priority for the measured part of a
-        decision, where the inference thread has it (measured: a decision's own thread preempted between
+        """The calling thread one above the inference thread's real-time priority for the measured part
+        of a decision, where the inference thread has it (measured: a decision's own thread preempted between
         hand-offs is what made the steps that ran over budget); a refusal is announced once."""
         restore = None
         if self._caller_realtime:
             priority = self._worker.scheduling.realtime_priority
             try:
-                restore = raise_priority(priority)
+                # One above the inference thread: on a single core, a caller at the same FIFO priority
+                # could not preempt a late job when its deadline passes.
+                restore = raise_priority(priority + 1)
             except (OSError, AttributeError) as exc:
                 self._caller_realtime = False
                 reason = f"calling thread: {type(exc).__name__}: {exc}"

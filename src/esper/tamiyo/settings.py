@@ -51,10 +51,11 @@ class TamiyoSettings(StrictSettings):
     realtime_priority: int = Field(
         default=10,
         ge=0,
-        le=99,
-        description="SCHED_FIFO priority of a decision: the inference thread, and the calling thread from "
-        "the packet to the signed command (0: the OS's normal scheduling). Needs CAP_SYS_NICE or an "
-        "RLIMIT_RTPRIO allowance; without one an event says so and decisions run at normal priority.",
+        le=98,
+        description="SCHED_FIFO priority of a decision: the inference thread, and the calling thread (one "
+        "above) from the packet to the signed command (0: the OS's normal scheduling). Needs "
+        "CAP_SYS_NICE or an RLIMIT_RTPRIO allowance; without one an event says so and decisions run at "
+        "normal priority.",
     )
     realtime_required: bool = Field(
         default=False,
