@@ -261,7 +261,7 @@ def test_the_reported_scheduling_is_the_one_the_os_applied() -> None:
         decided = worker.run(policy, timeout_ms=GENEROUS_MS)
         warm = worker.run(policy, timeout_ms=GENEROUS_MS, realtime=False)
         if scheduling.applied:
-            assert decided == (os.SCHED_FIFO, 3)
+            assert decided == (os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, 3)
             assert warm == (os.SCHED_OTHER, 0)
         else:
             assert "OSError" in scheduling.reason or "PermissionError" in scheduling.reason
@@ -279,7 +279,17 @@ def test_raise_priority_puts_the_previous_policy_back_or_changes_nothing() -> No
     except OSError:  # refused by this OS: nothing may have changed
         assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before
         return
-    assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == (os.SCHED_FIFO, 4)
+    fifo = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK
+    assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == (fifo, 4)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # a process forked meanwhile does not inherit the real-time policy
+        os.write(write, str(os.sched_getscheduler(0)).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert int(os.read(read, 32)) == os.SCHED_OTHER
+    os.close(read)
+    os.close(write)
     inner = raise_priority(9)  # already real-time: left as it is
     assert os.sched_getparam(0).sched_priority == 4
     inner()

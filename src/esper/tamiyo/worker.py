@@ -105,13 +105,18 @@ class Scheduling:
     pending: bool = False  # the thread has not started yet: nothing is known
 
 
+def _fifo() -> int:
+    # A process forked from a real-time thread starts under the normal policy, not at its priority.
+    return os.SCHED_FIFO | getattr(os, "SCHED_RESET_ON_FORK", 0)
+
+
 def set_thread_priority(priority: int) -> None:
     """The calling thread to `SCHED_FIFO` at `priority` (1-99), or to the normal policy for 0.
 
     Raises `OSError` when the OS refuses (no CAP_SYS_NICE, no `RLIMIT_RTPRIO` allowance) and
     `AttributeError` where the platform has no such call (only Linux has it per thread)."""
     if priority:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        os.sched_setscheduler(0, _fifo(), os.sched_param(priority))
     else:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
@@ -123,10 +128,10 @@ def raise_priority(priority: int) -> Callable[[], None]:
     """The calling thread to `SCHED_FIFO` `priority`; returns what puts its previous policy back (to be
     called on the same thread). A thread already under a real-time policy is left as it is. Raises like
     `set_thread_priority`, with nothing changed."""
-    policy = os.sched_getscheduler(0)
-    if policy in (os.SCHED_FIFO, os.SCHED_RR):
+    policy = os.sched_getscheduler(0)  # with its reset-on-fork flag, if it has one
+    if policy & ~getattr(os, "SCHED_RESET_ON_FORK", 0) in (os.SCHED_FIFO, os.SCHED_RR):
         return _unchanged
-    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    os.sched_setscheduler(0, _fifo(), os.sched_param(priority))
     return lambda: os.sched_setscheduler(0, policy, os.sched_param(0))
 
 
