@@ -31,6 +31,7 @@ thread blocks while idle, so the policy costs nothing between decisions; jobs su
 
 from __future__ import annotations
 
+import _thread
 import itertools
 import os
 import queue
@@ -140,24 +141,33 @@ def _unchanged() -> None:
 
 
 class CancelToken:
-    """Set when a job's deadline has passed; the job checks it between layers."""
+    """Set when a job's deadline has passed; the job checks it between layers.
+
+    A plain flag: it only ever goes from unset to set, and an attribute write is atomic under the GIL
+    (an `Event` per decision cost its lock and condition for nothing: nobody waits on a token)."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._cancelled = False
 
     def cancel(self) -> None:
         """Ask the job to stop at its next checkpoint."""
-        self._event.set()
+        self._cancelled = True
 
     @property
     def cancelled(self) -> bool:
         """True once `cancel()` was called."""
-        return self._event.is_set()
+        return self._cancelled
 
     def check(self) -> None:
         """Raise `DecisionCancelled` if the job was cancelled."""
-        if self._event.is_set():
+        if self._cancelled:
             raise DecisionCancelled("decision cancelled after its deadline")
+
+
+def _held_lock() -> _thread.LockType:
+    lock = _thread.allocate_lock()
+    lock.acquire()
+    return lock
 
 
 @dataclass
@@ -165,7 +175,10 @@ class _Job(Generic[T]):
     fn: Callable[[CancelToken], T]
     realtime: bool = True
     token: CancelToken = field(default_factory=CancelToken)
-    done: threading.Event = field(default_factory=threading.Event)
+    # Held until the job has finished: the caller waits by acquiring it (one C-level call, where an
+    # `Event.wait` with a timeout runs a condition variable in Python on every decision).
+    pending: _thread.LockType = field(default_factory=_held_lock)
+    finished: bool = False
     result: T | None = None
     error: BaseException | None = None
     succeeded: bool = False
@@ -224,7 +237,8 @@ class _Lane:
                 item.error = exc
             finally:
                 self.current = None
-                item.done.set()
+                item.finished = True
+                item.pending.release()
             if demoted:
                 self._restore()
 
@@ -238,7 +252,7 @@ class _Lane:
     @property
     def busy(self) -> bool:
         job = self.outstanding
-        return job is not None and not job.done.is_set()
+        return job is not None and not job.finished
 
     def submit(self, job: _Job[object]) -> None:
         self.outstanding = job
@@ -326,7 +340,7 @@ class InferenceWorker:
             job: _Job[T] = _Job(fn, realtime)
             self._lane.submit(job)  # type: ignore[arg-type]
         remaining_s = max(timeout_ms / 1e3 - (time.monotonic() - start), 0.0)
-        if not job.done.wait(remaining_s):
+        if not job.pending.acquire(timeout=remaining_s):
             job.token.cancel()
             self.deadline_misses += 1
             raise DeadlineExceeded(timeout_ms, (time.monotonic() - start) * 1e3, what)
