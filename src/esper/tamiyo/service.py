@@ -259,8 +259,9 @@ class TamiyoService:
     @contextmanager
     def _caller_priority(self) -> Iterator[None]:
         """The calling thread one above the inference thread's real-time priority for the measured part
-        of a decision, where the inference thread has it (measured: a decision's own thread preempted between
-        hand-offs is what made the steps that ran over budget); a refusal is announced once."""
+        of a decision, where the inference thread has it: the hand-offs, the risk gates and the signing run
+        on it, and at normal priority it can wait behind other tasks as the inference thread did. A
+        refusal is announced once and not retried."""
         restore = None
         if self._caller_realtime:
             priority = self._worker.scheduling.realtime_priority
