@@ -413,6 +413,23 @@ class _DenseRun:
             out.append(torch.relu_(acc).add_(h[name]))
         return out
 
+    def hidden(self, xs: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
+        """The encoders and the SAGE layers, with the checkpoint before each layer."""
+        hs = self.encode(xs, masks)
+        for layer in range(len(self._model.sage)):
+            self._checkpoint()
+            hs = self.sage(layer, hs)
+        return hs
+
+    def attend(self, hs: Sequence[Tensor]) -> list[Tensor]:
+        """The GAT layers on the SAGE features `hs` (the first with their skip map as its residual), with
+        the checkpoint before each layer after the first."""
+        out = self.gat(0, hs, self.skip(hs))
+        for layer in range(1, len(self._model.gat)):
+            self._checkpoint()
+            out = self.gat(layer, out, out)
+        return out
+
     def skip(self, hs: Sequence[Tensor]) -> list[Tensor]:
         """The GAT block's residual input: a linear map of the SAGE features."""
         out = []
@@ -562,18 +579,11 @@ class _Plan:
             return _DenseRun(model, adjacency, logits, _no_checkpoint)
 
         def sage(*inputs: Tensor) -> Sequence[Tensor]:
-            r = run(())
-            hs = r.encode(inputs[:n_types], inputs[n_types:])
-            for layer in range(len(model.sage)):
-                hs = r.sage(layer, hs)
-            return hs
+            return run(()).hidden(inputs[:n_types], inputs[n_types:])
 
         def gat(*inputs: Tensor) -> Sequence[Tensor]:
             r = run(inputs[n_types:])
-            hs = r.gat(0, inputs[:n_types], r.skip(inputs[:n_types]))
-            for layer in range(1, n_gat):
-                hs = r.gat(layer, hs, hs)
-            return r.heads(hs)
+            return r.heads(r.attend(inputs[:n_types]))
 
         edges = tuple(
             (rel, graph.edge_index[rel], _version(graph.edge_index[rel])) for rel in model._relations
@@ -853,15 +863,9 @@ class TamiyoGNN(nn.Module):
         self, graph: TamiyoGraph, adjacency: dict[EdgeKey, _DenseRelation], checkpoint: Checkpoint
     ) -> GNNOutput:
         run = _DenseRun(self, adjacency, _cached_edge_logits, checkpoint)
-        hs = run.encode([graph.x[name] for name in self._types], [graph.mask[name] for name in self._types])
-        for layer in range(len(self.sage)):
-            checkpoint()
-            hs = run.sage(layer, hs)
+        hs = run.hidden([graph.x[name] for name in self._types], [graph.mask[name] for name in self._types])
         checkpoint()
-        hs = run.gat(0, hs, run.skip(hs))
-        for layer in range(1, len(self.gat)):
-            checkpoint()
-            hs = run.gat(layer, hs, hs)
+        hs = run.attend(hs)
         checkpoint()
         if graph.num_graphs != 1:
             return self._heads(graph, dict(zip(self._types, hs, strict=True)), self.device)

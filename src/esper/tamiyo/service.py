@@ -32,6 +32,7 @@ from esper.tamiyo.worker import (
     CancelToken,
     DeadlineExceeded,
     InferenceWorker,
+    Scheduling,
     WorkerSaturated,
     WorkerSchedulingError,
     raise_priority,
@@ -112,9 +113,9 @@ class TamiyoService:
         if not scheduling.applied and settings.realtime_required:
             self._worker.close()
             raise WorkerSchedulingError(scheduling.realtime_priority, scheduling.reason)
-        self._scheduling = scheduling
-        self.telemetry.record_scheduling(scheduling.realtime_priority, scheduling.applied, scheduling.reason)
-        self._caller_realtime = scheduling.applied and scheduling.realtime_priority > 0
+        self._scheduling: Scheduling | None = None  # as last reported
+        self._caller_realtime = False
+        self._follow_scheduling()
         self._last_latency_ms: float | None = None
         self.last_decision: Decision | None = None
         if blueprint_metadata is None:
@@ -150,11 +151,11 @@ class TamiyoService:
         self._follow_scheduling()
 
     def _follow_scheduling(self) -> None:
-        """Report a change of the inference thread's scheduling since the last report (a thread that could
+        """Report the inference thread's scheduling at start and whenever it changes (a thread that could
         not get its real-time priority back after a warm-up, a replacement thread refused it)."""
         current = self._worker.scheduling
-        if current.pending or current == self._scheduling:
-            return
+        if current == self._scheduling or (current.pending and self._scheduling is not None):
+            return  # a replacement thread that has not started yet says nothing new
         self._scheduling = current
         self._caller_realtime = current.applied and current.realtime_priority > 0
         self.telemetry.record_scheduling(current.realtime_priority, current.applied, current.reason)
@@ -264,7 +265,7 @@ class TamiyoService:
         refusal is announced once and not retried."""
         restore = None
         if self._caller_realtime:
-            priority = self._worker.scheduling.realtime_priority
+            priority = self.settings.realtime_priority  # the inference thread's (it has it)
             try:
                 # One above the inference thread: on a single core, a caller at the same FIFO priority
                 # could not preempt a late job when its deadline passes.

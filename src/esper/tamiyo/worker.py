@@ -132,7 +132,7 @@ def raise_priority(priority: int) -> Callable[[], None]:
     policy = os.sched_getscheduler(0)  # with its reset-on-fork flag, if it has one
     if policy & ~getattr(os, "SCHED_RESET_ON_FORK", 0) in (os.SCHED_FIFO, os.SCHED_RR):
         return _unchanged
-    os.sched_setscheduler(0, _fifo(), os.sched_param(priority))
+    set_thread_priority(priority)
     return lambda: os.sched_setscheduler(0, policy, os.sched_param(0))
 
 
@@ -211,11 +211,7 @@ class _Lane:
         if torch.get_num_threads() != self._cpu_threads:
             torch.set_num_threads(self._cpu_threads)
         if self._priority:
-            try:
-                self._set_priority(self._priority)
-                self.realtime = True
-            except (OSError, AttributeError) as exc:
-                self.scheduling_error = f"{type(exc).__name__}: {exc}"
+            self._take_priority()
         self.started.set()
 
     def _loop(self) -> None:
@@ -240,12 +236,13 @@ class _Lane:
                 item.finished = True
                 item.pending.release()
             if demoted:
-                self._restore()
+                self._take_priority()  # allowed a moment ago: only a changed limit refuses it now
 
-    def _restore(self) -> None:
+    def _take_priority(self) -> None:
         try:
             self._set_priority(self._priority)
-        except (OSError, AttributeError) as exc:  # allowed a moment ago: only a changed limit gets here
+            self.realtime = True
+        except (OSError, AttributeError) as exc:
             self.realtime = False
             self.scheduling_error = f"{type(exc).__name__}: {exc}"
 
