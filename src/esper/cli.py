@@ -238,6 +238,7 @@ def _build_controller(
             save=intake.export_state,
             load=intake.restore_state,
             rehearse=intake.prepare,
+            warm_ahead=intake.anticipate,
         )
     raise ConfigurationError(f"unknown policy {policy!r}; available: heuristic, gnn")
 

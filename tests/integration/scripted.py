@@ -39,10 +39,15 @@ class ScriptedController:
         self.germinated: list[str] = []
         self.decisions = 0
         self.prepared = 0
+        self.anticipated: list[int] = []  # the decision count at each call
 
     def prepare(self, packet: pb.SystemStatePacket) -> None:
         """Nothing to warm up; counts the calls."""
         self.prepared += 1
+
+    def anticipate(self) -> None:
+        """Nothing to warm up; records when it was called."""
+        self.anticipated.append(self.decisions)
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """One signed command for `packet`."""

@@ -53,6 +53,9 @@ class RecordingController:
     def prepare(self, packet: pb.SystemStatePacket) -> None:
         self.inner.prepare(packet)
 
+    def anticipate(self) -> None:
+        self.inner.anticipate()
+
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         command = self.override(packet) if self.override else self.inner.evaluate_step(packet)
         self.commands.append(command)

@@ -10,6 +10,7 @@ import torch
 
 from esper.leyline import pb
 from esper.tamiyo.gnn import GNNOutput
+from esper.tamiyo.graph import collate
 from esper.tamiyo.policy import (
     RELEVANT_HEADS,
     CheckpointIncompatible,
@@ -18,6 +19,7 @@ from esper.tamiyo.policy import (
     PolicyInferenceError,
 )
 from esper.tamiyo.proposal import ACTIONS, Policy
+from esper.tamiyo.worker import CancelToken, DecisionCancelled
 from tests.tamiyo.packets import make_packet, settings, small_policy
 
 A = {action: index for index, action in enumerate(ACTIONS)}
@@ -107,12 +109,12 @@ def test_evaluate_actions_gives_per_head_log_probs_entropies_and_values() -> Non
     evaluation = policy.evaluate_actions(graphs, [p.head_choices for p in proposals])
     for index, proposal in enumerate(proposals):
         for head, log_prob in proposal.head_log_probs.items():
-            assert float(evaluation.log_probs[head][index]) == pytest.approx(log_prob, abs=1e-4)
+            assert float(evaluation.log_probs[head][index].detach()) == pytest.approx(log_prob, abs=1e-4)
         for head in evaluation.relevant:
             if head not in proposal.head_choices:
-                assert float(evaluation.log_probs[head][index]) == 0.0
-                assert float(evaluation.entropies[head][index]) == 0.0
-        assert float(evaluation.values[index]) == pytest.approx(proposal.value, abs=1e-4)
+                assert float(evaluation.log_probs[head][index].detach()) == 0.0
+                assert float(evaluation.entropies[head][index].detach()) == 0.0
+        assert float(evaluation.values[index].detach()) == pytest.approx(proposal.value, abs=1e-4)
     loss = -evaluation.total_log_prob.sum() + evaluation.values.pow(2).sum()
     loss.backward()
     assert policy.module.action_head.weight.grad is not None
@@ -202,3 +204,19 @@ def test_cancellation_is_checked_between_layers() -> None:
     with pytest.raises(Cancelled):
         policy.propose_graph(policy.builder.build(make_packet()), cancel=token)
     assert token.checks == 2
+
+
+def test_warm_runs_the_network_and_stops_at_a_cancelled_checkpoint() -> None:
+    """`warm` (the service's warm-up ahead of a decision) takes one graph, samples nothing and stops at
+    its first checkpoint once cancelled."""
+    policy = small_policy()
+    graph = policy.builder.build(make_packet(), update_stats=False)
+    rng = torch.get_rng_state()
+    policy.warm(graph, cancel=CancelToken())
+    assert torch.equal(torch.get_rng_state(), rng) and not policy.module.training
+    cancelled = CancelToken()
+    cancelled.cancel()
+    with pytest.raises(DecisionCancelled):
+        policy.warm(graph, cancel=cancelled)
+    with pytest.raises(PolicyInferenceError, match="one graph"):
+        policy.warm(collate([graph, graph]), cancel=CancelToken())

@@ -15,15 +15,17 @@ import torch
 
 import esper.tamiyo
 from esper.leyline import ContractViolation, ManualClock, SignatureVerifier, pb
+from esper.tamiyo import GNNPolicy
 from esper.tamiyo import service as service_module
 from esper.tamiyo import worker as worker_module
-from esper.tamiyo.graph import InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.graph import InMemoryNormalizerStore, NormalizerState, TamiyoGraph
+from esper.tamiyo.policy import Cancellation
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.risk import RiskGates
 from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tamiyo.worker import DeadlineExceeded, InferenceWorker, WorkerSchedulingError
-from tests.tamiyo.packets import SECRET, ScriptedPolicy, make_packet, settings, small_policy
+from tests.tamiyo.packets import SECRET, SMALL, ScriptedPolicy, make_packet, settings, small_policy
 
 WAIT = Proposal(action=pb.POLICY_ACTION_WAIT)
 
@@ -60,8 +62,9 @@ def test_gnn_policy_end_to_end_through_risk_and_signing() -> None:
 def test_evaluate_step_is_the_only_entry_point() -> None:
     assert not hasattr(TamiyoService, "evaluate_epoch")
     public = {name for name, _ in inspect.getmembers(TamiyoService) if not name.startswith("_")}
-    # `prepare` is a warm-up that decides nothing (see the next test), not a second way to decide.
-    assert public == {"evaluate_step", "prepare", "close", "policy_version", "swap_policy"}
+    # `prepare` and `anticipate` are warm-ups that decide nothing (see the next tests), not second ways
+    # to decide.
+    assert public == {"evaluate_step", "prepare", "anticipate", "close", "policy_version", "swap_policy"}
 
 
 def test_prepare_warms_up_on_the_real_topology_and_decides_nothing() -> None:
@@ -102,6 +105,119 @@ def test_prepare_warms_up_on_the_real_topology_and_decides_nothing() -> None:
             plain.prepare(pb.SystemStatePacket())
     finally:
         plain.close()
+
+
+class WarmProbe(GNNPolicy):
+    """The small GNN policy; `warm` is recorded, and can fail or run until cut short."""
+
+    def __init__(self, mode: str = "plain") -> None:
+        super().__init__(settings(), config=SMALL)
+        self.mode = mode
+        self.started = threading.Event()
+        self.done = threading.Event()
+        self.warmed = 0
+
+    def warm(self, graph: TamiyoGraph, *, cancel: Cancellation) -> None:
+        self.started.set()
+        if self.mode == "fail":
+            raise RuntimeError("the network broke while warming up")
+        if self.mode == "slow":
+            for _ in range(30_000):
+                cancel.check()
+                time.sleep(0.001)
+        super().warm(graph, cancel=cancel)
+        self.warmed += 1
+        self.done.set()
+
+
+def _warmups(service: TamiyoService, outcome: str) -> float | None:
+    return service.telemetry.registry.get_sample_value("tamiyo_warmups_ahead_total", {"outcome": outcome})
+
+
+def test_anticipate_warms_up_on_the_last_packet_in_the_background_and_changes_nothing() -> None:
+    """The warm-up ahead of a decision runs the network on the inference thread on the last packet seen,
+    and decides, signs, records and reports nothing: the decisions that follow are those of a service
+    that never anticipated (same seed)."""
+    packet = make_packet(stages={0: pb.SEED_STAGE_TRAINING})
+    proposals: dict[bool, list[Proposal]] = {}
+    for anticipating in (False, True):
+        torch.manual_seed(0)
+        policy = WarmProbe()
+        sent: list[pb.TelemetryPacket] = []
+        service = TamiyoService(settings(), policy, SECRET, telemetry_sink=sent.append)
+        try:
+            service.anticipate()  # nothing seen yet: nothing to warm up on
+            assert not policy.started.is_set()
+            service.prepare(packet)
+            proposals[anticipating] = []
+            for _ in range(3):
+                if anticipating:
+                    statistics, plan, rng = (
+                        policy.builder.normalizer.states(),
+                        policy.plan_status,
+                        torch.get_rng_state(),
+                    )
+                    service.anticipate()
+                    assert policy.done.wait(30)
+                    assert policy.builder.normalizer.states() == statistics and policy.plan_status == plan
+                    assert torch.equal(torch.get_rng_state(), rng) and not sent
+                    policy.done.clear()
+                service.evaluate_step(packet)
+                assert service.last_decision is not None
+                proposals[anticipating].append(service.last_decision.proposal)
+                sent.clear()
+            assert policy.warmed == _warmups(service, "completed") == (3.0 if anticipating else None) or (
+                not anticipating and policy.warmed == 0
+            )
+        finally:
+            service.close()
+    assert proposals[True] == proposals[False]
+
+
+def test_a_decision_cuts_a_warm_up_ahead_short_and_is_decided_on_time() -> None:
+    policy = WarmProbe("slow")
+    service = TamiyoService(settings(step_timeout_ms=2_000.0), policy, SECRET)
+    try:
+        packet = make_packet()
+        service.prepare(packet)
+        service.anticipate()
+        assert policy.started.wait(30)
+        service.anticipate()  # one at a time: the worker is busy
+        assert service.evaluate_step(packet).signature
+        assert _warmups(service, "cut_short") == 1.0 and _warmups(service, "skipped") == 1.0
+        assert service.telemetry.registry.get_sample_value("tamiyo_deadline_misses_total") == 0.0
+    finally:
+        service.close()
+
+
+def test_a_failed_warm_up_ahead_is_an_event_and_the_decision_still_runs() -> None:
+    policy = WarmProbe("fail")
+    sent: list[pb.TelemetryPacket] = []
+    service = TamiyoService(settings(), policy, SECRET, telemetry_sink=sent.append)
+    try:
+        packet = make_packet()
+        service.prepare(packet)
+        service.anticipate()
+        assert policy.started.wait(30)
+        assert service.evaluate_step(packet).signature  # the decision path itself is sound
+        failed = [
+            event for packet_ in sent for event in packet_.events if event.name == "anticipation_failed"
+        ]
+        assert len(failed) == 1 and "the network broke while warming up" in failed[0].description
+        assert "pkt-1" in failed[0].description and _warmups(service, "failed") == 1.0
+    finally:
+        service.close()
+
+
+def test_anticipate_does_nothing_for_a_plain_policy() -> None:
+    service = TamiyoService(settings(), ScriptedPolicy(WAIT), SECRET)
+    try:
+        service.evaluate_step(make_packet())
+        service.anticipate()
+        assert service.evaluate_step(make_packet()).signature
+        assert _warmups(service, "completed") is None and _warmups(service, "skipped") is None
+    finally:
+        service.close()
 
 
 def test_package_exports_only_the_service_and_policy_classes() -> None:

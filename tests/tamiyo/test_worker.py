@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -151,6 +152,101 @@ def test_a_job_cancelled_before_it_starts_never_runs() -> None:
     token.cancel()
     with pytest.raises(DecisionCancelled):
         token.check()
+
+
+def _until_cancelled(started: threading.Event, stopped: threading.Event) -> Callable[[CancelToken], None]:
+    """A background job that checks its token every millisecond until it is cancelled."""
+
+    def job(token: CancelToken) -> None:
+        started.set()
+        try:
+            for _ in range(30_000):
+                token.check()
+                threading.Event().wait(0.001)
+        finally:
+            stopped.set()
+
+    return job
+
+
+def test_a_background_job_runs_on_the_worker_thread_and_reports_how_it_ended() -> None:
+    worker = InferenceWorker()
+    ran_on: list[int] = []
+    try:
+        decision_thread = worker.run(lambda _t: threading.get_ident(), timeout_ms=GENEROUS_MS)
+        ahead = worker.start(lambda _t: ran_on.append(threading.get_ident()), what="warm-up")
+        assert ahead is not None and ahead.what == "warm-up"
+        assert ahead.wait(30) and ahead.finished and not ahead.cut_short and ahead.error is None
+        assert ran_on == [decision_thread]
+
+        def fail(_token: CancelToken) -> None:
+            raise Boom("warm-up broke")
+
+        failed = worker.start(fail, what="failing warm-up")
+        assert failed is not None and failed.wait(30)
+        assert worker.run(lambda _t: "decided", timeout_ms=GENEROUS_MS) == "decided"  # not its error
+        assert failed.finished and isinstance(failed.error, Boom) and not failed.cut_short
+    finally:
+        worker.close()
+
+
+def test_a_decision_cuts_a_background_job_short_and_follows_it_on_the_same_thread() -> None:
+    worker = InferenceWorker()
+    started, stopped = threading.Event(), threading.Event()
+    try:
+        thread = worker.run(lambda _t: threading.get_ident(), timeout_ms=GENEROUS_MS)
+        ahead = worker.start(_until_cancelled(started, stopped), what="warm-up")
+        assert ahead is not None and started.wait(30)
+        assert worker.run(lambda _t: threading.get_ident(), timeout_ms=GENEROUS_MS) == thread
+        assert stopped.is_set() and ahead.finished and ahead.cut_short and ahead.error is None
+        assert worker.replacements == 0 and worker.deadline_misses == 0
+    finally:
+        worker.close()
+
+
+def test_a_background_job_is_not_started_while_the_worker_is_busy() -> None:
+    worker = InferenceWorker()
+    gate = threading.Event()
+    started, stopped = threading.Event(), threading.Event()
+    try:
+        first = worker.start(_until_cancelled(started, stopped), what="first")
+        assert first is not None and started.wait(30)
+        assert worker.start(lambda _t: None, what="second") is None  # one at a time
+        worker.run(lambda _t: None, timeout_ms=GENEROUS_MS)
+        queued = worker.start(lambda _t: None, what="cut short before it starts")
+        assert queued is not None
+        worker.run(lambda _t: None, timeout_ms=GENEROUS_MS)
+        assert queued.finished  # finished one way or the other before the decision ran
+        with pytest.raises(DeadlineExceeded):
+            worker.run(lambda _t: gate.wait(30), timeout_ms=TINY_MS)
+        assert worker.start(lambda _t: None, what="behind a late decision") is None
+    finally:
+        gate.set()
+        worker.close()
+
+
+def test_closing_cuts_a_background_job_short_and_a_closed_worker_starts_none() -> None:
+    worker = InferenceWorker()
+    started, stopped = threading.Event(), threading.Event()
+    ahead = worker.start(_until_cancelled(started, stopped), what="warm-up")
+    assert ahead is not None and started.wait(30)
+    worker.close()
+    assert stopped.is_set() and ahead.cut_short and worker.threads == []
+    with pytest.raises(WorkerClosed):
+        worker.start(lambda _t: None, what="after close")
+
+
+def test_a_background_job_runs_at_normal_priority_and_the_next_decision_at_real_time() -> None:
+    fake = FakePriority()
+    worker = InferenceWorker(realtime_priority=7, set_priority=fake)
+    seen: list[int] = []
+    try:
+        ahead = worker.start(lambda _t: seen.append(fake.current[threading.get_ident()]), what="warm-up")
+        assert ahead is not None and ahead.wait(30)
+        assert worker.run(lambda _t: fake.current[threading.get_ident()], timeout_ms=GENEROUS_MS) == 7
+        assert seen == [0]
+    finally:
+        worker.close()
 
 
 def test_worker_has_its_own_thread_budget_and_leaves_the_callers_alone() -> None:

@@ -189,3 +189,19 @@ def test_an_unreadable_channel_is_reported_once_and_training_goes_on(
     assert not outcome.halted and outcome.steps == trainer.total_steps
     assert [e["step"] for e in _events(trainer, "emergency_channel_unavailable")] == [2]
     assert [e["step"] for e in _events(trainer, "emergency_channel_recovered")] == [5]
+
+
+@pytest.mark.parametrize(("anticipation_steps", "lead"), [(2, 2), (0, 0), (10, 3)])
+def test_the_controller_hears_of_each_decision_the_configured_steps_ahead(
+    tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue, anticipation_steps: int, lead: int
+) -> None:
+    """`TOLARIA_ANTICIPATION_STEPS` before each decision (at most `decision_interval - 1`; 0: never) the
+    trainer calls `controller.anticipate()`, a hint that changes nothing else."""
+    trainer = make_trainer(tmp_path / "run", dataset, catalogue, anticipation_steps=anticipation_steps)
+    heard: list[int] = []
+    trainer.controller.anticipate = lambda: heard.append(trainer.step)  # type: ignore[method-assign]
+    trainer.fit()
+    interval = trainer.settings.decision_interval
+    decided_at = [step for step in range(1, trainer.total_steps + 1) if step % interval == 0]
+    assert len(decided_at) == trainer.decisions > 0
+    assert heard == ([step - lead for step in decided_at] if lead else [])

@@ -103,6 +103,10 @@ class GraphPolicy(Protocol):
         """Run the network on a real graph without deciding (see `GNNPolicy.rehearse`)."""
         ...
 
+    def warm(self, graph: TamiyoGraph, *, cancel: Cancellation) -> None:
+        """Run the decision path's network on `graph`, changing nothing (see `GNNPolicy.warm`)."""
+        ...
+
 
 @dataclass(frozen=True)
 class CompileStatus:
@@ -383,6 +387,18 @@ class GNNPolicy:
                 builds=status.builds + 1,
                 fallbacks=status.fallbacks,
             )
+
+    def warm(self, graph: TamiyoGraph, *, cancel: Cancellation) -> None:
+        """Run the network on `graph` as a decision would, checking `cancel` between layers, and keep
+        nothing: no sampling (the random stream is untouched), no plan traced, no state changed. The
+        service runs it on the inference thread shortly before a decision, so that the decision finds
+        that core's caches holding the network's weights and code."""
+        if graph.num_graphs != 1:
+            raise PolicyInferenceError(f"warm takes one graph, got a batch of {graph.num_graphs}")
+        if self.module.training:
+            self.module.eval()
+        with torch.inference_mode():
+            self._run(graph, cancel)
 
     def propose_graph(self, graph: TamiyoGraph, *, cancel: Cancellation | None = None) -> Proposal:
         """Decide for one graph: sample (or take the argmax when greedy) each head that matters."""

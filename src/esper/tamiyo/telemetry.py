@@ -31,6 +31,7 @@ EVENTS: dict[str, EventSpec] = {
     "command_build_failed": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
     "worker_saturated": EventSpec(pb.TELEMETRY_LEVEL_CRITICAL, pb.MESSAGE_PRIORITY_CRITICAL),
     "worker_realtime_unavailable": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
+    "anticipation_failed": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
     "normalizer_flush_failed": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
     "gnn_compile_fallback": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "gnn_compile_disabled": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
@@ -132,6 +133,13 @@ class TamiyoTelemetry:
         )
         self.deadline_misses = Counter(
             "tamiyo_deadline_misses", "Decisions that missed the deadline", registry=self.registry
+        )
+        self.warmups_ahead = Counter(
+            "tamiyo_warmups_ahead",
+            "Warm-ups ahead of a decision (anticipate), by outcome: completed, cut_short (the decision "
+            "came first), failed, skipped (the worker was busy)",
+            ["outcome"],
+            registry=self.registry,
         )
         self._metric_points: dict[str, tuple[float, str]] = {}
 

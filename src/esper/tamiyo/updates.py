@@ -364,6 +364,10 @@ class PolicyUpdateIntake:
         """The service's warm-up on `packet` (see `TamiyoService.prepare`)."""
         self._service.prepare(packet)
 
+    def anticipate(self) -> None:
+        """The service's warm-up ahead of the next decision (see `TamiyoService.anticipate`)."""
+        self._service.anticipate()
+
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """Poll for updates, then decide with the service; a policy that fails its probation is rolled
         back (the failed decision's error still reaches the caller). A policy swapped in by the poll is

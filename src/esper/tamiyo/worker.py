@@ -27,6 +27,12 @@ deadlines; at real-time priority it waits for none of them (docs/p7-attention-an
 thread blocks while idle, so the policy costs nothing between decisions; jobs submitted with
 `realtime=False` (the warm-ups, which trace and run for hundreds of milliseconds) run at normal priority.
 `scheduling` says whether the policy was applied and, if not, why.
+
+Work ahead of a decision: `start` hands the thread a background job (the service's warm-up shortly before a
+decision, so that the decision finds the thread's core and caches busy with its own working set) and
+returns at once. It runs at normal priority and yields to the next `run`: a job that `run` finds still
+going is cancelled and the new job queues behind it on the same thread, which stops it at its next
+checkpoint. A background job is never awaited; its outcome is read from its `BackgroundJob` handle.
 """
 
 from __future__ import annotations
@@ -182,6 +188,38 @@ class _Job(Generic[T]):
     result: T | None = None
     error: BaseException | None = None
     succeeded: bool = False
+    background: bool = False  # started by `start`: nobody waits for it, the next `run` cancels it
+
+
+class BackgroundJob:
+    """What became of a job handed to `InferenceWorker.start` (read it once `finished`)."""
+
+    def __init__(self, job: _Job[object], what: str) -> None:
+        self._job = job
+        self.what = what
+
+    @property
+    def finished(self) -> bool:
+        """The job ran (or was skipped) and will not run again."""
+        return self._job.finished
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the job to finish; whether it has."""
+        if not self._job.pending.acquire(timeout=timeout_s):
+            return False
+        self._job.pending.release()
+        return True
+
+    @property
+    def cut_short(self) -> bool:
+        """Cancelled before it completed: a `run` needed the thread (or the worker closed)."""
+        return self._job.finished and isinstance(self._job.error, DecisionCancelled)
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception the job raised, other than its cancellation; None while it runs."""
+        error = self._job.error if self._job.finished else None
+        return None if isinstance(error, DecisionCancelled) else error
 
 
 _STOP = object()
@@ -326,7 +364,12 @@ class InferenceWorker:
             if self._closed:
                 raise WorkerClosed(f"{self._name} is closed")
             self._prune()
-            if self._lane.busy:
+            outstanding = self._lane.outstanding
+            if outstanding is not None and outstanding.background and not outstanding.finished:
+                # Work ahead of this job: it stops at its next checkpoint and this job follows it on the
+                # same thread (a fresh thread would start cold, which is what the work ahead avoids).
+                outstanding.token.cancel()
+            elif self._lane.busy:
                 # A late job is still finishing a layer: do not wait for it, take a fresh thread.
                 if len(self._retired) >= self._max_retired:
                     raise WorkerSaturated(len(self._retired))
@@ -346,6 +389,19 @@ class InferenceWorker:
         if not job.succeeded:
             raise EsperError(f"{what} finished without a result or an error")  # unreachable by design
         return job.result  # type: ignore[return-value]
+
+    def start(self, fn: Callable[[CancelToken], object], *, what: str) -> BackgroundJob | None:
+        """Start `fn(token)` on the worker at normal priority and return at once, or return None (and
+        start nothing) while the worker is busy. The next `run` cancels it if it is still going and
+        waits for it to stop at its next checkpoint, inside that run's own timeout."""
+        with self._lock:
+            if self._closed:
+                raise WorkerClosed(f"{self._name} is closed")
+            if self._lane.busy:
+                return None
+            job: _Job[object] = _Job(fn, realtime=False, background=True)
+            self._lane.submit(job)
+        return BackgroundJob(job, what)
 
     def _prune(self) -> None:
         self._retired = [lane for lane in self._retired if lane.thread.is_alive()]

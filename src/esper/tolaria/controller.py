@@ -19,6 +19,13 @@ class Controller(Protocol):
         changed, so the decision that follows does not pay for first-time work."""
         ...
 
+    def anticipate(self) -> None:
+        """A decision follows in a few training steps: prepare for it in the background, return at once.
+
+        A hint (`TOLARIA_ANTICIPATION_STEPS` ahead of each decision); it decides nothing and must not
+        delay the training step that follows."""
+        ...
+
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """The command for this packet."""
         ...
@@ -40,11 +47,17 @@ class BoundController:
     save: Callable[[], dict[str, Any]]
     load: Callable[[dict[str, Any]], None]
     rehearse: Callable[[pb.SystemStatePacket], None] | None = None
+    warm_ahead: Callable[[], None] | None = None
 
     def prepare(self, packet: pb.SystemStatePacket) -> None:
         """The bound service's warm-up on this packet (nothing to do for a controller without one)."""
         if self.rehearse is not None:
             self.rehearse(packet)
+
+    def anticipate(self) -> None:
+        """The bound service's warm-up ahead of a decision (nothing for a controller without one)."""
+        if self.warm_ahead is not None:
+            self.warm_ahead()
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """The command for this packet."""

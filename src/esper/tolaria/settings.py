@@ -18,6 +18,12 @@ class TolariaSettings(StrictSettings):
     lr: float = Field(default=3e-3, gt=0, le=10.0, description="Adam learning rate (host and seeds).")
     weight_decay: float = Field(default=0.0, ge=0)
     decision_interval: int = Field(default=20, ge=1, description="Training steps between decisions.")
+    anticipation_steps: int = Field(
+        default=2,
+        ge=0,
+        description="Training steps before each decision at which the controller is told one is coming, "
+        "so it can warm up in the background (0: never; at most decision_interval - 1 is used).",
+    )
     seed: int = Field(default=0, ge=0, description="Seed of every random choice of the run.")
     threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads of the trainer.")
     eval_batch_size: int = Field(default=1024, ge=1)

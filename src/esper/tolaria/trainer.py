@@ -120,6 +120,8 @@ class Trainer:
         self.rollbacks = 0
         self.controller_failures = 0
         self._prepared_topology: bytes | None = None  # the topology the controller last warmed up on
+        # The controller hears of a decision this many steps ahead (0: never).
+        self._anticipation_steps = min(settings.anticipation_steps, settings.decision_interval - 1)
         self.decisions = 0
         self.best_val_accuracy = 0.0
         self.interval_loss_sum = 0.0
@@ -138,6 +140,9 @@ class Trainer:
             halt = self._poll_emergency()
             if halt is not None:
                 return self._halt(halt)
+            lead = self._anticipation_steps
+            if lead and (self.step + lead) % self.settings.decision_interval == 0:
+                self.controller.anticipate()  # a hint, so that the decision finds the controller warm
             self.train_step()
             if self.step % self.settings.decision_interval == 0:
                 self.decide()
