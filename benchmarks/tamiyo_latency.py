@@ -10,7 +10,9 @@ and reported as p50/p95/p99 and the share over the 5 ms step budget. Also measur
 - cold start: constructing the policy and the service (warm-up included) until the first decision that
   fits the budget;
 - the small and medium sizes with 20 training steps between decisions on the same thread, as `esper run`
-  decides (the policy's weights are no longer in the CPU caches when a decision starts);
+  decides (the policy's weights are no longer in the CPU caches when a decision starts), with the
+  warm-up ahead of each decision a run does (`TOLARIA_ANTICIPATION_STEPS` steps before it) and, taking
+  turns with it, without that warm-up, without the traced plan, and (medium) at normal priority;
 - the medium size with a training loop running beside it on another thread (DESIGN §10: measure with
   training, not only alone), and the training loop's step time alone before and after torch has run on
   the inference thread (the "second OpenMP team" slowdown);
@@ -40,6 +42,7 @@ from esper.tamiyo import GNNPolicy, HeuristicPolicy, TamiyoService
 from esper.tamiyo.proposal import Policy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tamiyo.worker import DeadlineExceeded, WorkerSaturated
+from esper.tolaria.settings import TolariaSettings
 
 SECRET = b"tamiyo-latency-benchmark-secret-0123"
 BUDGET_MS = 5.0
@@ -141,16 +144,22 @@ def time_interleaved(
     warmup: int,
     trainer: TrainingLoop,
     steps_between: int,
+    *,
+    anticipation: list[int],
 ) -> list[list[float]]:
     """`time_decisions` as `esper run` decides: `steps_between` training steps on the same thread before
-    each decision, so the policy's weights and the worker have gone cold as they do in a run. Several
-    services take turns packet by packet (an A/B in one process under the same machine noise)."""
+    each decision, so the policy's weights and the worker have gone cold as they do in a run, and
+    `service.anticipate()` that many steps before it (`anticipation`, per service; 0: never), as Tolaria
+    does. Several services take turns packet by packet (an A/B in one process under the same machine
+    noise)."""
     for service in services:
         service.prepare(packets[0])
     samples: list[list[float]] = [[] for _ in services]
     for index, packet in enumerate(packets):
-        for service, timings in zip(services, samples, strict=True):
-            for _ in range(steps_between):
+        for service, timings, lead in zip(services, samples, anticipation, strict=True):
+            for step in range(steps_between):
+                if lead and step == steps_between - lead:
+                    service.anticipate()
                 trainer.step()
             start = time.perf_counter()
             service.evaluate_step(packet)
@@ -343,31 +352,62 @@ def main() -> None:
         results[name] = figures
         print(f"{name:>6} {size}: {figures}")
 
-    # Small and medium sizes as a run decides: training steps between decisions, on the same thread; the
-    # traced plan (a run's default) and the untraced dense path taking turns.
+    # Small and medium sizes as a run decides: training steps between decisions, on the same thread,
+    # warmed up ahead `lead` steps before each (TOLARIA_ANTICIPATION_STEPS), traced plan; against it, one
+    # factor changed at a time, taking turns: not warmed up ahead, the untraced dense path, and (medium)
+    # normal priority (the A/B of TAMIYO_REALTIME_PRIORITY; the same where the OS refuses it).
+    lead = TolariaSettings().anticipation_steps
+    results["anticipation_steps"] = lead
     for name in ("small", "medium"):
         size = SIZES[name]
         packets = [make_packet(*size, step=i) for i in range(total)]
-        # Medium also at normal priority (the A/B of TAMIYO_REALTIME_PRIORITY; same figures where the OS
-        # refuses the real-time policy).
-        services = [build_service("gnn", size[2])[0], build_service("gnn", size[2], plan=False)[0]]
+        variants: dict[str, tuple[TamiyoService, int]] = {
+            "run": (build_service("gnn", size[2])[0], lead),
+            "not_anticipated": (build_service("gnn", size[2])[0], 0),
+            "without_plan": (build_service("gnn", size[2], plan=False)[0], lead),
+        }
         if name == "medium":
-            services.append(build_service("gnn", size[2], realtime=False)[0])
+            variants["normal_priority"] = (build_service("gnn", size[2], realtime=False)[0], lead)
+        services = [service for service, _ in variants.values()]
         try:
-            timed = time_interleaved(services, packets, args.warmup, trainer, 20)
+            timed = dict(
+                zip(
+                    variants,
+                    time_interleaved(
+                        services,
+                        packets,
+                        args.warmup,
+                        trainer,
+                        20,
+                        anticipation=[lead for _, lead in variants.values()],
+                    ),
+                    strict=True,
+                )
+            )
+            warmups = {
+                outcome: int(
+                    variants["run"][0].telemetry.registry.get_sample_value(
+                        "tamiyo_warmups_ahead_total", {"outcome": outcome}
+                    )
+                    or 0
+                )
+                for outcome in ("completed", "cut_short", "failed", "skipped")
+            }
         finally:
             for service in services:
                 service.close()
-        interleaved: dict[str, Any] = dict(percentiles(timed[0]))
-        dense_path = percentiles(timed[1])
-        interleaved["without_plan"] = dense_path
-        interleaved["plan_vs_without_p50"] = round(interleaved["p50_ms"] / dense_path["p50_ms"], 3)
-        interleaved["plan_vs_without_p99"] = round(interleaved["p99_ms"] / dense_path["p99_ms"], 3)
-        if len(timed) > 2:
-            normal = percentiles(timed[2])
-            interleaved["normal_priority"] = normal
-            interleaved["realtime_vs_normal_p50"] = round(interleaved["p50_ms"] / normal["p50_ms"], 3)
-            interleaved["realtime_vs_normal_p99"] = round(interleaved["p99_ms"] / normal["p99_ms"], 3)
+        interleaved: dict[str, Any] = dict(percentiles(timed["run"]))
+        interleaved["warmups_ahead"] = warmups
+        for variant, ratio in (
+            ("not_anticipated", "anticipated_vs_not"),
+            ("without_plan", "plan_vs_without"),
+            ("normal_priority", "realtime_vs_normal"),
+        ):
+            if variant in timed:
+                other = percentiles(timed[variant])
+                interleaved[variant] = other
+                interleaved[f"{ratio}_p50"] = round(interleaved["p50_ms"] / other["p50_ms"], 3)
+                interleaved[f"{ratio}_p99"] = round(interleaved["p99_ms"] / other["p99_ms"], 3)
         results[f"{name}_between_training_steps"] = interleaved
         print(f"{name} with 20 training steps between decisions: {interleaved}")
 
