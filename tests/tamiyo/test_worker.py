@@ -236,7 +236,7 @@ def test_closing_cuts_a_background_job_short_and_a_closed_worker_starts_none() -
         worker.start(lambda _t: None, what="after close")
 
 
-def test_a_background_job_runs_at_normal_priority_and_the_next_decision_at_real_time() -> None:
+def test_a_background_job_runs_at_the_real_time_priority_like_the_decision_that_may_wait_for_it() -> None:
     fake = FakePriority()
     worker = InferenceWorker(realtime_priority=7, set_priority=fake)
     seen: list[int] = []
@@ -244,7 +244,7 @@ def test_a_background_job_runs_at_normal_priority_and_the_next_decision_at_real_
         ahead = worker.start(lambda _t: seen.append(fake.current[threading.get_ident()]), what="warm-up")
         assert ahead is not None and ahead.wait(30)
         assert worker.run(lambda _t: fake.current[threading.get_ident()], timeout_ms=GENEROUS_MS) == 7
-        assert seen == [0]
+        assert seen == [7]
     finally:
         worker.close()
 

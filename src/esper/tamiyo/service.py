@@ -211,7 +211,7 @@ class TamiyoService:
         """A decision is due shortly: warm up for it in the background and return at once.
 
         A graph policy builds the graph of the last packet it saw (prepared or decided; normaliser
-        statistics untouched) and runs its network on the inference thread at normal priority, deciding
+        statistics untouched) and runs its network on the inference thread (at its priority), deciding
         and recording nothing. Measured in `esper run --policy gnn`: a decision that follows within a few
         milliseconds finds that core's caches warm and takes ~0.5 ms less (docs/p7-attention-and-cuda-
         graphs.md, Decision 7). A decision that arrives first cuts it short at its next checkpoint. Does

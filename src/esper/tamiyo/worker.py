@@ -30,9 +30,11 @@ thread blocks while idle, so the policy costs nothing between decisions; jobs su
 
 Work ahead of a decision: `start` hands the thread a background job (the service's warm-up shortly before a
 decision, so that the decision finds the thread's core and caches busy with its own working set) and
-returns at once. It runs at normal priority and yields to the next `run`: a job that `run` finds still
-going is cancelled and the new job queues behind it on the same thread, which stops it at its next
-checkpoint. A background job is never awaited; its outcome is read from its `BackgroundJob` handle.
+returns at once. It runs at the thread's priority (a decision may wait for it to reach a checkpoint:
+preempted at normal priority, it would make the decision wait behind other tasks) and yields to the next
+`run`: a job that `run` finds still going is cancelled and the new job queues behind it on the same
+thread, which stops it at its next checkpoint. A background job is never awaited; its outcome is read
+from its `BackgroundJob` handle.
 """
 
 from __future__ import annotations
@@ -391,15 +393,15 @@ class InferenceWorker:
         return job.result  # type: ignore[return-value]
 
     def start(self, fn: Callable[[CancelToken], object], *, what: str) -> BackgroundJob | None:
-        """Start `fn(token)` on the worker at normal priority and return at once, or return None (and
-        start nothing) while the worker is busy. The next `run` cancels it if it is still going and
-        waits for it to stop at its next checkpoint, inside that run's own timeout."""
+        """Start `fn(token)` on the worker (at its real-time priority, if it has one) and return at once,
+        or return None (and start nothing) while the worker is busy. The next `run` cancels it if it is
+        still going and waits for it to stop at its next checkpoint, inside that run's own timeout."""
         with self._lock:
             if self._closed:
                 raise WorkerClosed(f"{self._name} is closed")
             if self._lane.busy:
                 return None
-            job: _Job[object] = _Job(fn, realtime=False, background=True)
+            job: _Job[object] = _Job(fn, background=True)
             self._lane.submit(job)
         return BackgroundJob(job, what)
 
