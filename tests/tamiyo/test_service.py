@@ -152,23 +152,24 @@ def test_anticipate_warms_up_on_the_last_packet_in_the_background_and_changes_no
             proposals[anticipating] = []
             for _ in range(3):
                 if anticipating:
-                    statistics, plan, rng = (
+                    stats, plan, rng = (
                         policy.builder.normalizer.states(),
                         policy.plan_status,
                         torch.get_rng_state(),
                     )
                     service.anticipate()
                     assert policy.done.wait(30)
-                    assert policy.builder.normalizer.states() == statistics and policy.plan_status == plan
+                    assert policy.builder.normalizer.states() == stats and policy.plan_status == plan
                     assert torch.equal(torch.get_rng_state(), rng) and not sent
                     policy.done.clear()
                 service.evaluate_step(packet)
                 assert service.last_decision is not None
                 proposals[anticipating].append(service.last_decision.proposal)
                 sent.clear()
-            assert policy.warmed == _warmups(service, "completed") == (3.0 if anticipating else None) or (
-                not anticipating and policy.warmed == 0
-            )
+            if anticipating:
+                assert policy.warmed == 3 and _warmups(service, "completed") == 3.0
+            else:
+                assert policy.warmed == 0 and _warmups(service, "completed") is None
         finally:
             service.close()
     assert proposals[True] == proposals[False]
