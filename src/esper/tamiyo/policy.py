@@ -331,6 +331,13 @@ class GNNPolicy:
                     self.module(graph)
         return self._compile
 
+    def _one_graph_in_eval(self, graph: TamiyoGraph, caller: str) -> None:
+        """What every single-graph inference entry point requires: one graph, the module in eval mode."""
+        if graph.num_graphs != 1:
+            raise PolicyInferenceError(f"{caller} takes one graph, got a batch of {graph.num_graphs}")
+        if self.module.training:
+            self.module.eval()
+
     def _run(self, graph: TamiyoGraph, cancel: Cancellation | None) -> GNNOutput:
         checkpoint = cancel.check if cancel is not None else None
         if self._compile.enabled:
@@ -361,10 +368,7 @@ class GNNPolicy:
         packed weights) is done here, outside the decision deadline. Then, unless compiled or disabled,
         trace the dense path for this topology (`TamiyoGNN.build_plan`); a plan that cannot be built
         leaves the dense path serving, and `plan_status` says why."""
-        if graph.num_graphs != 1:
-            raise PolicyInferenceError(f"rehearse takes one graph, got a batch of {graph.num_graphs}")
-        if self.module.training:
-            self.module.eval()
+        self._one_graph_in_eval(graph, "rehearse")
         with torch.inference_mode():
             self._run(graph, None)
         if not self._settings.enable_plan or self._compile.enabled:
@@ -393,19 +397,13 @@ class GNNPolicy:
         nothing: no sampling (the random stream is untouched), no plan traced, no state changed. The
         service runs it on the inference thread shortly before a decision, so that the decision finds
         that core's caches holding the network's weights and code."""
-        if graph.num_graphs != 1:
-            raise PolicyInferenceError(f"warm takes one graph, got a batch of {graph.num_graphs}")
-        if self.module.training:
-            self.module.eval()
+        self._one_graph_in_eval(graph, "warm")
         with torch.inference_mode():
             self._run(graph, cancel)
 
     def propose_graph(self, graph: TamiyoGraph, *, cancel: Cancellation | None = None) -> Proposal:
         """Decide for one graph: sample (or take the argmax when greedy) each head that matters."""
-        if graph.num_graphs != 1:
-            raise PolicyInferenceError(f"propose_graph takes one graph, got a batch of {graph.num_graphs}")
-        if self.module.training:
-            self.module.eval()
+        self._one_graph_in_eval(graph, "propose_graph")
         with torch.inference_mode():
             out = self._run(graph, cancel)
             # Only the heads that matter for the chosen action are normalised (the same log-probabilities

@@ -367,18 +367,19 @@ class InferenceWorker:
                 raise WorkerClosed(f"{self._name} is closed")
             self._prune()
             outstanding = self._lane.outstanding
-            if outstanding is not None and outstanding.background and not outstanding.finished:
-                # Work ahead of this job: it stops at its next checkpoint and this job follows it on the
-                # same thread (a fresh thread would start cold, which is what the work ahead avoids).
-                outstanding.token.cancel()
-            elif self._lane.busy:
-                # A late job is still finishing a layer: do not wait for it, take a fresh thread.
-                if len(self._retired) >= self._max_retired:
-                    raise WorkerSaturated(len(self._retired))
-                self._lane.stop()
-                self._retired.append(self._lane)
-                self._lane = self._new_lane()
-                self.replacements += 1
+            if outstanding is not None and not outstanding.finished:
+                if outstanding.background:
+                    # Work ahead of this job: it stops at its next checkpoint and this job follows it on
+                    # the same thread (a fresh thread would start cold, which the work ahead avoids).
+                    outstanding.token.cancel()
+                else:
+                    # A late job is still finishing a layer: do not wait for it, take a fresh thread.
+                    if len(self._retired) >= self._max_retired:
+                        raise WorkerSaturated(len(self._retired))
+                    self._lane.stop()
+                    self._retired.append(self._lane)
+                    self._lane = self._new_lane()
+                    self.replacements += 1
             job: _Job[T] = _Job(fn, realtime)
             self._lane.submit(job)  # type: ignore[arg-type]
         remaining_s = max(timeout_ms / 1e3 - (time.monotonic() - start), 0.0)
