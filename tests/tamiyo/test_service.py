@@ -278,7 +278,7 @@ def test_the_collector_is_paused_for_a_decision_and_back_after_it_even_after_a_f
 def test_deadline_miss_raises_critical_and_never_returns_a_pause() -> None:
     sent: list[pb.TelemetryPacket] = []
     policy = ScriptedPolicy(WAIT, block_first=True)
-    service = TamiyoService(settings(), policy, SECRET, step_timeout_ms=1.0, telemetry_sink=sent.append)
+    service = TamiyoService(settings(), policy, SECRET, step_timeout_ms=250.0, telemetry_sink=sent.append)
     try:
         with pytest.raises(DeadlineExceeded):
             service.evaluate_step(make_packet())
@@ -292,7 +292,7 @@ def test_deadline_miss_raises_critical_and_never_returns_a_pause() -> None:
 
 def test_late_decision_does_not_block_the_next_one() -> None:
     policy = ScriptedPolicy(WAIT, block_first=True)
-    tight = TamiyoService(settings(), policy, SECRET, step_timeout_ms=1.0)
+    tight = TamiyoService(settings(), policy, SECRET, step_timeout_ms=250.0)
     try:
         with pytest.raises(DeadlineExceeded):
             tight.evaluate_step(make_packet())

@@ -23,7 +23,25 @@ from esper.tamiyo.worker import (
 )
 
 GENEROUS_MS = 30_000.0
-TINY_MS = 1.0
+# A budget that a job blocking on a gate overruns. Not 1 ms: a job whose deadline passes while it is still
+# queued never starts, and on a loaded machine the worker thread can take a millisecond or more to wake,
+# so a 1 ms budget sometimes tested "never started" instead of "late" (seen once in CI).
+LATE_MS = 250.0
+
+
+def _miss(worker: InferenceWorker, job: Callable[[CancelToken], object]) -> DeadlineExceeded:
+    """Run `job` (which must overrun `LATE_MS`) on `worker`; the deadline miss, after checking that the
+    job had started, so that what follows tests a late job and not one that never ran."""
+    started = threading.Event()
+
+    def tracked(token: CancelToken) -> object:
+        started.set()
+        return job(token)
+
+    with pytest.raises(DeadlineExceeded) as caught:
+        worker.run(tracked, timeout_ms=LATE_MS)
+    assert started.is_set(), f"the job did not start within {LATE_MS} ms: the machine stalled"
+    return caught.value
 
 
 class Boom(EsperError):
@@ -50,9 +68,7 @@ def test_missed_deadline_raises_and_the_late_result_is_discarded() -> None:
         return "late"
 
     try:
-        with pytest.raises(DeadlineExceeded) as caught:
-            worker.run(slow, timeout_ms=TINY_MS)
-        assert caught.value.budget_ms == TINY_MS
+        assert _miss(worker, slow).budget_ms == LATE_MS
         assert worker.deadline_misses == 1
         gate.set()
         finished.wait(30)
@@ -66,8 +82,7 @@ def test_a_late_job_does_not_delay_the_next_decision() -> None:
     worker = InferenceWorker(max_retired=1)
     gate = threading.Event()
     try:
-        with pytest.raises(DeadlineExceeded):
-            worker.run(lambda _t: gate.wait(30), timeout_ms=TINY_MS)
+        _miss(worker, lambda _t: gate.wait(30))
         # The late job is still blocked; the next decision runs on a fresh thread instead of queueing.
         assert worker.run(lambda _t: "fresh", timeout_ms=GENEROUS_MS) == "fresh"
         assert worker.replacements == 1
@@ -92,8 +107,7 @@ def test_cancel_token_is_set_for_a_late_job() -> None:
         token.check()
 
     try:
-        with pytest.raises(DeadlineExceeded):
-            worker.run(job, timeout_ms=TINY_MS)
+        _miss(worker, job)
         assert done.wait(30) and observed == [True]
     finally:
         worker.close()
@@ -103,8 +117,7 @@ def test_too_many_late_jobs_saturate_instead_of_piling_up_threads() -> None:
     worker = InferenceWorker(max_retired=0)
     gate = threading.Event()
     try:
-        with pytest.raises(DeadlineExceeded):
-            worker.run(lambda _t: gate.wait(30), timeout_ms=TINY_MS)
+        _miss(worker, lambda _t: gate.wait(30))
         with pytest.raises(WorkerSaturated):
             worker.run(lambda _t: "x", timeout_ms=GENEROUS_MS)
     finally:
@@ -140,8 +153,7 @@ def test_close_leaves_no_thread_running() -> None:
 def test_close_reports_a_thread_that_will_not_stop() -> None:
     worker = InferenceWorker(join_timeout_s=0.05)
     gate = threading.Event()
-    with pytest.raises(DeadlineExceeded):
-        worker.run(lambda _t: gate.wait(30), timeout_ms=TINY_MS)
+    _miss(worker, lambda _t: gate.wait(30))
     with pytest.raises(WorkerLeak):
         worker.close()
     gate.set()
@@ -152,6 +164,31 @@ def test_a_job_cancelled_before_it_starts_never_runs() -> None:
     token.cancel()
     with pytest.raises(DecisionCancelled):
         token.check()
+
+
+def test_a_decision_whose_deadline_passes_while_it_is_queued_never_starts() -> None:
+    """Queued behind work ahead that ignores its token: the decision misses its deadline in the queue and
+    is skipped when the thread reaches it, instead of running late."""
+    worker = InferenceWorker()
+    gate, ahead_started = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def deaf(_token: CancelToken) -> None:  # never checks its token
+        ahead_started.set()
+        gate.wait(30)
+
+    try:
+        ahead = worker.start(deaf, what="deaf warm-up")
+        assert ahead is not None and ahead_started.wait(30)
+        with pytest.raises(DeadlineExceeded):
+            worker.run(lambda _t: ran.append("decision"), timeout_ms=20.0)
+        gate.set()
+        assert ahead.wait(30)
+        assert worker.run(lambda _t: "next", timeout_ms=GENEROUS_MS) == "next"
+        assert ran == []
+    finally:
+        gate.set()
+        worker.close()
 
 
 def _until_cancelled(started: threading.Event, stopped: threading.Event) -> Callable[[CancelToken], None]:
@@ -217,8 +254,7 @@ def test_a_background_job_is_not_started_while_the_worker_is_busy() -> None:
         assert queued is not None
         worker.run(lambda _t: None, timeout_ms=GENEROUS_MS)
         assert queued.finished  # finished one way or the other before the decision ran
-        with pytest.raises(DeadlineExceeded):
-            worker.run(lambda _t: gate.wait(30), timeout_ms=TINY_MS)
+        _miss(worker, lambda _t: gate.wait(30))
         assert worker.start(lambda _t: None, what="behind a late decision") is None
     finally:
         gate.set()
@@ -303,8 +339,7 @@ def test_a_replacement_thread_gets_the_real_time_priority_too() -> None:
     worker = InferenceWorker(realtime_priority=5, set_priority=fake)
     gate = threading.Event()
     try:
-        with pytest.raises(DeadlineExceeded):
-            worker.run(lambda _t: gate.wait(30), timeout_ms=TINY_MS)
+        _miss(worker, lambda _t: gate.wait(30))
         assert worker.run(lambda _t: fake.current[threading.get_ident()], timeout_ms=GENEROUS_MS) == 5
         assert worker.replacements == 1
     finally:
