@@ -133,9 +133,14 @@ def _policy_groups() -> set[str]:
 
 
 @pytest.mark.slow
-def test_a_completed_gnn_run_leaves_no_consumer_group_behind(data_dir: Path, tmp_path: Path) -> None:
+def test_a_completed_gnn_run_leaves_no_consumer_group_behind(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The run's Tamiyo reads policy updates through a consumer group of its own; once the run has ended
     for good, the group goes (otherwise every update would be kept for a reader that never comes)."""
+    # What is tested is the clean-up, not the 5 ms budget: on a loaded test machine three misses in a
+    # row would end the run (the budget itself is measured by benchmarks/tamiyo_latency.py).
+    monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", "1000")
     run_dir = tmp_path / "done"
     args = [
         "run",
