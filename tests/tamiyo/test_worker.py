@@ -159,7 +159,7 @@ def test_close_reports_a_thread_that_will_not_stop() -> None:
     gate.set()
 
 
-def test_a_job_cancelled_before_it_starts_never_runs() -> None:
+def test_a_cancelled_token_raises_at_its_check() -> None:
     token = CancelToken()
     token.cancel()
     with pytest.raises(DecisionCancelled):
