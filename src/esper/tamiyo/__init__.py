@@ -3,10 +3,25 @@
 Tamiyo follows the design of record (DESIGN.md §4, "Tamiyo — the controller"), not the legacy detailed
 design of the prototype it replaces. The public surface is deliberately small: the service and the policy
 classes. Everything else in this package is internal and may change.
+
+Names are imported on first use (`esper.leyline.lazy`): importing a settings class or an error of this
+package does not load PyTorch.
 """
 
-from esper.tamiyo.heuristic import HeuristicPolicy
-from esper.tamiyo.policy import GNNPolicy
-from esper.tamiyo.service import TamiyoService
+from typing import TYPE_CHECKING
+
+from esper.leyline.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from esper.tamiyo.heuristic import HeuristicPolicy
+    from esper.tamiyo.policy import GNNPolicy
+    from esper.tamiyo.service import TamiyoService
+
+_EXPORTS = {
+    "HeuristicPolicy": "esper.tamiyo.heuristic",
+    "GNNPolicy": "esper.tamiyo.policy",
+    "TamiyoService": "esper.tamiyo.service",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["GNNPolicy", "HeuristicPolicy", "TamiyoService"]

@@ -1,0 +1,48 @@
+"""Commands import only what they use: PyTorch and PyG load when a model is built, not to print settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _modules_after(code: str) -> set[str]:
+    probe = f"{code}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(done.stdout.split())
+
+
+def test_importing_the_cli_loads_neither_torch_nor_pyg() -> None:
+    loaded = _modules_after("import esper.cli")
+    assert "torch_geometric" not in loaded
+    assert "torch" not in loaded
+
+
+@pytest.mark.parametrize("module", ["esper.tamiyo.settings", "esper.kasmina.settings", "esper.urza.errors"])
+def test_a_subsystem_settings_class_comes_without_torch(module: str) -> None:
+    loaded = _modules_after(f"import {module}")
+    assert "torch" not in loaded
+
+
+def test_esper_settings_runs_without_importing_torch() -> None:
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom esper.cli import app\n"
+        "result = CliRunner().invoke(app, ['settings'])\nassert result.exit_code == 0, result.output\n"
+    )
+    loaded = _modules_after(code)
+    assert "torch" not in loaded
+    assert "torch_geometric" not in loaded
+
+
+def test_lazy_exports_still_give_every_public_name() -> None:
+    import esper.kasmina
+    import esper.tamiyo
+    import esper.urza
+
+    for package in (esper.tamiyo, esper.kasmina, esper.urza):
+        for name in package.__all__:
+            assert getattr(package, name) is not None
+        with pytest.raises(AttributeError, match="no attribute"):
+            getattr(package, "NoSuchName")
