@@ -1,0 +1,326 @@
+"""What does Esper's loop cost over plain PyTorch? `esper run`'s training against a plain loop, taking turns.
+
+For each case (task:host) and repetition, in one process:
+- `esper`: Tolaria's trainer with Kasmina's seeds and Tamiyo's service, as `esper run` builds them (heuristic
+  controller, default settings, the run directory written to a scratch folder), timed around `fit()`;
+- `wait`: the same under the WAIT-only control (no growth, so the plain twin trains the same model);
+- `plain`: a 20-line PyTorch loop training the esper run's *final* architecture (a copy of the grown host,
+  its weights re-initialised): same data, batch size, Adam, weight decay and order of batches, and a
+  validation pass every `decision_interval` steps, as the trainer evaluates.
+Ratios are esper / plain (and wait / plain-of-the-initial-host) per repetition; the median is reported.
+Then one instrumented run of each shows where the time goes, per step: forward, backward, optimizer,
+Kasmina (observe_backward, advance, events, parameter changes), evaluation, decision, checkpoint, records,
+and the rest of the trainer's Python. Instrumentation adds its own cost; the ratios come from the
+uninstrumented runs.
+
+    .venv/bin/python benchmarks/run_overhead.py [--repeats 3] [--epochs 20]
+        [--cases digits:mlp digits:cnn generated:mlp]
+
+The last line of stdout is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper.kasmina import KasminaSettings, SeedManager
+from esper.leyline import SignatureVerifier, load_settings
+from esper.tamiyo import HeuristicPolicy, TamiyoService
+from esper.tamiyo.heuristic import WaitOnlyPolicy
+from esper.tamiyo.settings import TamiyoSettings
+from esper.tolaria.controller import BoundController, Controller
+from esper.tolaria.data import Dataset
+from esper.tolaria.hosts import build_host
+from esper.tolaria.records import RunDirectory
+from esper.tolaria.run import load_task
+from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.trainer import Trainer
+from esper.urza import BlueprintCatalogue
+
+SECRET = b"run-overhead-benchmark-secret"
+CASES = ("digits:mlp", "digits:cnn", "generated:mlp")
+TARGET = 1.15
+
+
+class PhaseClock:
+    """Exclusive time per phase: time spent in a nested phase counts for the inner one only."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._stack: list[tuple[str, float]] = []
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.phase(name):
+                return fn(*args, **kwargs)
+
+        return timed
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        now = time.perf_counter()
+        if self._stack:
+            outer, since = self._stack[-1]
+            self.seconds[outer] += now - since
+        self._stack.append((name, now))
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            inner, since = self._stack.pop()
+            self.seconds[inner] += end - since
+            if self._stack:
+                outer, _ = self._stack[-1]
+                self._stack[-1] = (outer, end)
+
+
+@contextmanager
+def timed_backward(clock: PhaseClock) -> Iterator[None]:
+    original = torch.Tensor.backward
+    torch.Tensor.backward = clock.wrap("backward", original)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.backward = original  # type: ignore[method-assign]
+
+
+def controller(policy: str) -> BoundController:
+    """Tamiyo's service with the heuristic or WAIT-only policy, bound as `esper run` binds it."""
+    settings = load_settings(TamiyoSettings, environ={})
+    chosen: HeuristicPolicy | WaitOnlyPolicy = (
+        HeuristicPolicy(settings) if policy == "heuristic" else WaitOnlyPolicy()
+    )
+    service = TamiyoService(settings, chosen, SECRET)
+    return BoundController(decide=service.evaluate_step, save=chosen.state, load=chosen.restore)
+
+
+class TimedController:
+    """A controller whose calls count as the `decision` phase."""
+
+    def __init__(self, inner: Controller, clock: PhaseClock) -> None:
+        self.prepare = clock.wrap("decision", inner.prepare)
+        self.anticipate = clock.wrap("decision", inner.anticipate)
+        self.evaluate_step = clock.wrap("decision", inner.evaluate_step)
+        self.export_state = inner.export_state
+        self.restore_state = inner.restore_state
+
+
+def esper_trainer(
+    dataset: Dataset,
+    *,
+    kind: str,
+    policy: str,
+    settings: TolariaSettings,
+    catalogue: BlueprintCatalogue,
+    work: Path,
+) -> Trainer:
+    torch.manual_seed(settings.seed)
+    host = build_host(kind, dataset.input_shape, dataset.num_classes)
+    run_id = f"overhead-{kind}-{policy}-{time.monotonic_ns()}"
+    manager = SeedManager(
+        host.slots(),
+        catalogue,
+        SignatureVerifier(SECRET),
+        load_settings(KasminaSettings, environ={}),
+        training_run_id=run_id,
+    )
+    return Trainer(
+        settings=settings,
+        dataset=dataset,
+        host=host,
+        manager=manager,
+        controller=controller(policy),
+        blueprint_ids=catalogue.ids_for(host.slot_kind),
+        run_dir=RunDirectory(work / run_id),
+        training_run_id=run_id,
+    )
+
+
+def instrument(trainer: Trainer, clock: PhaseClock) -> None:
+    """Wrap the trainer's parts so that `clock` sees each phase (exclusive times)."""
+    manager = trainer.manager
+    for name in ("observe_backward", "advance", "arm_gradient_probes"):
+        setattr(manager, name, clock.wrap("kasmina", getattr(manager, name)))
+    trainer._flush_events = clock.wrap("kasmina", trainer._flush_events)  # type: ignore[method-assign]
+    trainer._apply_parameter_changes = clock.wrap(  # type: ignore[method-assign]
+        "kasmina", trainer._apply_parameter_changes
+    )
+    trainer._evaluate = clock.wrap("evaluation", trainer._evaluate)  # type: ignore[method-assign]
+    trainer.save_checkpoint = clock.wrap("checkpoint", trainer.save_checkpoint)  # type: ignore[method-assign]
+    trainer.train_step = clock.wrap("trainer_python", trainer.train_step)  # type: ignore[method-assign]
+    trainer.decide = clock.wrap("decision_python", trainer.decide)  # type: ignore[method-assign]
+    trainer.controller = TimedController(trainer.controller, clock)
+    for log in trainer.run_dir.logs().values():
+        log.append = clock.wrap("records", log.append)  # type: ignore[method-assign]
+    trainer.host.forward = clock.wrap("forward", trainer.host.forward)  # type: ignore[method-assign]
+    optimizer_step = trainer.optimizer.step
+
+    def step() -> None:
+        with clock.phase("optimizer"):
+            optimizer_step()
+
+    trainer.optimizer.step = step  # type: ignore[method-assign]
+
+
+def reinitialised(model: nn.Module) -> nn.Module:
+    fresh = copy.deepcopy(model)
+    for module in fresh.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return fresh
+
+
+def plain_loop(
+    model: nn.Module, dataset: Dataset, settings: TolariaSettings, clock: PhaseClock | None
+) -> float:
+    """Train `model` as a user would in plain PyTorch; returns wall seconds."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    forward = model.forward
+    if clock is not None:
+        model.forward = clock.wrap("forward", forward)  # type: ignore[method-assign]
+    n = len(dataset.x_train)
+    steps_per_epoch = max(1, math.ceil(n / settings.batch_size))
+    started = time.perf_counter()
+    step = 0
+    for epoch in range(settings.epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch))
+        for index in range(steps_per_epoch):
+            batch = order[index * settings.batch_size : (index + 1) * settings.batch_size]
+            model.train()
+            loss = nn.functional.cross_entropy(model(dataset.x_train[batch]), dataset.y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            if clock is None:
+                optimizer.step()
+            else:
+                with clock.phase("optimizer"):
+                    optimizer.step()
+            step += 1
+            if step % settings.decision_interval == 0:
+                with clock.phase("evaluation") if clock is not None else _nothing():
+                    _validate(model, dataset, settings.eval_batch_size)
+    return time.perf_counter() - started
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _validate(model: nn.Module, dataset: Dataset, batch_size: int) -> tuple[float, float]:
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset.x_val), batch_size):
+            xb, yb = dataset.x_val[start : start + batch_size], dataset.y_val[start : start + batch_size]
+            logits = model(xb)
+            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == yb).sum())
+    n = max(1, len(dataset.x_val))
+    return loss_sum / n, correct / n
+
+
+def timed_fit(trainer: Trainer) -> float:
+    started = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - started
+
+
+def per_step(clock: PhaseClock, steps: int) -> dict[str, float]:
+    return {name: 1e6 * seconds / steps for name, seconds in sorted(clock.seconds.items())}
+
+
+def run_case(
+    case: str, repeats: int, epochs: int, catalogue: BlueprintCatalogue, work: Path
+) -> dict[str, Any]:
+    task, kind = case.split(":")
+    settings = load_settings(TolariaSettings, environ={}, epochs=epochs)
+    torch.set_num_threads(settings.threads)
+    dataset = load_task(task, kind, seed=settings.seed, difficulty=0.5)
+    rows: dict[str, list[float]] = defaultdict(list)
+    final_params: list[int] = []
+    for _ in range(repeats):
+        grown = esper_trainer(
+            dataset, kind=kind, policy="heuristic", settings=settings, catalogue=catalogue, work=work
+        )
+        rows["esper_s"].append(timed_fit(grown))
+        final_params.append(grown.host.parameter_count())
+        rows["plain_final_s"].append(plain_loop(reinitialised(grown.host), dataset, settings, None))
+        waiting = esper_trainer(
+            dataset, kind=kind, policy="wait", settings=settings, catalogue=catalogue, work=work
+        )
+        rows["wait_s"].append(timed_fit(waiting))
+        rows["plain_initial_s"].append(plain_loop(reinitialised(waiting.host), dataset, settings, None))
+    esper_ratios = [e / p for e, p in zip(rows["esper_s"], rows["plain_final_s"], strict=True)]
+    wait_ratios = [w / p for w, p in zip(rows["wait_s"], rows["plain_initial_s"], strict=True)]
+    # Where the time goes: one instrumented run of each side.
+    breakdown: dict[str, dict[str, float]] = {}
+    for policy in ("heuristic", "wait"):
+        clock = PhaseClock()
+        trainer = esper_trainer(
+            dataset, kind=kind, policy=policy, settings=settings, catalogue=catalogue, work=work
+        )
+        instrument(trainer, clock)
+        with timed_backward(clock):
+            trainer.fit()
+        breakdown[f"esper_{policy}_us_per_step"] = per_step(clock, trainer.total_steps)
+        plain_clock = PhaseClock()
+        with timed_backward(plain_clock), plain_clock.phase("loop_python"):
+            plain_loop(reinitialised(trainer.host), dataset, settings, plain_clock)
+        breakdown[f"plain_{policy}_us_per_step"] = per_step(plain_clock, trainer.total_steps)
+    steps = epochs * max(1, math.ceil(len(dataset.x_train) / settings.batch_size))
+    return {
+        "case": case,
+        "steps": steps,
+        "final_params": final_params,
+        **{name: values for name, values in rows.items()},
+        "esper_vs_plain": esper_ratios,
+        "esper_vs_plain_median": statistics.median(esper_ratios),
+        "wait_vs_plain": wait_ratios,
+        "wait_vs_plain_median": statistics.median(wait_ratios),
+        "meets_target": statistics.median(esper_ratios) <= TARGET,
+        **breakdown,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        with BlueprintCatalogue.open_default(work / "urza.sqlite3") as catalogue:
+            for case in args.cases:
+                result = run_case(case, args.repeats, args.epochs, catalogue, work)
+                results.append(result)
+                print(
+                    f"{case:14s} esper/plain {result['esper_vs_plain_median']:.2f}x "
+                    f"(wait/plain {result['wait_vs_plain_median']:.2f}x), "
+                    f"{result['steps']} steps, final params {result['final_params']}"
+                )
+                for side in ("esper_heuristic", "plain_heuristic"):
+                    parts = ", ".join(f"{k} {v:.0f}" for k, v in result[f"{side}_us_per_step"].items())
+                    print(f"    {side} us/step: {parts}")
+    print(json.dumps({"benchmark": "run_overhead", "target": TARGET, "cases": results}))
+
+
+if __name__ == "__main__":
+    main()
