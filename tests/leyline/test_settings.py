@@ -124,9 +124,10 @@ def _variable(cls: type[StrictSettings], name: str) -> str:
 
 def _upper_bound(cls: type[StrictSettings], name: str) -> float | None:
     bounds = [
-        float(getattr(item, "le", None) or getattr(item, "lt", None))
+        float(bound)
         for item in cls.model_fields[name].metadata
-        if getattr(item, "le", None) is not None or getattr(item, "lt", None) is not None
+        for bound in (getattr(item, "le", None), getattr(item, "lt", None))
+        if bound is not None
     ]
     return min(bounds) if bounds else None
 
