@@ -191,6 +191,8 @@ def _labels(array: NDArray[Any], key: str, source: str) -> NDArray[np.int64]:
 def _check_declared_size(archive: np.lib.npyio.NpzFile, key: str, source: str) -> None:
     """Refuse `key` if the shape its .npy header declares exceeds MAX_ARRAY_BYTES (read before the data)."""
     member = f"{key}.npy"
+    if archive.zip is None:
+        raise DatasetError(source, "the archive is closed")
     try:
         with archive.zip.open(member) as handle:
             version = np.lib.format.read_magic(handle)
