@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -10,6 +12,8 @@ from rich.console import Console
 
 import esper
 from esper.leyline import (
+    CleanupFailed,
+    CleanupStack,
     ConfigurationError,
     EsperError,
     EsperSettings,
@@ -62,12 +66,14 @@ def _settings() -> EsperSettings:
         raise typer.Exit(2) from exc
 
 
-def _blueprint_metadata(tamiyo_settings: TamiyoSettings) -> BlueprintMetadataCache:
+def _blueprint_metadata(
+    tamiyo_settings: TamiyoSettings, cleanup: CleanupStack | None = None
+) -> BlueprintMetadataCache:
     """Tamiyo's blueprint metadata cache for this process, for `TamiyoService(blueprint_metadata=...)`.
 
     Filled from the deployment's catalogue (<ESPER_DATA_DIR>/urza.sqlite3, warmed with every entry) and
     kept fresh by Urza's change notifications on the deployment's bus, polled by a background thread
-    (a consumer group of its own, removed at exit with the connections).
+    (a consumer group of its own, removed with the connections by `cleanup`, or at exit without one).
     """
     import atexit
     import logging
@@ -85,15 +91,12 @@ def _blueprint_metadata(tamiyo_settings: TamiyoSettings) -> BlueprintMetadataCac
     except NotificationFailed as exc:
         logging.getLogger("esper.cli").warning("catalogue notifications still pending: %s", exc)
     cache = BlueprintMetadataCache(catalogue, tamiyo_settings, feed_factory=lambda: CatalogueChangeFeed(bus))
-
-    def shut_down() -> None:
-        try:
-            cache.close()
-        finally:
-            bus.close()
-            catalogue.close()
-
-    atexit.register(shut_down)
+    if cleanup is None:
+        cleanup = CleanupStack(_log_cleanup_failure)
+        atexit.register(cleanup.close)
+    cleanup.push("close the blueprint catalogue", catalogue.close)
+    cleanup.push("close the catalogue's bus", bus.close)
+    cleanup.push("close the blueprint metadata cache", cache.close)
     cache.warm(descriptor.blueprint_id for descriptor in catalogue.list())
     cache.start()
     return cache
@@ -199,12 +202,15 @@ def _build_controller(
     policy_checkpoint: Path | None = None,
     durable: _TamiyoRunState | None = None,
     registry: CollectorRegistry | None = None,
+    *,
+    cleanup: CleanupStack | None = None,
 ) -> Controller:
     """The one place a run's controller is built: Tamiyo with the chosen policy, bound for Tolaria.
 
     `gnn` is the heterogeneous GNN: untrained (seeded) weights, or the safetensors checkpoint named by
     `policy_checkpoint` / TAMIYO_POLICY_CHECKPOINT. Its inference worker runs with TAMIYO_CPU_THREADS
-    torch threads; the trainer keeps its own budget (TOLARIA_THREADS). Tamiyo's metrics go to `registry`.
+    torch threads; the trainer keeps its own budget (TOLARIA_THREADS). Tamiyo's metrics go to `registry`;
+    what it opens is closed by `cleanup` (at exit without one).
     """
     from esper.tamiyo import GNNPolicy, HeuristicPolicy
     from esper.tamiyo.settings import TamiyoSettings
@@ -212,7 +218,7 @@ def _build_controller(
 
     overrides: dict[str, Any] = {} if policy_checkpoint is None else {"policy_checkpoint": policy_checkpoint}
     tamiyo_settings = load_settings(TamiyoSettings, None, **overrides)
-    metadata = _blueprint_metadata(tamiyo_settings)
+    metadata = _blueprint_metadata(tamiyo_settings, cleanup)
     if policy == "heuristic":
         heuristic = HeuristicPolicy(tamiyo_settings)
         service = _tamiyo_service(durable, tamiyo_settings, heuristic, secret, metadata, registry=registry)
@@ -227,7 +233,7 @@ def _build_controller(
         if durable is not None:
             inputs["normalizer_store"] = durable.store.normalizer_store()
         gnn = (
-            GNNPolicy.load(checkpoint, tamiyo_settings, **inputs)
+            _load_gnn(checkpoint, tamiyo_settings, inputs)
             if checkpoint is not None
             else GNNPolicy(tamiyo_settings, **inputs)
         )
@@ -243,6 +249,21 @@ def _build_controller(
     raise ConfigurationError(f"unknown policy {policy!r}; available: heuristic, gnn")
 
 
+def _load_gnn(checkpoint: Path, settings: TamiyoSettings, inputs: dict[str, Any]) -> Policy:
+    """The GNN with the weights of `checkpoint`; a file that is not a readable safetensors checkpoint
+    (truncated, say) is a ConfigurationError naming it, whatever the decoder raised."""
+    from safetensors import SafetensorError
+
+    from esper.tamiyo import GNNPolicy
+
+    try:
+        return GNNPolicy.load(checkpoint, settings, **inputs)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"policy checkpoint {checkpoint} cannot be read ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 class _TamiyoRunState:
     """A run's durable Tamiyo state: RUN_DIR/tamiyo.sqlite3, the deployment's bus (ESPER_BUS_URL, or the
     embedded bus in ESPER_DATA_DIR) that its outbox publishes field reports and decisions on, and the service
@@ -250,8 +271,6 @@ class _TamiyoRunState:
     and stay open for `esper run --resume` when it stopped early (failure, halt, interrupt)."""
 
     def __init__(self, run_dir: Path, settings: EsperSettings) -> None:
-        import click
-
         from esper.oona import OonaSettings, open_bus
         from esper.tamiyo.store import TamiyoStore
 
@@ -264,24 +283,21 @@ class _TamiyoRunState:
         self.services: list[TamiyoService] = []
         self.feeds: list[PolicyUpdateFeed] = []
         self._finished = False
-        context = click.get_current_context(silent=True)
-        if context is not None:  # a run that raises still closes its store, leaving windows to resume
-            context.call_on_close(lambda: self.finish(run_ended=False))
 
     def finish(self, *, run_ended: bool) -> None:
         """Close the services (ABORTED reports for open windows if `run_ended`), then the bus and store."""
         if self._finished:
             return
         self._finished = True
-        try:
-            for service in self.services:
-                service.close(abort_open_windows=run_ended)
+        with CleanupStack(_log_cleanup_failure) as steps:
+            steps.push("close Tamiyo's store", self.store.close)
+            steps.push("close Tamiyo's bus", self.bus.close)
             if run_ended:  # a run that can still be resumed keeps its place on the policy stream
                 for feed in self.feeds:
-                    feed.remove_group()
-        finally:
-            self.bus.close()
-            self.store.close()
+                    steps.push("delete the policy feed's consumer group", feed.remove_group)
+            for service in reversed(self.services):
+                close = functools.partial(service.close, abort_open_windows=run_ended)
+                steps.push("close Tamiyo's service", close)
 
 
 def _tamiyo_service(
@@ -341,12 +357,6 @@ def _policy_intake(
     )
 
 
-def _default_policy() -> str:
-    from esper.tamiyo.settings import TamiyoSettings
-
-    return load_settings(TamiyoSettings).policy
-
-
 def _hint_for_deadline_misses(exc: EsperError) -> None:
     """Tell the operator which knobs apply when a run ended on missed decision deadlines."""
     from esper.tamiyo.worker import DeadlineExceeded
@@ -357,6 +367,74 @@ def _hint_for_deadline_misses(exc: EsperError) -> None:
             "TAMIYO_STEP_TIMEOUT_MS sets the budget, TOLARIA_MAX_CONTROLLER_FAILURES the misses in a row "
             "a run tolerates"
         )
+
+
+def _log_cleanup_failure(name: str, exc: Exception) -> None:
+    """The clean-up reporter of a process: the failure goes to the log."""
+    import logging
+
+    logging.getLogger("esper.cli").error("clean-up step %r failed: %s: %s", name, type(exc).__name__, exc)
+
+
+def _run_cleanup_reporter(run_dir: Path) -> Callable[[str, Exception], None]:
+    """A run's clean-up reporter: logged, printed, and recorded as a `cleanup_failed` event of the run."""
+    import logging
+
+    from esper.tolaria.records import JsonlLog
+
+    def report(name: str, exc: Exception) -> None:
+        _log_cleanup_failure(name, exc)
+        err_console.print(f"[bold yellow]clean-up step failed[/] ({name}): {type(exc).__name__}: {exc}")
+        events = run_dir / "events.jsonl"
+        if not events.exists():  # the run never started: there is no event log to add to
+            return
+        try:
+            JsonlLog(events).append(
+                {"kind": "cleanup_failed", "cleanup": name, "reason": f"{type(exc).__name__}: {exc}"}
+            )
+        except OSError as write_error:  # a full disk: the log line above is all there is
+            logging.getLogger("esper.cli").error("cannot record the clean-up failure: %s", write_error)
+
+    return report
+
+
+def _require_writable(path: Path, what: str) -> None:
+    """Refuse a directory the run could not create or write in (read-only, or under a file)."""
+    import os
+
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigurationError(f"{what} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"{what} {path}: {existing} is not writable")
+
+
+class _FreshStart:
+    """What a fresh start creates in its run directory, so a start that fails before training (before
+    config.json is written) can remove exactly that: the directory if it created it, else the new entries.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.existed = run_dir.exists()
+        self.before = set(run_dir.iterdir()) if self.existed else set()
+
+    def undo(self) -> None:
+        """Remove what this start created, unless the run began (then it is a run to resume)."""
+        import shutil
+
+        if (self.run_dir / "config.json").exists() or not self.run_dir.exists():
+            return
+        if not self.existed:
+            shutil.rmtree(self.run_dir)
+            return
+        for entry in set(self.run_dir.iterdir()) - self.before:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 @app.command()
@@ -418,9 +496,11 @@ def run(
     from esper.kasmina import KasminaSettings
     from esper.nissa import MetricsServer, NissaSettings, RunMetrics, write_snapshot
     from esper.oona import OonaSettings
+    from esper.tamiyo.settings import TamiyoSettings
     from esper.tolaria.emergency import BusEmergencyChannel
     from esper.tolaria.run import (
         RunConfig,
+        load_task,
         new_training_run_id,
         resolve_config,
         run_experiment,
@@ -437,10 +517,16 @@ def run(
         "lr": lr,
     }
     try:
+        # Everything a start can be refused for is checked before anything is created.
         tolaria = load_settings(
             TolariaSettings, None, **{k: v for k, v in overrides.items() if v is not None}
         )
         kasmina = load_settings(KasminaSettings)
+        tamiyo = load_settings(TamiyoSettings)
+        oona = load_settings(OonaSettings)
+        nissa = load_settings(
+            NissaSettings, None, **({} if metrics_port is None else {"metrics_port": metrics_port})
+        )
         if resume and run_dir is None:
             raise ConfigurationError("--resume needs --run-dir")
         run_id = new_training_run_id()
@@ -448,7 +534,7 @@ def run(
             RunConfig(
                 task=task,
                 host=host,
-                policy=policy or _default_policy(),
+                policy=policy or tamiyo.policy,
                 difficulty=difficulty,
                 run_dir=run_dir or settings.data_dir / "runs" / run_id,
                 catalogue_path=settings.data_dir / "urza.sqlite3",
@@ -458,49 +544,76 @@ def run(
             ),
             resume=resume,
         )
-        nissa = load_settings(
-            NissaSettings, None, **({} if metrics_port is None else {"metrics_port": metrics_port})
-        )
-        secret = resolve_signing_secret(settings)
-        registry = CollectorRegistry()  # this run's metrics only, never the process-global registry
-        run_metrics = RunMetrics(registry, config.training_run_id)
-        durable = _TamiyoRunState(config.run_dir, settings)
-        controller = _build_controller(config.policy, secret, policy_checkpoint, durable, registry)
-        server = (
-            None
-            if nissa.metrics_port is None
-            else MetricsServer(registry, nissa.metrics_port, nissa.metrics_address)
-        )
-        if server is not None:
-            console.print(f"metrics: {server.url}")
-        try:
+        _require_writable(settings.data_dir, "ESPER_DATA_DIR")
+        _require_writable(config.run_dir, "--run-dir")
+        dataset = load_task(config.task, config.host, seed=config.tolaria.seed, difficulty=config.difficulty)
+    except EsperError as exc:
+        err_console.print(f"[bold red]esper run failed[/]: {exc}")
+        raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1) from exc
+    summary: dict[str, Any] = {}
+    try:
+        # Each thing opened is closed at the end, newest first; a failing close is reported beside the
+        # error that ended the run, never instead of it (and makes the exit status 1 after a success).
+        with CleanupStack(_run_cleanup_reporter(config.run_dir)) as cleanup:
+            if not resume:  # a start that fails before training removes what it created, and only that
+                cleanup.push("remove what the failed start created", _FreshStart(config.run_dir).undo)
+            secret = resolve_signing_secret(settings)
+            registry = CollectorRegistry()  # this run's metrics only, never the process-global registry
+            run_metrics = RunMetrics(registry, config.training_run_id)
+            server = (
+                None
+                if nissa.metrics_port is None
+                else MetricsServer(registry, nissa.metrics_port, nissa.metrics_address)
+            )
+            if server is not None:
+                cleanup.push("stop the metrics server", server.close)
+                console.print(f"metrics: {server.url}")
+            # The final figures (outbox counters included), also when the run failed; a start that failed
+            # before training has none.
+            cleanup.push(
+                "write metrics.prom",
+                lambda: (
+                    write_snapshot(registry, config.run_dir / "metrics.prom")
+                    if (config.run_dir / "config.json").exists()
+                    else None
+                ),
+            )
+            durable = _TamiyoRunState(config.run_dir, settings)
+            # Windows are aborted when the run ended; a run that stopped early (failure, halt, interrupt)
+            # leaves them open for --resume.
+            cleanup.push(
+                "close Tamiyo's state",
+                lambda: durable.finish(run_ended=summary.get("status") == "completed"),
+            )
+            controller = _build_controller(
+                config.policy, secret, policy_checkpoint, durable, registry, cleanup=cleanup
+            )
             channel = BusEmergencyChannel.open(
                 settings,
-                load_settings(OonaSettings),
+                oona,
                 training_run_id=config.training_run_id,
                 origin=f"tolaria {config.training_run_id}",
             )
-            try:
-                summary = run_experiment(
-                    config,
-                    controller,
-                    secret,
-                    resume=resume,
-                    console=console,
-                    progress=progress,
-                    emergency=channel,
-                    on_epoch=lambda report: run_metrics.observe(
-                        epoch=report.epoch,
-                        step=report.step,
-                        validation_accuracy=report.validation_accuracy,
-                        validation_loss=report.validation_loss,
-                        parameters=report.parameters,
-                        active_seeds=report.active_seeds,
-                        fossilized_seeds=report.fossilized_seeds,
-                    ),
-                )
-            finally:
-                channel.close()
+            cleanup.push("close the emergency channel", channel.close)
+            summary = run_experiment(
+                config,
+                controller,
+                secret,
+                resume=resume,
+                console=console,
+                progress=progress,
+                emergency=channel,
+                dataset=dataset,
+                on_epoch=lambda report: run_metrics.observe(
+                    epoch=report.epoch,
+                    step=report.step,
+                    validation_accuracy=report.validation_accuracy,
+                    validation_loss=report.validation_loss,
+                    parameters=report.parameters,
+                    active_seeds=report.active_seeds,
+                    fossilized_seeds=report.fossilized_seeds,
+                ),
+            )
             run_metrics.finish(
                 step=summary["steps"],
                 validation_accuracy=summary["final_val_accuracy"],
@@ -508,15 +621,16 @@ def run(
                 parameters=summary["params_final"],
                 fossilized_seeds=summary["seeds_fossilized"],
             )
-            durable.finish(run_ended=summary.get("status") != "halted")
-        finally:
-            # The final figures (outbox counters included), also when the run failed.
-            write_snapshot(registry, config.run_dir / "metrics.prom")
-            if server is not None:
-                server.close()
+    except CleanupFailed as exc:
+        console.print(summary_table(summary))
+        err_console.print(f"[bold red]the run finished but its clean-up failed[/]: {exc}")
+        raise typer.Exit(1) from exc
     except EsperError as exc:
         err_console.print(f"[bold red]esper run failed[/]: {exc}")
         _hint_for_deadline_misses(exc)
+        raise typer.Exit(1) from exc
+    except OSError as exc:  # a read-only or full disk, found while creating or writing the run
+        err_console.print(f"[bold red]esper run failed[/]: {exc}")
         raise typer.Exit(1) from exc
     console.print(summary_table(summary))
     console.print(f"run directory: {config.run_dir}")

@@ -12,6 +12,7 @@ from esper.kasmina import EventKind, RejectionReason, SeedManager
 from esper.leyline import ManualClock, SignatureVerifier, pb, validate_seed_state
 from esper.urza import BlueprintCatalogue
 from tests.kasmina.support import (
+    RUN_ID,
     SECRET,
     TinyHost,
     command,
@@ -264,3 +265,38 @@ def test_training_run_id_is_required(host: TinyHost, catalogue: BlueprintCatalog
     verifier = SignatureVerifier(SECRET)
     with pytest.raises(ValueError, match="training_run_id"):
         SeedManager([host.a], catalogue, verifier, fast_settings(), training_run_id="")
+
+
+def test_commands_with_unknown_enum_values_are_rejected_naming_the_value(
+    manager: SeedManager, host: TinyHost, clock: ManualClock
+) -> None:
+    """A signed command from a newer (or broken) sender may carry any enum number: it is refused with a
+    reason that names the number, never a ValueError from building the rejection."""
+    from esper.leyline import sign
+
+    unknown_type = pb.AdaptationCommand(
+        version=1, command_id="cmd-type-99", command_type=99, issued_by="test", training_run_id=RUN_ID
+    )
+    unknown_type.issued_at.FromNanoseconds(clock.wall_ns())
+    cases = [
+        (sign(unknown_type, SECRET, clock=clock), "command type 99 (unknown CommandType)"),
+        (command(clock, 99, "a", "a", blueprint_id="mlp_small"), "seed operation 99 (unknown SeedOperation)"),
+    ]
+    before = _snapshot(manager, host)
+    for message, named in cases:
+        result = manager.apply(message, step=0)
+        assert (result.accepted, result.reason) == (False, RejectionReason.UNSUPPORTED)
+        assert named in result.detail
+    assert _snapshot(manager, host) == before
+
+
+def test_the_trainer_records_a_command_with_unknown_enum_values() -> None:
+    from esper.tolaria.trainer import _command_record
+
+    message = pb.AdaptationCommand(command_id="c", command_type=99)
+    message.seed_operation.operation = 98
+    message.seed_operation.blend_mode = 97
+    record = _command_record(message)
+    assert record["command_type"] == "99 (unknown CommandType)"
+    assert record["operation"] == "98 (unknown SeedOperation)"
+    assert record["blend_mode"] == "97 (unknown BlendMode)"

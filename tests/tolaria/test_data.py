@@ -181,6 +181,27 @@ def test_unreadable_files_are_dataset_errors(tmp_path: Path, content: bytes | No
         load_npz(path, seed=0)
 
 
+def huge_npz(path: Path, shape: tuple[int, ...] = (5_000_000_000,)) -> Path:
+    """An .npz whose x_train header claims `shape` of float64 (40 GB by default) with no data behind it."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    small = io.BytesIO()
+    np.lib.format.write_array(small, np.zeros(3, dtype=np.int64))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x_train.npy", header.getvalue())  # magic and header, no data
+        archive.writestr("y_train.npy", small.getvalue())
+    return path
+
+
+def test_an_array_whose_header_claims_too_much_memory_is_refused_before_reading(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"x_train declares shape \(5000000000,\).*37\.3 GiB") as info:
+        load_npz(huge_npz(tmp_path / "huge.npz"), seed=0)
+    assert "limited to 2 GiB" in str(info.value)
+
+
 def test_a_single_npy_array_is_not_an_archive(tmp_path: Path) -> None:
     path = tmp_path / "x.npy"
     np.save(path, np.zeros((4, 2)))

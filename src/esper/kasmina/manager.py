@@ -49,6 +49,7 @@ from esper.leyline import (
     StaleMessage,
     pb,
     validate_command,
+    value_label,
 )
 from esper.urza import BlueprintNotApplicable, BlueprintQuarantined, UnknownBlueprint
 
@@ -383,7 +384,8 @@ class SeedManager:
             return
         if kind != pb.COMMAND_SEED:
             raise _Rejected(
-                RejectionReason.UNSUPPORTED, f"{pb.CommandType.Name(kind)} is not executed by Kasmina"
+                RejectionReason.UNSUPPORTED,
+                f"command type {value_label(pb.CommandType, kind)} is not executed by Kasmina",
             )
         operation = command.seed_operation
         record = self._records.get(operation.slot_id)
@@ -409,7 +411,8 @@ class SeedManager:
             self._fossilize(record, command, step)
         else:
             raise _Rejected(
-                RejectionReason.UNSUPPORTED, f"seed operation {pb.SeedOperation.Name(op)} is not supported"
+                RejectionReason.UNSUPPORTED,
+                f"seed operation {value_label(pb.SeedOperation, op)} is not supported",
             )
         self._paused = False
 

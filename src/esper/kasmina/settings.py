@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from esper.leyline.settings import StrictSettings
+from esper.leyline.settings import HOUR_S, MAX_CLOCK_SKEW_S, StrictSettings
 
 
 class KasminaSettings(StrictSettings):
@@ -32,10 +32,10 @@ class KasminaSettings(StrictSettings):
         default=0.0, description="G3/G4 need validation loss without the seed minus with it above this."
     )
     contribution_accuracy_tolerance: float = Field(
-        default=0.01, ge=0, description="G3/G4 fail when removing the seed raises accuracy by more."
+        default=0.01, ge=0, le=1.0, description="G3/G4 fail when removing the seed raises accuracy by more."
     )
     # Cull -> embargo -> reset.
     embargo_steps: int = Field(default=40, ge=1, description="Cooldown of a slot after a cull.")
     # Command verification.
-    command_freshness_s: float = Field(default=60.0, gt=0)
-    clock_skew_s: float = Field(default=5.0, ge=0)
+    command_freshness_s: float = Field(default=60.0, gt=0, le=HOUR_S)
+    clock_skew_s: float = Field(default=5.0, ge=0, le=MAX_CLOCK_SKEW_S)

@@ -6,8 +6,9 @@ validate, serialise, parse and sign those messages; they import nothing else of 
 
 from esper.leyline import leyline_pb2 as pb
 from esper.leyline.backoff import Backoff
+from esper.leyline.cleanup import CleanupFailed, CleanupStack
 from esper.leyline.clock import SYSTEM_CLOCK, Clock, ManualClock, SystemClock
-from esper.leyline.enums import from_short_name, short_name
+from esper.leyline.enums import from_short_name, short_name, value_label
 from esper.leyline.errors import (
     ConfigurationError,
     ContractViolation,
@@ -36,6 +37,8 @@ from esper.leyline.signing import NonceLedger, SignatureVerifier, sign
 __all__ = [
     "SYSTEM_CLOCK",
     "Backoff",
+    "CleanupFailed",
+    "CleanupStack",
     "Clock",
     "ConfigurationError",
     "ContractViolation",
@@ -60,6 +63,7 @@ __all__ = [
     "resolve_signing_secret",
     "serialize",
     "short_name",
+    "value_label",
     "sign",
     "timestamp_from_ns",
     "validate_command",

@@ -35,6 +35,15 @@ def short_name(enum: EnumTypeWrapper, value: int) -> str:
     return full.removeprefix(_PREFIXES[enum.DESCRIPTOR.name])
 
 
+def value_label(enum: EnumTypeWrapper, value: int) -> str:
+    """`short_name`, or `"99 (unknown SeedOperation)"` for a value this build does not know: for messages
+    about values received from elsewhere, which may be anything."""
+    try:
+        return short_name(enum, value)
+    except ContractViolation:
+        return f"{value} (unknown {enum.DESCRIPTOR.name})"
+
+
 def from_short_name(enum: EnumTypeWrapper, name: str) -> int:
     """Inverse of `short_name`, case-insensitive; an unknown name is an error listing the valid ones."""
     prefix = _PREFIXES[enum.DESCRIPTOR.name]

@@ -4,6 +4,11 @@ Each subsystem declares one `StrictSettings` subclass with its own environment p
 `KASMINA_`, ...). It is resolved once, by `load_settings`, at start-up, and the resulting object is passed
 down; nothing reads the environment afterwards. Unknown keys and invalid values fail at start with a
 `ConfigurationError` naming the variable.
+
+Every float setting is finite (NaN and infinities are refused for all of them, here in the base), and every
+duration has an upper bound: a timeout or freshness window of `inf` would switch its check off, and one of
+`1e300` overflows where it is turned into a sleep or a timestamp. The bounds below are shared names so that
+the subsystems agree on them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from esper.leyline.errors import ConfigurationError
 
 S = TypeVar("S", bound="StrictSettings")
 
+MINUTE_S = 60.0
+HOUR_S = 3600.0
+DAY_S = 86_400.0
+MAX_CLOCK_SKEW_S = 300.0
+"""The most a clock may run ahead of the issuer's (a larger window would accept commands from the future)."""
+MAX_BACKOFF_MULTIPLIER = 10.0
+"""Fastest growth of a retry wait per attempt."""
+
 
 class StrictSettings(BaseSettings):
     """Base of every subsystem's settings: frozen, no unknown keys, read from env and `.env`."""
@@ -37,6 +50,7 @@ class StrictSettings(BaseSettings):
         dotenv_filtering="match_prefix",
         env_ignore_empty=True,  # `NAME=` means "not set": the default applies
         validate_default=True,
+        allow_inf_nan=False,  # no float setting may be NaN or infinite (an infinite window disables a check)
     )
 
 
@@ -64,6 +78,12 @@ def load_settings(cls: type[S], environ: Mapping[str, str] | None = None, **over
     prefix = _env_prefix(cls)
     try:
         return cls(**overrides)
+    except UnicodeDecodeError as exc:
+        env_file = cls.model_config.get("env_file")
+        raise ConfigurationError(
+            f"{env_file} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from exc
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -88,8 +108,12 @@ class EsperSettings(StrictSettings):
         description="`redis://host:port/db` for the Redis backend; empty for the embedded SQLite bus "
         "in data_dir/bus.sqlite3.",
     )
-    command_freshness_s: float = Field(default=60.0, gt=0, description="Oldest acceptable command.")
-    clock_skew_s: float = Field(default=5.0, ge=0, description="Allowed issue time in the future.")
+    command_freshness_s: float = Field(
+        default=60.0, gt=0, le=HOUR_S, description="Oldest acceptable command."
+    )
+    clock_skew_s: float = Field(
+        default=5.0, ge=0, le=MAX_CLOCK_SKEW_S, description="Allowed issue time in the future."
+    )
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
 
 

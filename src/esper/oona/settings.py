@@ -6,7 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from esper.leyline import Backoff
-from esper.leyline.settings import StrictSettings
+from esper.leyline.settings import DAY_S, HOUR_S, MAX_BACKOFF_MULTIPLIER, MINUTE_S, StrictSettings
 
 
 class OonaSettings(StrictSettings):
@@ -21,25 +21,41 @@ class OonaSettings(StrictSettings):
         default=100_000, ge=1, description="Messages kept per stream; Redis trims approximately."
     )
     reclaim_idle_ms: int = Field(
-        default=30_000, ge=0, description="How long a message stays pending before others may reclaim it."
+        default=30_000,
+        ge=0,
+        le=DAY_S * 1000,
+        description="How long a message stays pending before others may reclaim it.",
     )
     max_payload_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="Largest serialised envelope accepted by publish."
     )
-    retry_base_ms: float = Field(default=50.0, gt=0, description="First wait after a failed Redis call.")
-    retry_multiplier: float = Field(default=2.0, ge=1.0)
-    retry_max_ms: float = Field(default=2_000.0, gt=0)
+    retry_base_ms: float = Field(
+        default=50.0, gt=0, le=MINUTE_S * 1000, description="First wait after a failed Redis call."
+    )
+    retry_multiplier: float = Field(default=2.0, ge=1.0, le=MAX_BACKOFF_MULTIPLIER)
+    retry_max_ms: float = Field(default=2_000.0, gt=0, le=HOUR_S * 1000)
     retry_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
     retry_limit: int = Field(default=6, ge=0, description="Retries before BusUnavailable is raised.")
-    socket_timeout_s: float = Field(default=5.0, gt=0, description="Redis connect and read timeout.")
+    socket_timeout_s: float = Field(
+        default=5.0, gt=0, le=HOUR_S, description="Redis connect and read timeout."
+    )
     poll_interval_ms: float = Field(
-        default=5.0, gt=0, description="Embedded backend: sleep between polls of a blocking consume."
+        default=5.0,
+        gt=0,
+        le=MINUTE_S * 1000,
+        description="Embedded backend: sleep between polls of a blocking consume.",
     )
     busy_timeout_ms: int = Field(
-        default=10_000, ge=0, description="Embedded backend: wait for another process's write lock."
+        default=10_000,
+        ge=0,
+        le=HOUR_S * 1000,
+        description="Embedded backend: wait for another process's write lock.",
     )
     emergency_poll_ms: int = Field(
-        default=50, ge=1, description="How long an emergency listener's thread blocks per poll."
+        default=50,
+        ge=1,
+        le=MINUTE_S * 1000,
+        description="How long an emergency listener's thread blocks per poll.",
     )
 
     def backoff(self) -> Backoff:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from esper.leyline.settings import StrictSettings
+from esper.leyline.settings import MINUTE_S, StrictSettings
 
 
 class SimicSettings(StrictSettings):
@@ -33,7 +33,7 @@ class SimicSettings(StrictSettings):
     gamma: float = Field(default=0.9, ge=0, le=1)
     gae_lambda: float = Field(default=0.95, ge=0, le=1)
     # PPO.
-    learning_rate: float = Field(default=3e-4, gt=0)
+    learning_rate: float = Field(default=3e-4, gt=0, le=10.0)
     update_epochs: int = Field(default=4, ge=1)
     minibatch_size: int = Field(default=32, ge=1)
     clip_coef: float = Field(default=0.2, gt=0, lt=1)
@@ -58,10 +58,12 @@ class SimicSettings(StrictSettings):
     min_transitions: int = Field(default=16, ge=2, description="Fewest transitions that make a round.")
     # Imitation bootstrap from the heuristic's decisions.
     imitation_epochs: int = Field(default=30, ge=1)
-    imitation_learning_rate: float = Field(default=1e-3, gt=0)
+    imitation_learning_rate: float = Field(default=1e-3, gt=0, le=10.0)
     # Rounds (`esper simic serve`).
     round_min_new_reports: int = Field(default=64, ge=1, description="New field reports that start a round.")
-    poll_ms: int = Field(default=500, ge=1, description="How long one poll of the bus blocks.")
+    poll_ms: int = Field(
+        default=500, ge=1, le=MINUTE_S * 1000, description="How long one poll of the bus blocks."
+    )
     max_transitions: int = Field(default=20_000, ge=1, description="Newest transitions kept for training.")
     # Identity and determinism.
     policy_id: str = Field(default="tamiyo-gnn", min_length=1)

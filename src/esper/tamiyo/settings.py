@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from esper.leyline.settings import StrictSettings
+from esper.leyline.settings import DAY_S, HOUR_S, MAX_BACKOFF_MULTIPLIER, MINUTE_S, StrictSettings
 
 
 class TamiyoSettings(StrictSettings):
@@ -17,8 +17,12 @@ class TamiyoSettings(StrictSettings):
     model_config = SettingsConfigDict(env_prefix="TAMIYO_")
 
     # P1: the hard budget of one `evaluate_step`.
-    step_timeout_ms: float = Field(default=5.0, gt=0, description="Deadline of one decision.")
-    metadata_timeout_ms: float = Field(default=20.0, gt=0, description="Deadline of a catalogue fetch.")
+    step_timeout_ms: float = Field(
+        default=5.0, gt=0, le=MINUTE_S * 1000, description="Deadline of one decision."
+    )
+    metadata_timeout_ms: float = Field(
+        default=20.0, gt=0, le=MINUTE_S * 1000, description="Deadline of a catalogue fetch."
+    )
     # P2: compilation of the GNN.
     enable_compile: bool = Field(default=False, description="torch.compile the GNN (with warm-up).")
     enable_plan: bool = Field(
@@ -42,12 +46,15 @@ class TamiyoSettings(StrictSettings):
     )
     # Inference worker.
     warmup_timeout_ms: float = Field(
-        default=120_000.0, gt=0, description="Deadline of the start-up warm-up (compile included)."
+        default=120_000.0,
+        gt=0,
+        le=HOUR_S * 1000,
+        description="Deadline of the start-up warm-up (compile included).",
     )
     worker_max_retired: int = Field(
         default=2, ge=0, description="Late workers allowed to wind down at once before decisions fail."
     )
-    worker_join_timeout_s: float = Field(default=5.0, gt=0, description="How long close() waits.")
+    worker_join_timeout_s: float = Field(default=5.0, gt=0, le=HOUR_S, description="How long close() waits.")
     realtime_priority: int = Field(
         default=10,
         ge=0,
@@ -78,7 +85,7 @@ class TamiyoSettings(StrictSettings):
         description="Hold GERMINATE when no catalogue lookup is wired (an unknown blueprint is always held).",
     )
     risk_min_free_memory_frac: float = Field(default=0.05, ge=0.0, le=1.0)
-    risk_max_utilization_percent: float = Field(default=98.0, gt=0.0)
+    risk_max_utilization_percent: float = Field(default=98.0, gt=0.0, le=100.0)
     risk_max_temperature_celsius: float = Field(default=90.0, gt=0.0)
     # P8: parameters of the blend-mode annotations.
     blend_gate_k: float = Field(default=10.0, gt=0.0, description="CONFIDENCE gate steepness.")
@@ -104,15 +111,18 @@ class TamiyoSettings(StrictSettings):
     )
     fr_outbox_batch: int = Field(default=256, ge=1, description="Outbox entries published per bus call.")
     fr_outbox_poll_ms: float = Field(
-        default=1000.0, gt=0, description="Longest the outbox publisher sleeps when nothing is due."
+        default=1000.0,
+        gt=0,
+        le=HOUR_S * 1000,
+        description="Longest the outbox publisher sleeps when nothing is due.",
     )
-    fr_retry_backoff_ms: float = Field(default=1000.0, gt=0)
-    fr_retry_backoff_mult: float = Field(default=2.0, ge=1.0)
+    fr_retry_backoff_ms: float = Field(default=1000.0, gt=0, le=HOUR_S * 1000)
+    fr_retry_backoff_mult: float = Field(default=2.0, ge=1.0, le=MAX_BACKOFF_MULTIPLIER)
     fr_retry_jitter: float = Field(default=0.1, ge=0.0, lt=1.0)
     fr_retry_limit: int = Field(default=8, ge=0)
-    retention_days: float = Field(default=30.0, gt=0)
+    retention_days: float = Field(default=30.0, gt=0, le=10 * 365)
     # P3: policy-update intake.
-    update_freshness_s: float = Field(default=3600.0, gt=0)
+    update_freshness_s: float = Field(default=3600.0, gt=0, le=30 * DAY_S)
     update_probation_decisions: int = Field(
         default=8, ge=1, description="Decisions a newly swapped-in policy is watched for (rollback window)."
     )

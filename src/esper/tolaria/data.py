@@ -21,6 +21,9 @@ from esper.leyline import EsperError
 
 VAL_FRACTION = 0.2
 MAX_CLASSES = 4096
+MAX_ARRAY_BYTES = 2**31
+"""Largest array of a user's file, as the float64 values it becomes: its header is checked before reading,
+so a file that claims a huge shape is refused instead of exhausting memory."""
 
 
 class DatasetError(EsperError):
@@ -185,6 +188,32 @@ def _labels(array: NDArray[Any], key: str, source: str) -> NDArray[np.int64]:
     return array.astype(np.int64)
 
 
+def _check_declared_size(archive: np.lib.npyio.NpzFile, key: str, source: str) -> None:
+    """Refuse `key` if the shape its .npy header declares exceeds MAX_ARRAY_BYTES (read before the data)."""
+    member = f"{key}.npy"
+    if archive.zip is None:
+        raise DatasetError(source, "the archive is closed")
+    try:
+        with archive.zip.open(member) as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:  # 2.0 and 3.0 share the header layout; a numeric dtype's header is ASCII either way
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(
+            source, f"{key} has no readable array header ({type(exc).__name__}: {exc})"
+        ) from exc
+    values = math.prod(shape)
+    size = values * max(dtype.itemsize, np.dtype(np.float64).itemsize)
+    if size > MAX_ARRAY_BYTES:
+        raise DatasetError(
+            source,
+            f"{key} declares shape {shape} ({values:,} values, {size / 2**30:.1f} GiB as float64); "
+            f"arrays are limited to {MAX_ARRAY_BYTES / 2**30:.0f} GiB",
+        )
+
+
 def load_npz(path: Path | str, seed: int, image: bool = False) -> Dataset:
     """A user's `.npz`: `x_train`, `y_train`, and optionally both `x_val` and `y_val`.
 
@@ -210,6 +239,7 @@ def load_npz(path: Path | str, seed: int, image: bool = False) -> Dataset:
         names = ["x_train", "y_train"] + (["x_val", "y_val"] if "x_val" in keys else [])
         raw: dict[str, NDArray[Any]] = {}
         for key in names:
+            _check_declared_size(archive, key, source)
             try:
                 raw[key] = np.asarray(archive[key])
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:

@@ -4,6 +4,7 @@ write the run directory and its summary. The controller is built by the caller (
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections import Counter
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import EsperError, SignatureVerifier, pb
+from esper.leyline import CleanupStack, EsperError, SignatureVerifier, pb
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset, load_digits, load_npz, make_task
 from esper.tolaria.emergency import EmergencyChannel
@@ -118,10 +119,14 @@ def run_experiment(
     progress: bool = True,
     emergency: EmergencyChannel | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    dataset: Dataset | None = None,
 ) -> dict[str, Any]:
     """Train as `config` says under `controller`; returns (and writes) the summary.
 
     `on_epoch` sees every epoch's figures (the progress display does too), e.g. to export them as metrics.
+    `dataset` is the config's task when the caller has loaded it already (to validate it before starting).
+    The data is loaded and everything built before `config.json` is written: a run directory holds a run
+    only once training can begin.
 
     With an `emergency` channel the run obeys HALT signals: it checkpoints and stops early, and the
     summary says `"status": "halted"` with the signal's reason (resume it with `resume=True`)."""
@@ -129,14 +134,17 @@ def run_experiment(
     settings = config.tolaria
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
-    run_dir = RunDirectory(config.run_dir)
-    if not resume:
-        run_dir.write_json(run_dir.config_path, config.to_json())
-    dataset = load_task(config.task, config.host, seed=settings.seed, difficulty=config.difficulty)
+    if dataset is None:
+        dataset = load_task(config.task, config.host, seed=settings.seed, difficulty=config.difficulty)
     host = build_host(config.host, dataset.input_shape, dataset.num_classes)
     params_initial = host.parameter_count()
+    run_dir = RunDirectory(config.run_dir)
     catalogue = BlueprintCatalogue.open_default(config.catalogue_path)
-    try:
+    cleanup = CleanupStack(
+        lambda name, exc: logging.getLogger("esper.tolaria").error("clean-up %r failed: %s", name, exc)
+    )
+    cleanup.push("close the blueprint catalogue", catalogue.close)
+    with cleanup:
         verifier = SignatureVerifier(
             secret, freshness_s=config.kasmina.command_freshness_s, future_skew_s=config.kasmina.clock_skew_s
         )
@@ -154,12 +162,12 @@ def run_experiment(
             training_run_id=config.training_run_id,
             emergency=emergency,
         )
+        if not resume:
+            run_dir.write_json(run_dir.config_path, config.to_json())
         resumed_from = None
         if resume and trainer.resume():
             resumed_from = trainer.step
         outcome = _fit(trainer, console, progress, on_epoch)
-    finally:
-        catalogue.close()
     fossilized = sum(1 for s in manager.slot_ids if manager.stage(s) == pb.SEED_STAGE_FOSSILIZED)
     summary = {
         "run_id": config.training_run_id,

@@ -42,5 +42,5 @@ class TolariaSettings(StrictSettings):
     max_controller_failures: int = Field(
         default=3, ge=1, description="Consecutive failed decisions before the run stops."
     )
-    min_lr: float = Field(default=1e-6, gt=0)
-    max_lr: float = Field(default=1.0, gt=0)
+    min_lr: float = Field(default=1e-6, gt=0, le=10.0)
+    max_lr: float = Field(default=1.0, gt=0, le=10.0)

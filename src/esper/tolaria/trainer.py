@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from esper.kasmina import SeedManager, stage_name
-from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, short_name
+from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, value_label
 from esper.tolaria.checkpoint import Checkpoint, CheckpointStore
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset
@@ -516,7 +516,7 @@ class Trainer:
 def _command_record(command: pb.AdaptationCommand) -> dict[str, Any]:
     record: dict[str, Any] = {
         "command_id": command.command_id,
-        "command_type": short_name(pb.CommandType, command.command_type),
+        "command_type": value_label(pb.CommandType, command.command_type),
         "issued_by": command.issued_by,
         "target_seed_id": command.target_seed_id,
         "annotations": dict(command.annotations),
@@ -524,10 +524,10 @@ def _command_record(command: pb.AdaptationCommand) -> dict[str, Any]:
     if command.HasField("seed_operation"):
         operation = command.seed_operation
         record.update(
-            operation=short_name(pb.SeedOperation, operation.operation),
+            operation=value_label(pb.SeedOperation, operation.operation),
             slot_id=operation.slot_id,
             blueprint_id=operation.blueprint_id,
-            blend_mode=short_name(pb.BlendMode, operation.blend_mode),
+            blend_mode=value_label(pb.BlendMode, operation.blend_mode),
             alpha_ramp_steps=operation.alpha_ramp_steps,
         )
     return record

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from esper.leyline import Backoff, EsperSettings
-from esper.leyline.settings import StrictSettings
+from esper.leyline.settings import DAY_S, HOUR_S, MAX_BACKOFF_MULTIPLIER, MINUTE_S, StrictSettings
 from esper.weatherlight.services import SERVICES
 
 
@@ -22,9 +22,15 @@ class WeatherlightSettings(StrictSettings):
         default=("simic",),
         description=f"Services to run, comma-separated; known: {', '.join(sorted(SERVICES))}.",
     )
-    restart_initial_ms: float = Field(default=500.0, gt=0, description="Wait before the first restart.")
-    restart_multiplier: float = Field(default=2.0, ge=1.0, description="Growth of the wait per restart.")
-    restart_max_ms: float = Field(default=30_000.0, gt=0, description="Longest wait before a restart.")
+    restart_initial_ms: float = Field(
+        default=500.0, gt=0, le=HOUR_S * 1000, description="Wait before the first restart."
+    )
+    restart_multiplier: float = Field(
+        default=2.0, ge=1.0, le=MAX_BACKOFF_MULTIPLIER, description="Growth of the wait per restart."
+    )
+    restart_max_ms: float = Field(
+        default=30_000.0, gt=0, le=HOUR_S * 1000, description="Longest wait before a restart."
+    )
     restart_jitter: float = Field(
         default=0.2, ge=0.0, lt=1.0, description="Random spread of each wait (0.2 = +/- 20 %)."
     )
@@ -32,15 +38,20 @@ class WeatherlightSettings(StrictSettings):
         default=5, ge=0, description="Restarts within restart_window_s before a service is given up."
     )
     restart_window_s: float = Field(
-        default=300.0, gt=0, description="Crashes older than this no longer count toward the limit."
+        default=300.0, gt=0, le=DAY_S, description="Crashes older than this no longer count toward the limit."
     )
     stop_timeout_s: float = Field(
-        default=10.0, gt=0, description="How long a service may take to exit after SIGTERM before SIGKILL."
+        default=10.0,
+        gt=0,
+        le=HOUR_S,
+        description="How long a service may take to exit after SIGTERM before SIGKILL.",
     )
     health_file: Path | None = Field(
         default=None, description="Health JSON [<ESPER_DATA_DIR>/weatherlight/health.json]."
     )
-    poll_interval_ms: float = Field(default=200.0, gt=0, description="Time between two supervision passes.")
+    poll_interval_ms: float = Field(
+        default=200.0, gt=0, le=MINUTE_S * 1000, description="Time between two supervision passes."
+    )
 
     @field_validator("services", mode="before")
     @classmethod
