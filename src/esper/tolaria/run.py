@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +97,19 @@ def load_task(task: str, host: str, *, seed: int, difficulty: float) -> Dataset:
 
 
 def resolve_config(config: RunConfig, *, resume: bool) -> RunConfig:
-    """The config to run: `config` for a fresh run, the run directory's own on resume."""
+    """The config to run: `config` for a fresh run, the run directory's own on resume.
+
+    On resume the directory given is the run, wherever it lies now: a run directory that was moved keeps
+    training where it is (the `run_dir` its config.json recorded is where it was started)."""
     path = config.run_dir / "config.json"
     if resume:
         if not path.exists():
             raise RunConfigError(f"cannot resume: {path} does not exist")
-        return RunConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            saved = RunConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunConfigError(f"cannot resume: {path} is not a run configuration: {exc}") from exc
+        return replace(saved, run_dir=config.run_dir)
     if path.exists():
         raise RunConfigError(f"{config.run_dir} already holds a run; use --resume or another --run-dir")
     return config
