@@ -8,11 +8,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from esper.leyline import pb
+from esper.tolaria.run import run_experiment
+from tests.integration.run_worker import SECRET, config, controller
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,3 +74,57 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert meta["controller"] == reference_meta["controller"]
     for log in ("events.jsonl", "metrics.jsonl"):
         assert (interrupted / log).read_text() == (reference / log).read_text(), log
+
+
+class _Replaying:
+    """The scripted controller, recording its commands; after `replay(...)` its next decision returns
+    that old command instead (a replay of something Kasmina already applied)."""
+
+    def __init__(self) -> None:
+        self.inner = controller()
+        self.issued: list[pb.AdaptationCommand] = []
+        self.replay: pb.AdaptationCommand | None = None
+
+    def prepare(self, packet: pb.SystemStatePacket) -> None:
+        self.inner.prepare(packet)
+
+    def anticipate(self) -> None:
+        self.inner.anticipate()
+
+    def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
+        if self.replay is not None:
+            command, self.replay = self.replay, None
+            return command
+        command = self.inner.evaluate_step(packet)
+        self.issued.append(command)
+        return command
+
+    def export_state(self) -> dict[str, Any]:
+        return self.inner.export_state()
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        self.inner.restore_state(state)
+
+
+def test_a_command_applied_before_the_checkpoint_is_refused_as_a_replay_after_resume(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = _Replaying()
+    run_experiment(config(run_dir, epochs=1), first, SECRET, progress=False)
+    applied = [
+        json.loads(line)
+        for line in (run_dir / "decisions.jsonl").read_text().splitlines()
+        if json.loads(line).get("accepted")
+    ]
+    assert applied, "the first epoch applied no command"
+    replayed = next(c for c in first.issued if c.command_id == applied[0]["command_id"])
+
+    # A new process (a new verifier, a new ledger) resumes the run for a second epoch; its first decision
+    # hands Kasmina the command it already applied, well inside the freshness window.
+    second = _Replaying()
+    second.replay = replayed
+    run_experiment(config(run_dir, epochs=2), second, SECRET, resume=True, progress=False)
+    records = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
+    again = [r for r in records if r.get("command_id") == replayed.command_id]
+    assert len(again) == 2
+    assert again[1]["accepted"] is False
+    assert again[1]["rejection"] == "replayed_nonce"

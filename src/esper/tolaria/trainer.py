@@ -378,6 +378,7 @@ class Trainer:
             "interval_loss_sum": self.interval_loss_sum,
             "interval_loss_count": self.interval_loss_count,
             "manager": self.manager.export_state(),
+            "nonces": self.manager.export_nonces(),
             "optimizer": optimizer_meta,
             "controller": self.controller.export_state(),
             "logs": self.run_dir.log_sizes(),
@@ -418,6 +419,7 @@ class Trainer:
         """Put host, seeds, optimizer, controller, RNG and counters back as `checkpoint` has them."""
         meta = checkpoint.meta
         self.manager.restore_state(meta["manager"])
+        self.manager.restore_nonces(meta.get("nonces", []))
         model_state = {
             k.removeprefix("model."): v for k, v in checkpoint.tensors.items() if k.startswith("model.")
         }
