@@ -19,13 +19,14 @@ from rich.table import Table
 
 from esper.kasmina import KasminaSettings, SeedManager
 from esper.leyline import EsperError, SignatureVerifier, pb
+from esper.tolaria.checkpoint import CheckpointStore
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset, load_digits, load_npz, make_task
 from esper.tolaria.emergency import EmergencyChannel
 from esper.tolaria.hosts import build_host
 from esper.tolaria.records import RunDirectory
 from esper.tolaria.settings import TolariaSettings
-from esper.tolaria.trainer import EpochReport, Trainer
+from esper.tolaria.trainer import EpochReport, Trainer, check_checkpoint
 from esper.urza import BlueprintCatalogue
 
 
@@ -113,6 +114,14 @@ def resolve_config(config: RunConfig, *, resume: bool) -> RunConfig:
     if path.exists():
         raise RunConfigError(f"{config.run_dir} already holds a run; use --resume or another --run-dir")
     return config
+
+
+def resume_step(run_dir: Path) -> int | None:
+    """The step a resume of `run_dir` continues from: that of the newest checkpoint the trainer would
+    restore (damaged ones skipped the same way), or None when there is none."""
+    store = CheckpointStore(RunDirectory(run_dir).checkpoint_dir)
+    checkpoint = store.latest(check=lambda found: check_checkpoint(store.directory, found))
+    return None if checkpoint is None else checkpoint.step
 
 
 def run_experiment(

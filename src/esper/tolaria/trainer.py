@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +49,18 @@ _META_FIELDS = frozenset(
         "logs",
     }
 )
+
+
+def check_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
+    """Refuse (as damaged: `CheckpointError`) a checkpoint that lacks what `Trainer.restore` reads."""
+    path = directory / f"ckpt-{checkpoint.step:09d}.json"
+    missing = sorted(_META_FIELDS - checkpoint.meta.keys())
+    if missing:
+        raise CheckpointError(path, f"meta lacks {', '.join(missing)}")
+    if not isinstance(checkpoint.meta["logs"], dict):
+        raise CheckpointError(path, "meta's logs is not a mapping")
+    if "rng.torch" not in checkpoint.tensors:
+        raise CheckpointError(path, "tensors lack rng.torch")
 
 
 class TrainingDiverged(EsperError):
@@ -398,15 +411,7 @@ class Trainer:
         return True
 
     def _check_checkpoint(self, checkpoint: Checkpoint) -> None:
-        """Refuse (as damaged) a checkpoint that lacks what `restore` reads."""
-        path = self.store.directory / f"ckpt-{checkpoint.step:09d}.json"
-        missing = sorted(_META_FIELDS - checkpoint.meta.keys())
-        if missing:
-            raise CheckpointError(path, f"meta lacks {', '.join(missing)}")
-        if not isinstance(checkpoint.meta["logs"], dict):
-            raise CheckpointError(path, "meta's logs is not a mapping")
-        if "rng.torch" not in checkpoint.tensors:
-            raise CheckpointError(path, "tensors lack rng.torch")
+        check_checkpoint(self.store.directory, checkpoint)
 
     def _report_damaged(self, error: CheckpointError) -> None:
         self._log_trainer_event(
