@@ -300,6 +300,28 @@ class _TamiyoRunState:
                 steps.push("close Tamiyo's service", close)
 
 
+def _abandon_past_checkpoint(durable: _TamiyoRunState, run_dir: Path, training_run_id: str) -> None:
+    """Before Tamiyo starts (and its outbox publishes anything), cut the store's timeline back to the
+    checkpoint the run resumes from: decisions taken after it are re-decided by the resumed run, so theirs
+    are abandoned (never published from now on, never learned from)."""
+    from esper.tolaria.run import resume_step
+
+    step = resume_step(run_dir)
+    if step is None:
+        return
+    cut = durable.store.abandon_after(training_run_id, step)
+    if cut.decisions:
+        err_console.print(
+            f"resume from step {step}: abandoned {cut.decisions} decision(s) and {cut.field_reports} pending "
+            f"field report(s) taken after it"
+            + (
+                f"; {cut.already_published} of them were published before the crash"
+                if cut.already_published
+                else ""
+            )
+        )
+
+
 def _tamiyo_service(
     durable: _TamiyoRunState | None,
     settings: TamiyoSettings,
@@ -579,6 +601,8 @@ def run(
                 ),
             )
             durable = _TamiyoRunState(config.run_dir, settings)
+            if resume:
+                _abandon_past_checkpoint(durable, config.run_dir, config.training_run_id)
             # Windows are aborted when the run ended; a run that stopped early (failure, halt, interrupt)
             # leaves them open for --resume.
             cleanup.push(

@@ -1,6 +1,9 @@
 """A training run under the scripted controller, as its own process (for kill-and-resume tests).
 
-python -m tests.integration.run_worker RUN_DIR [--resume] [--delay SECONDS] [--bus-dir DIR]
+python -m tests.integration.run_worker RUN_DIR [--resume] [--delay SECONDS] [--bus-dir DIR] [--policy gnn]
+
+With `--policy gnn`, Tamiyo decides with the (seeded, untrained) GNN, sampling, under a generous step
+deadline (a loaded test machine must not make a decision miss it).
 
 With `--bus-dir`, the run listens for emergency HALTs on the embedded bus in DIR and exits with status
 HALTED_EXIT when one stops it.
@@ -9,11 +12,16 @@ HALTED_EXIT when one stops it.
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from esper.kasmina import KasminaSettings
-from esper.leyline import EsperSettings, load_settings
+from esper.leyline import EsperSettings, load_settings, pb
 from esper.oona import OonaSettings
+from esper.tamiyo import GNNPolicy, TamiyoService
+from esper.tamiyo.settings import TamiyoSettings
+from esper.tolaria.controller import BoundController, Controller
 from esper.tolaria.emergency import BusEmergencyChannel
 from esper.tolaria.run import RunConfig, run_experiment
 from esper.tolaria.settings import TolariaSettings
@@ -65,6 +73,21 @@ def controller(delay_s: float = 0.0) -> ScriptedController:
     )
 
 
+def gnn_controller(delay_s: float = 0.0) -> tuple[Controller, Callable[[], None]]:
+    """Tamiyo with the sampling GNN, bound for Tolaria, and the function that closes its service."""
+    settings = load_settings(TamiyoSettings, environ={}, step_timeout_ms=60_000.0, gnn_greedy=False)
+    policy = GNNPolicy(settings)
+    service = TamiyoService(settings, policy, SECRET)
+
+    def decide(packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
+        if delay_s:
+            time.sleep(delay_s)  # lets a test kill the run mid-way; changes no state
+        return service.evaluate_step(packet)
+
+    bound = BoundController(decide=decide, save=policy.state, load=policy.restore, rehearse=service.prepare)
+    return bound, service.close
+
+
 def main() -> None:
     """Run (or resume) one run directory."""
     parser = argparse.ArgumentParser()
@@ -72,7 +95,13 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--bus-dir", type=Path, default=None)
+    parser.add_argument("--policy", choices=("scripted", "gnn"), default="scripted")
     args = parser.parse_args()
+    close: Callable[[], None] | None = None
+    if args.policy == "gnn":
+        chosen, close = gnn_controller(args.delay)
+    else:
+        chosen = controller(args.delay)
     channel = None
     if args.bus_dir is not None:
         esper, oona = bus_settings(args.bus_dir)
@@ -82,7 +111,7 @@ def main() -> None:
     try:
         summary = run_experiment(
             config(args.run_dir),
-            controller(args.delay),
+            chosen,
             SECRET,
             resume=args.resume,
             progress=False,
@@ -91,6 +120,8 @@ def main() -> None:
     finally:
         if channel is not None:
             channel.close()
+        if close is not None:
+            close()
     if summary["status"] == "halted":
         raise SystemExit(HALTED_EXIT)
 

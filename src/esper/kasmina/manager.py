@@ -649,6 +649,22 @@ class SeedManager:
             }
         return {"paused": self._paused, "slots": slots}
 
+    def export_nonces(self) -> list[list[Any]]:
+        """The nonces of the commands accepted within the replay window, with their expiry (JSON-ready).
+
+        Saved with each checkpoint apart from `export_state` (they are random, the slots' state is not):
+        after a restart, a command seen before the checkpoint is still refused as a replay."""
+        ledger = self._verifier.ledger
+        return [[nonce, expiry] for nonce, expiry in ledger.entries(self._verifier.now())]
+
+    def restore_nonces(self, entries: Sequence[Sequence[Any]]) -> None:
+        """Remember the nonces `export_nonces` saved, and those seen since (a rollback forgets none)."""
+        try:
+            parsed = [(str(nonce), float(expiry)) for nonce, expiry in entries]
+        except (TypeError, ValueError) as exc:
+            raise SeedStateRestoreError("*", f"saved nonces are not [nonce, expiry] pairs: {exc}") from exc
+        self._verifier.ledger.merge(parsed, self._verifier.now())
+
     def restore_state(self, state: Mapping[str, Any]) -> None:
         """Rebuild every slot from `export_state` output: modules are rebuilt empty (load weights next)."""
         slots = state["slots"]

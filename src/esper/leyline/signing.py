@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import secrets
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import TypeVar
 
 from google.protobuf.message import Message
@@ -106,6 +107,20 @@ class NonceLedger:
         self._expiry.move_to_end(nonce)
         self._prune(now)
 
+    def entries(self, now: float) -> list[tuple[str, float]]:
+        """The live nonces with their expiry (wall-clock seconds), oldest first: what survives a restart."""
+        self._prune(now)
+        return list(self._expiry.items())
+
+    def merge(self, entries: Sequence[tuple[str, float]], now: float) -> None:
+        """Remember `entries` (from `entries()`, possibly another process's) as well; each nonce keeps the
+        later of its two expiries, and nothing already remembered is forgotten."""
+        merged = dict(self._expiry)
+        for nonce, expiry in entries:
+            merged[nonce] = max(float(expiry), merged.get(nonce, float("-inf")))
+        self._expiry = OrderedDict(sorted(merged.items(), key=lambda item: item[1]))
+        self._prune(now)
+
 
 class SignatureVerifier:
     """Verifies signed messages against one secret, one freshness window and one nonce ledger."""
@@ -129,6 +144,15 @@ class SignatureVerifier:
         self.future_skew_s = future_skew_s
         self._clock = clock
         self._ledger = ledger or NonceLedger(ttl_s=freshness_s + future_skew_s)
+
+    @property
+    def ledger(self) -> NonceLedger:
+        """The nonces this verifier has accepted (a run saves them with its checkpoints)."""
+        return self._ledger
+
+    def now(self) -> float:
+        """The verifier's clock, in the ledger's unit (wall-clock seconds)."""
+        return self._clock.wall_ns() / 1e9
 
     def verify(self, message: M) -> M:
         """Return `message` if authentic, fresh and not replayed; raise a `SignatureError` otherwise."""

@@ -545,6 +545,15 @@ class FeatureNormalizer:
                 for name in self._count
             }
 
+    def load_states(self, states: dict[str, NormalizerState]) -> None:
+        """Continue from `states()` output (a checkpoint's): the statistics become exactly these, and
+        values queued since are discarded (they belong to graphs after that snapshot)."""
+        with self._lock:
+            self._restore(states)
+            self._pending = []
+            self._scaled = {}
+        self._updates_since_flush = 0
+
     def flush(self) -> None:
         """Write the statistics to the store; a failure is a `NormalizerWriteError` (never ignored)."""
         if self._store is None:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,6 +33,8 @@ from esper.tamiyo.graph import (
     BlueprintLookup,
     GraphBuilder,
     GraphSchema,
+    GraphSchemaError,
+    NormalizerState,
     NormalizerStore,
     TamiyoGraph,
     collate,
@@ -268,7 +270,10 @@ class GNNPolicy:
     def state(self) -> dict[str, Any]:
         """JSON-ready run state (saved with Tolaria's checkpoints): the weights' version and the sampler."""
         generator = base64.b64encode(self._generator.get_state().numpy().tobytes()).decode("ascii")
-        return {"policy": "gnn", "version": self._version, "generator": generator}
+        # The normaliser's statistics decide too: saved exactly (JSON floats round-trip), not only at
+        # its periodic store flushes.
+        normalizer = {name: asdict(state) for name, state in self._builder.normalizer.states().items()}
+        return {"policy": "gnn", "version": self._version, "generator": generator, "normalizer": normalizer}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a `state()` snapshot; weights of another version are refused, never mixed."""
@@ -284,6 +289,23 @@ class GNNPolicy:
             self._generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         except (ValueError, RuntimeError) as exc:
             raise CheckpointIncompatible("generator", "a valid sampler state", str(exc)) from exc
+        saved = state.get("normalizer")
+        if saved is None:
+            return  # a state saved before the statistics were checkpointed
+        try:
+            states = {
+                str(name): NormalizerState(
+                    [float(v) for v in entry["count"]],
+                    [float(v) for v in entry["mean"]],
+                    [float(v) for v in entry["m2"]],
+                )
+                for name, entry in dict(saved).items()
+            }
+            self._builder.normalizer.load_states(states)
+        except (TypeError, ValueError, KeyError, GraphSchemaError) as exc:
+            raise CheckpointIncompatible(
+                "normalizer", "normaliser statistics of this schema", str(exc)
+            ) from exc
 
     def save(self, path: Path) -> None:
         """Write the weights and header to `path` (safetensors; never pickle)."""

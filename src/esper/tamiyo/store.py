@@ -184,6 +184,16 @@ class PolicyVersionRecord:
     activated_at_ns: int
 
 
+@dataclass
+class AbandonResult:
+    """What `abandon_after` cut back: decisions past the checkpoint, their reports still pending (now
+    dropped), and entries the outbox had published before the crash."""
+
+    decisions: int = 0
+    field_reports: int = 0
+    already_published: int = 0
+
+
 @dataclass(frozen=True)
 class RetentionResult:
     """What a retention pass removed."""
@@ -678,6 +688,47 @@ class TamiyoStore:
             if gone != 1:
                 raise WindowNotOpen(self.path, command_id)
             self._insert_report(db, report, now)
+
+    def abandon_after(self, training_run_id: str, step: int) -> AbandonResult:
+        """Cut the run's timeline back to a restored checkpoint at `step`, in one transaction.
+
+        Decisions of `training_run_id` taken after `step` (by their packet's global step) belong to a
+        timeline a resumed run replaces: their windows are forgotten, and they and their field reports,
+        where still pending, become `dropped` with an `abandoned` reason (never published, so never
+        learned from). What the outbox had already published before the crash cannot be recalled: it is
+        counted, so the caller can announce it.
+        """
+        reason = f"abandoned: decided after step {step}, past the checkpoint the run resumed from"
+        now = self._clock.wall_ns()
+        result = AbandonResult()
+        with self._transaction("abandon timeline") as db:
+            rows = db.execute(
+                "SELECT command_id, record, status FROM decisions WHERE training_run_id = ?",
+                (training_run_id,),
+            ).fetchall()
+            for command_id, blob, status in rows:
+                record = self.parse_stored(pb.DecisionRecord, blob, f"decision {command_id}")
+                if record.packet.global_step <= step:
+                    continue
+                result.decisions += 1
+                if status == "published":
+                    result.already_published += 1
+                db.execute("DELETE FROM windows WHERE command_id = ?", (command_id,))
+                for table in ("decisions", "field_reports"):
+                    changed = db.execute(
+                        f"UPDATE {table} SET status = 'dropped', last_error = ?, updated_at_ns = ?"
+                        " WHERE command_id = ? AND status = 'pending'",
+                        (reason, now, command_id),
+                    ).rowcount
+                    if table == "field_reports":
+                        result.field_reports += changed
+                result.already_published += int(
+                    db.execute(
+                        "SELECT COUNT(*) FROM field_reports WHERE command_id = ? AND status = 'published'",
+                        (command_id,),
+                    ).fetchone()[0]
+                )
+        return result
 
     # -- outbox -------------------------------------------------------------------------------------
 

@@ -4,6 +4,11 @@ A checkpoint is two files, `ckpt-<step>.safetensors` then `ckpt-<step>.json`. Ea
 temporary name, fsynced, renamed into place, and the directory fsynced. The JSON is written last and
 names the tensors file with its SHA-256: a checkpoint counts only when its JSON exists and the hash
 matches, so a crash at any instant leaves the previous checkpoint as the latest valid one.
+
+Reading trusts neither file: a JSON that is not a checkpoint record (`[]`, no `meta`, a wrong type), or a
+tensors file that does not decode, is a `CheckpointError`, and `latest()` falls back to the newest
+checkpoint that is whole, telling its caller which ones it skipped and why. With none whole it raises
+`NoValidCheckpoint`.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
@@ -32,6 +39,54 @@ class CheckpointError(EsperError):
         self.path = path
         self.reason = reason
         super().__init__(f"checkpoint {path}: {reason}")
+
+
+class NoValidCheckpoint(CheckpointError):
+    """Checkpoints exist but none of them is whole; `damaged` holds each one's error, newest first."""
+
+    def __init__(self, directory: Path, damaged: list[CheckpointError]) -> None:
+        self.damaged = damaged
+        reasons = "; ".join(f"{error.path.name}: {error.reason}" for error in damaged)
+        super().__init__(directory, f"no valid checkpoint ({reasons})")
+
+
+def decode_record(blob: bytes, path: Path) -> dict[str, Any]:
+    """The checkpoint record in `blob` (the JSON file's bytes), checked field by field.
+
+    Anything else (bytes that are not UTF-8 JSON, a JSON value that is not a record, a missing or
+    ill-typed field, a tensors file name that leaves the directory) is a `CheckpointError`."""
+    try:
+        record = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(path, f"not JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise CheckpointError(path, f"not a checkpoint record (a JSON {type(record).__name__})")
+    fields: dict[str, type | tuple[type, ...]] = {
+        "step": int,
+        "tensors_file": str,
+        "tensors_sha256": str,
+        "meta": dict,
+    }
+    for name, kind in fields.items():
+        if name not in record:
+            raise CheckpointError(path, f"record lacks {name!r}")
+        value = record[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(path, f"{name!r} is a {type(value).__name__}, not a {kind}")
+    if record["step"] < 0:
+        raise CheckpointError(path, f"step is {record['step']}")
+    name = record["tensors_file"]
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise CheckpointError(path, f"tensors file {name!r} is not a file name in the checkpoint directory")
+    return record
+
+
+def decode_tensors(blob: bytes, path: Path) -> dict[str, Tensor]:
+    """The tensors in `blob` (safetensors bytes); bytes that do not decode are a `CheckpointError`."""
+    try:
+        return load_tensors(blob)
+    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(path, f"tensors do not decode: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -85,24 +140,42 @@ class CheckpointStore:
         """The checkpoint of `step`, verified against its hash."""
         json_path = self.directory / f"ckpt-{step:09d}.json"
         try:
-            record = json.loads(json_path.read_text())
-            blob = (self.directory / str(record["tensors_file"])).read_bytes()
-        except (OSError, ValueError, KeyError) as exc:
+            record = decode_record(json_path.read_bytes(), json_path)
+            tensors_path = self.directory / record["tensors_file"]
+            blob = tensors_path.read_bytes()
+        except OSError as exc:
             raise CheckpointError(json_path, f"unreadable: {exc}") from exc
-        if hashlib.sha256(blob).hexdigest() != record.get("tensors_sha256"):
+        if record["step"] != step:
+            raise CheckpointError(json_path, f"records step {record['step']}, its name says {step}")
+        if hashlib.sha256(blob).hexdigest() != record["tensors_sha256"]:
             raise CheckpointError(json_path, "tensors file does not match its recorded SHA-256")
-        return Checkpoint(step=int(record["step"]), tensors=load_tensors(blob), meta=dict(record["meta"]))
+        return Checkpoint(step=step, tensors=decode_tensors(blob, tensors_path), meta=record["meta"])
 
-    def latest(self) -> Checkpoint | None:
-        """The newest checkpoint that verifies; None when there is none."""
-        errors = []
+    def latest(
+        self,
+        on_damaged: Callable[[CheckpointError], None] | None = None,
+        check: Callable[[Checkpoint], None] | None = None,
+    ) -> Checkpoint | None:
+        """The newest checkpoint that verifies (and passes `check`, which raises `CheckpointError` for a
+        checkpoint its owner cannot use); None when there is none.
+
+        Each newer checkpoint skipped as damaged is passed to `on_damaged` (newest first) before the one
+        returned; when every checkpoint is damaged, `NoValidCheckpoint` names them all."""
+        errors: list[CheckpointError] = []
         for step in reversed(self.steps()):
             try:
-                return self.load(step)
+                checkpoint = self.load(step)
+                if check is not None:
+                    check(checkpoint)
             except CheckpointError as exc:
                 errors.append(exc)
+                continue
+            if on_damaged is not None:
+                for error in errors:
+                    on_damaged(error)
+            return checkpoint
         if errors:
-            raise errors[0]
+            raise NoValidCheckpoint(self.directory, errors)
         return None
 
     def _prune(self) -> None:

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,14 @@ from rich.table import Table
 
 from esper.kasmina import KasminaSettings, SeedManager
 from esper.leyline import CleanupStack, EsperError, SignatureVerifier, pb
+from esper.tolaria.checkpoint import CheckpointStore
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset, load_digits, load_npz, make_task
 from esper.tolaria.emergency import EmergencyChannel
 from esper.tolaria.hosts import build_host
 from esper.tolaria.records import RunDirectory
 from esper.tolaria.settings import TolariaSettings
-from esper.tolaria.trainer import EpochReport, Trainer
+from esper.tolaria.trainer import EpochReport, Trainer, check_checkpoint
 from esper.urza import BlueprintCatalogue
 
 
@@ -98,15 +99,30 @@ def load_task(task: str, host: str, *, seed: int, difficulty: float) -> Dataset:
 
 
 def resolve_config(config: RunConfig, *, resume: bool) -> RunConfig:
-    """The config to run: `config` for a fresh run, the run directory's own on resume."""
+    """The config to run: `config` for a fresh run, the run directory's own on resume.
+
+    On resume the directory given is the run, wherever it lies now: a run directory that was moved keeps
+    training where it is (the `run_dir` its config.json recorded is where it was started)."""
     path = config.run_dir / "config.json"
     if resume:
         if not path.exists():
             raise RunConfigError(f"cannot resume: {path} does not exist")
-        return RunConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            saved = RunConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunConfigError(f"cannot resume: {path} is not a run configuration: {exc}") from exc
+        return replace(saved, run_dir=config.run_dir)
     if path.exists():
         raise RunConfigError(f"{config.run_dir} already holds a run; use --resume or another --run-dir")
     return config
+
+
+def resume_step(run_dir: Path) -> int | None:
+    """The step a resume of `run_dir` continues from: that of the newest checkpoint the trainer would
+    restore (damaged ones skipped the same way), or None when there is none."""
+    store = CheckpointStore(RunDirectory(run_dir).checkpoint_dir)
+    checkpoint = store.latest(check=lambda found: check_checkpoint(store.directory, found))
+    return None if checkpoint is None else checkpoint.step
 
 
 def run_experiment(

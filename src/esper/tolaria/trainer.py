@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from esper.kasmina import SeedManager, stage_name
 from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, value_label
-from esper.tolaria.checkpoint import Checkpoint, CheckpointStore
+from esper.tolaria.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset
 from esper.tolaria.emergency import ChannelTrouble, EmergencyChannel, HaltRequest
@@ -30,6 +31,36 @@ from esper.tolaria.optimizer import HOST_GROUP, GroupedAdam
 from esper.tolaria.packet import build_packet
 from esper.tolaria.records import RunDirectory
 from esper.tolaria.settings import TolariaSettings
+
+# What `restore` reads from a checkpoint's meta (`save_checkpoint` writes them all).
+_META_FIELDS = frozenset(
+    {
+        "step",
+        "loss_ema",
+        "rollbacks",
+        "decisions",
+        "controller_failures",
+        "best_val_accuracy",
+        "interval_loss_sum",
+        "interval_loss_count",
+        "manager",
+        "optimizer",
+        "controller",
+        "logs",
+    }
+)
+
+
+def check_checkpoint(directory: Path, checkpoint: Checkpoint) -> None:
+    """Refuse (as damaged: `CheckpointError`) a checkpoint that lacks what `Trainer.restore` reads."""
+    path = directory / f"ckpt-{checkpoint.step:09d}.json"
+    missing = sorted(_META_FIELDS - checkpoint.meta.keys())
+    if missing:
+        raise CheckpointError(path, f"meta lacks {', '.join(missing)}")
+    if not isinstance(checkpoint.meta["logs"], dict):
+        raise CheckpointError(path, "meta's logs is not a mapping")
+    if "rng.torch" not in checkpoint.tensors:
+        raise CheckpointError(path, "tensors lack rng.torch")
 
 
 class TrainingDiverged(EsperError):
@@ -325,11 +356,14 @@ class Trainer:
         if self.rollbacks >= self.settings.max_rollbacks:
             raise self._diverged(reason)
         failed_step = self.step
-        checkpoint = self.store.latest()
+        damaged: list[CheckpointError] = []
+        checkpoint = self.store.latest(on_damaged=damaged.append, check=self._check_checkpoint)
         if checkpoint is None:
             raise self._diverged(f"{reason}; no checkpoint to roll back to")
         rollbacks = self.rollbacks + 1
         self.restore(checkpoint)
+        for error in damaged:
+            self._report_damaged(error)
         self.rollbacks = rollbacks
         self._adjust_lr(self.settings.rollback_lr_factor)
         self._log_trainer_event(
@@ -357,6 +391,7 @@ class Trainer:
             "interval_loss_sum": self.interval_loss_sum,
             "interval_loss_count": self.interval_loss_count,
             "manager": self.manager.export_state(),
+            "nonces": self.manager.export_nonces(),
             "optimizer": optimizer_meta,
             "controller": self.controller.export_state(),
             "logs": self.run_dir.log_sizes(),
@@ -365,17 +400,31 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint (logs cut back to it); False when there is none."""
-        checkpoint = self.store.latest()
+        damaged: list[CheckpointError] = []
+        checkpoint = self.store.latest(on_damaged=damaged.append, check=self._check_checkpoint)
         if checkpoint is None:
             return False
         self.run_dir.truncate_logs(checkpoint.meta["logs"])
         self.restore(checkpoint)
+        for error in damaged:  # after the logs are cut back, so the events stay
+            self._report_damaged(error)
         return True
+
+    def _check_checkpoint(self, checkpoint: Checkpoint) -> None:
+        check_checkpoint(self.store.directory, checkpoint)
+
+    def _report_damaged(self, error: CheckpointError) -> None:
+        self._log_trainer_event(
+            "checkpoint_damaged",
+            reason=f"skipped {error.path.name}: {error.reason}",
+            detail={"path": str(error.path), "restored_step": self.step},
+        )
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Put host, seeds, optimizer, controller, RNG and counters back as `checkpoint` has them."""
         meta = checkpoint.meta
         self.manager.restore_state(meta["manager"])
+        self.manager.restore_nonces(meta.get("nonces", []))
         model_state = {
             k.removeprefix("model."): v for k, v in checkpoint.tensors.items() if k.startswith("model.")
         }

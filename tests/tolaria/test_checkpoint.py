@@ -1,0 +1,161 @@
+"""Checkpoint decoding: damaged files give a typed error, and resume falls back to the newest whole one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from esper.tolaria.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    NoValidCheckpoint,
+    decode_record,
+    decode_tensors,
+)
+from esper.tolaria.run import run_experiment
+from tests.integration.run_worker import SECRET, config, controller
+
+PATH = Path("ckpt-000000001.json")
+
+
+def _store(tmp_path: Path) -> CheckpointStore:
+    store = CheckpointStore(tmp_path / "checkpoints", keep=3)
+    for step in (1, 2):
+        store.save(step, {"w": torch.full((2,), float(step))}, {"step": step})
+    return store
+
+
+def _damage_json(store: CheckpointStore, step: int, text: str) -> None:
+    (store.directory / f"ckpt-{step:09d}.json").write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("[]", "not a checkpoint record"),
+        ("{broken", "not JSON"),
+        ('{"step": 2, "tensors_file": "ckpt-000000002.safetensors", "tensors_sha256": "x"}', "lacks 'meta'"),
+        (
+            '{"step": 2, "tensors_file": "../x", "tensors_sha256": "x", "meta": {}}',
+            "not a file name",
+        ),
+        ('{"step": "2", "tensors_file": "a", "tensors_sha256": "x", "meta": {}}', "'step' is a str"),
+    ],
+)
+def test_damaged_newest_json_falls_back_to_the_older_checkpoint(
+    tmp_path: Path, text: str, reason: str
+) -> None:
+    store = _store(tmp_path)
+    _damage_json(store, 2, text)
+    skipped: list[CheckpointError] = []
+    checkpoint = store.latest(on_damaged=skipped.append)
+    assert checkpoint is not None and checkpoint.step == 1
+    assert [error.path.name for error in skipped] == ["ckpt-000000002.json"]
+    assert reason in skipped[0].reason
+
+
+def test_undecodable_tensors_fall_back_to_the_older_checkpoint(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    # A tensors file that is not safetensors, with a record whose hash matches it: only decoding can tell.
+    blob = b"\x08\x00\x00\x00\x00\x00\x00\x00not json"
+    (store.directory / "ckpt-000000002.safetensors").write_bytes(blob)
+    record = json.loads((store.directory / "ckpt-000000002.json").read_text())
+    record["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
+    _damage_json(store, 2, json.dumps(record))
+    skipped: list[CheckpointError] = []
+    checkpoint = store.latest(on_damaged=skipped.append)
+    assert checkpoint is not None and checkpoint.step == 1
+    assert "tensors do not decode" in skipped[0].reason
+
+
+def test_every_checkpoint_damaged_is_a_typed_error_naming_each(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    _damage_json(store, 1, "[]")
+    _damage_json(store, 2, "{}")
+    with pytest.raises(NoValidCheckpoint) as caught:
+        store.latest()
+    assert [error.path.name for error in caught.value.damaged] == [
+        "ckpt-000000002.json",
+        "ckpt-000000001.json",
+    ]
+
+
+@given(st.binary(max_size=512))
+def test_any_bytes_decode_as_a_record_or_give_the_typed_error(blob: bytes) -> None:
+    try:
+        record = decode_record(blob, PATH)
+    except CheckpointError:
+        return
+    assert isinstance(record["meta"], dict) and isinstance(record["step"], int)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=512),
+        st.builds(
+            lambda header, tail: len(header).to_bytes(8, "little") + header + tail,
+            st.one_of(st.binary(max_size=128), st.text(max_size=128).map(str.encode)),
+            st.binary(max_size=64),
+        ),
+    )
+)
+def test_any_bytes_decode_as_tensors_or_give_the_typed_error(blob: bytes) -> None:
+    try:
+        tensors = decode_tensors(blob, PATH)
+    except CheckpointError:
+        return
+    assert all(isinstance(t, torch.Tensor) for t in tensors.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["[]", "no meta", "meta lacks logs", "tensors"])
+def test_resume_with_a_damaged_newest_checkpoint_uses_the_older_one(tmp_path: Path, damage: str) -> None:
+    run_dir = tmp_path / "run"
+    run_config = config(run_dir, epochs=2)
+    run_experiment(run_config, controller(), SECRET, progress=False)
+    checkpoints = run_dir / "checkpoints"
+    newest = sorted(checkpoints.glob("ckpt-*.json"))[-1]
+    record = json.loads(newest.read_text())
+    if damage == "[]":
+        newest.write_text("[]")
+    elif damage == "no meta":
+        del record["meta"]
+        newest.write_text(json.dumps(record))
+    elif damage == "meta lacks logs":
+        del record["meta"]["logs"]
+        newest.write_text(json.dumps(record))
+    else:
+        tensors = checkpoints / record["tensors_file"]
+        tensors.write_bytes(b"\xff" * 16)
+        record["tensors_sha256"] = hashlib.sha256(tensors.read_bytes()).hexdigest()
+        newest.write_text(json.dumps(record))
+    summary = run_experiment(run_config, controller(), SECRET, resume=True, progress=False)
+    older = sorted(checkpoints.glob("ckpt-*.json"))[0].name
+    assert summary["resumed_from_step"] == int(older[5:14])
+    assert summary["status"] == "completed"
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    damaged = [event for event in events if event["kind"] == "checkpoint_damaged"]
+    assert len(damaged) == 1 and newest.stem in damaged[0]["reason"]  # the JSON or its tensors file
+
+
+def test_resume_after_the_run_directory_moved_trains_in_the_new_place(tmp_path: Path) -> None:
+    started = tmp_path / "A"
+    run_experiment(config(started, epochs=1), controller(), SECRET, progress=False)
+    moved = tmp_path / "B"
+    shutil.move(started, moved)
+    # The caller's config names the new place; config.json still says A.
+    from esper.tolaria.run import resolve_config
+
+    resolved = resolve_config(config(moved, epochs=1), resume=True)
+    assert resolved.run_dir == moved
+    summary = run_experiment(resolved, controller(), SECRET, resume=True, progress=False)
+    assert summary["resumed_from_step"] is not None
+    assert not started.exists()
+    assert (moved / "summary.json").exists()
