@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -56,6 +58,58 @@ console = Console()
 err_console = Console(stderr=True)
 
 HALTED_EXIT = 3
+RUN_LOG = "esper.log"
+
+
+class _Verbosity:
+    """Whether internal events and logs reach the terminal (`esper --verbose`)."""
+
+    verbose = False
+
+
+def _terminal_log(level: int) -> None:
+    """Send the `esper` loggers' records of `level` and above to stderr (replacing an earlier setting).
+
+    Records below it reach no terminal: with a handler in place, Python's last-resort printer stays quiet.
+    """
+    logger = logging.getLogger("esper")
+    logger.setLevel(logging.INFO)
+    for handler in [h for h in logger.handlers if getattr(h, "esper_terminal", False)]:
+        logger.removeHandler(handler)
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.esper_terminal = True  # type: ignore[attr-defined]
+    terminal.setLevel(level)
+    terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(terminal)
+
+
+def _run_log(run_dir: Path) -> Callable[[], None]:
+    """During a run, the `esper` loggers write to RUN_DIR/esper.log, and the terminal shows what a person
+    acts on (progress, errors, the summary), not internal events, unless --verbose. Returns the undo."""
+    log_file = logging.FileHandler(run_dir / RUN_LOG, encoding="utf-8")
+    log_file.setLevel(logging.INFO)
+    log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("esper")
+    logger.addHandler(log_file)
+    _terminal_log(logging.INFO if _Verbosity.verbose else logging.CRITICAL + 1)
+
+    def undo() -> None:
+        logger.removeHandler(log_file)
+        log_file.close()
+        _terminal_log(logging.INFO if _Verbosity.verbose else logging.WARNING)
+
+    return undo
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show internal events and logs on the terminal.")
+    ] = False,
+) -> None:
+    """Esper grows neural networks while they train."""
+    _Verbosity.verbose = verbose
+    _terminal_log(logging.INFO if verbose else logging.WARNING)
 
 
 def _settings() -> EsperSettings:
@@ -76,7 +130,6 @@ def _blueprint_metadata(
     (a consumer group of its own, removed with the connections by `cleanup`, or at exit without one).
     """
     import atexit
-    import logging
 
     from esper.oona import OonaSettings, open_bus
     from esper.tamiyo.metadata import BlueprintMetadataCache
@@ -393,15 +446,11 @@ def _hint_for_deadline_misses(exc: EsperError) -> None:
 
 def _log_cleanup_failure(name: str, exc: Exception) -> None:
     """The clean-up reporter of a process: the failure goes to the log."""
-    import logging
-
     logging.getLogger("esper.cli").error("clean-up step %r failed: %s: %s", name, type(exc).__name__, exc)
 
 
 def _run_cleanup_reporter(run_dir: Path) -> Callable[[str, Exception], None]:
     """A run's clean-up reporter: logged, printed, and recorded as a `cleanup_failed` event of the run."""
-    import logging
-
     from esper.tolaria.records import JsonlLog
 
     def report(name: str, exc: Exception) -> None:
@@ -579,6 +628,8 @@ def run(
         with CleanupStack(_run_cleanup_reporter(config.run_dir)) as cleanup:
             if not resume:  # a start that fails before training removes what it created, and only that
                 cleanup.push("remove what the failed start created", _FreshStart(config.run_dir).undo)
+            config.run_dir.mkdir(parents=True, exist_ok=True)
+            cleanup.push("close the run's log", _run_log(config.run_dir))
             secret = resolve_signing_secret(settings)
             registry = CollectorRegistry()  # this run's metrics only, never the process-global registry
             run_metrics = RunMetrics(registry, config.training_run_id)

@@ -45,7 +45,7 @@ def test_esper_run_writes_a_complete_summary_and_its_report(data_dir: Path, tmp_
         assert key in summary, key
     assert summary["status"] == "completed" and summary["halt"] is None
     assert (run_dir / "report" / "report.md").exists() and (run_dir / "report" / "lifecycle.png").exists()
-    assert {"config.json", "metrics.jsonl", "decisions.jsonl", "events.jsonl"} <= {
+    assert {"config.json", "metrics.jsonl", "decisions.jsonl", "events.jsonl", "esper.log"} <= {
         p.name for p in run_dir.iterdir()
     }
     # The Prometheus snapshot holds the run's gauges and Tamiyo's counters as they were at the end.
