@@ -1,7 +1,8 @@
 """TamiyoStore throughput against raw sqlite3, and restore time for 100 000 field reports.
 
-Write throughput: acknowledged `TamiyoStore.add_field_report` calls per second (validate, serialise, insert
-the report with its outbox state as one row, in its own fsynced transaction) against raw sqlite3
+Write throughput: acknowledged `TamiyoStore.add_field_report` calls per second (validate, serialise,
+checksum, insert the report with its outbox state as one row, in its own fsynced transaction, then note
+the WAL's committed frames in the acknowledged-write mark) against raw sqlite3
 single-row inserts of the same reports, pre-serialised, one autocommit transaction each (the strictest
 baseline: no protobuf, no validation, one row). Both run in this process, on the same disk (one temporary
 directory), in WAL mode with `synchronous=FULL`, interleaved in blocks of `--block` writes that alternate

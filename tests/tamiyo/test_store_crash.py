@@ -4,7 +4,8 @@ One writer process imports Esper once and forks a fresh child per round (see `st
 round the child opens the store (recovering from the previous kill), writes, and is killed with SIGKILL
 after a random delay: during open, mid-transaction, mid-fsync, between writes. After each kill the test
 reopens the store and checks that everything the child acknowledged is there, that no acknowledged close
-left its window behind, and that SQLite's integrity check passes.
+left its window behind, and that SQLite's integrity check passes. A kill is never taken for damage: no
+open (the child's, or the test's) reports lost writes, and no read reports a corrupt record.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from esper.tamiyo.store import TamiyoStore
@@ -30,7 +32,8 @@ class Writer:
     """The forking writer, its stdout read by a thread (so every wait has a timeout)."""
 
     def __init__(self, db: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        # This tree's sources first (not whichever checkout the virtualenv's editable install points at).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO / "src"), str(REPO)))}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.tamiyo.store_writer", str(db)],
             cwd=REPO,
@@ -86,6 +89,11 @@ def test_sigkill_at_random_instants_loses_no_acknowledged_record(tmp_path: Path)
     decisions: set[str] = set()
     closed: set[str] = set()
     killed_during_open = 0
+    events: list[str] = []
+
+    def sink(name: str, description: str, _attributes: Mapping[str, str]) -> None:
+        events.append(f"{name}: {description}")
+
     try:
         for _ in range(KILLS):
             pid, early = writer.fork()
@@ -113,7 +121,8 @@ def test_sigkill_at_random_instants_loses_no_acknowledged_record(tmp_path: Path)
                     reports.add(words[1])
             killed_during_open += not opened
             decisions |= new_decisions
-            with TamiyoStore(db) as store:  # the restart
+            # The restart (a false alarm would be StoreRecordsLost here, or in the next child's open).
+            with TamiyoStore(db, events=sink) as store:
                 stored = {s.report.report_id for s in store.field_reports()}
                 assert reports <= stored, f"lost acknowledged reports: {sorted(reports - stored)[:5]}"
                 for command_id in new_decisions:
@@ -121,9 +130,13 @@ def test_sigkill_at_random_instants_loses_no_acknowledged_record(tmp_path: Path)
                 still_open = {w.command_id for w in store.open_windows()}
                 assert not (closed & still_open), "a closed window came back"
                 assert store.integrity_check() == ["ok"]
-        with TamiyoStore(db) as store:  # at the end, every decision of every round once more
+                assert not events, events
+        with TamiyoStore(db, events=sink) as store:  # at the end, every decision of every round once more
             assert all(store.decision(command_id) is not None for command_id in decisions)
+            assert {s.report.report_id for s in store.field_reports()} >= reports
+        assert not events, events
     finally:
         writer.close()
-    assert len(reports) > KILLS, "the writers barely wrote: the kills did not land among writes"
+    # The reach of the test, not a property of the store: on a loaded machine fewer writes fit a round.
+    assert len(reports) > KILLS // 2, "the writers barely wrote: the kills did not land among writes"
     assert killed_during_open > 0, "no kill landed while a writer was opening the store"

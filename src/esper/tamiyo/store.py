@@ -1,10 +1,17 @@
 """TamiyoStore: the one owner of Tamiyo's durable state, in one SQLite file.
 
-Decision records, field reports, open observation windows, the outbox, category registries, normaliser
-statistics and the policy lineage live in one database (`tamiyo.sqlite3` in a run directory): WAL journal,
+Decision records, field reports, open observation windows, the outbox, normaliser statistics and the
+policy lineage live in one database (`tamiyo.sqlite3` in a run directory): WAL journal,
 `synchronous=FULL`, one `BEGIN IMMEDIATE` transaction per state change. A call that returned has been
-committed and fsynced, so a crash at any later instant keeps it. There are no sidecar files that could
-drift from the database.
+committed and fsynced, so a crash at any later instant keeps it.
+
+Damage is detected, never silent. Every record (decision, field report, window) carries a CRC32 over its
+payload and key columns, checked on every read: a record that fails it is left out of what is read, with
+a `tamiyo_store_record_corrupt` event, and the rest stay readable. Damage to the WAL would make SQLite's
+recovery stop at the damaged frame and drop every later commit without a word; so after each commit the
+store notes the WAL's committed frame count in `<db>-mark` (its high-water mark), and at open compares it
+with what recovery found: acknowledged writes missing are `StoreRecordsLost`. The mark is written after the
+commit's fsync and only ever lags the database, so a crash never raises a false alarm.
 
 The schema is versioned: `schema_migrations` lists every migration applied, in order, and opening an older
 database applies the missing ones; a database written by a newer Esper is refused. A damaged file, a
@@ -14,16 +21,18 @@ naming the file and the cause; nothing is dropped quietly.
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 import sqlite3
+import struct
 import threading
+import zlib
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 from google.protobuf.message import Message
 
@@ -47,6 +56,8 @@ OUTBOX_STATUSES: tuple[OutboxStatus, ...] = ("pending", "published", "dropped")
 STREAM_OF_KIND: dict[OutboxKind, str] = {"field_report": Streams.FIELD_REPORTS, "decision": Streams.DECISIONS}
 _NS_PER_DAY = 86_400 * 1_000_000_000
 M = TypeVar("M", bound=Message)
+StoreEventSink = Callable[[str, str, Mapping[str, str]], None]
+_log = logging.getLogger("esper.tamiyo.store")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -68,6 +79,22 @@ class StoreCorrupted(StoreError):
     def __init__(self, path: Path, detail: str) -> None:
         self.detail = detail
         super().__init__(path, f"database is damaged or not a Tamiyo store ({detail})")
+
+
+class StoreRecordsLost(StoreCorrupted):
+    """Acknowledged writes are missing: the WAL was damaged after they committed (see `<db>-mark`).
+
+    `lost` counts the acknowledged writes (transactions) gone. The store is not opened; open it with
+    `accept_loss=True` to carry on without them (an event says so), or restore the file from a copy.
+    """
+
+    def __init__(self, path: Path, lost: int, detail: str) -> None:
+        self.lost = lost
+        super().__init__(
+            path,
+            f"{lost} acknowledged write(s) lost to WAL damage ({detail}); restore from a copy, or open with"
+            " accept_loss=True to carry on without them",
+        )
 
 
 class StoreWriteError(StoreError):
@@ -227,11 +254,12 @@ _OUTBOX_TABLES: dict[OutboxKind, tuple[str, str]] = {
     "field_report": ("field_reports", "report_id"),
     "decision": ("decisions", "command_id"),
 }
+# The eight fields of an `OutboxEntry`, then what its checksum covers besides them.
 _OUTBOX_SELECT = (
-    "SELECT 'field_report', report_id, command_id, report, status, attempts, next_attempt_ns, last_error"
-    " FROM field_reports WHERE {where} UNION ALL"
-    " SELECT 'decision', decision_id, command_id, record, status, attempts, next_attempt_ns, last_error"
-    " FROM decisions WHERE {where}"
+    "SELECT 'field_report', report_id, command_id, report, status, attempts, next_attempt_ns, last_error,"
+    " training_run_id, issued_at_ns, outcome, checksum FROM field_reports WHERE {where} UNION ALL"
+    " SELECT 'decision', decision_id, command_id, record, status, attempts, next_attempt_ns, last_error,"
+    " training_run_id, issued_at_ns, NULL, checksum FROM decisions WHERE {where}"
 )
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -269,6 +297,28 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
 )
+MIGRATIONS += (
+    Migration(
+        3,
+        "record checksums; the unused category registries dropped",
+        (
+            # Existing rows get the checksum of what they hold now (`esper_checksum` is `_checksum`).
+            "ALTER TABLE field_reports ADD COLUMN checksum INTEGER NOT NULL DEFAULT 0",
+            "UPDATE field_reports SET checksum = esper_checksum(report, report_id, command_id,"
+            " training_run_id, outcome, issued_at_ns)",
+            "ALTER TABLE decisions ADD COLUMN checksum INTEGER NOT NULL DEFAULT 0",
+            "UPDATE decisions SET checksum = esper_checksum(record, command_id, decision_id,"
+            " training_run_id, issued_at_ns)",
+            "ALTER TABLE windows ADD COLUMN checksum INTEGER NOT NULL DEFAULT 0",
+            "UPDATE windows SET checksum = esper_checksum(X'', command_id, training_run_id, start_epoch,"
+            " window_epochs, opened_at_ns, policy_version, action, command_type, slot_id, seed_id,"
+            " blueprint_id, baseline_accuracy, baseline_loss, baseline_params)",
+            # Category indices are fixed in code and digested into the policy's registry digest
+            # (`tamiyo.updates.policy_registry_digest`); nothing ever wrote this table.
+            "DROP TABLE registries",
+        ),
+    ),
+)
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 # sqlite3 messages that mean the file itself is damaged (as opposed to a failed write).
@@ -287,6 +337,141 @@ def _floats(blob: bytes) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------------
+# Record checksums
+# ------------------------------------------------------------------------------------------------------
+
+
+def _checksum(blob: bytes, *keys: object) -> int:
+    """CRC32 over a record's key columns and payload, as they read back from SQLite.
+
+    Callers pass each value with the type its column returns (`int` for INTEGER, `float` for REAL, `str`
+    for TEXT, None for NULL), so the checksum of a written row equals the one computed on reading it.
+    CRC32 catches every single-bit flip and every burst up to 32 bits; this guards against damage, not
+    against someone who rewrites rows on purpose.
+    """
+    return zlib.crc32(blob, zlib.crc32("\x1f".join([str(key) for key in keys]).encode()))
+
+
+def _window_checksum(row: Sequence[object]) -> int:
+    return _checksum(b"", *row)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The acknowledged-write mark
+# ------------------------------------------------------------------------------------------------------
+
+# WAL file header (https://sqlite.org/fileformat2.html#walformat): magic, version, page size, checkpoint
+# sequence, salt-1, salt-2, checksum-1, checksum-2, all big-endian; each frame has a 24-byte header
+# (page number, size of the database after a commit frame or 0, salts, checksums) and one page.
+_WAL_HEADER = struct.Struct(">IIIIII")
+_WAL_MAGIC_LE, _WAL_MAGIC_BE = 0x377F0682, 0x377F0683
+_FRAME_HEADER = 24
+# WAL-index header, the first 48 bytes of `-shm` (fileformat2, "WAL-index format"): version 3007000,
+# isInit at 12, mxFrame (the last valid commit frame) at 16, the WAL's salts at 32, native byte order.
+_SHM_VERSION_BYTES = struct.pack("=I", 3007000)
+_SHM_U32 = struct.Struct("=I")
+_MARK = struct.Struct(">8sII")  # salts, committed frames, CRC32 of the first 12 bytes
+_MARK_BODY, _MARK_CRC = struct.Struct(">8sI"), struct.Struct(">I")
+
+
+def _wal_header_valid(header: bytes) -> bool:
+    magic = int.from_bytes(header[:4], "big")
+    if magic not in (_WAL_MAGIC_LE, _WAL_MAGIC_BE):
+        return False
+    words = struct.unpack((">" if magic == _WAL_MAGIC_BE else "<") + "6I", header[:24])
+    s0 = s1 = 0
+    for index in range(0, 6, 2):
+        s0 = (s0 + words[index] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[index + 1] + s0) & 0xFFFFFFFF
+    return header[24:32] == struct.pack(">II", s0, s1)
+
+
+class _WriteMark:
+    """`<db>-mark`: the WAL generation (its salts) and its committed frame count after our last commit.
+
+    Written with `pwrite` after the commit's fsync, never fsynced itself: a process crash keeps it (page
+    cache), a power cut may lose its last update, and either way it can only lag the WAL, never lead it.
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = Path(f"{db_path}-mark")
+        self.wal = Path(f"{db_path}-wal")
+        self._shm = Path(f"{db_path}-shm")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._shm_fd: int | None = None
+
+    def close(self) -> None:
+        self.forget_wal_index()
+        with suppress(OSError):
+            os.close(self._fd)
+
+    def forget_wal_index(self) -> None:
+        """Reopen `-shm` on next use (it is recreated when the last connection to the database closes)."""
+        if self._shm_fd is not None:
+            with suppress(OSError):
+                os.close(self._shm_fd)
+            self._shm_fd = None
+
+    def read(self) -> tuple[bytes, int] | None:
+        """The last mark written, or None (none yet, or unreadable: then there is nothing to compare)."""
+        data = os.pread(self._fd, _MARK.size, 0)
+        if len(data) != _MARK.size:
+            return None
+        salts, frames, crc = _MARK.unpack(data)
+        return (salts, frames) if zlib.crc32(data[:12]) == crc else None
+
+    def committed(self) -> tuple[bytes, int] | None:
+        """(salts, mxFrame) of the WAL-index header: what SQLite holds as committed right now."""
+        if self._shm_fd is None:
+            try:
+                self._shm_fd = os.open(self._shm, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+        head = os.pread(self._shm_fd, 48, 0)
+        if head[:4] != _SHM_VERSION_BYTES or len(head) < 48 or not head[12]:
+            return None
+        return head[32:40], _SHM_U32.unpack_from(head, 16)[0]
+
+    def advance(self) -> None:
+        """Note the WAL's committed frames (called after each commit, under the store's lock)."""
+        state = self.committed()
+        if state is not None:
+            body = _MARK_BODY.pack(*state)
+            os.pwrite(self._fd, body + _MARK_CRC.pack(zlib.crc32(body)), 0)
+
+    def lost(self) -> tuple[int, str] | None:
+        """Acknowledged commits that recovery did not find, with what was seen; None when none are missing.
+
+        Called at open inside a read transaction (no writer can restart the WAL meanwhile), after SQLite's
+        recovery and before anything is written (a write would overwrite the damaged tail).
+        """
+        mark = self.read()
+        if mark is None or not self.wal.exists():
+            return None
+        salts, acknowledged = mark
+        with self.wal.open("rb") as wal:
+            header = wal.read(32)
+            if len(header) < 32:
+                return None  # truncated by a checkpoint: every frame is in the database
+            if not _wal_header_valid(header):
+                return max(acknowledged, 1), "the WAL header fails its checksum: SQLite ignores the whole WAL"
+            if header[16:24] != salts:
+                return None  # the WAL restarted after a complete checkpoint: the marked frames are in the db
+            state = self.committed()
+            if state is None or state[0] != salts or state[1] >= acknowledged:
+                return None
+            recovered = state[1]
+            page = _WAL_HEADER.unpack(header[:24])[2]
+            commits = 0
+            for frame in range(recovered + 1, acknowledged + 1):
+                wal.seek(32 + (frame - 1) * (_FRAME_HEADER + page))
+                frame_header = wal.read(8)
+                commits += len(frame_header) == 8 and frame_header[4:8] != b"\0\0\0\0"
+        detail = f"frames {recovered + 1}-{acknowledged} of the WAL were committed and are not valid now"
+        return max(commits, 1), detail
+
+
+# ------------------------------------------------------------------------------------------------------
 # The store
 # ------------------------------------------------------------------------------------------------------
 
@@ -296,6 +481,9 @@ class TamiyoStore:
 
     Safe to share between the service's thread and its outbox publisher thread. `verify=True` runs
     SQLite's `quick_check` on open, so a damaged file is refused before anything is read from it.
+    Acknowledged writes lost to WAL damage are `StoreRecordsLost` at open, unless `accept_loss` (then a
+    `tamiyo_store_records_lost` event). `events` receives the store's events (name, description,
+    attributes); without it they are logged.
     """
 
     def __init__(
@@ -307,28 +495,51 @@ class TamiyoStore:
         verify: bool = True,
         busy_timeout_s: float = 5.0,
         migrations: Sequence[Migration] = MIGRATIONS,
+        events: StoreEventSink | None = None,
+        accept_loss: bool = False,
     ) -> None:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
+        self._events = events
+        self._corrupt_seen: set[tuple[str, str]] = set()
+        self._mark: _WriteMark | None = None
         existed = self.path.exists()
         if not create and not existed:
             raise StoreError(self.path, "does not exist")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db: sqlite3.Connection | None = None
         try:
-            self._db: sqlite3.Connection | None = sqlite3.connect(
+            self._mark = _WriteMark(self.path)
+        except OSError as exc:
+            raise StoreWriteError(self.path, "open the write mark", f"{type(exc).__name__}: {exc}") from exc
+        try:
+            lost = self._find_lost_writes(busy_timeout_s) if existed else None
+            if lost is not None and not accept_loss:
+                raise StoreRecordsLost(self.path, *lost)
+        except BaseException:
+            self._mark.close()
+            raise
+        try:
+            self._db = sqlite3.connect(
                 self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
+            self._mark.close()
             raise StoreError(self.path, f"cannot open: {exc}") from exc
         try:
+            self._db.create_function("esper_checksum", -1, _checksum, deterministic=True)
             self._configure(verify)
+            if lost is not None:
+                self._accept_loss(*lost)
             self._migrate(migrations)
             if not existed:
                 self._sync_directory()
         except BaseException:
             self._db.close()
             self._db = None
+            if self._mark is not None:
+                self._mark.close()
             raise
 
     def __repr__(self) -> str:
@@ -355,6 +566,81 @@ class TamiyoStore:
             raise self._error("open", exc) from exc
         if str(mode).lower() != "wal":
             raise StoreError(self.path, f"SQLite refused WAL mode (got {mode!r}); the store needs it")
+
+    def _emit(self, name: str, description: str, **attributes: str) -> None:
+        attributes = {"path": str(self.path), **attributes}
+        if self._events is None:
+            _log.error("%s: %s %s", name, description, attributes)
+        else:
+            self._events(name, description, attributes)
+
+    def _find_lost_writes(self, busy_timeout_s: float) -> tuple[int, str] | None:
+        """Compare the acknowledged-write mark with what SQLite's recovery finds in the WAL.
+
+        Runs on a read-only connection before the store's own: a read-only connection never checkpoints
+        (a checkpoint, or any write, would overwrite the damaged tail), so a refused open leaves the
+        evidence for the next one. Inside its read transaction no writer can restart the WAL.
+        """
+        assert self._mark is not None
+        if not self._mark.wal.exists():
+            return None
+        try:
+            db = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=busy_timeout_s,
+                isolation_level=None,
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(self.path, f"cannot open: {exc}") from exc
+        try:
+            db.execute("BEGIN")
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # the read starts: recovery ran
+            return self._mark.lost()
+        except sqlite3.Error as exc:
+            raise self._error("open", exc) from exc
+        except OSError as exc:
+            raise StoreError(self.path, f"cannot read the WAL to check it: {exc}") from exc
+        finally:
+            db.close()
+            self._mark.forget_wal_index()
+
+    def _accept_loss(self, lost: int, detail: str) -> None:
+        self._emit(
+            "tamiyo_store_records_lost",
+            f"{lost} acknowledged write(s) lost to WAL damage ({detail}); carrying on without them",
+            lost=str(lost),
+        )
+        try:  # what recovery kept is the store now: the damaged tail is checkpointed away, the mark reset
+            self._connection("open").execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise self._error("checkpoint after accepted loss", exc) from exc
+        self._advance_mark()
+
+    def _advance_mark(self) -> None:
+        if self._mark is None:
+            return
+        try:
+            self._mark.advance()
+        except OSError as exc:  # the write itself is committed: announce that loss detection is off
+            self._mark.close()
+            self._mark = None
+            self._emit(
+                "tamiyo_store_mark_failed",
+                f"the acknowledged-write mark cannot be written ({exc}); WAL damage will go undetected",
+            )
+
+    def _corrupt(self, kind: str, key: str) -> None:
+        """A record failed its checksum: left out of what is read, with one event per record."""
+        if (kind, key) in self._corrupt_seen:
+            return
+        self._corrupt_seen.add((kind, key))
+        self._emit(
+            "tamiyo_store_record_corrupt",
+            f"{kind} {key!r} fails its checksum and is left out; the other records stay readable",
+            kind=kind,
+            key=key,
+        )
 
     def _migrate(self, migrations: Sequence[Migration]) -> None:
         supported = migrations[-1].version if migrations else 0
@@ -416,6 +702,7 @@ class TamiyoStore:
             try:
                 yield db
                 db.execute("COMMIT")
+                self._advance_mark()
             except BaseException as exc:
                 if db.in_transaction:
                     # The original error below is the one to report; SQLite undoes the rest itself.
@@ -435,6 +722,7 @@ class TamiyoStore:
                 yield db
             except sqlite3.Error as exc:
                 raise self._error(operation, exc) from exc
+            self._advance_mark()
 
     @contextmanager
     def _read(self, operation: str) -> Iterator[sqlite3.Connection]:
@@ -455,6 +743,9 @@ class TamiyoStore:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
             self._db = None
+            if self._mark is not None:
+                self._mark.close()
+                self._mark = None
 
     # -- schema -------------------------------------------------------------------------------------
 
@@ -483,22 +774,24 @@ class TamiyoStore:
         if not report.report_id.startswith("fr-"):
             raise RecordRejected(self.path, "field report", report.report_id, "report_id", "must start 'fr-'")
 
+    _INSERT_REPORT = (
+        "INSERT INTO field_reports (report_id, command_id, training_run_id, outcome, issued_at_ns, report,"
+        " next_attempt_ns, updated_at_ns, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+
+    def _report_row(self, report: pb.FieldReport, now_ns: int) -> tuple[object, ...]:
+        report_id, command_id, run = report.report_id, report.command_id, report.training_run_id
+        outcome = int(report.outcome)
+        issued = report.issued_at.seconds * 1_000_000_000 + report.issued_at.nanos
+        blob = serialize(report)
+        # `_checksum` inlined (the hot path): the same bytes as "\x1f".join(str(key) for key in keys).
+        keys = f"{report_id}\x1f{command_id}\x1f{run}\x1f{outcome}\x1f{issued}".encode()
+        checksum = zlib.crc32(blob, zlib.crc32(keys))
+        return (report_id, command_id, run, outcome, issued, blob, now_ns, now_ns, checksum)
+
     def _insert_report(self, db: sqlite3.Connection, report: pb.FieldReport, now_ns: int) -> None:
         try:
-            db.execute(
-                "INSERT INTO field_reports (report_id, command_id, training_run_id, outcome, issued_at_ns,"
-                " report, next_attempt_ns, updated_at_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    report.report_id,
-                    report.command_id,
-                    report.training_run_id,
-                    report.outcome,
-                    report.issued_at.ToNanoseconds(),
-                    serialize(report),
-                    now_ns,
-                    now_ns,
-                ),
-            )
+            db.execute(self._INSERT_REPORT, self._report_row(report, now_ns))
         except sqlite3.IntegrityError as exc:
             raise RecordRejected(
                 self.path, "field report", report.report_id, "report_id", "is already stored"
@@ -510,10 +803,21 @@ class TamiyoStore:
         Raises `RecordRejected` for a report without `issued_at` (retention ages reports by it), without
         its ids, or with a `report_id` already used.
         """
+        # The hot path of every acknowledged report: one autocommit INSERT (atomic and fsynced like a
+        # transaction, without the BEGIN and COMMIT round trips), no context managers.
         self._check_report(report)
-        now = self._clock.wall_ns()
-        with self._statement("add field report") as db:
-            self._insert_report(db, report, now)
+        row = self._report_row(report, self._clock.wall_ns())
+        with self._lock:
+            db = self._connection("add field report")
+            try:
+                db.execute(self._INSERT_REPORT, row)
+            except sqlite3.IntegrityError as exc:
+                raise RecordRejected(
+                    self.path, "field report", report.report_id, "report_id", "is already stored"
+                ) from exc
+            except sqlite3.Error as exc:
+                raise self._error("add field report", exc) from exc
+            self._advance_mark()
 
     def add_field_reports(self, reports: Sequence[pb.FieldReport]) -> None:
         """Store several reports in one transaction (an import): all of them or none."""
@@ -558,11 +862,15 @@ class TamiyoStore:
     def _query_reports(self, tail: str, params: tuple[object, ...]) -> list[StoredFieldReport]:
         with self._read("read field reports") as db:
             rows = db.execute(
-                "SELECT report_id, report, status, attempts, last_error FROM field_reports " + tail,
+                "SELECT report_id, command_id, training_run_id, outcome, issued_at_ns, report, checksum,"
+                " status, attempts, last_error FROM field_reports " + tail,
                 params,
             ).fetchall()
         result = []
-        for report_id, blob, status, attempts, last_error in rows:
+        for report_id, command_id, run, outcome, issued, blob, checksum, status, attempts, last_error in rows:
+            if _checksum(blob, report_id, command_id, run, outcome, issued) != checksum:
+                self._corrupt("field report", str(report_id))
+                continue
             report = self.parse_stored(pb.FieldReport, blob, f"field report {report_id}")
             result.append(StoredFieldReport(report, status, int(attempts), str(last_error)))
         return result
@@ -594,56 +902,74 @@ class TamiyoStore:
         if window is not None and window.command_id != record.command_id:
             raise ValueError(f"window {window.command_id!r} is not the decision's ({record.command_id!r})")
         payload = serialize(record)
+        issued = record.issued_at.ToNanoseconds()
+        checksum = _checksum(payload, record.command_id, record.decision_id, record.training_run_id, issued)
+        window_row = None if window is None else self._window_row(window)
         now = self._clock.wall_ns()
         with self._transaction("record decision") as db:
             try:
                 db.execute(
                     "INSERT INTO decisions (command_id, decision_id, training_run_id, issued_at_ns, record,"
-                    " next_attempt_ns, updated_at_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " next_attempt_ns, updated_at_ns, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.command_id,
                         record.decision_id,
                         record.training_run_id,
-                        record.issued_at.ToNanoseconds(),
+                        issued,
                         payload,
                         now,
                         now,
+                        checksum,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
                 raise RecordRejected(
                     self.path, "decision", record.decision_id, "command_id", "is already stored"
                 ) from exc
-            if window is not None:
+            if window_row is not None:
                 db.execute(
-                    "INSERT INTO windows (command_id, training_run_id, start_epoch, window_epochs,"
-                    " opened_at_ns, policy_version, action, command_type, slot_id, seed_id, blueprint_id,"
-                    " baseline_accuracy, baseline_loss, baseline_params)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        window.command_id,
-                        window.training_run_id,
-                        window.start_epoch,
-                        window.window_epochs,
-                        window.opened_at_ns,
-                        window.policy_version,
-                        window.action,
-                        window.command_type,
-                        window.slot_id,
-                        window.seed_id,
-                        window.blueprint_id,
-                        window.baseline_accuracy,
-                        window.baseline_loss,
-                        window.baseline_params,
-                    ),
+                    f"INSERT INTO windows ({self._WINDOW_COLUMNS}, checksum)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*window_row, _window_checksum(window_row)),
                 )
             self._extend_lineage(db, record.policy_version, "decision", now)
 
+    @staticmethod
+    def _window_row(window: ObservationWindow) -> tuple[object, ...]:
+        """The window's columns with the types they read back as (so its checksum matches on reading)."""
+        params = window.baseline_params
+        return (
+            str(window.command_id),
+            str(window.training_run_id),
+            int(window.start_epoch),
+            int(window.window_epochs),
+            int(window.opened_at_ns),
+            str(window.policy_version),
+            int(window.action),
+            int(window.command_type),
+            str(window.slot_id),
+            str(window.seed_id),
+            str(window.blueprint_id),
+            float(window.baseline_accuracy),
+            float(window.baseline_loss),
+            None if params is None else float(params),
+        )
+
     def decision(self, command_id: str) -> pb.DecisionRecord | None:
-        """The decision record of `command_id`, or None."""
+        """The decision record of `command_id`, or None (also when it fails its checksum: with an event)."""
         with self._read("read decision") as db:
-            row = db.execute("SELECT record FROM decisions WHERE command_id = ?", (command_id,)).fetchone()
-        return None if row is None else self.parse_stored(pb.DecisionRecord, row[0], f"decision {command_id}")
+            row = db.execute(
+                "SELECT decision_id, training_run_id, issued_at_ns, record, checksum FROM decisions"
+                " WHERE command_id = ?",
+                (command_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        decision_id, run, issued, blob, checksum = row
+        if _checksum(blob, command_id, decision_id, run, issued) != checksum:
+            self._corrupt("decision", command_id)
+            return None
+        return self.parse_stored(pb.DecisionRecord, blob, f"decision {command_id}")
 
     def count_decisions(self) -> int:
         """How many decision records are stored."""
@@ -660,20 +986,31 @@ class TamiyoStore:
         where, params = ("WHERE training_run_id = ?", (training_run_id,)) if training_run_id else ("", ())
         with self._read("read windows") as db:
             rows = db.execute(
-                f"SELECT {self._WINDOW_COLUMNS} FROM windows {where} ORDER BY opened_at_ns, command_id",
+                f"SELECT {self._WINDOW_COLUMNS}, checksum FROM windows {where}"
+                " ORDER BY opened_at_ns, command_id",
                 params,
             ).fetchall()
-        return [ObservationWindow(*row) for row in rows]
+        return self._verified_windows(rows)
+
+    def _verified_windows(self, rows: Sequence[Sequence[object]]) -> list[ObservationWindow]:
+        windows = []
+        for row in rows:
+            if _window_checksum(row[:-1]) != row[-1]:
+                self._corrupt("window", str(row[0]))
+                continue
+            windows.append(ObservationWindow(*row[:-1]))  # type: ignore[arg-type]
+        return windows
 
     def due_windows(self, training_run_id: str, epoch: int) -> list[ObservationWindow]:
         """Open windows of `training_run_id` that a packet at `epoch` closes."""
         with self._read("read due windows") as db:
             rows = db.execute(
-                f"SELECT {self._WINDOW_COLUMNS} FROM windows WHERE training_run_id = ? AND start_epoch <= ?"
-                " AND start_epoch + window_epochs <= ? ORDER BY opened_at_ns, command_id",
+                f"SELECT {self._WINDOW_COLUMNS}, checksum FROM windows WHERE training_run_id = ?"
+                " AND start_epoch <= ? AND start_epoch + window_epochs <= ?"
+                " ORDER BY opened_at_ns, command_id",
                 (training_run_id, epoch, epoch),
             ).fetchall()
-        return [ObservationWindow(*row) for row in rows]
+        return self._verified_windows(rows)
 
     def close_window(self, command_id: str, report: pb.FieldReport) -> None:
         """Write the window's report, queue it and forget the window, in one transaction."""
@@ -739,14 +1076,31 @@ class TamiyoStore:
             rows = db.execute(
                 _OUTBOX_SELECT.format(where=where) + " ORDER BY 7 LIMIT ?", (now_ns, now_ns, limit)
             ).fetchall()
-        return [OutboxEntry(*row) for row in rows]
+        return self._verified_entries(rows)
 
     def outbox_entries(self, status: OutboxStatus | None = None) -> list[OutboxEntry]:
         """Every outbox entry (optionally of one status): field reports, then decisions."""
         where, params = ("status = ?", (status, status)) if status else ("1", ())
         with self._read("read outbox") as db:
             rows = db.execute(_OUTBOX_SELECT.format(where=where), params).fetchall()
-        return [OutboxEntry(*row) for row in rows]
+        return self._verified_entries(rows)
+
+    def _verified_entries(self, rows: Sequence[Sequence[object]]) -> list[OutboxEntry]:
+        entries = []
+        for row in rows:
+            kind, ref_id, command_id, blob, *_, run, issued, outcome, checksum = row
+            payload = cast(bytes, blob)
+            if kind == "field_report":
+                expected = _checksum(payload, ref_id, command_id, run, outcome, issued)
+            else:
+                expected = _checksum(payload, command_id, ref_id, run, issued)
+            if expected != checksum:
+                self._corrupt(
+                    str(kind).replace("_", " "), str(ref_id if kind == "field_report" else command_id)
+                )
+                continue
+            entries.append(OutboxEntry(*row[:8]))  # type: ignore[arg-type]
+        return entries
 
     def next_outbox_due_ns(self) -> int | None:
         """When the earliest pending entry is due, or None when nothing is pending."""
@@ -807,41 +1161,6 @@ class TamiyoStore:
                 f" WHERE {column} = ? AND status = 'pending'",
                 (attempts, error, self._clock.wall_ns(), key),
             )
-
-    # -- category registries ------------------------------------------------------------------------
-
-    def register(self, registry: str, keys: Sequence[str]) -> dict[str, int]:
-        """Indices of `keys` in `registry`, assigning the next free index to new keys (durably)."""
-        with self._transaction(f"register {registry}") as db:
-            known = dict(db.execute("SELECT key, idx FROM registries WHERE registry = ?", (registry,)))
-            next_index = max(known.values(), default=-1) + 1
-            for key in keys:
-                if not key:
-                    raise RecordRejected(self.path, "registry entry", registry, "key", "is empty")
-                if key not in known:
-                    db.execute(
-                        "INSERT INTO registries (registry, key, idx) VALUES (?, ?, ?)",
-                        (registry, key, next_index),
-                    )
-                    known[key] = next_index
-                    next_index += 1
-        return {key: int(known[key]) for key in keys}
-
-    def registry(self, registry: str) -> dict[str, int]:
-        """Every key of `registry` with its index."""
-        with self._read("read registry") as db:
-            rows = db.execute("SELECT key, idx FROM registries WHERE registry = ? ORDER BY idx", (registry,))
-            return {str(key): int(idx) for key, idx in rows}
-
-    def registry_digest(self) -> str:
-        """SHA-256 over every registry's (name, key, index): a policy is compatible only with the same."""
-        digest = hashlib.sha256()
-        with self._read("read registries") as db:
-            for registry, key, idx in db.execute(
-                "SELECT registry, key, idx FROM registries ORDER BY registry, idx"
-            ):
-                digest.update(f"{registry}\x1f{key}\x1f{idx}\x1e".encode())
-        return digest.hexdigest()
 
     # -- normaliser statistics ----------------------------------------------------------------------
 
