@@ -1040,10 +1040,14 @@ class TamiyoStore:
         result = AbandonResult()
         with self._transaction("abandon timeline") as db:
             rows = db.execute(
-                "SELECT command_id, record, status FROM decisions WHERE training_run_id = ?",
+                "SELECT command_id, decision_id, issued_at_ns, record, status, checksum FROM decisions"
+                " WHERE training_run_id = ?",
                 (training_run_id,),
             ).fetchall()
-            for command_id, blob, status in rows:
+            for command_id, decision_id, issued, blob, status, checksum in rows:
+                if _checksum(blob, command_id, decision_id, training_run_id, issued) != checksum:
+                    self._corrupt("decision", command_id)  # unreadable: never published, so never learned
+                    continue
                 record = self.parse_stored(pb.DecisionRecord, blob, f"decision {command_id}")
                 if record.packet.global_step <= step:
                     continue
