@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -324,6 +327,17 @@ def forward_ratio(policy: GNNPolicy, packet: pb.SystemStatePacket, repeats: int 
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (a budget held on one CPU is no guarantee on the next)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: the platform's own answer below
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -335,6 +349,8 @@ def main() -> None:
     torch.set_num_threads(args.trainer_threads)
     results: dict[str, Any] = {
         "budget_ms": BUDGET_MS,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "trainer_threads": args.trainer_threads,
         "inference_threads": TamiyoSettings().cpu_threads,
