@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from esper.tolaria import checkpoint as checkpoint_module
 from esper.tolaria.checkpoint import (
     CheckpointError,
     CheckpointStore,
@@ -29,6 +31,7 @@ def _store(tmp_path: Path) -> CheckpointStore:
     store = CheckpointStore(tmp_path / "checkpoints", keep=3)
     for step in (1, 2):
         store.save(step, {"w": torch.full((2,), float(step))}, {"step": step})
+    store.flush()  # written on the store's writer thread
     return store
 
 
@@ -159,3 +162,44 @@ def test_resume_after_the_run_directory_moved_trains_in_the_new_place(tmp_path: 
     assert summary["resumed_from_step"] is not None
     assert not started.exists()
     assert (moved / "summary.json").exists()
+
+
+def test_a_checkpoint_is_written_off_the_training_thread_and_counts_only_when_flushed(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    entered, release = threading.Event(), threading.Event()
+
+    def before_commit() -> None:  # the logs' fsync, held here by the test
+        entered.set()
+        assert release.wait(30)
+
+    store.save(5, {"w": torch.ones(2)}, {"step": 5}, before_commit=before_commit)
+    assert entered.wait(30), "the writer thread never reached the commit"
+    assert not (store.directory / "ckpt-000000005.json").exists(), "the caller waited for the write"
+    release.set()
+    assert store.steps() == [5]  # waits for the write in flight
+    loaded = store.latest()
+    assert loaded is not None and loaded.meta == {"step": 5}
+
+
+def test_a_failed_background_write_raises_at_the_next_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+
+    def full_disk(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "write_atomically", full_disk)
+    store.save(3, {"w": torch.ones(2)}, {"step": 3})
+    with pytest.raises(CheckpointError, match="No space left"):
+        store.flush()
+    store.flush()  # reported once, then the store is usable again
+    monkeypatch.undo()
+    store.save(4, {"w": torch.ones(2)}, {"step": 4})
+    assert store.steps() == [4]
+
+
+def test_meta_that_is_not_json_is_refused_by_the_caller(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    with pytest.raises(CheckpointError, match="not JSON"):
+        store.save(1, {"w": torch.ones(2)}, {"step": object()})

@@ -5,6 +5,11 @@ temporary name, fsynced, renamed into place, and the directory fsynced. The JSON
 names the tensors file with its SHA-256: a checkpoint counts only when its JSON exists and the hash
 matches, so a crash at any instant leaves the previous checkpoint as the latest valid one.
 
+The caller hands over a snapshot (tensors it cloned, JSON-able meta) and goes on training while a writer
+thread serialises, writes and fsyncs it: the fsyncs cost the training loop nothing. One checkpoint is in
+flight at a time; the next `save`, `flush`, `steps` or `latest` waits for it, and a write that failed
+raises its `CheckpointError` there, never silently.
+
 Reading trusts neither file: a JSON that is not a checkpoint record (`[]`, no `meta`, a wrong type), or a
 tensors file that does not decode, is a `CheckpointError`, and `latest()` falls back to the newest
 checkpoint that is whole, telling its caller which ones it skipped and why. With none whole it raises
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,15 +112,78 @@ class CheckpointStore:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = directory
         self.keep = keep
+        self._writer: threading.Thread | None = None
+        self._error: CheckpointError | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
-    def save(self, step: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
-        """Write the checkpoint of `step`; returns its JSON path."""
+    def save(
+        self,
+        step: int,
+        tensors: dict[str, Tensor],
+        meta: dict[str, Any],
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> Path:
+        """Start writing the checkpoint of `step` on the writer thread; returns its JSON path.
+
+        `tensors` must be a snapshot the caller will not change (clones); `meta` is copied here.
+        `before_commit` runs on the writer thread before the JSON makes the checkpoint count (e.g. to
+        fsync the logs whose sizes `meta` records). An earlier write that failed raises here."""
+        self.flush()
+        json_path = self.directory / f"ckpt-{step:09d}.json"
+        try:
+            frozen_meta = json.loads(json.dumps(meta))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(json_path, f"meta is not JSON: {exc}") from exc
+        writer = threading.Thread(
+            target=self._write_guarded,
+            args=(step, tensors, frozen_meta, before_commit),
+            name=f"checkpoint-{step}",
+            daemon=True,  # a crash mid-write leaves the previous checkpoint valid (atomic renames)
+        )
+        self._writer = writer
+        writer.start()
+        return json_path
+
+    def flush(self) -> None:
+        """Wait for the checkpoint in flight; raise its `CheckpointError` if the write failed."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write_guarded(
+        self,
+        step: int,
+        tensors: dict[str, Tensor],
+        meta: dict[str, Any],
+        before_commit: Callable[[], None] | None,
+    ) -> None:
+        try:
+            self._write(step, tensors, meta, before_commit)
+        except CheckpointError as exc:
+            self._error = exc
+        except Exception as exc:  # noqa: BLE001 - whatever failed reaches the training thread at its next flush
+            self._error = CheckpointError(
+                self.directory / f"ckpt-{step:09d}.json", f"write failed: {type(exc).__name__}: {exc}"
+            )
+
+    def _write(
+        self,
+        step: int,
+        tensors: dict[str, Tensor],
+        meta: dict[str, Any],
+        before_commit: Callable[[], None] | None,
+    ) -> None:
         blob = save_tensors({name: t.contiguous() for name, t in tensors.items()})
         tensor_path = self.directory / f"ckpt-{step:09d}.safetensors"
         json_path = self.directory / f"ckpt-{step:09d}.json"
         try:
             write_atomically(tensor_path, blob)
+            if before_commit is not None:
+                before_commit()
             record = {
                 "step": step,
                 "tensors_file": tensor_path.name,
@@ -125,10 +194,13 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointError(json_path, f"write failed: {exc}") from exc
         self._prune()
-        return json_path
 
     def steps(self) -> list[int]:
-        """Steps of the checkpoints whose JSON is present, oldest first."""
+        """Steps of the checkpoints whose JSON is present, oldest first (after the one in flight)."""
+        self.flush()
+        return self._steps_on_disk()
+
+    def _steps_on_disk(self) -> list[int]:
         found = []
         for path in self.directory.iterdir():
             match = _NAME.match(path.name)
@@ -179,6 +251,6 @@ class CheckpointStore:
         return None
 
     def _prune(self) -> None:
-        for step in self.steps()[: -self.keep]:
+        for step in self._steps_on_disk()[: -self.keep]:
             for suffix in (".json", ".safetensors"):
                 (self.directory / f"ckpt-{step:09d}{suffix}").unlink(missing_ok=True)

@@ -82,12 +82,13 @@ class RunDirectory:
         return {"metrics": self.metrics, "decisions": self.decisions, "events": self.events}
 
     def log_sizes(self) -> dict[str, int]:
-        """fsync every log and return its size (recorded by checkpoints)."""
-        sizes = {}
-        for name, log in self.logs().items():
+        """Every log's size now (a checkpoint records them; `sync_logs` makes them durable)."""
+        return {name: log.size() for name, log in self.logs().items()}
+
+    def sync_logs(self) -> None:
+        """fsync every log (before a checkpoint that records their sizes counts)."""
+        for log in self.logs().values():
             log.sync()
-            sizes[name] = log.size()
-        return sizes
 
     def truncate_logs(self, sizes: dict[str, int]) -> None:
         """Cut every log back to the sizes a checkpoint recorded."""

@@ -183,6 +183,7 @@ class Trainer:
                     self.save_checkpoint()
                 if on_epoch is not None:
                     on_epoch(self._epoch_report(epoch))
+        self.store.flush()  # the last checkpoint is on disk before the run reports its end
         self.manager.terminate(self.step)
         self._flush_events()
         self._apply_parameter_changes()
@@ -319,6 +320,7 @@ class Trainer:
             },
         )
         self.save_checkpoint()
+        self.store.flush()
         return TrainingOutcome(
             evaluation=self._evaluate(),
             steps=self.step,
@@ -396,7 +398,7 @@ class Trainer:
             "controller": self.controller.export_state(),
             "logs": self.run_dir.log_sizes(),
         }
-        self.store.save(self.step, tensors, meta)
+        self.store.save(self.step, tensors, meta, before_commit=self.run_dir.sync_logs)
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint (logs cut back to it); False when there is none."""
