@@ -238,7 +238,10 @@ class FieldReports:
             )
             if background:
                 self._publisher = OutboxPublisher(
-                    self.outbox, self._queue_event, poll_s=settings.fr_outbox_poll_ms / 1000
+                    self.outbox,
+                    self._queue_event,
+                    poll_s=settings.fr_outbox_poll_ms / 1000,
+                    metrics=self.metrics,
                 )
         if retention.field_reports or retention.decisions:
             telemetry.emit(

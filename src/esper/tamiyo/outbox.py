@@ -59,6 +59,11 @@ class OutboxMetrics:
         self.decisions_dropped = Counter(
             "tamiyo_decision_records_dropped_total", "Decision records dropped", registry=registry
         )
+        self.pass_failures = Counter(
+            "tamiyo_field_reports_outbox_failures_total",
+            "Outbox passes that failed (the publisher thread reported the error and carried on)",
+            registry=registry,
+        )
 
     def values(self) -> dict[str, float]:
         """The four field-report figures under their dotted names (for telemetry packets)."""
@@ -226,11 +231,24 @@ class FieldReportOutbox:
 
 
 class OutboxPublisher:
-    """Runs `FieldReportOutbox.pump()` on a background thread: woken by `notify()`, else when due."""
+    """Runs `FieldReportOutbox.pump()` on a background thread: woken by `notify()`, else when due.
 
-    def __init__(self, outbox: FieldReportOutbox, events: EventSink, *, poll_s: float = 1.0) -> None:
+    The thread outlives any failure of a pass (the store's, or an unexpected one from the bus client):
+    each is a `field_report_outbox_failed` event and a count in `pass_failures`, and the next pass runs
+    after the poll interval; entries that were not published stay pending in the store.
+    """
+
+    def __init__(
+        self,
+        outbox: FieldReportOutbox,
+        events: EventSink,
+        *,
+        poll_s: float = 1.0,
+        metrics: OutboxMetrics | None = None,
+    ) -> None:
         self._outbox = outbox
         self._events = events
+        self._metrics = metrics
         self._poll_s = poll_s
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -251,15 +269,22 @@ class OutboxPublisher:
                 due = self._outbox.seconds_until_due()
                 if due is not None:
                     wait_s = min(wait_s, due)
-            except EsperError as exc:
-                # The store failed under the outbox: report it and try again later; nothing is lost.
-                self._events(
-                    "field_report_outbox_failed",
-                    f"outbox pass failed: {type(exc).__name__}: {exc}",
-                    {"error": f"{type(exc).__name__}: {exc}"},
-                )
+            except Exception as exc:  # noqa: BLE001 (the thread outlives any pass: event, metric, retried)
+                self._pass_failed(exc)
             self._wake.wait(wait_s)
             self._wake.clear()
+
+    def _pass_failed(self, exc: Exception) -> None:
+        # Nothing is lost: what was not published is still pending in the store for the next pass.
+        error = f"{type(exc).__name__}: {exc}"
+        if self._metrics is not None:
+            self._metrics.pass_failures.inc()
+        unexpected = "" if isinstance(exc, EsperError) else " (unexpected error)"
+        self._events(
+            "field_report_outbox_failed",
+            f"outbox pass failed{unexpected}: {error}; pending entries are retried on the next pass",
+            {"error": error},
+        )
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the thread (after its current pass); raises `OutboxPublisherStuck` if it does not stop."""
