@@ -241,7 +241,6 @@ class FieldReports:
                     self.outbox,
                     self._queue_event,
                     poll_s=settings.fr_outbox_poll_ms / 1000,
-                    metrics=self.metrics,
                 )
         if retention.field_reports or retention.decisions:
             telemetry.emit(

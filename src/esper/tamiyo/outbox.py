@@ -105,7 +105,7 @@ class FieldReportOutbox:
         self._store = store
         self._bus = bus
         self._clock = clock
-        self._metrics = metrics
+        self.metrics = metrics
         self._events = events
         self.batch = settings.fr_outbox_batch
         self._rng = rng or random.Random()
@@ -121,7 +121,7 @@ class FieldReportOutbox:
     def refresh_pending(self) -> int:
         """Set the pending gauge from the store; returns the count."""
         pending = self._store.pending_count("field_report")
-        self._metrics.pending.set(pending)
+        self.metrics.pending.set(pending)
         return pending
 
     def seconds_until_due(self) -> float | None:
@@ -151,7 +151,7 @@ class FieldReportOutbox:
                         dropped += 1
                 for entry in sendable:
                     if entry.attempts > 0 and entry.kind == "field_report":
-                        self._metrics.retries.inc()
+                        self.metrics.retries.inc()
                 if not envelopes:
                     continue
                 try:
@@ -169,8 +169,8 @@ class FieldReportOutbox:
                 else:
                     self._store.mark_published(sendable)
                     reports = sum(1 for entry in sendable if entry.kind == "field_report")
-                    self._metrics.published.inc(reports)
-                    self._metrics.decisions_published.inc(len(sendable) - reports)
+                    self.metrics.published.inc(reports)
+                    self.metrics.decisions_published.inc(len(sendable) - reports)
                     published += len(sendable)
             if entries:
                 self.refresh_pending()
@@ -214,9 +214,9 @@ class FieldReportOutbox:
         attempts = entry.attempts + 1
         self._store.mark_dropped(entry, attempts, reason)
         if entry.kind == "field_report":
-            self._metrics.dropped.inc()
+            self.metrics.dropped.inc()
         else:
-            self._metrics.decisions_dropped.inc()
+            self.metrics.decisions_dropped.inc()
         self._events(
             "field_report_drop",
             f"{entry.kind} {entry.ref_id} dropped after {attempts} attempt(s): {reason}",
@@ -244,11 +244,9 @@ class OutboxPublisher:
         events: EventSink,
         *,
         poll_s: float = 1.0,
-        metrics: OutboxMetrics | None = None,
     ) -> None:
         self._outbox = outbox
         self._events = events
-        self._metrics = metrics
         self._poll_s = poll_s
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -277,8 +275,7 @@ class OutboxPublisher:
     def _pass_failed(self, exc: Exception) -> None:
         # Nothing is lost: what was not published is still pending in the store for the next pass.
         error = f"{type(exc).__name__}: {exc}"
-        if self._metrics is not None:
-            self._metrics.pass_failures.inc()
+        self._outbox.metrics.pass_failures.inc()
         unexpected = "" if isinstance(exc, EsperError) else " (unexpected error)"
         self._events(
             "field_report_outbox_failed",
