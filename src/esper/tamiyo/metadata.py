@@ -7,6 +7,10 @@
   at start. A miss is fetched with the deadline `TAMIYO_METADATA_TIMEOUT_MS`; a failed fetch (timeout,
   corrupt catalogue) is not cached, raises `BlueprintMetadataUnavailable` from `describe()`, and through
   the lookup protocol becomes an event `blueprint_metadata_unavailable` naming the cause.
+- Inside a decision the risk gate calls `describe_within(id, remaining_ms)`: an entry is served at once, a
+  miss is fetched within what is left of the decision's budget (never past it), and a failure is raised
+  to the gate (its own WAIT reason) after the event. A `TamiyoService` routes the events into its
+  telemetry (`emit_to`), so a cache built before the service reports through it.
 - Invalidated by Urza's `CatalogueChange` notifications, read from a consumer group of its own. A change
   drops the entry and re-reads it from the catalogue (notifications are not signed, so their payload is
   never trusted: the catalogue stays the source of truth). Lookups never touch the bus: the owner calls
@@ -146,17 +150,21 @@ class BlueprintMetadataCache:
         fetch keeps `TAMIYO_METADATA_TIMEOUT_MS` as its ceiling. Raises `BlueprintMetadataUnavailable` when
         the catalogue could not answer in time (or failed), with the reason.
         """
+        budget_ms = timeout_ms
         if timeout_ms is None:
             acquired = self._lock.acquire()
-        else:
+        elif self._lock.acquire(blocking=False):
+            acquired = True
+        else:  # another lookup or a poll is fetching: the wait counts against the budget
+            waited_from = time.monotonic()
             acquired = timeout_ms > 0 and self._lock.acquire(timeout=timeout_ms / 1000)
+            budget_ms = timeout_ms - (time.monotonic() - waited_from) * 1e3
         if not acquired:
             self.stats.fetch_failures += 1
             raise BlueprintMetadataUnavailable(
                 blueprint_id, "another catalogue fetch outlasted the decision's remaining budget"
             )
         try:
-            start = time.monotonic()
             self._tick += 1
             entry = self._entries.get(blueprint_id)
             if entry is not None:
@@ -164,9 +172,7 @@ class BlueprintMetadataCache:
                 entry.last_used = self._tick
             else:
                 self.stats.misses += 1
-                fetch_ms = self.timeout_ms
-                if timeout_ms is not None:
-                    fetch_ms = min(fetch_ms, timeout_ms - (time.monotonic() - start) * 1e3)
+                fetch_ms = self.timeout_ms if budget_ms is None else min(self.timeout_ms, budget_ms)
                 descriptor = self._fetch(blueprint_id, fetch_ms)
                 entry = _Entry(descriptor, self._tick)
                 if self._feed is not None:  # without notifications nothing may be kept
