@@ -49,6 +49,7 @@ EVENTS: dict[str, EventSpec] = {
     "gnn_plan_fallback": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "graph_missing_features": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
     "graph_nodes_dropped": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
+    "graph_seed_unlinked": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
     "risk_gate_override": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
     "step_over_budget": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "blueprint_metadata_unavailable": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
@@ -223,6 +224,7 @@ class TamiyoTelemetry:
         self._compile_reason = "not started"
         self._plan_reason = "no topology rehearsed yet"
         self._last_missing: dict[str, tuple[str, ...]] = {}
+        self._last_unlinked: dict[str, str] = {}
         self.registry = registry or CollectorRegistry()
         self.latency_ms = Histogram(
             "tamiyo_step_latency_ms",
@@ -335,7 +337,8 @@ class TamiyoTelemetry:
         )
 
     def record_coverage(self, coverage: GraphCoverage, packet_id: str) -> None:
-        """Coverage gauges every time; an event naming the missing keys whenever that set changes."""
+        """Coverage gauges every time; an event naming the missing keys, and one naming the active seeds
+        without a blueprint node, whenever that set changes."""
         for node_type, fraction in coverage.present_fraction.items():
             self.coverage.labels(node_type=node_type).set(fraction)
             self.metric(f"tamiyo.graph.coverage.{node_type}", fraction)
@@ -349,6 +352,20 @@ class TamiyoTelemetry:
                     missing=keys,
                 )
             self._last_missing = dict(coverage.missing)
+        self.metric("tamiyo.graph.unlinked_seeds", float(len(coverage.unlinked_seeds)))
+        if coverage.unlinked_seeds != self._last_unlinked:
+            if coverage.unlinked_seeds:
+                unlinked = "; ".join(
+                    f"{slot}: {why}" for slot, why in sorted(coverage.unlinked_seeds.items())
+                )
+                self.emit(
+                    "graph_seed_unlinked",
+                    f"packet {packet_id} has active seeds without a blueprint node: {unlinked}",
+                    packet_id=packet_id,
+                    slots=",".join(sorted(coverage.unlinked_seeds)),
+                    unlinked=unlinked,
+                )
+            self._last_unlinked = dict(coverage.unlinked_seeds)
         dropped = {k: v for k, v in coverage.dropped_nodes.items() if v}
         if dropped:
             cut_edges = {k: v for k, v in coverage.dropped_edges.items() if v}
