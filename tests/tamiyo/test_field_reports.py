@@ -168,6 +168,18 @@ def test_windows_survive_a_restart_and_resume(tmp_path: Path) -> None:
         assert reports[0].outcome == pb.FIELD_REPORT_OUTCOME_NEUTRAL
 
 
+def test_aborted_reports_claim_only_the_epochs_really_observed(store: TamiyoStore) -> None:
+    service = service_for(store, fr_obs_window_epochs=5)
+    early = service.evaluate_step(packet(3))
+    late = service.evaluate_step(packet(5))  # two epochs into the first window, none into its own
+    service.close()
+    reports = {stored.report.command_id: stored.report for stored in store.field_reports()}
+    assert {r.outcome for r in reports.values()} == {pb.FIELD_REPORT_OUTCOME_ABORTED}
+    assert reports[early.command_id].observation_window_epochs == 2
+    assert reports[early.command_id].metrics["epochs_observed"] == 2.0
+    assert reports[late.command_id].observation_window_epochs == 0
+
+
 def test_close_at_run_end_aborts_open_windows(store: TamiyoStore) -> None:
     sent: list[pb.TelemetryPacket] = []
     service = TamiyoService(settings(), ScriptedPolicy(WAIT), SECRET, store=store, telemetry_sink=sent.append)

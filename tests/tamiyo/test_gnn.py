@@ -54,6 +54,14 @@ def test_device_comes_from_module_parameters_not_from_the_input() -> None:
     assert {attr.device.type for attr in attrs.values()} == {"meta"}
 
 
+def test_a_graph_missing_a_relation_is_a_typed_error_naming_it() -> None:
+    g = graph()
+    del g.edge_index[("layer", "hosts", "slot")]
+    g.edge_attr.pop(("layer", "hosts", "slot"), None)
+    with pytest.raises(GraphSchemaError, match=r"\('layer', 'hosts', 'slot'\)\] of the schema are missing"):
+        TamiyoGNN(SMALL).eval()(g)
+
+
 def test_device_choice_survives_a_graph_without_layers_slots_or_blueprints() -> None:
     empty = GraphBuilder(settings()).build(make_packet(n_layers=0, n_slots=0, n_blueprints=0))
     out = TamiyoGNN(SMALL).eval()(empty)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esper.leyline import pb
+from esper.leyline import ManualClock, pb
 from esper.tamiyo.graph import (
     TAMIYO_SCHEMA,
     GraphBuilder,
@@ -20,6 +20,7 @@ from esper.tamiyo.graph import (
     TamiyoGraph,
 )
 from esper.tamiyo.proposal import ACTIONS
+from esper.tamiyo.telemetry import TamiyoTelemetry
 from tests.tamiyo.packets import make_packet, settings
 
 A = {action: index for index, action in enumerate(ACTIONS)}
@@ -202,3 +203,28 @@ def test_topology_cache_reuses_an_unchanged_topology_and_follows_a_changed_one()
     broken.topology.slots[0].layer_id = "nowhere"
     with pytest.raises(GraphSchemaError, match="not in the topology"):
         builder.build(broken, update_stats=False)
+
+
+def test_active_seeds_without_an_offered_blueprint_are_reported_in_coverage() -> None:
+    packet = make_packet(
+        n_blueprints=2,
+        stages={0: pb.SEED_STAGE_TRAINING, 1: pb.SEED_STAGE_BLENDING, 2: pb.SEED_STAGE_TRAINING},
+    )
+    packet.seed_states[0].blueprint_id = ""  # active, names nothing
+    packet.seed_states[1].blueprint_id = "bp-elsewhere"  # active, not offered
+    coverage = GraphBuilder(settings()).build(packet).coverage  # slot-2 grows bp-0: linked
+    assert coverage.unlinked_seeds == {
+        "slot-0": "seed 'seed-0' names no blueprint",
+        "slot-1": "blueprint 'bp-elsewhere' is not offered by the packet",
+    }
+    assert not coverage.complete
+    packet_capped = make_packet(n_blueprints=2, stages={0: pb.SEED_STAGE_TRAINING})
+    packet_capped.seed_states[0].blueprint_id = "bp-1"
+    capped = GraphBuilder(settings(max_blueprints=1)).build(packet_capped)
+    assert capped.coverage.unlinked_seeds == {"slot-0": "blueprint 'bp-1' was cut by the blueprint cap"}
+
+    telemetry = TamiyoTelemetry(settings(), ManualClock())
+    telemetry.record_coverage(coverage, packet.packet_id)
+    telemetry.record_coverage(coverage, packet.packet_id)  # unchanged: reported once
+    events = [e for e in telemetry.flush().events if e.name == "graph_seed_unlinked"]
+    assert len(events) == 1 and events[0].attributes["slots"] == "slot-0,slot-1"

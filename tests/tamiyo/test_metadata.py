@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.leyline import pb
+from esper.leyline import ManualClock, pb
 from esper.oona import Bus, EmbeddedBus, Streams, envelope_for
 from esper.tamiyo.metadata import BlueprintMetadataCache, BlueprintMetadataUnavailable
 from esper.tamiyo.proposal import Proposal
@@ -291,3 +291,80 @@ def test_warm_surfaces_failures_and_unknown_ids_are_not_errors(
         cache.warm(["lowrank"])
     with pytest.raises(UnknownBlueprint):
         catalogue.get("nope")
+
+
+class SlowPolicy:
+    """Proposes `proposal` after taking `ms` on the service's manual clock."""
+
+    version = "slow-1"
+
+    def __init__(self, clock: ManualClock, ms: float, proposal: Proposal) -> None:
+        self.clock, self.ms, self.proposal = clock, ms, proposal
+
+    def propose(self, packet: pb.SystemStatePacket) -> Proposal:
+        self.clock.advance(self.ms / 1000)
+        return self.proposal
+
+
+def _offering(*blueprint_ids: str) -> pb.SystemStatePacket:
+    packet = make_packet(n_blueprints=0)
+    packet.blueprint_ids.extend(blueprint_ids)
+    return packet
+
+
+def test_a_catalogue_timeout_in_a_decision_is_its_own_reason_and_an_event_of_the_service(
+    catalogue: BlueprintCatalogue,
+) -> None:
+    source = CountingSource(catalogue)
+    recorder = Recorder()
+    cache = make_cache(source, None, recorder)  # the production wiring's cache, built before the service
+    service = TamiyoService(
+        settings(realtime_priority=0),
+        ScriptedPolicy(germinate("mlp_small")),
+        SECRET,
+        blueprint_metadata=cache,
+    )
+    try:
+        service.telemetry.flush()
+        source.failing = True
+        command = service.evaluate_step(_offering("mlp_small"))
+        assert command.command_type == pb.COMMAND_WAIT and command.annotations["risk_gate"] == "blueprint"
+        reason = command.annotations["risk_reason"]
+        assert "catalogue unavailable" in reason and "CatalogueTimeout" in reason
+        assert "no catalogue entry" not in reason
+        events = [e for e in service.telemetry.flush().events if e.name == "blueprint_metadata_unavailable"]
+        assert events and "CatalogueTimeout" in events[0].attributes["reason"]
+        assert recorder.events == []  # the service's telemetry has the cache's events now
+    finally:
+        service.close()
+        cache.close()
+
+
+def test_the_gates_catalogue_lookup_runs_within_the_decisions_remaining_budget(
+    catalogue: BlueprintCatalogue,
+) -> None:
+    clock = ManualClock()
+    source = CountingSource(catalogue)
+    cache = make_cache(source, None, Recorder())  # metadata deadline 7 ms; no feed: every lookup fetches
+    policy = SlowPolicy(clock, 45.0, germinate("mlp_small"))
+    service = TamiyoService(
+        settings(realtime_priority=0),
+        policy,
+        SECRET,
+        clock=clock,
+        step_timeout_ms=50.0,
+        blueprint_metadata=cache,
+    )
+    try:
+        command = service.evaluate_step(_offering("mlp_small"))
+        assert command.annotations["risk_gate"] == "pass"
+        ((_, fetch_ms),) = source.fetches
+        assert fetch_ms == pytest.approx(5.0)  # what the decision had left, under the 7 ms ceiling
+        policy.ms = 60.0  # the policy used the whole budget: no time is left for the catalogue
+        command = service.evaluate_step(_offering("mlp_small"))
+        assert len(source.fetches) == 1  # not fetched at all
+        assert command.command_type == pb.COMMAND_WAIT
+        assert "no time left in the decision's budget" in command.annotations["risk_reason"]
+    finally:
+        service.close()
+        cache.close()

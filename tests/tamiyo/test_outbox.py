@@ -218,3 +218,47 @@ def test_publisher_thread_publishes_without_the_caller_waiting(
     finally:
         publisher.close()
     assert events == []
+
+
+class SignallingBus(FlakyBus):
+    """A `FlakyBus` that says when a publish got through."""
+
+    def __init__(self, inner: EmbeddedBus, failures: int, error: Exception) -> None:
+        super().__init__(inner, failures, error)
+        self.published = threading.Event()
+
+    def publish_many(self, stream: str, envelopes: list[pb.BusEnvelope]) -> list[str]:
+        ids = super().publish_many(stream, envelopes)
+        self.published.set()
+        return ids
+
+
+def test_publisher_thread_survives_an_unexpected_error_reports_it_and_publishes_later(
+    parts: tuple[TamiyoStore, EmbeddedBus, ManualClock],
+) -> None:
+    store, inner, clock = parts
+    bus = SignallingBus(inner, failures=1, error=RuntimeError("client library bug"))
+    events: Events = []
+    outbox, registry = make_outbox(store, bus, clock, events)
+    failed = threading.Event()
+
+    def sink(name: str, description: str, attributes: Mapping[str, str]) -> None:
+        events.append((name, description, dict(attributes)))
+        if name == "field_report_outbox_failed":
+            failed.set()
+
+    store.add_field_report(report("fr-synth-e"))
+    # A long poll: only `notify` wakes the thread, so the second pass is the one the test asks for.
+    publisher = OutboxPublisher(outbox, sink, poll_s=60.0)
+    try:
+        assert failed.wait(10), "the failed pass was not reported"
+        ((name, description, attributes),) = events
+        assert name == "field_report_outbox_failed" and "client library bug" in attributes["error"]
+        assert "unexpected" in description
+        assert registry.get_sample_value("tamiyo_field_reports_outbox_failures_total") == 1.0
+        assert store.outbox_counts()["pending"] == 1  # nothing lost
+        publisher.notify()
+        assert bus.published.wait(10), "the publisher thread died"
+    finally:
+        publisher.close()
+    assert store.outbox_counts()["published"] == 1

@@ -139,6 +139,7 @@ def test_rehearsal_traces_the_topology_and_a_failed_trace_is_announced(
         service.prepare(packet)
         assert policy.plan_status.enabled and policy.plan_status.builds == 1 and policy.module.has_plan
         service.evaluate_step(packet)
+        service.telemetry.drain()  # packets reach the sink from the publisher thread
         names = [event.name for telemetry in sent for event in telemetry.events]
         assert "gnn_plan_built" in names and "gnn_plan_fallback" not in names
         assert "plan: traced" in sent[-1].system_health.summary
@@ -152,6 +153,7 @@ def test_rehearsal_traces_the_topology_and_a_failed_trace_is_announced(
         status = policy.plan_status
         assert not status.enabled and status.fallbacks == 1 and "tracer exploded" in status.reason
         service.evaluate_step(make_packet(5, 3, 2))  # the dense path decides
+        service.telemetry.drain()  # packets reach the sink from the publisher thread
         events = [event for telemetry in sent for event in telemetry.events]
         fallback = [event for event in events if event.name == "gnn_plan_fallback"]
         assert len(fallback) == 1 and "tracer exploded" in fallback[0].attributes["reason"]

@@ -53,6 +53,7 @@ def test_gnn_policy_end_to_end_through_risk_and_signing() -> None:
         decision = service.last_decision
         assert decision is not None and decision.policy_version == service.policy_version
         assert decision.proposal.head_choices
+        service.telemetry.drain()  # packets reach the sink from the publisher thread
         names = {event.name for packet_ in sent for event in packet_.events}
         assert "graph_missing_features" in names  # bp-0 has no catalogue entry: reported, not hidden
     finally:
@@ -64,7 +65,15 @@ def test_evaluate_step_is_the_only_entry_point() -> None:
     public = {name for name, _ in inspect.getmembers(TamiyoService) if not name.startswith("_")}
     # `prepare` and `anticipate` are warm-ups that decide nothing (see the next tests), not second ways
     # to decide.
-    assert public == {"evaluate_step", "prepare", "anticipate", "close", "policy_version", "swap_policy"}
+    assert public == {
+        "evaluate_step",
+        "prepare",
+        "anticipate",
+        "close",
+        "policy_version",
+        "swap_policy",
+        "step_timeout_ms",  # the one resolved step budget (P1)
+    }
 
 
 def test_prepare_warms_up_on_the_real_topology_and_decides_nothing() -> None:
@@ -82,6 +91,7 @@ def test_prepare_warms_up_on_the_real_topology_and_decides_nothing() -> None:
             if prepared:
                 statistics = policy.builder.normalizer.states()
                 service.prepare(packet)
+                service.telemetry.drain()  # packets reach the sink from the publisher thread
                 assert service.last_decision is None and not sent
                 assert policy.builder.normalizer.states() == statistics
                 assert policy.module._adjacency_cache  # this topology's dense blocks are built
@@ -160,11 +170,13 @@ def test_anticipate_warms_up_on_the_last_packet_in_the_background_and_changes_no
                     service.anticipate()
                     assert policy.done.wait(30)
                     assert policy.builder.normalizer.states() == stats and policy.plan_status == plan
+                    service.telemetry.drain()  # packets reach the sink from the publisher thread
                     assert torch.equal(torch.get_rng_state(), rng) and not sent
                     policy.done.clear()
                 service.evaluate_step(packet)
                 assert service.last_decision is not None
                 proposals[anticipating].append(service.last_decision.proposal)
+                service.telemetry.drain()  # the decision's packet is delivered before the next check
                 sent.clear()
             if anticipating:
                 assert policy.warmed == 3 and _warmups(service, "completed") == 3.0
@@ -201,6 +213,7 @@ def test_a_failed_warm_up_ahead_is_an_event_and_the_decision_still_runs() -> Non
         service.anticipate()
         assert policy.started.wait(30)
         assert service.evaluate_step(packet).signature  # the decision path itself is sound
+        service.telemetry.drain()  # packets reach the sink from the publisher thread
         failed = [
             event for packet_ in sent for event in packet_.events if event.name == "anticipation_failed"
         ]
@@ -282,6 +295,7 @@ def test_deadline_miss_raises_critical_and_never_returns_a_pause() -> None:
     try:
         with pytest.raises(DeadlineExceeded):
             service.evaluate_step(make_packet())
+        service.telemetry.drain()  # packets reach the sink from the publisher thread
         critical = [e for p in sent for e in p.events if e.name == "decision_deadline_exceeded"]
         assert len(critical) == 1 and critical[0].level == pb.TELEMETRY_LEVEL_CRITICAL
         assert service.last_decision is None
@@ -343,8 +357,10 @@ def test_one_settings_object_feeds_every_component() -> None:
         assert service.settings is config
         assert policy.builder.build(make_packet(n_layers=5)).num_nodes("layer") == 2
         assert service._risk._max_risk == 0.3
+        # P1: the constructor's override is the one budget, health included (not the settings' 7 ms).
         health = service.telemetry.health()
-        assert health.indicators["step_timeout_ms"] == 7.0
+        assert health.indicators["step_timeout_ms"] == 10_000.0
+        assert service._risk.step_budget_ms == 10_000.0
     finally:
         service.close()
 
@@ -402,6 +418,7 @@ def test_normalizer_write_failure_is_an_event_not_silence() -> None:
     policy = small_policy(settings(normalizer_flush_every=1), normalizer_store=FailingStore())
     service = TamiyoService(settings(), policy, SECRET, telemetry_sink=sent.append)
     service.evaluate_step(make_packet())
+    service.telemetry.drain()  # packets reach the sink from the publisher thread
     events = [e for p in sent for e in p.events if e.name == "normalizer_flush_failed"]
     assert events and "read-only file system" in events[0].description
     service._worker.close()
@@ -451,6 +468,7 @@ def test_a_refused_real_time_priority_is_announced_and_decisions_go_on(
     service = _realtime_service(sent)
     try:
         service.evaluate_step(make_packet())
+        service.telemetry.drain()  # packets reach the sink from the publisher thread
         events = _unavailable(sent)
         assert len(events) == 1
         assert events[0].level == pb.TELEMETRY_LEVEL_WARNING
@@ -491,6 +509,7 @@ def test_a_granted_real_time_priority_shows_in_health_and_emits_nothing(
     try:
         service.evaluate_step(make_packet())
         service.evaluate_step(make_packet())
+        service.telemetry.drain()  # packets reach the sink from the publisher thread
         assert not _unavailable(sent)
         assert service.telemetry.health().indicators["worker_realtime"] == 1.0
         # The calling thread is raised for each decision and put back after it.
@@ -516,6 +535,7 @@ def test_a_calling_thread_refused_the_priority_is_announced_once_and_decisions_g
     try:
         for _ in range(3):
             assert service.evaluate_step(make_packet()).command_type == pb.COMMAND_WAIT
+        service.telemetry.drain()  # packets reach the sink from the publisher thread
         events = _unavailable(sent)
         assert len(events) == 1 and "calling thread" in events[0].attributes["reason"]
         assert calls == [11]  # not retried on every decision
@@ -560,6 +580,7 @@ def test_a_thread_that_loses_its_real_time_priority_after_a_warm_up_is_announced
     try:
         service.prepare(make_packet())
         service.evaluate_step(make_packet())
+        service.telemetry.drain()  # packets reach the sink from the publisher thread
         events = _unavailable(sent)
         assert len(events) == 1 and "not permitted" in events[0].attributes["reason"]
         assert service.telemetry.health().indicators["worker_realtime"] == 0.0

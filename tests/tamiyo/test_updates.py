@@ -82,6 +82,7 @@ class Rig:
 
     def event_names(self) -> list[str]:
         self.service.telemetry.flush()
+        self.service.telemetry.drain()  # packets reach the sink from the publisher thread
         return [event.name for event in self.events]
 
     def rejections(self, reason: str) -> float:

@@ -132,12 +132,15 @@ def validate_command(command: pb.AdaptationCommand) -> pb.AdaptationCommand:
 
 
 def validate_field_report(report: pb.FieldReport) -> pb.FieldReport:
-    """A field report is tied to its command and run, has an outcome and an issue time."""
+    """A field report is tied to its command and run, has an outcome and an issue time. Its window is at
+    least one epoch, except for an ABORTED report, which says how many were observed (possibly none)."""
     _require_text(report, ("report_id", "command_id", "training_run_id"))
     _require_enum(report, ("outcome",))
     _require_present(report, ("issued_at",))
-    if report.observation_window_epochs == 0:
-        raise ContractViolation("FieldReport", "observation_window_epochs", "must be >= 1")
+    if report.observation_window_epochs == 0 and report.outcome != pb.FIELD_REPORT_OUTCOME_ABORTED:
+        raise ContractViolation(
+            "FieldReport", "observation_window_epochs", "must be >= 1 (0 only when ABORTED)"
+        )
     return report
 
 

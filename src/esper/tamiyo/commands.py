@@ -3,6 +3,10 @@
 Every id in a command comes from the packet: the slot, the seed that occupies it, the blueprint from the
 catalogue offered. A proposal that names something the packet does not have is a `CommandBuildError`,
 never a command with a placeholder.
+
+P8: a GERMINATE carries the blend parameters of its mode in `seed_operation.parameters`, where Kasmina
+reads them (CONFIDENCE: `gate_k`, `gate_tau`, `alpha_lo`, `alpha_hi` from `TAMIYO_BLEND_*`), behind
+`TAMIYO_ENABLE_BLEND_MODE_ANN` like the annotations that repeat them for readers.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import uuid
 
 from esper.leyline import Clock, EsperError, pb, sign, validate_command
 from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.settings import TamiyoSettings
+
+BlendParameters = dict[int, dict[str, float]]  # per blend mode, the parameters a GERMINATE carries
 
 
 class CommandBuildError(EsperError):
@@ -29,12 +36,37 @@ _SEED_OPERATIONS = {
 }
 
 
+def blend_parameters(settings: TamiyoSettings) -> BlendParameters:
+    """The blend parameters of each mode from settings (none when `enable_blend_mode_ann` is off).
+
+    Only what Kasmina's blender reads: CONFIDENCE's gate. `blend_channel_alpha_init` stays an annotation
+    (Kasmina starts every CHANNEL gate at the same opening; it has no parameter for it).
+    """
+    if not settings.enable_blend_mode_ann:
+        return {}
+    return {
+        pb.BLEND_MODE_CONFIDENCE: {
+            "gate_k": settings.blend_gate_k,
+            "gate_tau": settings.blend_gate_tau,
+            "alpha_lo": settings.blend_alpha_lo,
+            "alpha_hi": settings.blend_alpha_hi,
+        }
+    }
+
+
 class CommandFactory:
     """Builds and signs commands for one issuer with one key."""
 
     def __init__(
-        self, secret: bytes, clock: Clock, *, issuer: str = "tamiyo", deadline_ms: int = 1000
+        self,
+        secret: bytes,
+        clock: Clock,
+        *,
+        issuer: str = "tamiyo",
+        deadline_ms: int = 1000,
+        blend_parameters: BlendParameters | None = None,
     ) -> None:
+        self._blend_parameters = dict(blend_parameters or {})
         self._secret = secret
         self._clock = clock
         self._issuer = issuer
@@ -74,9 +106,8 @@ class CommandFactory:
         validate_command(command)
         return sign(command, self._secret, clock=self._clock)
 
-    @staticmethod
     def _fill_seed_operation(
-        command: pb.AdaptationCommand, proposal: Proposal, packet: pb.SystemStatePacket
+        self, command: pb.AdaptationCommand, proposal: Proposal, packet: pb.SystemStatePacket
     ) -> None:
         action = proposal.action
         if not proposal.slot_id:
@@ -100,5 +131,6 @@ class CommandFactory:
             operation.blueprint_id = proposal.blueprint_id
             operation.blend_mode = proposal.blend_mode
             operation.alpha_ramp_steps = proposal.alpha_ramp_steps
+            operation.parameters.update(self._blend_parameters.get(proposal.blend_mode, {}))
         else:
             operation.blueprint_id = state.blueprint_id

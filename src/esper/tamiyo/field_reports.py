@@ -7,7 +7,7 @@ value, head choices) is stored in the same transaction. Later packets reach Tami
 report `fr-synth-<uuid>`: the outcome judged from the accuracy and loss change over the window, the
 parameter cost, the seed's counterfactual contribution when Kasmina measured it, and
 `observation_window_epochs = N`. Windows live in the store, so a restarted service resumes them; at the end
-of a run the windows still open close as ABORTED.
+of a run the windows still open close as ABORTED, with the epochs really observed (0 if none).
 
 `FieldReports` bundles the lifecycle with the outbox and its publisher thread for the service.
 """
@@ -69,6 +69,7 @@ class FieldReportLifecycle:
         self._settings = settings
         self._store = store
         self._clock = clock
+        self._last_epoch: dict[str, int] = {}  # per run: the latest epoch a packet showed this lifecycle
 
     # -- decisions ----------------------------------------------------------------------------------
 
@@ -128,6 +129,8 @@ class FieldReportLifecycle:
 
     def observe(self, packet: pb.SystemStatePacket) -> list[pb.FieldReport]:
         """Close every window of the packet's run that its epoch completes; returns the reports written."""
+        run = packet.training_run_id
+        self._last_epoch[run] = max(self._last_epoch.get(run, packet.current_epoch), packet.current_epoch)
         reports = []
         for window in self._store.due_windows(packet.training_run_id, packet.current_epoch):
             report = self.synthesise(window, packet)
@@ -168,17 +171,41 @@ class FieldReportLifecycle:
         return self._report(window, outcome, metrics, seed_id, notes="")
 
     def abort_open(self, reason: str, training_run_id: str | None = None) -> list[pb.FieldReport]:
-        """Close every open window (of one run, or all) as ABORTED with `reason`."""
+        """Close every open window (of one run, or all) as ABORTED with `reason`.
+
+        The report's window is what was observed: the epochs from the decision to the latest packet this
+        lifecycle saw of the run (0 when none came after it), never the `N` the window was opened for.
+        """
         reports = []
         for window in self._store.open_windows(training_run_id):
-            metrics = {"baseline_accuracy": window.baseline_accuracy, "baseline_loss": window.baseline_loss}
-            report = self._report(window, pb.FIELD_REPORT_OUTCOME_ABORTED, metrics, window.seed_id, reason)
+            last = self._last_epoch.get(window.training_run_id, window.start_epoch)
+            observed = max(0, last - window.start_epoch)
+            metrics = {
+                "baseline_accuracy": window.baseline_accuracy,
+                "baseline_loss": window.baseline_loss,
+                "epochs_observed": float(observed),
+            }
+            report = self._report(
+                window,
+                pb.FIELD_REPORT_OUTCOME_ABORTED,
+                metrics,
+                window.seed_id,
+                reason,
+                observed_epochs=observed,
+            )
             self._store.close_window(window.command_id, report)
             reports.append(report)
         return reports
 
     def _report(
-        self, window: ObservationWindow, outcome: int, metrics: dict[str, float], seed_id: str, notes: str
+        self,
+        window: ObservationWindow,
+        outcome: int,
+        metrics: dict[str, float],
+        seed_id: str,
+        notes: str,
+        *,
+        observed_epochs: int | None = None,
     ) -> pb.FieldReport:
         report = pb.FieldReport(
             report_id=new_report_id(),
@@ -187,7 +214,7 @@ class FieldReportLifecycle:
             seed_id=seed_id,
             blueprint_id=window.blueprint_id,
             outcome=outcome,
-            observation_window_epochs=window.window_epochs,
+            observation_window_epochs=window.window_epochs if observed_epochs is None else observed_epochs,
             tamiyo_policy_version=window.policy_version,
             action=window.action,
             notes=notes,
@@ -238,7 +265,9 @@ class FieldReports:
             )
             if background:
                 self._publisher = OutboxPublisher(
-                    self.outbox, self._queue_event, poll_s=settings.fr_outbox_poll_ms / 1000
+                    self.outbox,
+                    self._queue_event,
+                    poll_s=settings.fr_outbox_poll_ms / 1000,
                 )
         if retention.field_reports or retention.decisions:
             telemetry.emit(

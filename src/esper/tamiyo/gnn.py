@@ -736,6 +736,11 @@ class TamiyoGNN(nn.Module):
         unknown = set(graph.edge_index) - set(self._relations)
         if unknown:
             raise GraphSchemaError("gnn.input", f"relations {sorted(unknown)} are not in the schema")
+        missing = [key for key in self._relations if key not in graph.edge_index]
+        if missing:  # an empty relation is a (2, 0) index, never an absent one
+            raise GraphSchemaError(
+                "gnn.input", f"relations {missing} of the schema are missing from the graph"
+            )
 
     def edge_attrs(self, graph: TamiyoGraph, device: torch.device) -> dict[EdgeKey, Tensor]:
         """Edge features for every relation: declared ones from the graph, zeros where none exist."""

@@ -284,18 +284,24 @@ TAMIYO_SCHEMA = GraphSchema(
 
 @dataclass(frozen=True)
 class GraphCoverage:
-    """What the graph could not represent: missing feature keys and nodes/edges cut by caps."""
+    """What the graph could not represent: missing feature keys, nodes/edges cut by caps, and active seeds
+    whose blueprint has no node (`unlinked_seeds`: slot id -> why: no blueprint id, or one not offered or
+    cut by the cap), so the seed is in the graph without the edge to what it grows."""
 
     present_fraction: dict[str, float]
     missing: dict[str, tuple[str, ...]]
     dropped_nodes: dict[str, int]
     dropped_edges: dict[str, int]
+    unlinked_seeds: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
-        """True when nothing was missing and nothing was cut."""
+        """True when nothing was missing, nothing was cut and every active seed is linked."""
         return (
-            not self.missing and not any(self.dropped_nodes.values()) and not any(self.dropped_edges.values())
+            not self.missing
+            and not any(self.dropped_nodes.values())
+            and not any(self.dropped_edges.values())
+            and not self.unlinked_seeds
         )
 
 
@@ -774,11 +780,22 @@ class GraphBuilder:
             "global__conditions__layer": dropped_nodes["layer"],
             "layer__summarises__global": dropped_nodes["layer"],
         }
+        unlinked: dict[str, str] = {}
+        for slot, state, is_active, index in zip(slots, slot_states, active, slot_bp, strict=True):
+            if state is None or not is_active or index >= 0:
+                continue
+            if not state.blueprint_id:
+                unlinked[slot.slot_id] = f"seed {state.seed_id!r} names no blueprint"
+            elif state.blueprint_id in blueprints_all:
+                unlinked[slot.slot_id] = f"blueprint {state.blueprint_id!r} was cut by the blueprint cap"
+            else:
+                unlinked[slot.slot_id] = f"blueprint {state.blueprint_id!r} is not offered by the packet"
         coverage = GraphCoverage(
             present_fraction=present_fraction,
             missing={k: tuple(sorted(v)) for k, v in sorted(missing.keys.items())},
             dropped_nodes=dropped_nodes,
             dropped_edges=dropped_edges,
+            unlinked_seeds=unlinked,
         )
         action_mask, slot_action_mask = self._legality(stages, active, slot_states, len(blueprints))
         return TamiyoGraph(

@@ -7,6 +7,10 @@
   at start. A miss is fetched with the deadline `TAMIYO_METADATA_TIMEOUT_MS`; a failed fetch (timeout,
   corrupt catalogue) is not cached, raises `BlueprintMetadataUnavailable` from `describe()`, and through
   the lookup protocol becomes an event `blueprint_metadata_unavailable` naming the cause.
+- Inside a decision the risk gate calls `describe_within(id, remaining_ms)`: an entry is served at once, a
+  miss is fetched within what is left of the decision's budget (never past it), and a failure is raised
+  to the gate (its own WAIT reason) after the event. A `TamiyoService` routes the events into its
+  telemetry (`emit_to`), so a cache built before the service reports through it.
 - Invalidated by Urza's `CatalogueChange` notifications, read from a consumer group of its own. A change
   drops the entry and re-reads it from the catalogue (notifications are not signed, so their payload is
   never trusted: the catalogue stays the source of truth). Lookups never touch the bus: the owner calls
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -122,17 +127,44 @@ class BlueprintMetadataCache:
     def __call__(self, blueprint_id: str) -> pb.BlueprintDescriptor | None:
         """The descriptor of `blueprint_id`, or None (unknown, or unavailable: an event says which)."""
         try:
-            return self.describe(blueprint_id)
-        except BlueprintMetadataUnavailable as exc:
-            self._emit(UNAVAILABLE_EVENT, str(exc), blueprint_id=blueprint_id, reason=exc.reason)
+            return self.describe_within(blueprint_id, None)
+        except BlueprintMetadataUnavailable:
             return None
 
-    def describe(self, blueprint_id: str) -> pb.BlueprintDescriptor | None:
+    def describe_within(self, blueprint_id: str, timeout_ms: float | None) -> pb.BlueprintDescriptor | None:
+        """`describe` within `timeout_ms` (the risk gate's lookup, inside a decision); a failure is a
+        `blueprint_metadata_unavailable` event naming its cause, then raised."""
+        try:
+            return self.describe(blueprint_id, timeout_ms=timeout_ms)
+        except BlueprintMetadataUnavailable as exc:
+            self._emit(UNAVAILABLE_EVENT, str(exc), blueprint_id=blueprint_id, reason=exc.reason)
+            raise
+
+    def describe(
+        self, blueprint_id: str, *, timeout_ms: float | None = None
+    ) -> pb.BlueprintDescriptor | None:
         """The descriptor (a copy), None when the catalogue has no such blueprint.
 
-        Raises `BlueprintMetadataUnavailable` when the catalogue could not answer within the deadline.
+        `timeout_ms` bounds the whole lookup for a caller inside a decision (the decision's remaining
+        budget): waiting for another lookup's fetch and a fetch of a miss both count against it, and the
+        fetch keeps `TAMIYO_METADATA_TIMEOUT_MS` as its ceiling. Raises `BlueprintMetadataUnavailable` when
+        the catalogue could not answer in time (or failed), with the reason.
         """
-        with self._lock:
+        budget_ms = timeout_ms
+        if timeout_ms is None:
+            acquired = self._lock.acquire()
+        elif self._lock.acquire(blocking=False):
+            acquired = True
+        else:  # another lookup or a poll is fetching: the wait counts against the budget
+            waited_from = time.monotonic()
+            acquired = timeout_ms > 0 and self._lock.acquire(timeout=timeout_ms / 1000)
+            budget_ms = timeout_ms - (time.monotonic() - waited_from) * 1e3
+        if not acquired:
+            self.stats.fetch_failures += 1
+            raise BlueprintMetadataUnavailable(
+                blueprint_id, "another catalogue fetch outlasted the decision's remaining budget"
+            )
+        try:
             self._tick += 1
             entry = self._entries.get(blueprint_id)
             if entry is not None:
@@ -140,18 +172,25 @@ class BlueprintMetadataCache:
                 entry.last_used = self._tick
             else:
                 self.stats.misses += 1
-                descriptor = self._fetch(blueprint_id)
+                fetch_ms = self.timeout_ms if budget_ms is None else min(self.timeout_ms, budget_ms)
+                descriptor = self._fetch(blueprint_id, fetch_ms)
                 entry = _Entry(descriptor, self._tick)
                 if self._feed is not None:  # without notifications nothing may be kept
                     self._insert(blueprint_id, entry)
             return self._copy(entry.descriptor)
+        finally:
+            self._lock.release()
+
+    def emit_to(self, emit: EventSink) -> None:
+        """Send this cache's events to `emit` from now on (a service's telemetry; thread-safe there)."""
+        self._emit = emit
 
     def warm(self, blueprint_ids: Iterable[str]) -> None:
         """Fetch `blueprint_ids` now (outside any decision); raises `BlueprintMetadataUnavailable`."""
         with self._lock:
             self._tick += 1
             for blueprint_id in blueprint_ids:
-                entry = _Entry(self._fetch(blueprint_id), self._tick)
+                entry = _Entry(self._fetch(blueprint_id, self.timeout_ms), self._tick)
                 if self._feed is not None:
                     self._insert(blueprint_id, entry)
 
@@ -238,9 +277,14 @@ class BlueprintMetadataCache:
 
     # -- internals -----------------------------------------------------------------------------------
 
-    def _fetch(self, blueprint_id: str) -> pb.BlueprintDescriptor | None:
+    def _fetch(self, blueprint_id: str, timeout_ms: float) -> pb.BlueprintDescriptor | None:
+        if timeout_ms <= 0:
+            self.stats.fetch_failures += 1
+            failure = BlueprintMetadataUnavailable(blueprint_id, "no time left in the decision's budget")
+            self.last_failure = failure
+            raise failure
         try:
-            return self._source.get(blueprint_id, timeout_ms=self.timeout_ms)
+            return self._source.get(blueprint_id, timeout_ms=timeout_ms)
         except UnknownBlueprint:
             return None
         except UrzaError as exc:

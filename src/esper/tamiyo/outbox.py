@@ -59,6 +59,11 @@ class OutboxMetrics:
         self.decisions_dropped = Counter(
             "tamiyo_decision_records_dropped_total", "Decision records dropped", registry=registry
         )
+        self.pass_failures = Counter(
+            "tamiyo_field_reports_outbox_failures_total",
+            "Outbox passes that failed (the publisher thread reported the error and carried on)",
+            registry=registry,
+        )
 
     def values(self) -> dict[str, float]:
         """The four field-report figures under their dotted names (for telemetry packets)."""
@@ -100,7 +105,7 @@ class FieldReportOutbox:
         self._store = store
         self._bus = bus
         self._clock = clock
-        self._metrics = metrics
+        self.metrics = metrics
         self._events = events
         self.batch = settings.fr_outbox_batch
         self._rng = rng or random.Random()
@@ -116,7 +121,7 @@ class FieldReportOutbox:
     def refresh_pending(self) -> int:
         """Set the pending gauge from the store; returns the count."""
         pending = self._store.pending_count("field_report")
-        self._metrics.pending.set(pending)
+        self.metrics.pending.set(pending)
         return pending
 
     def seconds_until_due(self) -> float | None:
@@ -146,7 +151,7 @@ class FieldReportOutbox:
                         dropped += 1
                 for entry in sendable:
                     if entry.attempts > 0 and entry.kind == "field_report":
-                        self._metrics.retries.inc()
+                        self.metrics.retries.inc()
                 if not envelopes:
                     continue
                 try:
@@ -164,8 +169,8 @@ class FieldReportOutbox:
                 else:
                     self._store.mark_published(sendable)
                     reports = sum(1 for entry in sendable if entry.kind == "field_report")
-                    self._metrics.published.inc(reports)
-                    self._metrics.decisions_published.inc(len(sendable) - reports)
+                    self.metrics.published.inc(reports)
+                    self.metrics.decisions_published.inc(len(sendable) - reports)
                     published += len(sendable)
             if entries:
                 self.refresh_pending()
@@ -209,9 +214,9 @@ class FieldReportOutbox:
         attempts = entry.attempts + 1
         self._store.mark_dropped(entry, attempts, reason)
         if entry.kind == "field_report":
-            self._metrics.dropped.inc()
+            self.metrics.dropped.inc()
         else:
-            self._metrics.decisions_dropped.inc()
+            self.metrics.decisions_dropped.inc()
         self._events(
             "field_report_drop",
             f"{entry.kind} {entry.ref_id} dropped after {attempts} attempt(s): {reason}",
@@ -226,9 +231,20 @@ class FieldReportOutbox:
 
 
 class OutboxPublisher:
-    """Runs `FieldReportOutbox.pump()` on a background thread: woken by `notify()`, else when due."""
+    """Runs `FieldReportOutbox.pump()` on a background thread: woken by `notify()`, else when due.
 
-    def __init__(self, outbox: FieldReportOutbox, events: EventSink, *, poll_s: float = 1.0) -> None:
+    The thread outlives any failure of a pass (the store's, or an unexpected one from the bus client):
+    each is a `field_report_outbox_failed` event and a count in `pass_failures`, and the next pass runs
+    after the poll interval; entries that were not published stay pending in the store.
+    """
+
+    def __init__(
+        self,
+        outbox: FieldReportOutbox,
+        events: EventSink,
+        *,
+        poll_s: float = 1.0,
+    ) -> None:
         self._outbox = outbox
         self._events = events
         self._poll_s = poll_s
@@ -251,15 +267,21 @@ class OutboxPublisher:
                 due = self._outbox.seconds_until_due()
                 if due is not None:
                     wait_s = min(wait_s, due)
-            except EsperError as exc:
-                # The store failed under the outbox: report it and try again later; nothing is lost.
-                self._events(
-                    "field_report_outbox_failed",
-                    f"outbox pass failed: {type(exc).__name__}: {exc}",
-                    {"error": f"{type(exc).__name__}: {exc}"},
-                )
+            except Exception as exc:  # noqa: BLE001 (the thread outlives any pass: event, metric, retried)
+                self._pass_failed(exc)
             self._wake.wait(wait_s)
             self._wake.clear()
+
+    def _pass_failed(self, exc: Exception) -> None:
+        # Nothing is lost: what was not published is still pending in the store for the next pass.
+        error = f"{type(exc).__name__}: {exc}"
+        self._outbox.metrics.pass_failures.inc()
+        unexpected = "" if isinstance(exc, EsperError) else " (unexpected error)"
+        self._events(
+            "field_report_outbox_failed",
+            f"outbox pass failed{unexpected}: {error}; pending entries are retried on the next pass",
+            {"error": error},
+        )
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the thread (after its current pass); raises `OutboxPublisherStuck` if it does not stop."""

@@ -7,10 +7,14 @@ never a hidden failure. Thresholds come from `TamiyoSettings`, resolved once.
 - loss_spike: validation loss above ratio x its running baseline, or non-finite -> PAUSE
   (WAIT, CULL and PAUSE pass: removing a seed is a safe reaction to a spike).
 - latency: the previous decision's latency above a fraction of the step budget -> GERMINATE held (WAIT).
+  The budget is the service's resolved one (`step_budget_ms`), the same the worker and health use.
 - isolation: `isolation_violations` of a seed above the maximum -> FOSSILIZE of that seed and any
   GERMINATE held (WAIT).
-- blueprint: the catalogue descriptor is unknown, quarantined, HIGH_RISK tier or too risky
-  -> GERMINATE held (WAIT).
+- blueprint: the catalogue descriptor is unknown, quarantined, HIGH_RISK tier or too risky, or the
+  catalogue could not answer within the decision's remaining budget -> GERMINATE held (WAIT). A lookup
+  that supports it (`BudgetedLookup`: the metadata cache) answers from its entries or fetches within
+  `RiskContext.remaining_ms`; a failure is its own reason (with the lookup's `blueprint_metadata_unavailable`
+  event), never "no catalogue entry".
 - resource: hardware context with too little free memory, too busy or too hot -> GERMINATE held (WAIT).
 """
 
@@ -19,12 +23,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 from esper.leyline import pb
+from esper.tamiyo.metadata import BlueprintMetadataUnavailable
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
 BlueprintLookup = Callable[[str], "pb.BlueprintDescriptor | None"]
+
+
+@runtime_checkable
+class BudgetedLookup(Protocol):
+    """A lookup that can answer within a budget (the metadata cache is one)."""
+
+    def describe_within(self, blueprint_id: str, timeout_ms: float | None) -> pb.BlueprintDescriptor | None:
+        """The descriptor, None if unknown; `BlueprintMetadataUnavailable` (after its event) if the
+        catalogue could not answer within `timeout_ms`."""
+        ...
+
+
 GATES: tuple[str, ...] = ("loss_spike", "latency", "isolation", "blueprint", "resource")
 PASSED = "pass"
 
@@ -34,6 +52,7 @@ class RiskContext:
     """What the gates need besides the proposal and the packet."""
 
     last_latency_ms: float | None = None
+    remaining_ms: float | None = None  # of the decision's budget, for a catalogue lookup
 
 
 @dataclass(frozen=True)
@@ -61,11 +80,18 @@ class RiskDecision:
 class RiskGates:
     """Stateful (the loss baseline) gate chain; one instance per service."""
 
-    def __init__(self, settings: TamiyoSettings, blueprint_metadata: BlueprintLookup | None = None) -> None:
+    def __init__(
+        self,
+        settings: TamiyoSettings,
+        blueprint_metadata: BlueprintLookup | None = None,
+        *,
+        step_budget_ms: float | None = None,
+    ) -> None:
+        self._latency_fraction = settings.risk_latency_fraction
+        self.step_budget_ms = settings.step_timeout_ms if step_budget_ms is None else step_budget_ms
         self._spike_ratio = settings.risk_loss_spike_ratio
         self._warmup = settings.risk_loss_warmup_steps
         self._decay = settings.risk_loss_ema_decay
-        self._latency_limit_ms = settings.step_timeout_ms * settings.risk_latency_fraction
         self._max_violations = settings.risk_max_isolation_violations
         self._max_risk = settings.risk_max_blueprint_risk
         self._allow_high_risk = settings.risk_allow_high_risk_tier
@@ -133,9 +159,10 @@ class RiskGates:
     ) -> tuple[int, str] | None:
         if proposal.action != pb.POLICY_ACTION_GERMINATE or context.last_latency_ms is None:
             return None
-        if context.last_latency_ms > self._latency_limit_ms:
+        limit_ms = self.step_budget_ms * self._latency_fraction
+        if context.last_latency_ms > limit_ms:
             return pb.POLICY_ACTION_WAIT, (
-                f"last decision took {context.last_latency_ms:.2f} ms > {self._latency_limit_ms:.2f} ms"
+                f"last decision took {context.last_latency_ms:.2f} ms > {limit_ms:.2f} ms"
             )
         return None
 
@@ -158,7 +185,7 @@ class RiskGates:
         return None
 
     def _blueprint(
-        self, proposal: Proposal, _: pb.SystemStatePacket, __: RiskContext
+        self, proposal: Proposal, _: pb.SystemStatePacket, context: RiskContext
     ) -> tuple[int, str] | None:
         if proposal.action != pb.POLICY_ACTION_GERMINATE:
             return None
@@ -167,7 +194,17 @@ class RiskGates:
             if self._require_metadata:
                 return pb.POLICY_ACTION_WAIT, "no blueprint catalogue is available to vet the blueprint"
             return None
-        descriptor = self._metadata(blueprint)
+        lookup = self._metadata
+        if isinstance(lookup, BudgetedLookup):
+            try:
+                descriptor = lookup.describe_within(blueprint, context.remaining_ms)
+            except BlueprintMetadataUnavailable as exc:  # the lookup emitted its event
+                return (
+                    pb.POLICY_ACTION_WAIT,
+                    f"catalogue unavailable for blueprint {blueprint!r}: {exc.reason}",
+                )
+        else:
+            descriptor = lookup(blueprint)
         if descriptor is None:
             return pb.POLICY_ACTION_WAIT, f"blueprint {blueprint!r} has no catalogue entry"
         if descriptor.quarantine:

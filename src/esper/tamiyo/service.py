@@ -10,8 +10,9 @@ a synthetic PAUSE.
 from __future__ import annotations
 
 import gc
-import time
-from collections.abc import Iterator
+import logging
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,9 +20,10 @@ from prometheus_client import CollectorRegistry
 
 from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, validate_packet
 from esper.oona import Bus
-from esper.tamiyo.commands import CommandBuildError, CommandFactory
+from esper.tamiyo.commands import CommandBuildError, CommandFactory, blend_parameters
 from esper.tamiyo.field_reports import FieldReports
 from esper.tamiyo.graph import BlueprintLookup, GraphCoverage, NormalizerWriteError
+from esper.tamiyo.metadata import BlueprintMetadataCache
 from esper.tamiyo.policy import CompileStatus, GraphPolicy, PlanStatus, PolicyInferenceError
 from esper.tamiyo.proposal import Policy, Proposal
 from esper.tamiyo.risk import RiskContext, RiskDecision, RiskGates
@@ -38,6 +40,8 @@ from esper.tamiyo.worker import (
     WorkerSchedulingError,
     raise_priority,
 )
+
+_log = logging.getLogger("esper.tamiyo")
 
 
 @dataclass(frozen=True)
@@ -95,15 +99,50 @@ class TamiyoService:
         bus: Bus | None = None,
     ) -> None:
         self.settings = settings
-        self.step_timeout_ms = settings.step_timeout_ms if step_timeout_ms is None else step_timeout_ms
-        if self.step_timeout_ms <= 0:
-            raise ValueError(f"step_timeout_ms must be > 0, got {self.step_timeout_ms}")
+        self._clock = clock  # latency is measured on it (its monotonic time)
+        # P1: one budget, resolved here, feeds the worker's deadline, the latency gate and health.
+        budget = settings.step_timeout_ms if step_timeout_ms is None else step_timeout_ms
+        _check_budget(budget)
+        self._step_timeout_ms = budget
         self._policy = policy
         self._graph_policy = policy if isinstance(policy, GraphPolicy) else None
-        self._commands = CommandFactory(secret, clock)
-        self._risk = RiskGates(settings, blueprint_metadata)
+        self._commands = CommandFactory(secret, clock, blend_parameters=blend_parameters(settings))
         self._blend = BlendAnnotator(settings)
-        self.telemetry = TamiyoTelemetry(settings, clock, sink=telemetry_sink, registry=registry)
+        # Packets go to the sink from a background thread: publishing never holds up a decision.
+        self.telemetry = TamiyoTelemetry(
+            settings, clock, sink=telemetry_sink, registry=registry, step_budget_ms=budget, background=True
+        )
+        self._risk = RiskGates(settings, blueprint_metadata, step_budget_ms=budget)
+        if isinstance(blueprint_metadata, BlueprintMetadataCache):
+            # Catalogue failures (a fetch timeout, lost notifications) are this service's events.
+            blueprint_metadata.emit_to(self.telemetry.emit)
+        self._field_reports: FieldReports | None = None
+        self._ahead: BackgroundJob | None = None  # the warm-up `anticipate` started, until accounted for
+        try:
+            self._start(
+                settings=settings,
+                policy=policy,
+                clock=clock,
+                blueprint_metadata=blueprint_metadata,
+                store=store,
+                bus=bus,
+            )
+        except BaseException as exc:
+            # Nothing started may outlive a failed construction: the worker's threads, the telemetry
+            # publisher, the outbox thread. Their own failures are logged beside this one.
+            self._close_parts(abort_open_windows=False, cause=exc)
+            raise
+
+    def _start(
+        self,
+        *,
+        settings: TamiyoSettings,
+        policy: Policy,
+        clock: Clock,
+        blueprint_metadata: BlueprintLookup | None,
+        store: TamiyoStore | None,
+        bus: Bus | None,
+    ) -> None:
         self._worker = InferenceWorker(
             cpu_threads=settings.cpu_threads,
             max_retired=settings.worker_max_retired,
@@ -112,7 +151,6 @@ class TamiyoService:
         )
         scheduling = self._worker.scheduling
         if not scheduling.applied and settings.realtime_required:
-            self._worker.close()
             raise WorkerSchedulingError(scheduling.realtime_priority, scheduling.reason)
         self._scheduling: Scheduling | None = None  # as last reported
         self._caller_realtime = False
@@ -120,7 +158,6 @@ class TamiyoService:
         self._last_latency_ms: float | None = None
         self.last_decision: Decision | None = None
         self._last_packet: pb.SystemStatePacket | None = None  # what `anticipate` warms up on
-        self._ahead: BackgroundJob | None = None  # the warm-up `anticipate` started, until accounted for
         if blueprint_metadata is None:
             self.telemetry.emit(
                 "blueprint_metadata_unavailable",
@@ -133,11 +170,22 @@ class TamiyoService:
             )
         self._warm_up()
         # P9: with a store, every decision is recorded and observed; the outbox publishes on `bus`.
-        self._field_reports = (
-            None
-            if store is None
-            else FieldReports(settings, store, bus, clock, self.telemetry, policy_version=policy.version)
-        )
+        if store is not None:
+            self._field_reports = FieldReports(
+                settings, store, bus, clock, self.telemetry, policy_version=policy.version
+            )
+
+    @property
+    def step_timeout_ms(self) -> float:
+        """The step budget (P1): the worker's deadline, the latency gate's base and health's threshold."""
+        return self._step_timeout_ms
+
+    @step_timeout_ms.setter
+    def step_timeout_ms(self, value: float) -> None:
+        _check_budget(value)
+        self._step_timeout_ms = value
+        self._risk.step_budget_ms = value
+        self.telemetry.step_budget_ms = value
 
     def _warm_up(self) -> None:
         warm_up = getattr(self._policy, "warm_up", None)
@@ -254,12 +302,14 @@ class TamiyoService:
             return self._decide(packet)
 
     def _decide(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
-        start = time.perf_counter()
+        start = self._clock.monotonic()
         try:
             with self._caller_priority():  # from the packet to the signed command: the measured part
                 validate_packet(packet)
                 inference = self._infer(packet, start)
-                context = RiskContext(last_latency_ms=self._last_latency_ms)
+                # The gates' catalogue lookup answers within what is left of the budget.
+                remaining_ms = self.step_timeout_ms - (self._clock.monotonic() - start) * 1e3
+                context = RiskContext(last_latency_ms=self._last_latency_ms, remaining_ms=remaining_ms)
                 decision = self._risk.evaluate(inference.proposal, packet, context)
                 annotations = {**decision.annotations(), **self._blend.annotations(decision.proposal)}
                 try:
@@ -268,7 +318,7 @@ class TamiyoService:
                     self._report(packet, inference, decision)
                     self.telemetry.emit("command_build_failed", str(exc), packet_id=packet.packet_id)
                     raise
-                latency_ms = (time.perf_counter() - start) * 1e3
+                latency_ms = (self._clock.monotonic() - start) * 1e3
             self._last_latency_ms = latency_ms
             self._report(packet, inference, decision)
             self.telemetry.record_decision(decision.proposal, latency_ms)
@@ -341,11 +391,11 @@ class TamiyoService:
             def job(token: CancelToken) -> _Inference:
                 return _Inference(plain.propose(packet), None)
 
-        remaining_ms = self.step_timeout_ms - (time.perf_counter() - start) * 1e3
+        remaining_ms = self.step_timeout_ms - (self._clock.monotonic() - start) * 1e3
         try:
             return self._worker.run(job, timeout_ms=remaining_ms)
         except DeadlineExceeded as exc:
-            elapsed = (time.perf_counter() - start) * 1e3
+            elapsed = (self._clock.monotonic() - start) * 1e3
             self._last_latency_ms = elapsed
             self.telemetry.record_deadline_miss(self.step_timeout_ms, elapsed, packet.packet_id)
             raise DeadlineExceeded(self.step_timeout_ms, elapsed, f"decision for {packet.packet_id}") from exc
@@ -395,18 +445,57 @@ class TamiyoService:
             )
 
     def close(self, *, abort_open_windows: bool = True) -> None:
-        """Stop the inference worker (joining its threads) and write the normaliser statistics.
+        """Stop the inference worker (joining its threads), write the normaliser statistics, close the field
+        reports, and stop the telemetry publisher (what it cannot deliver in time is counted and logged).
 
         With a store: open observation windows close as ABORTED (`abort_open_windows=False` leaves them for
         a resumed run), and the outbox publishes what is due one last time (the store stays open).
-        Raises `WorkerLeak` if a worker thread does not stop, `NormalizerWriteError` if the final write
-        fails, `StoreError` if the store does.
+        Every part is closed even when an earlier one fails; the first failure is raised (`WorkerLeak` if a
+        worker thread does not stop, `NormalizerWriteError` if the final write fails, `StoreError` if the
+        store does) and the others are logged beside it.
         """
-        self._worker.close()
-        self._account_ahead()
-        if self._graph_policy is not None:
-            self._graph_policy.builder.normalizer.flush()
-        if self._field_reports is not None:
-            self._field_reports.close(abort_open_windows=abort_open_windows)
+        self._close_parts(abort_open_windows=abort_open_windows, cause=None)
+
+    def _close_parts(self, *, abort_open_windows: bool, cause: BaseException | None) -> None:
+        """Close every part that exists, each even when another failed. With `cause` (a failed
+        construction) every failure here is logged beside it; otherwise the first is raised after all
+        parts were tried, and the rest are logged beside it."""
+        worker: InferenceWorker | None = getattr(self, "_worker", None)  # absent if its start failed
+        steps: list[tuple[str, Callable[[], object]]] = []
+        if worker is not None:
+            steps.append(("inference worker", worker.close))
+            steps.append(("warm-up ahead", self._account_ahead))
+        if self._graph_policy is not None and worker is not None and cause is None:
+            steps.append(("normaliser statistics", self._graph_policy.builder.normalizer.flush))
+        field_reports = self._field_reports
+        if field_reports is not None:
+            steps.append(
+                ("field reports", lambda: field_reports.close(abort_open_windows=abort_open_windows))
+            )
             if self.telemetry.has_sink:
-                self.telemetry.flush()
+                steps.append(("last telemetry packet", self.telemetry.flush))
+        steps.append(("telemetry publisher", self.telemetry.close))
+        first = cause
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 (every part is tried; the first is raised, the rest logged)
+                if first is None:
+                    first = exc
+                    continue
+                _log.error(
+                    "closing Tamiyo's %s failed beside %s: %s: %s",
+                    what,
+                    type(first).__name__,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
+                first.add_note(f"also failed while closing Tamiyo's {what}: {type(exc).__name__}: {exc}")
+        if cause is None and first is not None:
+            raise first
+
+
+def _check_budget(budget_ms: float) -> None:
+    if not (math.isfinite(budget_ms) and budget_ms > 0):
+        raise ValueError(f"step_timeout_ms must be finite and > 0, got {budget_ms}")

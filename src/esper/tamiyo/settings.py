@@ -36,6 +36,13 @@ class TamiyoSettings(StrictSettings):
     )
     # P8: blend-mode annotations on seed commands.
     enable_blend_mode_ann: bool = Field(default=True)
+    # Telemetry publishing (off the decision's thread).
+    telemetry_queue_size: int = Field(
+        default=256, ge=1, description="Telemetry packets waiting for the bus before new ones are dropped."
+    )
+    telemetry_close_timeout_s: float = Field(
+        default=2.0, gt=0, description="How long close() lets queued telemetry reach the bus."
+    )
     # Graph builder.
     strict_graph: bool = Field(default=False, description="Raise on a missing feature instead of masking.")
     max_layers: int = Field(default=128, ge=1)

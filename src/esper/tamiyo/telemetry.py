@@ -1,18 +1,27 @@
 """Tamiyo's telemetry (P5): one table of events, Prometheus metrics, health, blend annotations (P8).
 
 `EVENTS` is the only place an event's level and priority are decided. Events are `pb.TelemetryEvent`s,
-collected into a `pb.TelemetryPacket` with metrics and health; a sink (the bus, later) receives each
-packet, and every event is also logged at its level so nothing disappears when no sink is wired.
-Prometheus metrics live in a per-service `CollectorRegistry`, never the global one.
+collected into a `pb.TelemetryPacket` with metrics and health; a sink (the bus) receives each packet, and
+every event is also logged at its level so nothing disappears when no sink is wired. Prometheus metrics
+live in a per-service `CollectorRegistry`, never the global one.
+
+Publishing never holds up a decision: with `background=True` (what the service uses) `flush()` only hands
+the packet to a bounded queue that a `QueuedSink` thread drains into the sink. When the queue is full the
+packet is dropped and counted (`tamiyo_telemetry_dropped`), and a `telemetry_dropped` event travels in the
+next packet that gets through; a sink that raises is counted and reported the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import queue
+import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -40,9 +49,12 @@ EVENTS: dict[str, EventSpec] = {
     "gnn_plan_fallback": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "graph_missing_features": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
     "graph_nodes_dropped": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
+    "graph_seed_unlinked": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
     "risk_gate_override": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
     "step_over_budget": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "blueprint_metadata_unavailable": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
+    "telemetry_dropped": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
+    "telemetry_publish_failed": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
     # P9: field-report lifecycle and outbox.
     "field_report_synthesised": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
     "field_report_retry": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
@@ -68,6 +80,113 @@ class UnknownTelemetryEvent(EsperError):
         super().__init__(f"telemetry event {name!r} is not declared in EVENTS")
 
 
+@dataclass(frozen=True)
+class QueueClosed:
+    """What closing a `QueuedSink` left behind: packets delivered, dropped (full queue, or still queued
+    when the bound ran out) and failed (the sink raised), over the sink's whole life."""
+
+    delivered: int
+    dropped: int
+    failed: int
+    stuck: bool  # the sink was still busy with a packet when the bound ran out
+
+
+class QueuedSink:
+    """A bounded queue in front of a sink, drained by a background thread: `offer` never waits.
+
+    Thread-safe counters (`dropped`, `failed`, `delivered`) say what became of the packets; the owner
+    reports them (events are never raised from the publisher thread).
+    """
+
+    def __init__(self, sink: TelemetrySink, capacity: int, *, name: str = "tamiyo-telemetry") -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._sink = sink
+        self._queue: queue.Queue[pb.TelemetryPacket | None] = queue.Queue(maxsize=capacity)
+        self._lock = threading.Lock()
+        self._closed = False
+        self.dropped = 0
+        self.failed = 0
+        self.delivered = 0
+        self.last_error = ""
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def offer(self, packet: pb.TelemetryPacket) -> bool:
+        """Queue `packet` for the sink; False (and counted as dropped) when the queue is full or closed."""
+        with self._lock:
+            if not self._closed:
+                try:
+                    self._queue.put_nowait(packet)
+                    return True
+                except queue.Full:
+                    pass
+            self.dropped += 1
+            return False
+
+    def _run(self) -> None:
+        while True:
+            packet = self._queue.get()
+            try:
+                if packet is None:
+                    return
+                try:
+                    self._sink(packet)
+                except Exception as exc:  # noqa: BLE001 (counted and reported as an event; the thread goes on)
+                    with self._lock:
+                        self.failed += 1
+                        self.last_error = f"{type(exc).__name__}: {exc}"
+                    _log.error("telemetry packet %s not published: %s", packet.packet_id, self.last_error)
+                else:
+                    with self._lock:
+                        self.delivered += 1
+            finally:
+                self._queue.task_done()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued packet went through the sink; False if `timeout_s` ran out first."""
+        deadline = time.monotonic() + timeout_s
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(remaining)
+        return True
+
+    def close(self, timeout_s: float) -> QueueClosed:
+        """Deliver what can be delivered within `timeout_s`, then stop; what is left is dropped, counted,
+        and logged as a warning with the totals. Later offers are dropped."""
+        with self._lock:
+            self._closed = True
+        stuck = not self.drain(timeout_s)
+        left = 0
+        while True:  # only when stuck: what the sink will never get to
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+            left += item is not None
+        self._queue.put(None)  # room for it: the queue was just emptied and nothing can be added
+        if not stuck:
+            self._thread.join(timeout_s)
+        with self._lock:
+            self.dropped += left
+            closed = QueueClosed(self.delivered, self.dropped, self.failed, stuck)
+        if closed.dropped or closed.failed or stuck:
+            _log.warning(
+                "telemetry publisher closed: %d packet(s) delivered, %d dropped (%d still queued at "
+                "close%s), %d failed in the sink",
+                closed.delivered,
+                closed.dropped,
+                left,
+                ", the sink was blocked" if stuck else "",
+                closed.failed,
+            )
+        return closed
+
+
 class TamiyoTelemetry:
     """Events, metrics and health of one service."""
 
@@ -79,12 +198,21 @@ class TamiyoTelemetry:
         sink: TelemetrySink | None = None,
         registry: CollectorRegistry | None = None,
         max_buffered: int = 1024,
+        step_budget_ms: float | None = None,
+        background: bool = False,
     ) -> None:
         self._clock = clock
         self._sink = sink
+        self._settings = settings
+        self._queued = (
+            QueuedSink(sink, settings.telemetry_queue_size) if sink is not None and background else None
+        )
+        self._reported_drops = 0
+        self._reported_failures = 0
         self._events: deque[pb.TelemetryEvent] = deque(maxlen=max_buffered)
+        self._events_lock = threading.Lock()  # events may come from other threads (the metadata cache's)
         self._indicators: dict[str, float] = {
-            "step_timeout_ms": settings.step_timeout_ms,
+            "step_timeout_ms": settings.step_timeout_ms if step_budget_ms is None else step_budget_ms,
             "metadata_timeout_ms": settings.metadata_timeout_ms,
             "last_latency_ms": float("nan"),
             "deadline_misses": 0.0,
@@ -96,6 +224,7 @@ class TamiyoTelemetry:
         self._compile_reason = "not started"
         self._plan_reason = "no topology rehearsed yet"
         self._last_missing: dict[str, tuple[str, ...]] = {}
+        self._last_unlinked: dict[str, str] = {}
         self.registry = registry or CollectorRegistry()
         self.latency_ms = Histogram(
             "tamiyo_step_latency_ms",
@@ -141,7 +270,26 @@ class TamiyoTelemetry:
             ["outcome"],
             registry=self.registry,
         )
+        self.dropped = Counter(
+            "tamiyo_telemetry_dropped",
+            "Telemetry packets dropped: the publishing queue was full, or still held them at close",
+            registry=self.registry,
+        )
+        self.publish_failures = Counter(
+            "tamiyo_telemetry_publish_failures",
+            "Telemetry packets the sink raised on",
+            registry=self.registry,
+        )
         self._metric_points: dict[str, tuple[float, str]] = {}
+
+    @property
+    def step_budget_ms(self) -> float:
+        """The step budget health judges the last latency against (the service's resolved one)."""
+        return self._indicators["step_timeout_ms"]
+
+    @step_budget_ms.setter
+    def step_budget_ms(self, value: float) -> None:
+        self._indicators["step_timeout_ms"] = value
 
     @property
     def has_sink(self) -> bool:
@@ -150,14 +298,15 @@ class TamiyoTelemetry:
 
     # -- events -------------------------------------------------------------------------------------
 
-    def emit(self, name: str, description: str, **attributes: str) -> pb.TelemetryEvent:
+    def emit(self, name: str, description: str, /, **attributes: str) -> pb.TelemetryEvent:
         """Record event `name` at the level of the table, log it, and return it."""
         spec = EVENTS.get(name)
         if spec is None:
             raise UnknownTelemetryEvent(name)
         event = pb.TelemetryEvent(name=name, description=description, level=spec.level)
         event.attributes.update(attributes)
-        self._events.append(event)
+        with self._events_lock:
+            self._events.append(event)
         _log.log(LOG_LEVELS[spec.level], "%s: %s %s", name, description, attributes or "")
         return event
 
@@ -188,7 +337,8 @@ class TamiyoTelemetry:
         )
 
     def record_coverage(self, coverage: GraphCoverage, packet_id: str) -> None:
-        """Coverage gauges every time; an event naming the missing keys whenever that set changes."""
+        """Coverage gauges every time; an event naming the missing keys, and one naming the active seeds
+        without a blueprint node, whenever that set changes."""
         for node_type, fraction in coverage.present_fraction.items():
             self.coverage.labels(node_type=node_type).set(fraction)
             self.metric(f"tamiyo.graph.coverage.{node_type}", fraction)
@@ -202,6 +352,20 @@ class TamiyoTelemetry:
                     missing=keys,
                 )
             self._last_missing = dict(coverage.missing)
+        self.metric("tamiyo.graph.unlinked_seeds", float(len(coverage.unlinked_seeds)))
+        if coverage.unlinked_seeds != self._last_unlinked:
+            if coverage.unlinked_seeds:
+                unlinked = "; ".join(
+                    f"{slot}: {why}" for slot, why in sorted(coverage.unlinked_seeds.items())
+                )
+                self.emit(
+                    "graph_seed_unlinked",
+                    f"packet {packet_id} has active seeds without a blueprint node: {unlinked}",
+                    packet_id=packet_id,
+                    slots=",".join(sorted(coverage.unlinked_seeds)),
+                    unlinked=unlinked,
+                )
+            self._last_unlinked = dict(coverage.unlinked_seeds)
         dropped = {k: v for k, v in coverage.dropped_nodes.items() if v}
         if dropped:
             cut_edges = {k: v for k, v in coverage.dropped_edges.items() if v}
@@ -257,7 +421,7 @@ class TamiyoTelemetry:
                 reason=reason,
             )
 
-    def health(self) -> pb.SystemHealth:
+    def health(self, events: list[pb.TelemetryEvent] | None = None) -> pb.SystemHealth:
         """Health with the timeout budgets, last latency and compile state as indicators."""
         indicators = self._indicators
         status = pb.HEALTH_STATUS_HEALTHY
@@ -265,7 +429,10 @@ class TamiyoTelemetry:
         last = indicators["last_latency_ms"]
         if not math.isnan(last) and last > indicators["step_timeout_ms"]:  # unmeasured is not "over"
             status, summary = pb.HEALTH_STATUS_DEGRADED, f"last decision took {last:.2f} ms"
-        if any(event.level == pb.TELEMETRY_LEVEL_CRITICAL for event in self._events):
+        if events is None:
+            with self._events_lock:
+                events = list(self._events)
+        if any(event.level == pb.TELEMETRY_LEVEL_CRITICAL for event in events):
             status, summary = pb.HEALTH_STATUS_CRITICAL, "a decision failed critically since the last report"
         health = pb.SystemHealth(
             status=status, summary=f"{summary}; compile: {self._compile_reason}; plan: {self._plan_reason}"
@@ -275,14 +442,18 @@ class TamiyoTelemetry:
 
     def flush(self, training_run_id: str = "") -> pb.TelemetryPacket:
         """Everything since the last flush as one packet, handed to the sink (if any) and returned."""
-        events = list(self._events)
+        if self._queued is not None:
+            self._account_queue()  # what became of earlier packets travels in this one
+        with self._events_lock:
+            events = list(self._events)
+            self._events.clear()
         packet = pb.TelemetryPacket(
             packet_id=f"tel-{uuid.uuid4().hex}",
             source_subsystem="tamiyo",
             training_run_id=training_run_id,
         )
         packet.timestamp.FromNanoseconds(self._clock.wall_ns())
-        packet.system_health.CopyFrom(self.health())
+        packet.system_health.CopyFrom(self.health(events))
         packet.events.extend(events)
         for name, (value, unit) in self._metric_points.items():
             packet.metrics.add(name=name, value=value, unit=unit)
@@ -290,10 +461,59 @@ class TamiyoTelemetry:
         priorities = [EVENTS[e.name].priority for e in events] or [pb.MESSAGE_PRIORITY_NORMAL]
         packet.level = max(levels)
         packet.priority = max(priorities)
-        self._events.clear()
-        if self._sink is not None:
+        if self._queued is not None:
+            if not self._queued.offer(packet):
+                # Its events go again with the next packet (the buffer is bounded), which reports the drop.
+                with self._events_lock:
+                    self._events.extendleft(reversed(events))
+            self._account_queue()
+        elif self._sink is not None:
             self._sink(packet)
         return packet
+
+    def _account_queue(self) -> None:
+        """Turn the publisher's new drops and failures into counters, metric points and one event each."""
+        queued = self._queued
+        assert queued is not None
+        dropped, failed, error = queued.dropped, queued.failed, queued.last_error
+        if dropped > self._reported_drops:
+            new = dropped - self._reported_drops
+            self._reported_drops = dropped
+            self.dropped.inc(new)
+            self.metric("tamiyo.telemetry.dropped_total", float(dropped))
+            self.emit(
+                "telemetry_dropped",
+                f"{new} telemetry packet(s) dropped: the publishing queue "
+                f"({self._settings.telemetry_queue_size}) is full; {dropped} in total",
+                dropped=str(new),
+                dropped_total=str(dropped),
+            )
+        if failed > self._reported_failures:
+            new = failed - self._reported_failures
+            self._reported_failures = failed
+            self.publish_failures.inc(new)
+            self.emit(
+                "telemetry_publish_failed",
+                f"{new} telemetry packet(s) not published: {error}",
+                failed=str(new),
+                error=error,
+            )
+
+    def drain(self, timeout_s: float = 10.0) -> bool:
+        """Wait until the packets flushed so far went through the sink (True), or `timeout_s` ran out.
+
+        Nothing to wait for without a background publisher. Decisions never call this; tests and
+        shutdown do."""
+        return True if self._queued is None else self._queued.drain(timeout_s)
+
+    def close(self, timeout_s: float | None = None) -> QueueClosed | None:
+        """Stop the background publisher after delivering what it can within `timeout_s`
+        (`TAMIYO_TELEMETRY_CLOSE_TIMEOUT_S` by default); returns what it delivered and dropped (logged as a
+        warning when anything was lost). None without a background publisher."""
+        if self._queued is None:
+            return None
+        bound = self._settings.telemetry_close_timeout_s if timeout_s is None else timeout_s
+        return self._queued.close(bound)
 
 
 class BlendAnnotator:
