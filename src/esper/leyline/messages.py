@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from esper.leyline import leyline_pb2 as pb
 from esper.leyline.errors import ContractViolation, MalformedMessage
-from esper.leyline.wire import adopt_original_fields, fill_original_fields
+from esper.leyline.wire import adopt_original_fields, with_original_fields
 
 M = TypeVar("M", bound=Message)
 
@@ -26,11 +26,10 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 def serialize(message: Message) -> bytes:
     """Deterministic wire form of `message` (same message, same bytes, within one protobuf version).
 
-    The fields of the original schema that mirror Esper's wider ones are filled first, in `message`
-    itself (`esper.leyline.wire`), so a reader of the original schema finds its values.
+    The bytes carry the original schema's fields that mirror Esper's wider ones (`esper.leyline.wire`),
+    so a reader of the original schema finds its values; `message` itself is not changed.
     """
-    fill_original_fields(message)
-    return message.SerializeToString(deterministic=True)
+    return with_original_fields(message).SerializeToString(deterministic=True)
 
 
 def parse(message_type: type[M], data: bytes) -> M:

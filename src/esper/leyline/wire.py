@@ -13,9 +13,10 @@ and refuse bytes of another version (`ContractVersionMismatch`) instead of misre
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -29,6 +30,8 @@ CONTRACT_VERSION = 2
 
 # Stores written before the contract version was recorded hold version 1.
 UNVERSIONED = 1
+
+M = TypeVar("M", bound=Message)
 
 _Kind = Literal["scalar", "map", "text_map"]
 
@@ -60,6 +63,7 @@ _MIRRORS: dict[str, tuple[tuple[str, str, _Kind], ...]] = {
 }
 
 
+@functools.cache
 def _reaches_mirrors(descriptor: Descriptor, seen: frozenset[str] = frozenset()) -> bool:
     if descriptor.name in _MIRRORS and descriptor.file is pb.DESCRIPTOR:
         return True
@@ -109,6 +113,16 @@ def _number(text: str) -> float | None:
         return None
 
 
+def with_original_fields(message: M) -> M:
+    """`message` itself when nothing in it mirrors, else a copy with the original fields filled."""
+    if not _reaches_mirrors(message.DESCRIPTOR):
+        return message
+    copy = type(message)()
+    copy.CopyFrom(message)
+    fill_original_fields(copy)
+    return copy
+
+
 def fill_original_fields(message: Message) -> None:
     """Write Esper's values into the original schema's fields, in place (idempotent)."""
     for ours, original, kind in _mirrors_of(message):
@@ -135,21 +149,28 @@ def fill_original_fields(message: Message) -> None:
 
 
 def adopt_original_fields(message: Message) -> None:
-    """Fill each unset Esper field from its original field, in place; a set Esper field wins."""
+    """Move each original field's value into its unset Esper field, in place; a set Esper field wins.
+
+    The original fields are left empty (text that is no number stays), so a parsed message equals one
+    built in code with the Esper names.
+    """
     for ours, original, kind in _mirrors_of(message):
         if kind == "scalar":
             value = getattr(message, original)
             if not message.HasField(ours) and value != 0.0:
                 setattr(message, ours, value)
+            message.ClearField(original)
             continue
         target = getattr(message, ours)
-        source: Mapping[str, Any] = getattr(message, original)
-        if len(target) or not len(source):
-            continue
-        for key, value in source.items():
+        source: Any = getattr(message, original)
+        adopt = not len(target)
+        for key, value in list(source.items()):
             number = value if kind == "map" else _number(value)
-            if number is not None:  # a text value that is no number stays readable in `original`
+            if number is None:
+                continue  # a text value that is no number stays readable in `original`
+            if adopt:
                 target[key] = number
+            del source[key]
     for child in _children(message):
         adopt_original_fields(child)
 
@@ -169,13 +190,20 @@ def guard_sqlite_contract(db: sqlite3.Connection, where: str) -> None:
     Call it at open, before creating any table: a database with tables but no record was written before
     the version was recorded (version 1). Raises `ContractVersionMismatch`.
     """
-    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if _CONTRACT_TABLE not in tables:
-        if tables:
-            raise ContractVersionMismatch(where, UNVERSIONED, CONTRACT_VERSION)
-        with db:
+    db.execute("BEGIN IMMEDIATE")  # two processes opening one new file agree on who records it
+    try:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if _CONTRACT_TABLE in tables:
+            row = db.execute(f"SELECT MAX(version) FROM {_CONTRACT_TABLE}").fetchone()
+            found = UNVERSIONED if row is None or row[0] is None else int(row[0])
+        elif tables:
+            found = UNVERSIONED
+        else:
             db.execute(f"CREATE TABLE {_CONTRACT_TABLE} (version INTEGER NOT NULL)")
             db.execute(f"INSERT INTO {_CONTRACT_TABLE} (version) VALUES (?)", (CONTRACT_VERSION,))
-        return
-    row = db.execute(f"SELECT MAX(version) FROM {_CONTRACT_TABLE}").fetchone()
-    check_contract_version(where, int(row[0]) if row and row[0] is not None else UNVERSIONED)
+            found = CONTRACT_VERSION
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    check_contract_version(where, found)

@@ -33,6 +33,7 @@ from esper.leyline import (
     ContractViolation,
     EsperError,
     MalformedMessage,
+    guard_sqlite_contract,
     parse,
     pb,
     serialize,
@@ -323,6 +324,7 @@ class TamiyoStore:
             raise StoreError(self.path, f"cannot open: {exc}") from exc
         try:
             self._configure(verify)
+            guard_sqlite_contract(self._db, f"Tamiyo store {self.path}")
             self._migrate(migrations)
             if not existed:
                 self._sync_directory()
