@@ -45,29 +45,6 @@ def test_committed_bindings_match_the_schema(tmp_path: Path) -> None:
     assert generated == committed, "leyline_pb2.py is stale: run `make proto` and commit the result"
 
 
-def test_original_field_numbers_are_kept() -> None:
-    fields = pb.SystemStatePacket.DESCRIPTOR.fields_by_name
-    expected = {
-        "version": 1,
-        "current_epoch": 2,
-        "validation_accuracy": 3,
-        "validation_loss": 4,
-        "timestamp_ns": 5,
-        "hardware_context": 6,
-        "training_metrics": 7,
-        "seed_states": 8,
-        "packet_id": 9,
-        "global_step": 10,
-        "training_loss": 11,
-        "source_subsystem": 12,
-        "training_run_id": 13,
-        "experiment_name": 14,
-    }
-    assert {name: fields[name].number for name in expected} == expected
-    report = pb.FieldReport.DESCRIPTOR.fields_by_name
-    assert report["issued_at"].number == 9 and report["observation_window_epochs"].number == 8
-
-
 def test_wait_is_an_explicit_command_type() -> None:
     assert short_name(pb.CommandType, pb.COMMAND_WAIT) == "WAIT"
 

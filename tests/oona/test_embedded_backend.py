@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.leyline import ManualClock, pb
+from esper.leyline import CONTRACT_VERSION, ContractVersionMismatch, ManualClock, pb
 from esper.oona import BusError, EmbeddedBus, InvalidMessageId, Streams, envelope_for
 from esper.oona.bus import DEAD_LETTER_REASON
 from tests.conftest import fast_oona_settings
@@ -91,3 +91,15 @@ def test_a_writer_holding_the_lock_past_the_busy_timeout_makes_the_bus_unavailab
     assert type(caught.value).__name__ == "BusUnavailable"
     bus.publish(STREAM, signal_envelope("after"))
     bus.close()
+
+
+def test_a_bus_file_of_the_first_contract_is_refused_not_misread(tmp_path: Path) -> None:
+    path = tmp_path / "bus.sqlite3"
+    bus = EmbeddedBus(path, fast_oona_settings())
+    bus.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP TABLE leyline_contract")  # as written before the contract version was recorded
+    db.close()
+    with pytest.raises(ContractVersionMismatch) as info:
+        EmbeddedBus(path, fast_oona_settings())
+    assert (info.value.found, info.value.expected) == (1, CONTRACT_VERSION)

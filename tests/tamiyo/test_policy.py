@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
-from esper.leyline import pb
+from esper.leyline import CONTRACT_VERSION, pb
 from esper.tamiyo.gnn import GNNOutput
 from esper.tamiyo.graph import collate
 from esper.tamiyo.policy import (
@@ -220,3 +224,22 @@ def test_warm_runs_the_network_and_stops_at_a_cancelled_checkpoint() -> None:
         policy.warm(graph, cancel=cancelled)
     with pytest.raises(PolicyInferenceError, match="one graph"):
         policy.warm(collate([graph, graph]), cancel=CancelToken())
+
+
+def test_policy_checkpoint_of_another_leyline_contract_is_refused(tmp_path: Path) -> None:
+    policy = small_policy()
+    payload = policy.state_bytes()
+    header = json.loads(_metadata(payload, tmp_path)["header"])
+    assert header["leyline_contract"] == str(CONTRACT_VERSION)
+    del header["leyline_contract"]  # as written before the contract version was recorded
+    old = save_safetensors(load_safetensors(payload), metadata={"header": json.dumps(header)})
+    with pytest.raises(CheckpointIncompatible, match="leyline_contract"):
+        small_policy().load_state_bytes(bytes(old))
+
+
+def _metadata(payload: bytes, tmp_path: Path) -> dict[str, str]:
+    path = tmp_path / "policy.safetensors"
+    path.write_bytes(payload)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata: dict[str, str] = handle.metadata()
+    return metadata

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.leyline import ManualClock, pb
+from esper.leyline import CONTRACT_VERSION, ContractVersionMismatch, ManualClock, pb
 from esper.tamiyo.graph import TAMIYO_SCHEMA, FeatureNormalizer, NormalizerState
 from esper.tamiyo.store import (
     MIGRATIONS,
@@ -291,3 +291,13 @@ def test_missing_store_is_not_created_when_asked(path: Path) -> None:
     with pytest.raises(StoreError, match="does not exist"):
         TamiyoStore(path, create=False)
     assert not path.exists()
+
+
+def test_a_store_of_the_first_contract_is_refused_not_misread(path: Path) -> None:
+    TamiyoStore(path).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP TABLE leyline_contract")  # as written before the contract version was recorded
+    db.close()
+    with pytest.raises(ContractVersionMismatch) as info:
+        TamiyoStore(path)
+    assert (info.value.found, info.value.expected) == (1, CONTRACT_VERSION)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.leyline import EsperError, pb
+from esper.leyline import CONTRACT_VERSION, ContractVersionMismatch, EsperError, pb
 from esper.urza import (
     BUILTIN_FACTORIES,
     BUILTIN_SPECS,
@@ -301,3 +301,14 @@ def test_the_database_is_in_wal_mode_with_full_sync(catalogue: BlueprintCatalogu
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # synchronous is a per-connection setting: read it on the catalogue's own connection (2 = FULL).
     assert catalogue._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def test_a_catalogue_of_the_first_contract_is_refused_not_misread(tmp_path: Path) -> None:
+    path = tmp_path / "urza.sqlite3"
+    BlueprintCatalogue.open_default(path).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP TABLE leyline_contract")  # as written before the contract version was recorded
+    db.close()
+    with pytest.raises(ContractVersionMismatch) as info:
+        BlueprintCatalogue.open_default(path)
+    assert (info.value.found, info.value.expected) == (1, CONTRACT_VERSION)

@@ -11,6 +11,7 @@ from esper.leyline.clock import SYSTEM_CLOCK, Clock, ManualClock, SystemClock
 from esper.leyline.enums import from_short_name, short_name, value_label
 from esper.leyline.errors import (
     ConfigurationError,
+    ContractVersionMismatch,
     ContractViolation,
     EsperError,
     FutureMessage,
@@ -33,14 +34,17 @@ from esper.leyline.messages import (
 )
 from esper.leyline.settings import EsperSettings, StrictSettings, load_settings, resolve_signing_secret
 from esper.leyline.signing import NonceLedger, SignatureVerifier, sign
+from esper.leyline.wire import CONTRACT_VERSION, check_contract_version, guard_sqlite_contract
 
 __all__ = [
+    "CONTRACT_VERSION",
     "SYSTEM_CLOCK",
     "Backoff",
     "CleanupFailed",
     "CleanupStack",
     "Clock",
     "ConfigurationError",
+    "ContractVersionMismatch",
     "ContractViolation",
     "EsperError",
     "EsperSettings",
@@ -55,7 +59,9 @@ __all__ = [
     "StaleMessage",
     "StrictSettings",
     "SystemClock",
+    "check_contract_version",
     "from_short_name",
+    "guard_sqlite_contract",
     "load_settings",
     "parse",
     "parse_validated",

@@ -67,3 +67,17 @@ class FutureMessage(SignatureError):
 
 class ConfigurationError(EsperError):
     """Configuration that cannot be used; raised at start, naming the setting."""
+
+
+class ContractVersionMismatch(EsperError):
+    """Stored Leyline messages were written under another contract version (another field numbering)."""
+
+    def __init__(self, where: str, found: int, expected: int) -> None:
+        self.where = where
+        self.found = found
+        self.expected = expected
+        super().__init__(
+            f"{where} holds Leyline messages of contract version {found}; this Esper reads version "
+            f"{expected} only (the field numbering changed, so the bytes would be misread): "
+            "start from an empty store or drain it with the Esper that wrote it"
+        )

@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from esper.leyline import leyline_pb2 as pb
 from esper.leyline.errors import ContractViolation, MalformedMessage
+from esper.leyline.wire import adopt_original_fields, with_original_fields
 
 M = TypeVar("M", bound=Message)
 
@@ -23,12 +24,19 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def serialize(message: Message) -> bytes:
-    """Deterministic wire form of `message` (same message, same bytes, within one protobuf version)."""
-    return message.SerializeToString(deterministic=True)
+    """Deterministic wire form of `message` (same message, same bytes, within one protobuf version).
+
+    The bytes carry the original schema's fields that mirror Esper's wider ones (`esper.leyline.wire`),
+    so a reader of the original schema finds its values; `message` itself is not changed.
+    """
+    return with_original_fields(message).SerializeToString(deterministic=True)
 
 
 def parse(message_type: type[M], data: bytes) -> M:
-    """Parse `data` as `message_type`; any failure is a `MalformedMessage`."""
+    """Parse `data` as `message_type`; any failure is a `MalformedMessage`.
+
+    Esper fields left unset by a writer of the original schema are filled from their original fields.
+    """
     name = message_type.DESCRIPTOR.name
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedMessage(name, f"expected bytes, got {type(data).__name__}")
@@ -42,6 +50,7 @@ def parse(message_type: type[M], data: bytes) -> M:
     except (ValueError, TypeError, RuntimeError) as exc:
         # The upb backend raises these for some corrupt inputs (bad UTF-8 in a string field, ...).
         raise MalformedMessage(name, f"{type(exc).__name__}: {exc}") from exc
+    adopt_original_fields(message)
     return message
 
 

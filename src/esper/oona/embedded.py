@@ -18,7 +18,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from esper.leyline import SYSTEM_CLOCK, Clock, MalformedMessage, pb, serialize
+from esper.leyline import (
+    SYSTEM_CLOCK,
+    Clock,
+    ContractVersionMismatch,
+    MalformedMessage,
+    guard_sqlite_contract,
+    pb,
+    serialize,
+)
 from esper.oona.bus import (
     BusError,
     BusUnavailable,
@@ -74,6 +82,11 @@ class EmbeddedBus:
             raise self._error("open", exc) from exc
         if str(mode).lower() != "wal":
             raise BusError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); the bus needs it")
+        try:
+            guard_sqlite_contract(self._db, f"embedded bus {self.path}")
+        except ContractVersionMismatch:
+            self.close()
+            raise
         with self._transaction("create schema") as db:
             for statement in _SCHEMA:
                 db.execute(statement)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import GATConv, HeteroConv, SAGEConv
 from torch_geometric.utils import scatter
 
-from esper.leyline import EsperError
+from esper.leyline import CONTRACT_VERSION, EsperError
 from esper.tamiyo.graph import EdgeKey, GraphSchema, GraphSchemaError, TamiyoGraph
 from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS
 
@@ -46,6 +46,7 @@ class TamiyoGNNConfig:
         """What a checkpoint must match to be loaded into this architecture."""
         return {
             "architecture_version": ARCHITECTURE_VERSION,
+            "leyline_contract": str(CONTRACT_VERSION),
             "schema_version": self.schema.version,
             "schema_digest": self.schema.digest,
             "hidden_dim": str(self.hidden_dim),

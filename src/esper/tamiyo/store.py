@@ -42,6 +42,7 @@ from esper.leyline import (
     ContractViolation,
     EsperError,
     MalformedMessage,
+    guard_sqlite_contract,
     parse,
     pb,
     serialize,
@@ -530,6 +531,7 @@ class TamiyoStore:
         try:
             self._db.create_function("esper_checksum", -1, _checksum, deterministic=True)
             self._configure(verify)
+            guard_sqlite_contract(self._db, f"Tamiyo store {self.path}")
             if lost is not None:
                 self._accept_loss(*lost)
             self._migrate(migrations)

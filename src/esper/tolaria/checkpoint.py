@@ -32,8 +32,9 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from esper.leyline import EsperError
+from esper.leyline import CONTRACT_VERSION, EsperError, check_contract_version
 from esper.leyline.files import write_atomically
+from esper.leyline.wire import UNVERSIONED
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.json$")
 
@@ -186,6 +187,7 @@ class CheckpointStore:
                 before_commit()
             record = {
                 "step": step,
+                "leyline_contract": CONTRACT_VERSION,
                 "tensors_file": tensor_path.name,
                 "tensors_sha256": hashlib.sha256(blob).hexdigest(),
                 "meta": meta,
@@ -217,6 +219,7 @@ class CheckpointStore:
             blob = tensors_path.read_bytes()
         except OSError as exc:
             raise CheckpointError(json_path, f"unreadable: {exc}") from exc
+        _check_contract(json_path, record)
         if record["step"] != step:
             raise CheckpointError(json_path, f"records step {record['step']}, its name says {step}")
         if hashlib.sha256(blob).hexdigest() != record["tensors_sha256"]:
@@ -254,3 +257,9 @@ class CheckpointStore:
         for step in self._steps_on_disk()[: -self.keep]:
             for suffix in (".json", ".safetensors"):
                 (self.directory / f"ckpt-{step:09d}{suffix}").unlink(missing_ok=True)
+
+
+def _check_contract(path: Path, record: dict[str, Any]) -> None:
+    """Refuse a checkpoint written under another Leyline contract (`ContractVersionMismatch`)."""
+    found = record.get("leyline_contract", UNVERSIONED)
+    check_contract_version(f"checkpoint {path}", found if isinstance(found, int) else UNVERSIONED)

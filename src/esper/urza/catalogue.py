@@ -31,7 +31,16 @@ from typing import Any
 from google.protobuf.message import DecodeError
 from torch import nn
 
-from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, serialize, timestamp_from_ns
+from esper.leyline import (
+    SYSTEM_CLOCK,
+    Clock,
+    ContractVersionMismatch,
+    EsperError,
+    guard_sqlite_contract,
+    pb,
+    serialize,
+    timestamp_from_ns,
+)
 from esper.urza.blueprints import (
     BUILTIN_FACTORIES,
     HOST_KINDS,
@@ -124,12 +133,13 @@ class BlueprintCatalogue:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            guard_sqlite_contract(self._db, f"Urza catalogue {self.path}")
             self._db.executescript(_SCHEMA)
             self._check_schema()
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise CatalogueCorrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
-        except CatalogueCorrupt:
+        except (CatalogueCorrupt, ContractVersionMismatch):
             self._db.close()
             raise
 
