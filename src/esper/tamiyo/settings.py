@@ -41,7 +41,7 @@ class TamiyoSettings(StrictSettings):
         default=256, ge=1, description="Telemetry packets waiting for the bus before new ones are dropped."
     )
     telemetry_close_timeout_s: float = Field(
-        default=2.0, gt=0, description="How long close() lets queued telemetry reach the bus."
+        default=2.0, gt=0, le=MINUTE_S, description="How long close() lets queued telemetry reach the bus."
     )
     # Graph builder.
     strict_graph: bool = Field(default=False, description="Raise on a missing feature instead of masking.")
