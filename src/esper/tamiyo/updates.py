@@ -12,8 +12,15 @@ After a swap the new policy is on probation for its first `update_probation_deci
 decision that fails (an inference error, or a miss of the hard inference deadline) counts against it, and
 `update_probation_max_failures` of them roll the service back to the previous policy. (A decision whose
 signing and bookkeeping ran past the budget after a timely inference is the service's `step_over_budget`
-warning, not the policy's failure.) Accepted weights can be archived, so a resumed run restores them. Every
-rejection and every rollback is an event with its reason and a metric (`tamiyo_policy_updates`).
+warning, not the policy's failure.) Accepted weights can be archived (durably, before they serve), so a
+resumed run restores them. Every rejection and every rollback is an event with its reason and a metric
+(`tamiyo_policy_updates`).
+
+A sequence may move at most `update_max_sequence_step` past the newest accepted one: a signed update with
+an absurd sequence would otherwise make every later update look old. On the bus, an update is acked only
+after it was offered, and a bus that cannot be reached is an outage of the feed, never of the decisions:
+one `policy_feed_unavailable` event, the serving policy goes on deciding, and one `policy_feed_recovered`
+when the feed can be read again.
 """
 
 from __future__ import annotations
