@@ -591,6 +591,7 @@ class PolicyUpdateFeed:
         self._consumer = consumer
         self._batch = batch
         self._reclaim = True  # what a previous life of this consumer left unacked comes first
+        self._unsettled: set[str] = set()  # fetched and not acked yet
         bus.ensure_group(Streams.POLICY_UPDATES, group, from_beginning=True)
 
     def remove_group(self) -> None:
@@ -604,7 +605,7 @@ class PolicyUpdateFeed:
         Raises `BusError` when the bus cannot be reached; nothing is lost then.
         """
         items: list[FeedItem] = []
-        if self._reclaim:
+        if self._reclaim or self._unsettled:
             deliveries = self._in_group(
                 lambda: self._bus.reclaim(
                     Streams.POLICY_UPDATES, self._group, self._consumer, min_idle_ms=0, count=self._batch
@@ -619,18 +620,15 @@ class PolicyUpdateFeed:
                 )
             )
             if not deliveries:
+                self._unsettled = {item.message_id for item in items}
                 return items
             items.extend(self._decode(delivery) for delivery in deliveries)
 
     def ack(self, message_ids: list[str]) -> None:
         """Acknowledge offered messages; on `BusError` they stay pending and are fetched again."""
-        if not message_ids:
-            return
-        try:
+        if message_ids:
             self._bus.ack(Streams.POLICY_UPDATES, self._group, message_ids)
-        except BusError:
-            self._reclaim = True
-            raise
+            self._unsettled.difference_update(message_ids)
 
     def _in_group(self, operation: Callable[[], list[Delivery]]) -> list[Delivery]:
         try:
