@@ -269,3 +269,15 @@ def test_gnn_decisions_ride_out_a_redis_outage_and_take_updates_after_it(
     finally:
         rig.service.close()
         bus.close()
+
+
+def test_signed_weights_cut_short_are_refused_as_a_failed_load() -> None:
+    rig = Rig()
+    try:
+        payload = rig.update(rig.trained()).payload[:-4]
+        with pytest.raises(PolicyUpdateRejected) as info:
+            rig.intake.offer(_signed_with_payload(rig, payload, sequence=1))
+        assert info.value.reason == "load_failed"
+        assert "weights" in info.value.detail
+    finally:
+        rig.service.close()

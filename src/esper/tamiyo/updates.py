@@ -323,7 +323,9 @@ class PolicyUpdateIntake:
         try:
             candidate.load_state_bytes(bytes(update.payload))
         except CheckpointIncompatible as exc:
-            raise rejected("architecture_mismatch", str(exc)) from exc
+            # A header of another architecture, or tensors that do not fit this one (damaged weights).
+            kind = "architecture_mismatch" if exc.field in candidate.config.header() else "load_failed"
+            raise rejected(kind, str(exc)) from exc
         except Exception as exc:  # any failure to load is a rejection with its reason
             raise rejected("load_failed", f"{type(exc).__name__}: {exc}") from exc
         if candidate.version != version:
