@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esper.leyline import MalformedMessage, parse, pb, serialize
+from esper.leyline import ContractViolation, MalformedMessage, parse, parse_validated, pb, serialize
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 text = st.text(max_size=40)
@@ -91,3 +92,45 @@ def test_non_bytes_input_is_malformed() -> None:
         assert "expected bytes" in str(exc)
     else:
         raise AssertionError("a str was accepted as wire bytes")
+
+
+def _mutated(data: bytes, flips: list[tuple[int, int]], cut: int | None) -> bytes:
+    damaged = bytearray(data)
+    for index, mask in flips:
+        if damaged:
+            damaged[index % len(damaged)] ^= mask
+    return bytes(damaged[:cut] if cut is not None else damaged)
+
+
+def _parses_validated_or_raises_typed(message_type: type[Message], data: bytes) -> None:
+    try:
+        message = parse_validated(message_type, data)
+    except MalformedMessage as exc:
+        assert exc.message_type == message_type.DESCRIPTOR.name
+    except ContractViolation as exc:
+        assert exc.field
+    else:
+        assert isinstance(message, message_type)
+
+
+@settings(max_examples=400)
+@given(st.sampled_from(MESSAGE_TYPES), st.binary(max_size=256))
+def test_random_bytes_parse_validated_or_raise_typed(message_type: type[Message], data: bytes) -> None:
+    _parses_validated_or_raises_typed(message_type, data)
+
+
+@settings(max_examples=300)
+@given(
+    packets(),
+    st.sampled_from(MESSAGE_TYPES),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=6),
+    st.none() | st.integers(0, 2_000),
+)
+def test_damaged_messages_parse_validated_or_raise_typed(
+    packet: pb.SystemStatePacket,
+    message_type: type[Message],
+    flips: list[tuple[int, int]],
+    cut: int | None,
+) -> None:
+    """A real message's bytes, flipped and cut, read as any type: a message or a typed error."""
+    _parses_validated_or_raises_typed(message_type, _mutated(serialize(packet), flips, cut))

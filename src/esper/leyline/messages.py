@@ -174,7 +174,10 @@ VALIDATORS: dict[type[Message], Callable[[Any], Message]] = {
 
 
 def parse_validated(message_type: type[M], data: bytes) -> M:
-    """Parse and validate in one step: the only way inbound bytes should become a message."""
+    """Parse and validate in one step: the only way inbound bytes should become a message.
+
+    Raises `MalformedMessage` if `data` does not parse, `ContractViolation` if it breaks its contract.
+    """
     message = parse(message_type, data)
     validator = VALIDATORS.get(message_type)
     if validator is not None:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb
+from esper.leyline.files import write_atomically
 from esper.oona import Bus, Streams, envelope_for
 from esper.simic.imitation import imitate
 from esper.simic.ppo import make_rollout, ppo_update, refit_critic
@@ -100,10 +101,8 @@ class SimicState:
             return [json.loads(line) for line in handle if line.strip()]
 
     def save_policy(self, payload: bytes) -> None:
-        """Replace the current policy atomically."""
-        temporary = self.policy_path.with_suffix(".tmp")
-        temporary.write_bytes(payload)
-        temporary.replace(self.policy_path)
+        """Replace the current policy atomically and durably (the old one stays if the write fails)."""
+        write_atomically(self.policy_path, payload)
 
     def load_policy(
         self, settings: TamiyoSettings, config: TamiyoGNNConfig | None = None

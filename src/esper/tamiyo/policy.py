@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
@@ -63,6 +64,12 @@ class PolicyInferenceError(EsperError):
         self.reason = reason
         self.compile_disabled = compile_disabled
         super().__init__(f"policy inference failed: {reason}")
+
+
+# Bounds on a safetensors header, checked before anything else is read: a policy's header is some tens of
+# kilobytes, nested three levels deep.
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_HEADER_DEPTH = 8
 
 
 class CheckpointIncompatible(EsperError):
@@ -255,13 +262,30 @@ class GNNPolicy:
         return bytes(save_safetensors(tensors, metadata={"header": json.dumps(self._config.header())}))
 
     def load_state_bytes(self, payload: bytes) -> None:
-        """Load weights from `state_bytes()` output of a compatible policy; refuse anything else."""
-        header = _read_header(payload)
+        """Load weights from `state_bytes()` output of a compatible policy; anything else is refused with
+        `CheckpointIncompatible`, and the weights stay as they were."""
+        header = read_safetensors_header(payload)
         for key, expected in self._config.header().items():
             found = header.get(key, "")
             if found != expected:
                 raise CheckpointIncompatible(key, expected, found)
-        tensors = load_safetensors(payload)
+        try:
+            tensors = load_safetensors(payload)
+        except SafetensorError as exc:
+            raise CheckpointIncompatible("weights", "a readable safetensors payload", str(exc)) from exc
+        # Every tensor is checked before any is copied: a refused payload leaves the weights as they were.
+        own = self.module.state_dict()
+        if set(tensors) != set(own):
+            missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+            found = f"missing {missing}, extra {extra}"
+            raise CheckpointIncompatible("weights", "this network's tensors", found)
+        for name, tensor in tensors.items():
+            if tensor.shape != own[name].shape or tensor.dtype != own[name].dtype:
+                raise CheckpointIncompatible(
+                    f"tensor {name}",
+                    f"{own[name].dtype} {list(own[name].shape)}",
+                    f"{tensor.dtype} {list(tensor.shape)}",
+                )
         self.module.drop_plan()  # it computes the old weights (its weights check would refuse it anyway)
         self.module.load_state_dict(tensors, strict=True)
         self.module.eval()
@@ -590,19 +614,68 @@ def _segment_entropy(log_probs: Tensor, ok: Tensor, index: Tensor, size: int) ->
     return torch.zeros(size, dtype=terms.dtype).index_add(0, index, terms)
 
 
-def _read_header(payload: bytes) -> dict[str, str]:
-    """The JSON header of a safetensors payload written by `state_bytes`."""
+def _json_depth(document: object) -> int:
+    """How deeply `document` (parsed JSON) nests arrays and objects; iterative, so any depth is safe."""
+    deepest = 0
+    pending: list[tuple[object, int]] = [(document, 0)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, dict):
+            children: list[object] = list(node.values())
+        elif isinstance(node, list):
+            children = list(node)
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _bounded_json(text: bytes | str, what: str) -> object:
+    """`text` parsed as JSON, nested at most `MAX_HEADER_DEPTH` deep; `CheckpointIncompatible` otherwise."""
+    try:
+        document: object = json.loads(text)
+    except RecursionError as exc:
+        raise CheckpointIncompatible(what, "JSON", "nested too deeply to parse") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
+        raise CheckpointIncompatible(what, "JSON", f"unreadable ({exc})") from exc
+    depth = _json_depth(document)
+    if depth > MAX_HEADER_DEPTH:
+        raise CheckpointIncompatible(what, f"JSON nested at most {MAX_HEADER_DEPTH} deep", f"depth {depth}")
+    return document
+
+
+def read_safetensors_header(payload: bytes) -> dict[str, str]:
+    """The policy header in the metadata of a safetensors payload; `CheckpointIncompatible` for anything
+    else.
+
+    Only JSON is parsed, within bounds (`MAX_HEADER_BYTES`, `MAX_HEADER_DEPTH`): the safetensors header
+    must be an object whose `__metadata__` maps strings to strings, and its `header` entry must be a JSON
+    object of strings.
+    """
     if len(payload) < 8:
         raise CheckpointIncompatible("payload", "safetensors bytes", f"{len(payload)} bytes")
     length = int.from_bytes(payload[:8], "little")
-    try:
-        meta = json.loads(payload[8 : 8 + length]).get("__metadata__", {})
-        header = json.loads(meta.get("header", "{}"))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise CheckpointIncompatible("header", "a JSON header", f"unreadable ({exc})") from exc
+    if length == 0 or length > min(len(payload) - 8, MAX_HEADER_BYTES):
+        raise CheckpointIncompatible(
+            "header length", f"1..{min(len(payload) - 8, MAX_HEADER_BYTES)} bytes", str(length)
+        )
+    document = _bounded_json(payload[8 : 8 + length], "header")
+    if not isinstance(document, dict):
+        raise CheckpointIncompatible("header", "a JSON object", type(document).__name__)
+    metadata = document.get("__metadata__")
+    if not isinstance(metadata, dict):
+        raise CheckpointIncompatible("__metadata__", "a JSON object", type(metadata).__name__)
+    if not isinstance(metadata.get("header"), str):
+        found = type(metadata.get("header")).__name__
+        raise CheckpointIncompatible("__metadata__ header", "a JSON string", found)
+    header = _bounded_json(metadata["header"], "policy header")
     if not isinstance(header, dict):
-        raise CheckpointIncompatible("header", "a JSON object", type(header).__name__)
-    return {str(k): str(v) for k, v in header.items()}
+        raise CheckpointIncompatible("policy header", "a JSON object", type(header).__name__)
+    for key, value in header.items():
+        if not isinstance(value, str):
+            raise CheckpointIncompatible(f"policy header {key!r}", "a string", type(value).__name__)
+    return dict(header)
 
 
 def _warmup_packet(n_layers: int, n_slots: int, n_blueprints: int) -> pb.SystemStatePacket:

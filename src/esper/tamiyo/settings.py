@@ -136,3 +136,9 @@ class TamiyoSettings(StrictSettings):
     update_probation_max_failures: int = Field(
         default=1, ge=1, description="Failed or late decisions in the window that roll the policy back."
     )
+    update_max_sequence_step: int = Field(
+        default=10_000,
+        ge=1,
+        description="Largest step an update's sequence may take past the newest accepted one; a larger one "
+        "is refused (accepted, it would make every later update look old).",
+    )

@@ -67,6 +67,8 @@ EVENTS: dict[str, EventSpec] = {
     "policy_update_accepted": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
     "policy_update_rejected": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "policy_rolled_back": EventSpec(pb.TELEMETRY_LEVEL_ERROR, pb.MESSAGE_PRIORITY_HIGH),
+    "policy_feed_unavailable": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
+    "policy_feed_recovered": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_NORMAL),
 }
 
 TelemetrySink = Callable[[pb.TelemetryPacket], None]

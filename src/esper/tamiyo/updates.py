@@ -12,14 +12,22 @@ After a swap the new policy is on probation for its first `update_probation_deci
 decision that fails (an inference error, or a miss of the hard inference deadline) counts against it, and
 `update_probation_max_failures` of them roll the service back to the previous policy. (A decision whose
 signing and bookkeeping ran past the budget after a timely inference is the service's `step_over_budget`
-warning, not the policy's failure.) Accepted weights can be archived, so a resumed run restores them. Every
-rejection and every rollback is an event with its reason and a metric (`tamiyo_policy_updates`).
+warning, not the policy's failure.) Accepted weights can be archived (durably, before they serve), so a
+resumed run restores them. Every rejection and every rollback is an event with its reason and a metric
+(`tamiyo_policy_updates`).
+
+A sequence may move at most `update_max_sequence_step` past the newest accepted one: a signed update with
+an absurd sequence would otherwise make every later update look old. On the bus, an update is acked only
+after it was offered, and a bus that cannot be reached is an outage of the feed, never of the decisions:
+one `policy_feed_unavailable` event, the serving policy goes on deciding, and one `policy_feed_recovered`
+when the feed can be read again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +48,11 @@ from esper.leyline import (
     pb,
     validate_policy_update,
 )
-from esper.oona import Bus, Streams
+from esper.leyline.files import write_atomically
+from esper.oona import Bus, BusError, Delivery, GroupNotFound, Streams
 from esper.tamiyo.gnn import ARCHITECTURE_VERSION, TamiyoGNNConfig
 from esper.tamiyo.graph import TAMIYO_SCHEMA
-from esper.tamiyo.policy import HEADS, CheckpointIncompatible, GNNPolicy
+from esper.tamiyo.policy import HEADS, CheckpointIncompatible, GNNPolicy, read_safetensors_header
 from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, Policy
 from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
@@ -52,7 +61,8 @@ from esper.tamiyo.settings import TamiyoSettings
 LINEAGE_KEYS: tuple[str, ...] = ("tamiyo_policy_version", "parent_version", "sequence", "registry_digest")
 _PICKLE_PROTOCOLS = range(2, 6)
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive: a pickle inside a zip
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_log = logging.getLogger("esper.tamiyo")
 
 
 class PolicyUpdateRejected(EsperError):
@@ -89,26 +99,16 @@ def read_payload_header(payload: bytes) -> dict[str, str]:
     """The JSON header of a safetensors payload; a pickle or anything else is `PolicyUpdateRejected`.
 
     Nothing here unpickles or executes anything: the bytes are inspected, and only a well-formed
-    safetensors header is parsed (as JSON).
+    safetensors header is parsed (as JSON, bounded in size and depth: see `read_safetensors_header`).
     """
     if len(payload) >= 2 and payload[0] == 0x80 and payload[1] in _PICKLE_PROTOCOLS:
         raise PolicyUpdateRejected("pickle_payload", f"payload is a pickle (protocol {payload[1]})")
     if payload.startswith(_ZIP_MAGIC):
         raise PolicyUpdateRejected("pickle_payload", "payload is a torch.save archive (pickle inside)")
-    if len(payload) < 8:
-        raise PolicyUpdateRejected("not_safetensors", f"payload of {len(payload)} bytes has no header")
-    length = int.from_bytes(payload[:8], "little")
-    if length == 0 or length > min(len(payload) - 8, _MAX_HEADER_BYTES):
-        raise PolicyUpdateRejected("not_safetensors", f"header length {length} does not fit the payload")
     try:
-        document = json.loads(payload[8 : 8 + length])
-        metadata = document.get("__metadata__", {})
-        header = json.loads(metadata.get("header", "null"))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise PolicyUpdateRejected("not_safetensors", f"header is not safetensors JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise PolicyUpdateRejected("not_safetensors", "safetensors metadata carries no policy header")
-    return {str(key): str(value) for key, value in header.items()}
+        return read_safetensors_header(payload)
+    except CheckpointIncompatible as exc:
+        raise PolicyUpdateRejected("not_safetensors", str(exc)) from exc
 
 
 class PolicyLineage(Protocol):
@@ -188,6 +188,19 @@ class PolicyUpdateIntake:
             "tamiyo_policy_sequence", "Sequence of the policy deciding now", registry=registry
         )
         self.sequence_gauge.set(sequence)
+        self.feed_up = Gauge(
+            "tamiyo_policy_feed_up",
+            "1 while the policy-update feed is reachable (or there is none), 0 during an outage",
+            registry=registry,
+        )
+        self.feed_up.set(1)
+        self.feed_failures = Counter(
+            "tamiyo_policy_feed_failures",
+            "Bus operations of the policy-update feed that failed (fetch or ack)",
+            ["operation"],
+            registry=registry,
+        )
+        self._feed_outage = ""  # why the feed cannot be read, while it cannot (announced once)
 
     @property
     def policy(self) -> Policy:
@@ -208,6 +221,7 @@ class PolicyUpdateIntake:
         """
         try:
             candidate = self._candidate(update)
+            self._archive_payload(candidate.version, bytes(update.payload), int(update.sequence))
         except PolicyUpdateRejected as exc:
             self._reject(exc)
             raise
@@ -221,7 +235,7 @@ class PolicyUpdateIntake:
             policy_id=update.policy_id,
         )
         self._watermark = update.sequence
-        self._remember(candidate.version, bytes(update.payload), f"policy update {update.sequence}")
+        self._remember(candidate.version, f"policy update {update.sequence}")
         self._probation = _Probation(
             previous=previous,
             previous_serving=previous_serving,
@@ -266,6 +280,14 @@ class PolicyUpdateIntake:
             raise rejected(exc.reason, exc.detail) from exc
         if sequence <= self._watermark:
             raise rejected("not_newer", f"sequence {sequence} is not newer than {self._watermark}")
+        step = self._settings.update_max_sequence_step
+        if sequence - self._watermark > step:
+            # Accepted, such a sequence would make every later update "not newer".
+            raise rejected(
+                "sequence_jump",
+                f"sequence {sequence} is more than {step} past {self._watermark} "
+                "(TAMIYO_UPDATE_MAX_SEQUENCE_STEP)",
+            )
         if version == self.serving.version:
             raise rejected("not_newer", f"version {version} is already serving")
         if update.architecture_version != ARCHITECTURE_VERSION:
@@ -301,7 +323,9 @@ class PolicyUpdateIntake:
         try:
             candidate.load_state_bytes(bytes(update.payload))
         except CheckpointIncompatible as exc:
-            raise rejected("architecture_mismatch", str(exc)) from exc
+            # A header of another architecture, or tensors that do not fit this one (damaged weights).
+            kind = "architecture_mismatch" if exc.field in candidate.config.header() else "load_failed"
+            raise rejected(kind, str(exc)) from exc
         except Exception as exc:  # any failure to load is a rejection with its reason
             raise rejected("load_failed", f"{type(exc).__name__}: {exc}") from exc
         if candidate.version != version:
@@ -340,25 +364,72 @@ class PolicyUpdateIntake:
     # -- deciding, probation and rollback ----------------------------------------------------------
 
     def poll(self) -> list[ServingPolicy | PolicyUpdateRejected]:
-        """Take every update waiting on the feed; each is accepted or rejected (never raised here)."""
-        if self._feed is None:
+        """Take every update waiting on the feed; each is accepted or rejected (never raised here).
+
+        Each update is acknowledged on the bus only once it has been offered: one still unoffered when
+        something goes wrong stays pending and is offered at a later poll. A feed that cannot reach the
+        bus is an outage: announced once (`policy_feed_unavailable`), decisions go on with the policy
+        serving now, and the first poll that reaches the bus again announces `policy_feed_recovered`.
+        """
+        feed = self._feed
+        if feed is None:
             return []
-        outcomes: list[ServingPolicy | PolicyUpdateRejected] = []
+        try:
+            fetched = feed.fetch()
+        except BusError as exc:
+            self._feed_failed("fetch", exc)
+            return []
         # Newest first: a Tamiyo that fell behind jumps to the latest valid update in one swap.
-        fetched = sorted(
-            self._feed.fetch(),
-            key=lambda item: -1 if isinstance(item, PolicyUpdateRejected) else -item.sequence,
-        )
-        for item in fetched:
-            try:
-                if isinstance(item, PolicyUpdateRejected):
-                    self._reject(item)
-                    outcomes.append(item)
-                else:
-                    outcomes.append(self.offer(item))
-            except PolicyUpdateRejected as exc:
-                outcomes.append(exc)
+        fetched.sort(key=lambda item: item.order)
+        outcomes: list[ServingPolicy | PolicyUpdateRejected] = []
+        offered: list[str] = []
+        try:
+            for item in fetched:
+                offered.append(item.message_id)
+                if isinstance(item.update, PolicyUpdateRejected):
+                    self._reject(item.update)
+                    outcomes.append(item.update)
+                    continue
+                try:
+                    outcomes.append(self.offer(item.update))
+                except PolicyUpdateRejected as exc:
+                    outcomes.append(exc)
+        finally:
+            self._acknowledge(feed, offered)
         return outcomes
+
+    def _acknowledge(self, feed: PolicyUpdateFeed, message_ids: list[str]) -> None:
+        try:
+            feed.ack(message_ids)
+        except BusError as exc:
+            self._feed_failed("ack", exc)  # the feed fetches them again (and they are refused as seen)
+            return
+        self._feed_recovered()
+
+    def _feed_failed(self, operation: str, exc: BusError) -> None:
+        self.feed_failures.labels(operation=operation).inc()
+        self.feed_up.set(0)
+        if self._feed_outage:
+            return
+        self._feed_outage = f"{type(exc).__name__}: {exc}"
+        self._service.telemetry.emit(
+            "policy_feed_unavailable",
+            f"policy updates cannot be read ({self._feed_outage}); {self.serving.version} keeps deciding",
+            operation=operation,
+            error=type(exc).__name__,
+            serving=self.serving.version,
+        )
+
+    def _feed_recovered(self) -> None:
+        if not self._feed_outage:
+            return
+        outage, self._feed_outage = self._feed_outage, ""
+        self.feed_up.set(1)
+        self._service.telemetry.emit(
+            "policy_feed_recovered",
+            f"policy updates can be read again (after {outage})",
+            serving=self.serving.version,
+        )
 
     def prepare(self, packet: pb.SystemStatePacket) -> None:
         """The service's warm-up on `packet` (see `TamiyoService.prepare`)."""
@@ -406,7 +477,7 @@ class PolicyUpdateIntake:
         self._service.swap_policy(probation.previous)
         self._policy = probation.previous
         self.serving = probation.previous_serving
-        self._remember(self.serving.version, None, f"rollback from {failed.version}")
+        self._remember(self.serving.version, f"rollback from {failed.version}")
         self._probation = None
         self.updates.labels(outcome="rolled_back", reason="probation_failed").inc()
         self.sequence_gauge.set(self.serving.sequence)
@@ -421,14 +492,24 @@ class PolicyUpdateIntake:
         )
         return self.serving
 
-    def _remember(self, version: str, payload: bytes | None, source: str) -> None:
-        """Keep accepted weights in the archive (so a resumed run can load them) and extend the lineage."""
-        if payload is not None and self._archive is not None:
+    def _archive_payload(self, version: str, payload: bytes, sequence: int) -> None:
+        """Keep accepted weights in the archive, durably, before they serve (a resumed run loads them from
+        there); an update whose weights cannot be archived is refused."""
+        if self._archive is None:
+            return
+        try:
             self._archive.mkdir(parents=True, exist_ok=True)
-            path = self._archive / f"{version}.safetensors"
-            temporary = path.with_suffix(".tmp")
-            temporary.write_bytes(payload)
-            temporary.replace(path)
+            write_atomically(self._archive / f"{version}.safetensors", payload)
+        except OSError as exc:
+            raise PolicyUpdateRejected(
+                "archive_failed",
+                f"weights cannot be archived in {self._archive}: {exc}",
+                version=version,
+                sequence=sequence,
+            ) from exc
+
+    def _remember(self, version: str, source: str) -> None:
+        """Extend the lineage with the version serving now."""
         if self._lineage is not None:
             self._lineage.record_policy_version(version, source)
 
@@ -484,11 +565,26 @@ class PolicyUpdateIntake:
             restore(dict(state["policy"]))
 
 
+@dataclass(frozen=True)
+class FeedItem:
+    """One message of the policy-update stream: its bus id, and the update or why it could not be read."""
+
+    message_id: str
+    update: pb.PolicyUpdate | PolicyUpdateRejected
+
+    @property
+    def order(self) -> int:
+        """Sort key: unreadable messages first, then updates newest first."""
+        return -1 if isinstance(self.update, PolicyUpdateRejected) else -int(self.update.sequence)
+
+
 class PolicyUpdateFeed:
     """The policy-update stream as this Tamiyo's consumer group sees it.
 
-    Every Tamiyo has its own group, so every one of them sees every update. A message is acked once it
-    was read, whether the update is then accepted or rejected: a refused update is not redelivered.
+    Every Tamiyo has its own group, so every one of them sees every update. A message is acked once it was
+    offered (`ack`), whether the update was then accepted or rejected: a refused update is not redelivered.
+    Messages left unacked (by a process that died, or an ack that failed) are taken back by the next
+    `fetch` of this consumer. A group the bus lost (a Redis restarted without persistence) is made again.
     """
 
     def __init__(self, bus: Bus, group: str, *, consumer: str = "tamiyo", batch: int = 8) -> None:
@@ -496,6 +592,8 @@ class PolicyUpdateFeed:
         self._group = group
         self._consumer = consumer
         self._batch = batch
+        self._reclaim = True  # what a previous life of this consumer left unacked comes first
+        self._unsettled: set[str] = set()  # fetched and not acked yet
         bus.ensure_group(Streams.POLICY_UPDATES, group, from_beginning=True)
 
     def remove_group(self) -> None:
@@ -503,32 +601,59 @@ class PolicyUpdateFeed:
         would otherwise keep receiving every update the deployment publishes)."""
         self._bus.delete_group(Streams.POLICY_UPDATES, self._group)
 
-    def fetch(self) -> list[pb.PolicyUpdate | PolicyUpdateRejected]:
-        """Every update waiting now (no blocking); undecodable ones as rejections."""
-        items: list[pb.PolicyUpdate | PolicyUpdateRejected] = []
+    def fetch(self) -> list[FeedItem]:
+        """Every update waiting now (no blocking), not yet acked; undecodable ones as rejections.
+
+        Raises `BusError` when the bus cannot be reached; nothing is lost then.
+        """
+        items: list[FeedItem] = []
+        if self._reclaim or self._unsettled:
+            deliveries = self._in_group(
+                lambda: self._bus.reclaim(
+                    Streams.POLICY_UPDATES, self._group, self._consumer, min_idle_ms=0, count=self._batch
+                )
+            )
+            items.extend(self._decode(delivery) for delivery in deliveries)
+            self._reclaim = len(deliveries) >= self._batch  # more may be pending: take them next time
         while True:
-            deliveries = self._bus.consume(
-                Streams.POLICY_UPDATES, self._group, self._consumer, count=self._batch, block_ms=0
+            deliveries = self._in_group(
+                lambda: self._bus.consume(
+                    Streams.POLICY_UPDATES, self._group, self._consumer, count=self._batch, block_ms=0
+                )
             )
             if not deliveries:
+                self._unsettled = {item.message_id for item in items}
                 return items
-            for delivery in deliveries:
-                envelope = delivery.envelope
-                # Contract checks happen in the intake, where their rejection is reported.
-                if envelope.message_type != pb.BUS_MESSAGE_TYPE_POLICY_UPDATE:
-                    kind = (
-                        pb.BusMessageType.Name(envelope.message_type)
-                        if envelope.message_type in (pb.BusMessageType.values())
-                        else str(envelope.message_type)
-                    )
-                    items.append(
-                        PolicyUpdateRejected("malformed", f"bus message {delivery.message_id} holds {kind}")
-                    )
-                    continue
-                try:
-                    items.append(parse(pb.PolicyUpdate, envelope.payload))
-                except MalformedMessage as exc:
-                    items.append(
-                        PolicyUpdateRejected("malformed", f"bus message {delivery.message_id}: {exc.reason}")
-                    )
-            self._bus.ack(Streams.POLICY_UPDATES, self._group, [d.message_id for d in deliveries])
+            items.extend(self._decode(delivery) for delivery in deliveries)
+
+    def ack(self, message_ids: list[str]) -> None:
+        """Acknowledge offered messages; on `BusError` they stay pending and are fetched again."""
+        if message_ids:
+            self._bus.ack(Streams.POLICY_UPDATES, self._group, message_ids)
+            self._unsettled.difference_update(message_ids)
+
+    def _in_group(self, operation: Callable[[], list[Delivery]]) -> list[Delivery]:
+        try:
+            return operation()
+        except GroupNotFound:
+            _log.warning("policy-update group %s was lost by the bus; it is made again", self._group)
+            self._bus.ensure_group(Streams.POLICY_UPDATES, self._group, from_beginning=True)
+            return operation()
+
+    @staticmethod
+    def _decode(delivery: Delivery) -> FeedItem:
+        envelope = delivery.envelope
+        # Contract checks happen in the intake, where their rejection is reported.
+        if envelope.message_type != pb.BUS_MESSAGE_TYPE_POLICY_UPDATE:
+            kind = (
+                pb.BusMessageType.Name(envelope.message_type)
+                if envelope.message_type in pb.BusMessageType.values()
+                else str(envelope.message_type)
+            )
+            rejection = PolicyUpdateRejected("malformed", f"bus message {delivery.message_id} holds {kind}")
+            return FeedItem(delivery.message_id, rejection)
+        try:
+            return FeedItem(delivery.message_id, parse(pb.PolicyUpdate, envelope.payload))
+        except MalformedMessage as exc:
+            rejection = PolicyUpdateRejected("malformed", f"bus message {delivery.message_id}: {exc.reason}")
+            return FeedItem(delivery.message_id, rejection)
