@@ -10,7 +10,14 @@ from tests.kasmina.growth_support import make_case
 
 torch.set_num_threads(1)
 
-DEEPEN_CASES = [("mlp", "fc1"), ("mlp", "fc2"), ("cnn", "conv1"), ("cnn", "conv2"), ("conv1d", "conv1"), ("conv1d", "conv2")]
+DEEPEN_CASES = [
+    ("mlp", "fc1"),
+    ("mlp", "fc2"),
+    ("cnn", "conv1"),
+    ("cnn", "conv2"),
+    ("conv1d", "conv1"),
+    ("conv1d", "conv2"),
+]
 DEEPEN_IDS = [f"{kind}-{layer}" for kind, layer in DEEPEN_CASES]
 
 
@@ -67,7 +74,9 @@ def test_incubating_block_sends_no_gradient_to_the_host() -> None:
     block.mode = GrowthMode.INCUBATE
     block.attach(site)
     case.loss().backward()  # type: ignore[no-untyped-call]
-    for before, after in zip(alone, [p.grad for p in case.host.parameters() if p.grad is not None], strict=True):
+    for before, after in zip(
+        alone, [p.grad for p in case.host.parameters() if p.grad is not None], strict=True
+    ):
         assert torch.equal(before, after)
     assert block.expand.weight.grad is not None and float(block.expand.weight.grad.norm()) > 0
 

@@ -53,7 +53,9 @@ def _train_group(case: Case, group: UnitGroup, steps: int = 3) -> None:
 @pytest.mark.parametrize("mode", list(GrowthMode))
 @pytest.mark.parametrize("init", ["gradmax", "random"])
 @pytest.mark.parametrize(("kind", "layer"), WIDEN_CASES, ids=CASE_IDS)
-def test_insertion_leaves_the_host_output_unchanged(kind: str, layer: str, init: str, mode: GrowthMode) -> None:
+def test_insertion_leaves_the_host_output_unchanged(
+    kind: str, layer: str, init: str, mode: GrowthMode
+) -> None:
     case = make_case(kind)
     before = case.host(case.x).detach()
     group = _group(case, layer, init)
@@ -121,7 +123,9 @@ def test_statistics_give_the_fan_out_gradient_in_the_linear_regime(kind: str, la
 
 
 @pytest.mark.parametrize(("kind", "layer"), WIDEN_CASES, ids=CASE_IDS)
-def test_gradmax_fan_out_gets_a_larger_first_gradient_than_random_at_equal_norm(kind: str, layer: str) -> None:
+def test_gradmax_fan_out_gets_a_larger_first_gradient_than_random_at_equal_norm(
+    kind: str, layer: str
+) -> None:
     norms = {}
     for init in ("gradmax", "random"):
         case = make_case(kind, seed=1, batch=64)
@@ -178,7 +182,9 @@ def test_culled_group_leaves_the_layers_bit_for_bit_as_before(kind: str, layer: 
     assert not torch.equal(case.host(case.x).detach(), before_out)  # the group did change the output
     group.detach()
     after = {
-        name: tensor for part in (site.producer, site.consumer) for name, tensor in part.named_parameters(prefix=str(id(part)))
+        name: tensor
+        for part in (site.producer, site.consumer)
+        for name, tensor in part.named_parameters(prefix=str(id(part)))
     }
     assert after.keys() == before.keys()
     for name, (original, snapshot) in before.items():
@@ -224,4 +230,3 @@ def test_gradmax_fills_units_beyond_the_fan_in_with_random_directions() -> None:
     weight, bias = gradmax_fan_in(_statistics(case, site), 8, row_norm=2.0)
     assert weight.shape == (8, 6) and bias.shape == (8,)
     assert torch.allclose(weight.norm(dim=1), torch.full((8,), 2.0), atol=1e-5)
-

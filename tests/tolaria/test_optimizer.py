@@ -15,7 +15,9 @@ torch.set_num_threads(1)
 GROUP = "widen-fc1"
 
 
-def _setup(steps: int = 3, group_steps: int | None = None) -> tuple[MLPHost, UnitGroup, GroupedAdam, Tensor, Tensor]:
+def _setup(
+    steps: int = 3, group_steps: int | None = None
+) -> tuple[MLPHost, UnitGroup, GroupedAdam, Tensor, Tensor]:
     """An MLP host widened at fc1 by a live unit group, trained `steps` steps (the group `group_steps`)."""
     torch.manual_seed(0)
     host = MLPHost(10, 3, width=6, depth=2)
@@ -62,7 +64,9 @@ def test_merged_parameters_keep_the_old_moments_and_take_the_groups() -> None:
         new, old, appended = state[merge.merged], before[id(merge.old)], before[id(merge.appended)]
         assert torch.equal(new["step"], old["step"])
         for key in ("exp_avg", "exp_avg_sq"):
-            old_part, new_part = new[key].split([merge.old.shape[merge.dim], merge.appended.shape[merge.dim]], merge.dim)
+            old_part, new_part = new[key].split(
+                [merge.old.shape[merge.dim], merge.appended.shape[merge.dim]], merge.dim
+            )
             assert torch.equal(old_part, old[key])
             assert torch.equal(new_part, appended[key])
 
@@ -78,7 +82,7 @@ def test_a_step_after_the_merge_equals_a_step_before_it() -> None:
 
 
 def test_units_the_optimizer_never_held_start_with_zero_moments() -> None:
-    host, group, optimizer, _, _ = _setup(group_steps=0)
+    _, group, optimizer, _, _ = _setup(group_steps=0)
     merges = group.merge()
     for merge in merges:
         optimizer.absorb(merge.old, merge.appended, merge.merged, dim=merge.dim)
@@ -99,7 +103,9 @@ def test_moments_of_a_younger_group_keep_their_bias_corrected_value() -> None:
     assert float(new["step"]) == 4.0
     tail = {key: new[key][merge.old.shape[0] :] for key in young}
     assert torch.allclose(tail["exp_avg"] / (1 - 0.9**4), young["exp_avg"] / (1 - 0.9**2), rtol=1e-5)
-    assert torch.allclose(tail["exp_avg_sq"] / (1 - 0.999**4), young["exp_avg_sq"] / (1 - 0.999**2), rtol=1e-5)
+    assert torch.allclose(
+        tail["exp_avg_sq"] / (1 - 0.999**4), young["exp_avg_sq"] / (1 - 0.999**2), rtol=1e-5
+    )
 
 
 def test_absorb_refuses_foreign_parameters_and_wrong_shapes() -> None:
@@ -114,7 +120,7 @@ def test_absorb_refuses_foreign_parameters_and_wrong_shapes() -> None:
 
 
 def test_state_after_a_merge_round_trips() -> None:
-    host, group, optimizer, x, y = _setup()
+    host, group, optimizer, _, _ = _setup()
     _merge(group, optimizer)
     tensors, meta = optimizer.export_state()
     restored = GroupedAdam(host.parameters(), lr=0.01)

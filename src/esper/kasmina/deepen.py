@@ -45,7 +45,9 @@ class IdentityBlock(nn.Module):
         if width < 1 or hidden < 1:
             raise GrowthNotApplicable("deepen", f"width and hidden must be >= 1, got {width} and {hidden}")
         if activation not in ACTIVATIONS:
-            raise GrowthNotApplicable("deepen", f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+            raise GrowthNotApplicable(
+                "deepen", f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}"
+            )
         self.kind = kind
         self.activation = activation
         self.expand: nn.Module
@@ -68,11 +70,18 @@ class IdentityBlock(nn.Module):
         self._handle: RemovableHandle | None = None
 
     @classmethod
-    def for_site(cls, site: DeepenSite, hidden: int | None = None, *, activation: str = "relu") -> IdentityBlock:
+    def for_site(
+        cls, site: DeepenSite, hidden: int | None = None, *, activation: str = "relu"
+    ) -> IdentityBlock:
         """A block for `site` (`hidden` defaults to the width), on the device and dtype of its layer."""
         like = site.layer.weight
         return cls(
-            site.kind, site.width, hidden or site.width, activation=activation, device=like.device, dtype=like.dtype
+            site.kind,
+            site.width,
+            hidden or site.width,
+            activation=activation,
+            device=like.device,
+            dtype=like.dtype,
         )
 
     def residual(self, x: Tensor) -> Tensor:

@@ -85,7 +85,9 @@ class Bridge:
         elif activation.dim() == 4:
             pooled = nn.functional.adaptive_avg_pool2d(activation, self.pooled_side)
         else:
-            raise GrowthNotApplicable("bridge", f"cannot pool an activation of shape {tuple(activation.shape)}")
+            raise GrowthNotApplicable(
+                "bridge", f"cannot pool an activation of shape {tuple(activation.shape)}"
+            )
         return pooled.flatten(1)
 
     def cells(self, spatial_dims: int) -> int:
@@ -154,11 +156,14 @@ class WidenSite:
             if dims == 0 and self.bridge.pooled_side is not None:
                 raise GrowthNotApplicable("site", "a Linear producer has nothing to pool")
             if dims > 0 and self.bridge.pooled_side is None:
-                raise GrowthNotApplicable("site", "a conv producer feeds a Linear consumer only through a pool")
+                raise GrowthNotApplicable(
+                    "site", "a conv producer feeds a Linear consumer only through a pool"
+                )
             expected = produced * self.bridge.cells(dims)
             if self.consumer.in_features != expected:
                 raise GrowthNotApplicable(
-                    "site", f"consumer takes {self.consumer.in_features} features, the bridge gives {expected}"
+                    "site",
+                    f"consumer takes {self.consumer.in_features} features, the bridge gives {expected}",
                 )
         else:
             if consumer_dims != dims or self.bridge.pooled_side is not None:
@@ -205,9 +210,7 @@ class ParameterMerge:
     dim: int
 
 
-def functional_layer(
-    layer: GrowableLayer, x: Tensor, weight: Tensor, bias: Tensor | None
-) -> Tensor:
+def functional_layer(layer: GrowableLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`layer`'s operation (kind, stride, padding, dilation) with other weights."""
     if isinstance(layer, nn.Linear):
         return nn.functional.linear(x, weight, bias)

@@ -39,6 +39,8 @@ def affine_residual(seed: SeedModule) -> tuple[Tensor, Tensor]:
     Raises `GrowthNotApplicable` when the body or the blend mode is not linear in `x`.
     """
     body = seed.body
+    matrix: Tensor
+    offset: Tensor | None
     with torch.no_grad():
         if isinstance(body, LowRankLinear):
             matrix = body.up.weight @ body.down.weight
@@ -57,8 +59,11 @@ def affine_residual(seed: SeedModule) -> tuple[Tensor, Tensor]:
             offset = torch.zeros(matrix.shape[0], device=matrix.device, dtype=matrix.dtype)
         blender = seed.blender
         if blender.mode not in FOLDABLE_BLEND_MODES:
-            raise GrowthNotApplicable("stack", f"blend mode {blender.mode} is not linear in the seed's output")
-        if blender.channel_logits is not None:
+            raise GrowthNotApplicable(
+                "stack", f"blend mode {blender.mode} is not linear in the seed's output"
+            )
+        if blender.mode == pb.BLEND_MODE_CHANNEL:
+            assert blender.channel_logits is not None
             gate = torch.sigmoid(blender.channel_logits)
             matrix = gate[:, None] * matrix
             offset = gate * offset
@@ -74,7 +79,9 @@ def fold_fossil(site: WidenSite) -> SeedModule:
     if slot is None or slot.seed is None:
         raise GrowthNotApplicable("stack", f"no seed on the activation of {site.layer_id!r}")
     if slot.mode != SlotMode.FOSSIL:
-        raise GrowthNotApplicable("stack", f"seed in slot {slot.slot_id!r} is not fossilised (mode {slot.mode.name})")
+        raise GrowthNotApplicable(
+            "stack", f"seed in slot {slot.slot_id!r} is not fossilised (mode {slot.mode.name})"
+        )
     consumer = site.consumer
     weight = consumer.weight
     matrix, offset = affine_residual(slot.seed)
@@ -91,8 +98,8 @@ def fold_fossil(site: WidenSite) -> SeedModule:
             if any(p != 0 for p in consumer.padding) and bool(offset.ne(0).any()):
                 raise GrowthNotApplicable(
                     "stack",
-                    f"the seed in {slot.slot_id!r} adds a constant and {site.layer_id!r}'s consumer pads with "
-                    "zeros, so the constant is lost at the border",
+                    f"the seed in {slot.slot_id!r} adds a constant and the consumer of {site.layer_id!r} "
+                    "pads with zeros, so the constant is lost at the border",
                 )
             per_unit = weight.flatten(2)  # [O, C, kernel cells]
             new_weight = torch.einsum("ocu,cd->odu", per_unit, mixing).reshape(weight.shape)

@@ -45,17 +45,20 @@ from esper.kasmina.growth import (
 FAN_IN_INITS = ("gradmax", "random")
 
 
-def _unfold(t: Tensor, dims: int, kernel: tuple[int, ...], dilation: Any, padding: Any, stride: Any) -> Tensor:
-    """Patches of `t` ([N, C, *spatial]) for a convolution's geometry: [N, C * prod(kernel), positions]."""
-    if dims == 2:
-        return nn.functional.unfold(t, kernel, dilation=dilation, padding=padding, stride=stride)
+def _unfold(t: Tensor, conv: nn.Conv1d | nn.Conv2d) -> Tensor:
+    """Patches of `t` ([N, C, *spatial]) as `conv` reads them: [N, C * kernel cells, positions]."""
+    padding: Any = conv.padding  # ints: sites refuse string padding
+    if isinstance(conv, nn.Conv2d):
+        return nn.functional.unfold(
+            t, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+        )
     # Conv1d: a 2-D unfold over a height of one.
     return nn.functional.unfold(
         t.unsqueeze(2),
-        (1, kernel[0]),
-        dilation=(1, dilation[0]),
+        (1, conv.kernel_size[0]),
+        dilation=(1, conv.dilation[0]),
         padding=(0, padding[0]),
-        stride=(1, stride[0]),
+        stride=(1, conv.stride[0]),
     )
 
 
@@ -68,9 +71,7 @@ def producer_patches(site: WidenSite, x: Tensor, output_spatial: tuple[int, ...]
     producer = site.producer
     if isinstance(producer, nn.Linear):
         return x
-    patches = _unfold(
-        x, site.dims, tuple(producer.kernel_size), producer.dilation, producer.padding, producer.stride
-    )
+    patches = _unfold(x, producer)
     return patches.reshape(patches.shape[0], patches.shape[1], *output_spatial)
 
 
@@ -86,9 +87,7 @@ def _consumer_patches(site: WidenSite, patches: Tensor) -> Tensor:
             return patches[:, :, None, None]
         pooled = site.bridge.apply(patches)
         return pooled.reshape(pooled.shape[0], channels, -1, 1)
-    unfolded = _unfold(
-        patches, site.dims, tuple(consumer.kernel_size), consumer.dilation, consumer.padding, consumer.stride
-    )
+    unfolded = _unfold(patches, consumer)
     return unfolded.reshape(unfolded.shape[0], channels, -1, unfolded.shape[-1])
 
 
@@ -134,7 +133,7 @@ class FanInStatistics:
         patches, self._pending = self._pending, None
         if patches is None or not output.requires_grad:
             return
-        output.register_hook(lambda delta: self._accumulate(patches, delta))
+        output.register_hook(lambda delta: self._accumulate(patches, delta))  # type: ignore[no-untyped-call]
 
     def _accumulate(self, patches: Tensor, delta: Tensor) -> None:
         with torch.no_grad():
@@ -248,7 +247,9 @@ class UnitGroup(nn.Module):
         if (fan_in_bias is None) != (producer.bias is None):
             raise GrowthNotApplicable("widen", "fan-in bias must be given exactly when the producer has one")
         if fan_in_bias is not None and tuple(fan_in_bias.shape) != (k,):
-            raise GrowthNotApplicable("widen", f"fan-in bias of shape {tuple(fan_in_bias.shape)}, need ({k},)")
+            raise GrowthNotApplicable(
+                "widen", f"fan-in bias of shape {tuple(fan_in_bias.shape)}, need ({k},)"
+            )
         self.site = site
         self.k = k
         source, like = producer.weight, consumer.weight
@@ -338,7 +339,8 @@ class UnitGroup(nn.Module):
             raise GrowthNotApplicable("widen", "this unit group was merged already")
         if site.slot is not None and site.slot.seed is not None:
             raise GrowthNotApplicable(
-                "widen", f"slot {site.slot.slot_id!r} on the widened activation holds a seed; it must be dormant"
+                "widen",
+                f"slot {site.slot.slot_id!r} on the widened activation holds a seed; it must be dormant",
             )
         self.detach()
         producer, consumer = site.producer, site.consumer
@@ -364,7 +366,8 @@ class UnitGroup(nn.Module):
 def _concatenate(layer: nn.Module, name: str, appended: nn.Parameter, dim: int) -> ParameterMerge:
     old = getattr(layer, name)
     assert isinstance(old, nn.Parameter)
-    merged = nn.Parameter(torch.cat([old.detach(), appended.detach()], dim=dim), requires_grad=old.requires_grad)
+    merged = nn.Parameter(
+        torch.cat([old.detach(), appended.detach()], dim=dim), requires_grad=old.requires_grad
+    )
     setattr(layer, name, merged)
     return ParameterMerge(old=old, appended=appended, merged=merged, dim=dim)
-

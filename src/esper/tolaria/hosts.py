@@ -42,7 +42,7 @@ class Host(nn.Module):
         raise NotImplementedError
 
     def widen_site(self, layer_id: str) -> WidenSite:
-        """Where widening `layer_id` acts: the layer, its activation's consumer, the bridge and slot between."""
+        """Where widening `layer_id` acts: the layer, the consumer of its activation, what lies between."""
         raise GrowthNotApplicable("widen", f"{type(self).__name__} declares no widen sites")
 
     def deepen_site(self, layer_id: str) -> DeepenSite:
@@ -187,7 +187,9 @@ class ConvHost(Host):
     def deepen_site(self, layer_id: str) -> DeepenSite:
         anchors = {"conv1": (self.conv1, self.slot1), "conv2": (self.conv2, self.slot2)}
         if layer_id not in anchors:
-            raise GrowthNotApplicable("deepen", f"no layer {layer_id!r} to deepen after; choose conv1 or conv2")
+            raise GrowthNotApplicable(
+                "deepen", f"no layer {layer_id!r} to deepen after; choose conv1 or conv2"
+            )
         layer, slot = anchors[layer_id]
         if slot is None:
             raise GrowthNotApplicable("deepen", "a host without slots has no anchor for a block")

@@ -171,7 +171,7 @@ def _bias_correction_ratios(
     if "step" not in old_state or "step" not in appended_state:
         return {}
     old_steps, appended_steps = float(old_state["step"]), float(appended_state["step"])
-    if old_steps == appended_steps or appended_steps == 0:
+    if appended_steps in {old_steps, 0.0}:
         return {}
     beta1, beta2 = betas
     first = (1.0 - beta1**old_steps) / (1.0 - beta1**appended_steps)
