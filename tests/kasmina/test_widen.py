@@ -13,6 +13,7 @@ from esper.kasmina import (
     FanInStatistics,
     GrowthMode,
     GrowthNotApplicable,
+    IdentityBlock,
     SeedModule,
     UnitGroup,
     WidenSite,
@@ -230,3 +231,19 @@ def test_gradmax_fills_units_beyond_the_fan_in_with_random_directions() -> None:
     weight, bias = gradmax_fan_in(_statistics(case, site), 8, row_norm=2.0)
     assert weight.shape == (8, 6) and bias.shape == (8,)
     assert torch.allclose(weight.norm(dim=1), torch.full((8,), 2.0), atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "layer"), WIDEN_CASES, ids=CASE_IDS)
+def test_new_parameters_take_the_hosts_dtype(kind: str, layer: str) -> None:
+    # Stands in for a device check on machines without an accelerator: nothing is created at a default.
+    case = make_case(kind)
+    case.host.double()
+    case.x = case.x.double()
+    group = _group(case, layer, "gradmax")
+    block = IdentityBlock.for_site(case.deepen_site(layer))
+    assert {p.dtype for p in (*group.parameters(), *block.parameters())} == {torch.float64}
+    group.mode = GrowthMode.LIVE
+    group.attach()
+    _train_group(case, group, steps=1)
+    group.merge()
+    assert {p.dtype for p in case.host.parameters()} == {torch.float64}
