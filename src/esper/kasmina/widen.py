@@ -42,8 +42,6 @@ from esper.kasmina.growth import (
     out_units,
 )
 
-FAN_IN_INITS = ("gradmax", "random")
-
 
 def _unfold(t: Tensor, conv: nn.Conv1d | nn.Conv2d) -> Tensor:
     """Patches of `t` ([N, C, *spatial]) as `conv` reads them: [N, C * kernel cells, positions]."""
