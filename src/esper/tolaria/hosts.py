@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from esper.kasmina import SeedSlot
+from esper.kasmina import Bridge, DeepenSite, GrowthNotApplicable, SeedSlot, WidenSite
 from esper.leyline import EsperError, pb
 
 HOST_KINDS = ("mlp", "cnn")
@@ -40,6 +40,14 @@ class Host(nn.Module):
     def host_layers(self) -> list[tuple[str, str, int, nn.Module]]:
         """(layer id, kind, width, module) of the host's own layers, in forward order."""
         raise NotImplementedError
+
+    def widen_site(self, layer_id: str) -> WidenSite:
+        """Where widening `layer_id` acts: the layer, the consumer of its activation, what lies between."""
+        raise GrowthNotApplicable("widen", f"{type(self).__name__} declares no widen sites")
+
+    def deepen_site(self, layer_id: str) -> DeepenSite:
+        """Where a block inserted after `layer_id` goes: the output of the slot on its activation."""
+        raise GrowthNotApplicable("deepen", f"{type(self).__name__} declares no deepen sites")
 
     def host_parameter_count(self) -> int:
         """Parameters of the host's own layers (seeds excluded)."""
@@ -96,6 +104,29 @@ class MLPHost(Host):
         layers.append(("head", "linear", self.head.out_features, self.head))
         return layers
 
+    def _hidden_index(self, layer_id: str, operation: str) -> int:
+        names = [f"fc{i + 1}" for i in range(len(self.hidden))]
+        if layer_id not in names:
+            raise GrowthNotApplicable(operation, f"no hidden layer {layer_id!r}; hidden layers are {names}")
+        return names.index(layer_id)
+
+    def widen_site(self, layer_id: str) -> WidenSite:
+        index = self._hidden_index(layer_id, "widen")
+        producer = self.hidden[index]
+        consumer = self.hidden[index + 1] if index + 1 < len(self.hidden) else self.head
+        assert isinstance(producer, nn.Linear) and isinstance(consumer, nn.Linear)
+        slot = self.slot_list[index] if self.with_slots else None
+        assert slot is None or isinstance(slot, SeedSlot)
+        return WidenSite(layer_id, producer, consumer, "relu", Bridge(), slot)
+
+    def deepen_site(self, layer_id: str) -> DeepenSite:
+        index = self._hidden_index(layer_id, "deepen")
+        if not self.with_slots:
+            raise GrowthNotApplicable("deepen", "a host without slots has no anchor for a block")
+        layer = self.hidden[index]
+        assert isinstance(layer, nn.Linear)
+        return DeepenSite(layer_id, layer, self.slot_list[index], "linear", layer.out_features)
+
     def forward(self, x: Tensor) -> Tensor:
         """Logits for `x` of shape [N, features] (or any shape that flattens to it)."""
         x = x.flatten(1)
@@ -145,6 +176,24 @@ class ConvHost(Host):
             ("conv2", "conv", self.conv2.out_channels, self.conv2),
             ("head", "linear", self.head.out_features, self.head),
         ]
+
+    def widen_site(self, layer_id: str) -> WidenSite:
+        if layer_id == "conv1":
+            return WidenSite("conv1", self.conv1, self.conv2, "relu", Bridge(), self.slot1)
+        if layer_id == "conv2":
+            return WidenSite("conv2", self.conv2, self.head, "relu", Bridge(POOLED_SIDE), self.slot2)
+        raise GrowthNotApplicable("widen", f"no widenable layer {layer_id!r}; choose conv1 or conv2")
+
+    def deepen_site(self, layer_id: str) -> DeepenSite:
+        anchors = {"conv1": (self.conv1, self.slot1), "conv2": (self.conv2, self.slot2)}
+        if layer_id not in anchors:
+            raise GrowthNotApplicable(
+                "deepen", f"no layer {layer_id!r} to deepen after; choose conv1 or conv2"
+            )
+        layer, slot = anchors[layer_id]
+        if slot is None:
+            raise GrowthNotApplicable("deepen", "a host without slots has no anchor for a block")
+        return DeepenSite(layer_id, layer, slot, "conv2d", layer.out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits for `x` of shape [N, C, H, W]."""

@@ -70,6 +70,58 @@ class GroupedAdam:
                 return
         raise KeyError(f"no optimizer group {name!r}; groups are {self.group_names}")
 
+    def absorb(self, old: nn.Parameter, appended: nn.Parameter, merged: nn.Parameter, *, dim: int) -> None:
+        """`merged` (`old` and `appended` concatenated along `dim`) takes `old`'s place and moments.
+
+        Every per-element state of `old` (exp_avg, exp_avg_sq, max_exp_avg_sq) is extended along `dim`:
+        the old entries are copied; the new ones come from `appended`'s own state when the optimizer held
+        it (then `appended` leaves its group), else they are zeros. The step count is `old`'s. When
+        `appended` took a different number of steps, its moments are rescaled so that their
+        bias-corrected values are kept under `old`'s step count; with equal counts they are copied as is.
+        A parameter that never stepped has no state, and `merged` starts without state too.
+        """
+        place = self._locate(old)
+        if place is None:
+            raise OptimizerStateError("the parameter to extend is not optimised")
+        expected = torch.cat([old.detach(), appended.detach()], dim=dim).shape
+        if merged.shape != expected:
+            raise OptimizerStateError(f"merged shape {tuple(merged.shape)} is not {tuple(expected)}")
+        old_state = self.optimizer.state.pop(old, {})
+        appended_place = self._locate(appended)
+        appended_state = self.optimizer.state.pop(appended, {})
+        appended_betas = (0.9, 0.999)
+        if appended_place is not None:
+            group = self.optimizer.param_groups[appended_place[0]]
+            appended_betas = group["betas"]
+            del group["params"][appended_place[1]]
+        # Removing `appended` may have shifted `old` within a shared group: find it again.
+        located = self._locate(old)
+        assert located is not None
+        group_index, index = located
+        self.optimizer.param_groups[group_index]["params"][index] = merged
+        if not old_state:
+            return
+        scale = _bias_correction_ratios(old_state, appended_state, appended_betas)
+        state: dict[str, Any] = {}
+        for key, value in old_state.items():
+            if isinstance(value, Tensor) and value.shape == old.shape:
+                extra = appended_state.get(key)
+                if extra is None:
+                    extra = torch.zeros_like(appended, memory_format=torch.contiguous_format)
+                elif scale.get(key, 1.0) != 1.0:
+                    extra = extra * scale[key]
+                state[key] = torch.cat([value, extra.to(value.device, value.dtype)], dim=dim)
+            else:
+                state[key] = value.clone() if isinstance(value, Tensor) else value
+        self.optimizer.state[merged] = state
+
+    def _locate(self, parameter: nn.Parameter) -> tuple[int, int] | None:
+        for group_index, group in enumerate(self.optimizer.param_groups):
+            for index, candidate in enumerate(group["params"]):
+                if candidate is parameter:
+                    return group_index, index
+        return None
+
     def step(self) -> None:
         """One optimizer step."""
         self.optimizer.step()
@@ -110,3 +162,18 @@ class GroupedAdam:
             self.optimizer.load_state_dict({"state": state, "param_groups": [dict(g) for g in groups]})
         except (ValueError, KeyError) as exc:
             raise OptimizerStateError(str(exc)) from exc
+
+
+def _bias_correction_ratios(
+    old_state: Mapping[str, Any], appended_state: Mapping[str, Any], betas: tuple[float, float]
+) -> dict[str, float]:
+    """Factors that keep the appended moments' bias-corrected values under the old step count."""
+    if "step" not in old_state or "step" not in appended_state:
+        return {}
+    old_steps, appended_steps = float(old_state["step"]), float(appended_state["step"])
+    if appended_steps in {old_steps, 0.0}:
+        return {}
+    beta1, beta2 = betas
+    first = (1.0 - beta1**old_steps) / (1.0 - beta1**appended_steps)
+    second = (1.0 - beta2**old_steps) / (1.0 - beta2**appended_steps)
+    return {"exp_avg": first, "exp_avg_sq": second, "max_exp_avg_sq": second}
