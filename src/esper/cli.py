@@ -308,10 +308,11 @@ def _load_gnn(checkpoint: Path, settings: TamiyoSettings, inputs: dict[str, Any]
     from safetensors import SafetensorError
 
     from esper.tamiyo import GNNPolicy
+    from esper.tamiyo.policy import CheckpointIncompatible
 
     try:
         return GNNPolicy.load(checkpoint, settings, **inputs)
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, CheckpointIncompatible) as exc:
         raise ConfigurationError(
             f"policy checkpoint {checkpoint} cannot be read ({type(exc).__name__}: {exc})"
         ) from exc

@@ -413,6 +413,7 @@ def test_esper_run_builds_the_gnn_controller_and_its_state_round_trips(
     from esper.cli import _build_controller
 
     monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", "10000")
+    monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path / "data"))  # never the working directory's
 
     controller = _build_controller("gnn", SECRET)
     command = controller.evaluate_step(make_packet())

@@ -116,6 +116,10 @@ class TamiyoService:
         if isinstance(blueprint_metadata, BlueprintMetadataCache):
             # Catalogue failures (a fetch timeout, lost notifications) are this service's events.
             blueprint_metadata.emit_to(self.telemetry.emit)
+        if store is not None:  # damaged records and lost writes are this service's events too
+            store.emit_to(
+                lambda name, description, attributes: self.telemetry.emit(name, description, **attributes)
+            )
         self._field_reports: FieldReports | None = None
         self._ahead: BackgroundJob | None = None  # the warm-up `anticipate` started, until accounted for
         try:

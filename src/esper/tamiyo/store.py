@@ -569,6 +569,10 @@ class TamiyoStore:
         if str(mode).lower() != "wal":
             raise StoreError(self.path, f"SQLite refused WAL mode (got {mode!r}); the store needs it")
 
+    def emit_to(self, events: StoreEventSink) -> None:
+        """Send this store's events to `events` from now on (a service's telemetry)."""
+        self._events = events
+
     def _emit(self, name: str, description: str, **attributes: str) -> None:
         attributes = {"path": str(self.path), **attributes}
         if self._events is None:
