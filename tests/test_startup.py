@@ -36,6 +36,15 @@ def test_esper_settings_runs_without_importing_torch() -> None:
     assert "torch_geometric" not in loaded
 
 
+def test_esper_reports_runs_without_importing_torch(tmp_path: object) -> None:
+    code = (
+        "from typer.testing import CliRunner\nfrom esper.cli import app\n"
+        f"result = CliRunner().invoke(app, ['reports', {str(tmp_path)!r}])\n"
+        "assert 'does not exist' in result.output, result.output\n"
+    )
+    assert "torch" not in _modules_after(code)
+
+
 def test_lazy_exports_still_give_every_public_name() -> None:
     import esper.kasmina
     import esper.tamiyo

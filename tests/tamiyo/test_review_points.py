@@ -21,7 +21,8 @@ import torch
 import esper.tamiyo
 from esper.leyline import ConfigurationError, EsperError, SignatureVerifier, pb
 from esper.tamiyo.gnn import TamiyoGNN, TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA, GraphBuilder, InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.graph import TAMIYO_SCHEMA, GraphBuilder
+from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
 from esper.tamiyo.policy import CheckpointIncompatible, GNNPolicy
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.service import TamiyoService

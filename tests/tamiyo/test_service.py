@@ -18,7 +18,8 @@ from esper.leyline import ContractViolation, ManualClock, SignatureVerifier, pb
 from esper.tamiyo import GNNPolicy
 from esper.tamiyo import service as service_module
 from esper.tamiyo import worker as worker_module
-from esper.tamiyo.graph import InMemoryNormalizerStore, NormalizerState, TamiyoGraph
+from esper.tamiyo.graph import TamiyoGraph
+from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
 from esper.tamiyo.policy import Cancellation
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.risk import RiskGates

@@ -35,11 +35,10 @@ from esper.tamiyo.graph import (
     GraphBuilder,
     GraphSchema,
     GraphSchemaError,
-    NormalizerState,
-    NormalizerStore,
     TamiyoGraph,
     collate,
 )
+from esper.tamiyo.normalizer_state import NormalizerState, NormalizerStore
 from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, Proposal
 from esper.tamiyo.settings import TamiyoSettings
 

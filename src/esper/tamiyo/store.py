@@ -49,7 +49,7 @@ from esper.leyline import (
     validate_field_report,
 )
 from esper.oona import Streams
-from esper.tamiyo.graph import NormalizerState
+from esper.tamiyo.normalizer_state import NormalizerState
 
 OutboxStatus = Literal["pending", "published", "dropped"]
 OutboxKind = Literal["field_report", "decision"]
