@@ -265,7 +265,7 @@ def _build_controller(
     torch threads; the trainer keeps its own budget (TOLARIA_THREADS). Tamiyo's metrics go to `registry`;
     what it opens is closed by `cleanup` (at exit without one).
     """
-    from esper.tamiyo import GNNPolicy, HeuristicPolicy
+    from esper.tamiyo import HeuristicPolicy
     from esper.tamiyo.settings import TamiyoSettings
     from esper.tolaria.controller import BoundController
 
@@ -277,6 +277,8 @@ def _build_controller(
         service = _tamiyo_service(durable, tamiyo_settings, heuristic, secret, metadata, registry=registry)
         return BoundController(decide=service.evaluate_step, save=heuristic.state, load=heuristic.restore)
     if policy == "gnn":
+        from esper.tamiyo import GNNPolicy  # PyTorch Geometric loads only for the GNN
+
         checkpoint = tamiyo_settings.policy_checkpoint
         if checkpoint is not None and not checkpoint.is_file():
             raise ConfigurationError(f"policy checkpoint {checkpoint} does not exist")

@@ -20,8 +20,7 @@ from esper.tamiyo import service as service_module
 from esper.tamiyo import worker as worker_module
 from esper.tamiyo.graph import TamiyoGraph
 from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
-from esper.tamiyo.policy import Cancellation
-from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.proposal import Cancellation, Proposal
 from esper.tamiyo.risk import RiskGates
 from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings

@@ -24,8 +24,14 @@ from esper.tamiyo.commands import CommandBuildError, CommandFactory, blend_param
 from esper.tamiyo.field_reports import FieldReports
 from esper.tamiyo.graph import BlueprintLookup, GraphCoverage, NormalizerWriteError
 from esper.tamiyo.metadata import BlueprintMetadataCache
-from esper.tamiyo.policy import CompileStatus, GraphPolicy, PlanStatus, PolicyInferenceError
-from esper.tamiyo.proposal import Policy, Proposal
+from esper.tamiyo.proposal import (
+    CompileStatus,
+    GraphPolicy,
+    PlanStatus,
+    Policy,
+    PolicyInferenceError,
+    Proposal,
+)
 from esper.tamiyo.risk import RiskContext, RiskDecision, RiskGates
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tamiyo.store import TamiyoStore
