@@ -132,7 +132,10 @@ class Loop:
 
     def until(self, growth_id: str, stage: int, limit: int = 400) -> None:
         for _ in range(limit):
-            if growth_id in self.manager.growth_ids and self.manager.growth(growth_id).lifecycle.stage == stage:
+            if (
+                growth_id in self.manager.growth_ids
+                and self.manager.growth(growth_id).lifecycle.stage == stage
+            ):
                 return
             self.measure()
             self.train()
