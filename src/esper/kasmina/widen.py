@@ -40,6 +40,7 @@ from esper.kasmina.growth import (
     functional_layer,
     in_units,
     out_units,
+    record_gain,
 )
 
 
@@ -145,6 +146,29 @@ class FanInStatistics:
             self._patch_sum = patch_sum if self._patch_sum is None else self._patch_sum + patch_sum
             self._patch_count += per_patch.shape[0] * per_patch.shape[2]
             self.batches += 1
+
+    def export_state(self) -> dict[str, Any]:
+        """JSON-ready sums gathered so far (a checkpoint taken while gathering resumes exactly)."""
+        return {
+            "batches": self.batches,
+            "sum": None if self._sum is None else self._sum.tolist(),
+            "patch_sum": None if self._patch_sum is None else self._patch_sum.tolist(),
+            "patch_count": self._patch_count,
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Inverse of `export_state`, on the device and dtype of the site's producer."""
+        like = self.site.producer.weight
+        self.batches = int(state["batches"])
+        self._patch_count = int(state["patch_count"])
+        self._sum = (
+            None if state["sum"] is None else torch.tensor(state["sum"], dtype=like.dtype).to(like.device)
+        )
+        self._patch_sum = (
+            None
+            if state["patch_sum"] is None
+            else torch.tensor(state["patch_sum"], dtype=like.dtype).to(like.device)
+        )
 
     def matrix(self) -> Tensor:
         """M, summed over the batches seen (its scale does not matter to the initialisation)."""
@@ -265,6 +289,8 @@ class UnitGroup(nn.Module):
         self.mode = GrowthMode.INCUBATE
         self.alpha = 0.0
         self.merged = False
+        # While INCUBATE: the first-order loss reduction the contribution would bring, per backward.
+        self.training_gains: list[float] = []
         self._pending: Tensor | None = None
         self._handles: list[RemovableHandle] = []
 
@@ -322,7 +348,11 @@ class UnitGroup(nn.Module):
         if self.mode == GrowthMode.BLEND and self.alpha == 0.0:
             return output
         source = x if self.mode == GrowthMode.LIVE else x.detach()
-        return combine(output, self.contribution(source), self.mode, self.alpha)
+        contribution = self.contribution(source)
+        result = combine(output, contribution, self.mode, self.alpha)
+        if self.mode == GrowthMode.INCUBATE and result.requires_grad:
+            record_gain(result, contribution, self.training_gains)
+        return result
 
     # -- keep ----------------------------------------------------------------------------------------------
 
@@ -359,6 +389,35 @@ class UnitGroup(nn.Module):
         assert out_units(producer) == in_units(consumer) // site.cells
         self.merged = True
         return tuple(merges)
+
+
+def set_width(site: WidenSite, units: int) -> None:
+    """Give the site's producer `units` outputs (and its consumer the matching inputs), values zero.
+
+    For a restore: the caller loads the saved values next. Parameters are replaced, not resized.
+    """
+    _check_k(units)
+    producer, consumer = site.producer, site.consumer
+    with torch.no_grad():
+        weight = producer.weight
+        producer.weight = nn.Parameter(weight.new_zeros((units, *weight.shape[1:])), weight.requires_grad)
+        if producer.bias is not None:
+            producer.bias = nn.Parameter(producer.bias.new_zeros(units), producer.bias.requires_grad)
+        columns = units * site.cells if isinstance(consumer, nn.Linear) else units
+        like = consumer.weight
+        consumer.weight = nn.Parameter(
+            like.new_zeros((like.shape[0], columns, *like.shape[2:])), like.requires_grad
+        )
+    if isinstance(producer, nn.Linear):
+        producer.out_features = units
+    else:
+        producer.out_channels = units
+    if isinstance(consumer, nn.Linear):
+        consumer.in_features = columns
+    else:
+        consumer.in_channels = units
+    if site.slot is not None:
+        site.slot.width = units
 
 
 def _concatenate(layer: nn.Module, name: str, appended: nn.Parameter, dim: int) -> ParameterMerge:

@@ -22,6 +22,7 @@ def build_packet(
     seed_states: Sequence[pb.SeedState],
     blueprint_ids: Sequence[str],
     training_metrics: Mapping[str, float],
+    growth_states: Sequence[pb.SeedState] = (),
 ) -> pb.SystemStatePacket:
     """A validated packet; `packet_id` is fresh for every packet."""
     packet = pb.SystemStatePacket(
@@ -40,6 +41,7 @@ def build_packet(
     )
     packet.topology.CopyFrom(topology)
     packet.seed_states.extend(seed_states)
+    packet.growth_states.extend(growth_states)
     packet.blueprint_ids.extend(blueprint_ids)
     packet.training_metrics.update(training_metrics)
     return validate_packet(packet)

@@ -165,7 +165,12 @@ def run_experiment(
             secret, freshness_s=config.kasmina.command_freshness_s, future_skew_s=config.kasmina.clock_skew_s
         )
         manager = SeedManager(
-            host.slots(), catalogue, verifier, config.kasmina, training_run_id=config.training_run_id
+            host.slots(),
+            catalogue,
+            verifier,
+            config.kasmina,
+            training_run_id=config.training_run_id,
+            host=host,
         )
         trainer = Trainer(
             settings=settings,

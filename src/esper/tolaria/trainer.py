@@ -251,6 +251,9 @@ class Trainer:
             ),
             blueprint_ids=self.blueprint_ids,
             training_metrics=self._training_metrics(training_loss),
+            growth_states=self.manager.growth_states(
+                learning_rate=self.optimizer.lr, steps_per_epoch=self.steps_per_epoch
+            ),
         )
         self.run_dir.metrics.append(
             self._metrics_record(evaluation, final=False, training_loss=training_loss)
@@ -464,6 +467,8 @@ class Trainer:
 
     def _apply_parameter_changes(self) -> None:
         changes = self.manager.drain_parameter_changes()
+        for merge in changes.merged:  # before `retired`: the new units' moments move into the host's
+            self.optimizer.absorb(merge.old, merge.appended, merge.merged, dim=merge.dim)
         for seed_id, _ in changes.retired:
             if seed_id in self.optimizer.group_names:
                 self.optimizer.retire_group(seed_id)
