@@ -251,6 +251,7 @@ class Trainer:
             ),
             blueprint_ids=self.blueprint_ids,
             training_metrics=self._training_metrics(training_loss),
+            max_parameters=self.settings.max_params,
         )
         self.run_dir.metrics.append(
             self._metrics_record(evaluation, final=False, training_loss=training_loss)
