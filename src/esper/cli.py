@@ -515,10 +515,19 @@ class _FreshStart:
 def run(
     *,
     task: Annotated[
-        str, typer.Option(help="Task: 'digits' (sklearn), 'generated', or a path to an .npz file.")
+        str,
+        typer.Option(
+            help="Task: 'digits' (sklearn), 'generated' (tabular), 'signals' (1-D signals), 'tokens' "
+            "(token sequences), or a path to an .npz file."
+        ),
     ] = "digits",
     host: Annotated[
-        str, typer.Option(help="Host model: 'mlp' or 'cnn' (cnn needs image data such as digits).")
+        str,
+        typer.Option(
+            help="Host model: 'mlp', 'cnn' (images), 'conv1d' (sequences [N, L] or [N, C, L]), "
+            "'transformer' (token ids), or 'auto' (chosen from the data's shape; the run says which "
+            "and why)."
+        ),
     ] = "mlp",
     epochs: Annotated[
         int | None, typer.Option(help="Passes over the training split [TOLARIA_EPOCHS, 40].")
@@ -540,7 +549,16 @@ def run(
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size [TOLARIA_BATCH_SIZE, 64].")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate [TOLARIA_LR, 0.003].")] = None,
-    difficulty: Annotated[float, typer.Option(help="Difficulty in [0, 1] of the generated task.")] = 0.5,
+    difficulty: Annotated[
+        float, typer.Option(help="Difficulty in [0, 1] of the generated, signals and tokens tasks.")
+    ] = 0.5,
+    max_params: Annotated[
+        int | None,
+        typer.Option(
+            help="Growth budget: the model grows to at most this many parameters (0: unbounded) "
+            "[TOLARIA_MAX_PARAMS, 0]."
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --run-dir from its last checkpoint (its config wins).")
     ] = False,
@@ -577,6 +595,7 @@ def run(
         load_task,
         new_training_run_id,
         resolve_config,
+        resolve_host,
         run_experiment,
         summary_table,
     )
@@ -589,6 +608,7 @@ def run(
         "decision_interval": decision_interval,
         "batch_size": batch_size,
         "lr": lr,
+        "max_params": max_params,
     }
     try:
         # Everything a start can be refused for is checked before anything is created.
@@ -604,6 +624,11 @@ def run(
         if resume and run_dir is None:
             raise ConfigurationError("--resume needs --run-dir")
         run_id = new_training_run_id()
+        if not resume:
+            chosen, why = resolve_host(task, host)
+            if host == "auto":
+                console.print(f"host: {chosen} ({why})")
+            host = chosen
         config = resolve_config(
             RunConfig(
                 task=task,

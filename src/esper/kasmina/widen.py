@@ -65,11 +65,12 @@ def producer_patches(site: WidenSite, x: Tensor, output_spatial: tuple[int, ...]
     """What each producer unit sees: `[N, C]` for Linear, `[N, C, *output_spatial]` for a convolution.
 
     C is the producer's fan-in per unit (in_features, or in_channels x kernel cells), in the order of
-    the producer's flattened weight rows.
+    the producer's flattened weight rows. A Linear producer applied to every token of `[N, T, C]` sees
+    N x T samples: they come back as `[N * T, C]`.
     """
     producer = site.producer
     if isinstance(producer, nn.Linear):
-        return x
+        return x.reshape(-1, x.shape[-1])
     patches = _unfold(x, producer)
     return patches.reshape(patches.shape[0], patches.shape[1], *output_spatial)
 
@@ -136,6 +137,8 @@ class FanInStatistics:
 
     def _accumulate(self, patches: Tensor, delta: Tensor) -> None:
         with torch.no_grad():
+            if isinstance(self.site.consumer, nn.Linear):
+                delta = delta.reshape(-1, delta.shape[-1])  # every token is a sample, as in the patches
             carried = _consumer_patches(self.site, patches)
             flat_delta = delta.reshape(delta.shape[0], delta.shape[1], -1)
             batch = torch.einsum("nol,ncul->ouc", flat_delta.to(carried.dtype), carried)

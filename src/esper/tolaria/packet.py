@@ -23,8 +23,10 @@ def build_packet(
     blueprint_ids: Sequence[str],
     training_metrics: Mapping[str, float],
     growth_states: Sequence[pb.SeedState] = (),
+    max_parameters: int = 0,
 ) -> pb.SystemStatePacket:
-    """A validated packet; `packet_id` is fresh for every packet."""
+    """A validated packet; `packet_id` is fresh for every packet. `max_parameters` is the run's growth
+    budget (0: unbounded); the model's size now is `training_metrics["param_count"]`."""
     packet = pb.SystemStatePacket(
         version=1,
         packet_id=f"pkt-{uuid.uuid4().hex}",
@@ -38,6 +40,7 @@ def build_packet(
         training_loss=training_loss,
         timestamp_ns=timestamp_ns,
         hardware_context=pb.HardwareContext(device_type="cpu", device_id="cpu:0"),
+        max_parameters=max_parameters,
     )
     packet.topology.CopyFrom(topology)
     packet.seed_states.extend(seed_states)

@@ -42,5 +42,11 @@ class TolariaSettings(StrictSettings):
     max_controller_failures: int = Field(
         default=3, ge=1, description="Consecutive failed decisions before the run stops."
     )
+    max_params: int = Field(
+        default=0,
+        ge=0,
+        description="Growth budget: the controller grows the model no further than this many parameters "
+        "(host and seeds; 0: unbounded).",
+    )
     min_lr: float = Field(default=1e-6, gt=0, le=10.0)
     max_lr: float = Field(default=1.0, gt=0, le=10.0)

@@ -254,6 +254,7 @@ class Trainer:
             growth_states=self.manager.growth_states(
                 learning_rate=self.optimizer.lr, steps_per_epoch=self.steps_per_epoch
             ),
+            max_parameters=self.settings.max_params,
         )
         self.run_dir.metrics.append(
             self._metrics_record(evaluation, final=False, training_loss=training_loss)
