@@ -49,7 +49,9 @@ def config(run_dir: Path, *, epochs: int = 8) -> RunConfig:
         run_dir=run_dir,
         catalogue_path=run_dir.parent / "urza.sqlite3",
         training_run_id="run-integration",
-        tolaria=load_settings(TolariaSettings, environ={}, epochs=epochs, decision_interval=5, seed=3),
+        tolaria=load_settings(
+            TolariaSettings, environ={}, epochs=epochs, decision_interval=5, decision_lag_steps=2, seed=3
+        ),
         kasmina=load_settings(
             KasminaSettings,
             environ={},
@@ -79,12 +81,19 @@ def gnn_controller(delay_s: float = 0.0) -> tuple[Controller, Callable[[], None]
     policy = GNNPolicy(settings)
     service = TamiyoService(settings, policy, SECRET)
 
-    def decide(packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
+    def start(packet: pb.SystemStatePacket) -> None:
         if delay_s:
             time.sleep(delay_s)  # lets a test kill the run mid-way; changes no state
-        return service.evaluate_step(packet)
+        service.submit(packet)
 
-    bound = BoundController(decide=decide, save=policy.state, load=policy.restore, rehearse=service.prepare)
+    bound = BoundController(
+        decide=service.evaluate_step,
+        save=policy.state,
+        load=policy.restore,
+        rehearse=service.prepare,
+        start=start,
+        finish=service.collect,
+    )
     return bound, service.close
 
 
