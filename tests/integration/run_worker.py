@@ -39,8 +39,8 @@ def bus_settings(bus_dir: Path) -> tuple[EsperSettings, OonaSettings]:
     return esper, load_settings(OonaSettings, environ={}, emergency_poll_ms=10)
 
 
-def config(run_dir: Path, *, epochs: int = 8) -> RunConfig:
-    """A short digits run with fast lifecycle settings."""
+def config(run_dir: Path, *, epochs: int = 8, decision_lag_steps: int = 0) -> RunConfig:
+    """A short digits run with fast lifecycle settings (decisions applied at once unless a lag is given)."""
     return RunConfig(
         task="digits",
         host="mlp",
@@ -50,7 +50,12 @@ def config(run_dir: Path, *, epochs: int = 8) -> RunConfig:
         catalogue_path=run_dir.parent / "urza.sqlite3",
         training_run_id="run-integration",
         tolaria=load_settings(
-            TolariaSettings, environ={}, epochs=epochs, decision_interval=5, decision_lag_steps=2, seed=3
+            TolariaSettings,
+            environ={},
+            epochs=epochs,
+            decision_interval=5,
+            decision_lag_steps=decision_lag_steps,
+            seed=3,
         ),
         kasmina=load_settings(
             KasminaSettings,
@@ -119,7 +124,7 @@ def main() -> None:
         )
     try:
         summary = run_experiment(
-            config(args.run_dir),
+            config(args.run_dir, decision_lag_steps=2),  # kill-and-resume with decisions in flight
             chosen,
             SECRET,
             resume=args.resume,
