@@ -357,9 +357,9 @@ class TamiyoService:
         packet, pending = in_flight.packet, in_flight.pending
         try:
             with _collections_deferred(), self._caller_priority():
-                collected = self._clock.monotonic()
                 inference = self._inference_outcome(packet, pending.collect, lambda: pending.elapsed_ms)
-                inference_ms = pending.elapsed_ms
+                inference_ms = pending.elapsed_ms  # from the submission to the job's end
+                collected = self._clock.monotonic()  # the rest is measured from here, not from the wait
 
                 def spent_ms() -> float:
                     return inference_ms + (self._clock.monotonic() - collected) * 1e3
