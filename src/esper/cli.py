@@ -275,7 +275,13 @@ def _build_controller(
     if policy == "heuristic":
         heuristic = HeuristicPolicy(tamiyo_settings)
         service = _tamiyo_service(durable, tamiyo_settings, heuristic, secret, metadata, registry=registry)
-        return BoundController(decide=service.evaluate_step, save=heuristic.state, load=heuristic.restore)
+        return BoundController(
+            decide=service.evaluate_step,
+            save=heuristic.state,
+            load=heuristic.restore,
+            start=service.submit,
+            finish=service.collect,
+        )
     if policy == "gnn":
         from esper.tamiyo import GNNPolicy  # PyTorch Geometric loads only for the GNN
 
@@ -300,6 +306,8 @@ def _build_controller(
             load=intake.restore_state,
             rehearse=intake.prepare,
             warm_ahead=intake.anticipate,
+            start=intake.submit,
+            finish=intake.collect,
         )
     raise ConfigurationError(f"unknown policy {policy!r}; available: heuristic, gnn")
 
@@ -441,9 +449,9 @@ def _hint_for_deadline_misses(exc: EsperError) -> None:
 
     if isinstance(getattr(exc, "last_error", None), DeadlineExceeded):
         err_console.print(
-            "the controller missed its decision deadline repeatedly (a busy machine?): "
-            "TAMIYO_STEP_TIMEOUT_MS sets the budget, TOLARIA_MAX_CONTROLLER_FAILURES the misses in a row "
-            "a run tolerates"
+            "the controller missed its decision deadline on every decision for a long streak (a policy "
+            "too slow for this machine?): TAMIYO_STEP_TIMEOUT_MS sets the budget, "
+            "TOLARIA_MAX_CONSECUTIVE_MISSES the misses in a row a run tolerates"
         )
 
 

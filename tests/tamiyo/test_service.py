@@ -65,8 +65,12 @@ def test_evaluate_step_is_the_only_entry_point() -> None:
     public = {name for name, _ in inspect.getmembers(TamiyoService) if not name.startswith("_")}
     # `prepare` and `anticipate` are warm-ups that decide nothing (see the next tests), not second ways
     # to decide.
+    # `submit` and `collect` are the same step decision split in two (the trainer trains in between).
     assert public == {
         "evaluate_step",
+        "submit",
+        "collect",
+        "in_flight",
         "prepare",
         "anticipate",
         "close",

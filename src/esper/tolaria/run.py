@@ -269,6 +269,7 @@ def run_experiment(
         "seeds_fossilized": fossilized,
         "rollbacks": outcome.rollbacks,
         "decisions": trainer.decisions,
+        "decision_deadline_misses": trainer.deadline_misses,
         "resumed_from_step": resumed_from,
         "wall_seconds": time.monotonic() - started,
         "status": "halted" if outcome.halt is not None else "completed",
@@ -353,6 +354,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         "seeds_culled",
         "rollbacks",
         "decisions",
+        "decision_deadline_misses",
         "wall_seconds",
     ):
         value = summary.get(key)
