@@ -127,5 +127,8 @@ def growth_over_budget(
         return f"the parameter cost of {pb.PolicyAction.Name(action)} {layer_id!r} is unknown: {why}"
     if current + added > budget:
         operation = "widening" if action == pb.POLICY_ACTION_WIDEN else "deepening after"
-        return f"{operation} {layer_id} adds {added} parameters: {current:.0f} + {added} > max_parameters {budget}"
+        return (
+            f"{operation} {layer_id} adds {added} parameters: "
+            f"{current:.0f} + {added} > max_parameters {budget}"
+        )
     return None
