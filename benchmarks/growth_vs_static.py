@@ -33,7 +33,6 @@ The last line of stdout is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import statistics
@@ -63,7 +62,7 @@ from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_overhead import reinitialised  # noqa: E402
+from run_overhead import reinitialised
 
 SECRET = b"growth-vs-static-benchmark-secret"
 DECISION_BUDGET_MS = 100.0
