@@ -165,6 +165,15 @@ def test_the_transformer_widens_its_feed_forward_layer_only() -> None:
     assert chosen.action == WIDEN and chosen.layer_id == "ff1"
 
 
+def test_a_layer_that_cannot_widen_is_deepened_once_width_stops_paying() -> None:
+    heuristic = policy()
+    heuristic.propose(host_packet(1.0, host="transformer", growths=[growth("ff1:w1", pb.SEED_STAGE_CULLED)]))
+    first = heuristic.propose(host_packet(1.0, host="transformer"))
+    assert (first.action, first.layer_id) == (DEEPEN, "ff1")
+    second = heuristic.propose(host_packet(1.0, host="transformer"))
+    assert (second.action, second.layer_id) == (DEEPEN, "proj1") and "cannot widen" in second.reason
+
+
 def test_growth_past_the_budget_falls_through_to_germination() -> None:
     heuristic = policy()
     size = int(host_packet(1.0).training_metrics["param_count"])

@@ -318,7 +318,7 @@ class HeuristicPolicy:
                 action=pb.POLICY_ACTION_DEEPEN,
                 layer_id=layer.layer_id,
                 alpha_ramp_steps=s.alpha_ramp_steps,
-                reason=f"deepen after {layer.layer_id} ({self._widen_stopped[layer.layer_id]}): "
+                reason=f"deepen after {layer.layer_id} ({self._widen_stopped.get(layer.layer_id, 'the host cannot widen it')}): "
                 f"{plateau_reason}",
             )
         return None
