@@ -567,6 +567,13 @@ def run(
             "[TOLARIA_MAX_PARAMS, 0]."
         ),
     ] = None,
+    host_width: Annotated[
+        int | None,
+        typer.Option(
+            help="Width the host starts at: MLP units per layer, first conv channels (the second twice), "
+            "Transformer feed-forward units (0: the host's default) [TOLARIA_HOST_WIDTH, 0]."
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --run-dir from its last checkpoint (its config wins).")
     ] = False,
@@ -617,6 +624,7 @@ def run(
         "batch_size": batch_size,
         "lr": lr,
         "max_params": max_params,
+        "host_width": host_width,
     }
     try:
         # Everything a start can be refused for is checked before anything is created.
