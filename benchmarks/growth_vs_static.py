@@ -134,7 +134,7 @@ def esper_run(
         policy = WaitOnlyPolicy()
     else:
         init = pb.GROWTH_INIT_RANDOM if policy_name == "random_init" else pb.GROWTH_INIT_GRADMAX
-        policy = HeuristicPolicy(HeuristicSettings(widen_init=init))
+        policy = HeuristicPolicy(HeuristicSettings(enable_growth=True, widen_init=init))
     trainer = Trainer(
         settings=settings,
         dataset=dataset,

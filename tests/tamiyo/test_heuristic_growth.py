@@ -77,7 +77,12 @@ def measured(loss: float, accuracy: float, params: float, **more: float) -> dict
 
 
 def policy(**overrides: object) -> HeuristicPolicy:
-    settings: dict[str, object] = {"plateau_patience": 1, "germination_cooldown": 0, **overrides}
+    settings: dict[str, object] = {
+        "plateau_patience": 1,
+        "germination_cooldown": 0,
+        "enable_growth": True,
+        **overrides,
+    }
     return HeuristicPolicy(HeuristicSettings(**settings))  # type: ignore[arg-type]
 
 
@@ -266,3 +271,12 @@ def test_the_budget_gate_holds_a_growth_past_the_budget() -> None:
 
 def test_the_gnn_head_is_unchanged() -> None:
     assert len(ACTIONS) == 6 and WIDEN not in ACTIONS and DEEPEN not in ACTIONS
+
+
+def test_growth_operations_are_opt_in_for_esper_run() -> None:
+    from esper.leyline import load_settings
+    from esper.tamiyo.settings import TamiyoSettings
+
+    assert not HeuristicSettings.from_tamiyo(load_settings(TamiyoSettings, environ={})).enable_growth
+    on = load_settings(TamiyoSettings, environ={"TAMIYO_HEURISTIC_GROWTH": "true"})
+    assert HeuristicSettings.from_tamiyo(on).enable_growth

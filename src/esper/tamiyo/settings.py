@@ -31,6 +31,10 @@ class TamiyoSettings(StrictSettings):
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     cpu_threads: int = Field(default=1, ge=1, le=256, description="torch threads of the inference worker.")
     policy: Literal["heuristic", "gnn"] = Field(default="heuristic", description="Policy of `esper run`.")
+    heuristic_growth: bool = Field(
+        default=False,
+        description="The heuristic also widens and deepens layers (off: not yet shown to pay).",
+    )
     policy_checkpoint: Path | None = Field(
         default=None, description="safetensors weights of the GNN policy (untrained weights when unset)."
     )
