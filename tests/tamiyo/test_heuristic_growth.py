@@ -273,10 +273,11 @@ def test_the_gnn_head_is_unchanged() -> None:
     assert len(ACTIONS) == 6 and WIDEN not in ACTIONS and DEEPEN not in ACTIONS
 
 
-def test_growth_operations_are_opt_in_for_esper_run() -> None:
+def test_growth_operations_are_opt_in_for_esper_run(monkeypatch: pytest.MonkeyPatch) -> None:
     from esper.leyline import load_settings
     from esper.tamiyo.settings import TamiyoSettings
 
-    assert not HeuristicSettings.from_tamiyo(load_settings(TamiyoSettings, environ={})).enable_growth
-    on = load_settings(TamiyoSettings, environ={"TAMIYO_HEURISTIC_GROWTH": "true"})
-    assert HeuristicSettings.from_tamiyo(on).enable_growth
+    monkeypatch.delenv("TAMIYO_HEURISTIC_GROWTH", raising=False)
+    assert not HeuristicSettings.from_tamiyo(load_settings(TamiyoSettings)).enable_growth
+    monkeypatch.setenv("TAMIYO_HEURISTIC_GROWTH", "true")
+    assert HeuristicSettings.from_tamiyo(load_settings(TamiyoSettings)).enable_growth
