@@ -281,6 +281,7 @@ def _build_controller(
             load=heuristic.restore,
             start=service.submit,
             finish=service.collect,
+            release=service.checkpointed,
         )
     if policy == "gnn":
         from esper.tamiyo import GNNPolicy  # PyTorch Geometric loads only for the GNN
@@ -308,6 +309,7 @@ def _build_controller(
             warm_ahead=intake.anticipate,
             start=intake.submit,
             finish=intake.collect,
+            release=service.checkpointed,
         )
     raise ConfigurationError(f"unknown policy {policy!r}; available: heuristic, gnn")
 
@@ -409,6 +411,9 @@ def _tamiyo_service(
         bus=durable.bus,
         blueprint_metadata=metadata,
         registry=registry,
+        # Decisions and reports leave only once a durable checkpoint covers them: a resume never finds
+        # that Simic learnt from steps it decides again (the trainer's checkpoints call `checkpointed`).
+        hold_until_checkpoint=True,
         # HIGH and CRITICAL packets on the emergency stream, the rest on telemetry; a refusal is logged.
         telemetry_sink=TelemetryPublisher(durable.bus),
     )
