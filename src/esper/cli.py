@@ -369,17 +369,16 @@ class _TamiyoRunState:
 def _abandon_past_checkpoint(durable: _TamiyoRunState, run_dir: Path, training_run_id: str) -> None:
     """Before Tamiyo starts (and its outbox publishes anything), cut the store's timeline back to the
     checkpoint the run resumes from: decisions taken after it are re-decided by the resumed run, so theirs
-    are abandoned (never published from now on, never learned from)."""
+    are abandoned (never published from now on, never learned from). Without a checkpoint the run starts
+    over, and its whole earlier timeline is abandoned."""
     from esper.tolaria.run import resume_step
 
     step = resume_step(run_dir)
-    if step is None:
-        return
-    cut = durable.store.abandon_after(training_run_id, step)
-    if cut.decisions:
+    cut = durable.store.abandon_after(training_run_id, -1 if step is None else step)
+    if cut.decisions or cut.field_reports or cut.already_published:
         err_console.print(
-            f"resume from step {step}: abandoned {cut.decisions} decision(s) and {cut.field_reports} pending "
-            f"field report(s) taken after it"
+            f"resume from step {step or 0}: abandoned {cut.decisions} decision(s) and {cut.field_reports}"
+            " pending field report(s) written after it"
             + (
                 f"; {cut.already_published} of them were published before the crash"
                 if cut.already_published

@@ -220,13 +220,14 @@ class PolicyVersionRecord:
 
 @dataclass
 class AbandonResult:
-    """What `abandon_after` cut back: decisions past the checkpoint, their reports still pending (now
-    dropped), and entries the outbox had published before the crash (none, when the run held its records
-    until a checkpoint covered them: see `release_through`)."""
+    """What `abandon_after` cut back: decisions past the checkpoint, reports still pending written past it
+    (now dropped), entries the outbox had published before the crash (none, when the run held its records
+    until a checkpoint covered them: see `release_through`), and windows reopened (their report dropped)."""
 
     decisions: int = 0
     field_reports: int = 0
     already_published: int = 0
+    windows_reopened: int = 0
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,14 @@ MIGRATIONS += (
             # `run_id`, not `training_run_id`: the outbox's subquery names the outer table's column bare.
             "CREATE TABLE release_horizons (run_id TEXT PRIMARY KEY, step INTEGER NOT NULL,"
             " updated_at_ns INTEGER NOT NULL)",
+            # A window closed into a report that is still pending, kept so that a resume to a step before
+            # the report can reopen it (the report is dropped; the resumed run closes the window again).
+            "CREATE TABLE closed_windows (command_id TEXT PRIMARY KEY, training_run_id TEXT NOT NULL,"
+            " start_epoch INTEGER NOT NULL, window_epochs INTEGER NOT NULL, opened_at_ns INTEGER NOT NULL,"
+            " policy_version TEXT NOT NULL, action INTEGER NOT NULL, command_type INTEGER NOT NULL,"
+            " slot_id TEXT NOT NULL, seed_id TEXT NOT NULL, blueprint_id TEXT NOT NULL,"
+            " baseline_accuracy REAL NOT NULL, baseline_loss REAL NOT NULL, baseline_params REAL,"
+            " checksum INTEGER NOT NULL, report_id TEXT NOT NULL UNIQUE, as_of_step INTEGER NOT NULL)",
         ),
     ),
 )
@@ -1069,7 +1078,9 @@ class TamiyoStore:
         """Write the window's report, queue it and forget the window, in one transaction.
 
         `as_of_step` is the training step the report was written as of (that of the packet that closed
-        the window): the report waits in the outbox until its run's release horizon reaches it."""
+        the window): the report waits in the outbox until its run's release horizon reaches it, and until
+        it leaves (published or dropped) the window is kept aside, for a resume to an earlier step to
+        reopen (`abandon_after`)."""
         self._check_report(report)
         if report.command_id != command_id:
             raise RecordRejected(
@@ -1077,6 +1088,12 @@ class TamiyoStore:
             )
         now = self._clock.wall_ns()
         with self._transaction("close window") as db:
+            if as_of_step is not None:
+                db.execute(
+                    f"INSERT INTO closed_windows ({self._WINDOW_COLUMNS}, checksum, report_id, as_of_step)"
+                    f" SELECT {self._WINDOW_COLUMNS}, checksum, ?, ? FROM windows WHERE command_id = ?",
+                    (report.report_id, int(as_of_step), command_id),
+                )
             gone = db.execute("DELETE FROM windows WHERE command_id = ?", (command_id,)).rowcount
             if gone != 1:
                 raise WindowNotOpen(self.path, command_id)
@@ -1088,11 +1105,14 @@ class TamiyoStore:
         Decisions of `training_run_id` taken after `step` (by their packet's global step) belong to a
         timeline a resumed run replaces: their windows are forgotten, and they and their field reports,
         where still pending, become `dropped` with an `abandoned` reason (never published, so never
-        learned from). What the outbox had already published before the crash cannot be recalled: it is
-        counted, so the caller can announce it (a run that holds its records until a checkpoint covers
-        them has published none). The run's release horizon becomes `step` in the same transaction: what
-        the restored checkpoint covers may leave, and what the resumed run decides after it waits for the
-        next checkpoint (also when the horizon was past `step`: a newer checkpoint that turned out damaged).
+        learned from). A report of an earlier decision written after `step` was measured on that timeline
+        too: it is dropped the same way and its window reopened, for the resumed run to close again.
+
+        What the outbox had already published before the crash cannot be recalled: it is counted, so the
+        caller can announce it (a run that holds its records until a checkpoint covers them has published
+        none). The run's release horizon becomes `step` in the same transaction: what the restored
+        checkpoint covers may leave, and what the resumed run decides after it waits for the next
+        checkpoint (also when the horizon was past `step`: a newer checkpoint that turned out damaged).
         """
         reason = f"abandoned: decided after step {step}, past the checkpoint the run resumed from"
         now = self._clock.wall_ns()
@@ -1129,7 +1149,40 @@ class TamiyoStore:
                         (command_id,),
                     ).fetchone()[0]
                 )
+                db.execute("DELETE FROM closed_windows WHERE command_id = ?", (command_id,))
+            self._reopen_after(db, training_run_id, step, reason, result)
         return result
+
+    def _reopen_after(
+        self, db: sqlite3.Connection, run: str, step: int, reason: str, result: AbandonResult
+    ) -> None:
+        """Reports of kept decisions written after `step`: a pending one is dropped and its window reopened;
+        a published one (it left before the crash) is counted."""
+        reopened = db.execute(
+            "SELECT command_id, report_id FROM closed_windows WHERE training_run_id = ? AND as_of_step > ?",
+            (run, step),
+        ).fetchall()
+        for command_id, report_id in reopened:
+            result.field_reports += db.execute(
+                "UPDATE field_reports SET status = 'dropped', last_error = ?, updated_at_ns = ?"
+                " WHERE report_id = ? AND status = 'pending'",
+                (reason, self._clock.wall_ns(), report_id),
+            ).rowcount
+            db.execute(
+                f"INSERT INTO windows ({self._WINDOW_COLUMNS}, checksum) SELECT {self._WINDOW_COLUMNS},"
+                " checksum FROM closed_windows WHERE command_id = ?",
+                (command_id,),
+            )
+            db.execute("DELETE FROM closed_windows WHERE command_id = ?", (command_id,))
+            result.windows_reopened += 1
+        result.already_published += int(
+            db.execute(
+                "SELECT COUNT(*) FROM field_reports AS r WHERE training_run_id = ? AND as_of_step > ?"
+                " AND status = 'published' AND NOT EXISTS (SELECT 1 FROM decisions AS d WHERE"
+                " d.command_id = r.command_id AND d.as_of_step > ?)",
+                (run, step, step),
+            ).fetchone()[0]
+        )
 
     # -- outbox -------------------------------------------------------------------------------------
 
@@ -1236,11 +1289,18 @@ class TamiyoStore:
         table, column = _OUTBOX_TABLES[entry.kind]
         return table, column, entry.ref_id if entry.kind == "field_report" else entry.command_id
 
+    @staticmethod
+    def _forget_closed_window(db: sqlite3.Connection, entry: OutboxEntry) -> None:
+        # A report that left can never be taken back: its window can no longer be reopened.
+        if entry.kind == "field_report":
+            db.execute("DELETE FROM closed_windows WHERE report_id = ?", (entry.ref_id,))
+
     def mark_published(self, entries: Sequence[OutboxEntry]) -> None:
         """Entries delivered to the bus (one transaction for the batch)."""
         now = self._clock.wall_ns()
         with self._transaction("mark published") as db:
             for entry in entries:
+                self._forget_closed_window(db, entry)
                 table, column, key = self._entry_key(entry)
                 db.execute(
                     f"UPDATE {table} SET status = 'published', attempts = attempts + 1, last_error = '',"
@@ -1262,6 +1322,7 @@ class TamiyoStore:
         """Past the retry limit: kept, queryable as dropped, never retried."""
         table, column, key = self._entry_key(entry)
         with self._transaction("mark dropped") as db:
+            self._forget_closed_window(db, entry)
             db.execute(
                 f"UPDATE {table} SET status = 'dropped', attempts = ?, last_error = ?, updated_at_ns = ?"
                 f" WHERE {column} = ? AND status = 'pending'",
