@@ -24,9 +24,10 @@ from esper.tamiyo.store import TamiyoStore
 REPO = Path(__file__).resolve().parents[2]
 # digits on the MLP: 23 steps an epoch, checkpoints at 0, 23, 46, 69, 92; decisions every 5 steps. The
 # kill lands after the decision at 60: those at 50, 55 and 60 lie past the checkpoint at 46, and the
-# windows of epoch 1's decisions closed at 50, also past it.
+# windows of epoch 1's decisions closed at 50, also past it. (Should the checkpoint at 46 still be in
+# flight at the kill, the run resumes from 23, and more lies past it.)
 RUN = ["run", "--epochs", "4", "--decision-interval", "5", "--no-progress", "--no-report"]
-KILL_AT, RESTORED = 60, 46
+KILL_AT, INTERVAL = 60, 5
 
 
 def _esper(
@@ -65,12 +66,11 @@ def test_a_killed_and_resumed_run_publishes_nothing_of_the_abandoned_steps(tmp_p
     killed = _esper(env, run_dir, kill_at=KILL_AT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     killed_at_ns = time.time_ns()
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*.json"))
-    assert checkpoints[-1] == f"ckpt-{RESTORED:09d}.json"
 
     resumed = _esper(env, run_dir, "--resume")
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
-    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] == RESTORED
+    restored = json.loads((run_dir / "summary.json").read_text())["resumed_from_step"]
+    assert restored in (23, 46)
     assert "published before the crash" not in resumed.stderr.decode()  # already_published == 0
 
     live = [
@@ -92,7 +92,8 @@ def test_a_killed_and_resumed_run_publishes_nothing_of_the_abandoned_steps(tmp_p
         assert (
             store.outbox_counts("decision")["pending"] == store.outbox_counts("field_report")["pending"] == 0
         )
-    assert len(abandoned) == 3, abandoned  # the decisions at 50, 55 and 60
+    past = [step for step in range(INTERVAL, KILL_AT + 1, INTERVAL) if step > restored]
+    assert len(abandoned) == len(past), abandoned  # at 46: the decisions at 50, 55 and 60
     assert dropped_reports, "no window of a kept decision closed past the checkpoint"
 
     published = _published(tmp_path / "data")
@@ -107,4 +108,4 @@ def test_a_killed_and_resumed_run_publishes_nothing_of_the_abandoned_steps(tmp_p
     assert sorted(r.command_id for r in reports) == sorted(live)
     assert not set(dropped_reports) & {r.report_id for r in reports}
     before_kill = [d for d in decisions if d.issued_at.ToNanoseconds() < killed_at_ns]
-    assert before_kill and all(d.packet.global_step <= RESTORED for d in before_kill)
+    assert before_kill and all(d.packet.global_step <= restored for d in before_kill)
