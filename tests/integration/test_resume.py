@@ -148,3 +148,34 @@ def test_a_command_applied_before_the_checkpoint_is_refused_as_a_replay_after_re
     assert len(again) == 2
     assert again[1]["accepted"] is False
     assert again[1]["rejection"] == "replayed_nonce"
+
+
+def test_a_command_missing_from_the_saved_ledger_is_refused_after_resume(tmp_path: Path) -> None:
+    """A command applied after the last checkpoint is not in the ledger that checkpoint saved (the
+    crash came first); replayed into the resumed run within the freshness window, it is refused all the
+    same, as a command of an earlier life of the run."""
+    run_dir = tmp_path / "run"
+    first = _Replaying()
+    run_experiment(config(run_dir, epochs=1), first, SECRET, progress=False)
+    applied = [
+        json.loads(line)
+        for line in (run_dir / "decisions.jsonl").read_text().splitlines()
+        if json.loads(line).get("accepted")
+    ]
+    assert applied, "the first epoch applied no command"
+    replayed = next(c for c in first.issued if c.command_id == applied[0]["command_id"])
+    # As if the crash came before any checkpoint recorded this command's nonce.
+    for path in (run_dir / "checkpoints").glob("ckpt-*.json"):
+        record = json.loads(path.read_text())
+        record["meta"]["nonces"] = []
+        path.write_text(json.dumps(record, sort_keys=True))
+
+    second = _Replaying()
+    second.replay = replayed
+    run_experiment(config(run_dir, epochs=2), second, SECRET, resume=True, progress=False)
+    records = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
+    again = [r for r in records if r.get("command_id") == replayed.command_id]
+    assert len(again) == 2
+    assert again[1]["accepted"] is False
+    assert again[1]["rejection"] == "stale"
+    assert "earlier life" in again[1]["detail"]

@@ -105,3 +105,17 @@ def test_forgotten_nonce_is_still_refused_as_stale(clock: ManualClock, verifier:
     clock.advance(40.0)
     with pytest.raises(StaleMessage):
         verifier.verify(command)
+
+
+def test_a_command_of_an_earlier_life_is_refused_though_fresh_and_unseen(clock: ManualClock) -> None:
+    """Issue 16.10: a restarted process restores the nonce ledger of its last checkpoint, which misses
+    the commands applied after it; one of those, replayed within the freshness window, is refused
+    because it was issued before this process began taking commands."""
+    earlier = _command(clock)  # applied by the process that crashed, after its last checkpoint
+    clock.advance(1.0)
+    restarted = SignatureVerifier(
+        SECRET, freshness_s=30.0, future_skew_s=2.0, clock=clock, not_before_ns=clock.wall_ns()
+    )
+    with pytest.raises(StaleMessage, match="earlier life"):
+        restarted.verify(earlier)
+    assert restarted.verify(_command(clock))  # its own controller's commands pass

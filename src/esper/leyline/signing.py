@@ -133,7 +133,12 @@ class SignatureVerifier:
         future_skew_s: float = 5.0,
         clock: Clock = SYSTEM_CLOCK,
         ledger: NonceLedger | None = None,
+        not_before_ns: int | None = None,
     ) -> None:
+        """`not_before_ns`: messages issued before this instant are refused as stale, however fresh. A
+        process that takes commands only from its own, in-process controller sets it to its start, so a
+        command of an earlier life of the run (whose nonce a crash may have kept out of the saved ledger)
+        is never accepted again."""
         _check_secret(secret)
         if freshness_s <= 0 or future_skew_s < 0:
             raise ValueError(
@@ -144,6 +149,7 @@ class SignatureVerifier:
         self.future_skew_s = future_skew_s
         self._clock = clock
         self._ledger = ledger or NonceLedger(ttl_s=freshness_s + future_skew_s)
+        self._not_before_ns = not_before_ns
 
     @property
     def ledger(self) -> NonceLedger:
@@ -167,7 +173,8 @@ class SignatureVerifier:
         if not message.HasField("issued_at"):
             raise SignatureInvalid(name, "issued_at is missing")
         now_ns = self._clock.wall_ns()
-        age_s = (now_ns - getattr(message, "issued_at").ToNanoseconds()) / 1e9
+        issued_ns = getattr(message, "issued_at").ToNanoseconds()
+        age_s = (now_ns - issued_ns) / 1e9
         if age_s > self.freshness_s:
             raise StaleMessage(name, f"issued {age_s:.3f}s ago, window is {self.freshness_s}s")
         if age_s < -self.future_skew_s:
@@ -178,5 +185,7 @@ class SignatureVerifier:
         now = now_ns / 1e9
         if self._ledger.seen(nonce, now):
             raise ReplayDetected(name, f"nonce {nonce} was already used")
+        if self._not_before_ns is not None and issued_ns < self._not_before_ns:
+            raise StaleMessage(name, "issued before this process began taking commands (an earlier life)")
         self._ledger.record(nonce, now)
         return message

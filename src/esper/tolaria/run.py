@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import CleanupStack, EsperError, SignatureVerifier, pb
+from esper.leyline import SYSTEM_CLOCK, CleanupStack, EsperError, SignatureVerifier, pb
 from esper.tolaria.checkpoint import CheckpointStore
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import (
@@ -230,8 +230,13 @@ def run_experiment(
     )
     cleanup.push("close the blueprint catalogue", catalogue.close)
     with cleanup:
+        # Commands come from this process's own controller: one issued before it started belongs to an
+        # earlier life of the run and is refused, whatever the nonce ledger restored from a checkpoint holds.
         verifier = SignatureVerifier(
-            secret, freshness_s=config.kasmina.command_freshness_s, future_skew_s=config.kasmina.clock_skew_s
+            secret,
+            freshness_s=config.kasmina.command_freshness_s,
+            future_skew_s=config.kasmina.clock_skew_s,
+            not_before_ns=SYSTEM_CLOCK.wall_ns(),
         )
         manager = SeedManager(
             host.slots(),
