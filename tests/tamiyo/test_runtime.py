@@ -259,7 +259,7 @@ def test_the_first_close_failure_is_raised_and_the_others_are_logged_beside_it(
 # -- item 17 (P8): the blend settings reach the seed Kasmina builds -------------------------------------
 
 
-def _germinate_in_kasmina(tmp_path: Path, **blend: object) -> Any:
+def _germinate_in_kasmina(tmp_path: Path, mode: int = pb.BLEND_MODE_CONFIDENCE, **blend: object) -> Any:
     clock = kasmina.new_clock()
     host = kasmina.TinyHost()
     catalogue = kasmina.open_catalogue(tmp_path)
@@ -275,7 +275,7 @@ def _germinate_in_kasmina(tmp_path: Path, **blend: object) -> Any:
         action=pb.POLICY_ACTION_GERMINATE,
         slot_id="a",
         blueprint_id="mlp_small",
-        blend_mode=pb.BLEND_MODE_CONFIDENCE,
+        blend_mode=mode,
         alpha_ramp_steps=8,
     )
     command = factory.build(proposal, packet)
@@ -300,6 +300,17 @@ def test_blend_settings_reach_the_blender_of_the_seed_kasmina_builds(tmp_path: P
     # The blend those values give: alpha scaled between alpha_lo and alpha_hi.
     scale = blender.confidence_alpha(torch.zeros(4, 8), 1.0)
     assert torch.all((scale >= 0.1) & (scale <= 0.6))
+
+
+def test_the_channel_start_setting_opens_each_channel_gate_of_the_seed_as_set(tmp_path: Path) -> None:
+    command, blender = _germinate_in_kasmina(tmp_path, pb.BLEND_MODE_CHANNEL, blend_channel_alpha_init=0.25)
+    assert dict(command.seed_operation.parameters) == {"channel_alpha_init": 0.25}
+    assert blender.mode == pb.BLEND_MODE_CHANNEL and blender.channel_logits is not None
+    gates = torch.sigmoid(blender.channel_logits)
+    assert torch.allclose(gates, torch.full_like(gates, 0.25))
+    # The blend it gives at full alpha: a quarter of the seed's residual on every channel.
+    x, s = torch.zeros(2, gates.numel()), torch.ones(2, gates.numel())
+    assert torch.allclose(blender(x, x, s, 1.0), torch.full_like(s, 0.25))
 
 
 def test_without_the_blend_flag_a_command_carries_no_blend_parameters(tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from esper.leyline import EsperError, pb
 
-# Per-channel gates start almost open (sigmoid(4) ~ 0.98) so CHANNEL ramps like RESIDUAL at first.
-_CHANNEL_LOGIT_INIT = 4.0
+# Per-channel gates start almost open (sigmoid(4) ~ 0.98) so CHANNEL ramps like RESIDUAL at first; a
+# command's `channel_alpha_init` (TAMIYO_BLEND_CHANNEL_ALPHA_INIT) sets another start.
+DEFAULT_CHANNEL_ALPHA_INIT = 1.0 / (1.0 + math.exp(-4.0))
 
 
 class InvalidBlendParameters(EsperError):
@@ -69,8 +70,17 @@ def _channel_shape(like: Tensor) -> tuple[int, ...]:
 class Blender(nn.Module):
     """Mixes the host activation `x` and the seed residual `s` with weight `alpha` in one blend mode."""
 
-    def __init__(self, mode: int, width: int, confidence: ConfidenceGate | None = None) -> None:
+    def __init__(
+        self,
+        mode: int,
+        width: int,
+        confidence: ConfidenceGate | None = None,
+        *,
+        channel_alpha_init: float = DEFAULT_CHANNEL_ALPHA_INIT,
+    ) -> None:
         super().__init__()
+        if not (math.isfinite(channel_alpha_init) and 0.0 < channel_alpha_init < 1.0):
+            raise InvalidBlendParameters("channel_alpha_init", channel_alpha_init, "must be in (0, 1)")
         if mode not in (
             pb.BLEND_MODE_CONVEX,
             pb.BLEND_MODE_RESIDUAL,
@@ -82,7 +92,8 @@ class Blender(nn.Module):
         self.confidence = confidence or ConfidenceGate()
         self.channel_logits: nn.Parameter | None = None
         if mode == pb.BLEND_MODE_CHANNEL:
-            self.channel_logits = nn.Parameter(torch.full((width,), _CHANNEL_LOGIT_INIT))
+            logit = math.log(channel_alpha_init / (1.0 - channel_alpha_init))
+            self.channel_logits = nn.Parameter(torch.full((width,), logit))
 
     def forward(self, x: Tensor, seed_input: Tensor, s: Tensor, alpha: float) -> Tensor:
         """The blended activation; `seed_input` is what the seed saw (`x` detached until fossilised)."""

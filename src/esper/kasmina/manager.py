@@ -16,7 +16,12 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from esper.kasmina.blending import Blender, ConfidenceGate, InvalidBlendParameters
+from esper.kasmina.blending import (
+    DEFAULT_CHANNEL_ALPHA_INIT,
+    Blender,
+    ConfidenceGate,
+    InvalidBlendParameters,
+)
 from esper.kasmina.events import CommandResult, EventKind, LifecycleEvent, RejectionReason
 from esper.kasmina.growing import (
     Growth,
@@ -64,7 +69,7 @@ from esper.leyline import (
 )
 from esper.urza import BlueprintNotApplicable, BlueprintQuarantined, UnknownBlueprint
 
-BLEND_PARAMETERS = frozenset({"gate_k", "gate_tau", "alpha_lo", "alpha_hi"})
+BLEND_PARAMETERS = frozenset({"gate_k", "gate_tau", "alpha_lo", "alpha_hi", "channel_alpha_init"})
 DEFAULT_BLEND_MODE = pb.BLEND_MODE_RESIDUAL
 
 
@@ -838,8 +843,11 @@ class SeedManager:
         checked: bool,
     ) -> SeedModule:
         try:
-            confidence = ConfidenceGate.from_parameters(blend_params)
-            blender = Blender(blend_mode, slot.width, confidence)
+            gate = {k: v for k, v in blend_params.items() if k != "channel_alpha_init"}
+            channel = blend_params.get("channel_alpha_init", DEFAULT_CHANNEL_ALPHA_INIT)
+            blender = Blender(
+                blend_mode, slot.width, ConfidenceGate.from_parameters(gate), channel_alpha_init=channel
+            )
             body = self._catalogue.build(blueprint_id, slot.width, slot.kind, **blueprint_params)
         except InvalidBlendParameters as exc:
             if not checked:

@@ -45,8 +45,7 @@ _GROWTH_ACTIONS_OF = {operation: action for action, operation in _GROWTH_OPERATI
 def blend_parameters(settings: TamiyoSettings) -> BlendParameters:
     """The blend parameters of each mode from settings (none when `enable_blend_mode_ann` is off).
 
-    Only what Kasmina's blender reads: CONFIDENCE's gate. `blend_channel_alpha_init` stays an annotation
-    (Kasmina starts every CHANNEL gate at the same opening; it has no parameter for it).
+    What Kasmina's blender reads: CONFIDENCE's gate, and CHANNEL's starting gate opening.
     """
     if not settings.enable_blend_mode_ann:
         return {}
@@ -56,7 +55,8 @@ def blend_parameters(settings: TamiyoSettings) -> BlendParameters:
             "gate_tau": settings.blend_gate_tau,
             "alpha_lo": settings.blend_alpha_lo,
             "alpha_hi": settings.blend_alpha_hi,
-        }
+        },
+        pb.BLEND_MODE_CHANNEL: {"channel_alpha_init": settings.blend_channel_alpha_init},
     }
 
 

@@ -103,7 +103,9 @@ class TamiyoSettings(StrictSettings):
     blend_gate_tau: float = Field(default=0.5, ge=0.0, le=1.0, description="CONFIDENCE gate threshold.")
     blend_alpha_lo: float = Field(default=0.0, ge=0.0, le=1.0)
     blend_alpha_hi: float = Field(default=1.0, ge=0.0, le=1.0)
-    blend_channel_alpha_init: float = Field(default=0.0, ge=0.0, le=1.0, description="CHANNEL start alpha.")
+    blend_channel_alpha_init: float = Field(
+        default=0.982, gt=0.0, lt=1.0, description="CHANNEL: each channel gate's opening when a seed starts."
+    )
     # GNN policy.
     gnn_seed: int = Field(default=0, ge=0, description="Seed of weight initialisation and sampling.")
     gnn_greedy: bool = Field(default=False, description="Take the most likely choice instead of sampling.")
