@@ -55,6 +55,43 @@ class Decision:
     policy_version: str
 
 
+# Timed runs of the graph build and the network when `prepare` measures the policy on this machine.
+PROBE_RUNS = 16
+
+
+@dataclass(frozen=True)
+class PolicyFit:
+    """What `prepare` measured: the graph build and the network on the inference worker, the second
+    slowest of `runs` runs (one outlier forgiven), against the share of the step budget they may take."""
+
+    measured_ms: float
+    allowed_ms: float
+    budget_ms: float
+    runs: int
+    policy_size: str
+
+    @property
+    def fits(self) -> bool:
+        """Whether decisions can be expected to meet the step budget on this machine."""
+        return self.measured_ms <= self.allowed_ms
+
+    @property
+    def message(self) -> str:
+        """What was measured and what to do about it (for the event and the operator's terminal)."""
+        needed = math.ceil(self.measured_ms * self.budget_ms / self.allowed_ms * 2) / 2
+        smaller = "use the smaller policy (TAMIYO_POLICY_SIZE=default), "
+        if self.policy_size == "default":
+            smaller = ""
+        return (
+            f"the {self.policy_size} GNN policy takes {self.measured_ms:.2f} ms per decision on this machine "
+            f"(graph and network, {self.runs} runs), more than the {self.allowed_ms:.2f} ms it may take of "
+            f"the "
+            f"{self.budget_ms:g} ms step budget: decisions will miss their deadline. Raise the budget "
+            f"(TAMIYO_STEP_TIMEOUT_MS={needed:g} or more), {smaller}run on a GPU (TAMIYO_DEVICE=cuda), "
+            f"or use --policy heuristic"
+        )
+
+
 @dataclass(frozen=True)
 class _Inference:
     proposal: Proposal
@@ -117,6 +154,7 @@ class TamiyoService:
             # Catalogue failures (a fetch timeout, lost notifications) are this service's events.
             blueprint_metadata.emit_to(self.telemetry.emit)
         self._field_reports: FieldReports | None = None
+        self.policy_fit: PolicyFit | None = None  # the last measurement of `prepare`
         self._ahead: BackgroundJob | None = None  # the warm-up `anticipate` started, until accounted for
         try:
             self._start(
@@ -230,19 +268,32 @@ class TamiyoService:
         policy builds the graph (normaliser statistics untouched) and runs its network on the inference
         worker without deciding. Nothing is recorded, signed or counted as a decision; a plain policy has
         nothing to warm up. Tolaria calls it before a process's first decision and after a topology
-        change; failures raise typed errors like a decision's."""
+        change; failures raise typed errors like a decision's.
+
+        Then it measures the policy on this machine: `PROBE_RUNS` graph builds and forwards as a decision
+        runs them (on the service's clock), kept in `policy_fit`. When they take more than
+        `prepare_budget_share` of the step budget, a `policy_over_budget` event says so, with the figure
+        and what to do, before any decision misses its deadline."""
         validate_packet(packet)
         graph_policy = self._graph_policy
         if graph_policy is None:
             return
+        clock = self._clock
 
-        def job(token: CancelToken) -> None:
+        def job(token: CancelToken) -> list[float]:
             graph = graph_policy.builder.build(packet, update_stats=False)
             token.check()
             graph_policy.rehearse(graph)
+            samples = []
+            for _ in range(PROBE_RUNS):
+                start = clock.monotonic()
+                graph = graph_policy.builder.build(packet, update_stats=False)
+                graph_policy.warm(graph, cancel=token)
+                samples.append((clock.monotonic() - start) * 1e3)
+            return samples
 
         before = getattr(graph_policy, "plan_status", None)
-        self._worker.run(
+        samples = self._worker.run(
             job,
             timeout_ms=self.settings.warmup_timeout_ms,
             what=f"warm-up on {packet.packet_id}",
@@ -252,6 +303,25 @@ class TamiyoService:
         if isinstance(after, PlanStatus) and after != before:
             failed = isinstance(before, PlanStatus) and after.fallbacks > before.fallbacks
             self.telemetry.record_plan(after.enabled, after.reason, after.build_ms, failed=failed)
+        size = getattr(getattr(graph_policy, "config", None), "size", None)  # a GNN's named size
+        fit = PolicyFit(
+            measured_ms=sorted(samples)[-2],
+            allowed_ms=self.step_timeout_ms * self.settings.prepare_budget_share,
+            budget_ms=self.step_timeout_ms,
+            runs=len(samples),
+            policy_size=size if isinstance(size, str) else "custom",
+        )
+        self.policy_fit = fit
+        self.telemetry.metric("tamiyo.prepare.decision_ms", fit.measured_ms, "ms")
+        if not fit.fits:
+            self.telemetry.emit(
+                "policy_over_budget",
+                fit.message,
+                measured_ms=f"{fit.measured_ms:.3f}",
+                allowed_ms=f"{fit.allowed_ms:.3f}",
+                budget_ms=f"{fit.budget_ms:g}",
+                policy_size=fit.policy_size,
+            )
         self._last_packet = packet
         self._follow_scheduling()
 
