@@ -78,7 +78,8 @@ class PolicyFit:
     @property
     def message(self) -> str:
         """What was measured and what to do about it (for the event and the operator's terminal)."""
-        needed = math.ceil(self.measured_ms * self.budget_ms / self.allowed_ms * 2) / 2
+        # The budget in which the measured figure takes the allowed share, rounded up to half a millisecond.
+        needed = math.ceil(round(self.measured_ms * self.budget_ms / self.allowed_ms * 2, 6)) / 2
         smaller = "use the smaller policy (TAMIYO_POLICY_SIZE=default), "
         if self.policy_size == "default":
             smaller = ""
