@@ -85,10 +85,10 @@ class PolicyFit:
             smaller = ""
         return (
             f"the {self.policy_size} GNN policy takes {self.measured_ms:.2f} ms per decision on this machine "
-            f"(graph and network, {self.runs} runs), more than the {self.allowed_ms:.2f} ms it may take of "
-            f"the "
-            f"{self.budget_ms:g} ms step budget: decisions will miss their deadline. Raise the budget "
-            f"(TAMIYO_STEP_TIMEOUT_MS={needed:g} or more), {smaller}run on a GPU (TAMIYO_DEVICE=cuda), "
+            f"(graph build and network, second slowest of {self.runs} runs), more than the "
+            f"{self.allowed_ms:.3g} ms it may take of the {self.budget_ms:g} ms step budget: decisions will "
+            f"miss their deadline. Raise the budget (TAMIYO_STEP_TIMEOUT_MS={needed:g} or more), {smaller}"
+            f"run on a GPU (TAMIYO_DEVICE=cuda), "
             f"or use --policy heuristic"
         )
 
