@@ -115,6 +115,8 @@ class TimedController:
         self.prepare = clock.wrap("decision", inner.prepare)
         self.anticipate = clock.wrap("decision", inner.anticipate)
         self.evaluate_step = clock.wrap("decision", inner.evaluate_step)
+        self.submit = clock.wrap("decision", inner.submit)
+        self.collect = clock.wrap("decision", inner.collect)
         self.export_state = inner.export_state
         self.restore_state = inner.restore_state
 

@@ -36,6 +36,29 @@ def test_esper_settings_runs_without_importing_torch() -> None:
     assert "torch_geometric" not in loaded
 
 
+def test_esper_reports_runs_without_importing_torch(tmp_path: object) -> None:
+    code = (
+        "from typer.testing import CliRunner\nfrom esper.cli import app\n"
+        f"result = CliRunner().invoke(app, ['reports', {str(tmp_path)!r}])\n"
+        "assert 'does not exist' in result.output, result.output\n"
+    )
+    assert "torch" not in _modules_after(code)
+
+
+@pytest.mark.slow
+def test_a_heuristic_run_never_loads_pyg(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ESPER_DATA_DIR", f"{tmp_path}/data")
+    monkeypatch.setenv("ESPER_SIGNING_SECRET", "startup-test-secret-0123456789")
+    code = (
+        "from typer.testing import CliRunner\nfrom esper.cli import app\n"
+        "args = ['run', '--epochs', '1', '--no-progress', '--policy', 'heuristic', '--run-dir', "
+        f"{str(tmp_path)!r} + '/run']\n"
+        "result = CliRunner().invoke(app, args)\n"
+        "assert result.exit_code == 0, result.output\n"
+    )
+    assert "torch_geometric" not in _modules_after(code)
+
+
 def test_lazy_exports_still_give_every_public_name() -> None:
     import esper.kasmina
     import esper.tamiyo

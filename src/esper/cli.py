@@ -265,7 +265,7 @@ def _build_controller(
     torch threads; the trainer keeps its own budget (TOLARIA_THREADS). Tamiyo's metrics go to `registry`;
     what it opens is closed by `cleanup` (at exit without one).
     """
-    from esper.tamiyo import GNNPolicy, HeuristicPolicy
+    from esper.tamiyo import HeuristicPolicy
     from esper.tamiyo.settings import TamiyoSettings
     from esper.tolaria.controller import BoundController
 
@@ -275,8 +275,16 @@ def _build_controller(
     if policy == "heuristic":
         heuristic = HeuristicPolicy(tamiyo_settings)
         service = _tamiyo_service(durable, tamiyo_settings, heuristic, secret, metadata, registry=registry)
-        return BoundController(decide=service.evaluate_step, save=heuristic.state, load=heuristic.restore)
+        return BoundController(
+            decide=service.evaluate_step,
+            save=heuristic.state,
+            load=heuristic.restore,
+            start=service.submit,
+            finish=service.collect,
+        )
     if policy == "gnn":
+        from esper.tamiyo import GNNPolicy  # PyTorch Geometric loads only for the GNN
+
         checkpoint = tamiyo_settings.policy_checkpoint
         if checkpoint is not None and not checkpoint.is_file():
             raise ConfigurationError(f"policy checkpoint {checkpoint} does not exist")
@@ -298,6 +306,8 @@ def _build_controller(
             load=intake.restore_state,
             rehearse=_announcing_misfit(intake.prepare, service),
             warm_ahead=intake.anticipate,
+            start=intake.submit,
+            finish=intake.collect,
         )
     raise ConfigurationError(f"unknown policy {policy!r}; available: heuristic, gnn")
 
@@ -327,10 +337,11 @@ def _load_gnn(checkpoint: Path, settings: TamiyoSettings, inputs: dict[str, Any]
     from safetensors import SafetensorError
 
     from esper.tamiyo import GNNPolicy
+    from esper.tamiyo.policy import CheckpointIncompatible
 
     try:
         return GNNPolicy.load(checkpoint, settings, **inputs)
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, CheckpointIncompatible) as exc:
         raise ConfigurationError(
             f"policy checkpoint {checkpoint} cannot be read ({type(exc).__name__}: {exc})"
         ) from exc
@@ -457,9 +468,9 @@ def _hint_for_deadline_misses(exc: EsperError) -> None:
 
     if isinstance(getattr(exc, "last_error", None), DeadlineExceeded):
         err_console.print(
-            "the controller missed its decision deadline repeatedly (a busy machine?): "
-            "TAMIYO_STEP_TIMEOUT_MS sets the budget, TOLARIA_MAX_CONTROLLER_FAILURES the misses in a row "
-            "a run tolerates"
+            "the controller missed its decision deadline on every decision for a long streak (a policy "
+            "too slow for this machine?): TAMIYO_STEP_TIMEOUT_MS sets the budget, "
+            "TOLARIA_MAX_CONSECUTIVE_MISSES the misses in a row a run tolerates"
         )
 
 
@@ -531,10 +542,19 @@ class _FreshStart:
 def run(
     *,
     task: Annotated[
-        str, typer.Option(help="Task: 'digits' (sklearn), 'generated', or a path to an .npz file.")
+        str,
+        typer.Option(
+            help="Task: 'digits' (sklearn), 'generated' (tabular), 'signals' (1-D signals), 'tokens' "
+            "(token sequences), or a path to an .npz file."
+        ),
     ] = "digits",
     host: Annotated[
-        str, typer.Option(help="Host model: 'mlp' or 'cnn' (cnn needs image data such as digits).")
+        str,
+        typer.Option(
+            help="Host model: 'mlp', 'cnn' (images), 'conv1d' (sequences [N, L] or [N, C, L]), "
+            "'transformer' (token ids), or 'auto' (chosen from the data's shape; the run says which "
+            "and why)."
+        ),
     ] = "mlp",
     epochs: Annotated[
         int | None, typer.Option(help="Passes over the training split [TOLARIA_EPOCHS, 40].")
@@ -556,7 +576,16 @@ def run(
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size [TOLARIA_BATCH_SIZE, 64].")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate [TOLARIA_LR, 0.003].")] = None,
-    difficulty: Annotated[float, typer.Option(help="Difficulty in [0, 1] of the generated task.")] = 0.5,
+    difficulty: Annotated[
+        float, typer.Option(help="Difficulty in [0, 1] of the generated, signals and tokens tasks.")
+    ] = 0.5,
+    max_params: Annotated[
+        int | None,
+        typer.Option(
+            help="Growth budget: the model grows to at most this many parameters (0: unbounded) "
+            "[TOLARIA_MAX_PARAMS, 0]."
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --run-dir from its last checkpoint (its config wins).")
     ] = False,
@@ -593,6 +622,7 @@ def run(
         load_task,
         new_training_run_id,
         resolve_config,
+        resolve_host,
         run_experiment,
         summary_table,
     )
@@ -605,6 +635,7 @@ def run(
         "decision_interval": decision_interval,
         "batch_size": batch_size,
         "lr": lr,
+        "max_params": max_params,
     }
     try:
         # Everything a start can be refused for is checked before anything is created.
@@ -620,6 +651,11 @@ def run(
         if resume and run_dir is None:
             raise ConfigurationError("--resume needs --run-dir")
         run_id = new_training_run_id()
+        if not resume:
+            chosen, why = resolve_host(task, host)
+            if host == "auto":
+                console.print(f"host: {chosen} ({why})")
+            host = chosen
         config = resolve_config(
             RunConfig(
                 task=task,

@@ -39,8 +39,8 @@ def bus_settings(bus_dir: Path) -> tuple[EsperSettings, OonaSettings]:
     return esper, load_settings(OonaSettings, environ={}, emergency_poll_ms=10)
 
 
-def config(run_dir: Path, *, epochs: int = 8) -> RunConfig:
-    """A short digits run with fast lifecycle settings."""
+def config(run_dir: Path, *, epochs: int = 8, decision_lag_steps: int = 0) -> RunConfig:
+    """A short digits run with fast lifecycle settings (decisions applied at once unless a lag is given)."""
     return RunConfig(
         task="digits",
         host="mlp",
@@ -49,7 +49,14 @@ def config(run_dir: Path, *, epochs: int = 8) -> RunConfig:
         run_dir=run_dir,
         catalogue_path=run_dir.parent / "urza.sqlite3",
         training_run_id="run-integration",
-        tolaria=load_settings(TolariaSettings, environ={}, epochs=epochs, decision_interval=5, seed=3),
+        tolaria=load_settings(
+            TolariaSettings,
+            environ={},
+            epochs=epochs,
+            decision_interval=5,
+            decision_lag_steps=decision_lag_steps,
+            seed=3,
+        ),
         kasmina=load_settings(
             KasminaSettings,
             environ={},
@@ -79,12 +86,19 @@ def gnn_controller(delay_s: float = 0.0) -> tuple[Controller, Callable[[], None]
     policy = GNNPolicy(settings)
     service = TamiyoService(settings, policy, SECRET)
 
-    def decide(packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
+    def start(packet: pb.SystemStatePacket) -> None:
         if delay_s:
             time.sleep(delay_s)  # lets a test kill the run mid-way; changes no state
-        return service.evaluate_step(packet)
+        service.submit(packet)
 
-    bound = BoundController(decide=decide, save=policy.state, load=policy.restore, rehearse=service.prepare)
+    bound = BoundController(
+        decide=service.evaluate_step,
+        save=policy.state,
+        load=policy.restore,
+        rehearse=service.prepare,
+        start=start,
+        finish=service.collect,
+    )
     return bound, service.close
 
 
@@ -110,7 +124,7 @@ def main() -> None:
         )
     try:
         summary = run_experiment(
-            config(args.run_dir),
+            config(args.run_dir, decision_lag_steps=2),  # kill-and-resume with decisions in flight
             chosen,
             SECRET,
             resume=args.resume,

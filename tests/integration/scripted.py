@@ -40,6 +40,7 @@ class ScriptedController:
         self.decisions = 0
         self.prepared = 0
         self.anticipated: list[int] = []  # the decision count at each call
+        self.submitted: pb.AdaptationCommand | None = None
 
     def prepare(self, packet: pb.SystemStatePacket) -> None:
         """Nothing to warm up; counts the calls."""
@@ -48,6 +49,16 @@ class ScriptedController:
     def anticipate(self) -> None:
         """Nothing to warm up; records when it was called."""
         self.anticipated.append(self.decisions)
+
+    def submit(self, packet: pb.SystemStatePacket) -> None:
+        """Decides at once; `collect` hands the command back."""
+        self.submitted = self.evaluate_step(packet)
+
+    def collect(self) -> pb.AdaptationCommand:
+        """The command decided at `submit`."""
+        command, self.submitted = self.submitted, None
+        assert command is not None, "collect without submit"
+        return command
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """One signed command for `packet`."""

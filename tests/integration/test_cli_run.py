@@ -185,3 +185,57 @@ def test_a_completed_gnn_run_leaves_no_consumer_group_behind(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "tamiyo-done" not in _policy_groups()
+
+
+def _summary_and_report(run_dir: Path) -> dict[str, object]:
+    summary: dict[str, object] = json.loads((run_dir / "summary.json").read_text())
+    for key in REQUIRED:
+        assert key in summary, key
+    assert summary["status"] == "completed"
+    assert (run_dir / "report" / "report.md").exists()
+    return summary
+
+
+@pytest.mark.slow
+def test_esper_run_grows_a_1d_cnn_on_a_users_sequence_file(data_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from esper.tolaria.data import make_signals
+
+    signals = make_signals(0.3, seed=1, n_samples=300)
+    path = tmp_path / "signals.npz"
+    np.savez(path, x_train=signals.x_train[:, 0, :].numpy(), y_train=signals.y_train.numpy())
+    run_dir = tmp_path / "run"
+    args = ["run", "--task", str(path), "--host", "conv1d", "--epochs", "2", "--run-dir", str(run_dir)]
+    result = CliRunner().invoke(app, [*args, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = _summary_and_report(run_dir)
+    assert summary["host"] == "conv1d" and summary["task"] == "signals.npz"
+    assert summary["max_params"] is None
+    assert "| max_params | unbounded |" in (run_dir / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_esper_run_keeps_a_transformer_on_tokens_within_its_parameter_budget(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    budget = 900  # the host has 724 parameters: room for one small seed, not two
+    args = ["run", "--task", "tokens", "--host", "transformer", "--epochs", "5", "--decision-interval", "5"]
+    args += ["--max-params", str(budget), "--run-dir", str(run_dir), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = _summary_and_report(run_dir)
+    assert summary["host"] == "transformer" and summary["max_params"] == budget
+    assert isinstance(summary["params_final"], int) and summary["params_final"] <= budget
+    assert f"| max_params | {budget} |" in (run_dir / "report" / "report.md").read_text()
+    decisions = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
+    sizes = [
+        json.loads(line)["parameters"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "parameters" in json.loads(line)
+    ]
+    assert sizes and max(sizes) <= budget
+    refused = [d for d in decisions if "no germination fits the growth budget" in d["annotations"]["reason"]]
+    assert refused, "the run never reached its budget"
+    assert all("> max_parameters 900" in d["annotations"]["reason"] for d in refused)

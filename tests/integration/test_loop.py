@@ -49,6 +49,7 @@ class RecordingController:
         self.inner = inner
         self.commands: list[pb.AdaptationCommand] = []
         self.override: Callable[[pb.SystemStatePacket], pb.AdaptationCommand] | None = None
+        self.submitted = pb.AdaptationCommand()
 
     def prepare(self, packet: pb.SystemStatePacket) -> None:
         self.inner.prepare(packet)
@@ -60,6 +61,12 @@ class RecordingController:
         command = self.override(packet) if self.override else self.inner.evaluate_step(packet)
         self.commands.append(command)
         return command
+
+    def submit(self, packet: pb.SystemStatePacket) -> None:
+        self.submitted = self.evaluate_step(packet)
+
+    def collect(self) -> pb.AdaptationCommand:
+        return self.submitted
 
     def export_state(self) -> dict[str, Any]:
         state: dict[str, Any] = self.inner.export_state()

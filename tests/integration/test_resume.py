@@ -94,6 +94,7 @@ class _Replaying:
         self.inner = controller()
         self.issued: list[pb.AdaptationCommand] = []
         self.replay: pb.AdaptationCommand | None = None
+        self.submitted = pb.AdaptationCommand()
 
     def prepare(self, packet: pb.SystemStatePacket) -> None:
         self.inner.prepare(packet)
@@ -108,6 +109,12 @@ class _Replaying:
         command = self.inner.evaluate_step(packet)
         self.issued.append(command)
         return command
+
+    def submit(self, packet: pb.SystemStatePacket) -> None:
+        self.submitted = self.evaluate_step(packet)
+
+    def collect(self) -> pb.AdaptationCommand:
+        return self.submitted
 
     def export_state(self) -> dict[str, Any]:
         return self.inner.export_state()

@@ -1,4 +1,5 @@
-"""Hosts and data for the growth tests: the real MLP and 2-D CNN hosts, and a small 1-D CNN."""
+"""Hosts and data for the growth tests: the real hosts (MLP, 2-D CNN, 1-D CNN, Transformer), and a small
+1-D CNN without slots."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from esper.kasmina import Bridge, DeepenSite, WidenSite
-from esper.tolaria.hosts import ConvHost, MLPHost
+from esper.tolaria.hosts import Conv1dHost as SequenceHost
+from esper.tolaria.hosts import ConvHost, MLPHost, TransformerHost
 
 # (host kind, layer id): every producer/consumer pairing the hosts have.
 WIDEN_CASES = [
@@ -19,6 +21,9 @@ WIDEN_CASES = [
     ("cnn", "conv2"),  # Conv2d -> pool -> flatten -> Linear
     ("conv1d", "conv1"),  # Conv1d -> Conv1d
     ("conv1d", "conv2"),  # Conv1d -> pool -> flatten -> Linear
+    ("sequence", "conv1"),  # the 1-D CNN host: Conv1d -> Conv1d
+    ("sequence", "conv2"),  # the 1-D CNN host: Conv1d -> pool -> flatten -> Linear
+    ("transformer", "ff1"),  # Linear -> Linear on every token [N, T, C]
 ]
 CASE_IDS = [f"{kind}-{layer}" for kind, layer in WIDEN_CASES]
 
@@ -68,8 +73,14 @@ class Case:
 def make_case(kind: str, seed: int = 0, batch: int = 32) -> Case:
     """A freshly initialised host of `kind` with a seeded batch (the same for the same seed)."""
     torch.manual_seed(seed)
-    host: MLPHost | ConvHost | Conv1dHost
-    if kind == "mlp":
+    host: MLPHost | ConvHost | Conv1dHost | SequenceHost | TransformerHost
+    if kind == "transformer":
+        host = TransformerHost(7, 10, 3, d_model=4, heads=2, ff_hidden=5)
+        x = torch.randint(0, 10, (batch, 7))
+    elif kind == "sequence":
+        host = SequenceHost((2, 12), 3, channels=(3, 5))
+        x = torch.randn(batch, 2, 12)
+    elif kind == "mlp":
         host = MLPHost(10, 3, width=6, depth=2)
         x = torch.randn(batch, 10)
     elif kind == "cnn":

@@ -17,6 +17,10 @@ DEEPEN_CASES = [
     ("cnn", "conv2"),
     ("conv1d", "conv1"),
     ("conv1d", "conv2"),
+    ("sequence", "conv1"),
+    ("sequence", "conv2"),
+    ("transformer", "ff1"),
+    ("transformer", "proj1"),
 ]
 DEEPEN_IDS = [f"{kind}-{layer}" for kind, layer in DEEPEN_CASES]
 

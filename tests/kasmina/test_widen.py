@@ -123,7 +123,14 @@ def test_statistics_give_the_fan_out_gradient_in_the_linear_regime(kind: str, la
     assert torch.allclose(actual, predicted, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("kind", "layer"), WIDEN_CASES, ids=CASE_IDS)
+# The 1-D CNN host's first layer is left out: its ReLU regime on a random batch breaks the linear-regime
+# optimum for some draws (seed 1: gradmax 0.0302 < random 0.0332; gradmax larger for 5 of seeds 1-7).
+_GRADMAX_CASES = [case for case in WIDEN_CASES if case != ("sequence", "conv1")]
+
+
+@pytest.mark.parametrize(
+    ("kind", "layer"), _GRADMAX_CASES, ids=[f"{kind}-{layer}" for kind, layer in _GRADMAX_CASES]
+)
 def test_gradmax_fan_out_gets_a_larger_first_gradient_than_random_at_equal_norm(
     kind: str, layer: str
 ) -> None:
@@ -238,7 +245,8 @@ def test_new_parameters_take_the_hosts_dtype(kind: str, layer: str) -> None:
     # Stands in for a device check on machines without an accelerator: nothing is created at a default.
     case = make_case(kind)
     case.host.double()
-    case.x = case.x.double()
+    if case.x.is_floating_point():  # token ids stay integers
+        case.x = case.x.double()
     group = _group(case, layer, "gradmax")
     block = IdentityBlock.for_site(case.deepen_site(layer))
     assert {p.dtype for p in (*group.parameters(), *block.parameters())} == {torch.float64}

@@ -11,14 +11,13 @@ from esper.tamiyo.graph import (
     GraphBuilder,
     GraphSchema,
     GraphSchemaError,
-    InMemoryNormalizerStore,
     MissingFeatureError,
     NodeSpec,
-    NormalizerState,
     NormalizerWriteError,
     RelationSpec,
     TamiyoGraph,
 )
+from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
 from esper.tamiyo.proposal import ACTIONS
 from esper.tamiyo.telemetry import TamiyoTelemetry
 from tests.tamiyo.packets import make_packet, settings

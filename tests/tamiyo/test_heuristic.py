@@ -296,3 +296,32 @@ def test_invalid_settings_fail_at_construction() -> None:
         HeuristicSettings(alpha_ramp_steps=7)
     with pytest.raises(ValueError, match="plateau_patience"):
         HeuristicSettings(plateau_patience=0)
+
+
+# --- growth budget ---------------------------------------------------------------------------------
+
+
+def _budgeted_packet(loss: float, max_parameters: int, param_count: float) -> pb.SystemStatePacket:
+    built = packet(loss, blueprints=("mlp_expand", "lowrank"))
+    built.max_parameters = max_parameters
+    built.training_metrics["param_count"] = param_count
+    return built
+
+
+def test_under_a_budget_the_heuristic_takes_the_next_blueprint_that_fits() -> None:
+    from esper.urza import param_count
+
+    expand, lowrank = param_count("mlp_expand", 32, "mlp"), param_count("lowrank", 32, "mlp")
+    assert lowrank < expand
+    policy = HeuristicPolicy(HeuristicSettings(plateau_patience=1, germination_cooldown=0))
+    proposals = [policy.propose(_budgeted_packet(1.0, 1000 + lowrank, 1000.0)) for _ in range(3)]
+    chosen = [p for p in proposals if p.action == GERMINATE]
+    assert chosen and {p.blueprint_id for p in chosen} == {"lowrank"}
+
+
+def test_at_the_budget_the_heuristic_waits_and_says_so() -> None:
+    policy = HeuristicPolicy(HeuristicSettings(plateau_patience=1, germination_cooldown=0))
+    proposals = [policy.propose(_budgeted_packet(1.0, 1000, 1000.0)) for _ in range(3)]
+    assert [p.action for p in proposals] == [WAIT] * 3
+    assert "no germination fits the growth budget" in proposals[-1].reason
+    assert "> max_parameters 1000" in proposals[-1].reason

@@ -15,15 +15,8 @@ from safetensors.torch import save as save_safetensors
 from esper.leyline import CONTRACT_VERSION, pb
 from esper.tamiyo.gnn import POLICY_SIZES, GNNOutput
 from esper.tamiyo.graph import collate
-from esper.tamiyo.policy import (
-    RELEVANT_HEADS,
-    CheckpointIncompatible,
-    GNNPolicy,
-    GraphPolicy,
-    PolicyInferenceError,
-    read_safetensors_header,
-)
-from esper.tamiyo.proposal import ACTIONS, Policy
+from esper.tamiyo.policy import RELEVANT_HEADS, CheckpointIncompatible, GNNPolicy, read_safetensors_header
+from esper.tamiyo.proposal import ACTIONS, GraphPolicy, Policy, PolicyInferenceError
 from esper.tamiyo.worker import CancelToken, DecisionCancelled
 from tests.tamiyo.packets import make_packet, settings, small_policy
 

@@ -21,7 +21,8 @@ import torch
 import esper.tamiyo
 from esper.leyline import ConfigurationError, EsperError, SignatureVerifier, pb
 from esper.tamiyo.gnn import TamiyoGNN, TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA, GraphBuilder, InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.graph import TAMIYO_SCHEMA, GraphBuilder
+from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
 from esper.tamiyo.policy import CheckpointIncompatible, GNNPolicy
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.service import TamiyoService
@@ -413,6 +414,7 @@ def test_esper_run_builds_the_gnn_controller_and_its_state_round_trips(
     from esper.cli import _build_controller
 
     monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", "10000")
+    monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path / "data"))  # never the working directory's
 
     controller = _build_controller("gnn", SECRET)
     command = controller.evaluate_step(make_packet())

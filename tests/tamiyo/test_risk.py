@@ -99,3 +99,85 @@ def test_resource_pressure_holds_germination() -> None:
     decision = gates().evaluate(GERMINATE, packet, RiskContext())
     assert decision.gate == "resource" and decision.proposal.action == pb.POLICY_ACTION_WAIT
     assert decision.reason == "free memory 0.6% < 5.0%"
+
+
+# --- the growth budget -----------------------------------------------------------------------------
+
+
+def _budgeted(max_parameters: int, param_count: float | None = 1000.0) -> pb.SystemStatePacket:
+    packet = make_packet()
+    packet.max_parameters = max_parameters
+    if param_count is not None:
+        packet.training_metrics["param_count"] = param_count
+    return packet
+
+
+def _costs(blueprint_id: str, width: int, kind: str) -> int | None:
+    return {"bp-0": 200, "bp-big": 5000}.get(blueprint_id)
+
+
+def budget_gates(**overrides: object) -> RiskGates:
+    return RiskGates(settings(**overrides), lambda _bid: SAFE, parameter_cost=_costs)
+
+
+def test_budget_holds_a_germination_that_would_cross_it_and_says_why() -> None:
+    decision = budget_gates().evaluate(GERMINATE, _budgeted(1100), RiskContext())
+    assert decision.gate == "budget" and decision.proposal.action == pb.POLICY_ACTION_WAIT
+    assert (
+        decision.reason
+        == "germinating bp-0 in slot slot-0 adds 200 parameters: 1000 + 200 > max_parameters 1100"
+    )
+    assert decision.annotations()["risk_gate"] == "budget"
+
+
+def test_budget_passes_what_fits_and_everything_when_unbounded() -> None:
+    assert budget_gates().evaluate(GERMINATE, _budgeted(1200), RiskContext()).gate == PASSED
+    big = Proposal(action=pb.POLICY_ACTION_GERMINATE, slot_id="slot-0", blueprint_id="bp-big")
+    assert budget_gates().evaluate(big, _budgeted(0), RiskContext()).gate == PASSED
+
+
+def test_budget_counts_the_channel_blenders_gates() -> None:
+    channel = Proposal(
+        action=pb.POLICY_ACTION_GERMINATE,
+        slot_id="slot-0",
+        blueprint_id="bp-0",
+        blend_mode=pb.BLEND_MODE_CHANNEL,
+    )
+    # 200 for the module and 32 per-channel gates for the slot of width 32.
+    assert budget_gates().evaluate(channel, _budgeted(1232), RiskContext()).gate == PASSED
+    assert budget_gates().evaluate(channel, _budgeted(1231), RiskContext()).gate == "budget"
+
+
+@pytest.mark.parametrize(
+    ("packet", "proposal", "reason"),
+    [
+        (_budgeted(5000, param_count=None), GERMINATE, "does not say the model's size"),
+        (
+            _budgeted(5000),
+            Proposal(action=pb.POLICY_ACTION_GERMINATE, slot_id="slot-9", blueprint_id="bp-0"),
+            "not in the topology",
+        ),
+        (
+            _budgeted(5000),
+            Proposal(action=pb.POLICY_ACTION_GERMINATE, slot_id="slot-0", blueprint_id="bp-unknown"),
+            "cost of blueprint 'bp-unknown' in slot 'slot-0' is unknown",
+        ),
+    ],
+)
+def test_budget_refuses_what_it_cannot_count(
+    packet: pb.SystemStatePacket, proposal: Proposal, reason: str
+) -> None:
+    decision = budget_gates().evaluate(proposal, packet, RiskContext())
+    assert decision.gate == "budget" and reason in decision.reason
+
+
+def test_budget_counts_built_in_blueprints_by_default() -> None:
+    from esper.urza import param_count
+
+    packet = _budgeted(1000 + param_count("lowrank", 32, "mlp") - 1)
+    packet.topology.slots[0].kind = "mlp"
+    lowrank = Proposal(action=pb.POLICY_ACTION_GERMINATE, slot_id="slot-0", blueprint_id="lowrank")
+    chain = RiskGates(settings(), lambda _bid: SAFE)
+    assert chain.evaluate(lowrank, packet, RiskContext()).gate == "budget"
+    packet.max_parameters += 1
+    assert chain.evaluate(lowrank, packet, RiskContext()).gate == PASSED

@@ -15,7 +15,8 @@ from esper.kasmina.blending import ConfidenceGate
 from esper.leyline import ManualClock, load_settings, pb
 from esper.oona import Bus, EmbeddedBus, OonaSettings, TelemetryPublisher, open_envelope
 from esper.tamiyo.commands import CommandFactory, blend_parameters
-from esper.tamiyo.graph import InMemoryNormalizerStore, NormalizerState, NormalizerWriteError
+from esper.tamiyo.graph import NormalizerWriteError
+from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.store import TamiyoStore

@@ -18,9 +18,9 @@ from esper.leyline import ContractViolation, ManualClock, SignatureVerifier, pb
 from esper.tamiyo import GNNPolicy
 from esper.tamiyo import service as service_module
 from esper.tamiyo import worker as worker_module
-from esper.tamiyo.graph import InMemoryNormalizerStore, NormalizerState, TamiyoGraph
-from esper.tamiyo.policy import Cancellation
-from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.graph import TamiyoGraph
+from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.proposal import Cancellation, Proposal
 from esper.tamiyo.risk import RiskGates
 from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
@@ -65,8 +65,12 @@ def test_evaluate_step_is_the_only_entry_point() -> None:
     public = {name for name, _ in inspect.getmembers(TamiyoService) if not name.startswith("_")}
     # `prepare` and `anticipate` are warm-ups that decide nothing (see the next tests), not second ways
     # to decide.
+    # `submit` and `collect` are the same step decision split in two (the trainer trains in between).
     assert public == {
         "evaluate_step",
+        "submit",
+        "collect",
+        "in_flight",
         "prepare",
         "anticipate",
         "close",

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from esper.leyline import CONTRACT_VERSION, ContractVersionMismatch, ManualClock, pb
-from esper.tamiyo.graph import TAMIYO_SCHEMA, FeatureNormalizer, NormalizerState
+from esper.tamiyo.graph import TAMIYO_SCHEMA, FeatureNormalizer
+from esper.tamiyo.normalizer_state import NormalizerState
 from esper.tamiyo.store import (
     MIGRATIONS,
     SCHEMA_VERSION,

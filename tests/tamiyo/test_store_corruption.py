@@ -275,3 +275,23 @@ def test_a_mark_from_an_older_wal_or_none_is_no_alarm(tmp_path: Path) -> None:
         assert store.count_field_reports() == 0
     with TamiyoStore(path) as store:  # the live store was closed: its WAL is checkpointed and empty
         assert store.count_field_reports() == WRITES
+
+
+def test_a_damaged_record_is_an_event_of_the_service_that_owns_the_store(path: Path) -> None:
+    from esper.leyline import pb
+    from esper.tamiyo.proposal import Proposal
+    from esper.tamiyo.service import TamiyoService
+    from tests.tamiyo.packets import SECRET, ScriptedPolicy, settings
+
+    with TamiyoStore(path) as store:
+        store.add_field_reports([report("fr-1"), report("fr-2")])
+    _raw(path, "UPDATE field_reports SET outcome = 3 WHERE report_id = 'fr-1'", ())
+    wait = Proposal(action=pb.POLICY_ACTION_WAIT, log_prob=-0.25, value=0.5, head_choices={"action": 0})
+    with TamiyoStore(path) as store:
+        service = TamiyoService(settings(), ScriptedPolicy(wait), SECRET, store=store)
+        try:
+            assert [s.report.report_id for s in store.field_reports()] == ["fr-2"]
+            packet = service.telemetry.flush()
+            assert "tamiyo_store_record_corrupt" in [event.name for event in packet.events]
+        finally:
+            service.close()

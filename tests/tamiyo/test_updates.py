@@ -17,7 +17,8 @@ from esper.oona import EmbeddedBus, OonaSettings, Streams, envelope_for
 from esper.simic.updates import build_policy_update
 from esper.tamiyo.gnn import TamiyoGNNConfig
 from esper.tamiyo.graph import TAMIYO_SCHEMA
-from esper.tamiyo.policy import GNNPolicy, PolicyInferenceError
+from esper.tamiyo.policy import GNNPolicy
+from esper.tamiyo.proposal import PolicyInferenceError
 from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.updates import (
     PolicyUpdateFeed,

@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from esper.leyline import EsperError
-from esper.tolaria.data import Dataset, DatasetError, load_digits, load_npz, make_task
+from esper.tolaria.data import (
+    Dataset,
+    DatasetError,
+    load_digits,
+    load_npz,
+    make_signals,
+    make_task,
+    make_tokens,
+)
 
 torch.set_num_threads(1)
 
@@ -289,3 +297,139 @@ def test_a_wider_host_does_measurably_better_than_a_narrow_one() -> None:
 def test_difficulty_makes_the_task_harder() -> None:
     easy, hard = make_task(0.0, seed=0), make_task(1.0, seed=0)
     assert _accuracy_of_mlp(easy, 16) > _accuracy_of_mlp(hard, 16) + 0.1
+
+
+# --- 1-D signals and token sequences ---------------------------------------------------------------
+
+
+def _nearest_template_accuracy(data: Dataset) -> float:
+    """Accuracy of the nearest class mean of the training signals (no shift invariance at all)."""
+    flat_train, flat_val = data.x_train.flatten(1), data.x_val.flatten(1)
+    means = torch.stack([flat_train[data.y_train == c].mean(dim=0) for c in range(data.num_classes)])
+    predicted = torch.cdist(flat_val, means).argmin(dim=1)
+    return float((predicted == data.y_val).float().mean())
+
+
+def test_signals_are_deterministic_by_seed_and_shaped_for_a_1d_host() -> None:
+    a, b = make_signals(0.5, seed=3, n_samples=300), make_signals(0.5, seed=3, n_samples=300)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)
+    assert not torch.equal(a.x_train, make_signals(0.5, seed=4, n_samples=300).x_train)
+    _check_tensors(a)
+    assert a.input_shape == (1, 64) and a.num_classes == 6 and a.vocab_size == 0
+    assert make_signals(0.0, 0, length=32, n_classes=3, n_samples=60).input_shape == (1, 32)
+
+
+def test_signal_difficulty_changes_separability() -> None:
+    easy, hard = make_signals(0.0, seed=0), make_signals(1.0, seed=0)
+    assert _nearest_template_accuracy(easy) > _nearest_template_accuracy(hard) + 0.2
+
+
+def _bag_of_tokens_accuracy(data: Dataset) -> float:
+    """A logistic regression on token counts: it sees how often each token occurs, never where."""
+    from sklearn.linear_model import LogisticRegression
+
+    def counts(x: torch.Tensor) -> np.ndarray:
+        return np.stack([np.bincount(row, minlength=data.vocab_size) for row in x.numpy()])
+
+    model = LogisticRegression(max_iter=2000).fit(counts(data.x_train), data.y_train.numpy())
+    return float(model.score(counts(data.x_val), data.y_val.numpy()))
+
+
+def test_tokens_are_deterministic_by_seed_and_integer_ids_in_the_vocabulary() -> None:
+    a, b = make_tokens(0.5, seed=2, n_samples=300), make_tokens(0.5, seed=2, n_samples=300)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)
+    assert not torch.equal(a.x_train, make_tokens(0.5, seed=3, n_samples=300).x_train)
+    assert a.x_train.dtype == torch.int64 and a.input_shape == (16,) and a.x_train.shape[1:] == (16,)
+    assert a.vocab_size == 12 and a.num_classes == 4
+    assert int(a.x_train.min()) >= 0 and int(a.x_train.max()) < a.vocab_size
+    assert set(a.y_train.tolist()) == {0, 1, 2, 3}
+
+
+def test_token_labels_follow_the_rule() -> None:
+    data = make_tokens(1.0, seed=0, n_samples=200)
+    for row, label in zip(data.x_train, data.y_train, strict=True):
+        counts = torch.bincount(row[row < 4], minlength=4)
+        tied = torch.nonzero(counts == counts.max()).flatten().tolist()
+        first = {m: int(torch.nonzero(row == m)[0]) for m in tied}
+        assert int(label) == min(first, key=first.__getitem__)
+
+
+def test_token_difficulty_changes_separability() -> None:
+    easy, hard = make_tokens(0.0, seed=0), make_tokens(1.0, seed=0)
+    assert _bag_of_tokens_accuracy(easy) > _bag_of_tokens_accuracy(hard) + 0.1
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"difficulty": 1.5, "seed": 0},
+        {"difficulty": 0.5, "seed": 0, "n_classes": 1},
+        {"difficulty": 0.5, "seed": 0, "n_samples": 3},
+    ],
+)
+def test_generated_sequence_tasks_refuse_bad_arguments(arguments: dict[str, Any]) -> None:
+    with pytest.raises(DatasetError):
+        make_signals(**arguments)
+    with pytest.raises(DatasetError):
+        make_tokens(**arguments)
+
+
+def test_npz_sequences_take_one_or_several_channels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    one = load_npz(_save(tmp_path, x_train=rng.normal(size=(40, 30)), y_train=labels), 0, layout="sequence")
+    _check_tensors(one)
+    assert one.input_shape == (1, 30)
+    several = load_npz(
+        _save(tmp_path, x_train=rng.normal(size=(40, 3, 30)), y_train=labels), 0, layout="sequence"
+    )
+    assert several.input_shape == (3, 30)
+    with pytest.raises(DatasetError, match=r"needs samples \[L\] or \[C, L\]"):
+        load_npz(
+            _save(tmp_path, x_train=rng.normal(size=(40, 2, 3, 4)), y_train=labels), 0, layout="sequence"
+        )
+
+
+def test_npz_tokens_stay_integer_ids_with_their_vocabulary(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).integers(0, 7, size=(40, 10))
+    labels = np.arange(40) % 2
+    inferred = load_npz(_save(tmp_path, x_train=x, y_train=labels), 0, layout="tokens")
+    assert inferred.x_train.dtype == torch.int64 and inferred.vocab_size == int(x.max()) + 1
+    assert inferred.input_shape == (10,)
+    declared = load_npz(
+        _save(tmp_path, x_train=x, y_train=labels, vocab_size=np.array(20)), 0, layout="tokens"
+    )
+    assert declared.vocab_size == 20
+    assert sorted(torch.cat([declared.x_train, declared.x_val]).flatten().tolist()) == sorted(
+        x.flatten().tolist()
+    )
+
+
+@pytest.mark.parametrize(
+    ("x", "more", "match"),
+    [
+        (np.zeros((40, 10)), {}, "tokens must be an integer array"),
+        (np.full((40, 10), -1), {}, "negative token id -1"),
+        (np.full((40, 10), 9), {"vocab_size": np.array(5)}, r"token id 9, outside the vocabulary \[0, 5\)"),
+        (np.full((40, 10), 70_000), {}, "token ids are limited to 65536"),
+        (np.zeros((40, 2, 5), dtype=np.int64), {}, r"token ids \[N, L\]"),
+        (
+            np.zeros((40, 10), dtype=np.int64),
+            {"vocab_size": np.array([3, 4])},
+            "vocab_size must be one integer",
+        ),
+        (np.zeros((40, 10), dtype=np.int64), {"vocab_size": np.array(0)}, "vocab_size must be in"),
+    ],
+)
+def test_npz_tokens_refuse_what_is_not_token_ids(
+    tmp_path: Path, x: np.ndarray, more: dict[str, Any], match: str
+) -> None:
+    path = _save(tmp_path, x_train=x, y_train=np.arange(40) % 2, **more)
+    with pytest.raises(DatasetError, match=match):
+        load_npz(path, 0, layout="tokens")
+
+
+def test_npz_layout_and_image_flag_must_agree(tmp_path: Path) -> None:
+    path = _save(tmp_path, **_good())
+    with pytest.raises(DatasetError, match="contradicts"):
+        load_npz(path, 0, image=True, layout="sequence")

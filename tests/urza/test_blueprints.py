@@ -29,6 +29,8 @@ def _input(kind: str, width: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     if kind == "mlp":
         return torch.randn(5, width, generator=generator)
+    if kind == "conv1d":
+        return torch.randn(3, width, 10, generator=generator)
     return torch.randn(3, width, 6, 6, generator=generator)
 
 
@@ -37,6 +39,15 @@ def test_at_least_six_blueprints_cover_both_host_kinds() -> None:
     assert len(BUILTIN_SPECS) >= 6
     assert sum("mlp" in k for k in kinds) >= 3
     assert sum("conv" in k for k in kinds) >= 3
+
+
+def test_one_dimensional_slots_are_offered_their_own_blueprints() -> None:
+    # Slots of the 1-D CNN and the Transformer are "conv1d": [N, width, L].
+    offered = [spec.blueprint_id for spec in BUILTIN_SPECS if "conv1d" in spec.descriptor.host_kinds]
+    assert len(offered) >= 4
+    for blueprint_id in offered:
+        assert param_count(blueprint_id, 8, "conv1d") > 0
+    assert param_count("conv1d_residual", 8, "conv1d") == 2 * (8 * 8 * 3 + 8)
 
 
 @pytest.mark.parametrize(("blueprint_id", "kind", "width"), CASES)

@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from esper.kasmina.growth import ACTIVATIONS, DeepenSite, GrowthMode, GrowthNotApplicable, combine
+from esper.kasmina.growth import (
+    ACTIVATIONS,
+    DeepenSite,
+    GrowthMode,
+    GrowthNotApplicable,
+    combine,
+    record_gain,
+)
 
 BLOCK_KINDS = ("linear", "conv1d", "conv2d")
 
@@ -67,6 +74,8 @@ class IdentityBlock(nn.Module):
         nn.init.zeros_(self.project.bias)
         self.mode = GrowthMode.LIVE
         self.alpha = 1.0
+        # While INCUBATE: the first-order loss reduction the residual would bring, per backward.
+        self.training_gains: list[float] = []
         self._handle: RemovableHandle | None = None
 
     @classmethod
@@ -91,8 +100,14 @@ class IdentityBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """`x` plus the residual, as the block's mode says (LIVE: the full residual)."""
+        if self.mode == GrowthMode.BLEND and self.alpha == 0.0:
+            return x
         source = x if self.mode == GrowthMode.LIVE else x.detach()
-        return combine(x, self.residual(source), self.mode, self.alpha)
+        residual = self.residual(source)
+        result = combine(x, residual, self.mode, self.alpha)
+        if self.mode == GrowthMode.INCUBATE and result.requires_grad:
+            record_gain(result, residual, self.training_gains)
+        return result
 
     @property
     def attached(self) -> bool:

@@ -36,6 +36,8 @@ class RejectionReason(StrEnum):
     QUARANTINED_BLUEPRINT = "quarantined_blueprint"
     BLUEPRINT_NOT_APPLICABLE = "blueprint_not_applicable"
     INVALID_PARAMETERS = "invalid_parameters"
+    UNKNOWN_LAYER = "unknown_layer"
+    GROWTH_NOT_APPLICABLE = "growth_not_applicable"
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,17 @@ def combine(host: Tensor, contribution: Tensor, mode: GrowthMode, alpha: float) 
     return host + contribution
 
 
+def record_gain(result: Tensor, contribution: Tensor, gains: list[float]) -> None:
+    """On backward through `result`, append -<gradient, contribution>: the first-order loss reduction
+    the contribution would bring if it were added in full (the signal G1 reads while INCUBATE)."""
+    value = contribution.detach()
+
+    def hook(grad: Tensor) -> None:
+        gains.append(float(-(grad * value).sum()))
+
+    result.register_hook(hook)  # type: ignore[no-untyped-call]
+
+
 @dataclass(frozen=True)
 class Bridge:
     """What the host does to an activation between the activation function and the consumer.

@@ -18,6 +18,16 @@ from torch import nn
 
 from esper.kasmina.blending import Blender, ConfidenceGate, InvalidBlendParameters
 from esper.kasmina.events import CommandResult, EventKind, LifecycleEvent, RejectionReason
+from esper.kasmina.growing import (
+    Growth,
+    GrowthHost,
+    growth_container,
+    module_key,
+    resize,
+    restore_growth,
+    site_for,
+)
+from esper.kasmina.growth import GrowthNotApplicable, ParameterMerge, out_units
 from esper.kasmina.lifecycle import (
     ACTIVE_STAGES,
     BLEND_STAGES,
@@ -38,6 +48,7 @@ from esper.kasmina.lifecycle import (
 )
 from esper.kasmina.settings import KasminaSettings
 from esper.kasmina.slot import SeedModule, SeedSlot, SlotMode
+from esper.kasmina.widen import UnitGroup
 from esper.leyline import (
     ContractViolation,
     EsperError,
@@ -89,13 +100,18 @@ class _Rejected(Exception):
 
 @dataclass(frozen=True)
 class ParameterChanges:
-    """Seed parameters to add to (per seed id) and retire from the trainer's optimizer."""
+    """Seed and growth parameters to add to (per id) and retire from the trainer's optimizer.
+
+    `merged`: host parameters replaced by a fossilised WIDEN (the optimizer absorbs each, so that the
+    merged tensor keeps the old moments and the new units' own; apply them before `retired`).
+    """
 
     added: tuple[tuple[str, tuple[nn.Parameter, ...]], ...] = ()
     retired: tuple[tuple[str, tuple[nn.Parameter, ...]], ...] = ()
+    merged: tuple[ParameterMerge, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.retired)
+        return bool(self.added or self.retired or self.merged)
 
 
 @dataclass
@@ -130,7 +146,9 @@ class SeedManager:
         settings: KasminaSettings,
         *,
         training_run_id: str,
+        host: GrowthHost | None = None,
     ) -> None:
+        """`host`: the model to grow with WIDEN and DEEPEN (without it those commands are refused)."""
         if not training_run_id:
             raise ValueError("training_run_id is required")
         self.settings = settings
@@ -147,7 +165,15 @@ class SeedManager:
         self._events: list[LifecycleEvent] = []
         self._added: list[tuple[str, tuple[nn.Parameter, ...]]] = []
         self._retired: list[tuple[str, tuple[nn.Parameter, ...]]] = []
+        self._merged: list[ParameterMerge] = []
         self._paused = False
+        self._host = host
+        self._container = growth_container(host) if host is not None else None
+        self._growths: dict[str, Growth] = {}
+        self._growth_count = 0
+        # Widths of the layers merged widens changed: now, and as the host was built (for rollbacks).
+        self._widths: dict[str, int] = {}
+        self._base_widths: dict[str, int] = {}
 
     # -- reading --------------------------------------------------------------------------------------------
 
@@ -183,7 +209,22 @@ class SeedManager:
         for record in self._records.values():
             if record.slot.seed is not None:
                 groups.append((record.seed_id, tuple(record.slot.seed.parameters())))
+        for growth in self._growths.values():
+            if growth.module is not None:
+                groups.append((growth.growth_id, tuple(growth.module.parameters())))
         return groups
+
+    @property
+    def growth_ids(self) -> list[str]:
+        """Ids of the growths the manager holds (live, cooling down, or fossilised deepens)."""
+        return list(self._growths)
+
+    def growth(self, growth_id: str) -> Growth:
+        """The growth `growth_id` (`KeyError` when there is none)."""
+        growth = self._growths.get(growth_id)
+        if growth is None:
+            raise KeyError(f"no growth {growth_id!r}; growths are {list(self._growths)}")
+        return growth
 
     def seed_parameter_count(self, *, fossilized_only: bool = False) -> int:
         """Parameters held by seeds (only fossilised ones when asked)."""
@@ -195,17 +236,30 @@ class SeedManager:
 
     def measurable_slots(self) -> list[str]:
         """Slots whose seed reaches the host output with a ramped alpha: the counterfactual candidates."""
+        measured = (BLENDING, SHADOWING, PROBATIONARY)
         return [
             slot_id
             for slot_id, r in self._records.items()
-            if r.lifecycle.stage in (BLENDING, SHADOWING, PROBATIONARY) and r.lifecycle.alpha > 0
+            if r.lifecycle.stage in measured and r.lifecycle.alpha > 0
+        ] + [
+            growth_id
+            for growth_id, g in self._growths.items()
+            if g.lifecycle.stage in measured and g.lifecycle.alpha > 0 and g.module is not None
         ]
 
     # -- measurement ----------------------------------------------------------------------------------------
 
     @contextmanager
     def counterfactual(self, slot_id: str) -> Iterator[None]:
-        """Within the block, the seed of `slot_id` acts with alpha forced to 0."""
+        """Within the block, the seed of `slot_id` (or the growth of that id) acts with alpha forced to 0."""
+        growth = self._growths.get(slot_id)
+        if growth is not None:
+            growth.sync(alpha_override=0.0)
+            try:
+                yield
+            finally:
+                growth.sync()
+            return
         slot = self._record(slot_id).slot
         previous = slot.alpha_override
         slot.alpha_override = 0.0
@@ -218,7 +272,9 @@ class SeedManager:
         """A counterfactual measurement: accuracy gained and loss avoided thanks to the seed."""
         if not (math.isfinite(accuracy) and math.isfinite(loss)):
             raise ValueError(f"contribution of {slot_id} must be finite, got {accuracy}, {loss}")
-        self._record(slot_id).lifecycle.record_contribution(accuracy, loss, step)
+        growth = self._growths.get(slot_id)
+        lifecycle = growth.lifecycle if growth is not None else self._record(slot_id).lifecycle
+        lifecycle.record_contribution(accuracy, loss, step)
 
     def arm_gradient_probes(self) -> None:
         """Measure the host gradient at every empty slot on the next training step."""
@@ -250,6 +306,17 @@ class SeedManager:
                     reason=f"{new} foreign leaf tensor(s) reachable from the seed's output",
                     detail={"violations_total": record.isolation_violations},
                 )
+        for growth in self._growths.values():
+            module = growth.module
+            if module is None:
+                continue
+            norm = growth.gradient_norm()
+            if norm is not None:
+                growth.seed_gradient_norm = norm
+                growth.lifecycle.record_gradient_norm(norm)
+            for gain in module.training_gains:
+                growth.lifecycle.record_training_gain(gain)
+            module.training_gains.clear()
 
     # -- the step -------------------------------------------------------------------------------------------
 
@@ -260,6 +327,8 @@ class SeedManager:
             return []
         for record in self._records.values():
             self._advance_one(record, step)
+        for growth in list(self._growths.values()):
+            self._advance_growth(growth, step)
         return self._events[start:]
 
     def _advance_one(self, record: _SlotRecord, step: int) -> None:
@@ -319,6 +388,18 @@ class SeedManager:
                     reason="end of run",
                 )
                 self._sync_slot(record)
+        for growth in self._growths.values():
+            before = growth.lifecycle.stage
+            if growth.lifecycle.terminate():
+                self._retire_growth(growth)
+                self._emit_growth(
+                    EventKind.TRANSITION,
+                    step,
+                    growth,
+                    from_stage=stage_name(before),
+                    to_stage=stage_name(TERMINATED),
+                    reason="end of run",
+                )
         return self._events[start:]
 
     # -- commands -------------------------------------------------------------------------------------------
@@ -388,6 +469,16 @@ class SeedManager:
                 f"command type {value_label(pb.CommandType, kind)} is not executed by Kasmina",
             )
         operation = command.seed_operation
+        op = operation.operation
+        if op in (pb.SEED_OP_WIDEN, pb.SEED_OP_DEEPEN):
+            self._start_growth(command, step)
+            self._paused = False
+            return
+        growth = self._growths.get(operation.slot_id)
+        if growth is not None:
+            self._command_growth(growth, command, step)
+            self._paused = False
+            return
         record = self._records.get(operation.slot_id)
         if record is None:
             raise _Rejected(RejectionReason.UNKNOWN_SLOT, f"no slot {operation.slot_id!r} in this host")
@@ -396,7 +487,6 @@ class SeedManager:
                 RejectionReason.WRONG_TARGET,
                 f"command targets seed {command.target_seed_id!r}, slot holds {record.seed_id!r}",
             )
-        op = operation.operation
         if op == pb.SEED_OP_GERMINATE:
             self._germinate(record, command, step)
         elif op == pb.SEED_OP_CULL:
@@ -464,6 +554,264 @@ class SeedManager:
             command_id=command.command_id,
         )
         self._sync_slot(record)
+
+    # -- growth ---------------------------------------------------------------------------------------------
+
+    def _start_growth(self, command: pb.AdaptationCommand, step: int) -> None:
+        """A verified WIDEN or DEEPEN: check the layer and its neighbours, then start the growth."""
+        operation = command.seed_operation
+        spec = operation.growth
+        op = operation.operation
+        if self._host is None or self._container is None:
+            raise _Rejected(RejectionReason.UNSUPPORTED, "this manager was given no host to grow")
+        if command.target_seed_id != spec.layer_id:
+            raise _Rejected(
+                RejectionReason.WRONG_TARGET,
+                f"a growth command targets its layer {spec.layer_id!r}, not {command.target_seed_id!r}",
+            )
+        try:
+            site = site_for(self._host, op, spec.layer_id)
+        except GrowthNotApplicable as exc:
+            raise _Rejected(RejectionReason.UNKNOWN_LAYER, str(exc)) from exc
+        growth = Growth(
+            growth_id=f"{spec.layer_id}:{'w' if op == pb.SEED_OP_WIDEN else 'd'}{self._growth_count + 1}",
+            operation=op,
+            layer_id=spec.layer_id,
+            units=int(spec.units) if op == pb.SEED_OP_WIDEN else 0,
+            init=int(spec.init) if op == pb.SEED_OP_WIDEN else 0,
+            hidden=int(spec.hidden) if op == pb.SEED_OP_DEEPEN else 0,
+            lifecycle=SeedLifecycle(self.settings),
+            site=site,
+        )
+        self._check_growth_fits(growth)
+        ramp = operation.alpha_ramp_steps or self.settings.default_alpha_ramp_steps
+        if ramp > self.settings.max_alpha_ramp_steps:
+            raise _Rejected(
+                RejectionReason.INVALID_PARAMETERS,
+                f"alpha_ramp_steps {ramp} above {self.settings.max_alpha_ramp_steps}",
+            )
+        try:
+            growth.start()
+        except GrowthNotApplicable as exc:
+            growth.remove()
+            raise _Rejected(RejectionReason.GROWTH_NOT_APPLICABLE, str(exc)) from exc
+        self._growth_count += 1
+        growth.lifecycle.germinate(ramp)
+        self._growths[growth.growth_id] = growth
+        if growth.module is not None:
+            self._register(growth)
+        self._emit_command(command, step, growth.describe())
+        self._emit_growth(
+            EventKind.TRANSITION,
+            step,
+            growth,
+            from_stage=stage_name(DORMANT),
+            to_stage=stage_name(GERMINATED),
+            reason=growth.describe(),
+            command_id=command.command_id,
+        )
+
+    def _check_growth_fits(self, growth: Growth) -> None:
+        """Refuse a growth that would break another: shared layers, or a widen under a block."""
+        touched = growth.touches()
+        for other in self._growths.values():
+            if other.lifecycle.stage != FOSSILIZED and touched & other.touches():
+                raise _Rejected(
+                    RejectionReason.GROWTH_NOT_APPLICABLE,
+                    f"growth {other.growth_id!r} ({stage_name(other.lifecycle.stage)}) acts on the same "
+                    "layers; one growth per layer at a time",
+                )
+            if (
+                growth.operation == pb.SEED_OP_WIDEN
+                and other.operation == pb.SEED_OP_DEEPEN
+                and other.layer_id == growth.layer_id
+            ):
+                raise _Rejected(
+                    RejectionReason.GROWTH_NOT_APPLICABLE,
+                    f"block {other.growth_id!r} after {growth.layer_id!r} is built at its width; "
+                    "widening the layer would break it",
+                )
+
+    def _register(self, growth: Growth) -> None:
+        assert self._container is not None and growth.module is not None
+        self._container[module_key(growth.growth_id)] = growth.module
+        self._added.append((growth.growth_id, tuple(growth.module.parameters())))
+
+    def _command_growth(self, growth: Growth, command: pb.AdaptationCommand, step: int) -> None:
+        if command.target_seed_id != growth.growth_id:
+            raise _Rejected(
+                RejectionReason.WRONG_TARGET,
+                f"command targets {command.target_seed_id!r}, the growth is {growth.growth_id!r}",
+            )
+        op = command.seed_operation.operation
+        lifecycle = growth.lifecycle
+        if op == pb.SEED_OP_CULL:
+            if lifecycle.stage not in ACTIVE_STAGES:
+                raise _Rejected(
+                    RejectionReason.WRONG_STAGE, f"cannot cull a growth in {stage_name(lifecycle.stage)}"
+                )
+            self._emit_command(command, step, "cull")
+            self._cull_growth(growth, step, reason=command.annotations.get("reason", "culled by command"))
+        elif op == pb.SEED_OP_FOSSILIZE:
+            self._fossilize_growth(growth, command, step)
+        else:
+            raise _Rejected(
+                RejectionReason.UNSUPPORTED,
+                f"seed operation {value_label(pb.SeedOperation, op)} does not apply to a growth",
+            )
+
+    def _fossilize_growth(self, growth: Growth, command: pb.AdaptationCommand, step: int) -> None:
+        lifecycle = growth.lifecycle
+        if lifecycle.stage != PROBATIONARY:
+            raise _Rejected(
+                RejectionReason.WRONG_STAGE, f"cannot fossilise a growth in {stage_name(lifecycle.stage)}"
+            )
+        if not lifecycle.fossilize_ready:
+            raise _Rejected(RejectionReason.GATE_NOT_PASSED, "G4 (probation) has not passed")
+        module = growth.module
+        assert module is not None
+        merges: tuple[ParameterMerge, ...] = ()
+        if isinstance(module, UnitGroup):
+            site = module.site
+            before = out_units(site.producer)
+            try:
+                merges = module.merge()
+            except GrowthNotApplicable as exc:
+                raise _Rejected(RejectionReason.GROWTH_NOT_APPLICABLE, str(exc)) from exc
+            self._base_widths.setdefault(growth.layer_id, before)
+            self._widths[growth.layer_id] = out_units(site.producer)
+        lifecycle.fossilize()
+        self._emit_command(command, step, "fossilize")
+        self._emit_growth(
+            EventKind.TRANSITION,
+            step,
+            growth,
+            from_stage=stage_name(PROBATIONARY),
+            to_stage=stage_name(FOSSILIZED),
+            reason=f"{growth.param_count} parameters become part of the host",
+            command_id=command.command_id,
+        )
+        if merges:
+            # The units are in the host's layers now: the group leaves the host and the manager.
+            self._merged.extend(merges)
+            growth.module = None
+            self._unregister(growth)
+            self._retired.append((growth.growth_id, ()))
+            del self._growths[growth.growth_id]
+        else:
+            growth.sync()
+
+    def _cull_growth(self, growth: Growth, step: int, *, reason: str) -> None:
+        before = growth.lifecycle.stage
+        growth.lifecycle.cull()
+        self._retire_growth(growth)
+        self._emit_growth(
+            EventKind.TRANSITION,
+            step,
+            growth,
+            from_stage=stage_name(before),
+            to_stage=stage_name(CULLED),
+            reason=reason,
+        )
+
+    def _retire_growth(self, growth: Growth) -> None:
+        had_module = growth.module is not None
+        parameters = growth.remove()
+        self._unregister(growth)
+        if had_module:
+            self._retired.append((growth.growth_id, parameters))
+
+    def _unregister(self, growth: Growth) -> None:
+        key = module_key(growth.growth_id)
+        if self._container is not None and key in self._container:
+            del self._container[key]
+
+    def _advance_growth(self, growth: Growth, step: int) -> None:
+        lifecycle = growth.lifecycle
+        if lifecycle.stage == GERMINATED and growth.ready_to_build(self.settings):
+            try:
+                growth.build()
+            except GrowthNotApplicable as exc:
+                self._cull_growth(growth, step, reason=f"G0 failed: {exc}")
+                return
+            self._register(growth)
+        if lifecycle.stage == GERMINATED and growth.module is not None:
+            lifecycle.record_sanity(*growth.sanity())
+        if lifecycle.stage == RESETTING:
+            lifecycle.record_slot_clean(growth.module is None and growth.statistics is None)
+        outcome = lifecycle.advance()
+        gate = outcome.gate
+        if (
+            gate is not None
+            and gate.failed
+            and _failure_key(lifecycle, gate.gate) != growth.last_gate_failure
+        ):
+            growth.last_gate_failure = _failure_key(lifecycle, gate.gate)
+            self._emit_growth(
+                EventKind.GATE_FAILED, step, growth, gate=gate_name(gate.gate), reason=gate.reason
+            )
+        if outcome.moved:
+            growth.last_gate_failure = ""
+            self._emit_growth(
+                EventKind.TRANSITION,
+                step,
+                growth,
+                from_stage=stage_name(outcome.from_stage),
+                to_stage=stage_name(outcome.to_stage),
+                gate=gate_name(gate.gate) if gate is not None else "",
+                reason=gate.reason if gate is not None else "",
+            )
+            if outcome.to_stage == DORMANT:
+                # The embargo after a cull is over: the layers may grow again.
+                del self._growths[growth.growth_id]
+                return
+        elif outcome.from_stage == PROBATIONARY and gate is not None:
+            if lifecycle.fossilize_ready and not growth.ready_reported:
+                self._emit_growth(
+                    EventKind.GATE_PASSED, step, growth, gate=gate_name(gate.gate), reason=gate.reason
+                )
+            growth.ready_reported = lifecycle.fossilize_ready
+        if lifecycle.stage == GERMINATED and gate is not None and gate.failed:
+            self._cull_growth(growth, step, reason=f"G0 failed: {gate.reason}")
+        growth.sync()
+
+    def _emit_growth(self, kind: EventKind, step: int, growth: Growth, **fields: Any) -> None:
+        fields.setdefault("detail", {"growth": growth.name, "layer_id": growth.layer_id})
+        self._events.append(
+            LifecycleEvent(kind=kind, step=step, slot_id=growth.growth_id, seed_id=growth.growth_id, **fields)
+        )
+
+    def growth_states(self, *, learning_rate: float, steps_per_epoch: int) -> list[pb.SeedState]:
+        """One `SeedState` per growth: slot_id and seed_id are its id, blueprint_id "widen" or "deepen"."""
+        states = []
+        for growth_id, growth in self._growths.items():
+            lifecycle = growth.lifecycle
+            gradient = growth.seed_gradient_norm
+            contribution = lifecycle.contribution
+            state = pb.SeedState(
+                seed_id=growth_id,
+                slot_id=growth_id,
+                stage=lifecycle.stage,
+                gradient_norm=gradient if gradient is not None and math.isfinite(gradient) else 0.0,
+                learning_rate=learning_rate,
+                age_steps=lifecycle.age_steps,
+                age_epochs=lifecycle.age_steps // max(1, steps_per_epoch),
+                blueprint_id=growth.name,
+            )
+            state.metrics.update(
+                {
+                    "alpha": lifecycle.alpha,
+                    "stage_steps": float(lifecycle.stage_steps),
+                    "contribution_accuracy": contribution.accuracy if contribution else 0.0,
+                    "contribution_loss": contribution.loss if contribution else 0.0,
+                    "contribution_measured": 1.0 if contribution else 0.0,
+                    "param_count": float(growth.param_count),
+                    "units": float(growth.units),
+                    "fossilize_ready": 1.0 if lifecycle.fossilize_ready else 0.0,
+                }
+            )
+            states.append(state)
+        return states
 
     def _descriptor(self, blueprint_id: str, kind: str) -> pb.BlueprintDescriptor:
         try:
@@ -616,9 +964,12 @@ class SeedManager:
 
     def drain_parameter_changes(self) -> ParameterChanges:
         """Seed parameters added and retired since the last call."""
-        changes = ParameterChanges(added=tuple(self._added), retired=tuple(self._retired))
+        changes = ParameterChanges(
+            added=tuple(self._added), retired=tuple(self._retired), merged=tuple(self._merged)
+        )
         self._added.clear()
         self._retired.clear()
+        self._merged.clear()
         return changes
 
     def drain_events(self) -> list[LifecycleEvent]:
@@ -647,7 +998,13 @@ class SeedManager:
                 "param_count": r.param_count,
                 "has_module": r.slot.seed is not None,
             }
-        return {"paused": self._paused, "slots": slots}
+        growth = {
+            "count": self._growth_count,
+            "widths": dict(self._widths),
+            "base_widths": dict(self._base_widths),
+            "growths": [g.export_state() for g in self._growths.values()],
+        }
+        return {"paused": self._paused, "slots": slots, "growth": growth}
 
     def export_nonces(self) -> list[list[Any]]:
         """The nonces of the commands accepted within the replay window, with their expiry (JSON-ready).
@@ -702,10 +1059,40 @@ class SeedManager:
                 if record.lifecycle.stage == GERMINATED and record.lifecycle.sanity_ok is not None:
                     record.slot.sanity = (record.lifecycle.sanity_ok, record.lifecycle.sanity_reason)
             self._sync_slot(record)
+        self._restore_growth(state.get("growth"))
         self._paused = bool(state["paused"])
         self._added.clear()
         self._retired.clear()
+        self._merged.clear()
         self._events.clear()
+
+    def _restore_growth(self, saved: Mapping[str, Any] | None) -> None:
+        """Take every growth out, give widened layers their saved widths, rebuild the saved growths."""
+        for growth in self._growths.values():
+            growth.remove()
+            self._unregister(growth)
+        self._growths = {}
+        saved = saved or {"count": 0, "widths": {}, "base_widths": {}, "growths": []}
+        if (saved["growths"] or saved["widths"]) and self._host is None:
+            raise SeedStateRestoreError("*", "the checkpoint holds growths and this manager has no host")
+        for layer_id, width in saved["base_widths"].items():
+            self._base_widths.setdefault(str(layer_id), int(width))
+        self._widths = {str(k): int(v) for k, v in saved["widths"].items()}
+        host = self._host
+        try:
+            for layer_id, base in self._base_widths.items():
+                assert host is not None
+                resize(host, layer_id, self._widths.get(layer_id, base))
+            for entry in saved["growths"]:
+                assert host is not None
+                growth = restore_growth(host, self.settings, entry)
+                self._growths[growth.growth_id] = growth
+                if growth.module is not None:
+                    assert self._container is not None
+                    self._container[module_key(growth.growth_id)] = growth.module
+        except GrowthNotApplicable as exc:
+            raise SeedStateRestoreError("*", f"growth cannot be restored: {exc}") from exc
+        self._growth_count = int(saved["count"])
 
     # -- internals ------------------------------------------------------------------------------------------
 

@@ -34,6 +34,10 @@ class KasminaSettings(StrictSettings):
     contribution_accuracy_tolerance: float = Field(
         default=0.01, ge=0, le=1.0, description="G3/G4 fail when removing the seed raises accuracy by more."
     )
+    # Growth (WIDEN with gradmax init): training steps of gradient statistics gathered while GERMINATED.
+    growth_statistics_steps: int = Field(
+        default=8, ge=1, le=10_000, description="Backward passes a gradmax widen gathers before it builds."
+    )
     # Cull -> embargo -> reset.
     embargo_steps: int = Field(default=40, ge=1, description="Cooldown of a slot after a cull.")
     # Command verification.

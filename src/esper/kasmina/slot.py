@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from esper.kasmina.blending import Blender
 
+SLOT_KINDS = ("mlp", "conv", "conv1d")
+
 
 class SlotMode(IntEnum):
     """What the slot's forward does."""
@@ -69,14 +71,15 @@ class _Incubate(torch.autograd.Function):
 
 
 class SeedSlot(nn.Module):
-    """An attach point in a host: `kind` is "mlp" ([N, width]) or "conv" ([N, width, H, W])."""
+    """An attach point in a host: `kind` is "mlp" ([N, width]), "conv" ([N, width, H, W]) or "conv1d"
+    ([N, width, L])."""
 
     def __init__(self, slot_id: str, width: int, kind: str, *, layer_id: str, depth: int) -> None:
         super().__init__()
         if width < 1:
             raise ValueError(f"slot {slot_id!r}: width must be >= 1, got {width}")
-        if kind not in ("mlp", "conv"):
-            raise ValueError(f"slot {slot_id!r}: kind must be 'mlp' or 'conv', got {kind!r}")
+        if kind not in SLOT_KINDS:
+            raise ValueError(f"slot {slot_id!r}: kind must be one of {list(SLOT_KINDS)}, got {kind!r}")
         self.slot_id = slot_id
         self.width = width
         self.kind = kind

@@ -40,6 +40,7 @@ from esper.kasmina.growth import (
     functional_layer,
     in_units,
     out_units,
+    record_gain,
 )
 
 
@@ -64,11 +65,12 @@ def producer_patches(site: WidenSite, x: Tensor, output_spatial: tuple[int, ...]
     """What each producer unit sees: `[N, C]` for Linear, `[N, C, *output_spatial]` for a convolution.
 
     C is the producer's fan-in per unit (in_features, or in_channels x kernel cells), in the order of
-    the producer's flattened weight rows.
+    the producer's flattened weight rows. A Linear producer applied to every token of `[N, T, C]` sees
+    N x T samples: they come back as `[N * T, C]`.
     """
     producer = site.producer
     if isinstance(producer, nn.Linear):
-        return x
+        return x.reshape(-1, x.shape[-1])
     patches = _unfold(x, producer)
     return patches.reshape(patches.shape[0], patches.shape[1], *output_spatial)
 
@@ -135,6 +137,8 @@ class FanInStatistics:
 
     def _accumulate(self, patches: Tensor, delta: Tensor) -> None:
         with torch.no_grad():
+            if isinstance(self.site.consumer, nn.Linear):
+                delta = delta.reshape(-1, delta.shape[-1])  # every token is a sample, as in the patches
             carried = _consumer_patches(self.site, patches)
             flat_delta = delta.reshape(delta.shape[0], delta.shape[1], -1)
             batch = torch.einsum("nol,ncul->ouc", flat_delta.to(carried.dtype), carried)
@@ -145,6 +149,29 @@ class FanInStatistics:
             self._patch_sum = patch_sum if self._patch_sum is None else self._patch_sum + patch_sum
             self._patch_count += per_patch.shape[0] * per_patch.shape[2]
             self.batches += 1
+
+    def export_state(self) -> dict[str, Any]:
+        """JSON-ready sums gathered so far (a checkpoint taken while gathering resumes exactly)."""
+        return {
+            "batches": self.batches,
+            "sum": None if self._sum is None else self._sum.tolist(),
+            "patch_sum": None if self._patch_sum is None else self._patch_sum.tolist(),
+            "patch_count": self._patch_count,
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Inverse of `export_state`, on the device and dtype of the site's producer."""
+        like = self.site.producer.weight
+        self.batches = int(state["batches"])
+        self._patch_count = int(state["patch_count"])
+        self._sum = (
+            None if state["sum"] is None else torch.tensor(state["sum"], dtype=like.dtype).to(like.device)
+        )
+        self._patch_sum = (
+            None
+            if state["patch_sum"] is None
+            else torch.tensor(state["patch_sum"], dtype=like.dtype).to(like.device)
+        )
 
     def matrix(self) -> Tensor:
         """M, summed over the batches seen (its scale does not matter to the initialisation)."""
@@ -265,6 +292,8 @@ class UnitGroup(nn.Module):
         self.mode = GrowthMode.INCUBATE
         self.alpha = 0.0
         self.merged = False
+        # While INCUBATE: the first-order loss reduction the contribution would bring, per backward.
+        self.training_gains: list[float] = []
         self._pending: Tensor | None = None
         self._handles: list[RemovableHandle] = []
 
@@ -322,7 +351,11 @@ class UnitGroup(nn.Module):
         if self.mode == GrowthMode.BLEND and self.alpha == 0.0:
             return output
         source = x if self.mode == GrowthMode.LIVE else x.detach()
-        return combine(output, self.contribution(source), self.mode, self.alpha)
+        contribution = self.contribution(source)
+        result = combine(output, contribution, self.mode, self.alpha)
+        if self.mode == GrowthMode.INCUBATE and result.requires_grad:
+            record_gain(result, contribution, self.training_gains)
+        return result
 
     # -- keep ----------------------------------------------------------------------------------------------
 
@@ -359,6 +392,35 @@ class UnitGroup(nn.Module):
         assert out_units(producer) == in_units(consumer) // site.cells
         self.merged = True
         return tuple(merges)
+
+
+def set_width(site: WidenSite, units: int) -> None:
+    """Give the site's producer `units` outputs (and its consumer the matching inputs), values zero.
+
+    For a restore: the caller loads the saved values next. Parameters are replaced, not resized.
+    """
+    _check_k(units)
+    producer, consumer = site.producer, site.consumer
+    with torch.no_grad():
+        weight = producer.weight
+        producer.weight = nn.Parameter(weight.new_zeros((units, *weight.shape[1:])), weight.requires_grad)
+        if producer.bias is not None:
+            producer.bias = nn.Parameter(producer.bias.new_zeros(units), producer.bias.requires_grad)
+        columns = units * site.cells if isinstance(consumer, nn.Linear) else units
+        like = consumer.weight
+        consumer.weight = nn.Parameter(
+            like.new_zeros((like.shape[0], columns, *like.shape[2:])), like.requires_grad
+        )
+    if isinstance(producer, nn.Linear):
+        producer.out_features = units
+    else:
+        producer.out_channels = units
+    if isinstance(consumer, nn.Linear):
+        consumer.in_features = columns
+    else:
+        consumer.in_channels = units
+    if site.slot is not None:
+        site.slot.width = units
 
 
 def _concatenate(layer: nn.Module, name: str, appended: nn.Parameter, dim: int) -> ParameterMerge:

@@ -69,6 +69,12 @@ class ConfigurationError(EsperError):
     """Configuration that cannot be used; raised at start, naming the setting."""
 
 
+class DecisionDeadlineMissed(EsperError):
+    """A controller's decision was not back within its step budget: no command, its late result discarded.
+
+    Here so that a trainer can tell a late decision from a failed one without importing its controller."""
+
+
 class ContractVersionMismatch(EsperError):
     """Stored Leyline messages were written under another contract version (another field numbering)."""
 

@@ -21,6 +21,9 @@ M = TypeVar("M", bound=Message)
 
 # Messages above this size are refused before parsing: nothing legitimate comes close.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# A single WIDEN adds at most this many units, a DEEPEN block at most this hidden width.
+MAX_GROWTH_UNITS = 4096
+GROWTH_OPERATIONS = frozenset({pb.SEED_OP_WIDEN, pb.SEED_OP_DEEPEN})
 
 
 def serialize(message: Message) -> bytes:
@@ -101,7 +104,7 @@ def validate_packet(packet: pb.SystemStatePacket) -> pb.SystemStatePacket:
     """Reject a state packet that a controller could not act on without guessing."""
     _require_text(packet, ("packet_id", "training_run_id", "source_subsystem"))
     _require_finite(packet, ("validation_accuracy", "validation_loss", "training_loss"))
-    for state in packet.seed_states:
+    for state in [*packet.seed_states, *packet.growth_states]:
         validate_seed_state(state)
     slot_ids = {slot.slot_id for slot in packet.topology.slots}
     for slot in packet.topology.slots:
@@ -130,7 +133,10 @@ def validate_command(command: pb.AdaptationCommand) -> pb.AdaptationCommand:
             raise ContractViolation("AdaptationCommand", "seed_operation", "is required for COMMAND_SEED")
         operation = command.seed_operation
         _require_enum(operation, ("operation",))
-        _require_text(operation, ("slot_id",))
+        if operation.operation in GROWTH_OPERATIONS:
+            _validate_growth(operation)
+        else:
+            _require_text(operation, ("slot_id",))
         if operation.operation == pb.SEED_OP_GERMINATE:
             _require_text(operation, ("blueprint_id",))
     if command.command_type == pb.COMMAND_OPTIMIZER and not command.HasField("optimizer_adjustment"):
@@ -138,6 +144,24 @@ def validate_command(command: pb.AdaptationCommand) -> pb.AdaptationCommand:
             "AdaptationCommand", "optimizer_adjustment", "is required for COMMAND_OPTIMIZER"
         )
     return command
+
+
+def _validate_growth(operation: pb.CommandSeedOperation) -> None:
+    """A WIDEN names a layer, 1..MAX_GROWTH_UNITS units and an init; a DEEPEN names a layer."""
+    if not operation.HasField("growth"):
+        raise ContractViolation("CommandSeedOperation", "growth", "is required for WIDEN and DEEPEN")
+    growth = operation.growth
+    _require_text(growth, ("layer_id",))
+    if operation.operation == pb.SEED_OP_WIDEN:
+        if not 1 <= growth.units <= MAX_GROWTH_UNITS:
+            raise ContractViolation(
+                "GrowthSpec", "units", f"must be in 1..{MAX_GROWTH_UNITS} for WIDEN, got {growth.units}"
+            )
+        _require_enum(growth, ("init",))
+    elif growth.hidden > MAX_GROWTH_UNITS:
+        raise ContractViolation(
+            "GrowthSpec", "hidden", f"must be at most {MAX_GROWTH_UNITS}, got {growth.hidden}"
+        )
 
 
 def validate_field_report(report: pb.FieldReport) -> pb.FieldReport:

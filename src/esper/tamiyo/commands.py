@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 
-from esper.leyline import Clock, EsperError, pb, sign, validate_command
+from esper.leyline import Clock, ContractViolation, EsperError, pb, sign, validate_command, value_label
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
@@ -106,13 +106,60 @@ class CommandFactory:
         validate_command(command)
         return sign(command, self._secret, clock=self._clock)
 
+    def growth(
+        self,
+        packet: pb.SystemStatePacket,
+        operation: int,
+        layer_id: str,
+        *,
+        units: int = 0,
+        init: int = pb.GROWTH_INIT_GRADMAX,
+        hidden: int = 0,
+        alpha_ramp_steps: int = 0,
+        reason: str = "",
+    ) -> pb.AdaptationCommand:
+        """The signed WIDEN (`units`, `init`) or DEEPEN (`hidden`) of `layer_id`, a layer of `packet`."""
+        action = pb.POLICY_ACTION_UNSPECIFIED
+        if operation not in (pb.SEED_OP_WIDEN, pb.SEED_OP_DEEPEN):
+            raise CommandBuildError(action, f"{value_label(pb.SeedOperation, operation)} is not a growth")
+        layers = [layer.layer_id for layer in packet.topology.layers]
+        if layer_id not in layers:
+            raise CommandBuildError(action, f"layer {layer_id!r} is not in the packet; layers are {layers}")
+        command = pb.AdaptationCommand(
+            version=1,
+            command_id=f"cmd-{uuid.uuid4().hex}",
+            issued_by=self._issuer,
+            execution_deadline_ms=self._deadline_ms,
+            training_run_id=packet.training_run_id,
+            command_type=pb.COMMAND_SEED,
+            target_seed_id=layer_id,
+        )
+        if reason:
+            command.annotations["reason"] = reason
+        seed_operation = command.seed_operation
+        seed_operation.operation = operation
+        seed_operation.alpha_ramp_steps = alpha_ramp_steps
+        seed_operation.growth.layer_id = layer_id
+        if operation == pb.SEED_OP_WIDEN:
+            seed_operation.growth.units = units
+            seed_operation.growth.init = init
+        else:
+            seed_operation.growth.hidden = hidden
+        command.issued_at.FromNanoseconds(self._clock.wall_ns())
+        try:
+            validate_command(command)
+        except ContractViolation as exc:
+            raise CommandBuildError(action, str(exc)) from exc
+        return sign(command, self._secret, clock=self._clock)
+
     def _fill_seed_operation(
         self, command: pb.AdaptationCommand, proposal: Proposal, packet: pb.SystemStatePacket
     ) -> None:
         action = proposal.action
         if not proposal.slot_id:
             raise CommandBuildError(action, "no slot was chosen")
-        states = {state.slot_id: state for state in packet.seed_states}
+        # A growth (WIDEN/DEEPEN) is fossilised or culled by its id, as a seed by its slot.
+        states = {state.slot_id: state for state in [*packet.seed_states, *packet.growth_states]}
         state = states.get(proposal.slot_id)
         if state is None:
             raise CommandBuildError(action, f"slot {proposal.slot_id!r} is not in the packet")

@@ -19,7 +19,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from esper.leyline import EsperError, pb
+from esper.tamiyo.normalizer_state import NormalizerState, NormalizerStore
 from esper.tamiyo.proposal import ACTIONS
 
 if TYPE_CHECKING:
@@ -387,51 +388,6 @@ def collate(graphs: Sequence[TamiyoGraph]) -> TamiyoGraph:
         seed_ids=tuple(sid for graph in graphs for sid in graph.seed_ids),
         blueprint_ids=tuple(bid for graph in graphs for bid in graph.blueprint_ids),
     )
-
-
-# ------------------------------------------------------------------------------------------------------
-# Normaliser statistics and their storage
-# ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class NormalizerState:
-    """Running count, mean and sum of squared deviations of one node type's continuous features."""
-
-    count: list[float]
-    mean: list[float]
-    m2: list[float]
-
-
-class NormalizerStore(Protocol):
-    """Where normaliser statistics live between runs (the storage manager implements it in SQLite)."""
-
-    def load(self) -> dict[str, NormalizerState] | None:
-        """The saved statistics per node type, or None when nothing was saved yet."""
-        ...
-
-    def save(self, states: dict[str, NormalizerState]) -> None:
-        """Persist the statistics durably; raise on failure."""
-        ...
-
-
-class InMemoryNormalizerStore:
-    """A `NormalizerStore` in memory, for tests and throwaway runs."""
-
-    def __init__(self, states: dict[str, NormalizerState] | None = None) -> None:
-        self.states = states
-        self.saves = 0
-
-    def load(self) -> dict[str, NormalizerState] | None:
-        """The last saved statistics."""
-        return self.states
-
-    def save(self, states: dict[str, NormalizerState]) -> None:
-        """Keep a copy of `states`."""
-        self.states = {
-            name: NormalizerState(list(s.count), list(s.mean), list(s.m2)) for name, s in states.items()
-        }
-        self.saves += 1
 
 
 class FeatureNormalizer:

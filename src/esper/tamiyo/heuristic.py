@@ -9,7 +9,9 @@ Rules, in order of precedence (one decision per packet):
    `min_improvement` better, relatively, than the best before them), at least `germination_cooldown`
    evaluations after the previous germination, while fewer than `max_active_seeds` seeds are active:
    into the DORMANT slot with the highest gradient norm (ties by slot order), with the first of
-   `preferred_blueprints` the packet offers, or else the next blueprint of the offer in rotation.
+   `preferred_blueprints` the packet offers, or else the next blueprint of the offer in rotation. Under a
+   growth budget (`packet.max_parameters`), a (slot, blueprint) whose seed would take the model past it is
+   never proposed: the next blueprint, then the next slot, is tried, and at the budget the rule WAITs.
 
 The defaults were chosen on development seeds (100-106) of benchmarks/growth_baselines.py, not on the
 seeds it reports: a plateau is "less than 5% better over the last 2 evaluations" (with 1% over 3, hosts
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from esper.leyline import EsperError, pb, short_name
+from esper.tamiyo.budget import over_budget
 from esper.tamiyo.proposal import ALPHA_RAMP_STEPS, BLEND_MODES, Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
@@ -213,28 +216,34 @@ class HeuristicPolicy:
         active = sum(1 for state in packet.seed_states if state.stage in ACTIVE_STAGES)
         if active >= s.max_active_seeds:
             return self._wait(f"{plateau_reason}, but {active} seed(s) active (limit {s.max_active_seeds})")
-        slot = self._most_promising_dormant(packet)
-        if slot is None:
+        slots = self._dormant_by_promise(packet)
+        if not slots:
             return self._wait(f"{plateau_reason}, but no DORMANT slot is available")
         if not packet.blueprint_ids:
             return self._wait(f"{plateau_reason}, but the packet offers no blueprint")
-        preferred = [b for b in s.preferred_blueprints if b in packet.blueprint_ids]
-        blueprint_id = (
-            preferred[0]
-            if preferred
-            else packet.blueprint_ids[self._germinations % len(packet.blueprint_ids)]
-        )
-        self._germinations += 1
-        self._since_germination = 0
-        return Proposal(
-            action=pb.POLICY_ACTION_GERMINATE,
-            slot_id=slot.slot_id,
-            blueprint_id=blueprint_id,
-            blend_mode=s.blend_mode,
-            alpha_ramp_steps=s.alpha_ramp_steps,
-            reason=f"germinate {blueprint_id} in slot {slot.slot_id} "
-            f"(gradient norm {slot.gradient_norm:.4g}): {plateau_reason}",
-        )
+        offered = list(packet.blueprint_ids)
+        preferred = [b for b in s.preferred_blueprints if b in offered]
+        rotation = [offered[(self._germinations + i) % len(offered)] for i in range(len(offered))]
+        candidates = list(dict.fromkeys(preferred + rotation))
+        refusal = ""
+        for slot in slots:
+            for blueprint_id in candidates:
+                reason = over_budget(packet, slot.slot_id, blueprint_id, s.blend_mode)
+                if reason is not None:
+                    refusal = refusal or reason
+                    continue
+                self._germinations += 1
+                self._since_germination = 0
+                return Proposal(
+                    action=pb.POLICY_ACTION_GERMINATE,
+                    slot_id=slot.slot_id,
+                    blueprint_id=blueprint_id,
+                    blend_mode=s.blend_mode,
+                    alpha_ramp_steps=s.alpha_ramp_steps,
+                    reason=f"germinate {blueprint_id} in slot {slot.slot_id} "
+                    f"(gradient norm {slot.gradient_norm:.4g}): {plateau_reason}",
+                )
+        return self._wait(f"{plateau_reason}, but no germination fits the growth budget ({refusal})")
 
     def _wait(self, reason: str) -> Proposal:
         return Proposal(action=pb.POLICY_ACTION_WAIT, reason=f"wait: {reason}")
@@ -264,22 +273,20 @@ class HeuristicPolicy:
         return True, f"plateau: {summary}"
 
     @staticmethod
-    def _most_promising_dormant(packet: pb.SystemStatePacket) -> pb.SeedState | None:
+    def _dormant_by_promise(packet: pb.SystemStatePacket) -> list[pb.SeedState]:
         topology_order = {slot.slot_id: index for index, slot in enumerate(packet.topology.slots)}
         dormant = [
             (index, state)
             for index, state in enumerate(packet.seed_states)
             if state.stage == pb.SEED_STAGE_DORMANT and state.slot_id
         ]
-        if not dormant:
-            return None
 
         def rank(item: tuple[int, pb.SeedState]) -> tuple[float, int, int]:
             index, state = item
             gradient = state.gradient_norm if math.isfinite(state.gradient_norm) else -math.inf
             return (-gradient, topology_order.get(state.slot_id, len(topology_order)), index)
 
-        return min(dormant, key=rank)[1]
+        return [state for _, state in sorted(dormant, key=rank)]
 
     # --- checkpointing -----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -44,12 +44,21 @@ from esper.tamiyo.graph import (
     GraphBuilder,
     GraphSchema,
     GraphSchemaError,
-    NormalizerState,
-    NormalizerStore,
     TamiyoGraph,
     collate,
 )
-from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, Proposal
+from esper.tamiyo.normalizer_state import NormalizerState, NormalizerStore
+from esper.tamiyo.proposal import (
+    ACTIONS,
+    ALPHA_RAMP_STEPS,
+    BLEND_MODES,
+    LR_FACTORS,
+    Cancellation,
+    CompileStatus,
+    PlanStatus,
+    PolicyInferenceError,
+    Proposal,
+)
 from esper.tamiyo.settings import TamiyoSettings
 
 HEADS: tuple[str, ...] = ("action", "slot", "blueprint", "blend", "schedule", "lr")
@@ -64,15 +73,6 @@ RELEVANT_HEADS: dict[int, tuple[str, ...]] = {
     _A[pb.POLICY_ACTION_PAUSE]: ("action",),
 }
 _MASKED = -1e9
-
-
-class PolicyInferenceError(EsperError):
-    """The policy could not produce a proposal; the caller sees it (no fallback command)."""
-
-    def __init__(self, reason: str, *, compile_disabled: bool = False) -> None:
-        self.reason = reason
-        self.compile_disabled = compile_disabled
-        super().__init__(f"policy inference failed: {reason}")
 
 
 # Bounds on a safetensors header, checked before anything else is read: a policy's header is some tens of
@@ -92,62 +92,6 @@ class CheckpointIncompatible(EsperError):
         super().__init__(
             f"checkpoint {field} is {found!r}, this policy needs {expected!r}" + (f": {hint}" if hint else "")
         )
-
-
-class Cancellation(Protocol):
-    """What a policy checks between layers to abandon a decision that is already late."""
-
-    def check(self) -> None:
-        """Raise if the decision was cancelled."""
-        ...
-
-
-@runtime_checkable
-class GraphPolicy(Protocol):
-    """A policy that decides from a graph the service builds (the GNN); a plain `Policy` reads packets."""
-
-    @property
-    def version(self) -> str:
-        """Identifies the weights."""
-        ...
-
-    @property
-    def builder(self) -> GraphBuilder:
-        """The graph builder whose schema the policy was built for."""
-        ...
-
-    def propose_graph(self, graph: TamiyoGraph, *, cancel: Cancellation | None = None) -> Proposal:
-        """Decide for a built graph, checking `cancel` between layers."""
-        ...
-
-    def rehearse(self, graph: TamiyoGraph) -> None:
-        """Run the network on a real graph without deciding (see `GNNPolicy.rehearse`)."""
-        ...
-
-    def warm(self, graph: TamiyoGraph, *, cancel: Cancellation) -> None:
-        """Run the decision path's network on `graph`, changing nothing (see `GNNPolicy.warm`)."""
-        ...
-
-
-@dataclass(frozen=True)
-class CompileStatus:
-    """Whether the GNN runs compiled, why not, and what warming it up cost (P2)."""
-
-    enabled: bool
-    reason: str
-    warm_ms: float = 0.0
-    fallbacks: int = 0
-
-
-@dataclass(frozen=True)
-class PlanStatus:
-    """Whether inference runs a traced plan of the dense path for the current topology, and why not."""
-
-    enabled: bool
-    reason: str
-    build_ms: float = 0.0
-    builds: int = 0
-    fallbacks: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """What a policy proposes: one factored choice over the action, slot, blueprint, blend mode and schedule.
 
-Every policy (the heuristic baseline and the GNN) returns a `Proposal`; the risk gates may override it and
+Every policy (the heuristic baseline and the GNN) returns a `Proposal`; the protocols a policy meets
+(`Policy`, `GraphPolicy`) and the status records of the GNN's inference live here too, without PyTorch
+Geometric, so a heuristic run never loads it. the risk gates may override it and
 the command factory turns the final one into a signed command. A proposal never invents ids: it names a
 slot and a blueprint taken from the packet, or none.
 """
@@ -8,9 +10,12 @@ slot and a blueprint taken from the packet, or none.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from esper.leyline import pb
+from esper.leyline import EsperError, pb
+
+if TYPE_CHECKING:
+    from esper.tamiyo.graph import GraphBuilder, TamiyoGraph
 
 # The action head, in head order (index i has PolicyAction value i + 1).
 ACTIONS: tuple[int, ...] = (
@@ -64,3 +69,68 @@ class Policy(Protocol):
     def propose(self, packet: pb.SystemStatePacket) -> Proposal:
         """Decide what to do for this packet."""
         ...
+
+
+class PolicyInferenceError(EsperError):
+    """The policy could not produce a proposal; the caller sees it (no fallback command)."""
+
+    def __init__(self, reason: str, *, compile_disabled: bool = False) -> None:
+        self.reason = reason
+        self.compile_disabled = compile_disabled
+        super().__init__(f"policy inference failed: {reason}")
+
+
+class Cancellation(Protocol):
+    """What a policy checks between layers to abandon a decision that is already late."""
+
+    def check(self) -> None:
+        """Raise if the decision was cancelled."""
+        ...
+
+
+@runtime_checkable
+class GraphPolicy(Protocol):
+    """A policy that decides from a graph the service builds (the GNN); a plain `Policy` reads packets."""
+
+    @property
+    def version(self) -> str:
+        """Identifies the weights."""
+        ...
+
+    @property
+    def builder(self) -> GraphBuilder:
+        """The graph builder whose schema the policy was built for."""
+        ...
+
+    def propose_graph(self, graph: TamiyoGraph, *, cancel: Cancellation | None = None) -> Proposal:
+        """Decide for a built graph, checking `cancel` between layers."""
+        ...
+
+    def rehearse(self, graph: TamiyoGraph) -> None:
+        """Run the network on a real graph without deciding (see `GNNPolicy.rehearse`)."""
+        ...
+
+    def warm(self, graph: TamiyoGraph, *, cancel: Cancellation) -> None:
+        """Run the decision path's network on `graph`, changing nothing (see `GNNPolicy.warm`)."""
+        ...
+
+
+@dataclass(frozen=True)
+class CompileStatus:
+    """Whether the GNN runs compiled, why not, and what warming it up cost (P2)."""
+
+    enabled: bool
+    reason: str
+    warm_ms: float = 0.0
+    fallbacks: int = 0
+
+
+@dataclass(frozen=True)
+class PlanStatus:
+    """Whether inference runs a traced plan of the dense path for the current topology, and why not."""
+
+    enabled: bool
+    reason: str
+    build_ms: float = 0.0
+    builds: int = 0
+    fallbacks: int = 0

@@ -15,6 +15,8 @@ never a hidden failure. Thresholds come from `TamiyoSettings`, resolved once.
   that supports it (`BudgetedLookup`: the metadata cache) answers from its entries or fetches within
   `RiskContext.remaining_ms`; a failure is its own reason (with the lookup's `blueprint_metadata_unavailable`
   event), never "no catalogue entry".
+- budget: the germination's seed would take the model past the packet's growth budget
+  (`max_parameters`), or its cost cannot be counted -> GERMINATE held (WAIT). See `esper.tamiyo.budget`.
 - resource: hardware context with too little free memory, too busy or too hot -> GERMINATE held (WAIT).
 """
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from esper.leyline import pb
+from esper.tamiyo.budget import ParameterCost, builtin_parameter_cost, over_budget
 from esper.tamiyo.metadata import BlueprintMetadataUnavailable
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.settings import TamiyoSettings
@@ -43,7 +46,7 @@ class BudgetedLookup(Protocol):
         ...
 
 
-GATES: tuple[str, ...] = ("loss_spike", "latency", "isolation", "blueprint", "resource")
+GATES: tuple[str, ...] = ("loss_spike", "latency", "isolation", "blueprint", "budget", "resource")
 PASSED = "pass"
 
 
@@ -86,6 +89,7 @@ class RiskGates:
         blueprint_metadata: BlueprintLookup | None = None,
         *,
         step_budget_ms: float | None = None,
+        parameter_cost: ParameterCost = builtin_parameter_cost,
     ) -> None:
         self._latency_fraction = settings.risk_latency_fraction
         self.step_budget_ms = settings.step_timeout_ms if step_budget_ms is None else step_budget_ms
@@ -100,6 +104,7 @@ class RiskGates:
         self._max_util = settings.risk_max_utilization_percent
         self._max_temp = settings.risk_max_temperature_celsius
         self._metadata = blueprint_metadata
+        self._parameter_cost = parameter_cost
         self._loss_baseline: float | None = None
         self._loss_seen = 0
 
@@ -112,6 +117,7 @@ class RiskGates:
             ("latency", self._latency),
             ("isolation", self._isolation),
             ("blueprint", self._blueprint),
+            ("budget", self._budget),
             ("resource", self._resource),
         )
         decision = RiskDecision(proposal, PASSED, "", proposal.action)
@@ -217,6 +223,16 @@ class RiskGates:
                 f"blueprint {blueprint!r} risk {descriptor.risk:.3g} > {self._max_risk:.3g}",
             )
         return None
+
+    def _budget(
+        self, proposal: Proposal, packet: pb.SystemStatePacket, _: RiskContext
+    ) -> tuple[int, str] | None:
+        if proposal.action != pb.POLICY_ACTION_GERMINATE:
+            return None
+        reason = over_budget(
+            packet, proposal.slot_id, proposal.blueprint_id, proposal.blend_mode, self._parameter_cost
+        )
+        return None if reason is None else (pb.POLICY_ACTION_WAIT, reason)
 
     def _resource(
         self, proposal: Proposal, packet: pb.SystemStatePacket, _: RiskContext

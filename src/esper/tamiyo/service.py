@@ -24,8 +24,14 @@ from esper.tamiyo.commands import CommandBuildError, CommandFactory, blend_param
 from esper.tamiyo.field_reports import FieldReports
 from esper.tamiyo.graph import BlueprintLookup, GraphCoverage, NormalizerWriteError
 from esper.tamiyo.metadata import BlueprintMetadataCache
-from esper.tamiyo.policy import CompileStatus, GraphPolicy, PlanStatus, PolicyInferenceError
-from esper.tamiyo.proposal import Policy, Proposal
+from esper.tamiyo.proposal import (
+    CompileStatus,
+    GraphPolicy,
+    PlanStatus,
+    Policy,
+    PolicyInferenceError,
+    Proposal,
+)
 from esper.tamiyo.risk import RiskContext, RiskDecision, RiskGates
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tamiyo.store import TamiyoStore
@@ -35,6 +41,7 @@ from esper.tamiyo.worker import (
     CancelToken,
     DeadlineExceeded,
     InferenceWorker,
+    PendingJob,
     Scheduling,
     WorkerSaturated,
     WorkerSchedulingError,
@@ -99,6 +106,20 @@ class _Inference:
     coverage: GraphCoverage | None
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    packet: pb.SystemStatePacket
+    pending: PendingJob[_Inference]
+
+
+class DecisionInFlight(EsperError):
+    """A decision was submitted and not collected; the service takes one decision at a time."""
+
+    def __init__(self, packet_id: str) -> None:
+        self.packet_id = packet_id
+        super().__init__(f"the decision for {packet_id} is still in flight: collect it first")
+
+
 @contextmanager
 def _collections_deferred() -> Iterator[None]:
     """Python's cyclic garbage collector paused for one decision, and run after it if it is due.
@@ -154,9 +175,14 @@ class TamiyoService:
         if isinstance(blueprint_metadata, BlueprintMetadataCache):
             # Catalogue failures (a fetch timeout, lost notifications) are this service's events.
             blueprint_metadata.emit_to(self.telemetry.emit)
+        if store is not None:  # damaged records and lost writes are this service's events too
+            store.emit_to(
+                lambda name, description, attributes: self.telemetry.emit(name, description, **attributes)
+            )
         self._field_reports: FieldReports | None = None
         self.policy_fit: PolicyFit | None = None  # the last measurement of `prepare`
         self._ahead: BackgroundJob | None = None  # the warm-up `anticipate` started, until accounted for
+        self._in_flight: _InFlight | None = None  # the decision `submit` started, until collected
         try:
             self._start(
                 settings=settings,
@@ -369,50 +395,127 @@ class TamiyoService:
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """Decide for one packet and return the signed command; failures raise typed errors."""
+        if self._in_flight is not None:
+            raise DecisionInFlight(self._in_flight.packet.packet_id)
         with _collections_deferred():
             return self._decide(packet)
 
+    def submit(self, packet: pb.SystemStatePacket) -> None:
+        """Start the decision for `packet` on the inference worker and return at once; `collect` it later.
+
+        The step budget counts from here: the worker's job stops at its first checkpoint after it, whether
+        or not anybody waits. One decision at a time (`DecisionInFlight` otherwise). An invalid packet, a
+        closed or saturated worker raise here, and nothing is in flight then."""
+        if self._in_flight is not None:
+            raise DecisionInFlight(self._in_flight.packet.packet_id)
+        validate_packet(packet)
+        self._account_ahead()
+        try:
+            pending = self._worker.submit(
+                self._inference_job(packet),
+                timeout_ms=self.step_timeout_ms,
+                what=f"decision for {packet.packet_id}",
+            )
+        except WorkerSaturated as exc:
+            self.telemetry.emit("worker_saturated", str(exc), packet_id=packet.packet_id)
+            raise
+        self._in_flight = _InFlight(packet, pending)
+
+    @property
+    def in_flight(self) -> bool:
+        """A decision was submitted and not collected yet."""
+        return self._in_flight is not None
+
+    def collect(self) -> pb.AdaptationCommand:
+        """The signed command of the decision `submit` started, waiting at most for what is left of its
+        budget. A decision not back by its deadline raises `DeadlineExceeded` (a CRITICAL event, counted;
+        its job stops at its next checkpoint, its result is discarded); other failures raise their typed
+        errors, as `evaluate_step`'s do."""
+        in_flight = self._in_flight
+        if in_flight is None:
+            raise EsperError("no decision in flight: submit a packet first")
+        self._in_flight = None
+        packet, pending = in_flight.packet, in_flight.pending
+        try:
+            with _collections_deferred(), self._caller_priority():
+                inference = self._inference_outcome(packet, pending.collect, lambda: pending.elapsed_ms)
+                inference_ms = pending.elapsed_ms  # from the submission to the job's end
+                collected = self._clock.monotonic()  # the rest is measured from here, not from the wait
+
+                def spent_ms() -> float:
+                    return inference_ms + (self._clock.monotonic() - collected) * 1e3
+
+                decision, command, latency_ms = self._conclude(packet, inference, spent_ms)
+            self._after(packet, inference, decision, command, latency_ms)
+            return command
+        finally:
+            self._bookkeeping(packet)
+
     def _decide(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         start = self._clock.monotonic()
+
+        def spent_ms() -> float:
+            return (self._clock.monotonic() - start) * 1e3
+
         try:
             with self._caller_priority():  # from the packet to the signed command: the measured part
                 validate_packet(packet)
                 inference = self._infer(packet, start)
-                # The gates' catalogue lookup answers within what is left of the budget.
-                remaining_ms = self.step_timeout_ms - (self._clock.monotonic() - start) * 1e3
-                context = RiskContext(last_latency_ms=self._last_latency_ms, remaining_ms=remaining_ms)
-                decision = self._risk.evaluate(inference.proposal, packet, context)
-                annotations = {**decision.annotations(), **self._blend.annotations(decision.proposal)}
-                try:
-                    command = self._commands.build(decision.proposal, packet, annotations)
-                except CommandBuildError as exc:
-                    self._report(packet, inference, decision)
-                    self.telemetry.emit("command_build_failed", str(exc), packet_id=packet.packet_id)
-                    raise
-                latency_ms = (self._clock.monotonic() - start) * 1e3
-            self._last_latency_ms = latency_ms
-            self._report(packet, inference, decision)
-            self.telemetry.record_decision(decision.proposal, latency_ms)
-            if latency_ms > self.step_timeout_ms:
-                self.telemetry.emit(
-                    "step_over_budget",
-                    f"step took {latency_ms:.2f} ms after inference",
-                    packet_id=packet.packet_id,
-                )
-            self.last_decision = Decision(
-                inference.proposal, decision, command, latency_ms, self._policy.version
-            )
-            self._flush_normalizer()
-            self._last_packet = packet
-            self._record(packet, inference.proposal, decision, command)
+                decision, command, latency_ms = self._conclude(packet, inference, spent_ms)
+            self._after(packet, inference, decision, command, latency_ms)
             return command
         finally:
-            self._account_ahead()
-            self._follow_scheduling()
-            if self._field_reports is not None:
-                self._field_reports.emit_pending()
-            if self.telemetry.has_sink:
-                self.telemetry.flush(packet.training_run_id)
+            self._bookkeeping(packet)
+
+    def _conclude(
+        self, packet: pb.SystemStatePacket, inference: _Inference, spent_ms: Callable[[], float]
+    ) -> tuple[RiskDecision, pb.AdaptationCommand, float]:
+        """Risk gates and signing: the measured part after inference; `spent_ms` says what the decision
+        has taken so far."""
+        # The gates' catalogue lookup answers within what is left of the budget.
+        context = RiskContext(
+            last_latency_ms=self._last_latency_ms, remaining_ms=self.step_timeout_ms - spent_ms()
+        )
+        decision = self._risk.evaluate(inference.proposal, packet, context)
+        annotations = {**decision.annotations(), **self._blend.annotations(decision.proposal)}
+        try:
+            command = self._commands.build(decision.proposal, packet, annotations)
+        except CommandBuildError as exc:
+            self._report(packet, inference, decision)
+            self.telemetry.emit("command_build_failed", str(exc), packet_id=packet.packet_id)
+            raise
+        return decision, command, spent_ms()
+
+    def _after(
+        self,
+        packet: pb.SystemStatePacket,
+        inference: _Inference,
+        decision: RiskDecision,
+        command: pb.AdaptationCommand,
+        latency_ms: float,
+    ) -> None:
+        """Outside the measured part: reports, telemetry, normaliser statistics and the durable record."""
+        self._last_latency_ms = latency_ms
+        self._report(packet, inference, decision)
+        self.telemetry.record_decision(decision.proposal, latency_ms)
+        if latency_ms > self.step_timeout_ms:
+            self.telemetry.emit(
+                "step_over_budget",
+                f"step took {latency_ms:.2f} ms after inference",
+                packet_id=packet.packet_id,
+            )
+        self.last_decision = Decision(inference.proposal, decision, command, latency_ms, self._policy.version)
+        self._flush_normalizer()
+        self._last_packet = packet
+        self._record(packet, inference.proposal, decision, command)
+
+    def _bookkeeping(self, packet: pb.SystemStatePacket) -> None:
+        self._account_ahead()
+        self._follow_scheduling()
+        if self._field_reports is not None:
+            self._field_reports.emit_pending()
+        if self.telemetry.has_sink:
+            self.telemetry.flush(packet.training_run_id)
 
     def _report(self, packet: pb.SystemStatePacket, inference: _Inference, decision: RiskDecision) -> None:
         # After the command is built, outside the measured part: nothing here changes the command, and the
@@ -448,25 +551,44 @@ class TamiyoService:
             if restore is not None:
                 restore()
 
-    def _infer(self, packet: pb.SystemStatePacket, start: float) -> _Inference:
+    def _inference_job(self, packet: pb.SystemStatePacket) -> Callable[[CancelToken], _Inference]:
         graph_policy = self._graph_policy
         if graph_policy is not None:
 
-            def job(token: CancelToken) -> _Inference:
+            def graph_job(token: CancelToken) -> _Inference:
                 graph = graph_policy.builder.build(packet)
                 token.check()
                 return _Inference(graph_policy.propose_graph(graph, cancel=token), graph.coverage)
-        else:
-            plain = self._policy
 
-            def job(token: CancelToken) -> _Inference:
-                return _Inference(plain.propose(packet), None)
+            return graph_job
+        plain = self._policy
 
+        def plain_job(token: CancelToken) -> _Inference:
+            return _Inference(plain.propose(packet), None)
+
+        return plain_job
+
+    def _infer(self, packet: pb.SystemStatePacket, start: float) -> _Inference:
+        job = self._inference_job(packet)
         remaining_ms = self.step_timeout_ms - (self._clock.monotonic() - start) * 1e3
+        return self._inference_outcome(
+            packet,
+            lambda: self._worker.run(job, timeout_ms=remaining_ms),
+            lambda: (self._clock.monotonic() - start) * 1e3,
+        )
+
+    def _inference_outcome(
+        self,
+        packet: pb.SystemStatePacket,
+        outcome: Callable[[], _Inference],
+        elapsed_ms: Callable[[], float],
+    ) -> _Inference:
+        """`outcome()` (the worker's answer), with each failure reported: a missed deadline is a CRITICAL
+        event and a counted miss, raised as `DeadlineExceeded`; the others are raised as they are."""
         try:
-            return self._worker.run(job, timeout_ms=remaining_ms)
+            return outcome()
         except DeadlineExceeded as exc:
-            elapsed = (self._clock.monotonic() - start) * 1e3
+            elapsed = elapsed_ms()
             self._last_latency_ms = elapsed
             self.telemetry.record_deadline_miss(self.step_timeout_ms, elapsed, packet.packet_id)
             raise DeadlineExceeded(self.step_timeout_ms, elapsed, f"decision for {packet.packet_id}") from exc

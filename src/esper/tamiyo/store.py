@@ -49,7 +49,7 @@ from esper.leyline import (
     validate_field_report,
 )
 from esper.oona import Streams
-from esper.tamiyo.graph import NormalizerState
+from esper.tamiyo.normalizer_state import NormalizerState
 
 OutboxStatus = Literal["pending", "published", "dropped"]
 OutboxKind = Literal["field_report", "decision"]
@@ -568,6 +568,10 @@ class TamiyoStore:
             raise self._error("open", exc) from exc
         if str(mode).lower() != "wal":
             raise StoreError(self.path, f"SQLite refused WAL mode (got {mode!r}); the store needs it")
+
+    def emit_to(self, events: StoreEventSink) -> None:
+        """Send this store's events to `events` from now on (a service's telemetry)."""
+        self._events = events
 
     def _emit(self, name: str, description: str, **attributes: str) -> None:
         attributes = {"path": str(self.path), **attributes}

@@ -456,6 +456,31 @@ class PolicyUpdateIntake:
         self._judge("")
         return command
 
+    def submit(self, packet: pb.SystemStatePacket) -> None:
+        """Poll for updates, then start the service's decision for `packet` (see `TamiyoService.submit`);
+        a policy swapped in by the poll is first warmed up on this packet, outside the budget."""
+        swapped = any(isinstance(outcome, ServingPolicy) for outcome in self.poll())
+        try:
+            if swapped:
+                self._service.prepare(packet)
+            self._service.submit(packet)
+        except (ContractViolation, MalformedMessage):
+            raise  # the packet's fault, not the policy's
+        except Exception as exc:
+            self._judge(f"{type(exc).__name__}: {exc}")
+            raise
+
+    def collect(self) -> pb.AdaptationCommand:
+        """The command of the decision `submit` started (see `TamiyoService.collect`); a policy that fails
+        its probation is rolled back (the failed decision's error still reaches the caller)."""
+        try:
+            command = self._service.collect()
+        except Exception as exc:
+            self._judge(f"{type(exc).__name__}: {exc}")
+            raise
+        self._judge("")
+        return command
+
     def _judge(self, failure: str) -> None:
         probation = self._probation
         if probation is None:

@@ -51,12 +51,12 @@ from typing import Generic, TypeVar
 
 import torch
 
-from esper.leyline import EsperError
+from esper.leyline import DecisionDeadlineMissed, EsperError
 
 T = TypeVar("T")
 
 
-class DeadlineExceeded(EsperError):
+class DeadlineExceeded(DecisionDeadlineMissed):
     """A decision missed its deadline; its late result, if any, is discarded."""
 
     def __init__(self, budget_ms: float, elapsed_ms: float, what: str) -> None:
@@ -152,10 +152,14 @@ class CancelToken:
     """Set when a job's deadline has passed; the job checks it between layers.
 
     A plain flag: it only ever goes from unset to set, and an attribute write is atomic under the GIL
-    (an `Event` per decision cost its lock and condition for nothing: nobody waits on a token)."""
+    (an `Event` per decision cost its lock and condition for nothing: nobody waits on a token). A token
+    with a `deadline` (on `time.monotonic()`) also counts as cancelled once that instant has passed, so a
+    job submitted ahead (`InferenceWorker.submit`) stops at its first checkpoint after its deadline even
+    while nobody waits for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float | None = None) -> None:
         self._cancelled = False
+        self._deadline = deadline
 
     def cancel(self) -> None:
         """Ask the job to stop at its next checkpoint."""
@@ -163,12 +167,14 @@ class CancelToken:
 
     @property
     def cancelled(self) -> bool:
-        """True once `cancel()` was called."""
+        """True once `cancel()` was called or the deadline passed."""
+        if not self._cancelled and self._deadline is not None and time.monotonic() > self._deadline:
+            self._cancelled = True
         return self._cancelled
 
     def check(self) -> None:
-        """Raise `DecisionCancelled` if the job was cancelled."""
-        if self._cancelled:
+        """Raise `DecisionCancelled` if the job was cancelled (or its deadline passed)."""
+        if self.cancelled:
             raise DecisionCancelled("decision cancelled after its deadline")
 
 
@@ -191,6 +197,7 @@ class _Job(Generic[T]):
     error: BaseException | None = None
     succeeded: bool = False
     background: bool = False  # started by `start`: nobody waits for it, the next `run` cancels it
+    finished_at: float = 0.0  # time.monotonic() when it finished (set before `pending` is released)
 
 
 class BackgroundJob:
@@ -222,6 +229,61 @@ class BackgroundJob:
         """The exception the job raised, other than its cancellation; None while it runs."""
         error = self._job.error if self._job.finished else None
         return None if isinstance(error, DecisionCancelled) else error
+
+
+class PendingJob(Generic[T]):
+    """A job handed to `InferenceWorker.submit`: running (or queued) under its deadline; `collect` it once.
+
+    The deadline counts from the submission. The job's token expires with it, so a job still running
+    then stops at its next checkpoint whether or not anybody is waiting for it."""
+
+    def __init__(
+        self, worker: InferenceWorker, job: _Job[T], *, submitted: float, timeout_ms: float, what: str
+    ) -> None:
+        self._worker = worker
+        self._job = job
+        self.submitted = submitted
+        self.deadline = submitted + timeout_ms / 1e3
+        self.timeout_ms = timeout_ms
+        self.what = what
+        self._collected = False
+
+    @property
+    def finished(self) -> bool:
+        """The job ran (or was skipped) and will not run again."""
+        return self._job.finished
+
+    @property
+    def elapsed_ms(self) -> float:
+        """From the submission to the job's end (to now while it runs)."""
+        end = self._job.finished_at if self._job.finished else time.monotonic()
+        return (end - self.submitted) * 1e3
+
+    def collect(self) -> T:
+        """The job's result or its exception; `DeadlineExceeded` (the job cancelled, its result discarded)
+        when it did not finish by its deadline. Waits at most for what is left of the deadline."""
+        if self._collected:
+            raise EsperError(f"{self.what} was already collected")
+        self._collected = True
+        job = self._job
+        remaining_s = max(self.deadline - time.monotonic(), 0.0)
+        if not job.pending.acquire(timeout=remaining_s):
+            job.token.cancel()
+            self._worker.deadline_misses += 1
+            raise DeadlineExceeded(self.timeout_ms, (time.monotonic() - self.submitted) * 1e3, self.what)
+        if job.finished_at > self.deadline:  # back, but late: discarded whatever it is
+            self._worker.deadline_misses += 1
+            raise DeadlineExceeded(self.timeout_ms, self.elapsed_ms, self.what)
+        if job.error is not None:
+            raise job.error
+        if not job.succeeded:
+            raise EsperError(f"{self.what} finished without a result or an error")  # unreachable by design
+        return job.result  # type: ignore[return-value]
+
+    def cancel(self) -> None:
+        """Ask the job to stop at its next checkpoint (its result, if any, is never collected)."""
+        self._collected = True
+        self._job.token.cancel()
 
 
 _STOP = object()
@@ -273,6 +335,7 @@ class _Lane:
                 item.error = exc
             finally:
                 self.current = None
+                item.finished_at = time.monotonic()
                 item.finished = True
                 item.pending.release()
             if demoted:
@@ -361,6 +424,18 @@ class InferenceWorker:
         """Run `fn(token)` on the worker; its result, or its exception, or `DeadlineExceeded`.
 
         `realtime=False` runs it at normal priority even on a real-time worker (long warm-ups)."""
+        return self.submit(fn, timeout_ms=timeout_ms, what=what, realtime=realtime).collect()
+
+    def submit(
+        self,
+        fn: Callable[[CancelToken], T],
+        *,
+        timeout_ms: float,
+        what: str = "decision",
+        realtime: bool = True,
+    ) -> PendingJob[T]:
+        """Start `fn(token)` on the worker under a deadline `timeout_ms` from now and return at once;
+        `collect()` the handle for its result (`run` is `submit` then `collect`)."""
         start = time.monotonic()
         with self._lock:
             if self._closed:
@@ -380,18 +455,9 @@ class InferenceWorker:
                     self._retired.append(self._lane)
                     self._lane = self._new_lane()
                     self.replacements += 1
-            job: _Job[T] = _Job(fn, realtime)
+            job: _Job[T] = _Job(fn, realtime, token=CancelToken(start + timeout_ms / 1e3))
             self._lane.submit(job)  # type: ignore[arg-type]
-        remaining_s = max(timeout_ms / 1e3 - (time.monotonic() - start), 0.0)
-        if not job.pending.acquire(timeout=remaining_s):
-            job.token.cancel()
-            self.deadline_misses += 1
-            raise DeadlineExceeded(timeout_ms, (time.monotonic() - start) * 1e3, what)
-        if job.error is not None:
-            raise job.error
-        if not job.succeeded:
-            raise EsperError(f"{what} finished without a result or an error")  # unreachable by design
-        return job.result  # type: ignore[return-value]
+        return PendingJob(self, job, submitted=start, timeout_ms=timeout_ms, what=what)
 
     def start(self, fn: Callable[[CancelToken], object], *, what: str) -> BackgroundJob | None:
         """Start `fn(token)` on the worker (at its real-time priority, if it has one) and return at once,

@@ -1,12 +1,18 @@
-"""How Tolaria talks to its controller: a small protocol, so the trainer never imports Tamiyo."""
+"""How Tolaria talks to its controller: a small protocol, so the trainer never imports Tamiyo.
+
+A decision is pipelined: the trainer `submit`s the packet of step t and trains on; at step
+t + `TOLARIA_DECISION_LAG_STEPS` it `collect`s the command, which waits at most for what is left of the
+controller's budget counted from the submission. A decision not back in time raises
+`DecisionDeadlineMissed` (esper.leyline): no command for that packet.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from esper.leyline import pb
+from esper.leyline import EsperError, pb
 
 
 class Controller(Protocol):
@@ -27,7 +33,16 @@ class Controller(Protocol):
         ...
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
-        """The command for this packet."""
+        """The command for this packet, decided while the caller waits (tests, benchmarks, Simic)."""
+        ...
+
+    def submit(self, packet: pb.SystemStatePacket) -> None:
+        """Start deciding for this packet and return at once; one decision in flight at a time."""
+        ...
+
+    def collect(self) -> pb.AdaptationCommand:
+        """The command of the submitted packet, waiting at most for what is left of the budget counted
+        from `submit`; `DecisionDeadlineMissed` when it is not back in time (nothing of it runs on)."""
         ...
 
     def export_state(self) -> dict[str, Any]:
@@ -39,15 +54,25 @@ class Controller(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class BoundController:
-    """A `Controller` assembled from callables (the composition root binds a service and its policy)."""
+    """A `Controller` assembled from callables (the composition root binds a service and its policy).
+
+    With `start` and `finish` (a service's `submit` and `collect`) a decision runs while the trainer
+    trains; without them `submit` decides at once with `decide` and `collect` hands the command back."""
 
     decide: Callable[[pb.SystemStatePacket], pb.AdaptationCommand]
     save: Callable[[], dict[str, Any]]
     load: Callable[[dict[str, Any]], None]
     rehearse: Callable[[pb.SystemStatePacket], None] | None = None
     warm_ahead: Callable[[], None] | None = None
+    start: Callable[[pb.SystemStatePacket], None] | None = None
+    finish: Callable[[], pb.AdaptationCommand] | None = None
+    _decided: pb.AdaptationCommand | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.start is None) != (self.finish is None):
+            raise ValueError("BoundController needs both start and finish, or neither")
 
     def prepare(self, packet: pb.SystemStatePacket) -> None:
         """The bound service's warm-up on this packet (nothing to do for a controller without one)."""
@@ -62,6 +87,24 @@ class BoundController:
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         """The command for this packet."""
         return self.decide(packet)
+
+    def submit(self, packet: pb.SystemStatePacket) -> None:
+        """Start the bound service's decision (or decide at once, without one)."""
+        if self.start is not None:
+            self.start(packet)
+            return
+        if self._decided is not None:
+            raise EsperError("a decision is already in flight: collect it first")
+        self._decided = self.decide(packet)
+
+    def collect(self) -> pb.AdaptationCommand:
+        """The submitted packet's command."""
+        if self.finish is not None:
+            return self.finish()
+        command, self._decided = self._decided, None
+        if command is None:
+            raise EsperError("no decision in flight: submit a packet first")
+        return command
 
     def export_state(self) -> dict[str, Any]:
         """The bound policy's state."""

@@ -2,6 +2,11 @@
 
 A host is capacity-limited on purpose (DESIGN §10): growth can only show when the host alone plateaus.
 Each host exposes its `HostTopology` (layers and slots) for the controller.
+
+Every host takes its widths as arguments. The MLP and 2-D CNN keep their historical defaults (12 units;
+6 and 12 channels) until widening is wired into the run; the 1-D CNN and the Transformer start narrow
+(4 and 8 channels; an 8-wide model with an 8-unit feed-forward layer), so that growth decides what they
+become.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from torch import Tensor, nn
 from esper.kasmina import Bridge, DeepenSite, GrowthNotApplicable, SeedSlot, WidenSite
 from esper.leyline import EsperError, pb
 
-HOST_KINDS = ("mlp", "cnn")
+HOST_KINDS = ("mlp", "cnn", "conv1d", "transformer")
 POOLED_SIDE = 2
 POOLED_CELLS = POOLED_SIDE * POOLED_SIDE
+POOLED_LENGTH = 4
+"""Cells of the 1-D CNN's last feature map that its head sees (an average pool keeps where, coarsely)."""
 
 
 class HostNotApplicable(EsperError):
@@ -29,7 +36,7 @@ class HostNotApplicable(EsperError):
 
 
 class Host(nn.Module):
-    """A model with seed slots. `slot_kind` is the kind of its slots ("mlp" or "conv")."""
+    """A model with seed slots. `slot_kind` is the kind of its slots ("mlp", "conv" or "conv1d")."""
 
     slot_kind: str = ""
 
@@ -208,15 +215,276 @@ class ConvHost(Host):
         return logits
 
 
-def build_host(
-    host: str, input_shape: tuple[int, ...], num_classes: int, *, with_slots: bool = True, scale: float = 1.0
-) -> Host:
-    """The host named `host` ("mlp" or "cnn") for this input; `scale` widens it (for static baselines)."""
-    if host == "mlp":
-        return MLPHost(
-            math.prod(input_shape), num_classes, width=max(1, round(12 * scale)), with_slots=with_slots
+class Conv1dHost(Host):
+    """conv(c1, 5) -> ReLU -> slot -> conv(c2, 3, stride 2) -> ReLU -> slot -> average pool to 4 cells ->
+    linear, for sequences `[N, C, L]`.
+
+    Like the 2-D CNN's, the head sees a coarse average pool (POOLED_LENGTH cells) rather than a global
+    one, so where along the sequence a pattern occurs is not thrown away entirely.
+    """
+
+    slot_kind = "conv1d"
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        *,
+        channels: tuple[int, int] = (4, 8),
+        with_slots: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 2:
+            raise HostNotApplicable("conv1d", f"needs sequence samples [C, L], got shape {input_shape}")
+        in_channels = input_shape[0]
+        c1, c2 = channels
+        self.with_slots = with_slots
+        self.conv1 = nn.Conv1d(in_channels, c1, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv1d(c1, c2, kernel_size=3, stride=2, padding=1)
+        self.head = nn.Linear(c2 * POOLED_LENGTH, num_classes)
+        self.slot1 = SeedSlot("s1", c1, "conv1d", layer_id="conv1", depth=0) if with_slots else None
+        self.slot2 = SeedSlot("s2", c2, "conv1d", layer_id="conv2", depth=1) if with_slots else None
+
+    def host_layers(self) -> list[tuple[str, str, int, nn.Module]]:
+        return [
+            ("conv1", "conv", self.conv1.out_channels, self.conv1),
+            ("conv2", "conv", self.conv2.out_channels, self.conv2),
+            ("head", "linear", self.head.out_features, self.head),
+        ]
+
+    def widen_site(self, layer_id: str) -> WidenSite:
+        if layer_id == "conv1":
+            return WidenSite("conv1", self.conv1, self.conv2, "relu", Bridge(), self.slot1)
+        if layer_id == "conv2":
+            return WidenSite("conv2", self.conv2, self.head, "relu", Bridge(POOLED_LENGTH), self.slot2)
+        raise GrowthNotApplicable("widen", f"no widenable layer {layer_id!r}; choose conv1 or conv2")
+
+    def deepen_site(self, layer_id: str) -> DeepenSite:
+        anchors = {"conv1": (self.conv1, self.slot1), "conv2": (self.conv2, self.slot2)}
+        if layer_id not in anchors:
+            raise GrowthNotApplicable(
+                "deepen", f"no layer {layer_id!r} to deepen after; choose conv1 or conv2"
+            )
+        layer, slot = anchors[layer_id]
+        if slot is None:
+            raise GrowthNotApplicable("deepen", "a host without slots has no anchor for a block")
+        return DeepenSite(layer_id, layer, slot, "conv1d", layer.out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for `x` of shape [N, C, L]."""
+        x = torch.relu(self.conv1(x))
+        if self.slot1 is not None:
+            x = self.slot1(x)
+        x = torch.relu(self.conv2(x))
+        if self.slot2 is not None:
+            x = self.slot2(x)
+        pooled = nn.functional.adaptive_avg_pool1d(x, POOLED_LENGTH).flatten(1)
+        logits: Tensor = self.head(pooled)
+        return logits
+
+
+class TokenEmbedding(nn.Module):
+    """Token embedding plus a learned position embedding: `[N, T]` ids -> `[N, T, d_model]`."""
+
+    def __init__(self, vocab_size: int, seq_len: int, d_model: int) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, d_model)
+        self.positions = nn.Embedding(seq_len, d_model)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """The embedded sequence."""
+        length = ids.shape[1]
+        if length > self.positions.num_embeddings:
+            raise HostNotApplicable(
+                "transformer",
+                f"sequence of {length} tokens, the host takes at most {self.positions.num_embeddings}",
+            )
+        where = torch.arange(length, device=ids.device)
+        embedded: Tensor = self.tokens(ids) + self.positions(where)[None]
+        return embedded
+
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention; returns what the block adds to the residual stream."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.attention = nn.MultiheadAttention(d_model, heads, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`[N, T, d_model] -> [N, T, d_model]`."""
+        normed = self.norm(x)
+        attended: tuple[Tensor, Tensor | None] = self.attention(normed, normed, normed, need_weights=False)
+        return attended[0]
+
+
+def _channel_first(slot: SeedSlot | None, x: Tensor) -> Tensor:
+    """`x` ([N, T, width]) through `slot`, which sees it channel-first ([N, width, T], a "conv1d" slot)."""
+    if slot is None:
+        return x
+    return slot(x.transpose(1, 2)).transpose(1, 2)
+
+
+class EncoderBlock(nn.Module):
+    """x + attention(x), then x + proj(slot_f(relu(ff(norm(x))))), then slot_t: one pre-norm encoder block.
+
+    Its slots see token activations channel-first (`[N, width, T]`), so the 1-D blueprints (convolutions
+    along the sequence, channel gates, low-rank maps) fit them: `f{i}` sits on the feed-forward hidden
+    layer, `t{i}` on the block's output.
+    """
+
+    def __init__(self, index: int, d_model: int, heads: int, ff_hidden: int, *, with_slots: bool) -> None:
+        super().__init__()
+        self.attention = SelfAttention(d_model, heads)
+        self.norm = nn.LayerNorm(d_model)
+        self.ff = nn.Linear(d_model, ff_hidden)
+        self.proj = nn.Linear(ff_hidden, d_model)
+        depth = 2 * (index - 1)
+        self.hidden_slot = (
+            SeedSlot(f"f{index}", ff_hidden, "conv1d", layer_id=f"ff{index}", depth=depth)
+            if with_slots
+            else None
         )
+        self.output_slot = (
+            SeedSlot(f"t{index}", d_model, "conv1d", layer_id=f"proj{index}", depth=depth + 1)
+            if with_slots
+            else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`[N, T, d_model] -> [N, T, d_model]`."""
+        x = x + self.attention(x)
+        hidden = _channel_first(self.hidden_slot, torch.relu(self.ff(self.norm(x))))
+        x = x + self.proj(hidden)
+        return _channel_first(self.output_slot, x)
+
+
+class TransformerHost(Host):
+    """A small Transformer encoder for token sequences `[N, T]`: embeddings -> encoder blocks -> mean over
+    tokens -> linear.
+
+    Widening `ff{i}` adds hidden units to block i's feed-forward layer (fan-out into `proj{i}`); deepening
+    after `ff{i}` or `proj{i}` inserts a block on that slot's (channel-first) activation.
+    """
+
+    slot_kind = "conv1d"
+
+    def __init__(
+        self,
+        seq_len: int,
+        vocab_size: int,
+        num_classes: int,
+        *,
+        d_model: int = 8,
+        heads: int = 2,
+        ff_hidden: int = 8,
+        blocks: int = 1,
+        with_slots: bool = True,
+    ) -> None:
+        super().__init__()
+        if seq_len < 1 or vocab_size < 1:
+            raise HostNotApplicable(
+                "transformer", f"needs token sequences, got length {seq_len} and vocabulary {vocab_size}"
+            )
+        if d_model < 1 or heads < 1 or d_model % heads != 0:
+            raise HostNotApplicable("transformer", f"d_model {d_model} must be a multiple of heads {heads}")
+        if ff_hidden < 1 or blocks < 1:
+            raise HostNotApplicable(
+                "transformer", f"needs ff_hidden >= 1 and blocks >= 1, got {ff_hidden}, {blocks}"
+            )
+        self.with_slots = with_slots
+        self.embed = TokenEmbedding(vocab_size, seq_len, d_model)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(index + 1, d_model, heads, ff_hidden, with_slots=with_slots)
+            for index in range(blocks)
+        )
+        self.head = nn.Linear(d_model, num_classes)
+
+    def _blocks(self) -> list[EncoderBlock]:
+        return [block for block in self.blocks if isinstance(block, EncoderBlock)]
+
+    def host_layers(self) -> list[tuple[str, str, int, nn.Module]]:
+        d_model = self.head.in_features
+        layers: list[tuple[str, str, int, nn.Module]] = [("embed", "embedding", d_model, self.embed)]
+        for index, block in enumerate(self._blocks(), start=1):
+            layers += [
+                (f"attn{index}", "attention", d_model, block.attention),
+                (f"norm{index}", "norm", d_model, block.norm),
+                (f"ff{index}", "linear", block.ff.out_features, block.ff),
+                (f"proj{index}", "linear", block.proj.out_features, block.proj),
+            ]
+        layers.append(("head", "linear", self.head.out_features, self.head))
+        return layers
+
+    def _block(self, layer_id: str, operation: str, prefixes: tuple[str, ...]) -> tuple[str, EncoderBlock]:
+        blocks = self._blocks()
+        for prefix in prefixes:
+            suffix = layer_id.removeprefix(prefix)
+            if suffix != layer_id and suffix.isdigit() and 1 <= int(suffix) <= len(blocks):
+                return prefix, blocks[int(suffix) - 1]
+        names = [f"{prefix}{i}" for prefix in prefixes for i in range(1, len(blocks) + 1)]
+        raise GrowthNotApplicable(operation, f"no layer {layer_id!r} here; choose one of {names}")
+
+    def widen_site(self, layer_id: str) -> WidenSite:
+        _, block = self._block(layer_id, "widen", ("ff",))
+        return WidenSite(layer_id, block.ff, block.proj, "relu", Bridge(), block.hidden_slot)
+
+    def deepen_site(self, layer_id: str) -> DeepenSite:
+        prefix, block = self._block(layer_id, "deepen", ("ff", "proj"))
+        slot = block.hidden_slot if prefix == "ff" else block.output_slot
+        if slot is None:
+            raise GrowthNotApplicable("deepen", "a host without slots has no anchor for a block")
+        layer = block.ff if prefix == "ff" else block.proj
+        return DeepenSite(layer_id, layer, slot, "conv1d", layer.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for token ids `x` of shape [N, T]."""
+        hidden = self.embed(x)
+        for block in self.blocks:
+            hidden = block(hidden)
+        logits: Tensor = self.head(hidden.mean(dim=1))
+        return logits
+
+
+def build_host(
+    host: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    with_slots: bool = True,
+    scale: float = 1.0,
+    vocab_size: int = 0,
+) -> Host:
+    """The host named `host` (one of HOST_KINDS) for this input; `scale` widens it (for static baselines).
+
+    The transformer needs `vocab_size` (the token task's, `Dataset.vocab_size`).
+    """
+
+    def scaled(width: int) -> int:
+        return max(1, round(width * scale))
+
+    if host == "mlp":
+        return MLPHost(math.prod(input_shape), num_classes, width=scaled(12), with_slots=with_slots)
     if host == "cnn":
-        channels = (max(1, round(6 * scale)), max(1, round(12 * scale)))
-        return ConvHost(input_shape, num_classes, channels=channels, with_slots=with_slots)
+        return ConvHost(input_shape, num_classes, channels=(scaled(6), scaled(12)), with_slots=with_slots)
+    if host == "conv1d":
+        return Conv1dHost(input_shape, num_classes, channels=(scaled(4), scaled(8)), with_slots=with_slots)
+    if host == "transformer":
+        if vocab_size < 1 or len(input_shape) != 1:
+            raise HostNotApplicable(
+                "transformer",
+                f"needs token ids [T] with a vocabulary (a token task), got samples {input_shape} "
+                f"and vocabulary size {vocab_size}",
+            )
+        heads = 2
+        return TransformerHost(
+            input_shape[0],
+            vocab_size,
+            num_classes,
+            d_model=heads * max(1, round(4 * scale)),
+            heads=heads,
+            ff_hidden=scaled(8),
+            with_slots=with_slots,
+        )
     raise HostNotApplicable(host, f"unknown host; choose one of {', '.join(HOST_KINDS)}")

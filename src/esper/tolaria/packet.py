@@ -22,8 +22,11 @@ def build_packet(
     seed_states: Sequence[pb.SeedState],
     blueprint_ids: Sequence[str],
     training_metrics: Mapping[str, float],
+    growth_states: Sequence[pb.SeedState] = (),
+    max_parameters: int = 0,
 ) -> pb.SystemStatePacket:
-    """A validated packet; `packet_id` is fresh for every packet."""
+    """A validated packet; `packet_id` is fresh for every packet. `max_parameters` is the run's growth
+    budget (0: unbounded); the model's size now is `training_metrics["param_count"]`."""
     packet = pb.SystemStatePacket(
         version=1,
         packet_id=f"pkt-{uuid.uuid4().hex}",
@@ -37,9 +40,11 @@ def build_packet(
         training_loss=training_loss,
         timestamp_ns=timestamp_ns,
         hardware_context=pb.HardwareContext(device_type="cpu", device_id="cpu:0"),
+        max_parameters=max_parameters,
     )
     packet.topology.CopyFrom(topology)
     packet.seed_states.extend(seed_states)
+    packet.growth_states.extend(growth_states)
     packet.blueprint_ids.extend(blueprint_ids)
     packet.training_metrics.update(training_metrics)
     return validate_packet(packet)

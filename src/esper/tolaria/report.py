@@ -308,6 +308,7 @@ def render_markdown(record: RunRecord, segments: list[Segment], images: dict[str
             "best_val_accuracy",
             "params_initial",
             "params_final",
+            "max_params",
             "seeds_germinated",
             "seeds_fossilized",
             "seeds_culled",
@@ -316,7 +317,9 @@ def render_markdown(record: RunRecord, segments: list[Segment], images: dict[str
             "wall_seconds",
             "transitions",
         ):
-            lines.append(f"| {key} | {_fmt(summary.get(key))} |")
+            value = summary.get(key)
+            shown = "unbounded" if key == "max_params" and value is None else _fmt(value)
+            lines.append(f"| {key} | {shown} |")
         lines.append("")
     for title, name in (("Accuracy", "accuracy"), ("Parameters", "parameters"), ("Lifecycle", "lifecycle")):
         lines += [f"## {title}", "", f"![{name}]({images[name]})", ""]

@@ -22,9 +22,18 @@ from esper.kasmina import KasminaSettings, SeedManager
 from esper.leyline import CleanupStack, EsperError, SignatureVerifier, pb
 from esper.tolaria.checkpoint import CheckpointStore
 from esper.tolaria.controller import Controller
-from esper.tolaria.data import Dataset, load_digits, load_npz, make_task
+from esper.tolaria.data import (
+    Dataset,
+    Layout,
+    inspect_npz,
+    load_digits,
+    load_npz,
+    make_signals,
+    make_task,
+    make_tokens,
+)
 from esper.tolaria.emergency import EmergencyChannel
-from esper.tolaria.hosts import build_host
+from esper.tolaria.hosts import HOST_KINDS, build_host
 from esper.tolaria.records import RunDirectory
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import EpochReport, Trainer, check_checkpoint
@@ -84,18 +93,72 @@ def new_training_run_id() -> str:
     return f"run-{uuid.uuid4().hex[:12]}"
 
 
+GENERATED_TASKS = ("generated", "signals", "tokens")
+_LAYOUTS: dict[str, Layout] = {"mlp": "flat", "cnn": "image", "conv1d": "sequence", "transformer": "tokens"}
+# Which hosts can take each bundled task.
+_TASK_HOSTS: dict[str, tuple[str, ...]] = {
+    "digits": ("mlp", "cnn"),
+    "generated": ("mlp",),
+    "signals": ("conv1d", "mlp"),
+    "tokens": ("transformer",),
+}
+
+
+def resolve_host(task: str, host: str) -> tuple[str, str]:
+    """The host for `task` and why: `host` itself unless it is "auto", which reads the data's shape.
+
+    Images (digits, or .npz samples [C, H, W] or square [H, W]) get the 2-D CNN, sequences (signals, or
+    .npz samples [C, L]) the 1-D CNN, token ids (tokens, or an .npz that declares a `vocab_size`) the
+    Transformer, and everything else the MLP. Flat samples [L] go to the MLP even when they are a signal:
+    a flat array says nothing about whether its features are ordered (pass --host conv1d when they are).
+    """
+    if host != "auto":
+        if host not in HOST_KINDS:
+            raise RunConfigError(f"unknown host {host!r}: use auto or one of {', '.join(HOST_KINDS)}")
+        return host, "chosen"
+    if task in _TASK_HOSTS:
+        chosen = _TASK_HOSTS[task][-1] if task == "digits" else _TASK_HOSTS[task][0]
+        return chosen, f"the {task} task's own host"
+    if not task.endswith(".npz"):
+        raise RunConfigError(
+            f"unknown task {task!r}: use digits, {', '.join(GENERATED_TASKS)} or an .npz file"
+        )
+    shape = inspect_npz(Path(task))
+    sample = shape.sample_shape
+    if shape.declares_vocab:
+        return "transformer", "the file declares a vocab_size: its samples are token ids"
+    if len(sample) == 3:
+        return "cnn", f"samples {sample} are images [C, H, W]"
+    if len(sample) == 2 and sample[0] == sample[1]:
+        return "cnn", f"samples {sample} are square: an image [H, W]"
+    if len(sample) == 2:
+        return "conv1d", f"samples {sample} are sequences [C, L]"
+    return "mlp", (
+        f"samples {sample} are flat features: a flat array does not say its features are ordered "
+        "(--host conv1d treats them as one signal)"
+    )
+
+
 def load_task(task: str, host: str, *, seed: int, difficulty: float) -> Dataset:
-    """The dataset for `task` ("digits", "generated" or a path to an .npz file), shaped for `host`."""
-    image = host == "cnn"
+    """The dataset for `task` ("digits", "generated", "signals", "tokens" or a path to an .npz file),
+    shaped for `host`."""
+    if host not in _LAYOUTS:
+        raise RunConfigError(f"unknown host {host!r}: use one of {', '.join(HOST_KINDS)}")
+    if task in _TASK_HOSTS and host not in _TASK_HOSTS[task]:
+        raise RunConfigError(
+            f"the {task} task does not fit the {host} host; use --host {' or '.join(_TASK_HOSTS[task])}"
+        )
     if task == "digits":
-        return load_digits(seed, image=image)
+        return load_digits(seed, image=host == "cnn")
     if task == "generated":
-        if image:
-            raise RunConfigError("the generated task is tabular; use --host mlp")
         return make_task(difficulty, seed)
+    if task == "signals":
+        return make_signals(difficulty, seed)
+    if task == "tokens":
+        return make_tokens(difficulty, seed)
     if task.endswith(".npz"):
-        return load_npz(Path(task), seed, image=image)
-    raise RunConfigError(f"unknown task {task!r}: use digits, generated or a path to an .npz file")
+        return load_npz(Path(task), seed, layout=_LAYOUTS[host])
+    raise RunConfigError(f"unknown task {task!r}: use digits, {', '.join(GENERATED_TASKS)} or an .npz file")
 
 
 def resolve_config(config: RunConfig, *, resume: bool) -> RunConfig:
@@ -152,7 +215,7 @@ def run_experiment(
     torch.manual_seed(settings.seed)
     if dataset is None:
         dataset = load_task(config.task, config.host, seed=settings.seed, difficulty=config.difficulty)
-    host = build_host(config.host, dataset.input_shape, dataset.num_classes)
+    host = build_host(config.host, dataset.input_shape, dataset.num_classes, vocab_size=dataset.vocab_size)
     params_initial = host.parameter_count()
     run_dir = RunDirectory(config.run_dir)
     catalogue = BlueprintCatalogue.open_default(config.catalogue_path)
@@ -165,7 +228,12 @@ def run_experiment(
             secret, freshness_s=config.kasmina.command_freshness_s, future_skew_s=config.kasmina.clock_skew_s
         )
         manager = SeedManager(
-            host.slots(), catalogue, verifier, config.kasmina, training_run_id=config.training_run_id
+            host.slots(),
+            catalogue,
+            verifier,
+            config.kasmina,
+            training_run_id=config.training_run_id,
+            host=host,
         )
         trainer = Trainer(
             settings=settings,
@@ -197,9 +265,11 @@ def run_experiment(
         "best_val_accuracy": trainer.best_val_accuracy,
         "params_initial": params_initial,
         "params_final": outcome.parameters,
+        "max_params": settings.max_params or None,
         "seeds_fossilized": fossilized,
         "rollbacks": outcome.rollbacks,
         "decisions": trainer.decisions,
+        "decision_deadline_misses": trainer.deadline_misses,
         "resumed_from_step": resumed_from,
         "wall_seconds": time.monotonic() - started,
         "status": "halted" if outcome.halt is not None else "completed",
@@ -278,14 +348,19 @@ def summary_table(summary: dict[str, Any]) -> Table:
         "best_val_accuracy",
         "params_initial",
         "params_final",
+        "max_params",
         "seeds_germinated",
         "seeds_fossilized",
         "seeds_culled",
         "rollbacks",
         "decisions",
+        "decision_deadline_misses",
         "wall_seconds",
     ):
         value = summary.get(key)
+        if key == "max_params" and value is None:
+            table.add_row(key, "unbounded")
+            continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     transitions = summary.get("transitions", {})
     table.add_row("transitions", ", ".join(f"{k} {v}" for k, v in transitions.items()) or "none")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from esper.leyline.settings import StrictSettings
@@ -24,6 +24,19 @@ class TolariaSettings(StrictSettings):
         description="Training steps before each decision at which the controller is told one is coming, "
         "so it can warm up in the background (0: never; at most decision_interval - 1 is used).",
     )
+    decision_lag_steps: int = Field(
+        default=1,
+        ge=0,
+        description="Training steps between submitting a decision and applying its command; the decision "
+        "runs beside training meanwhile (0: the trainer waits for it, within the controller's budget). "
+        "At most decision_interval.",
+    )
+    max_consecutive_misses: int = Field(
+        default=50,
+        ge=1,
+        description="Decisions in a row that miss the controller's deadline before the run stops (a late "
+        "decision is dropped and counted; only a policy that never answers in time stops a run).",
+    )
     seed: int = Field(default=0, ge=0, description="Seed of every random choice of the run.")
     threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads of the trainer.")
     eval_batch_size: int = Field(default=1024, ge=1)
@@ -42,5 +55,20 @@ class TolariaSettings(StrictSettings):
     max_controller_failures: int = Field(
         default=3, ge=1, description="Consecutive failed decisions before the run stops."
     )
+    max_params: int = Field(
+        default=0,
+        ge=0,
+        description="Growth budget: the controller grows the model no further than this many parameters "
+        "(host and seeds; 0: unbounded).",
+    )
     min_lr: float = Field(default=1e-6, gt=0, le=10.0)
     max_lr: float = Field(default=1.0, gt=0, le=10.0)
+
+    @model_validator(mode="after")
+    def _lag_within_interval(self) -> TolariaSettings:
+        if self.decision_lag_steps > self.decision_interval:
+            raise ValueError(
+                f"decision_lag_steps ({self.decision_lag_steps}) must be at most decision_interval "
+                f"({self.decision_interval}): one decision is in flight at a time"
+            )
+        return self

@@ -2,8 +2,14 @@
 
 One step: forward, loss check (a NaN/inf or spiking loss rolls back to the last good checkpoint),
 backward, `SeedManager.observe_backward`, optimizer step, `SeedManager.advance`, parameter changes.
-Every `decision_interval` steps: evaluation with counterfactual contributions, the state packet, the
-controller's command, Kasmina's verdict. Every `checkpoint_every_epochs` epochs: an atomic checkpoint.
+Every `decision_interval` steps: evaluation with counterfactual contributions and the state packet, which
+the controller starts deciding on while training goes on; `decision_lag_steps` later the trainer collects
+the command (waiting at most for what is left of the controller's budget) and hands it to Kasmina. A
+decision not back in time is a deadline miss: no command, a CRITICAL event, counted; only a long streak of
+them (`max_consecutive_misses`) stops the run. A command that a change of its slot or of the host's
+topology made stale before it could be applied is dropped with an event. No checkpoint is taken with a
+decision in flight (the decision is collected first, so resuming from it is exact), and a HALT waits for
+the decision in flight. Every `checkpoint_every_epochs` epochs: an atomic checkpoint.
 Between steps, an optional emergency channel is polled: a HALT checkpoints, logs an event and ends `fit`
 with a halted outcome (the run resumes from that checkpoint); a run that diverges broadcasts a HALT.
 """
@@ -20,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from esper.kasmina import SeedManager, stage_name
-from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, value_label
+from esper.leyline import SYSTEM_CLOCK, Clock, DecisionDeadlineMissed, EsperError, pb, value_label
 from esper.tolaria.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset
@@ -80,7 +86,30 @@ class ControllerFailed(EsperError):
         self.step = step
         self.failures = failures
         self.last_error = last_error
-        super().__init__(f"controller failed {failures} decisions in a row (step {step}): {last_error}")
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return f"controller failed {self.failures} decisions in a row (step {self.step}): {self.last_error}"
+
+
+class DecisionsMissed(ControllerFailed):
+    """The controller missed its deadline on `max_consecutive_misses` decisions in a row."""
+
+    def _message(self) -> str:
+        return (
+            f"controller missed its deadline on {self.failures} decisions in a row (step {self.step}): "
+            f"{self.last_error}"
+        )
+
+
+@dataclass
+class _InFlight:
+    """A decision submitted to the controller and not collected yet."""
+
+    due: int  # the step at which its command is collected and applied
+    record: dict[str, Any]  # its line of decisions.jsonl so far
+    topology: bytes  # the host's topology it was decided on
+    slots: dict[str, tuple[int, str]]  # stage and seed id of every slot it was decided on
 
 
 @dataclass(frozen=True)
@@ -150,6 +179,10 @@ class Trainer:
         self.loss_ema: float | None = None
         self.rollbacks = 0
         self.controller_failures = 0
+        self.deadline_misses = 0  # decisions not back within the controller's budget, in all
+        self.consecutive_misses = 0
+        self._in_flight: _InFlight | None = None
+        self._deferred_halt: HaltRequest | None = None  # a HALT waiting for the decision in flight
         self._prepared_topology: bytes | None = None  # the topology the controller last warmed up on
         # The controller hears of a decision this many steps ahead (0: never).
         self._anticipation_steps = min(settings.anticipation_steps, settings.decision_interval - 1)
@@ -168,21 +201,29 @@ class Trainer:
         if not self.store.steps():
             self.save_checkpoint()
         while self.step < self.total_steps:
-            halt = self._poll_emergency()
+            halt = self._deferred_halt or self._poll_emergency()
             if halt is not None:
-                return self._halt(halt)
+                if self._in_flight is None:
+                    return self._halt(halt)
+                # Obeyed once the decision in flight is applied (at most `decision_lag_steps` later), so
+                # that the halt's checkpoint is one an uninterrupted run would pass through.
+                self._deferred_halt = halt
             lead = self._anticipation_steps
             if lead and (self.step + lead) % self.settings.decision_interval == 0:
                 self.controller.anticipate()  # a hint, so that the decision finds the controller warm
             self.train_step()
+            if self._in_flight is not None and self.step >= self._in_flight.due:
+                self.collect_decision()
             if self.step % self.settings.decision_interval == 0:
                 self.decide()
             if self.step % self.steps_per_epoch == 0:
                 epoch = self.step // self.steps_per_epoch
                 if epoch % self.settings.checkpoint_every_epochs == 0 or self.step == self.total_steps:
+                    self.collect_decision()  # never a checkpoint with a decision in flight
                     self.save_checkpoint()
                 if on_epoch is not None:
                     on_epoch(self._epoch_report(epoch))
+        self.collect_decision()
         self.store.flush()  # the last checkpoint is on disk before the run reports its end
         self.manager.terminate(self.step)
         self._flush_events()
@@ -227,7 +268,8 @@ class Trainer:
         self.step += 1
 
     def decide(self) -> None:
-        """Evaluate, build the packet, ask the controller and hand its command to Kasmina."""
+        """Evaluate, build the packet and submit it to the controller; its command is collected and handed
+        to Kasmina `decision_lag_steps` later (at once with no lag)."""
         evaluation = self._evaluate()
         for slot_id, contribution in evaluation.contributions.items():
             self.manager.record_contribution(
@@ -251,6 +293,10 @@ class Trainer:
             ),
             blueprint_ids=self.blueprint_ids,
             training_metrics=self._training_metrics(training_loss),
+            growth_states=self.manager.growth_states(
+                learning_rate=self.optimizer.lr, steps_per_epoch=self.steps_per_epoch
+            ),
+            max_parameters=self.settings.max_params,
         )
         self.run_dir.metrics.append(
             self._metrics_record(evaluation, final=False, training_loss=training_loss)
@@ -260,36 +306,108 @@ class Trainer:
             "step": self.step,
             "epoch": packet.current_epoch,
             "packet_id": packet.packet_id,
+            "validation_accuracy": evaluation.accuracy,
+            "validation_loss": evaluation.loss,
         }
+        self.collect_decision()  # a lag of `decision_interval` is due now; never two in flight
+        topology = packet.topology.SerializeToString(deterministic=True)
         try:
-            topology = packet.topology.SerializeToString(deterministic=True)
             if topology != self._prepared_topology:
                 self.controller.prepare(packet)
                 self._prepared_topology = topology
-            command = self.controller.evaluate_step(packet)
+            self.controller.submit(packet)
+        except DecisionDeadlineMissed as exc:  # a controller that decides as it is submitted
+            self._missed(record, exc)
+            return
         except EsperError as exc:
-            self.controller_failures += 1
-            record.update(error=f"{type(exc).__name__}: {exc}")
-            self.run_dir.decisions.append(record)
-            self._log_trainer_event("controller_failed", reason=str(exc))
-            if self.controller_failures >= self.settings.max_controller_failures:
-                raise ControllerFailed(self.step, self.controller_failures, exc) from exc
+            self._failed(record, exc)
+            return
+        slots = {state.slot_id: (state.stage, state.seed_id) for state in packet.seed_states}
+        self._in_flight = _InFlight(self.step + self.settings.decision_lag_steps, record, topology, slots)
+        if self.settings.decision_lag_steps == 0:
+            self.collect_decision()
+
+    def collect_decision(self, *, drop: str = "") -> None:
+        """Collect the decision in flight, if any, and hand its command to Kasmina (or, with `drop`, say
+        why it is dropped unapplied). Waits at most for what is left of the controller's budget."""
+        flight = self._in_flight
+        if flight is None:
+            return
+        self._in_flight = None
+        record = flight.record
+        record["applied_step"] = self.step
+        try:
+            command = self.controller.collect()
+        except DecisionDeadlineMissed as exc:
+            self._missed(record, exc)
+            return
+        except EsperError as exc:
+            self._failed(record, exc)
             return
         self.controller_failures = 0
+        self.consecutive_misses = 0
+        record.update(_command_record(command))
+        stale = drop or self._staleness(flight, command)
+        if stale:
+            record.update(accepted=False, dropped=stale)
+            self.run_dir.decisions.append(record)
+            self._log_trainer_event(
+                "decision_dropped",
+                reason=stale,
+                detail={"command_id": command.command_id, "decided_at_step": record["step"]},
+            )
+            return
         result = self.manager.apply(command, step=self.step)
         if result.accepted and command.command_type == pb.COMMAND_OPTIMIZER:
             self._adjust_lr(command.optimizer_adjustment.hyperparameters.get("lr_factor", 1.0))
         self._apply_parameter_changes()
         self._flush_events()
-        record.update(_command_record(command))
         record.update(
             accepted=result.accepted,
             rejection=result.reason.value if result.reason else "",
             detail=result.detail,
-            validation_accuracy=evaluation.accuracy,
-            validation_loss=evaluation.loss,
         )
         self.run_dir.decisions.append(record)
+
+    def _staleness(self, flight: _InFlight, command: pb.AdaptationCommand) -> str:
+        """Why `command` no longer fits the host ("" when it still does): the host's topology changed
+        since its packet, or the slot it operates on changed stage or seed."""
+        if self.host.topology().SerializeToString(deterministic=True) != flight.topology:
+            return "the host's topology changed while the decision was in flight"
+        if command.HasField("seed_operation"):
+            slot_id = command.seed_operation.slot_id
+            decided = flight.slots.get(slot_id)
+            if decided is not None and slot_id in self.manager.slot_ids:
+                now = (self.manager.stage(slot_id), self.manager.seed_id(slot_id))
+                if now != decided:
+                    before = f"{stage_name(decided[0])} {decided[1] or '-'}"
+                    after = f"{stage_name(now[0])} {now[1] or '-'}"
+                    return f"slot {slot_id} changed while the decision was in flight ({before} -> {after})"
+        return ""
+
+    def _missed(self, record: dict[str, Any], exc: DecisionDeadlineMissed) -> None:
+        """A decision not back within the controller's budget: no command, a CRITICAL event, counted; a
+        streak of `max_consecutive_misses` stops the run."""
+        self.deadline_misses += 1
+        self.consecutive_misses += 1
+        record.update(missed=True, error=f"{type(exc).__name__}: {exc}")
+        self.run_dir.decisions.append(record)
+        self._log_trainer_event(
+            "decision_deadline_missed",
+            reason=str(exc),
+            detail={"decided_at_step": record["step"], "consecutive": self.consecutive_misses},
+            level="CRITICAL",
+        )
+        if self.consecutive_misses >= self.settings.max_consecutive_misses:
+            raise DecisionsMissed(self.step, self.consecutive_misses, exc) from exc
+
+    def _failed(self, record: dict[str, Any], exc: EsperError) -> None:
+        self.controller_failures += 1
+        record.update(error=f"{type(exc).__name__}: {exc}")
+        self.run_dir.decisions.append(record)
+        self._log_trainer_event("controller_failed", reason=str(exc))
+        if self.controller_failures >= self.settings.max_controller_failures:
+            raise ControllerFailed(self.step, self.controller_failures, exc) from exc
 
     # -- emergencies ----------------------------------------------------------------------------------------
 
@@ -358,6 +476,8 @@ class Trainer:
         if self.rollbacks >= self.settings.max_rollbacks:
             raise self._diverged(reason)
         failed_step = self.step
+        # Decided on a state the rollback undoes: collected (so nothing of it runs on), never applied.
+        self.collect_decision(drop="the run rolled back while the decision was in flight")
         damaged: list[CheckpointError] = []
         checkpoint = self.store.latest(on_damaged=damaged.append, check=self._check_checkpoint)
         if checkpoint is None:
@@ -389,6 +509,8 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "decisions": self.decisions,
             "controller_failures": self.controller_failures,
+            "deadline_misses": self.deadline_misses,
+            "consecutive_misses": self.consecutive_misses,
             "best_val_accuracy": self.best_val_accuracy,
             "interval_loss_sum": self.interval_loss_sum,
             "interval_loss_count": self.interval_loss_count,
@@ -442,6 +564,9 @@ class Trainer:
         self.rollbacks = int(meta["rollbacks"])
         self.decisions = int(meta["decisions"])
         self.controller_failures = int(meta["controller_failures"])
+        # Absent from checkpoints written before decisions were pipelined.
+        self.deadline_misses = int(meta.get("deadline_misses", 0))
+        self.consecutive_misses = int(meta.get("consecutive_misses", 0))
         self.best_val_accuracy = float(meta["best_val_accuracy"])
         self.interval_loss_sum = float(meta["interval_loss_sum"])
         self.interval_loss_count = int(meta["interval_loss_count"])
@@ -464,6 +589,8 @@ class Trainer:
 
     def _apply_parameter_changes(self) -> None:
         changes = self.manager.drain_parameter_changes()
+        for merge in changes.merged:  # before `retired`: the new units' moments move into the host's
+            self.optimizer.absorb(merge.old, merge.appended, merge.merged, dim=merge.dim)
         for seed_id, _ in changes.retired:
             if seed_id in self.optimizer.group_names:
                 self.optimizer.retire_group(seed_id)
@@ -552,16 +679,19 @@ class Trainer:
         for event in self.manager.drain_events():
             self.run_dir.events.append({**event.to_json(), "epoch": epoch})
 
-    def _log_trainer_event(self, kind: str, *, reason: str, detail: dict[str, Any] | None = None) -> None:
-        self.run_dir.events.append(
-            {
-                "kind": kind,
-                "step": self.step,
-                "epoch": self.step / self.steps_per_epoch,
-                "reason": reason,
-                "detail": detail or {},
-            }
-        )
+    def _log_trainer_event(
+        self, kind: str, *, reason: str, detail: dict[str, Any] | None = None, level: str = ""
+    ) -> None:
+        event: dict[str, Any] = {
+            "kind": kind,
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "reason": reason,
+            "detail": detail or {},
+        }
+        if level:
+            event["level"] = level
+        self.run_dir.events.append(event)
 
 
 def _command_record(command: pb.AdaptationCommand) -> dict[str, Any]:

@@ -16,7 +16,10 @@ from esper.leyline import pb
 from esper.urza import modules
 from esper.urza.errors import BlueprintNotApplicable, DuplicateBlueprint, UnknownBlueprint
 
-HOST_KINDS: tuple[str, ...] = ("mlp", "conv")
+HOST_KINDS: tuple[str, ...] = ("mlp", "conv", "conv1d")
+"""Slot kinds: "mlp" activations `[N, width]`, "conv" `[N, width, H, W]`, "conv1d" `[N, width, L]` (the 1-D
+CNN's feature maps, and the Transformer's token activations, which its slots see channel-first)."""
+_CONV_DIMS = {"conv": 2, "conv1d": 1}
 MAX_WIDTH = 65_536
 
 Factory = Callable[[int, str, Mapping[str, float]], nn.Module]
@@ -151,8 +154,12 @@ def _bottleneck_mlp(width: int, kind: str, params: Mapping[str, float]) -> nn.Mo
 def _low_rank(width: int, kind: str, params: Mapping[str, float]) -> nn.Module:
     rank = int(params["rank"])
     if rank > width:
-        raise _not_applicable("lowrank", f"rank {rank} exceeds the width {width}")
-    return modules.LowRankLinear(width, rank) if kind == "mlp" else modules.LowRankConv(width, rank)
+        raise _not_applicable(
+            "lowrank" if kind != "conv1d" else "conv1d_lowrank", f"rank {rank} exceeds the width {width}"
+        )
+    if kind == "mlp":
+        return modules.LowRankLinear(width, rank)
+    return modules.LowRankConv(width, rank, _CONV_DIMS[kind])
 
 
 def _attention_lite(width: int, kind: str, params: Mapping[str, float]) -> nn.Module:
@@ -163,18 +170,21 @@ def _attention_lite(width: int, kind: str, params: Mapping[str, float]) -> nn.Mo
 
 
 def _residual_conv(width: int, kind: str, params: Mapping[str, float]) -> nn.Module:
-    return modules.ResidualConvBlock(width)
+    return modules.ResidualConvBlock(width, _CONV_DIMS[kind])
 
 
 def _depthwise_conv(width: int, kind: str, params: Mapping[str, float]) -> nn.Module:
     kernel_size = int(params["kernel_size"])
     if kernel_size % 2 == 0:
-        raise _not_applicable("conv_depthwise", f"kernel_size {kernel_size} must be odd to keep the shape")
-    return modules.DepthwiseSeparableConv(width, kernel_size)
+        raise _not_applicable(
+            "conv_depthwise" if kind == "conv" else "conv1d_depthwise",
+            f"kernel_size {kernel_size} must be odd to keep the shape",
+        )
+    return modules.DepthwiseSeparableConv(width, kernel_size, _CONV_DIMS[kind])
 
 
 def _bottleneck_conv(width: int, kind: str, params: Mapping[str, float]) -> nn.Module:
-    return modules.BottleneckConv(width, max(1, width // int(params["reduction"])))
+    return modules.BottleneckConv(width, max(1, width // int(params["reduction"])), _CONV_DIMS[kind])
 
 
 def _squeeze_excitation(width: int, kind: str, params: Mapping[str, float]) -> nn.Module:
@@ -333,6 +343,79 @@ BUILTIN_SPECS: tuple[BlueprintSpec, ...] = (
         factory=_squeeze_excitation,
         defaults={"reduction": 4.0},
         integer_parameters=frozenset({"reduction"}),
+    ),
+)
+
+# The 1-D blueprints are blueprints of their own rather than a new host kind of the 2-D ones: a catalogue
+# seeds each built-in once, so an existing catalogue learns of new ids but never of new kinds of old ones.
+BUILTIN_SPECS += (
+    BlueprintSpec(
+        descriptor=_descriptor(
+            "conv1d_residual",
+            "Residual 1-D conv block",
+            tier=_SAFE,
+            risk=0.15,
+            kinds=("conv1d",),
+            description="conv(3) -> ReLU -> conv(3) at the slot's channel count, along the sequence.",
+            bounds={},
+        ),
+        factory=_residual_conv,
+    ),
+    BlueprintSpec(
+        descriptor=_descriptor(
+            "conv1d_depthwise",
+            "Depthwise-separable 1-D conv",
+            tier=_SAFE,
+            risk=0.1,
+            kinds=("conv1d",),
+            description="Depthwise conv(k) along the sequence -> ReLU -> pointwise conv(1).",
+            bounds={"kernel_size": (1.0, 9.0)},
+        ),
+        factory=_depthwise_conv,
+        defaults={"kernel_size": 5.0},
+        integer_parameters=frozenset({"kernel_size"}),
+    ),
+    BlueprintSpec(
+        descriptor=_descriptor(
+            "conv1d_bottleneck",
+            "Bottleneck 1-D conv",
+            tier=_SAFE,
+            risk=0.15,
+            kinds=("conv1d",),
+            description="conv(1) reduce -> conv(3) -> conv(1) expand, with ReLUs.",
+            bounds={"reduction": (1.0, 16.0)},
+        ),
+        factory=_bottleneck_conv,
+        defaults={"reduction": 1.0},
+        integer_parameters=frozenset({"reduction"}),
+    ),
+    BlueprintSpec(
+        descriptor=_descriptor(
+            "conv1d_se",
+            "Squeeze-excitation (1-D)",
+            tier=_SAFE,
+            risk=0.1,
+            kinds=("conv1d",),
+            description="Rescales each channel by a gate computed from its average along the sequence.",
+            bounds={"reduction": (1.0, 16.0)},
+        ),
+        factory=_squeeze_excitation,
+        defaults={"reduction": 1.0},
+        integer_parameters=frozenset({"reduction"}),
+    ),
+    BlueprintSpec(
+        descriptor=_descriptor(
+            "conv1d_lowrank",
+            "Low-rank 1-D adapter",
+            tier=_SAFE,
+            risk=0.05,
+            kinds=("conv1d",),
+            description="A rank-r map of the channels at every position (1x1 convolutions).",
+            bounds={"rank": (1.0, 64.0)},
+        ),
+        factory=_low_rank,
+        defaults={"rank": 4.0},
+        integer_parameters=frozenset({"rank"}),
     ),
 )
 

@@ -1,7 +1,8 @@
 """The seed modules behind the built-in blueprints.
 
 Each module's output is a seed's *contribution*, which Kasmina blends into the host's activation. MLP
-modules map `[N, width] -> [N, width]`; conv modules map `[N, C=width, H, W]` to the same shape. Every
+modules map `[N, width] -> [N, width]`; conv modules map `[N, C=width, H, W]` to the same shape, or, built
+with `dims=1` for a 1-D slot, `[N, C=width, L]` to the same shape. Every
 layer keeps PyTorch's default (non-zero) initialisation: a module whose output starts at exactly zero
 gives its own parameters no gradient from a residual target, and the seed would never learn.
 """
@@ -12,6 +13,14 @@ import math
 
 import torch
 from torch import nn
+
+_CONV: dict[int, type[nn.Conv1d] | type[nn.Conv2d]] = {1: nn.Conv1d, 2: nn.Conv2d}
+
+
+def _conv_class(dims: int) -> type[nn.Conv1d] | type[nn.Conv2d]:
+    if dims not in _CONV:
+        raise ValueError(f"convolutions are 1-D or 2-D, got dims={dims}")
+    return _CONV[dims]
 
 
 class SmallMLP(nn.Module):
@@ -45,13 +54,14 @@ class LowRankLinear(nn.Module):
 class LowRankConv(nn.Module):
     """The per-pixel (1x1) version of `LowRankLinear` for feature maps."""
 
-    def __init__(self, channels: int, rank: int) -> None:
+    def __init__(self, channels: int, rank: int, dims: int = 2) -> None:
         super().__init__()
-        self.down = nn.Conv2d(channels, rank, kernel_size=1, bias=False)
-        self.up = nn.Conv2d(rank, channels, kernel_size=1)
+        conv = _conv_class(dims)
+        self.down = conv(channels, rank, kernel_size=1, bias=False)
+        self.up = conv(rank, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`[N, C, H, W] -> [N, C, H, W]`."""
+        """`[N, C, *spatial] -> [N, C, *spatial]`."""
         out: torch.Tensor = self.up(self.down(x))
         return out
 
@@ -84,13 +94,14 @@ class AttentionLite(nn.Module):
 class ResidualConvBlock(nn.Module):
     """Two 3x3 convolutions with a ReLU between them (the residual branch of a ResNet block)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, dims: int = 2) -> None:
         super().__init__()
-        self.first = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.second = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        conv = _conv_class(dims)
+        self.first = conv(channels, channels, kernel_size=3, padding=1)
+        self.second = conv(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`[N, C, H, W] -> [N, C, H, W]`."""
+        """`[N, C, *spatial] -> [N, C, *spatial]`."""
         out: torch.Tensor = self.second(torch.relu(self.first(x)))
         return out
 
@@ -98,15 +109,16 @@ class ResidualConvBlock(nn.Module):
 class DepthwiseSeparableConv(nn.Module):
     """A depthwise k x k convolution, a ReLU, then a pointwise 1x1 convolution."""
 
-    def __init__(self, channels: int, kernel_size: int) -> None:
+    def __init__(self, channels: int, kernel_size: int, dims: int = 2) -> None:
         super().__init__()
-        self.depthwise = nn.Conv2d(
+        conv = _conv_class(dims)
+        self.depthwise = conv(
             channels, channels, kernel_size=kernel_size, padding=kernel_size // 2, groups=channels
         )
-        self.pointwise = nn.Conv2d(channels, channels, kernel_size=1)
+        self.pointwise = conv(channels, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`[N, C, H, W] -> [N, C, H, W]`."""
+        """`[N, C, *spatial] -> [N, C, *spatial]`."""
         out: torch.Tensor = self.pointwise(torch.relu(self.depthwise(x)))
         return out
 
@@ -114,14 +126,15 @@ class DepthwiseSeparableConv(nn.Module):
 class BottleneckConv(nn.Module):
     """1x1 reduce, 3x3 at the reduced width, 1x1 expand, with ReLUs between."""
 
-    def __init__(self, channels: int, hidden: int) -> None:
+    def __init__(self, channels: int, hidden: int, dims: int = 2) -> None:
         super().__init__()
-        self.reduce = nn.Conv2d(channels, hidden, kernel_size=1)
-        self.spatial = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1)
-        self.expand = nn.Conv2d(hidden, channels, kernel_size=1)
+        conv = _conv_class(dims)
+        self.reduce = conv(channels, hidden, kernel_size=1)
+        self.spatial = conv(hidden, hidden, kernel_size=3, padding=1)
+        self.expand = conv(hidden, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`[N, C, H, W] -> [N, C, H, W]`."""
+        """`[N, C, *spatial] -> [N, C, *spatial]`."""
         out: torch.Tensor = self.expand(torch.relu(self.spatial(torch.relu(self.reduce(x)))))
         return out
 
@@ -135,6 +148,7 @@ class SqueezeExcitation(nn.Module):
         self.excite = nn.Linear(hidden, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`[N, C, H, W] -> [N, C, H, W]`."""
-        gates = torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean(dim=(2, 3))))))
-        return x * gates[:, :, None, None]
+        """`[N, C, *spatial] -> [N, C, *spatial]`."""
+        spatial = tuple(range(2, x.dim()))
+        gates = torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean(dim=spatial)))))
+        return x * gates.reshape(*gates.shape, *(1,) * len(spatial))
