@@ -298,7 +298,8 @@ class TamiyoService:
         change; failures raise typed errors like a decision's.
 
         Then it measures the policy on this machine: `PROBE_RUNS` graph builds and forwards as a decision
-        runs them (on the service's clock), kept in `policy_fit`. When they take more than
+        runs them (on the inference worker, at a decision's priority, timed on the service's clock), kept
+        in `policy_fit`. When they take more than
         `prepare_budget_share` of the step budget, a `policy_over_budget` event says so, with the figure
         and what to do, before any decision misses its deadline."""
         validate_packet(packet)
@@ -307,25 +308,28 @@ class TamiyoService:
             return
         clock = self._clock
 
-        def job(token: CancelToken) -> list[float]:
+        def job(token: CancelToken) -> None:
             graph = graph_policy.builder.build(packet, update_stats=False)
             token.check()
             graph_policy.rehearse(graph)
-            samples = []
-            for _ in range(PROBE_RUNS):
-                start = clock.monotonic()
-                graph = graph_policy.builder.build(packet, update_stats=False)
-                graph_policy.warm(graph, cancel=token)
-                samples.append((clock.monotonic() - start) * 1e3)
-            return samples
+
+        def probe(token: CancelToken) -> float:
+            start = clock.monotonic()
+            graph_policy.warm(graph_policy.builder.build(packet, update_stats=False), cancel=token)
+            return (clock.monotonic() - start) * 1e3
 
         before = getattr(graph_policy, "plan_status", None)
-        samples = self._worker.run(
+        self._worker.run(
             job,
             timeout_ms=self.settings.warmup_timeout_ms,
             what=f"warm-up on {packet.packet_id}",
             realtime=False,  # tracing a plan takes hundreds of milliseconds: not at real-time priority
         )
+        # One job per run, at the priority a decision runs at (at normal priority a busy machine's other
+        # processes would be measured too).
+        what = f"measurement on {packet.packet_id}"
+        timeout_ms = self.settings.warmup_timeout_ms
+        samples = [self._worker.run(probe, timeout_ms=timeout_ms, what=what) for _ in range(PROBE_RUNS)]
         after = getattr(graph_policy, "plan_status", None)
         if isinstance(after, PlanStatus) and after != before:
             failed = isinstance(before, PlanStatus) and after.fallbacks > before.fallbacks
