@@ -222,8 +222,7 @@ class GNNPolicy:
         """Load weights from `state_bytes()` output of a compatible policy; anything else is refused with
         `CheckpointIncompatible`, and the weights stay as they were."""
         header = read_safetensors_header(payload)
-        expected_header = self._config.header()
-        for key, expected in expected_header.items():
+        for key, expected in self._config.header().items():
             found = header.get(key, LEGACY_HEADER.get(key, ""))
             if found != expected:
                 raise CheckpointIncompatible(key, expected, found, hint=_size_hint(header, self._config))

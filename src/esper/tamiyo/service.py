@@ -95,8 +95,7 @@ class PolicyFit:
             f"(graph build and network, second slowest of {self.runs} runs), more than the "
             f"{self.allowed_ms:.3g} ms it may take of the {self.budget_ms:g} ms step budget: decisions will "
             f"miss their deadline. Raise the budget (TAMIYO_STEP_TIMEOUT_MS={needed:g} or more), {smaller}"
-            f"run on a GPU (TAMIYO_DEVICE=cuda), "
-            f"or use --policy heuristic"
+            "run on a GPU (TAMIYO_DEVICE=cuda), or use --policy heuristic"
         )
 
 
@@ -299,9 +298,9 @@ class TamiyoService:
 
         Then it measures the policy on this machine: `PROBE_RUNS` graph builds and forwards as a decision
         runs them (on the inference worker, at a decision's priority, timed on the service's clock), kept
-        in `policy_fit`. When they take more than
-        `prepare_budget_share` of the step budget, a `policy_over_budget` event says so, with the figure
-        and what to do, before any decision misses its deadline."""
+        in `policy_fit`. When they take more than `prepare_budget_share` of the step budget, a
+        `policy_over_budget` event says so, with the figure and what to do, before any decision misses its
+        deadline."""
         validate_packet(packet)
         graph_policy = self._graph_policy
         if graph_policy is None:
