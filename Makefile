@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint proto bench clean
+.PHONY: setup run test test-fast lint proto bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# The fast tier: unit and component tests, no real training runs or crash loops (about a minute).
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow" -x
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I contracts --python_out=src/esper/leyline contracts/leyline.proto

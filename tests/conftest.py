@@ -117,3 +117,14 @@ def make_bus(bus_spec: BusSpec) -> Iterator[Callable[..., Bus]]:
     yield factory
     for bus in opened:
         bus.close()
+
+
+_INTEGRATION = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration trains or spawns processes for real: it belongs to the slow
+    tier (`make test-fast` runs the rest, `make test` everything)."""
+    for item in items:
+        if _INTEGRATION in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.slow)

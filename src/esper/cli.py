@@ -281,6 +281,7 @@ def _build_controller(
             load=heuristic.restore,
             start=service.submit,
             finish=service.collect,
+            release=service.checkpointed,
         )
     if policy == "gnn":
         from esper.tamiyo import GNNPolicy  # PyTorch Geometric loads only for the GNN
@@ -308,6 +309,7 @@ def _build_controller(
             warm_ahead=intake.anticipate,
             start=intake.submit,
             finish=intake.collect,
+            release=service.checkpointed,
         )
     raise ConfigurationError(f"unknown policy {policy!r}; available: heuristic, gnn")
 
@@ -386,17 +388,16 @@ class _TamiyoRunState:
 def _abandon_past_checkpoint(durable: _TamiyoRunState, run_dir: Path, training_run_id: str) -> None:
     """Before Tamiyo starts (and its outbox publishes anything), cut the store's timeline back to the
     checkpoint the run resumes from: decisions taken after it are re-decided by the resumed run, so theirs
-    are abandoned (never published from now on, never learned from)."""
+    are abandoned (never published from now on, never learned from). Without a checkpoint the run starts
+    over, and its whole earlier timeline is abandoned."""
     from esper.tolaria.run import resume_step
 
     step = resume_step(run_dir)
-    if step is None:
-        return
-    cut = durable.store.abandon_after(training_run_id, step)
-    if cut.decisions:
+    cut = durable.store.abandon_after(training_run_id, -1 if step is None else step)
+    if cut.decisions or cut.field_reports or cut.already_published:
         err_console.print(
-            f"resume from step {step}: abandoned {cut.decisions} decision(s) and {cut.field_reports} pending "
-            f"field report(s) taken after it"
+            f"resume from step {step or 0}: abandoned {cut.decisions} decision(s) and {cut.field_reports}"
+            " pending field report(s) written after it"
             + (
                 f"; {cut.already_published} of them were published before the crash"
                 if cut.already_published
@@ -428,6 +429,9 @@ def _tamiyo_service(
         bus=durable.bus,
         blueprint_metadata=metadata,
         registry=registry,
+        # Decisions and reports leave only once a durable checkpoint covers them: a resume never finds
+        # that Simic learnt from steps it decides again (the trainer's checkpoints call `checkpointed`).
+        hold_until_checkpoint=True,
         # HIGH and CRITICAL packets on the emergency stream, the rest on telemetry; a refusal is logged.
         telemetry_sink=TelemetryPublisher(durable.bus),
     )
@@ -586,6 +590,13 @@ def run(
             "[TOLARIA_MAX_PARAMS, 0]."
         ),
     ] = None,
+    host_width: Annotated[
+        int | None,
+        typer.Option(
+            help="Width the host starts at: MLP units per layer, first conv channels (the second twice), "
+            "Transformer feed-forward units (0: the host's default) [TOLARIA_HOST_WIDTH, 0]."
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --run-dir from its last checkpoint (its config wins).")
     ] = False,
@@ -636,6 +647,7 @@ def run(
         "batch_size": batch_size,
         "lr": lr,
         "max_params": max_params,
+        "host_width": host_width,
     }
     try:
         # Everything a start can be refused for is checked before anything is created.

@@ -107,3 +107,6 @@ class ScriptedController:
         """Inverse of `export_state`."""
         self.germinated = [str(s) for s in state["germinated"]]
         self.decisions = int(state["decisions"])
+
+    def checkpointed(self, training_run_id: str, step: int) -> None:
+        """Nothing recorded to release."""

@@ -92,21 +92,18 @@ def test_a_halted_run_exits_with_its_status_and_says_how_to_resume(
 def test_a_run_ended_by_missed_deadlines_fails_loudly_and_names_the_knobs(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No decision can fit a 1 us budget: the run stops after the tolerated misses in a row, exits 1 and
-    tells the operator which settings govern the budget and the tolerance."""
+    """No decision can fit a 1 us budget: the run stops after the tolerated misses in a row (3 here; 50 by
+    default), exits 1 and tells the operator which settings govern the budget and the tolerance."""
     monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", "0.001")
+    monkeypatch.setenv("TOLARIA_MAX_CONSECUTIVE_MISSES", "3")
     run_dir = tmp_path / "run"
     args = ["run", "--policy", "gnn", "--epochs", "3", "--run-dir", str(run_dir), "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     assert "missed its deadline" in result.output
-    assert "TAMIYO_STEP_TIMEOUT_MS" in result.output and "TOLARIA_MAX_CONTROLLER_FAILURES" in result.output
-    failures = [
-        json.loads(line)
-        for line in (run_dir / "events.jsonl").read_text().splitlines()
-        if "controller_failed" in line
-    ]
-    assert len(failures) == 3
+    assert "TAMIYO_STEP_TIMEOUT_MS" in result.output and "TOLARIA_MAX_CONSECUTIVE_MISSES" in result.output
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in events].count("decision_deadline_missed") == 3
     # Each miss was CRITICAL telemetry, routed to the deployment's emergency stream (not taken as a halt).
     bus = open_bus(load_settings(EsperSettings), load_settings(OonaSettings))
     try:
@@ -236,6 +233,8 @@ def test_esper_run_keeps_a_transformer_on_tokens_within_its_parameter_budget(
         if "parameters" in json.loads(line)
     ]
     assert sizes and max(sizes) <= budget
-    refused = [d for d in decisions if "no germination fits the growth budget" in d["annotations"]["reason"]]
+    # A decision that missed its deadline (a busy machine) has no command, so no annotations.
+    reasons = [d.get("annotations", {}).get("reason", "") for d in decisions]
+    refused = [r for r in reasons if "no germination fits the growth budget" in r]
     assert refused, "the run never reached its budget"
-    assert all("> max_parameters 900" in d["annotations"]["reason"] for d in refused)
+    assert all("> max_parameters 900" in reason for reason in refused)

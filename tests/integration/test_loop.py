@@ -75,6 +75,9 @@ class RecordingController:
     def restore_state(self, state: Mapping[str, Any]) -> None:
         self.inner.restore_state(state)
 
+    def checkpointed(self, training_run_id: str, step: int) -> None:
+        self.inner.checkpointed(training_run_id, step)
+
 
 @pytest.fixture
 def trainer(tmp_path: Path) -> Iterator[Trainer]:

@@ -122,6 +122,9 @@ class _Replaying:
     def restore_state(self, state: Mapping[str, Any]) -> None:
         self.inner.restore_state(state)
 
+    def checkpointed(self, training_run_id: str, step: int) -> None:
+        self.inner.checkpointed(training_run_id, step)
+
 
 def test_a_command_applied_before_the_checkpoint_is_refused_as_a_replay_after_resume(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

@@ -75,7 +75,7 @@ def policy() -> HeuristicPolicy:
 
 def test_version_and_tamiyo_settings_give_defaults() -> None:
     heuristic = HeuristicPolicy(TamiyoSettings())
-    assert heuristic.version == "heuristic-v1"
+    assert heuristic.version == "heuristic-v2"
     assert heuristic.settings == HeuristicSettings()
 
 

@@ -77,6 +77,7 @@ def test_evaluate_step_is_the_only_entry_point() -> None:
         "policy_version",
         "swap_policy",
         "step_timeout_ms",  # the one resolved step budget (P1)
+        "checkpointed",  # the trainer's word that a checkpoint is durable: releases records, decides nothing
     }
 
 

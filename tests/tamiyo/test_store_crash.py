@@ -21,6 +21,8 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+import pytest
+
 from esper.tamiyo.store import TamiyoStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +83,7 @@ class Writer:
             self.process.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_instants_loses_no_acknowledged_record(tmp_path: Path) -> None:
     db = tmp_path / "tamiyo.sqlite3"
     rng = random.Random(20261123)

@@ -53,3 +53,42 @@ def test_decisions_past_the_checkpoint_are_abandoned_never_published(tmp_path: P
         live = [e for e in store.outbox_entries() if e.kind == "decision" and e.status != "dropped"]
         steps = sorted(store.decision(e.command_id).packet.global_step for e in live)  # type: ignore[union-attr]
         assert steps == [20, 40, 46]
+
+
+def test_a_report_written_past_the_checkpoint_is_dropped_and_its_window_reopened(tmp_path: Path) -> None:
+    """The window of a kept decision closed after the checkpoint, on the timeline the resume replaces: the
+    resumed run must measure it again, so the report goes and the window comes back as it was."""
+    with TamiyoStore(tmp_path / "tamiyo.sqlite3") as store:
+        _decided(store, "cmd-a", 20)
+        _decided(store, "cmd-b", 21)
+        opened = {w.command_id: w for w in store.open_windows("run-1")}
+        store.close_window("cmd-a", _report("cmd-a"), as_of_step=22)  # before the checkpoint at 23: kept
+        store.close_window("cmd-b", _report("cmd-b"), as_of_step=30)  # after it
+
+        cut = store.abandon_after("run-1", 23)
+
+        assert (cut.decisions, cut.field_reports, cut.windows_reopened, cut.already_published) == (0, 1, 1, 0)
+        assert store.open_windows("run-1") == [opened["cmd-b"]]
+        reports = {r.report.command_id: r.status for r in store.field_reports()}
+        assert reports == {"cmd-a": "pending", "cmd-b": "dropped"}
+        # The resumed run closes it again, into a report of its own timeline.
+        store.close_window("cmd-b", _second_report("cmd-b"), as_of_step=30)
+        assert store.open_windows("run-1") == []
+
+
+def test_a_report_that_left_before_the_crash_is_counted_and_its_window_stays_closed(tmp_path: Path) -> None:
+    with TamiyoStore(tmp_path / "tamiyo.sqlite3") as store:
+        _decided(store, "cmd-a", 20)
+        store.close_window("cmd-a", _report("cmd-a"), as_of_step=30)
+        store.mark_published([e for e in store.outbox_entries("pending") if e.kind == "field_report"])
+
+        cut = store.abandon_after("run-1", 23)
+
+        assert (cut.field_reports, cut.windows_reopened, cut.already_published) == (0, 0, 1)
+        assert store.open_windows("run-1") == []  # reopening it would report the decision twice
+
+
+def _second_report(command_id: str) -> pb.FieldReport:
+    report = _report(command_id)
+    report.report_id = f"fr-{command_id}-again"
+    return report

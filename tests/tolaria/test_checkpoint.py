@@ -203,3 +203,37 @@ def test_meta_that_is_not_json_is_refused_by_the_caller(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "checkpoints")
     with pytest.raises(CheckpointError, match="not JSON"):
         store.save(1, {"w": torch.ones(2)}, {"step": object()})
+
+
+def test_on_durable_runs_once_the_checkpoint_counts_and_never_for_a_failed_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    seen: list[list[int]] = []
+
+    def on_durable() -> None:  # the checkpoint is whole and on disk when this runs
+        seen.append(store._steps_on_disk())
+
+    store.save(5, {"w": torch.ones(2)}, {"step": 5}, on_durable=on_durable)
+    store.flush()
+    assert seen == [[5]]
+
+    monkeypatch.setattr(
+        checkpoint_module, "write_atomically", lambda path, data: (_ for _ in ()).throw(OSError(28, "full"))
+    )
+    store.save(6, {"w": torch.ones(2)}, {"step": 6}, on_durable=on_durable)
+    with pytest.raises(CheckpointError, match="full"):
+        store.flush()
+    assert seen == [[5]]
+
+
+def test_a_failing_on_durable_is_raised_at_the_next_flush_and_the_checkpoint_stays(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+
+    def on_durable() -> None:
+        raise RuntimeError("listener broke")
+
+    store.save(7, {"w": torch.ones(2)}, {"step": 7}, on_durable=on_durable)
+    with pytest.raises(CheckpointError, match="listener broke"):
+        store.flush()
+    assert store.steps() == [7]

@@ -81,6 +81,9 @@ class _ServiceController:
     def restore_state(self, state: Any) -> None:
         return None
 
+    def checkpointed(self, training_run_id: str, step: int) -> None:
+        self.service.checkpointed(training_run_id, step)
+
 
 def test_a_decision_held_past_its_budget_is_a_critical_miss_and_training_goes_on(
     tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue

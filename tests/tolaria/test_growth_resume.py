@@ -39,6 +39,15 @@ class GrowthController:
     def anticipate(self) -> None:
         """Nothing to warm up."""
 
+    def submit(self, packet: pb.SystemStatePacket) -> None:
+        """Decides at once; `collect` hands the command back."""
+        self.submitted: pb.AdaptationCommand | None = self.evaluate_step(packet)
+
+    def collect(self) -> pb.AdaptationCommand:
+        command, self.submitted = self.submitted, None
+        assert command is not None, "collect without submit"
+        return command
+
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
         self.decisions += 1
         if self.decisions == 2:
@@ -64,6 +73,9 @@ class GrowthController:
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
         self.decisions = int(state["decisions"])
+
+    def checkpointed(self, training_run_id: str, step: int) -> None:
+        pass  # nothing recorded to release
 
 
 @pytest.fixture(scope="module")

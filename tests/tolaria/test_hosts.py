@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from esper.kasmina import GrowthNotApplicable
+from esper.leyline import pb
 from esper.tolaria.data import make_signals, make_tokens
 from esper.tolaria.hosts import Conv1dHost, Host, HostNotApplicable, TransformerHost, build_host
 from esper.tolaria.run import RunConfigError, load_task, resolve_host
@@ -179,3 +180,29 @@ def test_unknown_hosts_and_tasks_are_refused() -> None:
         resolve_host("digits", "rnn")
     with pytest.raises(RunConfigError, match="unknown task 'cifar'"):
         resolve_host("cifar", "auto")
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "widths"),
+    [
+        ("mlp", (64,), {"fc1": 5, "fc2": 5}),
+        ("cnn", (1, 8, 8), {"conv1": 5, "conv2": 10}),
+        ("conv1d", (2, 40), {"conv1": 5, "conv2": 10}),
+        ("transformer", (12,), {"ff1": 5, "proj1": 8}),
+    ],
+)
+def test_host_width_sets_where_each_host_starts(
+    kind: str, shape: tuple[int, ...], widths: dict[str, int]
+) -> None:
+    host = build_host(kind, shape, 10, width=5, vocab_size=16)
+    layers = {layer.layer_id: layer.width for layer in host.topology().layers}
+    assert {name: layers[name] for name in widths} == widths
+    default = build_host(kind, shape, 10, width=0, vocab_size=16)
+    assert default.parameter_count() == build_host(kind, shape, 10, vocab_size=16).parameter_count()
+
+
+def test_the_topology_says_which_growths_each_layer_allows() -> None:
+    host = build_host("transformer", (12,), 10, vocab_size=16)
+    allowed = {layer.layer_id: list(layer.growth_operations) for layer in host.topology().layers}
+    assert allowed["ff1"] == [pb.SEED_OP_WIDEN, pb.SEED_OP_DEEPEN]
+    assert allowed["proj1"] == [pb.SEED_OP_DEEPEN] and allowed["head"] == []

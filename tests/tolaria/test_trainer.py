@@ -205,3 +205,29 @@ def test_the_controller_hears_of_each_decision_the_configured_steps_ahead(
     decided_at = [step for step in range(1, trainer.total_steps + 1) if step % interval == 0]
     assert len(decided_at) == trainer.decisions > 0
     assert heard == ([step - lead for step in decided_at] if lead else [])
+
+
+class _Durability(ScriptedController):
+    """The scripted controller, noting each `checkpointed` call with the checkpoints on disk then."""
+
+    def __init__(self, trainer_dir: Path) -> None:
+        super().__init__(SECRET, germinate=("h1",), blueprints={"h1": "mlp_small"})
+        self.directory = trainer_dir
+        self.calls: list[tuple[str, int, bool]] = []
+
+    def checkpointed(self, training_run_id: str, step: int) -> None:
+        on_disk = (self.directory / f"ckpt-{step:09d}.json").exists()
+        self.calls.append((training_run_id, step, on_disk))
+
+
+def test_the_controller_hears_of_each_checkpoint_once_it_is_durable_halt_included(
+    tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue
+) -> None:
+    trainer = make_trainer(tmp_path / "run", dataset, catalogue, channel=ScriptedChannel(halt_at_poll=15))
+    listener = _Durability(trainer.store.directory)
+    trainer.controller = listener
+    outcome = trainer.fit()
+    assert outcome.halted and outcome.steps == 14
+    epoch = trainer.steps_per_epoch
+    assert epoch < 14
+    assert listener.calls == [(RUN_ID, 0, True), (RUN_ID, epoch, True), (RUN_ID, 14, True)]

@@ -61,3 +61,74 @@ def over_budget(
             f"{current:.0f} + {added} > max_parameters {budget}"
         )
     return None
+
+
+# Kernel positions of an identity block's expanding layer, by the kind of the slot it sits on.
+_BLOCK_KERNEL = {"mlp": 1, "conv1d": 3, "conv": 9}
+
+
+def growth_parameter_cost(
+    packet: pb.SystemStatePacket, action: int, layer_id: str, *, units: int = 0, hidden: int = 0
+) -> tuple[int | None, str]:
+    """Parameters a WIDEN (`units`) or DEEPEN (`hidden`, 0: the layer's width) of `layer_id` adds, counted
+    from the packet's topology; (None, why) when the topology does not say.
+
+    A WIDEN adds `units` rows to the layer (its parameters per output unit: weight row and bias) and as
+    many fan-in columns to the layer after it in topology order (the hosts list every layer in forward
+    order, the consumer of a widened layer next): that layer's weight parameters per unit of this
+    layer's width. A DEEPEN adds an identity block on the slot after the layer: an expanding layer
+    (kernel 1, 3 or 3x3 by the slot's kind: mlp, conv1d, conv) to `hidden` and a 1x1 projection back.
+    """
+    layers = list(packet.topology.layers)
+    index = next((i for i, layer in enumerate(layers) if layer.layer_id == layer_id), None)
+    if index is None:
+        return None, f"layer {layer_id!r} is not in the topology"
+    layer = layers[index]
+    width = int(layer.width)
+    if width < 1:
+        return None, f"layer {layer_id!r} reports width {width}"
+    if action == pb.POLICY_ACTION_WIDEN:
+        if units < 1 or index + 1 >= len(layers):
+            return None, f"layer {layer_id!r} cannot be widened by {units} (no layer after it)"
+        consumer = layers[index + 1]
+        per_row, rows_rest = divmod(int(layer.parameter_count), width)
+        per_column, columns_rest = divmod(int(consumer.parameter_count) - int(consumer.width), width)
+        if rows_rest or columns_rest or per_row < 1 or per_column < 1:
+            return None, (
+                f"the parameters of {layer_id!r} ({layer.parameter_count}) and of {consumer.layer_id!r} "
+                f"({consumer.parameter_count}) do not split into units of width {width}"
+            )
+        return units * (per_row + per_column), ""
+    if action == pb.POLICY_ACTION_DEEPEN:
+        slot = next((s for s in packet.topology.slots if s.layer_id == layer_id), None)
+        if slot is None or slot.kind not in _BLOCK_KERNEL:
+            return None, f"no slot of a known kind after layer {layer_id!r} anchors a block"
+        block_width = int(slot.width)
+        inner = hidden or block_width
+        return _BLOCK_KERNEL[slot.kind] * block_width * inner + inner + inner * block_width + block_width, ""
+    return None, f"{pb.PolicyAction.Name(action)} is not a growth"
+
+
+def growth_over_budget(
+    packet: pb.SystemStatePacket, action: int, layer_id: str, *, units: int = 0, hidden: int = 0
+) -> str | None:
+    """Why a WIDEN or DEEPEN of `layer_id` would break the packet's budget (or cannot be counted against
+    it); None when it fits or the packet has no budget."""
+    budget = int(packet.max_parameters)
+    if budget == 0:
+        return None
+    current = packet.training_metrics.get("param_count")
+    if current is None or not math.isfinite(current):
+        return (
+            f"the packet does not say the model's size (param_count), so the budget {budget} cannot be kept"
+        )
+    added, why = growth_parameter_cost(packet, action, layer_id, units=units, hidden=hidden)
+    if added is None:
+        return f"the parameter cost of {pb.PolicyAction.Name(action)} {layer_id!r} is unknown: {why}"
+    if current + added > budget:
+        operation = "widening" if action == pb.POLICY_ACTION_WIDEN else "deepening after"
+        return (
+            f"{operation} {layer_id} adds {added} parameters: "
+            f"{current:.0f} + {added} > max_parameters {budget}"
+        )
+    return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 
 from esper.leyline import Clock, ContractViolation, EsperError, pb, sign, validate_command, value_label
-from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.proposal import GROWTH_ACTIONS, Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
 BlendParameters = dict[int, dict[str, float]]  # per blend mode, the parameters a GERMINATE carries
@@ -34,6 +34,12 @@ _SEED_OPERATIONS = {
     pb.POLICY_ACTION_FOSSILIZE: pb.SEED_OP_FOSSILIZE,
     pb.POLICY_ACTION_CULL: pb.SEED_OP_CULL,
 }
+
+_GROWTH_OPERATIONS = {
+    pb.POLICY_ACTION_WIDEN: pb.SEED_OP_WIDEN,
+    pb.POLICY_ACTION_DEEPEN: pb.SEED_OP_DEEPEN,
+}
+_GROWTH_ACTIONS_OF = {operation: action for action, operation in _GROWTH_OPERATIONS.items()}
 
 
 def blend_parameters(settings: TamiyoSettings) -> BlendParameters:
@@ -75,7 +81,20 @@ class CommandFactory:
     def build(
         self, proposal: Proposal, packet: pb.SystemStatePacket, annotations: dict[str, str] | None = None
     ) -> pb.AdaptationCommand:
-        """The signed command for `proposal` in the context of `packet`."""
+        """The signed command for `proposal` in the context of `packet` (a growth proposal becomes
+        `growth`'s command, carrying `annotations` too)."""
+        if proposal.action in GROWTH_ACTIONS:
+            return self.growth(
+                packet,
+                _GROWTH_OPERATIONS[proposal.action],
+                proposal.layer_id,
+                units=proposal.units,
+                init=proposal.growth_init,
+                hidden=proposal.hidden,
+                alpha_ramp_steps=proposal.alpha_ramp_steps,
+                reason=proposal.reason,
+                annotations=annotations,
+            )
         command = pb.AdaptationCommand(
             version=1,
             command_id=f"cmd-{uuid.uuid4().hex}",
@@ -117,9 +136,10 @@ class CommandFactory:
         hidden: int = 0,
         alpha_ramp_steps: int = 0,
         reason: str = "",
+        annotations: dict[str, str] | None = None,
     ) -> pb.AdaptationCommand:
         """The signed WIDEN (`units`, `init`) or DEEPEN (`hidden`) of `layer_id`, a layer of `packet`."""
-        action = pb.POLICY_ACTION_UNSPECIFIED
+        action = _GROWTH_ACTIONS_OF.get(operation, pb.POLICY_ACTION_UNSPECIFIED)
         if operation not in (pb.SEED_OP_WIDEN, pb.SEED_OP_DEEPEN):
             raise CommandBuildError(action, f"{value_label(pb.SeedOperation, operation)} is not a growth")
         layers = [layer.layer_id for layer in packet.topology.layers]
@@ -134,6 +154,8 @@ class CommandFactory:
             command_type=pb.COMMAND_SEED,
             target_seed_id=layer_id,
         )
+        if annotations:
+            command.annotations.update(annotations)
         if reason:
             command.annotations["reason"] = reason
         seed_operation = command.seed_operation

@@ -9,6 +9,11 @@ parameter cost, the seed's counterfactual contribution when Kasmina measured it,
 `observation_window_epochs = N`. Windows live in the store, so a restarted service resumes them; at the end
 of a run the windows still open close as ABORTED, with the epochs really observed (0 if none).
 
+Every record is written as of a training step: a decision as of its packet's global step, a report as
+of the packet that closed its window (an ABORTED one as of the last packet seen). With `hold`, the outbox
+publishes a run's records only once a durable checkpoint covers that step (`release_through`, which the
+trainer's checkpoint writer calls); a completed run releases everything when it closes.
+
 `FieldReports` bundles the lifecycle with the outbox and its publisher thread for the service.
 """
 
@@ -70,6 +75,7 @@ class FieldReportLifecycle:
         self._store = store
         self._clock = clock
         self._last_epoch: dict[str, int] = {}  # per run: the latest epoch a packet showed this lifecycle
+        self._last_step: dict[str, int] = {}  # per run: the latest global step a packet showed it
 
     # -- decisions ----------------------------------------------------------------------------------
 
@@ -131,10 +137,11 @@ class FieldReportLifecycle:
         """Close every window of the packet's run that its epoch completes; returns the reports written."""
         run = packet.training_run_id
         self._last_epoch[run] = max(self._last_epoch.get(run, packet.current_epoch), packet.current_epoch)
+        self._last_step[run] = max(self._last_step.get(run, packet.global_step), packet.global_step)
         reports = []
         for window in self._store.due_windows(packet.training_run_id, packet.current_epoch):
             report = self.synthesise(window, packet)
-            self._store.close_window(window.command_id, report)
+            self._store.close_window(window.command_id, report, as_of_step=packet.global_step)
             reports.append(report)
         return reports
 
@@ -193,9 +200,18 @@ class FieldReportLifecycle:
                 reason,
                 observed_epochs=observed,
             )
-            self._store.close_window(window.command_id, report)
+            self._store.close_window(window.command_id, report, as_of_step=self._as_of(window))
             reports.append(report)
         return reports
+
+    def _as_of(self, window: ObservationWindow) -> int | None:
+        """The step an ABORTED report is written as of: the latest packet seen of its run, else (none seen
+        by this process) its decision's; None when even that is unreadable (never held, then)."""
+        step = self._last_step.get(window.training_run_id)
+        if step is not None:
+            return step
+        decided = self._store.decision(window.command_id)
+        return None if decided is None else decided.packet.global_step
 
     def _report(
         self,
@@ -241,8 +257,10 @@ class FieldReports:
         *,
         policy_version: str,
         background: bool = True,
+        hold: bool = False,
     ) -> None:
         self.store = store
+        self.hold = hold
         self.lifecycle = FieldReportLifecycle(settings, store, clock)
         self._telemetry = telemetry
         self._queued: queue.SimpleQueue[tuple[str, str, dict[str, str]]] = queue.SimpleQueue()
@@ -261,7 +279,7 @@ class FieldReports:
             )
         else:
             self.outbox = FieldReportOutbox(
-                store, bus, settings, clock, metrics=self.metrics, events=self._queue_event
+                store, bus, settings, clock, metrics=self.metrics, events=self._queue_event, hold=hold
             )
             if background:
                 self._publisher = OutboxPublisher(
@@ -312,6 +330,23 @@ class FieldReports:
             self._publisher.notify()
         return reports
 
+    def release_through(self, training_run_id: str, step: int) -> None:
+        """The run's checkpoint of `step` is durable: publish what it covers (any thread: the checkpoint
+        writer calls it). A failed write is a queued `tamiyo_store_write_failed` event, not an error:
+        the records wait, and the next checkpoint's release covers them too."""
+        try:
+            self.store.release_through(training_run_id, step)
+        except StoreError as exc:
+            self._queue_event(
+                "tamiyo_store_write_failed",
+                f"releasing run {training_run_id} through step {step} failed ({exc}); its records wait for "
+                "the next checkpoint",
+                {"path": str(exc.path), "step": str(step)},
+            )
+            return
+        if self._publisher is not None:
+            self._publisher.notify()
+
     def _announce(self, reports: list[pb.FieldReport]) -> None:
         for report in reports:
             outcome = _OUTCOME_NAMES.get(report.outcome, str(report.outcome))
@@ -338,13 +373,18 @@ class FieldReports:
 
     def close(self, *, abort_open_windows: bool) -> None:
         """Stop the publisher; close open windows as ABORTED (end of run) or leave them to resume; publish
-        what is due one last time. The store stays open (its owner closes it)."""
+        what is due one last time. The store stays open (its owner closes it).
+
+        When the run ended, a holding outbox releases everything first (`TamiyoStore.release_all`); a run
+        that stopped early keeps what no checkpoint covers held, for its resume to abandon."""
         try:
             if self._publisher is not None:
                 self._publisher.close()
             if abort_open_windows:
                 try:
                     self._announce(self.lifecycle.abort_open("run ended before the window closed"))
+                    if self.hold:
+                        self.store.release_all()
                 except StoreError as exc:
                     self._telemetry.emit("tamiyo_store_write_failed", str(exc), path=str(exc.path))
                     raise

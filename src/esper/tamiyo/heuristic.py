@@ -17,7 +17,25 @@ The defaults were chosen on development seeds (100-106) of benchmarks/growth_bas
 seeds it reports: a plateau is "less than 5% better over the last 2 evaluations" (with 1% over 3, hosts
 grew only in the last third of a run, too late for a seed to pay), and `mlp_expand` (many new hidden
 units behind the narrow layer) is preferred on MLP hosts, where it beat the rotation over all blueprints.
-4. Otherwise WAIT.
+4. GROW (before GERMINATE, when `enable_growth`): after the same cooldown, while no seed and no growth is
+   active, on a growth plateau (as rule 3's, with `growth_min_improvement`: a narrow host improves
+   slowly but steadily, and waits for rule 3's plateau most of a run) or while growth pays (the last
+   widen kept gained at least `min_gain_per_parameter`):
+   - WIDEN a layer the topology allows it for (`growth_operations`), whose slot is DORMANT (a widen merges
+     into the host only past an empty slot) and that has no block after it: the narrowest first (the
+     bottleneck), ties by its slot's gradient norm, then topology order; by `widen_fraction` of its width
+     (at least one unit), new fan-in from gradient statistics (`widen_init`).
+   - A layer stops widening when a widen of it was culled, or when the last one kept brought less than
+     `min_gain_per_parameter` (its measured counterfactual validation-loss gain per added parameter,
+     read when the heuristic fossilises it): more width there no longer pays.
+   - DEEPEN after a layer that stopped widening (depth may pay where width did not), once per layer,
+     when the topology allows it; the block is as wide as the layer.
+   - Under a growth budget a growth that would pass it is never proposed (`growth_over_budget`). With no
+     growth left to make, the rule falls through to GERMINATE.
+   Growths are fossilised and culled by rules 1 and 2 as seeds are, from `packet.growth_states` (a growth
+   is FOSSILIZEd only once Kasmina reports it `fossilize_ready`). Kasmina names a growth
+   `<layer>:<w|d><n>`, which is how a growth's layer is read.
+5. Otherwise WAIT.
 
 A contribution counts only when Kasmina measured it (`contribution_measured == 1.0`); a missing metric is
 unmeasured, and an unmeasured seed is never fossilised or culled on its contribution. Slot and blueprint ids
@@ -32,11 +50,22 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from esper.leyline import EsperError, pb, short_name
-from esper.tamiyo.budget import over_budget
+from esper.tamiyo.budget import growth_over_budget, growth_parameter_cost, over_budget
 from esper.tamiyo.proposal import ALPHA_RAMP_STEPS, BLEND_MODES, Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
-VERSION = "heuristic-v1"
+VERSION = "heuristic-v2"
+# Snapshots `restore` accepts: v1 (before growth) restores with no growth history.
+_RESTORABLE = (VERSION, "heuristic-v1")
+WIDEN, DEEPEN = "widen", "deepen"
+ENDED_STAGES = frozenset(
+    {
+        pb.SEED_STAGE_CULLED,
+        pb.SEED_STAGE_EMBARGOED,
+        pb.SEED_STAGE_RESETTING,
+        pb.SEED_STAGE_TERMINATED,
+    }
+)
 
 ACTIVE_STAGES = frozenset(
     {
@@ -77,6 +106,14 @@ class HeuristicSettings:
     cull_accuracy_margin: float = 0.01
     fossilize_min_stage_steps: int = 0
     max_judged_stage_steps: int = 600
+    # Growth (rule 4): widen by this fraction of a layer's width, stop a layer below this gain per
+    # added parameter (validation loss, nats, per parameter). Off unless asked for (TAMIYO_HEURISTIC_GROWTH):
+    # benchmarks/growth_vs_static.py does not yet show grown beating a static model of its shape.
+    enable_growth: bool = False
+    widen_fraction: float = 1.0
+    widen_init: int = pb.GROWTH_INIT_GRADMAX
+    min_gain_per_parameter: float = 1e-5
+    growth_min_improvement: float = 0.10
 
     def __post_init__(self) -> None:
         checks = {
@@ -91,6 +128,12 @@ class HeuristicSettings:
             and self.cull_accuracy_margin >= 0,
             "fossilize_min_stage_steps": self.fossilize_min_stage_steps >= 0,
             "max_judged_stage_steps": self.max_judged_stage_steps >= 1,
+            "widen_fraction": math.isfinite(self.widen_fraction) and 0 < self.widen_fraction <= 4,
+            "widen_init": self.widen_init in (pb.GROWTH_INIT_GRADMAX, pb.GROWTH_INIT_RANDOM),
+            "min_gain_per_parameter": math.isfinite(self.min_gain_per_parameter)
+            and self.min_gain_per_parameter >= 0,
+            "growth_min_improvement": math.isfinite(self.growth_min_improvement)
+            and self.growth_min_improvement >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -98,10 +141,9 @@ class HeuristicSettings:
 
     @classmethod
     def from_tamiyo(cls, settings: TamiyoSettings) -> HeuristicSettings:
-        """The heuristic thresholds for a Tamiyo configuration (the defaults: TamiyoSettings has no
-        heuristic knobs yet)."""
-        del settings
-        return cls()
+        """The heuristic thresholds for a Tamiyo configuration: the defaults, with growth operations
+        as `TAMIYO_HEURISTIC_GROWTH` says."""
+        return cls(enable_growth=settings.heuristic_growth)
 
 
 @dataclass(frozen=True)
@@ -129,7 +171,15 @@ def _measured_contribution(state: pb.SeedState) -> _Contribution | None:
 
 
 def _describe(state: pb.SeedState) -> str:
-    return f"seed {state.seed_id} in slot {state.slot_id} ({short_name(pb.SeedLifecycleStage, state.stage)})"
+    stage = short_name(pb.SeedLifecycleStage, state.stage)
+    if state.blueprint_id in (WIDEN, DEEPEN) and state.seed_id == state.slot_id:
+        return f"growth {state.slot_id} ({state.blueprint_id}, {stage})"
+    return f"seed {state.seed_id} in slot {state.slot_id} ({stage})"
+
+
+def growth_layer(growth_id: str) -> str:
+    """The host layer of a growth, from Kasmina's id `<layer>:<w|d><n>`."""
+    return growth_id.rsplit(":", 1)[0]
 
 
 class HeuristicPolicy:
@@ -143,6 +193,12 @@ class HeuristicPolicy:
         self._best_before: float | None = None
         self._since_germination: int | None = None
         self._germinations = 0
+        # Growth history: why a layer stopped widening, the last kept widen's gain per parameter, and
+        # the layers a block was put after.
+        self._widen_stopped: dict[str, str] = {}
+        self._widen_gain: dict[str, float] = {}
+        self._deepened: set[str] = set()
+        self._last_gain: float | None = None
 
     @property
     def version(self) -> str:
@@ -152,13 +208,14 @@ class HeuristicPolicy:
     def propose(self, packet: pb.SystemStatePacket) -> Proposal:
         """Decide for one evaluation packet (each call counts as one evaluation)."""
         self._observe(float(packet.validation_loss))
-        return self._cull(packet) or self._fossilize(packet) or self._germinate(packet)
+        self._observe_growths(packet)
+        return self._cull(packet) or self._fossilize(packet) or self._grow(packet) or self._germinate(packet)
 
     # --- rules -------------------------------------------------------------------------------------
 
     def _cull(self, packet: pb.SystemStatePacket) -> Proposal | None:
         s = self.settings
-        for state in packet.seed_states:
+        for state in [*packet.seed_states, *packet.growth_states]:
             if state.stage not in JUDGED_STAGES:
                 continue
             contribution = _measured_contribution(state)
@@ -166,6 +223,7 @@ class HeuristicPolicy:
                 hurts_loss = contribution.loss < -s.cull_loss_margin and contribution.accuracy <= 0
                 hurts_accuracy = contribution.accuracy < -s.cull_accuracy_margin and contribution.loss <= 0
                 if hurts_loss or hurts_accuracy:
+                    self._growth_ended(state, "its widen was culled: it hurt")
                     return Proposal(
                         action=pb.POLICY_ACTION_CULL,
                         slot_id=state.slot_id,
@@ -174,6 +232,7 @@ class HeuristicPolicy:
                     )
             stage_steps = _metric(state, "stage_steps")
             if stage_steps is not None and stage_steps > s.max_judged_stage_steps:
+                self._growth_ended(state, "its widen was culled: stuck")
                 return Proposal(
                     action=pb.POLICY_ACTION_CULL,
                     slot_id=state.slot_id,
@@ -184,24 +243,152 @@ class HeuristicPolicy:
 
     def _fossilize(self, packet: pb.SystemStatePacket) -> Proposal | None:
         s = self.settings
-        for state in packet.seed_states:
+        growths = {state.slot_id for state in packet.growth_states}
+        for state in [*packet.seed_states, *packet.growth_states]:
             if state.stage != pb.SEED_STAGE_PROBATIONARY:
                 continue
             contribution = _measured_contribution(state)
             if contribution is None or not (contribution.loss > 0 or contribution.accuracy > 0):
+                continue
+            growth = state.slot_id in growths
+            if growth and _metric(state, "fossilize_ready") == 0.0:
                 continue
             stage_steps = _metric(state, "stage_steps")
             if s.fossilize_min_stage_steps and (
                 stage_steps is None or stage_steps < s.fossilize_min_stage_steps
             ):
                 continue
+            reason = (
+                f"fossilize {_describe(state)}: it lowers val loss by {contribution.loss:.4g} "
+                f"and raises accuracy by {contribution.accuracy:+.4g}"
+            )
+            added = _metric(state, "param_count")
+            if growth and state.blueprint_id == WIDEN and added:
+                gain = contribution.loss / added
+                self._widen_gain[growth_layer(state.slot_id)] = gain
+                self._last_gain = gain
+                reason += f" ({gain:.3g} per added parameter)"
+            return Proposal(action=pb.POLICY_ACTION_FOSSILIZE, slot_id=state.slot_id, reason=reason)
+        return None
+
+    def _grow(self, packet: pb.SystemStatePacket) -> Proposal | None:
+        """Rule 4: a WIDEN or DEEPEN on a plateau, or None to fall through to GERMINATE."""
+        s = self.settings
+        if not s.enable_growth:
+            return None
+        plateau, plateau_reason = self._plateau(s.growth_min_improvement)
+        if not plateau and self._last_gain is not None and self._last_gain >= s.min_gain_per_parameter:
+            plateau, plateau_reason = (
+                True,
+                f"growth pays: the last widen gained {self._last_gain:.3g} per parameter",
+            )
+        if not plateau:
+            return None
+        if self._since_germination is not None and self._since_germination < s.germination_cooldown:
+            return None
+        active = [
+            state.slot_id
+            for state in [*packet.seed_states, *packet.growth_states]
+            if state.stage in ACTIVE_STAGES
+        ]
+        if active:
+            return None
+        # At the budget nothing here is proposed and the rule falls through to GERMINATE (which checks it).
+        for layer in self._widen_candidates(packet):
+            units = max(1, round(s.widen_fraction * layer.width))
+            if growth_over_budget(packet, pb.POLICY_ACTION_WIDEN, layer.layer_id, units=units):
+                continue
+            added, _ = growth_parameter_cost(packet, pb.POLICY_ACTION_WIDEN, layer.layer_id, units=units)
+            self._grew()
             return Proposal(
-                action=pb.POLICY_ACTION_FOSSILIZE,
-                slot_id=state.slot_id,
-                reason=f"fossilize {_describe(state)}: it lowers val loss by {contribution.loss:.4g} "
-                f"and raises accuracy by {contribution.accuracy:+.4g}",
+                action=pb.POLICY_ACTION_WIDEN,
+                layer_id=layer.layer_id,
+                units=units,
+                growth_init=s.widen_init,
+                alpha_ramp_steps=s.alpha_ramp_steps,
+                reason=f"widen {layer.layer_id} from {layer.width} by {units} "
+                f"({added} parameters): {plateau_reason}",
+            )
+        for layer in self._deepen_candidates(packet):
+            if growth_over_budget(packet, pb.POLICY_ACTION_DEEPEN, layer.layer_id):
+                continue
+            self._grew()
+            self._deepened.add(layer.layer_id)
+            why_not_widen = self._widen_stopped.get(layer.layer_id, "the host cannot widen it")
+            return Proposal(
+                action=pb.POLICY_ACTION_DEEPEN,
+                layer_id=layer.layer_id,
+                alpha_ramp_steps=s.alpha_ramp_steps,
+                reason=f"deepen after {layer.layer_id} ({why_not_widen}): {plateau_reason}",
             )
         return None
+
+    def _widen_candidates(self, packet: pb.SystemStatePacket) -> list[pb.LayerDescriptor]:
+        slot_stage = {
+            slot.layer_id: state.stage
+            for slot in packet.topology.slots
+            for state in packet.seed_states
+            if state.slot_id == slot.slot_id
+        }
+        slot_gradient = {
+            slot.layer_id: state.gradient_norm
+            for slot in packet.topology.slots
+            for state in packet.seed_states
+            if state.slot_id == slot.slot_id and math.isfinite(state.gradient_norm)
+        }
+        blocked = {
+            growth_layer(state.slot_id)
+            for state in packet.growth_states
+            if state.blueprint_id == DEEPEN and state.stage not in ENDED_STAGES
+        }
+        candidates = [
+            (index, layer)
+            for index, layer in enumerate(packet.topology.layers)
+            if pb.SEED_OP_WIDEN in layer.growth_operations
+            and layer.width >= 1
+            and slot_stage.get(layer.layer_id, pb.SEED_STAGE_DORMANT) == pb.SEED_STAGE_DORMANT
+            and layer.layer_id not in blocked
+            and layer.layer_id not in self._deepened
+            and not self._stop_widening(layer.layer_id)
+        ]
+        candidates.sort(key=lambda item: (item[1].width, -slot_gradient.get(item[1].layer_id, 0.0), item[0]))
+        return [layer for _, layer in candidates]
+
+    def _deepen_candidates(self, packet: pb.SystemStatePacket) -> list[pb.LayerDescriptor]:
+        return [
+            layer
+            for layer in packet.topology.layers
+            if pb.SEED_OP_DEEPEN in layer.growth_operations
+            and layer.layer_id not in self._deepened
+            and (self._stop_widening(layer.layer_id) or pb.SEED_OP_WIDEN not in layer.growth_operations)
+        ]
+
+    def _stop_widening(self, layer_id: str) -> bool:
+        """True (and the reason kept) once widening `layer_id` no longer pays."""
+        if layer_id in self._widen_stopped:
+            return True
+        gain = self._widen_gain.get(layer_id)
+        if gain is not None and gain < self.settings.min_gain_per_parameter:
+            self._widen_stopped[layer_id] = (
+                f"its last widen gained {gain:.3g} per parameter < {self.settings.min_gain_per_parameter:g}"
+            )
+            return True
+        return False
+
+    def _grew(self) -> None:
+        self._germinations += 1
+        self._since_germination = 0
+
+    def _observe_growths(self, packet: pb.SystemStatePacket) -> None:
+        for state in packet.growth_states:
+            if state.stage in ENDED_STAGES:
+                self._growth_ended(state, "its widen was culled")
+
+    def _growth_ended(self, state: pb.SeedState, reason: str) -> None:
+        """A culled widen stops its layer widening (a culled block is not tried again either)."""
+        if state.blueprint_id == WIDEN and state.seed_id == state.slot_id:
+            self._widen_stopped.setdefault(growth_layer(state.slot_id), reason)
+            self._last_gain = None
 
     def _germinate(self, packet: pb.SystemStatePacket) -> Proposal:
         s = self.settings
@@ -213,7 +400,9 @@ class HeuristicPolicy:
                 f"{plateau_reason}, but only {self._since_germination} evaluation(s) since the last "
                 f"germination (cooldown {s.germination_cooldown})"
             )
-        active = sum(1 for state in packet.seed_states if state.stage in ACTIVE_STAGES)
+        active = sum(
+            1 for state in [*packet.seed_states, *packet.growth_states] if state.stage in ACTIVE_STAGES
+        )
         if active >= s.max_active_seeds:
             return self._wait(f"{plateau_reason}, but {active} seed(s) active (limit {s.max_active_seeds})")
         slots = self._dormant_by_promise(packet)
@@ -258,7 +447,8 @@ class HeuristicPolicy:
         if self._since_germination is not None:
             self._since_germination += 1
 
-    def _plateau(self) -> tuple[bool, str]:
+    def _plateau(self, min_improvement: float | None = None) -> tuple[bool, str]:
+        threshold = self.settings.min_improvement if min_improvement is None else min_improvement
         patience = self.settings.plateau_patience
         if self._best_before is None or len(self._recent) < patience:
             return False, f"not enough history for a plateau (need {patience + 1} evaluations)"
@@ -268,7 +458,7 @@ class HeuristicPolicy:
             f"best val loss of the last {patience} evaluations {best_recent:.4g} vs {self._best_before:.4g} "
             f"before ({improvement:+.2%})"
         )
-        if improvement > self.settings.min_improvement:
+        if improvement > threshold:
             return False, f"still improving: {summary}"
         return True, f"plateau: {summary}"
 
@@ -298,12 +488,18 @@ class HeuristicPolicy:
             "best_before": self._best_before,
             "evaluations_since_germination": self._since_germination,
             "germinations": self._germinations,
+            "widen_stopped": dict(self._widen_stopped),
+            "widen_gain": dict(self._widen_gain),
+            "deepened": sorted(self._deepened),
+            "last_gain": self._last_gain,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a `state()` snapshot; a malformed one raises `HeuristicStateError`."""
-        if state.get("version") != VERSION:
-            raise HeuristicStateError("version", f"is {state.get('version')!r}, expected {VERSION!r}")
+        if state.get("version") not in _RESTORABLE:
+            raise HeuristicStateError(
+                "version", f"is {state.get('version')!r}, expected one of {_RESTORABLE}"
+            )
         losses = state.get("recent_losses")
         if not isinstance(losses, list) or not all(_is_finite_number(x) for x in losses):
             raise HeuristicStateError("recent_losses", f"must be a list of finite numbers, got {losses!r}")
@@ -322,6 +518,26 @@ class HeuristicPolicy:
         germinations = state.get("germinations")
         if not _is_count(germinations):
             raise HeuristicStateError("germinations", f"must be a count, got {germinations!r}")
+        stopped = state.get("widen_stopped", {})
+        if not isinstance(stopped, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in stopped.items()
+        ):
+            raise HeuristicStateError("widen_stopped", f"must map layer ids to reasons, got {stopped!r}")
+        gains = state.get("widen_gain", {})
+        if not isinstance(gains, dict) or not all(
+            isinstance(k, str) and _is_finite_number(v) for k, v in gains.items()
+        ):
+            raise HeuristicStateError("widen_gain", f"must map layer ids to finite numbers, got {gains!r}")
+        deepened = state.get("deepened", [])
+        if not isinstance(deepened, list) or not all(isinstance(k, str) for k in deepened):
+            raise HeuristicStateError("deepened", f"must be a list of layer ids, got {deepened!r}")
+        self._widen_stopped = dict(stopped)
+        self._widen_gain = {k: float(v) for k, v in gains.items()}
+        last_gain = state.get("last_gain")
+        if last_gain is not None and not _is_finite_number(last_gain):
+            raise HeuristicStateError("last_gain", f"must be a finite number or null, got {last_gain!r}")
+        self._deepened = set(deepened)
+        self._last_gain = None if last_gain is None else float(last_gain)
         self._recent = deque((float(x) for x in losses), maxlen=self.settings.plateau_patience)
         self._best_before = None if best_before is None else float(best_before)
         self._since_germination = since

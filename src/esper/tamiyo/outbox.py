@@ -7,6 +7,11 @@ retry limit, or for an error no retry can fix, the entry is marked dropped: it s
 queryable, with the last error, and is never retried. Delivery is at least once: a crash between a
 publish and its mark publishes the entry again, and consumers deduplicate by report or decision id.
 
+An outbox that `hold`s publishes a run's entries only once a durable checkpoint covers them (the run's
+release horizon, `TamiyoStore.release_through`): what was decided after the last checkpoint of a run that
+dies never leaves, so nobody learns from steps its resume decides again. Without `hold`, a run that never
+set a horizon (a service without a trainer) has its entries published at once.
+
 `OutboxPublisher` runs `pump()` on a background thread so that a slow or unreachable bus never delays a
 decision; tests drive `pump()` directly with a `ManualClock`.
 """
@@ -101,8 +106,10 @@ class FieldReportOutbox:
         metrics: OutboxMetrics,
         events: EventSink,
         rng: random.Random | None = None,
+        hold: bool = False,
     ) -> None:
         self._store = store
+        self.hold = hold
         self._bus = bus
         self._clock = clock
         self.metrics = metrics
@@ -126,7 +133,7 @@ class FieldReportOutbox:
 
     def seconds_until_due(self) -> float | None:
         """Seconds until the next pending entry is due (0 if one is due now), None if none is pending."""
-        due = self._store.next_outbox_due_ns()
+        due = self._store.next_outbox_due_ns(hold=self.hold)
         if due is None:
             return None
         return max(0.0, (due - self._clock.wall_ns()) / 1e9)
@@ -134,7 +141,7 @@ class FieldReportOutbox:
     def pump(self) -> PumpResult:
         """Publish one batch of due entries (one bus call per stream); returns what happened."""
         with self._pump_lock:
-            entries = self._store.due_outbox(self._clock.wall_ns(), self.batch)
+            entries = self._store.due_outbox(self._clock.wall_ns(), self.batch, hold=self.hold)
             published = retried = dropped = 0
             by_stream: dict[str, list[OutboxEntry]] = {}
             for entry in entries:

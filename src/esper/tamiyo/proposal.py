@@ -26,6 +26,10 @@ ACTIONS: tuple[int, ...] = (
     pb.POLICY_ACTION_ADJUST_LR,
     pb.POLICY_ACTION_PAUSE,
 )
+# Growth proposals (a WIDEN or DEEPEN of a host layer): actions a policy may propose that are not in the
+# GNN's head above (its order and size are what policy checkpoints hold). The command factory turns them
+# into `CommandFactory.growth` commands.
+GROWTH_ACTIONS: tuple[int, ...] = (pb.POLICY_ACTION_WIDEN, pb.POLICY_ACTION_DEEPEN)
 # The blend-mode head, in head order.
 BLEND_MODES: tuple[int, ...] = (
     pb.BLEND_MODE_CONVEX,
@@ -50,6 +54,12 @@ class Proposal:
     alpha_ramp_steps: int = ALPHA_RAMP_STEPS[1]
     lr_factor: float = 1.0
     reason: str = ""
+    # A growth (GROWTH_ACTIONS): the host layer to widen or to deepen after (from the packet's topology),
+    # WIDEN's new units and their initialisation, DEEPEN's hidden width (0: the layer's width).
+    layer_id: str = ""
+    units: int = 0
+    growth_init: int = pb.GROWTH_INIT_GRADMAX
+    hidden: int = 0
     # Learning signal for Simic: behaviour log-probability and value estimate. A policy that does not
     # sample (the heuristic) reports log_prob 0 (probability one) and value 0.
     log_prob: float = 0.0

@@ -15,9 +15,13 @@ never a hidden failure. Thresholds come from `TamiyoSettings`, resolved once.
   that supports it (`BudgetedLookup`: the metadata cache) answers from its entries or fetches within
   `RiskContext.remaining_ms`; a failure is its own reason (with the lookup's `blueprint_metadata_unavailable`
   event), never "no catalogue entry".
-- budget: the germination's seed would take the model past the packet's growth budget
-  (`max_parameters`), or its cost cannot be counted -> GERMINATE held (WAIT). See `esper.tamiyo.budget`.
+- budget: the germination's seed, or the parameters a WIDEN or DEEPEN adds, would take the model past
+  the packet's growth budget (`max_parameters`), or the cost cannot be counted -> held (WAIT). See
+  `esper.tamiyo.budget`.
 - resource: hardware context with too little free memory, too busy or too hot -> GERMINATE held (WAIT).
+
+A growth proposal (WIDEN, DEEPEN) adds parameters as a GERMINATE does: the latency, isolation and resource
+gates hold it where they hold a germination.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from esper.leyline import pb
-from esper.tamiyo.budget import ParameterCost, builtin_parameter_cost, over_budget
+from esper.tamiyo.budget import ParameterCost, builtin_parameter_cost, growth_over_budget, over_budget
 from esper.tamiyo.metadata import BlueprintMetadataUnavailable
-from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.proposal import GROWTH_ACTIONS, Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
 BlueprintLookup = Callable[[str], "pb.BlueprintDescriptor | None"]
@@ -45,6 +49,9 @@ class BudgetedLookup(Protocol):
         catalogue could not answer within `timeout_ms`."""
         ...
 
+
+# Proposals that add parameters to the model: held by the latency, isolation and resource gates.
+_ADDING = frozenset({pb.POLICY_ACTION_GERMINATE, *GROWTH_ACTIONS})
 
 GATES: tuple[str, ...] = ("loss_spike", "latency", "isolation", "blueprint", "budget", "resource")
 PASSED = "pass"
@@ -126,7 +133,12 @@ class RiskGates:
             if verdict is not None:
                 action, reason = verdict
                 final = replace(
-                    proposal, action=action, slot_id="", blueprint_id="", reason=f"risk:{gate}: {reason}"
+                    proposal,
+                    action=action,
+                    slot_id="",
+                    blueprint_id="",
+                    layer_id="",
+                    reason=f"risk:{gate}: {reason}",
                 )
                 decision = RiskDecision(final, gate, reason, proposal.action)
                 break
@@ -163,7 +175,7 @@ class RiskGates:
     def _latency(
         self, proposal: Proposal, _: pb.SystemStatePacket, context: RiskContext
     ) -> tuple[int, str] | None:
-        if proposal.action != pb.POLICY_ACTION_GERMINATE or context.last_latency_ms is None:
+        if proposal.action not in _ADDING or context.last_latency_ms is None:
             return None
         limit_ms = self.step_budget_ms * self._latency_fraction
         if context.last_latency_ms > limit_ms:
@@ -186,7 +198,7 @@ class RiskGates:
             return pb.POLICY_ACTION_WAIT, (
                 f"seed in slot {proposal.slot_id!r} has {violators[proposal.slot_id]:g} isolation violations"
             )
-        if proposal.action == pb.POLICY_ACTION_GERMINATE:
+        if proposal.action in _ADDING:
             return pb.POLICY_ACTION_WAIT, f"isolation violations in slots {sorted(violators)}"
         return None
 
@@ -227,6 +239,11 @@ class RiskGates:
     def _budget(
         self, proposal: Proposal, packet: pb.SystemStatePacket, _: RiskContext
     ) -> tuple[int, str] | None:
+        if proposal.action in GROWTH_ACTIONS:
+            reason = growth_over_budget(
+                packet, proposal.action, proposal.layer_id, units=proposal.units, hidden=proposal.hidden
+            )
+            return None if reason is None else (pb.POLICY_ACTION_WAIT, reason)
         if proposal.action != pb.POLICY_ACTION_GERMINATE:
             return None
         reason = over_budget(
@@ -237,7 +254,7 @@ class RiskGates:
     def _resource(
         self, proposal: Proposal, packet: pb.SystemStatePacket, _: RiskContext
     ) -> tuple[int, str] | None:
-        if proposal.action != pb.POLICY_ACTION_GERMINATE or not packet.HasField("hardware_context"):
+        if proposal.action not in _ADDING or not packet.HasField("hardware_context"):
             return None
         hardware = packet.hardware_context
         if hardware.total_memory_gb > 0:

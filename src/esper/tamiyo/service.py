@@ -155,8 +155,12 @@ class TamiyoService:
         registry: CollectorRegistry | None = None,
         store: TamiyoStore | None = None,
         bus: Bus | None = None,
+        hold_until_checkpoint: bool = False,
     ) -> None:
         self.settings = settings
+        # With a store: a run's records leave only once its trainer says a checkpoint covers them
+        # (`checkpointed`); without, at once (a service no trainer drives).
+        self._hold_until_checkpoint = hold_until_checkpoint
         self._clock = clock  # latency is measured on it (its monotonic time)
         # P1: one budget, resolved here, feeds the worker's deadline, the latency gate and health.
         budget = settings.step_timeout_ms if step_timeout_ms is None else step_timeout_ms
@@ -236,7 +240,13 @@ class TamiyoService:
         # P9: with a store, every decision is recorded and observed; the outbox publishes on `bus`.
         if store is not None:
             self._field_reports = FieldReports(
-                settings, store, bus, clock, self.telemetry, policy_version=policy.version
+                settings,
+                store,
+                bus,
+                clock,
+                self.telemetry,
+                policy_version=policy.version,
+                hold=self._hold_until_checkpoint,
             )
 
     @property
@@ -639,6 +649,14 @@ class TamiyoService:
                 risk_reason=decision.reason,
                 policy_version=self._policy.version,
             )
+
+    def checkpointed(self, training_run_id: str, step: int) -> None:
+        """The run's checkpoint of `step` is durable: its records up to that step may be published.
+
+        Called on the checkpoint writer's thread, at any time; touches only the store (thread-safe) and
+        wakes the outbox. Nothing to do without a store."""
+        if self._field_reports is not None:
+            self._field_reports.release_through(training_run_id, step)
 
     def close(self, *, abort_open_windows: bool = True) -> None:
         """Stop the inference worker (joining its threads), write the normaliser statistics, close the field

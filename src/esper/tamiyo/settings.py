@@ -45,6 +45,10 @@ class TamiyoSettings(StrictSettings):
         "start (the rest is for validation, risk gates, signing and the machine's noise); above it the "
         "run warns that decisions will miss their deadline.",
     )
+    heuristic_growth: bool = Field(
+        default=False,
+        description="The heuristic also widens and deepens layers (off: not yet shown to pay).",
+    )
     policy_checkpoint: Path | None = Field(
         default=None, description="safetensors weights of the GNN policy (untrained weights when unset)."
     )

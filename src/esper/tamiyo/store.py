@@ -13,6 +13,12 @@ store notes the WAL's committed frame count in `<db>-mark` (its high-water mark)
 with what recovery found: acknowledged writes missing are `StoreRecordsLost`. The mark is written after the
 commit's fsync and only ever lags the database, so a crash never raises a false alarm.
 
+Records of a training run leave through the outbox only once a durable checkpoint covers them: each
+decision and field report keeps the training step it was written as of, each run a release horizon (the
+step of its newest durable checkpoint, `release_through`), and the outbox takes what the horizon covers.
+A run killed after its checkpoint has published nothing of the steps its resume decides again
+(`abandon_after` drops them).
+
 The schema is versioned: `schema_migrations` lists every migration applied, in order, and opening an older
 database applies the missing ones; a database written by a newer Esper is refused. A damaged file, a
 failed write, or a record that breaks its contract (a field report without `issued_at`) is a typed error
@@ -214,12 +220,14 @@ class PolicyVersionRecord:
 
 @dataclass
 class AbandonResult:
-    """What `abandon_after` cut back: decisions past the checkpoint, their reports still pending (now
-    dropped), and entries the outbox had published before the crash."""
+    """What `abandon_after` cut back: decisions past the checkpoint, reports still pending written past it
+    (now dropped), entries the outbox had published before the crash (none, when the run held its records
+    until a checkpoint covered them: see `release_through`), and windows reopened (their report dropped)."""
 
     decisions: int = 0
     field_reports: int = 0
     already_published: int = 0
+    windows_reopened: int = 0
 
 
 @dataclass(frozen=True)
@@ -261,6 +269,20 @@ _OUTBOX_SELECT = (
     " training_run_id, issued_at_ns, outcome, checksum FROM field_reports WHERE {where} UNION ALL"
     " SELECT 'decision', decision_id, command_id, record, status, attempts, next_attempt_ns, last_error,"
     " training_run_id, issued_at_ns, NULL, checksum FROM decisions WHERE {where}"
+)
+
+# An entry may leave once its run's release horizon (the step of its newest durable checkpoint) covers
+# the step it was written as of. Without a horizon the bound (the parameter) decides: everything leaves
+# (`_RELEASE_ALL`), or nothing until the run's first checkpoint (`_HOLD_ALL`). Entries written as of no
+# step (NULL) are never held. The subquery's bare `training_run_id` is the outer table's column.
+_RELEASED = (
+    "(as_of_step IS NULL OR as_of_step <= COALESCE((SELECT step FROM release_horizons"
+    " WHERE run_id = training_run_id), ?))"
+)
+_RELEASE_ALL, _HOLD_ALL = 2**63 - 1, -1
+_SET_HORIZON = (
+    "INSERT INTO release_horizons (run_id, step, updated_at_ns) VALUES (?, ?, ?)"
+    " ON CONFLICT (run_id) DO UPDATE SET step = {step}, updated_at_ns = excluded.updated_at_ns"
 )
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -317,6 +339,27 @@ MIGRATIONS += (
             # Category indices are fixed in code and digested into the policy's registry digest
             # (`tamiyo.updates.policy_registry_digest`); nothing ever wrote this table.
             "DROP TABLE registries",
+        ),
+    ),
+    Migration(
+        4,
+        "release horizons: records wait for the checkpoint that covers their training step",
+        (
+            # The training step a record was written as of (NULL: written before this, or outside a run:
+            # never held). Not under the checksum: it only decides when a record may leave.
+            "ALTER TABLE decisions ADD COLUMN as_of_step INTEGER",
+            "ALTER TABLE field_reports ADD COLUMN as_of_step INTEGER",
+            # `run_id`, not `training_run_id`: the outbox's subquery names the outer table's column bare.
+            "CREATE TABLE release_horizons (run_id TEXT PRIMARY KEY, step INTEGER NOT NULL,"
+            " updated_at_ns INTEGER NOT NULL)",
+            # A window closed into a report that is still pending, kept so that a resume to a step before
+            # the report can reopen it (the report is dropped; the resumed run closes the window again).
+            "CREATE TABLE closed_windows (command_id TEXT PRIMARY KEY, training_run_id TEXT NOT NULL,"
+            " start_epoch INTEGER NOT NULL, window_epochs INTEGER NOT NULL, opened_at_ns INTEGER NOT NULL,"
+            " policy_version TEXT NOT NULL, action INTEGER NOT NULL, command_type INTEGER NOT NULL,"
+            " slot_id TEXT NOT NULL, seed_id TEXT NOT NULL, blueprint_id TEXT NOT NULL,"
+            " baseline_accuracy REAL NOT NULL, baseline_loss REAL NOT NULL, baseline_params REAL,"
+            " checksum INTEGER NOT NULL, report_id TEXT NOT NULL UNIQUE, as_of_step INTEGER NOT NULL)",
         ),
     ),
 )
@@ -784,6 +827,10 @@ class TamiyoStore:
         "INSERT INTO field_reports (report_id, command_id, training_run_id, outcome, issued_at_ns, report,"
         " next_attempt_ns, updated_at_ns, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
     )
+    _INSERT_REPORT_AS_OF = (
+        "INSERT INTO field_reports (report_id, command_id, training_run_id, outcome, issued_at_ns, report,"
+        " next_attempt_ns, updated_at_ns, checksum, as_of_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
 
     def _report_row(self, report: pb.FieldReport, now_ns: int) -> tuple[object, ...]:
         report_id, command_id, run = report.report_id, report.command_id, report.training_run_id
@@ -795,9 +842,14 @@ class TamiyoStore:
         checksum = zlib.crc32(blob, zlib.crc32(keys))
         return (report_id, command_id, run, outcome, issued, blob, now_ns, now_ns, checksum)
 
-    def _insert_report(self, db: sqlite3.Connection, report: pb.FieldReport, now_ns: int) -> None:
+    def _insert_report(
+        self, db: sqlite3.Connection, report: pb.FieldReport, now_ns: int, as_of_step: int | None = None
+    ) -> None:
         try:
-            db.execute(self._INSERT_REPORT, self._report_row(report, now_ns))
+            if as_of_step is None:
+                db.execute(self._INSERT_REPORT, self._report_row(report, now_ns))
+            else:
+                db.execute(self._INSERT_REPORT_AS_OF, (*self._report_row(report, now_ns), int(as_of_step)))
         except sqlite3.IntegrityError as exc:
             raise RecordRejected(
                 self.path, "field report", report.report_id, "report_id", "is already stored"
@@ -899,7 +951,8 @@ class TamiyoStore:
         """Store a decision, queue it for publication and open its window, in one transaction.
 
         A decision taken by another policy version than the current one extends the policy lineage in
-        the same transaction.
+        the same transaction. The decision is written as of its packet's global step (see
+        `release_through`).
         """
         if not record.command_id or not record.decision_id or not record.HasField("issued_at"):
             raise RecordRejected(
@@ -911,12 +964,14 @@ class TamiyoStore:
         issued = record.issued_at.ToNanoseconds()
         checksum = _checksum(payload, record.command_id, record.decision_id, record.training_run_id, issued)
         window_row = None if window is None else self._window_row(window)
+        as_of_step = record.packet.global_step if record.HasField("packet") else None
         now = self._clock.wall_ns()
         with self._transaction("record decision") as db:
             try:
                 db.execute(
                     "INSERT INTO decisions (command_id, decision_id, training_run_id, issued_at_ns, record,"
-                    " next_attempt_ns, updated_at_ns, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " next_attempt_ns, updated_at_ns, checksum, as_of_step)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.command_id,
                         record.decision_id,
@@ -926,6 +981,7 @@ class TamiyoStore:
                         now,
                         now,
                         checksum,
+                        as_of_step,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -1018,8 +1074,13 @@ class TamiyoStore:
             ).fetchall()
         return self._verified_windows(rows)
 
-    def close_window(self, command_id: str, report: pb.FieldReport) -> None:
-        """Write the window's report, queue it and forget the window, in one transaction."""
+    def close_window(self, command_id: str, report: pb.FieldReport, *, as_of_step: int | None = None) -> None:
+        """Write the window's report, queue it and forget the window, in one transaction.
+
+        `as_of_step` is the training step the report was written as of (that of the packet that closed
+        the window): the report waits in the outbox until its run's release horizon reaches it, and until
+        it leaves (published or dropped) the window is kept aside, for a resume to an earlier step to
+        reopen (`abandon_after`)."""
         self._check_report(report)
         if report.command_id != command_id:
             raise RecordRejected(
@@ -1027,10 +1088,16 @@ class TamiyoStore:
             )
         now = self._clock.wall_ns()
         with self._transaction("close window") as db:
+            if as_of_step is not None:
+                db.execute(
+                    f"INSERT INTO closed_windows ({self._WINDOW_COLUMNS}, checksum, report_id, as_of_step)"
+                    f" SELECT {self._WINDOW_COLUMNS}, checksum, ?, ? FROM windows WHERE command_id = ?",
+                    (report.report_id, int(as_of_step), command_id),
+                )
             gone = db.execute("DELETE FROM windows WHERE command_id = ?", (command_id,)).rowcount
             if gone != 1:
                 raise WindowNotOpen(self.path, command_id)
-            self._insert_report(db, report, now)
+            self._insert_report(db, report, now, as_of_step)
 
     def abandon_after(self, training_run_id: str, step: int) -> AbandonResult:
         """Cut the run's timeline back to a restored checkpoint at `step`, in one transaction.
@@ -1038,13 +1105,20 @@ class TamiyoStore:
         Decisions of `training_run_id` taken after `step` (by their packet's global step) belong to a
         timeline a resumed run replaces: their windows are forgotten, and they and their field reports,
         where still pending, become `dropped` with an `abandoned` reason (never published, so never
-        learned from). What the outbox had already published before the crash cannot be recalled: it is
-        counted, so the caller can announce it.
+        learned from). A report of an earlier decision written after `step` was measured on that timeline
+        too: it is dropped the same way and its window reopened, for the resumed run to close again.
+
+        What the outbox had already published before the crash cannot be recalled: it is counted, so the
+        caller can announce it (a run that holds its records until a checkpoint covers them has published
+        none). The run's release horizon becomes `step` in the same transaction: what the restored
+        checkpoint covers may leave, and what the resumed run decides after it waits for the next
+        checkpoint (also when the horizon was past `step`: a newer checkpoint that turned out damaged).
         """
         reason = f"abandoned: decided after step {step}, past the checkpoint the run resumed from"
         now = self._clock.wall_ns()
         result = AbandonResult()
         with self._transaction("abandon timeline") as db:
+            db.execute(_SET_HORIZON.format(step="excluded.step"), (training_run_id, int(step), now))
             rows = db.execute(
                 "SELECT command_id, decision_id, issued_at_ns, record, status, checksum FROM decisions"
                 " WHERE training_run_id = ?",
@@ -1075,16 +1149,53 @@ class TamiyoStore:
                         (command_id,),
                     ).fetchone()[0]
                 )
+                db.execute("DELETE FROM closed_windows WHERE command_id = ?", (command_id,))
+            self._reopen_after(db, training_run_id, step, reason, result)
         return result
+
+    def _reopen_after(
+        self, db: sqlite3.Connection, run: str, step: int, reason: str, result: AbandonResult
+    ) -> None:
+        """Reports of kept decisions written after `step`: a pending one is dropped and its window reopened;
+        a published one (it left before the crash) is counted."""
+        reopened = db.execute(
+            "SELECT command_id, report_id FROM closed_windows WHERE training_run_id = ? AND as_of_step > ?",
+            (run, step),
+        ).fetchall()
+        for command_id, report_id in reopened:
+            result.field_reports += db.execute(
+                "UPDATE field_reports SET status = 'dropped', last_error = ?, updated_at_ns = ?"
+                " WHERE report_id = ? AND status = 'pending'",
+                (reason, self._clock.wall_ns(), report_id),
+            ).rowcount
+            db.execute(
+                f"INSERT INTO windows ({self._WINDOW_COLUMNS}, checksum) SELECT {self._WINDOW_COLUMNS},"
+                " checksum FROM closed_windows WHERE command_id = ?",
+                (command_id,),
+            )
+            db.execute("DELETE FROM closed_windows WHERE command_id = ?", (command_id,))
+            result.windows_reopened += 1
+        result.already_published += int(
+            db.execute(
+                "SELECT COUNT(*) FROM field_reports AS r WHERE training_run_id = ? AND as_of_step > ?"
+                " AND status = 'published' AND NOT EXISTS (SELECT 1 FROM decisions AS d WHERE"
+                " d.command_id = r.command_id AND d.as_of_step > ?)",
+                (run, step, step),
+            ).fetchone()[0]
+        )
 
     # -- outbox -------------------------------------------------------------------------------------
 
-    def due_outbox(self, now_ns: int, limit: int = 256) -> list[OutboxEntry]:
-        """Pending reports and decisions whose next attempt is due, oldest first."""
-        where = "status = 'pending' AND next_attempt_ns <= ?"
+    def due_outbox(self, now_ns: int, limit: int = 256, *, hold: bool = False) -> list[OutboxEntry]:
+        """Pending reports and decisions whose next attempt is due and that their run's release horizon
+        covers, oldest first. A run without a horizon has all of its entries released, or, with `hold`,
+        none (until `release_through` gives it one)."""
+        where = f"status = 'pending' AND next_attempt_ns <= ? AND {_RELEASED}"
+        bound = _HOLD_ALL if hold else _RELEASE_ALL
         with self._read("read outbox") as db:
             rows = db.execute(
-                _OUTBOX_SELECT.format(where=where) + " ORDER BY 7 LIMIT ?", (now_ns, now_ns, limit)
+                _OUTBOX_SELECT.format(where=where) + " ORDER BY 7 LIMIT ?",
+                (now_ns, bound, now_ns, bound, limit),
             ).fetchall()
         return self._verified_entries(rows)
 
@@ -1112,15 +1223,53 @@ class TamiyoStore:
             entries.append(OutboxEntry(*row[:8]))  # type: ignore[arg-type]
         return entries
 
-    def next_outbox_due_ns(self) -> int | None:
-        """When the earliest pending entry is due, or None when nothing is pending."""
+    def next_outbox_due_ns(self, *, hold: bool = False) -> int | None:
+        """When the earliest pending entry that may leave (as in `due_outbox`) is due, or None when none
+        is pending or every pending one waits for a checkpoint."""
+        bound = _HOLD_ALL if hold else _RELEASE_ALL
         with self._read("read outbox") as db:
             row = db.execute(
                 "SELECT MIN(due) FROM (SELECT MIN(next_attempt_ns) AS due FROM field_reports"
-                " WHERE status = 'pending' UNION ALL SELECT MIN(next_attempt_ns) FROM decisions"
-                " WHERE status = 'pending')"
+                f" WHERE status = 'pending' AND {_RELEASED} UNION ALL SELECT MIN(next_attempt_ns)"
+                f" FROM decisions WHERE status = 'pending' AND {_RELEASED})",
+                (bound, bound),
             ).fetchone()
         return None if row[0] is None else int(row[0])
+
+    def release_through(self, training_run_id: str, step: int) -> None:
+        """The checkpoint of `step` is durable: the run's records written as of steps up to `step` may be
+        published from now on (one fsynced statement). The horizon only moves forward here; a resume
+        sets it back to the restored step (`abandon_after`)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        with self._statement("release records") as db:
+            db.execute(
+                _SET_HORIZON.format(step="MAX(step, excluded.step)"),
+                (training_run_id, int(step), self._clock.wall_ns()),
+            )
+
+    def release_all(self) -> None:
+        """Release every record stored (a completed run): each run's horizon moves to the step of its
+        newest record, in one transaction."""
+        now = self._clock.wall_ns()
+        with self._transaction("release all records") as db:
+            rows = db.execute(
+                "SELECT training_run_id, MAX(as_of_step) FROM (SELECT training_run_id, as_of_step FROM"
+                " decisions UNION ALL SELECT training_run_id, as_of_step FROM field_reports)"
+                " WHERE as_of_step IS NOT NULL GROUP BY training_run_id"
+            ).fetchall()
+            db.executemany(
+                _SET_HORIZON.format(step="MAX(step, excluded.step)"),
+                [(run, int(step), now) for run, step in rows],
+            )
+
+    def release_horizon(self, training_run_id: str) -> int | None:
+        """The newest step whose records of `training_run_id` may be published, or None when none is set."""
+        with self._read("read release horizon") as db:
+            row = db.execute(
+                "SELECT step FROM release_horizons WHERE run_id = ?", (training_run_id,)
+            ).fetchone()
+        return None if row is None else int(row[0])
 
     def pending_count(self, kind: OutboxKind = "field_report") -> int:
         """Entries of `kind` waiting for publication (read from the pending index: cheap)."""
@@ -1140,11 +1289,18 @@ class TamiyoStore:
         table, column = _OUTBOX_TABLES[entry.kind]
         return table, column, entry.ref_id if entry.kind == "field_report" else entry.command_id
 
+    @staticmethod
+    def _forget_closed_window(db: sqlite3.Connection, entry: OutboxEntry) -> None:
+        # A report that left can never be taken back: its window can no longer be reopened.
+        if entry.kind == "field_report":
+            db.execute("DELETE FROM closed_windows WHERE report_id = ?", (entry.ref_id,))
+
     def mark_published(self, entries: Sequence[OutboxEntry]) -> None:
         """Entries delivered to the bus (one transaction for the batch)."""
         now = self._clock.wall_ns()
         with self._transaction("mark published") as db:
             for entry in entries:
+                self._forget_closed_window(db, entry)
                 table, column, key = self._entry_key(entry)
                 db.execute(
                     f"UPDATE {table} SET status = 'published', attempts = attempts + 1, last_error = '',"
@@ -1166,6 +1322,7 @@ class TamiyoStore:
         """Past the retry limit: kept, queryable as dropped, never retried."""
         table, column, key = self._entry_key(entry)
         with self._transaction("mark dropped") as db:
+            self._forget_closed_window(db, entry)
             db.execute(
                 f"UPDATE {table} SET status = 'dropped', attempts = ?, last_error = ?, updated_at_ns = ?"
                 f" WHERE {column} = ? AND status = 'pending'",

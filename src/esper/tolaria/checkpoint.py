@@ -8,7 +8,8 @@ matches, so a crash at any instant leaves the previous checkpoint as the latest 
 The caller hands over a snapshot (tensors it cloned, JSON-able meta) and goes on training while a writer
 thread serialises, writes and fsyncs it: the fsyncs cost the training loop nothing. One checkpoint is in
 flight at a time; the next `save`, `flush`, `steps` or `latest` waits for it, and a write that failed
-raises its `CheckpointError` there, never silently.
+raises its `CheckpointError` there, never silently. Whoever must know when a checkpoint is durable (what it
+covers may then leave the process) passes `on_durable`, which the writer thread runs once the JSON is.
 
 Reading trusts neither file: a JSON that is not a checkpoint record (`[]`, no `meta`, a wrong type), or a
 tensors file that does not decode, is a `CheckpointError`, and `latest()` falls back to the newest
@@ -124,12 +125,15 @@ class CheckpointStore:
         meta: dict[str, Any],
         *,
         before_commit: Callable[[], None] | None = None,
+        on_durable: Callable[[], None] | None = None,
     ) -> Path:
         """Start writing the checkpoint of `step` on the writer thread; returns its JSON path.
 
         `tensors` must be a snapshot the caller will not change (clones); `meta` is copied here.
         `before_commit` runs on the writer thread before the JSON makes the checkpoint count (e.g. to
-        fsync the logs whose sizes `meta` records). An earlier write that failed raises here."""
+        fsync the logs whose sizes `meta` records); `on_durable` runs on it after the JSON and its
+        directory entry are fsynced (never for a write that failed). An earlier write that failed, or
+        an `on_durable` that raised, raises here."""
         self.flush()
         json_path = self.directory / f"ckpt-{step:09d}.json"
         try:
@@ -138,7 +142,7 @@ class CheckpointStore:
             raise CheckpointError(json_path, f"meta is not JSON: {exc}") from exc
         writer = threading.Thread(
             target=self._write_guarded,
-            args=(step, tensors, frozen_meta, before_commit),
+            args=(step, tensors, frozen_meta, before_commit, on_durable),
             name=f"checkpoint-{step}",
             daemon=True,  # a crash mid-write leaves the previous checkpoint valid (atomic renames)
         )
@@ -161,9 +165,10 @@ class CheckpointStore:
         tensors: dict[str, Tensor],
         meta: dict[str, Any],
         before_commit: Callable[[], None] | None,
+        on_durable: Callable[[], None] | None,
     ) -> None:
         try:
-            self._write(step, tensors, meta, before_commit)
+            self._write(step, tensors, meta, before_commit, on_durable)
         except CheckpointError as exc:
             self._error = exc
         except Exception as exc:  # noqa: BLE001 - whatever failed reaches the training thread at its next flush
@@ -177,6 +182,7 @@ class CheckpointStore:
         tensors: dict[str, Tensor],
         meta: dict[str, Any],
         before_commit: Callable[[], None] | None,
+        on_durable: Callable[[], None] | None = None,
     ) -> None:
         blob = save_tensors({name: t.contiguous() for name, t in tensors.items()})
         tensor_path = self.directory / f"ckpt-{step:09d}.safetensors"
@@ -195,6 +201,12 @@ class CheckpointStore:
             write_atomically(json_path, json.dumps(record, sort_keys=True).encode())
         except OSError as exc:
             raise CheckpointError(json_path, f"write failed: {exc}") from exc
+        if on_durable is not None:
+            try:
+                on_durable()
+            except Exception as exc:  # the training thread hears of it at its next flush
+                reason = f"written, but what runs once it is durable failed: {type(exc).__name__}: {exc}"
+                raise CheckpointError(json_path, reason) from exc
         self._prune()
 
     def steps(self) -> list[int]:

@@ -53,6 +53,12 @@ class Controller(Protocol):
         """Inverse of `export_state`."""
         ...
 
+    def checkpointed(self, training_run_id: str, step: int) -> None:
+        """The run's checkpoint of `step` is durable: what the controller recorded up to that step may
+        leave the process (a resume never re-decides it). Called on the checkpoint writer's thread,
+        concurrently with training; must not block for long."""
+        ...
+
 
 @dataclass
 class BoundController:
@@ -68,6 +74,7 @@ class BoundController:
     warm_ahead: Callable[[], None] | None = None
     start: Callable[[pb.SystemStatePacket], None] | None = None
     finish: Callable[[], pb.AdaptationCommand] | None = None
+    release: Callable[[str, int], None] | None = None
     _decided: pb.AdaptationCommand | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,3 +120,8 @@ class BoundController:
     def restore_state(self, state: Mapping[str, Any]) -> None:
         """Give the bound policy its saved state back."""
         self.load(dict(state))
+
+    def checkpointed(self, training_run_id: str, step: int) -> None:
+        """Tell the bound service a checkpoint is durable (nothing for a controller without one)."""
+        if self.release is not None:
+            self.release(training_run_id, step)

@@ -65,7 +65,8 @@ class Host(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def topology(self) -> pb.HostTopology:
-        """Layers (id, kind, width, depth, parameters) and slots (id, layer, width, kind)."""
+        """Layers (id, kind, width, depth, parameters, the growths the host allows there) and slots
+        (id, layer, width, kind)."""
         topology = pb.HostTopology()
         for depth, (layer_id, kind, width, layer) in enumerate(self.host_layers()):
             topology.layers.add(
@@ -74,10 +75,21 @@ class Host(nn.Module):
                 width=width,
                 depth=depth,
                 parameter_count=sum(p.numel() for p in layer.parameters()),
+                growth_operations=self._growth_operations(layer_id),
             )
         for slot in self.slots():
             topology.slots.add(slot_id=slot.slot_id, layer_id=slot.layer_id, width=slot.width, kind=slot.kind)
         return topology
+
+    def _growth_operations(self, layer_id: str) -> list[int]:
+        operations = []
+        for operation, site in ((pb.SEED_OP_WIDEN, self.widen_site), (pb.SEED_OP_DEEPEN, self.deepen_site)):
+            try:
+                site(layer_id)
+            except GrowthNotApplicable:
+                continue
+            operations.append(operation)
+        return operations
 
 
 class MLPHost(Host):
@@ -455,14 +467,21 @@ def build_host(
     with_slots: bool = True,
     scale: float = 1.0,
     vocab_size: int = 0,
+    width: int = 0,
 ) -> Host:
     """The host named `host` (one of HOST_KINDS) for this input; `scale` widens it (for static baselines).
 
-    The transformer needs `vocab_size` (the token task's, `Dataset.vocab_size`).
+    `width` (when > 0) replaces the host's default starting width before `scale`: the MLP's units per
+    layer, the CNNs' first channels (the second conv has twice as many), the Transformer's feed-forward
+    units. The transformer needs `vocab_size` (the token task's, `Dataset.vocab_size`).
     """
+    if width < 0:
+        raise HostNotApplicable(host, f"width must be >= 0 (0: the default), got {width}")
+    first = {"mlp": 12, "cnn": 6, "conv1d": 4, "transformer": 8}.get(host, 1)
+    factor = scale * (width / first if width else 1.0)
 
-    def scaled(width: int) -> int:
-        return max(1, round(width * scale))
+    def scaled(units: int) -> int:
+        return max(1, round(units * factor))
 
     if host == "mlp":
         return MLPHost(math.prod(input_shape), num_classes, width=scaled(12), with_slots=with_slots)

@@ -215,7 +215,13 @@ def run_experiment(
     torch.manual_seed(settings.seed)
     if dataset is None:
         dataset = load_task(config.task, config.host, seed=settings.seed, difficulty=config.difficulty)
-    host = build_host(config.host, dataset.input_shape, dataset.num_classes, vocab_size=dataset.vocab_size)
+    host = build_host(
+        config.host,
+        dataset.input_shape,
+        dataset.num_classes,
+        vocab_size=dataset.vocab_size,
+        width=settings.host_width,
+    )
     params_initial = host.parameter_count()
     run_dir = RunDirectory(config.run_dir)
     catalogue = BlueprintCatalogue.open_default(config.catalogue_path)

@@ -61,6 +61,13 @@ class TolariaSettings(StrictSettings):
         description="Growth budget: the controller grows the model no further than this many parameters "
         "(host and seeds; 0: unbounded).",
     )
+    host_width: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="Width the host starts at (0: the host's default): units of each MLP layer, channels "
+        "of the first conv layer (the second has twice as many), the Transformer's feed-forward width.",
+    )
     min_lr: float = Field(default=1e-6, gt=0, le=10.0)
     max_lr: float = Field(default=1.0, gt=0, le=10.0)
 

@@ -520,7 +520,15 @@ class Trainer:
             "controller": self.controller.export_state(),
             "logs": self.run_dir.log_sizes(),
         }
-        self.store.save(self.step, tensors, meta, before_commit=self.run_dir.sync_logs)
+        self.store.save(
+            self.step, tensors, meta, before_commit=self.run_dir.sync_logs, on_durable=self._durable_hook()
+        )
+
+    def _durable_hook(self) -> Callable[[], None]:
+        """What the checkpoint writer runs once the checkpoint of this step is durable: the controller
+        hears of it (so what it recorded up to here may leave the process)."""
+        step, run = self.step, self.training_run_id
+        return lambda: self.controller.checkpointed(run, step)
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint (logs cut back to it); False when there is none."""
