@@ -58,7 +58,7 @@ from esper.urza import BlueprintCatalogue
 
 SECRET = b"policy-quality-benchmark-secret-0123"
 Row = dict[str, float]
-CONFIG = TamiyoGNNConfig(schema=TAMIYO_SCHEMA, hidden_dim=64, gat_dim=32, gat_heads=4)
+CONFIG = TamiyoGNNConfig.sized("default", TAMIYO_SCHEMA)  # the policy a run decides with by default
 
 
 class WaitOnly:
@@ -258,6 +258,7 @@ def main() -> None:
         "epochs": args.epochs,
         "difficulty": args.difficulty,
         "gnn_hidden_dim": CONFIG.hidden_dim,
+        "gnn_dims": CONFIG.dims(),
         "results": results,
         "learned_vs_heuristic_acc_per_kparam_ratio": learned["acc_per_kparam_mean"]
         / heuristic["acc_per_kparam_mean"],

@@ -91,3 +91,33 @@ def test_settings_shows_what_the_environment_resolves_and_rejects_a_bad_value(
     monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", "-1")
     result = runner.invoke(app, ["settings"])
     assert result.exit_code == 2 and "TAMIYO_STEP_TIMEOUT_MS" in result.output
+
+
+def test_a_policy_that_cannot_meet_the_budget_is_announced_on_the_terminal_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The controller's warm-up prints the service's measurement when it does not fit, the first time
+    only; a fitting one prints nothing."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from esper.cli import _announcing_misfit
+    from esper.leyline import pb
+    from esper.tamiyo.service import PolicyFit
+
+    misfit = PolicyFit(measured_ms=4.0, allowed_ms=2.5, budget_ms=5.0, runs=16, policy_size="full")
+    fit = PolicyFit(measured_ms=1.0, allowed_ms=2.5, budget_ms=5.0, runs=16, policy_size="default")
+    service = SimpleNamespace(policy_fit=None)
+    prepared: list[str] = []
+    rehearse = _announcing_misfit(lambda packet: prepared.append(packet.packet_id), cast(Any, service))
+    service.policy_fit = fit
+    rehearse(pb.SystemStatePacket(packet_id="p0"))
+    assert capsys.readouterr().err == ""
+    service.policy_fit = misfit
+    rehearse(pb.SystemStatePacket(packet_id="p1"))
+    printed = capsys.readouterr().err
+    assert "warning" in printed and "4.00 ms per decision" in printed
+    assert "TAMIYO_POLICY_SIZE=default" in " ".join(printed.split())
+    rehearse(pb.SystemStatePacket(packet_id="p2"))
+    assert capsys.readouterr().err == ""
+    assert prepared == ["p0", "p1", "p2"]

@@ -305,13 +305,32 @@ def _build_controller(
             decide=intake.evaluate_step,
             save=intake.export_state,
             load=intake.restore_state,
-            rehearse=intake.prepare,
+            rehearse=_announcing_misfit(intake.prepare, service),
             warm_ahead=intake.anticipate,
             start=intake.submit,
             finish=intake.collect,
             release=service.checkpointed,
         )
     raise ConfigurationError(f"unknown policy {policy!r}; available: heuristic, gnn")
+
+
+def _announcing_misfit(
+    prepare: Callable[[pb.SystemStatePacket], None], service: TamiyoService
+) -> Callable[[pb.SystemStatePacket], None]:
+    """`prepare`, then, the first time the service measured that its policy does not fit the step budget
+    on this machine, a warning on the terminal with the figure and what to do (the event is the
+    service's)."""
+    announced = False
+
+    def rehearse(packet: pb.SystemStatePacket) -> None:
+        nonlocal announced
+        prepare(packet)
+        fit = service.policy_fit
+        if fit is not None and not fit.fits and not announced:
+            announced = True
+            err_console.print(f"[bold yellow]warning[/]: {fit.message}")
+
+    return rehearse
 
 
 def _load_gnn(checkpoint: Path, settings: TamiyoSettings, inputs: dict[str, Any]) -> Policy:

@@ -130,6 +130,35 @@ def _policy_groups() -> set[str]:
 
 
 @pytest.mark.slow
+def test_a_gnn_policy_too_slow_for_this_machine_is_announced_at_start_and_the_run_goes_on(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No graph build and forward fit in a millionth of the step budget: the start-up measurement says so
+    on the terminal, once, with the figure and what to do, and the run itself is not stopped by it."""
+    monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", "1000")  # decisions themselves never miss here
+    monkeypatch.setenv("TAMIYO_PREPARE_BUDGET_SHARE", "0.000001")
+    run_dir = tmp_path / "run"
+    args = [
+        "run",
+        "--policy",
+        "gnn",
+        "--epochs",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        "--no-report",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.output.split())
+    assert shown.count("per decision on this machine") == 1, result.output
+    assert "the default GNN policy takes" in shown and "TAMIYO_STEP_TIMEOUT_MS=" in shown
+    assert "--policy heuristic" in shown
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
 def test_a_completed_gnn_run_leaves_no_consumer_group_behind(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

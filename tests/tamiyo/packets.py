@@ -16,7 +16,10 @@ from esper.tamiyo.settings import TamiyoSettings
 torch.set_num_threads(1)
 
 SECRET = b"tamiyo-test-secret-0123456789"
-SMALL = TamiyoGNNConfig(schema=TAMIYO_SCHEMA, hidden_dim=32, gat_dim=16, gat_heads=4)
+# Narrow, with the full size's depth (two SAGE and two GAT layers): every layer-to-layer path is exercised.
+SMALL = TamiyoGNNConfig(
+    schema=TAMIYO_SCHEMA, hidden_dim=32, gat_dim=16, gat_heads=4, sage_layers=2, gat_layers=2
+)
 
 
 def settings(**overrides: object) -> TamiyoSettings:

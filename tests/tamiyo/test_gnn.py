@@ -87,12 +87,80 @@ def test_encoders_and_convolutions_are_driven_by_the_schema() -> None:
 
 
 def test_full_size_architecture_matches_the_design() -> None:
-    config = TamiyoGNNConfig(schema=TAMIYO_SCHEMA)
+    config = TamiyoGNNConfig.sized("full", TAMIYO_SCHEMA)
     model = TamiyoGNN(config)
     assert config.hidden_dim == 256 and config.gat_dim == 128 and config.gat_heads == 4
     gat = next(iter(model.gat[0].convs.values()))
     assert gat.heads == 4 and gat.out_channels * gat.heads == 128
     assert len(model.sage) == 2 and len(model.gat) == 2
+    assert config.size == "full"
+
+
+def test_default_size_is_a_narrow_shallow_network_and_the_config_default() -> None:
+    config = TamiyoGNNConfig(schema=TAMIYO_SCHEMA)
+    assert config == TamiyoGNNConfig.sized("default", TAMIYO_SCHEMA) and config.size == "default"
+    model = TamiyoGNN(config)
+    assert (config.hidden_dim, config.gat_dim, config.gat_heads) == (64, 32, 4)
+    assert len(model.sage) == 1 and len(model.gat) == 1
+    full = TamiyoGNN(TamiyoGNNConfig.sized("full", TAMIYO_SCHEMA))
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    assert count(model) * 20 < count(full)
+    assert SMALL.size == "custom"
+
+
+def test_an_unknown_size_or_a_degenerate_depth_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown policy size 'huge'"):
+        TamiyoGNNConfig.sized("huge", TAMIYO_SCHEMA)
+    with pytest.raises(ValueError, match="gat_layers must be at least 1"):
+        TamiyoGNNConfig(schema=TAMIYO_SCHEMA, gat_layers=0)
+    with pytest.raises(ValueError, match="sage_layers must be at least 0"):
+        TamiyoGNNConfig(schema=TAMIYO_SCHEMA, sage_layers=-1)
+
+
+@pytest.mark.parametrize(("sage_layers", "gat_layers"), [(0, 1), (1, 1), (1, 3), (3, 2)])
+def test_every_depth_runs_the_same_function_on_all_three_paths(sage_layers: int, gat_layers: int) -> None:
+    config = TamiyoGNNConfig(
+        schema=TAMIYO_SCHEMA,
+        hidden_dim=16,
+        gat_dim=8,
+        gat_heads=2,
+        sage_layers=sage_layers,
+        gat_layers=gat_layers,
+    )
+    torch.manual_seed(0)
+    model = TamiyoGNN(config).eval()
+    assert (len(model.sage), len(model.gat)) == (sage_layers, gat_layers)
+    g = graph()
+    with torch.inference_mode():
+        reference = model.forward_message_passing(g)
+        dense = model(g)
+    model.build_plan(g)  # raises PlanError if the plan disagrees with the dense path
+    with torch.inference_mode():
+        planned = model(g)
+    for name in ("action_logits", "slot_scores", "blueprint_scores", "value"):
+        want = getattr(reference, name)
+        assert torch.allclose(getattr(dense, name), want, atol=1e-5)
+        assert torch.allclose(getattr(planned, name), want, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao's deprecation
+def test_device_of_a_quantised_module_still_comes_from_its_parameters() -> None:
+    """int8 dynamic quantisation replaces `nn.Linear`s (whose `weight` becomes a method): the device is
+    still read from the module's own parameters, and the message-passing path runs on it."""
+    from torch.ao.quantization import quantize_dynamic
+
+    model = TamiyoGNN(TamiyoGNNConfig(schema=TAMIYO_SCHEMA)).eval()
+    quantised = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    assert not isinstance(quantised.action_head.weight, torch.Tensor)  # really quantised
+    assert quantised.device == torch.device("cpu")
+    g = graph()
+    assert {attr.device for attr in quantised.edge_attrs(g, quantised.device).values()} == {quantised.device}
+    with torch.inference_mode():
+        out = quantised.forward_message_passing(g)
+    assert out.action_logits.shape == (1, 6) and torch.isfinite(out.value).all()
 
 
 def test_checkpoint_is_called_between_layers() -> None:

@@ -13,9 +13,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from esper.leyline import CONTRACT_VERSION, pb
-from esper.tamiyo.gnn import GNNOutput
+from esper.tamiyo.gnn import POLICY_SIZES, GNNOutput
 from esper.tamiyo.graph import collate
-from esper.tamiyo.policy import RELEVANT_HEADS, CheckpointIncompatible, GNNPolicy
+from esper.tamiyo.policy import RELEVANT_HEADS, CheckpointIncompatible, GNNPolicy, read_safetensors_header
 from esper.tamiyo.proposal import ACTIONS, GraphPolicy, Policy, PolicyInferenceError
 from esper.tamiyo.worker import CancelToken, DecisionCancelled
 from tests.tamiyo.packets import make_packet, settings, small_policy
@@ -134,6 +134,49 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
     small_policy().save(path)
     with pytest.raises(CheckpointIncompatible, match="hidden_dim"):
         GNNPolicy.load(path, settings())
+
+
+def test_policy_size_setting_chooses_the_network_and_the_header_records_it() -> None:
+    default = GNNPolicy(settings())
+    full = GNNPolicy(settings(policy_size="full"))
+    assert default.config.size == "default" and full.config.size == "full"
+    assert (len(default.module.sage), len(default.module.gat)) == (1, 1)
+    assert (len(full.module.sage), len(full.module.gat)) == (2, 2)
+    header = read_safetensors_header(default.state_bytes())
+    assert {key: header[key] for key in POLICY_SIZES["default"]} == {
+        key: str(value) for key, value in POLICY_SIZES["default"].items()
+    }
+
+
+def test_checkpoint_of_another_size_is_refused_naming_the_setting_that_loads_it(tmp_path: Path) -> None:
+    path = tmp_path / "policy.safetensors"
+    GNNPolicy(settings(policy_size="full"), seed=3).save(path)
+    with pytest.raises(
+        CheckpointIncompatible, match="a 'full' policy, this one 'default': set TAMIYO_POLICY_SIZE=full"
+    ):
+        GNNPolicy.load(path, settings())
+    loaded = GNNPolicy.load(path, settings(policy_size="full"))
+    assert loaded.version == GNNPolicy(settings(policy_size="full"), seed=3).version
+    GNNPolicy(settings(), seed=3).save(path)
+    with pytest.raises(CheckpointIncompatible, match="set TAMIYO_POLICY_SIZE=default"):
+        GNNPolicy.load(path, settings(policy_size="full"))
+    small_policy().save(path)
+    with pytest.raises(CheckpointIncompatible, match="none of the named sizes"):
+        GNNPolicy.load(path, settings())
+
+
+def test_a_full_size_checkpoint_from_before_layer_counts_were_recorded_still_loads() -> None:
+    """Checkpoints written before the header named the layer counts had two SAGE and two GAT layers."""
+    policy = GNNPolicy(settings(policy_size="full"), seed=5)
+    payload = policy.state_bytes()
+    header = read_safetensors_header(payload)
+    del header["sage_layers"], header["gat_layers"]
+    old = save_safetensors(load_safetensors(payload), metadata={"header": json.dumps(header)})
+    loaded = GNNPolicy(settings(policy_size="full"), seed=0)
+    loaded.load_state_bytes(old)
+    assert loaded.version == policy.version
+    with pytest.raises(CheckpointIncompatible, match="TAMIYO_POLICY_SIZE=full"):
+        GNNPolicy(settings()).load_state_bytes(old)
 
 
 def test_compile_failure_at_warm_up_falls_back_to_eager_with_a_reason() -> None:

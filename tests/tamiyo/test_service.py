@@ -123,16 +123,21 @@ def test_prepare_warms_up_on_the_real_topology_and_decides_nothing() -> None:
 
 
 class WarmProbe(GNNPolicy):
-    """The small GNN policy; `warm` is recorded, and can fail or run until cut short."""
+    """The small GNN policy; once armed (after `prepare`, which times `warm` to measure the policy),
+    `warm` is recorded, and can fail or run until cut short."""
 
     def __init__(self, mode: str = "plain") -> None:
         super().__init__(settings(), config=SMALL)
         self.mode = mode
+        self.armed = False
         self.started = threading.Event()
         self.done = threading.Event()
         self.warmed = 0
 
     def warm(self, graph: TamiyoGraph, *, cancel: Cancellation) -> None:
+        if not self.armed:
+            super().warm(graph, cancel=cancel)
+            return
         self.started.set()
         if self.mode == "fail":
             raise RuntimeError("the network broke while warming up")
@@ -164,6 +169,7 @@ def test_anticipate_warms_up_on_the_last_packet_in_the_background_and_changes_no
             service.anticipate()  # nothing seen yet: nothing to warm up on
             assert not policy.started.is_set()
             service.prepare(packet)
+            policy.armed = True
             proposals[anticipating] = []
             for _ in range(3):
                 if anticipating:
@@ -198,6 +204,7 @@ def test_a_decision_cuts_a_warm_up_ahead_short_and_is_decided_on_time() -> None:
     try:
         packet = make_packet()
         service.prepare(packet)
+        policy.armed = True
         service.anticipate()
         assert policy.started.wait(30)
         service.anticipate()  # one at a time: the worker is busy
@@ -215,6 +222,7 @@ def test_a_failed_warm_up_ahead_is_an_event_and_the_decision_still_runs() -> Non
     try:
         packet = make_packet()
         service.prepare(packet)
+        policy.armed = True
         service.anticipate()
         assert policy.started.wait(30)
         assert service.evaluate_step(packet).signature  # the decision path itself is sound
@@ -630,3 +638,94 @@ def test_the_deadline_holds_on_a_single_core_at_real_time_priority() -> None:
             service.close()
     finally:
         os.sched_setaffinity(0, affinity)
+
+
+class TimedWarm(GNNPolicy):
+    """The small GNN policy on a manual clock: each `warm` moves the clock by the next duration (ms)."""
+
+    def __init__(self, clock: ManualClock, durations_ms: list[float]) -> None:
+        super().__init__(settings(), config=SMALL)
+        self.clock = clock
+        self.durations_ms = durations_ms
+        self.calls = 0
+
+    def warm(self, graph: TamiyoGraph, *, cancel: Cancellation) -> None:
+        super().warm(graph, cancel=cancel)
+        self.clock.advance(self.durations_ms[self.calls % len(self.durations_ms)] / 1e3)
+        self.calls += 1
+
+
+def _events(service: TamiyoService, sent: list[pb.TelemetryPacket]) -> list[pb.TelemetryEvent]:
+    service.telemetry.flush("run")
+    service.telemetry.drain()  # packets reach the sink from the publisher thread
+    return [event for packet in sent for event in packet.events]
+
+
+def test_prepare_warns_at_start_with_the_measured_figure_when_the_policy_cannot_meet_the_budget() -> None:
+    """A graph build and forward that take 4 ms against a 5 ms budget (of which they may take half): the
+    measurement is kept, and a policy_over_budget event gives the figure and what to do, before any
+    decision is taken."""
+    clock = ManualClock()
+    policy = TimedWarm(clock, [4.0])
+    sent: list[pb.TelemetryPacket] = []
+    service = TamiyoService(
+        settings(step_timeout_ms=5.0), policy, SECRET, clock=clock, telemetry_sink=sent.append
+    )
+    try:
+        assert service.policy_fit is None
+        service.prepare(make_packet())
+        fit = service.policy_fit
+        assert fit is not None and not fit.fits
+        assert fit.measured_ms == pytest.approx(4.0) and (fit.allowed_ms, fit.budget_ms) == (2.5, 5.0)
+        assert policy.calls == fit.runs == service_module.PROBE_RUNS
+        (event,) = [event for event in _events(service, sent) if event.name == "policy_over_budget"]
+        assert event.level == pb.TELEMETRY_LEVEL_WARNING
+        assert dict(event.attributes) == {
+            "measured_ms": "4.000",
+            "allowed_ms": "2.500",
+            "budget_ms": "5",
+            "policy_size": "custom",
+        }
+        assert "takes 4.00 ms per decision" in event.description
+        assert "TAMIYO_STEP_TIMEOUT_MS=8 or more" in event.description
+        assert "--policy heuristic" in event.description and "TAMIYO_POLICY_SIZE=default" in event.description
+    finally:
+        service.close()
+
+
+def test_prepare_stays_quiet_when_the_policy_fits_and_forgives_one_slow_run() -> None:
+    clock = ManualClock()
+    policy = TimedWarm(clock, [1.0] * 15 + [40.0])  # one preempted run among sixteen
+    sent: list[pb.TelemetryPacket] = []
+    service = TamiyoService(
+        settings(step_timeout_ms=5.0), policy, SECRET, clock=clock, telemetry_sink=sent.append
+    )
+    try:
+        service.prepare(make_packet())
+        fit = service.policy_fit
+        assert fit is not None and fit.fits and fit.measured_ms == pytest.approx(1.0)
+        assert "policy_over_budget" not in {event.name for event in _events(service, sent)}
+    finally:
+        service.close()
+
+
+def test_the_share_of_the_budget_the_policy_may_take_is_a_setting() -> None:
+    clock = ManualClock()
+    service = TamiyoService(
+        settings(step_timeout_ms=5.0, prepare_budget_share=0.2), TimedWarm(clock, [1.5]), SECRET, clock=clock
+    )
+    try:
+        service.prepare(make_packet())
+        assert service.policy_fit is not None and service.policy_fit.allowed_ms == 1.0
+        assert not service.policy_fit.fits
+    finally:
+        service.close()
+
+
+def test_a_plain_policy_is_not_measured() -> None:
+    service = TamiyoService(settings(), ScriptedPolicy(WAIT), SECRET)
+    try:
+        service.prepare(make_packet())
+        assert service.policy_fit is None
+    finally:
+        service.close()

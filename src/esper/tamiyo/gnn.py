@@ -1,4 +1,7 @@
-"""Tamiyo's heterogeneous GNN: schema-driven encoders, two SAGE layers, two GAT layers, readout, heads.
+"""Tamiyo's heterogeneous GNN: schema-driven encoders, SAGE layers, GAT layers, readout, heads.
+
+How wide and how deep is the `TamiyoGNNConfig`; `POLICY_SIZES` names the sizes a deployment picks from
+(`TAMIYO_POLICY_SIZE`), and a checkpoint's header records every size.
 
 Everything the network knows about its input comes from the `GraphSchema`: one encoder per node type,
 one convolution per relation. A graph whose node types differ from the schema is refused before any layer
@@ -31,16 +34,43 @@ ARCHITECTURE_VERSION = "tamiyo-hetero-gnn-v1"
 
 @dataclass(frozen=True)
 class TamiyoGNNConfig:
-    """Sizes of the network; the schema decides its node types and relations."""
+    """Sizes of the network; the schema decides its node types and relations.
+
+    The defaults are the `default` size of `POLICY_SIZES` (see `sized`)."""
 
     schema: GraphSchema
-    hidden_dim: int = 256
-    gat_dim: int = 128
+    hidden_dim: int = 64
+    gat_dim: int = 32
     gat_heads: int = 4
+    sage_layers: int = 1
+    gat_layers: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("hidden_dim", "gat_dim", "gat_heads", "gat_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sage_layers < 0:
+            raise ValueError(f"sage_layers must be at least 0, got {self.sage_layers}")
         if self.gat_dim % self.gat_heads:
             raise ValueError(f"gat_dim {self.gat_dim} is not divisible by gat_heads {self.gat_heads}")
+
+    @classmethod
+    def sized(cls, size: str, schema: GraphSchema) -> TamiyoGNNConfig:
+        """The network of a named size (`POLICY_SIZES`) for `schema`."""
+        try:
+            dims = POLICY_SIZES[size]
+        except KeyError:
+            raise ValueError(f"unknown policy size {size!r}; known: {', '.join(POLICY_SIZES)}") from None
+        return cls(schema=schema, **dims)
+
+    @property
+    def size(self) -> str:
+        """The name of this network's size in `POLICY_SIZES`, or "custom"."""
+        return size_of(self.dims())
+
+    def dims(self) -> dict[str, int]:
+        """The sizes alone, as `POLICY_SIZES` lists them."""
+        return {name: getattr(self, name) for name in _DIMS}
 
     def header(self) -> dict[str, str]:
         """What a checkpoint must match to be loaded into this architecture."""
@@ -49,10 +79,30 @@ class TamiyoGNNConfig:
             "leyline_contract": str(CONTRACT_VERSION),
             "schema_version": self.schema.version,
             "schema_digest": self.schema.digest,
-            "hidden_dim": str(self.hidden_dim),
-            "gat_dim": str(self.gat_dim),
-            "gat_heads": str(self.gat_heads),
+            **{name: str(value) for name, value in self.dims().items()},
         }
+
+
+_DIMS = ("hidden_dim", "gat_dim", "gat_heads", "sage_layers", "gat_layers")
+
+# Named sizes of the policy network (`TAMIYO_POLICY_SIZE`). `default` is sized to decide within the 5 ms
+# step budget on a slow 2-core x86 CPU (benchmarks/tamiyo_latency.py compares it with `full`); `full` is
+# the original network, for a GPU.
+POLICY_SIZES: dict[str, dict[str, int]] = {
+    "default": {"hidden_dim": 64, "gat_dim": 32, "gat_heads": 4, "sage_layers": 1, "gat_layers": 1},
+    "full": {"hidden_dim": 256, "gat_dim": 128, "gat_heads": 4, "sage_layers": 2, "gat_layers": 2},
+}
+
+# Header fields a checkpoint written before they were recorded lacks, with the value it then had.
+LEGACY_HEADER = {"sage_layers": "2", "gat_layers": "2"}
+
+
+def size_of(dims: dict[str, int]) -> str:
+    """The name in `POLICY_SIZES` of a network with these sizes, or "custom"."""
+    for name, sizes in POLICY_SIZES.items():
+        if sizes == dims:
+            return name
+    return "custom"
 
 
 @dataclass(frozen=True)
@@ -681,13 +731,16 @@ class TamiyoGNN(nn.Module):
         # The same convolution objects, by relation, for the dense inference kernel.
         self._sage_convs: list[dict[EdgeKey, SAGEConv]] = [
             {key: SAGEConv((hidden, hidden), hidden, root_weight=False) for key in self._relations}
-            for _ in range(2)
+            for _ in range(config.sage_layers)
         ]
         self.sage = nn.ModuleList([HeteroConv(dict(convs), aggr="sum") for convs in self._sage_convs])
         # One root transform per node type and layer instead of one per relation: summing k relations'
         # root terms is one linear map, so this is the same family of functions at 1/k of the cost.
         self.sage_root = nn.ModuleList(
-            [nn.ModuleDict({name: nn.Linear(hidden, hidden) for name in self._types}) for _ in range(2)]
+            [
+                nn.ModuleDict({name: nn.Linear(hidden, hidden) for name in self._types})
+                for _ in range(config.sage_layers)
+            ]
         )
         per_head = gat // config.gat_heads
         self._gat_convs: list[dict[EdgeKey, GATConv]] = [
@@ -701,7 +754,7 @@ class TamiyoGNN(nn.Module):
                 )
                 for key in self._relations
             }
-            for width in (hidden, gat)
+            for width in (hidden, *(gat,) * (config.gat_layers - 1))
         ]
         self.gat = nn.ModuleList([HeteroConv(dict(convs), aggr="sum") for convs in self._gat_convs])
         self.gat_skip = nn.ModuleDict({name: nn.Linear(hidden, gat) for name in self._types})
@@ -726,8 +779,14 @@ class TamiyoGNN(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where the parameters live; inputs are moved here, never the other way round."""
-        return self.action_head.weight.device
+        """Where the parameters live; inputs are moved here, never the other way round.
+
+        Read from the module's own parameters (the first one found), so that a module whose linear layers
+        were swapped for quantised ones (no `.weight` tensor) still answers; a module with no parameter
+        left is quantised throughout, and quantised kernels run on the CPU."""
+        for param in self.parameters():
+            return param.device
+        return torch.device("cpu")
 
     def _check(self, graph: TamiyoGraph) -> None:
         if set(graph.x) != set(self._types):

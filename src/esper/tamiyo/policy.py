@@ -28,7 +28,16 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from esper.leyline import EsperError, pb
-from esper.tamiyo.gnn import ARCHITECTURE_VERSION, GNNOutput, PlanError, TamiyoGNN, TamiyoGNNConfig
+from esper.tamiyo.gnn import (
+    ARCHITECTURE_VERSION,
+    LEGACY_HEADER,
+    POLICY_SIZES,
+    GNNOutput,
+    PlanError,
+    TamiyoGNN,
+    TamiyoGNNConfig,
+    size_of,
+)
 from esper.tamiyo.graph import (
     TAMIYO_SCHEMA,
     BlueprintLookup,
@@ -73,13 +82,16 @@ MAX_HEADER_DEPTH = 8
 
 
 class CheckpointIncompatible(EsperError):
-    """A checkpoint was written for another architecture or schema."""
+    """A checkpoint was written for another architecture, schema or size (`hint`: what to do)."""
 
-    def __init__(self, field: str, expected: str, found: str) -> None:
+    def __init__(self, field: str, expected: str, found: str, *, hint: str = "") -> None:
         self.field = field
         self.expected = expected
         self.found = found
-        super().__init__(f"checkpoint {field} is {found!r}, this policy needs {expected!r}")
+        self.hint = hint
+        super().__init__(
+            f"checkpoint {field} is {found!r}, this policy needs {expected!r}" + (f": {hint}" if hint else "")
+        )
 
 
 @dataclass(frozen=True)
@@ -140,7 +152,8 @@ class GNNPolicy:
         builder: GraphBuilder | None = None,
     ) -> None:
         self._settings = settings
-        self._config = config or TamiyoGNNConfig(schema=schema)
+        # Without an explicit config, the deployment's size (TAMIYO_POLICY_SIZE).
+        self._config = config or TamiyoGNNConfig.sized(settings.policy_size, schema)
         if self._config.schema != schema:
             raise CheckpointIncompatible("schema_version", schema.version, self._config.schema.version)
         # A candidate policy (P3) shares the serving policy's builder: same normaliser, same catalogue.
@@ -210,9 +223,9 @@ class GNNPolicy:
         `CheckpointIncompatible`, and the weights stay as they were."""
         header = read_safetensors_header(payload)
         for key, expected in self._config.header().items():
-            found = header.get(key, "")
+            found = header.get(key, LEGACY_HEADER.get(key, ""))
             if found != expected:
-                raise CheckpointIncompatible(key, expected, found)
+                raise CheckpointIncompatible(key, expected, found, hint=_size_hint(header, self._config))
         try:
             tensors = load_safetensors(payload)
         except SafetensorError as exc:
@@ -386,10 +399,13 @@ class GNNPolicy:
         """Run the network on `graph` as a decision would, checking `cancel` between layers, and keep
         nothing: no sampling (the random stream is untouched), no plan traced, no state changed. The
         service runs it on the inference thread shortly before a decision, so that the decision finds
-        that core's caches holding the network's weights and code."""
+        that core's caches holding the network's weights and code (and the service times it, at start, to
+        see whether the policy fits the step budget on this machine)."""
         self._one_graph_in_eval(graph, "warm")
         with torch.inference_mode():
-            self._run(graph, cancel)
+            out = self._run(graph, cancel)
+        if out.action_logits.device.type == "cuda":
+            torch.cuda.synchronize(out.action_logits.device)  # returns when the work is done, not queued
 
     def propose_graph(self, graph: TamiyoGraph, *, cancel: Cancellation | None = None) -> Proposal:
         """Decide for one graph: sample (or take the argmax when greedy) each head that matters."""
@@ -529,6 +545,20 @@ class GNNPolicy:
             relevant=relevant,
             values=dists.value,
         )
+
+
+def _size_hint(header: dict[str, str], config: TamiyoGNNConfig) -> str:
+    """What to do when a checkpoint's sizes differ from the policy's ("" when the sizes agree)."""
+    try:
+        dims = {name: int(header.get(name, LEGACY_HEADER.get(name, ""))) for name in config.dims()}
+    except ValueError:
+        return ""  # sizes missing or unreadable: the field and values of the error say enough
+    if dims == config.dims():
+        return ""
+    size = size_of(dims)
+    if size in POLICY_SIZES:
+        return f"the checkpoint is a {size!r} policy, this one {config.size!r}: set TAMIYO_POLICY_SIZE={size}"
+    return f"the checkpoint's sizes {dims} are none of the named sizes ({', '.join(POLICY_SIZES)})"
 
 
 def _offsets(index: Tensor, size: int) -> Tensor:

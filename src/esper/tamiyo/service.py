@@ -62,6 +62,43 @@ class Decision:
     policy_version: str
 
 
+# Timed runs of the graph build and the network when `prepare` measures the policy on this machine.
+PROBE_RUNS = 16
+
+
+@dataclass(frozen=True)
+class PolicyFit:
+    """What `prepare` measured: the graph build and the network on the inference worker, the second
+    slowest of `runs` runs (one outlier forgiven), against the share of the step budget they may take."""
+
+    measured_ms: float
+    allowed_ms: float
+    budget_ms: float
+    runs: int
+    policy_size: str
+
+    @property
+    def fits(self) -> bool:
+        """Whether decisions can be expected to meet the step budget on this machine."""
+        return self.measured_ms <= self.allowed_ms
+
+    @property
+    def message(self) -> str:
+        """What was measured and what to do about it (for the event and the operator's terminal)."""
+        # The budget in which the measured figure takes the allowed share, rounded up to half a millisecond.
+        needed = math.ceil(round(self.measured_ms * self.budget_ms / self.allowed_ms * 2, 6)) / 2
+        smaller = "use the smaller policy (TAMIYO_POLICY_SIZE=default), "
+        if self.policy_size == "default":
+            smaller = ""
+        return (
+            f"the {self.policy_size} GNN policy takes {self.measured_ms:.2f} ms per decision on this machine "
+            f"(graph build and network, second slowest of {self.runs} runs), more than the "
+            f"{self.allowed_ms:.3g} ms it may take of the {self.budget_ms:g} ms step budget: decisions will "
+            f"miss their deadline. Raise the budget (TAMIYO_STEP_TIMEOUT_MS={needed:g} or more), {smaller}"
+            "run on a GPU (TAMIYO_DEVICE=cuda), or use --policy heuristic"
+        )
+
+
 @dataclass(frozen=True)
 class _Inference:
     proposal: Proposal
@@ -146,6 +183,7 @@ class TamiyoService:
                 lambda name, description, attributes: self.telemetry.emit(name, description, **attributes)
             )
         self._field_reports: FieldReports | None = None
+        self.policy_fit: PolicyFit | None = None  # the last measurement of `prepare`
         self._ahead: BackgroundJob | None = None  # the warm-up `anticipate` started, until accounted for
         self._in_flight: _InFlight | None = None  # the decision `submit` started, until collected
         try:
@@ -266,16 +304,28 @@ class TamiyoService:
         policy builds the graph (normaliser statistics untouched) and runs its network on the inference
         worker without deciding. Nothing is recorded, signed or counted as a decision; a plain policy has
         nothing to warm up. Tolaria calls it before a process's first decision and after a topology
-        change; failures raise typed errors like a decision's."""
+        change; failures raise typed errors like a decision's.
+
+        Then it measures the policy on this machine: `PROBE_RUNS` graph builds and forwards as a decision
+        runs them (on the inference worker, at a decision's priority, timed on the service's clock), kept
+        in `policy_fit`. When they take more than `prepare_budget_share` of the step budget, a
+        `policy_over_budget` event says so, with the figure and what to do, before any decision misses its
+        deadline."""
         validate_packet(packet)
         graph_policy = self._graph_policy
         if graph_policy is None:
             return
+        clock = self._clock
 
         def job(token: CancelToken) -> None:
             graph = graph_policy.builder.build(packet, update_stats=False)
             token.check()
             graph_policy.rehearse(graph)
+
+        def probe(token: CancelToken) -> float:
+            start = clock.monotonic()
+            graph_policy.warm(graph_policy.builder.build(packet, update_stats=False), cancel=token)
+            return (clock.monotonic() - start) * 1e3
 
         before = getattr(graph_policy, "plan_status", None)
         self._worker.run(
@@ -284,10 +334,34 @@ class TamiyoService:
             what=f"warm-up on {packet.packet_id}",
             realtime=False,  # tracing a plan takes hundreds of milliseconds: not at real-time priority
         )
+        # One job per run, at the priority a decision runs at (at normal priority a busy machine's other
+        # processes would be measured too).
+        what = f"measurement on {packet.packet_id}"
+        timeout_ms = self.settings.warmup_timeout_ms
+        samples = [self._worker.run(probe, timeout_ms=timeout_ms, what=what) for _ in range(PROBE_RUNS)]
         after = getattr(graph_policy, "plan_status", None)
         if isinstance(after, PlanStatus) and after != before:
             failed = isinstance(before, PlanStatus) and after.fallbacks > before.fallbacks
             self.telemetry.record_plan(after.enabled, after.reason, after.build_ms, failed=failed)
+        size = getattr(getattr(graph_policy, "config", None), "size", None)  # a GNN's named size
+        fit = PolicyFit(
+            measured_ms=sorted(samples)[-2],
+            allowed_ms=self.step_timeout_ms * self.settings.prepare_budget_share,
+            budget_ms=self.step_timeout_ms,
+            runs=len(samples),
+            policy_size=size if isinstance(size, str) else "custom",
+        )
+        self.policy_fit = fit
+        self.telemetry.metric("tamiyo.prepare.decision_ms", fit.measured_ms, "ms")
+        if not fit.fits:
+            self.telemetry.emit(
+                "policy_over_budget",
+                fit.message,
+                measured_ms=f"{fit.measured_ms:.3f}",
+                allowed_ms=f"{fit.allowed_ms:.3f}",
+                budget_ms=f"{fit.budget_ms:g}",
+                policy_size=fit.policy_size,
+            )
         self._last_packet = packet
         self._follow_scheduling()
 

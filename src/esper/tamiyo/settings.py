@@ -31,6 +31,20 @@ class TamiyoSettings(StrictSettings):
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     cpu_threads: int = Field(default=1, ge=1, le=256, description="torch threads of the inference worker.")
     policy: Literal["heuristic", "gnn"] = Field(default="heuristic", description="Policy of `esper run`.")
+    policy_size: Literal["default", "full"] = Field(
+        default="default",
+        description="Size of the GNN policy: `default` is sized to decide within the step budget on a "
+        "2-core x86 CPU; `full` is the original, 24x larger network, for a GPU. A checkpoint loads only "
+        "into a policy of its own size.",
+    )
+    prepare_budget_share: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="Share of the step budget the graph build and the network may take when measured at "
+        "start (the rest is for validation, risk gates, signing and the machine's noise); above it the "
+        "run warns that decisions will miss their deadline.",
+    )
     heuristic_growth: bool = Field(
         default=False,
         description="The heuristic also widens and deepens layers (off: not yet shown to pay).",

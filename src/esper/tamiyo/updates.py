@@ -169,7 +169,7 @@ class PolicyUpdateIntake:
         self._settings = settings
         self._clock = clock
         self._feed = feed
-        self._config = config or TamiyoGNNConfig(schema=TAMIYO_SCHEMA)
+        self._config = config or TamiyoGNNConfig.sized(settings.policy_size, TAMIYO_SCHEMA)
         self._verifier = SignatureVerifier(
             secret, freshness_s=settings.update_freshness_s, future_skew_s=clock_skew_s, clock=clock
         )
