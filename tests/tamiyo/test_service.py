@@ -417,7 +417,9 @@ def test_germinate_carries_blend_annotations() -> None:
         command = service.evaluate_step(make_packet())
         assert command.seed_operation.blueprint_id == "bp-0"
         assert command.annotations["blend_mode"] == "CHANNEL"
-        assert command.annotations["blend_channel_alpha_init"] == "0"
+        assert (
+            command.annotations["blend_channel_alpha_init"] == "0.982"
+        )  # the opening Kasmina starts each channel gate at
     finally:
         service.close()
 
