@@ -119,6 +119,7 @@ class TimedController:
         self.collect = clock.wrap("decision", inner.collect)
         self.export_state = inner.export_state
         self.restore_state = inner.restore_state
+        self.checkpointed = inner.checkpointed
 
 
 def esper_trainer(
