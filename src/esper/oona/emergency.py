@@ -40,7 +40,7 @@ from esper.leyline import (
     resolve_signing_secret,
     sign,
 )
-from esper.oona.bus import Bus, BusError, BusUnavailable, Streams
+from esper.oona.bus import Bus, BusError, BusUnavailable, GroupNotFound, Streams
 from esper.oona.envelopes import UnexpectedMessageType, envelope_for, open_envelope
 from esper.oona.factory import open_bus
 from esper.oona.settings import OonaSettings
@@ -155,9 +155,18 @@ class EmergencyListener:
         `malformed_total`; signals that fail verification likewise in `rejected_total` (and
         `last_rejection`). An accepted HALT sets `halt_requested`.
         """
-        deliveries = self._bus.consume(
-            Streams.EMERGENCY, self.group, self.group, count=self._batch, block_ms=block_ms
-        )
+        try:
+            deliveries = self._bus.consume(
+                Streams.EMERGENCY, self.group, self.group, count=self._batch, block_ms=block_ms
+            )
+        except GroupNotFound:
+            # The backend lost the group (a Redis restarted without persistence): listen again from now;
+            # signals sent while the bus was down were lost with it, and the log says so.
+            logger.warning(
+                "oona: emergency listener %s lost its consumer group; listening again from now", self.group
+            )
+            self._bus.ensure_group(Streams.EMERGENCY, self.group, from_beginning=False)
+            return []
         if not deliveries:
             return []
         # Acked on receipt: the group is this listener's own, so nobody else would ever handle them.
