@@ -296,6 +296,7 @@ def test_messages_of_a_killed_consumer_are_reclaimed_after_the_idle_timeout(bus_
         bus.close()
 
 
+@pytest.mark.slow
 def test_concurrent_producers_and_consumers_lose_and_duplicate_nothing(bus_spec: BusSpec) -> None:
     producers, consumers, per_producer = 2, 2, 150
     bus = bus_spec.open()

@@ -288,12 +288,14 @@ def _accuracy_of_mlp(data: Dataset, hidden: int) -> float:
         return float((model(data.x_val).argmax(dim=1) == data.y_val).float().mean())
 
 
+@pytest.mark.slow
 def test_a_wider_host_does_measurably_better_than_a_narrow_one() -> None:
     data = make_task(0.5, seed=0)
     narrow, wide = _accuracy_of_mlp(data, 8), _accuracy_of_mlp(data, 64)
     assert wide - narrow > 0.08, (narrow, wide)
 
 
+@pytest.mark.slow
 def test_difficulty_makes_the_task_harder() -> None:
     easy, hard = make_task(0.0, seed=0), make_task(1.0, seed=0)
     assert _accuracy_of_mlp(easy, 16) > _accuracy_of_mlp(hard, 16) + 0.1
