@@ -120,6 +120,7 @@ class TimedController:
         self.export_state = inner.export_state
         self.restore_state = inner.restore_state
         self.checkpointed = inner.checkpointed
+        self.rewound = inner.rewound
 
 
 def esper_trainer(

@@ -282,6 +282,7 @@ def _build_controller(
             start=service.submit,
             finish=service.collect,
             release=service.checkpointed,
+            rewind=service.rewound,
         )
     if policy == "gnn":
         from esper.tamiyo import GNNPolicy  # PyTorch Geometric loads only for the GNN
@@ -310,6 +311,7 @@ def _build_controller(
             start=intake.submit,
             finish=intake.collect,
             release=service.checkpointed,
+            rewind=service.rewound,
         )
     raise ConfigurationError(f"unknown policy {policy!r}; available: heuristic, gnn")
 

@@ -110,3 +110,6 @@ class ScriptedController:
 
     def checkpointed(self, training_run_id: str, step: int) -> None:
         """Nothing recorded to release."""
+
+    def rewound(self, training_run_id: str, step: int) -> None:
+        """Nothing recorded to abandon."""

@@ -78,6 +78,9 @@ class RecordingController:
     def checkpointed(self, training_run_id: str, step: int) -> None:
         self.inner.checkpointed(training_run_id, step)
 
+    def rewound(self, training_run_id: str, step: int) -> None:
+        self.inner.rewound(training_run_id, step)
+
 
 @pytest.fixture
 def trainer(tmp_path: Path) -> Iterator[Trainer]:

@@ -125,6 +125,9 @@ class _Replaying:
     def checkpointed(self, training_run_id: str, step: int) -> None:
         self.inner.checkpointed(training_run_id, step)
 
+    def rewound(self, training_run_id: str, step: int) -> None:
+        self.inner.rewound(training_run_id, step)
+
 
 def test_a_command_applied_before_the_checkpoint_is_refused_as_a_replay_after_resume(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

@@ -190,6 +190,24 @@ def test_a_holding_service_publishes_on_a_stopped_run_only_what_a_checkpoint_cov
     assert second.command_id not in published[Streams.DECISIONS]
 
 
+def test_a_rollback_abandons_what_was_decided_after_the_checkpoint_it_went_back_to(tmp_path: Path) -> None:
+    service, store, bus = _service(tmp_path, hold=True)
+    try:
+        kept = service.evaluate_step(_packet(10, 1))
+        service.checkpointed("run-1", 10)
+        undone = service.evaluate_step(_packet(20, 2))  # then the loss explodes: back to step 10
+        service.rewound("run-1", 10)
+        service.checkpointed("run-1", 30)  # the next checkpoint of the new timeline
+        service.close(abort_open_windows=False)
+        published = _published(bus)
+        assert store.outbox_counts("decision")["dropped"] == 1
+    finally:
+        store.close()
+        bus.close()
+    assert undone.command_id not in published[Streams.DECISIONS]
+    assert kept.command_id in published[Streams.DECISIONS]
+
+
 def test_a_completed_run_publishes_everything_when_its_service_closes(tmp_path: Path) -> None:
     service, store, bus = _service(tmp_path, hold=True)
     try:

@@ -78,6 +78,7 @@ def test_evaluate_step_is_the_only_entry_point() -> None:
         "swap_policy",
         "step_timeout_ms",  # the one resolved step budget (P1)
         "checkpointed",  # the trainer's word that a checkpoint is durable: releases records, decides nothing
+        "rewound",  # the trainer's word that a rollback undid steps: abandons records, decides nothing
     }
 
 

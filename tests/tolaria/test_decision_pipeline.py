@@ -84,6 +84,9 @@ class _ServiceController:
     def checkpointed(self, training_run_id: str, step: int) -> None:
         self.service.checkpointed(training_run_id, step)
 
+    def rewound(self, training_run_id: str, step: int) -> None:
+        self.service.rewound(training_run_id, step)
+
 
 def test_a_decision_held_past_its_budget_is_a_critical_miss_and_training_goes_on(
     tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue

@@ -77,6 +77,9 @@ class GrowthController:
     def checkpointed(self, training_run_id: str, step: int) -> None:
         pass  # nothing recorded to release
 
+    def rewound(self, training_run_id: str, step: int) -> None:
+        """Nothing recorded to abandon."""
+
 
 @pytest.fixture(scope="module")
 def dataset() -> Dataset:

@@ -120,6 +120,24 @@ def test_nan_weights_roll_back_to_the_last_checkpoint_and_are_reported(
     assert trainer.step == 7 and trainer.rollbacks == 1
 
 
+def test_a_rollback_tells_the_controller_which_step_the_run_went_back_to(
+    tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue
+) -> None:
+    trainer = make_trainer(tmp_path / "run", dataset, catalogue)
+    rewinds: list[tuple[str, int]] = []
+    trainer.controller.rewound = lambda run, step: rewinds.append((run, step))  # type: ignore[method-assign]
+    trainer.save_checkpoint()
+    for _ in range(6):
+        trainer.train_step()
+    trainer.save_checkpoint()
+    for _ in range(3):
+        trainer.train_step()
+    with torch.no_grad():
+        trainer.host.head.weight.fill_(math.nan)
+    trainer.train_step()
+    assert rewinds == [(RUN_ID, 6)]
+
+
 def test_a_loss_spike_rolls_back(tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue) -> None:
     trainer = make_trainer(tmp_path / "run", dataset, catalogue, spike_warmup_steps=2)
     trainer.save_checkpoint()
@@ -218,6 +236,9 @@ class _Durability(ScriptedController):
     def checkpointed(self, training_run_id: str, step: int) -> None:
         on_disk = (self.directory / f"ckpt-{step:09d}.json").exists()
         self.calls.append((training_run_id, step, on_disk))
+
+    def rewound(self, training_run_id: str, step: int) -> None:
+        """Nothing recorded to abandon."""
 
 
 def test_the_controller_hears_of_each_checkpoint_once_it_is_durable_halt_included(

@@ -77,6 +77,12 @@ class FieldReportLifecycle:
         self._last_epoch: dict[str, int] = {}  # per run: the latest epoch a packet showed this lifecycle
         self._last_step: dict[str, int] = {}  # per run: the latest global step a packet showed it
 
+    def rewind(self, training_run_id: str, step: int) -> None:
+        """Forget the steps of `training_run_id` after `step` (a rollback took the run back there)."""
+        if self._last_step.get(training_run_id, step) > step:
+            self._last_step[training_run_id] = step
+            self._last_epoch.pop(training_run_id, None)
+
     # -- decisions ----------------------------------------------------------------------------------
 
     def record_decision(
@@ -346,6 +352,12 @@ class FieldReports:
             return
         if self._publisher is not None:
             self._publisher.notify()
+
+    def rewind(self, training_run_id: str, step: int) -> None:
+        """The run went back to step `step`: abandon what was recorded after it (one store transaction;
+        with holding, none of it was published), and forget the later steps this lifecycle saw."""
+        self.store.abandon_after(training_run_id, step)
+        self.lifecycle.rewind(training_run_id, step)
 
     def _announce(self, reports: list[pb.FieldReport]) -> None:
         for report in reports:

@@ -658,6 +658,12 @@ class TamiyoService:
         if self._field_reports is not None:
             self._field_reports.release_through(training_run_id, step)
 
+    def rewound(self, training_run_id: str, step: int) -> None:
+        """The run rolled back to its checkpoint of `step` (on the trainer's thread): the decisions and
+        reports recorded after it are abandoned, as on a resume. Nothing to do without a store."""
+        if self._field_reports is not None:
+            self._field_reports.rewind(training_run_id, step)
+
     def close(self, *, abort_open_windows: bool = True) -> None:
         """Stop the inference worker (joining its threads), write the normaliser statistics, close the field
         reports, and stop the telemetry publisher (what it cannot deliver in time is counted and logged).

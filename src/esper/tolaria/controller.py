@@ -59,6 +59,11 @@ class Controller(Protocol):
         concurrently with training; must not block for long."""
         ...
 
+    def rewound(self, training_run_id: str, step: int) -> None:
+        """The run rolled back to its checkpoint of `step`: what the controller recorded after that step
+        belongs to a timeline that no longer exists (never published, never learned from)."""
+        ...
+
 
 @dataclass
 class BoundController:
@@ -75,6 +80,7 @@ class BoundController:
     start: Callable[[pb.SystemStatePacket], None] | None = None
     finish: Callable[[], pb.AdaptationCommand] | None = None
     release: Callable[[str, int], None] | None = None
+    rewind: Callable[[str, int], None] | None = None
     _decided: pb.AdaptationCommand | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -125,3 +131,8 @@ class BoundController:
         """Tell the bound service a checkpoint is durable (nothing for a controller without one)."""
         if self.release is not None:
             self.release(training_run_id, step)
+
+    def rewound(self, training_run_id: str, step: int) -> None:
+        """Tell the bound service the run rolled back (nothing for a controller without one)."""
+        if self.rewind is not None:
+            self.rewind(training_run_id, step)

@@ -484,6 +484,8 @@ class Trainer:
             raise self._diverged(f"{reason}; no checkpoint to roll back to")
         rollbacks = self.rollbacks + 1
         self.restore(checkpoint)
+        # What the controller recorded after that checkpoint belongs to the timeline the rollback undid.
+        self.controller.rewound(self.training_run_id, self.step)
         for error in damaged:
             self._report_damaged(error)
         self.rollbacks = rollbacks
