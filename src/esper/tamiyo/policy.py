@@ -458,6 +458,7 @@ class GNNPolicy:
             value=value,
             head_choices=choices,
             head_log_probs=head_log_probs,
+            normalized_with=graph.normalized_with or {},
         )
 
     def _choose(self, log_probs: Tensor) -> int:
