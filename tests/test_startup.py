@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +45,45 @@ def test_esper_reports_runs_without_importing_torch(tmp_path: object) -> None:
         "assert 'does not exist' in result.output, result.output\n"
     )
     assert "torch" not in _modules_after(code)
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "published", "default"])
+def test_esper_policy_show_runs_without_importing_torch(
+    tmp_path: Path, state: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "default": no --state-dir, so the command finds <ESPER_DATA_DIR>/simic (a published policy there).
+    monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path))
+    root = tmp_path / "simic"
+    if state != "missing":
+        root.mkdir()
+        (root / "lineage.jsonl").write_text(
+            json.dumps(
+                {
+                    "published": True,
+                    "sequence": 1,
+                    "version": "v1",
+                    "parent_version": "",
+                    "mode": "ppo",
+                    "transitions": 9,
+                    "metrics": {},
+                }
+            )
+            + "\n"
+        )
+    if state in ("published", "default"):
+        header = json.dumps({"tamiyo_policy_version": "v1", "sequence": "1"})
+        body = json.dumps({"__metadata__": {"header": header}}).encode()
+        (root / "policy.safetensors").write_bytes(len(body).to_bytes(8, "little") + body)
+    args = ["policy", "show"] if state == "default" else ["policy", "show", "--state-dir", str(root)]
+    code = (
+        "from typer.testing import CliRunner\nfrom esper.cli import app\n"
+        f"result = CliRunner().invoke(app, {args!r})\n"
+        f"assert result.exit_code == {1 if state == 'missing' else 0}, result.output\n"
+        f"assert {'no Simic state' if state == 'missing' else 'Lineage'!r} in result.output, result.output\n"
+    )
+    loaded = _modules_after(code)
+    assert "torch" not in loaded
+    assert "torch_geometric" not in loaded
 
 
 @pytest.mark.slow

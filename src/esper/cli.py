@@ -341,7 +341,7 @@ def _load_gnn(checkpoint: Path, settings: TamiyoSettings, inputs: dict[str, Any]
     from safetensors import SafetensorError
 
     from esper.tamiyo import GNNPolicy
-    from esper.tamiyo.policy import CheckpointIncompatible
+    from esper.tamiyo.payload import CheckpointIncompatible
 
     try:
         return GNNPolicy.load(checkpoint, settings, **inputs)
@@ -1162,7 +1162,8 @@ def blueprints_unquarantine(
 def _simic_learner(state_dir: Path | None, policy_checkpoint: Path | None, bus: Any | None) -> Any:
     """Simic's learner: the policy of its state directory (or the checkpoint, or an untrained GNN)."""
     from esper.simic.settings import SimicSettings
-    from esper.simic.trainer import SimicState, SimicTrainer, bus_publisher
+    from esper.simic.state import SimicState
+    from esper.simic.trainer import SimicTrainer, bus_publisher
     from esper.tamiyo import GNNPolicy
     from esper.tamiyo.settings import TamiyoSettings
 
@@ -1389,8 +1390,8 @@ def policy_show(
 
     from rich.table import Table
 
-    from esper.simic.trainer import SimicState
-    from esper.tamiyo.updates import PolicyUpdateRejected, read_payload_header
+    from esper.simic.state import SimicState
+    from esper.tamiyo.payload import PolicyUpdateRejected, read_payload_header
 
     root = state_dir or _settings().data_dir / "simic"
     if not root.is_dir():

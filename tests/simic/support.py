@@ -7,6 +7,7 @@ import uuid
 from esper.leyline import pb
 from esper.simic.reward import ACCURACY_DELTA, LOSS_DELTA, PARAM_DELTA
 from esper.tamiyo.heuristic import HeuristicPolicy, HeuristicSettings
+from esper.tamiyo.normalizer_state import statistics_to_proto
 from esper.tamiyo.policy import GNNPolicy
 from esper.tamiyo.proposal import Policy, Proposal
 from tests.tamiyo.packets import make_packet
@@ -51,6 +52,7 @@ def record_for(
     record.issued_at.FromNanoseconds(1_700_000_000_000_000_000 + step)
     record.head_choices.update(proposal.head_choices)
     record.head_log_probs.update(proposal.head_log_probs)
+    record.normalizer.extend(statistics_to_proto(proposal.normalized_with))
     accuracy, loss, params = PAYOFF.get(proposal.action, (0.0, 0.0, 0.0))
     report = pb.FieldReport(
         report_id=f"fr-{command_id}",

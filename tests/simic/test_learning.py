@@ -26,11 +26,11 @@ from esper.simic.settings import SimicSettings
 from esper.simic.trainer import SimicState, SimicTrainer, bus_publisher, offline_records, serve
 from esper.simic.transitions import RecordCollector, build_samples
 from esper.simic.validation import agreement, choice_log_probs, validate_candidate
-from esper.tamiyo.graph import GraphBuilder
+from esper.tamiyo.graph import TAMIYO_SCHEMA, GraphBuilder
 from esper.tamiyo.policy import GNNPolicy
 from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
-from tests.simic.support import gnn_records, heuristic_records
+from tests.simic.support import gnn_records, heuristic_records, packet_at
 from tests.tamiyo.packets import SECRET, SMALL, settings, small_policy
 
 
@@ -161,6 +161,45 @@ def test_rebuilt_graphs_reproduce_the_behaviour_log_probabilities() -> None:
     recomputed = choice_log_probs(learner_copy, samples)
     recorded = torch.tensor([s.old_log_prob for s in samples])
     assert torch.allclose(recomputed, recorded, atol=1e-4)
+
+
+def test_learner_log_probs_equal_the_actors_when_its_normaliser_has_drifted() -> None:
+    # The actor has normalised an earlier run's packets: its statistics are far from a fresh builder's.
+    actor = small_policy()
+    for step in range(30):
+        drift = packet_at(step, "run-earlier")
+        drift.validation_loss = 40.0 + 3.0 * step
+        drift.validation_accuracy = 0.01 * step
+        actor.propose(drift)
+    records = gnn_records(actor, 12)
+    decisions = [m for m in records if isinstance(m, pb.DecisionRecord)]
+    assert all(len(d.normalizer) == len(TAMIYO_SCHEMA.type_names) for d in decisions)
+    collector = RecordCollector()
+    collector.extend(records)
+    samples, skipped = build_samples(new_builder, collector.transitions(simic()))
+    assert len(samples) == 12 and not skipped
+    learner = small_policy()  # same seed, same weights, a fresh builder of its own
+    recomputed = choice_log_probs(learner, samples)
+    recorded = torch.tensor([s.old_log_prob for s in samples])
+    assert torch.allclose(recomputed, recorded, atol=1e-5, rtol=0.0)
+
+    # Rebuilt with fresh running statistics instead, the learner would evaluate other inputs.
+    for decision in decisions:
+        decision.ClearField("normalizer")
+    unpinned = RecordCollector()
+    unpinned.extend(records)
+    fresh_samples, _ = build_samples(new_builder, unpinned.transitions(simic()))
+    assert not torch.allclose(choice_log_probs(learner, fresh_samples), recorded, atol=1e-3)
+
+
+def test_a_decision_recording_part_of_the_normaliser_is_skipped_by_reason() -> None:
+    records = gnn_records(small_policy(), 3)
+    decision = next(m for m in records if isinstance(m, pb.DecisionRecord))
+    del decision.normalizer[0]
+    collector = RecordCollector()
+    collector.extend(records)
+    samples, skipped = build_samples(new_builder, collector.transitions(simic()))
+    assert len(samples) == 2 and skipped == {"graph:GraphSchemaError": 1}
 
 
 def test_gae_matches_a_hand_computation() -> None:

@@ -14,11 +14,12 @@ from esper.cli import app
 from esper.leyline import ManualClock, load_settings, pb
 from esper.oona import EmbeddedBus, OonaSettings, Streams, open_envelope
 from esper.tamiyo.field_reports import SYNTH_PREFIX, judge_outcome, new_report_id
+from esper.tamiyo.normalizer_state import statistics_from_proto
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tamiyo.store import TamiyoStore
-from tests.tamiyo.packets import SECRET, ScriptedPolicy, make_packet, settings
+from tests.tamiyo.packets import SECRET, ScriptedPolicy, make_packet, settings, small_policy
 
 WAIT = Proposal(action=pb.POLICY_ACTION_WAIT, log_prob=-0.25, value=0.5, head_choices={"action": 0})
 GERMINATE = Proposal(
@@ -88,6 +89,24 @@ def test_decision_record_carries_what_simic_needs(store: TamiyoStore) -> None:
     assert record.final_command_type == pb.COMMAND_WAIT
     assert record.policy_version == "scripted-1"
     assert store.current_policy_version() == "scripted-1"
+
+
+def test_a_gnn_decision_records_the_normaliser_statistics_its_graph_was_made_with(
+    store: TamiyoStore,
+) -> None:
+    policy = small_policy()
+    for epoch in range(5):  # the statistics drift away from a fresh builder's
+        policy.propose(packet(epoch, accuracy=0.1 * epoch, loss=10.0 + epoch))
+    before = policy.builder.normalizer.states()
+    service = TamiyoService(settings(), policy, SECRET, store=store)
+    try:
+        command = service.evaluate_step(packet(6))
+    finally:
+        service.close(abort_open_windows=False)
+    record = store.decision(command.command_id)
+    assert record is not None
+    assert statistics_from_proto(record.normalizer) == before
+    assert policy.builder.normalizer.states() != before  # the decision's own packet joined them after
 
 
 def test_window_of_n_epochs_closes_after_n(store: TamiyoStore) -> None:

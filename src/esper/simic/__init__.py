@@ -11,5 +11,6 @@ One module per component, read in this order:
 - `imitation`: the bootstrap that imitates the heuristic controller.
 - `validation`: finite, KL bound, no regression on a held-out replay.
 - `updates`: the signed `PolicyUpdate` (safetensors payload with a JSON header).
-- `trainer`: rounds (`SimicTrainer`), the state directory, `serve` on the bus.
+- `state`: the state directory (current policy, lineage) and a round's record; no PyTorch.
+- `trainer`: rounds (`SimicTrainer`), `serve` on the bus.
 """

@@ -18,107 +18,30 @@ counts, training and validation figures, and the reasons a candidate was refused
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb
-from esper.leyline.files import write_atomically
+from esper.leyline import SYSTEM_CLOCK, Clock, pb
 from esper.oona import Bus, Streams, envelope_for
 from esper.simic.imitation import imitate
 from esper.simic.ppo import make_rollout, ppo_update, refit_critic
 from esper.simic.settings import SimicSettings
+from esper.simic.state import RoundResult, SimicState
 from esper.simic.transitions import RecordCollector, TransitionSet, build_samples, drain_bus
 from esper.simic.updates import build_policy_update
 from esper.simic.validation import validate_candidate
-from esper.tamiyo.gnn import TamiyoGNNConfig
 from esper.tamiyo.graph import BlueprintLookup, GraphBuilder
 from esper.tamiyo.policy import GNNPolicy
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.updates import read_payload_header
 
 _log = logging.getLogger("esper.simic")
 
 Mode = Literal["auto", "ppo", "imitation"]
 Publisher = Callable[[pb.PolicyUpdate], None]
-
-
-class SimicStateError(EsperError):
-    """The state directory holds something Simic cannot continue from."""
-
-
-@dataclass
-class RoundResult:
-    """What one round did."""
-
-    mode: str
-    published: bool
-    parent_version: str
-    version: str = ""
-    sequence: int = 0
-    transitions: int = 0
-    samples: int = 0
-    on_policy: int = 0
-    heuristic: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    reasons: list[str] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    finished_at_ns: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready (NaN figures are written as null: not measured)."""
-        data = asdict(self)
-        data["metrics"] = {k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()}
-        return data
-
-
-class SimicState:
-    """Simic's directory: the current policy (`policy.safetensors`, payload format) and `lineage.jsonl`."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.policy_path = root / "policy.safetensors"
-        self.lineage_path = root / "lineage.jsonl"
-
-    def record(self, result: RoundResult) -> None:
-        """Append a round's record."""
-        with open(self.lineage_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(result.to_json(), sort_keys=True) + "\n")
-
-    def rounds(self) -> list[dict[str, Any]]:
-        """Every round's record, oldest first."""
-        if not self.lineage_path.exists():
-            return []
-        with open(self.lineage_path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-
-    def save_policy(self, payload: bytes) -> None:
-        """Replace the current policy atomically and durably (the old one stays if the write fails)."""
-        write_atomically(self.policy_path, payload)
-
-    def load_policy(
-        self, settings: TamiyoSettings, config: TamiyoGNNConfig | None = None
-    ) -> tuple[GNNPolicy, int] | None:
-        """The saved policy and its sequence, or None when nothing was published yet."""
-        if not self.policy_path.exists():
-            return None
-        payload = self.policy_path.read_bytes()
-        header = read_payload_header(payload)
-        policy = GNNPolicy(settings, config=config)
-        policy.load_state_bytes(payload)
-        try:
-            sequence = int(header["sequence"])
-        except (KeyError, ValueError) as exc:
-            raise SimicStateError(f"{self.policy_path} has no lineage sequence in its header") from exc
-        return policy, sequence
 
 
 class SimicTrainer:

@@ -28,7 +28,8 @@ from esper.simic.reward import (
     with_seed_outcome,
 )
 from esper.simic.settings import SimicSettings
-from esper.tamiyo.graph import GraphBuilder, TamiyoGraph
+from esper.tamiyo.graph import GraphBuilder, GraphSchemaError, TamiyoGraph
+from esper.tamiyo.normalizer_state import statistics_from_proto
 from esper.tamiyo.policy import RELEVANT_HEADS
 from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES
 
@@ -291,22 +292,27 @@ def resolve_choices(decision: pb.DecisionRecord, graph: TamiyoGraph) -> dict[str
 def build_samples(
     new_builder: Callable[[], GraphBuilder], transitions: TransitionSet
 ) -> tuple[list[Sample], Counter[str]]:
-    """Graphs for every transition, rebuilt the way Tamiyo built them when it decided.
+    """Graphs for every transition, rebuilt exactly as Tamiyo built them when it decided.
 
-    Tamiyo's builder normalises each packet with running statistics that start fresh with the run (those
-    of the run's earlier packets); so does this, with one fresh builder per run fed its packets in step
-    order.
-    The graphs then match the ones the behaviour log-probabilities were computed on (decisions without a
-    report, which are not here, shift the statistics slightly).
+    A decision that records the normaliser statistics its graph was made with (every decision of a graph
+    policy) is rebuilt with those statistics, so the learner evaluates the actor's very inputs. One that
+    records none (the heuristic's: it saw no graph) is normalised with running statistics that start
+    fresh with its run, fed the run's packets in step order, as a fresh Tamiyo would have.
     """
     samples: list[Sample] = []
     skipped: Counter[str] = Counter()
     builders: dict[str, GraphBuilder] = {}
+    pinned: GraphBuilder | None = None
     for transition in transitions.transitions:
         decision = transition.decision
-        builder = builders.setdefault(decision.training_run_id, new_builder())
         try:
-            graph = builder.build(decision.packet, update_stats=True)
+            if decision.normalizer:
+                pinned = pinned or new_builder()
+                _pin_normalizer(pinned, decision)
+                graph = pinned.build(decision.packet, update_stats=False)
+            else:
+                builder = builders.setdefault(decision.training_run_id, new_builder())
+                graph = builder.build(decision.packet, update_stats=True)
             choices = resolve_choices(decision, graph)
         except ChoiceUnresolvable:
             skipped["choice_not_in_graph"] += 1
@@ -319,3 +325,17 @@ def build_samples(
             continue
         samples.append(Sample(transition=transition, graph=graph, choices=choices))
     return samples, skipped
+
+
+def _pin_normalizer(builder: GraphBuilder, decision: pb.DecisionRecord) -> None:
+    """Make `builder` normalise with the statistics `decision` records, which must cover every node type
+    (a `GraphSchemaError` otherwise: statistics left over from another decision would slip in)."""
+    states = statistics_from_proto(decision.normalizer)
+    expected = builder.schema.type_names
+    if sorted(states) != sorted(expected) or len(states) != len(decision.normalizer):
+        raise GraphSchemaError(
+            f"decision {decision.command_id} normaliser",
+            f"records node types {sorted(s.node_type for s in decision.normalizer)}, "
+            f"the schema has {sorted(expected)}",
+        )
+    builder.normalizer.load_states(states)

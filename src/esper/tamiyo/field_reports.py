@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 from esper.leyline import Clock, pb, short_name
 from esper.oona import Bus
+from esper.tamiyo.normalizer_state import statistics_to_proto
 from esper.tamiyo.outbox import FieldReportOutbox, OutboxMetrics, OutboxPublisher
 from esper.tamiyo.proposal import Proposal
 from esper.tamiyo.settings import TamiyoSettings
@@ -117,6 +118,7 @@ class FieldReportLifecycle:
         record.issued_at.CopyFrom(command.issued_at)
         record.head_choices.update(proposal.head_choices)
         record.head_log_probs.update(proposal.head_log_probs)
+        record.normalizer.extend(statistics_to_proto(proposal.normalized_with))
         seed_op = command.seed_operation if command.HasField("seed_operation") else None
         window = ObservationWindow(
             command_id=command.command_id,

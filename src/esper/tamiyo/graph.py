@@ -327,6 +327,9 @@ class TamiyoGraph:
     seed_ids: tuple[str, ...]
     blueprint_ids: tuple[str, ...]
     coverage: GraphCoverage | None = None
+    # The normaliser statistics each node type was normalised with (a built graph; None for a batch), so a
+    # decision can record exactly what its graph was made from.
+    normalized_with: dict[str, NormalizerState] | None = None
 
     def num_nodes(self, node_type: str) -> int:
         """Nodes of one type (over the whole batch)."""
@@ -449,11 +452,26 @@ class FeatureNormalizer:
         mask = present.detach().cpu().numpy().astype(np.float32)
         return torch.from_numpy(self.normalize_array(name, array, mask, update=update))
 
-    def normalize_array(self, name: str, values: _Array, present: _Array, *, update: bool) -> _Array:
-        """`normalize` on float32 NumPy arrays (the builder's path: no tensor operations)."""
-        if values.shape[1] == 0 or values.shape[0] == 0:
-            return values
+    def normalize_array(
+        self,
+        name: str,
+        values: _Array,
+        present: _Array,
+        *,
+        update: bool,
+        used: dict[str, NormalizerState] | None = None,
+    ) -> _Array:
+        """`normalize` on float32 NumPy arrays (the builder's path: no tensor operations). With `used`, the
+        statistics this call normalised with are put there under `name` (taken with the scale, atomically).
+        """
         with self._lock:
+            if used is not None:
+                # The arrays are replaced, never changed in place, so these are the statistics in use.
+                used[name] = NormalizerState(
+                    self._count[name].tolist(), self._mean[name].tolist(), self._m2[name].tolist()
+                )
+            if values.shape[1] == 0 or values.shape[0] == 0:
+                return values
             mean, scale = self._scaled.get(name) or self._scale(name)
             if update:
                 self._pending.append((name, values, present))
@@ -710,11 +728,12 @@ class GraphBuilder:
         x: dict[str, Tensor] = {}
         mask: dict[str, Tensor] = {}
         present_fraction: dict[str, float] = {}
+        normalized_with: dict[str, NormalizerState] = {}
         for spec in self.schema.node_types:
             values, present = raw[spec.name]
             width = len(spec.continuous)
             normed = self.normalizer.normalize_array(
-                spec.name, values[:, :width], present[:, :width], update=update_stats
+                spec.name, values[:, :width], present[:, :width], update=update_stats, used=normalized_with
             )
             x[spec.name] = torch.from_numpy(
                 np.concatenate([normed, values[:, width:] * present[:, width:]], axis=1, dtype=np.float32)
@@ -767,6 +786,7 @@ class GraphBuilder:
             seed_ids=tuple(s.seed_id if s is not None else "" for s in slot_states),
             blueprint_ids=tuple(blueprints),
             coverage=coverage,
+            normalized_with=normalized_with,
         )
 
     @staticmethod

@@ -3,8 +3,11 @@ loading PyTorch. The graph builder's `FeatureNormalizer` keeps them up to date."
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
+
+from esper.leyline import pb
 
 
 @dataclass
@@ -14,6 +17,22 @@ class NormalizerState:
     count: list[float]
     mean: list[float]
     m2: list[float]
+
+
+def statistics_to_proto(states: Mapping[str, NormalizerState]) -> list[pb.NormalizerStatistics]:
+    """`states` as the decision record carries them (node types in name order)."""
+    return [
+        pb.NormalizerStatistics(node_type=name, count=state.count, mean=state.mean, m2=state.m2)
+        for name, state in sorted(states.items())
+    ]
+
+
+def statistics_from_proto(messages: Iterable[pb.NormalizerStatistics]) -> dict[str, NormalizerState]:
+    """The statistics a decision record carries (empty when it carries none)."""
+    return {
+        message.node_type: NormalizerState(list(message.count), list(message.mean), list(message.m2))
+        for message in messages
+    }
 
 
 class NormalizerStore(Protocol):

@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from esper.leyline import EsperError, pb
+from esper.leyline import pb
 from esper.tamiyo.gnn import (
     ARCHITECTURE_VERSION,
     LEGACY_HEADER,
@@ -48,6 +48,7 @@ from esper.tamiyo.graph import (
     collate,
 )
 from esper.tamiyo.normalizer_state import NormalizerState, NormalizerStore
+from esper.tamiyo.payload import CheckpointIncompatible, read_safetensors_header
 from esper.tamiyo.proposal import (
     ACTIONS,
     ALPHA_RAMP_STEPS,
@@ -73,25 +74,6 @@ RELEVANT_HEADS: dict[int, tuple[str, ...]] = {
     _A[pb.POLICY_ACTION_PAUSE]: ("action",),
 }
 _MASKED = -1e9
-
-
-# Bounds on a safetensors header, checked before anything else is read: a policy's header is some tens of
-# kilobytes, nested three levels deep.
-MAX_HEADER_BYTES = 1024 * 1024
-MAX_HEADER_DEPTH = 8
-
-
-class CheckpointIncompatible(EsperError):
-    """A checkpoint was written for another architecture, schema or size (`hint`: what to do)."""
-
-    def __init__(self, field: str, expected: str, found: str, *, hint: str = "") -> None:
-        self.field = field
-        self.expected = expected
-        self.found = found
-        self.hint = hint
-        super().__init__(
-            f"checkpoint {field} is {found!r}, this policy needs {expected!r}" + (f": {hint}" if hint else "")
-        )
 
 
 @dataclass(frozen=True)
@@ -458,6 +440,7 @@ class GNNPolicy:
             value=value,
             head_choices=choices,
             head_log_probs=head_log_probs,
+            normalized_with=graph.normalized_with or {},
         )
 
     def _choose(self, log_probs: Tensor) -> int:
@@ -586,70 +569,6 @@ def _segment_entropy(log_probs: Tensor, ok: Tensor, index: Tensor, size: int) ->
         return torch.zeros(size)
     terms = -(log_probs.exp() * log_probs) * ok.float()
     return torch.zeros(size, dtype=terms.dtype).index_add(0, index, terms)
-
-
-def _json_depth(document: object) -> int:
-    """How deeply `document` (parsed JSON) nests arrays and objects; iterative, so any depth is safe."""
-    deepest = 0
-    pending: list[tuple[object, int]] = [(document, 0)]
-    while pending:
-        node, depth = pending.pop()
-        if isinstance(node, dict):
-            children: list[object] = list(node.values())
-        elif isinstance(node, list):
-            children = list(node)
-        else:
-            continue
-        deepest = max(deepest, depth + 1)
-        pending.extend((child, depth + 1) for child in children)
-    return deepest
-
-
-def _bounded_json(text: bytes | str, what: str) -> object:
-    """`text` parsed as JSON, nested at most `MAX_HEADER_DEPTH` deep; `CheckpointIncompatible` otherwise."""
-    try:
-        document: object = json.loads(text)
-    except RecursionError as exc:
-        raise CheckpointIncompatible(what, "JSON", "nested too deeply to parse") from exc
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
-        raise CheckpointIncompatible(what, "JSON", f"unreadable ({exc})") from exc
-    depth = _json_depth(document)
-    if depth > MAX_HEADER_DEPTH:
-        raise CheckpointIncompatible(what, f"JSON nested at most {MAX_HEADER_DEPTH} deep", f"depth {depth}")
-    return document
-
-
-def read_safetensors_header(payload: bytes) -> dict[str, str]:
-    """The policy header in the metadata of a safetensors payload; `CheckpointIncompatible` for anything
-    else.
-
-    Only JSON is parsed, within bounds (`MAX_HEADER_BYTES`, `MAX_HEADER_DEPTH`): the safetensors header
-    must be an object whose `__metadata__` maps strings to strings, and its `header` entry must be a JSON
-    object of strings.
-    """
-    if len(payload) < 8:
-        raise CheckpointIncompatible("payload", "safetensors bytes", f"{len(payload)} bytes")
-    length = int.from_bytes(payload[:8], "little")
-    if length == 0 or length > min(len(payload) - 8, MAX_HEADER_BYTES):
-        raise CheckpointIncompatible(
-            "header length", f"1..{min(len(payload) - 8, MAX_HEADER_BYTES)} bytes", str(length)
-        )
-    document = _bounded_json(payload[8 : 8 + length], "header")
-    if not isinstance(document, dict):
-        raise CheckpointIncompatible("header", "a JSON object", type(document).__name__)
-    metadata = document.get("__metadata__")
-    if not isinstance(metadata, dict):
-        raise CheckpointIncompatible("__metadata__", "a JSON object", type(metadata).__name__)
-    if not isinstance(metadata.get("header"), str):
-        found = type(metadata.get("header")).__name__
-        raise CheckpointIncompatible("__metadata__ header", "a JSON string", found)
-    header = _bounded_json(metadata["header"], "policy header")
-    if not isinstance(header, dict):
-        raise CheckpointIncompatible("policy header", "a JSON object", type(header).__name__)
-    for key, value in header.items():
-        if not isinstance(value, str):
-            raise CheckpointIncompatible(f"policy header {key!r}", "a string", type(value).__name__)
-    return dict(header)
 
 
 def _warmup_packet(n_layers: int, n_slots: int, n_blueprints: int) -> pb.SystemStatePacket:

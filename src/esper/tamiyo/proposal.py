@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from esper.leyline import EsperError, pb
+from esper.tamiyo.normalizer_state import NormalizerState
 
 if TYPE_CHECKING:
     from esper.tamiyo.graph import GraphBuilder, TamiyoGraph
@@ -66,6 +67,9 @@ class Proposal:
     value: float = 0.0
     head_choices: dict[str, int] = field(default_factory=dict)
     head_log_probs: dict[str, float] = field(default_factory=dict)
+    # The normaliser statistics of the graph the choice was sampled on (node type -> statistics; empty for
+    # a policy without a graph): recorded with the decision, so Simic rebuilds the very same graph.
+    normalized_with: dict[str, NormalizerState] = field(default_factory=dict)
 
 
 class Policy(Protocol):

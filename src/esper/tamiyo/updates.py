@@ -52,30 +52,16 @@ from esper.leyline.files import write_atomically
 from esper.oona import Bus, BusError, Delivery, GroupNotFound, Streams
 from esper.tamiyo.gnn import ARCHITECTURE_VERSION, TamiyoGNNConfig
 from esper.tamiyo.graph import TAMIYO_SCHEMA
-from esper.tamiyo.policy import HEADS, CheckpointIncompatible, GNNPolicy, read_safetensors_header
+from esper.tamiyo.payload import CheckpointIncompatible, PolicyUpdateRejected, read_payload_header
+from esper.tamiyo.policy import HEADS, GNNPolicy
 from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, Policy
 from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
 
 # Keys of the JSON header a `PolicyUpdate` payload carries besides the architecture header of the policy.
 LINEAGE_KEYS: tuple[str, ...] = ("tamiyo_policy_version", "parent_version", "sequence", "registry_digest")
-_PICKLE_PROTOCOLS = range(2, 6)
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive: a pickle inside a zip
 
 _log = logging.getLogger("esper.tamiyo")
-
-
-class PolicyUpdateRejected(EsperError):
-    """An update was refused; `reason` is a short machine-readable code, `detail` says why."""
-
-    def __init__(self, reason: str, detail: str, *, version: str = "", sequence: int = 0) -> None:
-        self.reason = reason
-        self.detail = detail
-        self.version = version
-        self.sequence = sequence
-        super().__init__(
-            f"policy update {version or '?'} (sequence {sequence}) rejected ({reason}): {detail}"
-        )
 
 
 def policy_registry_digest(config: TamiyoGNNConfig) -> str:
@@ -93,22 +79,6 @@ def policy_registry_digest(config: TamiyoGNNConfig) -> str:
         "lr_factors": list(LR_FACTORS),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def read_payload_header(payload: bytes) -> dict[str, str]:
-    """The JSON header of a safetensors payload; a pickle or anything else is `PolicyUpdateRejected`.
-
-    Nothing here unpickles or executes anything: the bytes are inspected, and only a well-formed
-    safetensors header is parsed (as JSON, bounded in size and depth: see `read_safetensors_header`).
-    """
-    if len(payload) >= 2 and payload[0] == 0x80 and payload[1] in _PICKLE_PROTOCOLS:
-        raise PolicyUpdateRejected("pickle_payload", f"payload is a pickle (protocol {payload[1]})")
-    if payload.startswith(_ZIP_MAGIC):
-        raise PolicyUpdateRejected("pickle_payload", "payload is a torch.save archive (pickle inside)")
-    try:
-        return read_safetensors_header(payload)
-    except CheckpointIncompatible as exc:
-        raise PolicyUpdateRejected("not_safetensors", str(exc)) from exc
 
 
 class PolicyLineage(Protocol):
