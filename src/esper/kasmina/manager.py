@@ -342,7 +342,8 @@ class SeedManager:
             self._advance_growth(growth, step)
         # A dormant lifecycle does not move and a synced empty slot stays as it is: until something changes
         # a lifecycle, the next steps would do nothing.
-        self._at_rest = not self._growths and all(r.lifecycle.stage == DORMANT for r in self._records.values())
+        records = self._records.values()
+        self._at_rest = not self._growths and all(r.lifecycle.stage == DORMANT for r in records)
         return self._events[start:]
 
     def _advance_one(self, record: _SlotRecord, step: int) -> None:
