@@ -182,6 +182,9 @@ def instrument(trainer: Trainer, clock: PhaseClock) -> None:
 
 def reinitialised(model: nn.Module) -> nn.Module:
     fresh = copy.deepcopy(model)
+    # An instrumented host carries its timed `forward` on the instance; the copy would share that closure
+    # and run the original's forward (training the original, leaving its own parameters without grads).
+    fresh.__dict__.pop("forward", None)
     for module in fresh.modules():
         reset = getattr(module, "reset_parameters", None)
         if callable(reset):

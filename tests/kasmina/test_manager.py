@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.kasmina import EventKind, RejectionReason, SeedManager
+from esper.kasmina import EventKind, RejectionReason, SeedManager, SlotMode
+from esper.kasmina.lifecycle import SeedLifecycle
 from esper.leyline import ManualClock, SignatureVerifier, pb, validate_seed_state
 from esper.urza import BlueprintCatalogue
 from tests.kasmina.support import (
@@ -300,3 +301,40 @@ def test_the_trainer_records_a_command_with_unknown_enum_values() -> None:
     assert record["command_type"] == "99 (unknown CommandType)"
     assert record["operation"] == "98 (unknown SeedOperation)"
     assert record["blend_mode"] == "97 (unknown BlendMode)"
+
+
+def test_advance_skips_dormant_lifecycles_until_a_seed_command_or_restore(
+    manager: SeedManager,
+    host: TinyHost,
+    clock: ManualClock,
+    catalogue: BlueprintCatalogue,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stepped: list[int] = []
+    original = SeedLifecycle.advance
+
+    def counted(self: SeedLifecycle) -> object:
+        stepped.append(self.stage)
+        return original(self)
+
+    monkeypatch.setattr(SeedLifecycle, "advance", counted)
+    for step in range(5):
+        assert manager.advance(step) == []
+    assert len(stepped) == 2  # the first advance steps both dormant slots; then nothing is left to do
+    host.a.arm_gradient_probe()
+    manager.advance(5)
+    assert host.a.mode == SlotMode.PROBE  # a probe armed on a resting slot stays armed
+    stepped.clear()
+    assert manager.apply(germinate(clock, "a"), step=6).accepted
+    host(task()[0])  # the sanity forward
+    events = manager.advance(6)
+    assert [e.to_stage for e in events if e.kind == EventKind.TRANSITION] == ["TRAINING"]
+    assert len(stepped) == 2
+    # A resting manager that restores a live seed steps it again.
+    twin = make_manager(TinyHost(), catalogue, clock)
+    twin.advance(0)
+    twin.advance(1)
+    stepped.clear()
+    twin.restore_state(manager.export_state())
+    twin.advance(7)
+    assert S.SEED_STAGE_TRAINING in stepped

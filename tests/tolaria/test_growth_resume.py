@@ -178,3 +178,35 @@ def test_kill_and_resume_after_a_growth_equals_an_uninterrupted_run(
         for name, tensor in resumed_state.items():
             assert torch.equal(tensor, reference_state[name]), name
         assert _transitions(resumed) == _transitions(reference)
+
+
+@pytest.mark.parametrize("operation", [pb.SEED_OP_WIDEN, pb.SEED_OP_DEEPEN])
+def test_every_packet_carries_the_hosts_topology_of_its_step_through_a_growth(
+    tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue, operation: int
+) -> None:
+    trainer = make_trainer(tmp_path / "run", dataset, catalogue, operation)
+    host_topology = trainer.host.topology
+    built: list[int] = []
+
+    def counted() -> pb.HostTopology:
+        built.append(trainer.step)
+        return host_topology()
+
+    trainer.host.topology = counted  # type: ignore[method-assign]
+    seen: list[tuple[bytes, bytes]] = []
+    controller = trainer.controller
+    assert isinstance(controller, GrowthController)
+    submit = controller.submit
+
+    def checked(packet: pb.SystemStatePacket) -> None:
+        now = host_topology().SerializeToString(deterministic=True)
+        seen.append((packet.topology.SerializeToString(deterministic=True), now))
+        submit(packet)
+
+    controller.submit = checked  # type: ignore[method-assign]
+    trainer.fit()
+    assert all(packet == host for packet, host in seen)
+    if operation == pb.SEED_OP_WIDEN:
+        assert len({host for _, host in seen}) == 2  # the merge widened fc1
+    # Built again only after something changed the host, not twice on every decision.
+    assert 0 < len(built) < len(seen)

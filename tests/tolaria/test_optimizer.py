@@ -128,3 +128,17 @@ def test_state_after_a_merge_round_trips() -> None:
     for parameter in host.parameters():
         for key, value in optimizer.optimizer.state[parameter].items():
             assert torch.equal(restored.optimizer.state[parameter][key], value)
+
+
+def test_zero_grad_clears_the_gradient_of_every_group_as_torch_does() -> None:
+    torch.manual_seed(0)
+    host = MLPHost(10, 3, width=6, depth=2)
+    seed = torch.nn.Linear(6, 6)
+    optimizer = GroupedAdam(host.parameters(), lr=0.01)
+    optimizer.add_group("h1:g1", list(seed.parameters()))
+    x = torch.randn(8, 10)
+    (host(x).sum() + seed(torch.randn(8, 6)).sum()).backward()
+    everything = [*host.parameters(), *seed.parameters()]
+    assert all(p.grad is not None for p in everything)
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in everything)

@@ -252,3 +252,43 @@ def test_the_controller_hears_of_each_checkpoint_once_it_is_durable_halt_include
     epoch = trainer.steps_per_epoch
     assert epoch < 14
     assert listener.calls == [(RUN_ID, 0, True), (RUN_ID, epoch, True), (RUN_ID, 14, True)]
+
+
+def test_every_training_forward_runs_in_training_mode_through_germination_and_evaluation(
+    tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue
+) -> None:
+    """The host is put in training mode after whatever may have changed its modules (a command, new
+    parameters, a restore), not on every step; each training forward still sees every module training."""
+    trainer = make_trainer(tmp_path / "run", dataset, catalogue, epochs=4)
+    host, manager = trainer.host, trainer.manager
+    apply = manager.apply
+    left_in_eval: list[str] = []
+
+    def apply_and_leave_new_modules_in_eval(command: Any, *, step: int) -> Any:
+        result = apply(command, step=step)
+        for slot in host.slots():
+            if slot.seed is not None and manager.seed_id(slot.slot_id) not in left_in_eval:
+                slot.seed.eval()  # a new seed, as a blueprint builder might leave it
+                left_in_eval.append(manager.seed_id(slot.slot_id))
+        return result
+
+    manager.apply = apply_and_leave_new_modules_in_eval  # type: ignore[method-assign]
+    train = host.train
+    mode_sets: list[int] = []
+
+    def counted_train(mode: bool = True) -> torch.nn.Module:
+        mode_sets.append(trainer.step)
+        return train(mode)
+
+    host.train = counted_train  # type: ignore[method-assign]
+    training_forwards: list[bool] = []
+
+    def check(module: torch.nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():
+            training_forwards.append(all(m.training for m in host.modules()))
+
+    host.register_forward_pre_hook(check)
+    trainer.fit()
+    assert left_in_eval  # a seed germinated
+    assert len(training_forwards) == trainer.total_steps and all(training_forwards)
+    assert len(mode_sets) < trainer.total_steps  # not once per step

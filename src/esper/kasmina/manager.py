@@ -119,6 +119,9 @@ class ParameterChanges:
         return bool(self.added or self.retired or self.merged)
 
 
+_NO_CHANGES = ParameterChanges()
+
+
 @dataclass
 class _SlotRecord:
     """Everything the manager knows about one slot."""
@@ -179,6 +182,9 @@ class SeedManager:
         # Widths of the layers merged widens changed: now, and as the host was built (for rollbacks).
         self._widths: dict[str, int] = {}
         self._base_widths: dict[str, int] = {}
+        # True while every slot is dormant, synced, and no growth exists: `advance` has nothing to do then.
+        # Set by a full `advance`; cleared by everything that can change a lifecycle (commands, restore).
+        self._at_rest = False
 
     # -- reading --------------------------------------------------------------------------------------------
 
@@ -328,12 +334,16 @@ class SeedManager:
     def advance(self, step: int) -> list[LifecycleEvent]:
         """Step every lifecycle once (at most one gate each); returns the events of this call."""
         start = len(self._events)
-        if self._paused:
+        if self._paused or self._at_rest:
             return []
         for record in self._records.values():
             self._advance_one(record, step)
         for growth in list(self._growths.values()):
             self._advance_growth(growth, step)
+        # A dormant lifecycle does not move and a synced empty slot stays as it is: until something changes
+        # a lifecycle, the next steps would do nothing.
+        records = self._records.values()
+        self._at_rest = not self._growths and all(r.lifecycle.stage == DORMANT for r in records)
         return self._events[start:]
 
     def _advance_one(self, record: _SlotRecord, step: int) -> None:
@@ -379,6 +389,7 @@ class SeedManager:
 
     def terminate(self, step: int) -> list[LifecycleEvent]:
         """End of run: every seed still on its way (or cooling down) becomes TERMINATED."""
+        self._at_rest = False
         start = len(self._events)
         for record in self._records.values():
             before = record.lifecycle.stage
@@ -473,6 +484,7 @@ class SeedManager:
                 RejectionReason.UNSUPPORTED,
                 f"command type {value_label(pb.CommandType, kind)} is not executed by Kasmina",
             )
+        self._at_rest = False  # a seed operation may start a lifecycle or a growth
         operation = command.seed_operation
         op = operation.operation
         if op in (pb.SEED_OP_WIDEN, pb.SEED_OP_DEEPEN):
@@ -972,6 +984,8 @@ class SeedManager:
 
     def drain_parameter_changes(self) -> ParameterChanges:
         """Seed parameters added and retired since the last call."""
+        if not (self._added or self._retired or self._merged):
+            return _NO_CHANGES
         changes = ParameterChanges(
             added=tuple(self._added), retired=tuple(self._retired), merged=tuple(self._merged)
         )
@@ -982,6 +996,8 @@ class SeedManager:
 
     def drain_events(self) -> list[LifecycleEvent]:
         """Every event since the last call, oldest first."""
+        if not self._events:
+            return []
         events = list(self._events)
         self._events.clear()
         return events
@@ -1032,6 +1048,7 @@ class SeedManager:
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
         """Rebuild every slot from `export_state` output: modules are rebuilt empty (load weights next)."""
+        self._at_rest = False
         slots = state["slots"]
         if set(slots) != set(self._records):
             raise SeedStateRestoreError(

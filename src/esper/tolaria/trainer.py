@@ -193,6 +193,13 @@ class Trainer:
         self.last_evaluation: Evaluation | None = None
         self._permutation_epoch = -1
         self._permutation = torch.empty(0, dtype=torch.long)
+        # The host's topology and its deterministic bytes, kept until something could have changed the
+        # host's structure: a command applied, a seed or growth event, parameters added, retired or
+        # merged, a restore. Building it asks every layer for its growth sites.
+        self._topology: tuple[pb.HostTopology, bytes] | None = None
+        # False until `host.train()` has run since the last command, parameter change or restore: new
+        # modules and a restored host are put in training mode once, not on every step.
+        self._host_in_training = False
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -247,7 +254,9 @@ class Trainer:
         xb, yb = self.dataset.x_train[batch], self.dataset.y_train[batch]
         if (self.step + 1) % settings.decision_interval == 0:
             self.manager.arm_gradient_probes()
-        self.host.train()
+        if not (self._host_in_training and self.host.training):
+            self.host.train()
+            self._host_in_training = True
         loss = nn.functional.cross_entropy(self.host(xb), yb)
         value = float(loss.detach())
         explosion = self._explosion(value)
@@ -287,7 +296,7 @@ class Trainer:
             validation_accuracy=evaluation.accuracy,
             training_loss=training_loss,
             timestamp_ns=self.clock.wall_ns(),
-            topology=self.host.topology(),
+            topology=self._host_topology()[0],
             seed_states=self.manager.seed_states(
                 learning_rate=self.optimizer.lr, steps_per_epoch=self.steps_per_epoch
             ),
@@ -310,7 +319,7 @@ class Trainer:
             "validation_loss": evaluation.loss,
         }
         self.collect_decision()  # a lag of `decision_interval` is due now; never two in flight
-        topology = packet.topology.SerializeToString(deterministic=True)
+        topology = self._host_topology()[1]
         try:
             if topology != self._prepared_topology:
                 self.controller.prepare(packet)
@@ -358,6 +367,8 @@ class Trainer:
             )
             return
         result = self.manager.apply(command, step=self.step)
+        if command.command_type not in (pb.COMMAND_WAIT, pb.COMMAND_OPTIMIZER):
+            self._host_changed()  # a seed operation: what it changed shows in events and parameters too
         if result.accepted and command.command_type == pb.COMMAND_OPTIMIZER:
             self._adjust_lr(command.optimizer_adjustment.hyperparameters.get("lr_factor", 1.0))
         self._apply_parameter_changes()
@@ -372,7 +383,7 @@ class Trainer:
     def _staleness(self, flight: _InFlight, command: pb.AdaptationCommand) -> str:
         """Why `command` no longer fits the host ("" when it still does): the host's topology changed
         since its packet, or the slot it operates on changed stage or seed."""
-        if self.host.topology().SerializeToString(deterministic=True) != flight.topology:
+        if self._host_topology()[1] != flight.topology:
             return "the host's topology changed while the decision was in flight"
         if command.HasField("seed_operation"):
             slot_id = command.seed_operation.slot_id
@@ -581,6 +592,7 @@ class Trainer:
         self.interval_loss_sum = float(meta["interval_loss_sum"])
         self.interval_loss_count = int(meta["interval_loss_count"])
         self.manager.drain_parameter_changes()
+        self._host_changed()
 
     # -- helpers --------------------------------------------------------------------------------------------
 
@@ -597,8 +609,23 @@ class Trainer:
             optimizer.add_group(name, seed_groups[name])
         return optimizer
 
+    def _host_topology(self) -> tuple[pb.HostTopology, bytes]:
+        """The host's topology now, and its deterministic bytes (built again only after a change)."""
+        if self._topology is None:
+            topology = self.host.topology()
+            self._topology = (topology, topology.SerializeToString(deterministic=True))
+        return self._topology
+
+    def _host_changed(self) -> None:
+        """The host's structure or modules may have changed: topology and training mode are renewed."""
+        self._topology = None
+        self._host_in_training = False
+
     def _apply_parameter_changes(self) -> None:
         changes = self.manager.drain_parameter_changes()
+        if not changes:
+            return
+        self._host_changed()
         for merge in changes.merged:  # before `retired`: the new units' moments move into the host's
             self.optimizer.absorb(merge.old, merge.appended, merge.merged, dim=merge.dim)
         for seed_id, _ in changes.retired:
@@ -685,8 +712,12 @@ class Trainer:
         )
 
     def _flush_events(self) -> None:
+        events = self.manager.drain_events()
+        if not events:
+            return
+        self._host_changed()  # a seed or growth moved: it may have changed the host's structure
         epoch = self.step / self.steps_per_epoch
-        for event in self.manager.drain_events():
+        for event in events:
             self.run_dir.events.append({**event.to_json(), "epoch": epoch})
 
     def _log_trainer_event(
