@@ -129,8 +129,8 @@ class _Replaying:
         self.inner.rewound(training_run_id, step)
 
 
-def test_a_command_applied_before_the_checkpoint_is_refused_as_a_replay_after_resume(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def _first_applied_command(run_dir: Path) -> pb.AdaptationCommand:
+    """Run one epoch; the first command Kasmina accepted in it."""
     first = _Replaying()
     run_experiment(config(run_dir, epochs=1), first, SECRET, progress=False)
     applied = [
@@ -139,18 +139,26 @@ def test_a_command_applied_before_the_checkpoint_is_refused_as_a_replay_after_re
         if json.loads(line).get("accepted")
     ]
     assert applied, "the first epoch applied no command"
-    replayed = next(c for c in first.issued if c.command_id == applied[0]["command_id"])
+    return next(c for c in first.issued if c.command_id == applied[0]["command_id"])
 
-    # A new process (a new verifier, a new ledger) resumes the run for a second epoch; its first decision
-    # hands Kasmina the command it already applied, well inside the freshness window.
+
+def _replayed_after_resume(run_dir: Path, command: pb.AdaptationCommand) -> dict[str, Any]:
+    """A new process (a new verifier, a new ledger) resumes the run for a second epoch; its first
+    decision hands Kasmina `command` again, well inside the freshness window. Returns that record."""
     second = _Replaying()
-    second.replay = replayed
+    second.replay = command
     run_experiment(config(run_dir, epochs=2), second, SECRET, resume=True, progress=False)
     records = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
-    again = [r for r in records if r.get("command_id") == replayed.command_id]
+    again = [r for r in records if r.get("command_id") == command.command_id]
     assert len(again) == 2
-    assert again[1]["accepted"] is False
-    assert again[1]["rejection"] == "replayed_nonce"
+    return again[1]
+
+
+def test_a_command_applied_before_the_checkpoint_is_refused_as_a_replay_after_resume(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    replayed = _replayed_after_resume(run_dir, _first_applied_command(run_dir))
+    assert replayed["accepted"] is False
+    assert replayed["rejection"] == "replayed_nonce"
 
 
 def test_a_command_missing_from_the_saved_ledger_is_refused_after_resume(tmp_path: Path) -> None:
@@ -158,27 +166,13 @@ def test_a_command_missing_from_the_saved_ledger_is_refused_after_resume(tmp_pat
     crash came first); replayed into the resumed run within the freshness window, it is refused all the
     same, as a command of an earlier life of the run."""
     run_dir = tmp_path / "run"
-    first = _Replaying()
-    run_experiment(config(run_dir, epochs=1), first, SECRET, progress=False)
-    applied = [
-        json.loads(line)
-        for line in (run_dir / "decisions.jsonl").read_text().splitlines()
-        if json.loads(line).get("accepted")
-    ]
-    assert applied, "the first epoch applied no command"
-    replayed = next(c for c in first.issued if c.command_id == applied[0]["command_id"])
+    command = _first_applied_command(run_dir)
     # As if the crash came before any checkpoint recorded this command's nonce.
     for path in (run_dir / "checkpoints").glob("ckpt-*.json"):
         record = json.loads(path.read_text())
         record["meta"]["nonces"] = []
         path.write_text(json.dumps(record, sort_keys=True))
-
-    second = _Replaying()
-    second.replay = replayed
-    run_experiment(config(run_dir, epochs=2), second, SECRET, resume=True, progress=False)
-    records = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
-    again = [r for r in records if r.get("command_id") == replayed.command_id]
-    assert len(again) == 2
-    assert again[1]["accepted"] is False
-    assert again[1]["rejection"] == "stale"
-    assert "earlier life" in again[1]["detail"]
+    replayed = _replayed_after_resume(run_dir, command)
+    assert replayed["accepted"] is False
+    assert replayed["rejection"] == "stale"
+    assert "earlier life" in replayed["detail"]
