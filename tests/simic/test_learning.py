@@ -253,6 +253,7 @@ def _copy(policy: GNNPolicy) -> GNNPolicy:
     return copy
 
 
+@pytest.mark.slow
 def test_ppo_raises_the_probability_of_the_rewarded_action_and_reports_per_head_figures() -> None:
     policy = small_policy()
     collector = RecordCollector()
@@ -305,6 +306,7 @@ def test_validation_refuses_non_finite_weights_and_large_kl() -> None:
     assert not nan_loss.passed and any("value_loss" in reason for reason in nan_loss.reasons)
 
 
+@pytest.mark.slow
 def test_imitation_learns_the_heuristics_choices() -> None:
     policy = small_policy()
     collector = RecordCollector()
@@ -316,6 +318,7 @@ def test_imitation_learns_the_heuristics_choices() -> None:
     assert stats.agreement > before
 
 
+@pytest.mark.slow
 def test_round_publishes_a_signed_update_that_a_running_tamiyo_accepts(tmp_path: Path) -> None:
     clock = ManualClock()
     tamiyo_settings = settings(gnn_greedy=True)
@@ -363,6 +366,7 @@ def test_round_publishes_a_signed_update_that_a_running_tamiyo_accepts(tmp_path:
         bus.close()
 
 
+@pytest.mark.slow
 def test_a_refused_candidate_is_not_published_and_the_reason_is_recorded(tmp_path: Path) -> None:
     published: list[pb.PolicyUpdate] = []
     state = SimicState(tmp_path / "simic")
@@ -391,6 +395,7 @@ def test_too_few_transitions_skip_the_round() -> None:
     assert result.mode == "skipped" and not result.published and "not enough" in result.reasons[0]
 
 
+@pytest.mark.slow
 def test_imitation_round_publishes_a_bootstrap_policy() -> None:
     published: list[pb.PolicyUpdate] = []
     learner = SimicTrainer(

@@ -267,6 +267,7 @@ def test_a_bus_outage_never_fails_a_decision(tmp_path: Path) -> None:
         assert all(s.attempts >= 1 and "closed" in s.last_error for s in opened.field_reports())
 
 
+@pytest.mark.slow
 def test_esper_run_writes_field_reports_and_esper_reports_lists_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

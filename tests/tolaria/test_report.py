@@ -76,6 +76,7 @@ def test_segments_follow_each_slot_from_dormant_to_its_last_stage(tmp_path: Path
     ]
 
 
+@pytest.mark.slow
 def test_report_writes_plots_and_a_page_naming_every_seed(tmp_path: Path) -> None:
     run = _write_run(tmp_path / "run")
     files = write_report(run)
