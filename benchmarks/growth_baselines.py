@@ -29,37 +29,32 @@ from typing import Any
 
 import torch
 
-from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import SignatureVerifier, load_settings, pb
-from esper.tamiyo import HeuristicPolicy, TamiyoService
+from bench_support import bound_controller, build_trainer, mean_ci95
+from esper.leyline import load_settings, pb
+from esper.tamiyo import HeuristicPolicy
 from esper.tamiyo.heuristic import WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController
 from esper.tolaria.hosts import build_host
-from esper.tolaria.records import RunDirectory
 from esper.tolaria.run import load_task
 from esper.tolaria.settings import TolariaSettings
-from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
 
-SECRET = b"growth-baselines-benchmark-secret"
 DECISION_BUDGET_MS = 100.0
 GENERATED_DIFFICULTY = 0.5
 CASES = ("digits:mlp", "digits:cnn", "generated:mlp")
-# Two-sided 95% Student t quantiles by degrees of freedom (a normal quantile beyond the table).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def controller(policy_name: str) -> BoundController:
     """Tamiyo's service with the heuristic or the WAIT-only policy, bound for Tolaria as `esper run` does."""
     # This measures growth, not decision latency (benchmarks/ has its own for that): on a shared 2-core
-    # machine the 5 ms budget is missed now and then, and three misses in a row would end a run.
-    settings = load_settings(TamiyoSettings, environ={}, step_timeout_ms=DECISION_BUDGET_MS)
-    policy: HeuristicPolicy | WaitOnlyPolicy = (
-        HeuristicPolicy(settings) if policy_name == "heuristic" else WaitOnlyPolicy()
+    # machine the 5 ms budget is missed now and then.
+    policy = (
+        HeuristicPolicy(load_settings(TamiyoSettings, environ={}))
+        if policy_name == "heuristic"
+        else WaitOnlyPolicy()
     )
-    service = TamiyoService(settings, policy, SECRET)
-    return BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore)
+    return bound_controller(policy, step_timeout_ms=DECISION_BUDGET_MS)
 
 
 def load(task: str, kind: str, seed: int) -> Any:
@@ -85,23 +80,16 @@ def train(
     dataset = load(task, kind, seed)
     host = build_host(kind, dataset.input_shape, dataset.num_classes, scale=scale)
     run_id = f"bench-{task}-{kind}-{policy_name}-{scale:.2f}-{seed}"
-    manager = SeedManager(
-        host.slots(),
-        catalogue,
-        SignatureVerifier(SECRET),
-        load_settings(KasminaSettings, environ={}),
-        training_run_id=run_id,
-    )
-    trainer = Trainer(
-        settings=settings,
+    trainer = build_trainer(
         dataset=dataset,
         host=host,
-        manager=manager,
         controller=controller(policy_name),
-        blueprint_ids=catalogue.ids_for(host.slot_kind),
-        run_dir=RunDirectory(work / run_id),
-        training_run_id=run_id,
+        settings=settings,
+        catalogue=catalogue,
+        work=work,
+        run_id=run_id,
     )
+    manager = trainer.manager
     outcome = trainer.fit()
     stages = [manager.stage(slot_id) for slot_id in manager.slot_ids]
     return {
@@ -129,16 +117,6 @@ def matching_scale(task: str, kind: str, target_params: float) -> tuple[float, i
     return best[1], best[2]
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation and the half-width of the 95% t-interval of the mean."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": mean, "std": 0.0, "ci95": float("nan")}
-    std = statistics.stdev(values)
-    quantile = T95.get(len(values) - 1, 1.96)
-    return {"mean": mean, "std": std, "ci95": quantile * std / len(values) ** 0.5}
-
-
 def compare(
     case: str, seeds: list[int], epochs: int, catalogue: BlueprintCatalogue, work: Path
 ) -> dict[str, Any]:
@@ -163,12 +141,12 @@ def compare(
     }
     for name, runs in (("grown", grown), ("no_growth", plain), ("static", static)):
         result[name] = {
-            key: _stats([float(run[key]) for run in runs])
+            key: mean_ci95([float(run[key]) for run in runs])
             for key in ("accuracy", "params", "fossilized", "seconds")
         }
         result[name]["per_seed_accuracy"] = [run["accuracy"] for run in runs]
     for name, runs in (("no_growth", plain), ("static", static)):
-        result[f"grown_minus_{name}"] = _stats(
+        result[f"grown_minus_{name}"] = mean_ci95(
             [g["accuracy"] - c["accuracy"] for g, c in zip(grown, runs, strict=True)]
         )
     return result

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import tempfile
 import time
@@ -47,24 +46,18 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import SignatureVerifier, load_settings, pb
-from esper.tamiyo import HeuristicPolicy, TamiyoService
+from esper.leyline import load_settings, pb
+from esper.tamiyo import HeuristicPolicy
 from esper.tamiyo.heuristic import HeuristicSettings, WaitOnlyPolicy
-from esper.tamiyo.settings import TamiyoSettings
-from esper.tolaria.controller import BoundController
 from esper.tolaria.data import Dataset
 from esper.tolaria.hosts import Host, build_host
-from esper.tolaria.records import RunDirectory
 from esper.tolaria.run import load_task
 from esper.tolaria.settings import TolariaSettings
-from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_overhead import reinitialised
+from bench_support import bound_controller, build_trainer, mean_ci95, reinitialised
 
-SECRET = b"growth-vs-static-benchmark-secret"
 DECISION_BUDGET_MS = 100.0
 # case -> (task, host, difficulty)
 CASES: dict[str, tuple[str, str, float]] = {
@@ -80,15 +73,6 @@ CASES: dict[str, tuple[str, str, float]] = {
 # The narrow start of each host (TOLARIA_HOST_WIDTH): MLP units, first conv channels, feed-forward units.
 NARROW = {"mlp": 4, "cnn": 3, "conv1d": 4, "transformer": 4}
 RUNS = ("grown", "no_growth", "static", "random_init")
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def controller(policy: HeuristicPolicy | WaitOnlyPolicy) -> BoundController:
-    """Tamiyo's service with `policy`, bound for Tolaria as `esper run` binds it (a 100 ms decision budget:
-    this measures growth, not latency, on a shared machine)."""
-    settings = load_settings(TamiyoSettings, environ={}, step_timeout_ms=DECISION_BUDGET_MS)
-    service = TamiyoService(settings, policy, SECRET)
-    return BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore)
 
 
 def _batch_sizes(n: int, batch_size: int) -> list[int]:
@@ -121,29 +105,20 @@ def esper_run(
         kind, dataset.input_shape, dataset.num_classes, vocab_size=dataset.vocab_size, width=width
     )
     run_id = f"gvs-{case.replace(':', '-')}-{policy_name}-{seed}"
-    manager = SeedManager(
-        host.slots(),
-        catalogue,
-        SignatureVerifier(SECRET),
-        load_settings(KasminaSettings, environ={}),
-        training_run_id=run_id,
-        host=host,
-    )
     policy: HeuristicPolicy | WaitOnlyPolicy
     if policy_name == "no_growth":
         policy = WaitOnlyPolicy()
     else:
         init = pb.GROWTH_INIT_RANDOM if policy_name == "random_init" else pb.GROWTH_INIT_GRADMAX
         policy = HeuristicPolicy(HeuristicSettings(enable_growth=True, widen_init=init))
-    trainer = Trainer(
-        settings=settings,
+    trainer = build_trainer(
         dataset=dataset,
         host=host,
-        manager=manager,
-        controller=controller(policy),
-        blueprint_ids=catalogue.ids_for(host.slot_kind),
-        run_dir=RunDirectory(work / run_id),
-        training_run_id=run_id,
+        controller=bound_controller(policy, step_timeout_ms=DECISION_BUDGET_MS),
+        settings=settings,
+        catalogue=catalogue,
+        work=work,
+        run_id=run_id,
     )
     sizes = _batch_sizes(len(dataset.x_train), settings.batch_size)
     train_step = trainer.train_step
@@ -236,15 +211,6 @@ def _accuracy(model: nn.Module, dataset: Dataset) -> float:
     return correct / max(1, len(dataset.x_val))
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation and the half-width of the 95% t-interval of the mean."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": mean, "std": 0.0, "ci95": float("nan")}
-    std = statistics.stdev(values)
-    return {"mean": mean, "std": std, "ci95": T95.get(len(values) - 1, 1.96) * std / len(values) ** 0.5}
-
-
 def compare(
     case: str, seeds: list[int], *, epochs: int, width: int | None, catalogue: BlueprintCatalogue, work: Path
 ) -> dict[str, Any]:
@@ -263,13 +229,13 @@ def compare(
             )
     result: dict[str, Any] = {"case": case, "width": start}
     for name in RUNS:
-        result[name] = {key: _stats([run[key] for run in runs[name]]) for key in runs[name][0]}
+        result[name] = {key: mean_ci95([run[key] for run in runs[name]]) for key in runs[name][0]}
         result[name]["per_seed_accuracy"] = [run["accuracy"] for run in runs[name]]
     for name in ("no_growth", "static", "random_init"):
-        result[f"grown_minus_{name}"] = _stats(
+        result[f"grown_minus_{name}"] = mean_ci95(
             [g["accuracy"] - c["accuracy"] for g, c in zip(runs["grown"], runs[name], strict=True)]
         )
-    result["flops_grown_over_static"] = _stats(
+    result["flops_grown_over_static"] = mean_ci95(
         [g["flops"] / s["flops"] for g, s in zip(runs["grown"], runs["static"], strict=True)]
     )
     return result

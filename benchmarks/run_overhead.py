@@ -22,7 +22,6 @@ The last line of stdout is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import statistics
@@ -37,21 +36,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import SignatureVerifier, load_settings
-from esper.tamiyo import HeuristicPolicy, TamiyoService
+from bench_support import bound_controller, build_trainer, reinitialised
+from esper.leyline import load_settings
+from esper.tamiyo import HeuristicPolicy
 from esper.tamiyo.heuristic import WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController, Controller
 from esper.tolaria.data import Dataset
 from esper.tolaria.hosts import build_host
-from esper.tolaria.records import RunDirectory
 from esper.tolaria.run import load_task
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
 
-SECRET = b"run-overhead-benchmark-secret"
 CASES = ("digits:mlp", "digits:cnn", "generated:mlp")
 TARGET = 1.15
 
@@ -99,13 +96,9 @@ def timed_backward(clock: PhaseClock) -> Iterator[None]:
 
 
 def controller(policy: str) -> BoundController:
-    """Tamiyo's service with the heuristic or WAIT-only policy, bound as `esper run` binds it."""
+    """Tamiyo's service with the heuristic or WAIT-only policy, at the default budget of `esper run`."""
     settings = load_settings(TamiyoSettings, environ={})
-    chosen: HeuristicPolicy | WaitOnlyPolicy = (
-        HeuristicPolicy(settings) if policy == "heuristic" else WaitOnlyPolicy()
-    )
-    service = TamiyoService(settings, chosen, SECRET)
-    return BoundController(decide=service.evaluate_step, save=chosen.state, load=chosen.restore)
+    return bound_controller(HeuristicPolicy(settings) if policy == "heuristic" else WaitOnlyPolicy())
 
 
 class TimedController:
@@ -134,23 +127,14 @@ def esper_trainer(
 ) -> Trainer:
     torch.manual_seed(settings.seed)
     host = build_host(kind, dataset.input_shape, dataset.num_classes)
-    run_id = f"overhead-{kind}-{policy}-{time.monotonic_ns()}"
-    manager = SeedManager(
-        host.slots(),
-        catalogue,
-        SignatureVerifier(SECRET),
-        load_settings(KasminaSettings, environ={}),
-        training_run_id=run_id,
-    )
-    return Trainer(
-        settings=settings,
+    return build_trainer(
         dataset=dataset,
         host=host,
-        manager=manager,
         controller=controller(policy),
-        blueprint_ids=catalogue.ids_for(host.slot_kind),
-        run_dir=RunDirectory(work / run_id),
-        training_run_id=run_id,
+        settings=settings,
+        catalogue=catalogue,
+        work=work,
+        run_id=f"overhead-{kind}-{policy}-{time.monotonic_ns()}",
     )
 
 
@@ -178,18 +162,6 @@ def instrument(trainer: Trainer, clock: PhaseClock) -> None:
             optimizer_step()
 
     trainer.optimizer.step = step  # type: ignore[method-assign]
-
-
-def reinitialised(model: nn.Module) -> nn.Module:
-    fresh = copy.deepcopy(model)
-    # An instrumented host carries its timed `forward` on the instance; the copy would share that closure
-    # and run the original's forward (training the original, leaving its own parameters without grads).
-    fresh.__dict__.pop("forward", None)
-    for module in fresh.modules():
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    return fresh
 
 
 def plain_loop(

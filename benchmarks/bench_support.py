@@ -1,0 +1,97 @@
+"""What the training benchmarks share: one way to build a trainer as `esper run` does, the controller
+bound to it, a fresh copy of a final model, and the mean with its 95% t-interval.
+
+Imported by the benchmark scripts beside it (`growth_baselines.py`, `growth_vs_static.py`,
+`run_overhead.py`); not a benchmark itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from pathlib import Path
+
+from torch import nn
+
+from esper.kasmina import KasminaSettings, SeedManager
+from esper.leyline import SignatureVerifier, load_settings
+from esper.tamiyo import HeuristicPolicy, TamiyoService
+from esper.tamiyo.heuristic import WaitOnlyPolicy
+from esper.tamiyo.settings import TamiyoSettings
+from esper.tolaria.controller import BoundController
+from esper.tolaria.data import Dataset
+from esper.tolaria.hosts import Host
+from esper.tolaria.records import RunDirectory
+from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.trainer import Trainer
+from esper.urza import BlueprintCatalogue
+
+SECRET = b"esper-benchmark-signing-secret"
+# Two-sided 95% Student t quantiles by degrees of freedom (a normal quantile beyond the table).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def bound_controller(
+    policy: HeuristicPolicy | WaitOnlyPolicy, *, step_timeout_ms: float | None = None
+) -> BoundController:
+    """Tamiyo's service with `policy`, bound for Tolaria (decisions taken at submit, as a BoundController
+    without start/finish does). `step_timeout_ms` overrides the budget where a benchmark measures growth,
+    not latency, on a shared machine."""
+    overrides = {} if step_timeout_ms is None else {"step_timeout_ms": step_timeout_ms}
+    settings = load_settings(TamiyoSettings, environ={}, **overrides)
+    service = TamiyoService(settings, policy, SECRET)
+    return BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore)
+
+
+def build_trainer(
+    *,
+    dataset: Dataset,
+    host: Host,
+    controller: BoundController,
+    settings: TolariaSettings,
+    catalogue: BlueprintCatalogue,
+    work: Path,
+    run_id: str,
+) -> Trainer:
+    """Tolaria's trainer over `host` with Kasmina's seed manager (growth included), writing its run
+    directory under `work`."""
+    manager = SeedManager(
+        host.slots(),
+        catalogue,
+        SignatureVerifier(SECRET),
+        load_settings(KasminaSettings, environ={}),
+        training_run_id=run_id,
+        host=host,
+    )
+    return Trainer(
+        settings=settings,
+        dataset=dataset,
+        host=host,
+        manager=manager,
+        controller=controller,
+        blueprint_ids=catalogue.ids_for(host.slot_kind),
+        run_dir=RunDirectory(work / run_id),
+        training_run_id=run_id,
+    )
+
+
+def reinitialised(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s architecture with every parameter initialised afresh."""
+    fresh = copy.deepcopy(model)
+    # An instrumented host carries its timed `forward` on the instance; the copy would share that closure
+    # and run the original's forward (training the original, leaving its own parameters without grads).
+    fresh.__dict__.pop("forward", None)
+    for module in fresh.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return fresh
+
+
+def mean_ci95(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation and the half-width of the 95% t-interval of the mean."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "std": 0.0, "ci95": float("nan")}
+    std = statistics.stdev(values)
+    return {"mean": mean, "std": std, "ci95": T95.get(len(values) - 1, 1.96) * std / len(values) ** 0.5}
