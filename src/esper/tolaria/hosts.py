@@ -21,7 +21,6 @@ from esper.leyline import EsperError, pb
 
 HOST_KINDS = ("mlp", "cnn", "conv1d", "transformer")
 POOLED_SIDE = 2
-POOLED_CELLS = POOLED_SIDE * POOLED_SIDE
 POOLED_LENGTH = 4
 """Cells of the 1-D CNN's last feature map that its head sees (an average pool keeps where, coarsely)."""
 
@@ -159,7 +158,86 @@ class MLPHost(Host):
         return logits
 
 
-class ConvHost(Host):
+class _TwoConvHost(Host):
+    """conv -> ReLU -> slot -> conv (stride 2) -> ReLU -> slot -> average pool to a few cells -> linear.
+
+    The 2-D CNN and the 1-D CNN are this one network in two dimensions; a subclass names its
+    convolution, pooling and shapes.
+    """
+
+    host_name = ""
+    sample_dims = 0  # dimensions of one sample: [C, H, W] or [C, L]
+    shape_requirement = ""
+    conv: type[nn.Conv1d] | type[nn.Conv2d] = nn.Conv2d
+    first_kernel = 3
+    pooled = 0  # the pool's output side (per spatial dimension)
+    block_kind = ""  # the deepen block's kind
+    slot_ids = ("", "")
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        *,
+        channels: tuple[int, int],
+        with_slots: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != self.sample_dims:
+            raise HostNotApplicable(self.host_name, f"{self.shape_requirement}, got shape {input_shape}")
+        in_channels = input_shape[0]
+        c1, c2 = channels
+        self.with_slots = with_slots
+        self.conv1 = self.conv(in_channels, c1, kernel_size=self.first_kernel, padding=self.first_kernel // 2)
+        self.conv2 = self.conv(c1, c2, kernel_size=3, stride=2, padding=1)
+        cells = self.pooled ** (self.sample_dims - 1)
+        self.head = nn.Linear(c2 * cells, num_classes)
+        first, second = self.slot_ids
+        kind = self.slot_kind
+        self.slot1 = SeedSlot(first, c1, kind, layer_id="conv1", depth=0) if with_slots else None
+        self.slot2 = SeedSlot(second, c2, kind, layer_id="conv2", depth=1) if with_slots else None
+
+    def host_layers(self) -> list[tuple[str, str, int, nn.Module]]:
+        return [
+            ("conv1", "conv", self.conv1.out_channels, self.conv1),
+            ("conv2", "conv", self.conv2.out_channels, self.conv2),
+            ("head", "linear", self.head.out_features, self.head),
+        ]
+
+    def widen_site(self, layer_id: str) -> WidenSite:
+        if layer_id == "conv1":
+            return WidenSite("conv1", self.conv1, self.conv2, "relu", Bridge(), self.slot1)
+        if layer_id == "conv2":
+            return WidenSite("conv2", self.conv2, self.head, "relu", Bridge(self.pooled), self.slot2)
+        raise GrowthNotApplicable("widen", f"no widenable layer {layer_id!r}; choose conv1 or conv2")
+
+    def deepen_site(self, layer_id: str) -> DeepenSite:
+        anchors = {"conv1": (self.conv1, self.slot1), "conv2": (self.conv2, self.slot2)}
+        if layer_id not in anchors:
+            raise GrowthNotApplicable(
+                "deepen", f"no layer {layer_id!r} to deepen after; choose conv1 or conv2"
+            )
+        layer, slot = anchors[layer_id]
+        if slot is None:
+            raise GrowthNotApplicable("deepen", "a host without slots has no anchor for a block")
+        return DeepenSite(layer_id, layer, slot, self.block_kind, layer.out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for `x` of shape [N, C, H, W] (2-D) or [N, C, L] (1-D)."""
+        x = torch.relu(self.conv1(x))
+        if self.slot1 is not None:
+            x = self.slot1(x)
+        x = torch.relu(self.conv2(x))
+        if self.slot2 is not None:
+            x = self.slot2(x)
+        pool = (
+            nn.functional.adaptive_avg_pool2d if self.sample_dims == 3 else nn.functional.adaptive_avg_pool1d
+        )
+        logits: Tensor = self.head(pool(x, self.pooled).flatten(1))
+        return logits
+
+
+class ConvHost(_TwoConvHost):
     """conv(c1) -> ReLU -> slot -> conv(c2, stride 2) -> ReLU -> slot -> 2x2 average pool -> linear.
 
     The head sees a 2x2 average of the last feature map rather than a global average: a global average
@@ -168,6 +246,14 @@ class ConvHost(Host):
     """
 
     slot_kind = "conv"
+    host_name = "cnn"
+    sample_dims = 3
+    shape_requirement = "needs image samples [C, H, W]"
+    conv = nn.Conv2d
+    first_kernel = 3
+    pooled = POOLED_SIDE
+    block_kind = "conv2d"
+    slot_ids = ("c1", "c2")
 
     def __init__(
         self,
@@ -177,57 +263,10 @@ class ConvHost(Host):
         channels: tuple[int, int] = (6, 12),
         with_slots: bool = True,
     ) -> None:
-        super().__init__()
-        if len(input_shape) != 3:
-            raise HostNotApplicable("cnn", f"needs image samples [C, H, W], got shape {input_shape}")
-        in_channels = input_shape[0]
-        c1, c2 = channels
-        self.with_slots = with_slots
-        self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, stride=2, padding=1)
-        self.head = nn.Linear(c2 * POOLED_CELLS, num_classes)
-        self.slot1 = SeedSlot("c1", c1, "conv", layer_id="conv1", depth=0) if with_slots else None
-        self.slot2 = SeedSlot("c2", c2, "conv", layer_id="conv2", depth=1) if with_slots else None
-
-    def host_layers(self) -> list[tuple[str, str, int, nn.Module]]:
-        return [
-            ("conv1", "conv", self.conv1.out_channels, self.conv1),
-            ("conv2", "conv", self.conv2.out_channels, self.conv2),
-            ("head", "linear", self.head.out_features, self.head),
-        ]
-
-    def widen_site(self, layer_id: str) -> WidenSite:
-        if layer_id == "conv1":
-            return WidenSite("conv1", self.conv1, self.conv2, "relu", Bridge(), self.slot1)
-        if layer_id == "conv2":
-            return WidenSite("conv2", self.conv2, self.head, "relu", Bridge(POOLED_SIDE), self.slot2)
-        raise GrowthNotApplicable("widen", f"no widenable layer {layer_id!r}; choose conv1 or conv2")
-
-    def deepen_site(self, layer_id: str) -> DeepenSite:
-        anchors = {"conv1": (self.conv1, self.slot1), "conv2": (self.conv2, self.slot2)}
-        if layer_id not in anchors:
-            raise GrowthNotApplicable(
-                "deepen", f"no layer {layer_id!r} to deepen after; choose conv1 or conv2"
-            )
-        layer, slot = anchors[layer_id]
-        if slot is None:
-            raise GrowthNotApplicable("deepen", "a host without slots has no anchor for a block")
-        return DeepenSite(layer_id, layer, slot, "conv2d", layer.out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits for `x` of shape [N, C, H, W]."""
-        x = torch.relu(self.conv1(x))
-        if self.slot1 is not None:
-            x = self.slot1(x)
-        x = torch.relu(self.conv2(x))
-        if self.slot2 is not None:
-            x = self.slot2(x)
-        pooled = nn.functional.adaptive_avg_pool2d(x, POOLED_SIDE).flatten(1)
-        logits: Tensor = self.head(pooled)
-        return logits
+        super().__init__(input_shape, num_classes, channels=channels, with_slots=with_slots)
 
 
-class Conv1dHost(Host):
+class Conv1dHost(_TwoConvHost):
     """conv(c1, 5) -> ReLU -> slot -> conv(c2, 3, stride 2) -> ReLU -> slot -> average pool to 4 cells ->
     linear, for sequences `[N, C, L]`.
 
@@ -236,6 +275,14 @@ class Conv1dHost(Host):
     """
 
     slot_kind = "conv1d"
+    host_name = "conv1d"
+    sample_dims = 2
+    shape_requirement = "needs sequence samples [C, L]"
+    conv = nn.Conv1d
+    first_kernel = 5
+    pooled = POOLED_LENGTH
+    block_kind = "conv1d"
+    slot_ids = ("s1", "s2")
 
     def __init__(
         self,
@@ -245,54 +292,7 @@ class Conv1dHost(Host):
         channels: tuple[int, int] = (4, 8),
         with_slots: bool = True,
     ) -> None:
-        super().__init__()
-        if len(input_shape) != 2:
-            raise HostNotApplicable("conv1d", f"needs sequence samples [C, L], got shape {input_shape}")
-        in_channels = input_shape[0]
-        c1, c2 = channels
-        self.with_slots = with_slots
-        self.conv1 = nn.Conv1d(in_channels, c1, kernel_size=5, padding=2)
-        self.conv2 = nn.Conv1d(c1, c2, kernel_size=3, stride=2, padding=1)
-        self.head = nn.Linear(c2 * POOLED_LENGTH, num_classes)
-        self.slot1 = SeedSlot("s1", c1, "conv1d", layer_id="conv1", depth=0) if with_slots else None
-        self.slot2 = SeedSlot("s2", c2, "conv1d", layer_id="conv2", depth=1) if with_slots else None
-
-    def host_layers(self) -> list[tuple[str, str, int, nn.Module]]:
-        return [
-            ("conv1", "conv", self.conv1.out_channels, self.conv1),
-            ("conv2", "conv", self.conv2.out_channels, self.conv2),
-            ("head", "linear", self.head.out_features, self.head),
-        ]
-
-    def widen_site(self, layer_id: str) -> WidenSite:
-        if layer_id == "conv1":
-            return WidenSite("conv1", self.conv1, self.conv2, "relu", Bridge(), self.slot1)
-        if layer_id == "conv2":
-            return WidenSite("conv2", self.conv2, self.head, "relu", Bridge(POOLED_LENGTH), self.slot2)
-        raise GrowthNotApplicable("widen", f"no widenable layer {layer_id!r}; choose conv1 or conv2")
-
-    def deepen_site(self, layer_id: str) -> DeepenSite:
-        anchors = {"conv1": (self.conv1, self.slot1), "conv2": (self.conv2, self.slot2)}
-        if layer_id not in anchors:
-            raise GrowthNotApplicable(
-                "deepen", f"no layer {layer_id!r} to deepen after; choose conv1 or conv2"
-            )
-        layer, slot = anchors[layer_id]
-        if slot is None:
-            raise GrowthNotApplicable("deepen", "a host without slots has no anchor for a block")
-        return DeepenSite(layer_id, layer, slot, "conv1d", layer.out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits for `x` of shape [N, C, L]."""
-        x = torch.relu(self.conv1(x))
-        if self.slot1 is not None:
-            x = self.slot1(x)
-        x = torch.relu(self.conv2(x))
-        if self.slot2 is not None:
-            x = self.slot2(x)
-        pooled = nn.functional.adaptive_avg_pool1d(x, POOLED_LENGTH).flatten(1)
-        logits: Tensor = self.head(pooled)
-        return logits
+        super().__init__(input_shape, num_classes, channels=channels, with_slots=with_slots)
 
 
 class TokenEmbedding(nn.Module):
