@@ -9,7 +9,7 @@ through `drain_parameter_changes`; what happened is told by `drain_events`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -47,6 +47,7 @@ from esper.kasmina.lifecycle import (
     SHADOWING,
     TERMINATED,
     TRAINING,
+    Advance,
     SeedLifecycle,
     gate_name,
     stage_name,
@@ -352,36 +353,15 @@ class SeedManager:
             lifecycle.record_sanity(*slot.sanity)
         if lifecycle.stage == RESETTING:
             lifecycle.record_slot_clean(slot.is_clean())
-        outcome = lifecycle.advance()
+        outcome = _advance_reported(
+            lifecycle, record, lambda kind, **fields: self._emit(kind, step, record, **fields)
+        )
         gate = outcome.gate
-        if (
-            gate is not None
-            and gate.failed
-            and _failure_key(lifecycle, gate.gate) != record.last_gate_failure
-        ):
-            # Reported once per gate and stage visit, and again for each new contribution measurement.
-            record.last_gate_failure = _failure_key(lifecycle, gate.gate)
-            self._emit(EventKind.GATE_FAILED, step, record, gate=gate_name(gate.gate), reason=gate.reason)
-        if outcome.moved:
-            record.last_gate_failure = ""
-            self._emit(
-                EventKind.TRANSITION,
-                step,
-                record,
-                from_stage=stage_name(outcome.from_stage),
-                to_stage=stage_name(outcome.to_stage),
-                gate=gate_name(gate.gate) if gate is not None else "",
-                reason=gate.reason if gate is not None else "",
-            )
-            if outcome.to_stage == DORMANT:
-                record.seed_id = slot.slot_id
-                record.blueprint_id = ""
-                record.blend_mode = 0
-                record.param_count = 0
-        elif outcome.from_stage == PROBATIONARY and gate is not None:
-            if lifecycle.fossilize_ready and not record.ready_reported:
-                self._emit(EventKind.GATE_PASSED, step, record, gate=gate_name(gate.gate), reason=gate.reason)
-            record.ready_reported = lifecycle.fossilize_ready
+        if outcome.moved and outcome.to_stage == DORMANT:
+            record.seed_id = slot.slot_id
+            record.blueprint_id = ""
+            record.blend_mode = 0
+            record.param_count = 0
         # A seed whose output failed G0 never enters training: it is culled on the spot.
         if lifecycle.stage == GERMINATED and gate is not None and gate.failed:
             self._cull(record, step, reason=f"G0 failed: {gate.reason}")
@@ -756,38 +736,14 @@ class SeedManager:
             lifecycle.record_sanity(*growth.sanity())
         if lifecycle.stage == RESETTING:
             lifecycle.record_slot_clean(growth.module is None and growth.statistics is None)
-        outcome = lifecycle.advance()
+        outcome = _advance_reported(
+            lifecycle, growth, lambda kind, **fields: self._emit_growth(kind, step, growth, **fields)
+        )
         gate = outcome.gate
-        if (
-            gate is not None
-            and gate.failed
-            and _failure_key(lifecycle, gate.gate) != growth.last_gate_failure
-        ):
-            growth.last_gate_failure = _failure_key(lifecycle, gate.gate)
-            self._emit_growth(
-                EventKind.GATE_FAILED, step, growth, gate=gate_name(gate.gate), reason=gate.reason
-            )
-        if outcome.moved:
-            growth.last_gate_failure = ""
-            self._emit_growth(
-                EventKind.TRANSITION,
-                step,
-                growth,
-                from_stage=stage_name(outcome.from_stage),
-                to_stage=stage_name(outcome.to_stage),
-                gate=gate_name(gate.gate) if gate is not None else "",
-                reason=gate.reason if gate is not None else "",
-            )
-            if outcome.to_stage == DORMANT:
-                # The embargo after a cull is over: the layers may grow again.
-                del self._growths[growth.growth_id]
-                return
-        elif outcome.from_stage == PROBATIONARY and gate is not None:
-            if lifecycle.fossilize_ready and not growth.ready_reported:
-                self._emit_growth(
-                    EventKind.GATE_PASSED, step, growth, gate=gate_name(gate.gate), reason=gate.reason
-                )
-            growth.ready_reported = lifecycle.fossilize_ready
+        if outcome.moved and outcome.to_stage == DORMANT:
+            # The embargo after a cull is over: the layers may grow again.
+            del self._growths[growth.growth_id]
+            return
         if lifecycle.stage == GERMINATED and gate is not None and gate.failed:
             self._cull_growth(growth, step, reason=f"G0 failed: {gate.reason}")
         growth.sync()
@@ -1153,3 +1109,35 @@ def _failure_key(lifecycle: SeedLifecycle, gate: int) -> str:
     measured = lifecycle.contribution
     measurement = measured.step if measured is not None and measured.stage == lifecycle.stage else -1
     return f"{gate}:{measurement}"
+
+
+class _GateMemory(Protocol):
+    """What a seed record and a growth remember of their gates, so each outcome is reported once."""
+
+    last_gate_failure: str
+    ready_reported: bool
+
+
+def _advance_reported(lifecycle: SeedLifecycle, memory: _GateMemory, emit: Callable[..., None]) -> Advance:
+    """Step `lifecycle` once and report what happened through `emit(kind, **fields)`: a failed gate
+    once per gate and stage visit (and again for each new contribution measurement), every
+    transition, and readiness to fossilise once it is reached."""
+    outcome = lifecycle.advance()
+    gate = outcome.gate
+    if gate is not None and gate.failed and _failure_key(lifecycle, gate.gate) != memory.last_gate_failure:
+        memory.last_gate_failure = _failure_key(lifecycle, gate.gate)
+        emit(EventKind.GATE_FAILED, gate=gate_name(gate.gate), reason=gate.reason)
+    if outcome.moved:
+        memory.last_gate_failure = ""
+        emit(
+            EventKind.TRANSITION,
+            from_stage=stage_name(outcome.from_stage),
+            to_stage=stage_name(outcome.to_stage),
+            gate=gate_name(gate.gate) if gate is not None else "",
+            reason=gate.reason if gate is not None else "",
+        )
+    elif outcome.from_stage == PROBATIONARY and gate is not None:
+        if lifecycle.fossilize_ready and not memory.ready_reported:
+            emit(EventKind.GATE_PASSED, gate=gate_name(gate.gate), reason=gate.reason)
+        memory.ready_reported = lifecycle.fossilize_ready
+    return outcome
