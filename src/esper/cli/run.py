@@ -208,6 +208,10 @@ def run(
         err_console.print(f"[bold red]esper run failed[/]: {exc}")
         _how_to_resume(config.run_dir)
         raise typer.Exit(1) from exc
+    except Exception:  # a bug: its traceback follows, after where the run is and how to continue it
+        err_console.print("[bold red]esper run failed[/]")
+        _how_to_resume(config.run_dir)
+        raise
     console.print(summary_table(summary))
     console.print(f"run directory: {config.run_dir}")
     if with_report:
