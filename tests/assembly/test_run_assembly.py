@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +143,7 @@ def test_a_run_whose_host_fails_mid_run_is_marked_failed_and_says_how_to_resume(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import esper.assembly.run
-
-    real_build_host: Callable[..., Any] = esper.assembly.run.build_host
+    from esper.tolaria.hosts import build_host as real_build_host
 
     def failing_host(*args: Any, **kwargs: Any) -> Any:
         host = real_build_host(*args, **kwargs)

@@ -55,6 +55,7 @@ def test_train_decide_report_learn_swap_and_train_again(tmp_path: Path) -> None:
     with RunAssembly(settings, cfg, secret=SECRET, policy=policy) as run:
         assert run.bus is not None and run.store is not None and run.tamiyo is not None
         bus, store, service, intake = run.bus, run.store, run.tamiyo.service, run.tamiyo.intake
+        assert intake is not None  # a GNN takes policy updates
         learner = SimicTrainer(
             SimicSettings(min_transitions=8, minibatch_size=16, regression_tolerance=10.0, max_kl=10.0),
             tamiyo_settings,
