@@ -34,8 +34,10 @@ from typing import Any
 
 import torch
 
+from esper.assembly import run_directory
 from esper.kasmina import KasminaSettings, SeedManager
 from esper.leyline import SignatureVerifier, load_settings, pb
+from esper.nissa.layout import RunLayout
 from esper.oona import EmbeddedBus, OonaSettings
 from esper.simic.settings import SimicSettings
 from esper.simic.trainer import RoundResult, SimicTrainer, offline_records
@@ -51,7 +53,6 @@ from esper.tamiyo.store import TamiyoStore
 from esper.tolaria.controller import BoundController
 from esper.tolaria.data import make_task
 from esper.tolaria.hosts import build_host
-from esper.tolaria.records import RunDirectory
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
@@ -115,7 +116,7 @@ def run_task(
             manager=manager,
             controller=BoundController(decide=service.evaluate_step, save=dict, load=lambda _state: None),
             blueprint_ids=catalogue.ids_for("mlp"),
-            run_dir=RunDirectory(run_dir),
+            run_dir=run_directory(RunLayout(run_dir)),
             training_run_id=name,
         )
         outcome = trainer.fit()

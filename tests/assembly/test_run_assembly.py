@@ -19,8 +19,8 @@ from typer.testing import CliRunner, Result
 
 from esper.assembly import RunAssembly, RunInputs
 from esper.cli import INTERRUPTED_EXIT, app
+from esper.nissa.log import JsonlLog
 from esper.oona import EmbeddedBus
-from esper.tolaria.records import JsonlLog
 from esper.tolaria.run import load_task
 from esper.urza import BlueprintCatalogue
 from tests.integration.run_worker import SECRET, assembled_run, config, controller, run_settings

@@ -19,10 +19,11 @@ import pytest
 import torch
 from torch import nn
 
+from esper.assembly import run_directory
 from esper.kasmina import SeedManager, SlotMode
 from esper.leyline import ManualClock, SignatureVerifier, load_settings, pb, sign
+from esper.nissa.layout import RunLayout
 from esper.tolaria.hosts import build_host
-from esper.tolaria.records import RunDirectory
 from esper.tolaria.run import load_task
 from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
@@ -103,7 +104,7 @@ def trainer(tmp_path: Path) -> Iterator[Trainer]:
         manager=manager,
         controller=RecordingController(controller()),
         blueprint_ids=catalogue.ids_for("mlp"),
-        run_dir=RunDirectory(cfg.run_dir),
+        run_dir=run_directory(RunLayout(cfg.run_dir)),
         training_run_id=cfg.training_run_id,
     )
     catalogue.close()
@@ -311,7 +312,7 @@ def test_the_wait_only_control_trains_the_same_host_without_growing_it(tmp_path:
             manager=manager,
             controller=BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore),
             blueprint_ids=catalogue.ids_for("mlp"),
-            run_dir=RunDirectory(cfg.run_dir),
+            run_dir=run_directory(RunLayout(cfg.run_dir)),
             training_run_id=cfg.training_run_id,
         )
         params = host.parameter_count()

@@ -153,7 +153,7 @@ def test_resume_after_the_run_directory_moved_trains_in_the_new_place(tmp_path: 
     moved = tmp_path / "B"
     shutil.move(started, moved)
     # The caller's config names the new place; config.json still says A.
-    from esper.tolaria.run import resolve_config
+    from esper.assembly import resolve_config
 
     resolved = resolve_config(config(moved, epochs=1), resume=True)
     assert resolved.run_dir == moved

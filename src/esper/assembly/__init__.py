@@ -4,8 +4,16 @@ No subsystem imports this package; the CLI, Weatherlight and the public Python A
 through it. Importing it loads PyTorch: the CLI imports it inside its commands.
 """
 
-from esper.assembly.run import RunAssembly, RunInputs, require_writable
+from esper.assembly.run import RunAssembly, RunInputs, require_writable, resolve_config, run_directory
 from esper.assembly.settings import RunSettings
 from esper.assembly.summary import RunSummary
 
-__all__ = ["RunAssembly", "RunInputs", "RunSettings", "RunSummary", "require_writable"]
+__all__ = [
+    "RunAssembly",
+    "RunInputs",
+    "RunSettings",
+    "RunSummary",
+    "require_writable",
+    "resolve_config",
+    "run_directory",
+]

@@ -45,15 +45,17 @@ from esper.leyline import (
 from esper.leyline.cleanup import CleanupReporter
 from esper.nissa import MetricsServer, RunMetrics, write_snapshot
 from esper.nissa.layout import RunLayout
+from esper.nissa.log import EventLog, JsonlLog, write_json
 from esper.nissa.status import RunStatus
 from esper.oona import Bus, EmergencyBroadcaster, EmergencyListener, emergency_verifier, open_bus
+from esper.tolaria import run as tolaria_run
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset
 from esper.tolaria.emergency import BusEmergencyChannel
 from esper.tolaria.evaluation import Loss
 from esper.tolaria.hosts import Host, build_host
-from esper.tolaria.records import JsonlLog, RunDirectory
-from esper.tolaria.run import RunConfig, load_task, resume_step
+from esper.tolaria.records import RunDirectory
+from esper.tolaria.run import RunConfig, load_task
 from esper.tolaria.trainer import EpochReport, Trainer, TrainingOutcome
 from esper.urza import BlueprintCatalogue
 
@@ -134,6 +136,8 @@ class RunAssembly:
         self.metrics_server: MetricsServer | None = None
         self.trainer: Trainer | None = None
         self._params_initial = 0
+        self._events: EventLog | None = None
+        self._run_directory: RunDirectory | None = None
 
     # -- opening and closing ------------------------------------------------------------------------------
 
@@ -162,6 +166,10 @@ class RunAssembly:
         root.mkdir(parents=True, exist_ok=True)
         if self._run_log is not None:
             cleanup.push("close the run's log", self._run_log(self.layout.log))
+        # Opened once for the whole run and closed after everything that may write an event.
+        self._events = EventLog(self.layout.events)
+        self._run_directory = run_directory(self.layout, events=self._events)
+        cleanup.push("close the run's logs", self._run_directory.close)
         if settings.nissa.metrics_port is not None:
             server = MetricsServer(self.registry, settings.nissa.metrics_port, settings.nissa.metrics_address)
             self.metrics_server = server
@@ -224,7 +232,7 @@ class RunAssembly:
         checkpoint the run resumes from: decisions taken after it are re-decided by the resumed run, so
         theirs are abandoned (never published from now on, never learned from). Without a checkpoint the
         run starts over, and its whole earlier timeline is abandoned."""
-        step = resume_step(self.config.run_dir)
+        step = tolaria_run.resume_step(self.layout.checkpoints)
         cut = store.abandon_after(self.config.training_run_id, -1 if step is None else step)
         if (cut.decisions or cut.field_reports or cut.already_published) and self._warn is not None:
             self._warn(
@@ -246,13 +254,11 @@ class RunAssembly:
         logger.error("clean-up step %r failed: %s: %s", name, type(exc).__name__, exc)
         if self._on_cleanup_failure is not None:
             self._on_cleanup_failure(name, exc)
-        if not self.layout.events.exists():  # the run never started: there is no event log to add to
+        if self._events is None:  # the run never started: there is no event log to add to
             return
         try:
-            JsonlLog(self.layout.events).append(
-                {"kind": "cleanup_failed", "cleanup": name, "reason": f"{type(exc).__name__}: {exc}"}
-            )
-        except OSError as write_error:  # a full disk: the log line above is all there is
+            self._events("cleanup_failed", f"{type(exc).__name__}: {exc}", cleanup=name)
+        except (OSError, ValueError) as write_error:  # a full disk, or the log closed already
             logger.error("cannot record the clean-up failure: %s", write_error)
 
     # -- the run ------------------------------------------------------------------------------------------
@@ -305,7 +311,9 @@ class RunAssembly:
             training_run_id=config.training_run_id,
             host=host,
         )
-        run_dir = RunDirectory(config.run_dir)
+        run_dir = self._run_directory
+        if run_dir is None:
+            raise RuntimeError("the run is not open: use `with RunAssembly(...) as run`")
         trainer = Trainer(
             settings=settings,
             dataset=dataset,
@@ -320,7 +328,7 @@ class RunAssembly:
         )
         self.trainer = trainer
         if not self.resume:  # the run begins: a failure from here on leaves a run to resume
-            run_dir.write_json(self.layout.config, config.to_json())
+            write_json(self.layout.config, config.to_json())
         return trainer
 
     def train(
@@ -338,7 +346,6 @@ class RunAssembly:
         started = time.monotonic()
         trainer = self.prepare()
         params_initial = self._params_initial
-        run_dir = trainer.run_dir
         status = RunStatus.running(self.command)
         status.write(self.layout.status)
         try:
@@ -358,7 +365,7 @@ class RunAssembly:
             parameters=summary.params_final,
             fossilized_seeds=summary.seeds_fossilized,
         )
-        run_dir.write_json(self.layout.summary, summary.to_json())
+        write_json(self.layout.summary, summary.to_json())
         halt = summary.halt
         self._end(status, summary.status, None if halt is None else f"{halt.origin}: {halt.reason}")
         return summary
@@ -416,6 +423,23 @@ class RunAssembly:
             halt=outcome.halt,
             transitions=dict(sorted(trainer.transitions.items())),
         )
+
+
+def run_directory(layout: RunLayout, *, events: EventLog | None = None) -> RunDirectory:
+    """The trainer's view of the run directory at `layout`: Nissa's logs, opened now (the event log
+    `events` when it is open already), and the checkpoint directory. Closing it closes the logs."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    return RunDirectory(
+        metrics=JsonlLog(layout.metrics),
+        decisions=JsonlLog(layout.decisions),
+        events=events or EventLog(layout.events),
+        checkpoint_dir=layout.checkpoints,
+    )
+
+
+def resolve_config(config: RunConfig, *, resume: bool) -> RunConfig:
+    """The config to run: `config` for a fresh run, the run directory's own config.json on resume."""
+    return tolaria_run.resolve_config(config, resume=resume, path=RunLayout(config.run_dir).config)
 
 
 def _store_class() -> type[TamiyoStore]:

@@ -29,7 +29,7 @@ def report(
 ) -> None:
     """Render a run directory's report: accuracy, parameter and lifecycle plots (PNG) and report.md,
     written to RUN_DIR/report."""
-    from esper.tolaria.report import ReportError, write_report
+    from esper.nissa.report import ReportError, write_report
 
     try:
         files = write_report(run_dir)
@@ -63,6 +63,7 @@ def _print_field_reports(run_dir: Path, outcome: str | None, status: str | None,
     from rich.table import Table
 
     from esper.leyline import ContractViolation, from_short_name, short_name
+    from esper.nissa.layout import RunLayout
     from esper.tamiyo.store import OUTBOX_STATUSES, StoreError, TamiyoStore
 
     if status is not None and status not in OUTBOX_STATUSES:
@@ -75,7 +76,7 @@ def _print_field_reports(run_dir: Path, outcome: str | None, status: str | None,
     except ContractViolation as exc:
         err_console.print(f"[bold red]--outcome[/]: {exc}")
         raise typer.Exit(2) from exc
-    path = run_dir / "tamiyo.sqlite3"
+    path = RunLayout(run_dir).tamiyo_store
     try:
         with TamiyoStore(path, create=False) as store:
             stored = store.field_reports(outcome=wanted, status=status)  # type: ignore[arg-type]
@@ -132,11 +133,12 @@ def blueprints(
     from rich.table import Table
 
     from esper.leyline import short_name
+    from esper.nissa.layout import DataLayout
     from esper.urza import BlueprintCatalogue, UrzaError
 
     settings = _settings()
     try:
-        with BlueprintCatalogue.open_default(settings.data_dir / "urza.sqlite3") as catalogue:
+        with BlueprintCatalogue.open_default(DataLayout(settings.data_dir).catalogue) as catalogue:
             entries = [
                 {
                     "id": d.blueprint_id,
@@ -161,7 +163,7 @@ def blueprints(
     if as_json:
         typer.echo(json.dumps(entries, indent=2))
         return
-    table = Table(title=f"Blueprints ({settings.data_dir / 'urza.sqlite3'})")
+    table = Table(title=f"Blueprints ({DataLayout(settings.data_dir).catalogue})")
     for column in ("id", "name", "tier", "risk", "kinds", "quarantine"):
         table.add_column(column, no_wrap=True)
     table.add_column("description", overflow="fold", ratio=1)
@@ -180,6 +182,7 @@ def blueprints(
 
 def _change_catalogue(verb: str, blueprint_id: str, reason: str | None) -> None:
     """Quarantine (with `reason`) or release a blueprint, and publish the change on the bus."""
+    from esper.nissa.layout import DataLayout
     from esper.oona import BusError, OonaSettings, open_bus
     from esper.urza import BlueprintCatalogue, BusChangePublisher, NotificationFailed, UrzaError
 
@@ -189,7 +192,7 @@ def _change_catalogue(verb: str, blueprint_id: str, reason: str | None) -> None:
     except (ConfigurationError, BusError) as exc:
         err_console.print(f"[bold red]cannot open the bus[/]: {exc}")
         raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1) from exc
-    path = settings.data_dir / "urza.sqlite3"
+    path = DataLayout(settings.data_dir).catalogue
     try:
         with BlueprintCatalogue.open_default(path, publisher=BusChangePublisher(bus)) as catalogue:
             if reason is not None:
@@ -237,6 +240,7 @@ def bus_stats(
 
     from rich.table import Table
 
+    from esper.nissa.layout import DataLayout
     from esper.oona import BusError, OonaSettings, open_bus
 
     settings = _settings()
@@ -252,7 +256,7 @@ def bus_stats(
         raise typer.Exit(1) from exc
     finally:
         bus.close()
-    where = settings.bus_url or str(settings.data_dir / "bus.sqlite3")
+    where = settings.bus_url or str(DataLayout(settings.data_dir).bus)
     if as_json:
         typer.echo(json.dumps({"bus": where, "streams": [asdict(s) for s in streams]}))
         return
@@ -287,10 +291,11 @@ def policy_show(
 
     from rich.table import Table
 
+    from esper.nissa.layout import DataLayout
     from esper.simic.state import SimicState
     from esper.tamiyo.payload import PolicyUpdateRejected, read_payload_header
 
-    root = state_dir or _settings().data_dir / "simic"
+    root = state_dir or DataLayout(_settings().data_dir).simic
     if not root.is_dir():
         err_console.print(f"no Simic state at {root}: no policy has been trained yet (esper simic train)")
         raise typer.Exit(1)

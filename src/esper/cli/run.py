@@ -121,8 +121,9 @@ def run(
     in ESPER_DATA_DIR by default): on one it checkpoints, logs the reason and exits with status 3; continue
     it with --resume. A run that diverges broadcasts a HALT to every process on the bus.
     """
-    from esper.assembly import RunAssembly, RunInputs, RunSettings, require_writable
-    from esper.tolaria.run import RunConfig, load_task, new_training_run_id, resolve_config, resolve_host
+    from esper.assembly import RunAssembly, RunInputs, RunSettings, require_writable, resolve_config
+    from esper.nissa.layout import DataLayout
+    from esper.tolaria.run import RunConfig, load_task, new_training_run_id, resolve_host
 
     overrides: dict[str, Any] = {
         "epochs": epochs,
@@ -155,8 +156,8 @@ def run(
                 host=host,
                 policy=policy or settings.tamiyo.policy,
                 difficulty=difficulty,
-                run_dir=run_dir or esper_settings.data_dir / "runs" / run_id,
-                catalogue_path=esper_settings.data_dir / "urza.sqlite3",
+                run_dir=run_dir or DataLayout(esper_settings.data_dir).runs / run_id,
+                catalogue_path=DataLayout(esper_settings.data_dir).catalogue,
                 training_run_id=run_id,
                 tolaria=settings.tolaria,
                 kasmina=settings.kasmina,
@@ -215,7 +216,7 @@ def run(
     console.print(summary_table(summary))
     console.print(f"run directory: {config.run_dir}")
     if with_report:
-        from esper.tolaria.report import ReportError, write_report
+        from esper.nissa.report import ReportError, write_report
 
         try:
             console.print(f"report: {write_report(config.run_dir).markdown}")

@@ -30,6 +30,7 @@ def _simic_learner(
     publishing its accepted updates on `bus` if `publish`. Its graphs are built with the catalogue
     entries Tamiyo's builder sees (a metadata cache kept fresh from `bus`, closed by `cleanup`)."""
     from esper.assembly.tamiyo import metadata_cache, open_catalogue
+    from esper.nissa.layout import DataLayout
     from esper.simic.settings import SimicSettings
     from esper.simic.state import SimicState
     from esper.simic.trainer import SimicTrainer, bus_publisher
@@ -38,7 +39,7 @@ def _simic_learner(
 
     settings = _settings()
     tamiyo_settings = load_settings(TamiyoSettings)
-    state = SimicState(state_dir or settings.data_dir / "simic")
+    state = SimicState(state_dir or DataLayout(settings.data_dir).simic)
     saved = state.load_policy(tamiyo_settings)
     if saved is not None:
         policy, sequence = saved
@@ -46,7 +47,7 @@ def _simic_learner(
         policy, sequence = GNNPolicy.load(policy_checkpoint, tamiyo_settings), 0
     else:
         policy, sequence = GNNPolicy(tamiyo_settings), 0
-    catalogue = open_catalogue(settings.data_dir / "urza.sqlite3", bus, cleanup)
+    catalogue = open_catalogue(DataLayout(settings.data_dir).catalogue, bus, cleanup)
     return SimicTrainer(
         load_settings(SimicSettings),
         tamiyo_settings,
@@ -104,6 +105,7 @@ def simic_train(
     in the state directory and (with --publish) published for every running Tamiyo."""
     import json
 
+    from esper.nissa.layout import RunLayout
     from esper.oona import BusError, EmbeddedBus, OonaSettings, open_bus
     from esper.simic.trainer import offline_records
     from esper.simic.transitions import RecordCollector
@@ -119,15 +121,15 @@ def simic_train(
             deployment = open_bus(settings, oona)
             cleanup.push("close the bus", deployment.close)
             for source in sources:
-                bus_file = source if source.is_file() else source / "bus.sqlite3"
+                bus_file = source if source.is_file() else RunLayout(source).bus
                 if bus_file.is_file():
                     local = EmbeddedBus(bus_file, oona)
                     try:
                         offline_records(local, collector)
                     finally:
                         local.close()
-                elif (source / "config.json").is_file():
-                    run_id = str(json.loads((source / "config.json").read_text())["training_run_id"])
+                elif RunLayout(source).config.is_file():
+                    run_id = str(json.loads(RunLayout(source).config.read_text())["training_run_id"])
                     offline_records(deployment, collector, training_run_id=run_id)
                 else:
                     raise ConfigurationError(f"{source} is neither a run directory nor a bus file")

@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from esper.oona.factory import EMBEDDED_FILE
+
+REPORT_PAGE = "report.md"
+"""The report's page inside `RunLayout.report` (its plots are named by the report)."""
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -64,7 +69,7 @@ class RunLayout:
     @property
     def bus(self) -> Path:
         """A run's own embedded bus file, where one was kept beside the run."""
-        return self.root / "bus.sqlite3"
+        return self.root / EMBEDDED_FILE
 
     @property
     def metrics_snapshot(self) -> Path:
@@ -80,3 +85,30 @@ class RunLayout:
     def report(self) -> Path:
         """The rendered report (markdown and plots)."""
         return self.root / "report"
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """The paths of a deployment's data directory (`ESPER_DATA_DIR`)."""
+
+    root: Path
+
+    @property
+    def catalogue(self) -> Path:
+        """Urza's blueprint catalogue."""
+        return self.root / "urza.sqlite3"
+
+    @property
+    def bus(self) -> Path:
+        """The embedded bus, when `ESPER_BUS_URL` is empty."""
+        return self.root / EMBEDDED_FILE
+
+    @property
+    def runs(self) -> Path:
+        """Where `esper run` puts a run directory unless told otherwise."""
+        return self.root / "runs"
+
+    @property
+    def simic(self) -> Path:
+        """Simic's state (its policy and lineage) unless told otherwise."""
+        return self.root / "simic"

@@ -23,7 +23,6 @@ from esper.tolaria.data import (
     make_tokens,
 )
 from esper.tolaria.hosts import HOST_KINDS
-from esper.tolaria.records import RunDirectory
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import check_checkpoint
 
@@ -149,12 +148,11 @@ def load_task(task: str, host: str, *, seed: int, difficulty: float) -> Dataset:
     raise RunConfigError(f"unknown task {task!r}: use digits, {', '.join(GENERATED_TASKS)} or an .npz file")
 
 
-def resolve_config(config: RunConfig, *, resume: bool) -> RunConfig:
-    """The config to run: `config` for a fresh run, the run directory's own on resume.
+def resolve_config(config: RunConfig, *, resume: bool, path: Path) -> RunConfig:
+    """The config to run: `config` for a fresh run, the run directory's own (saved at `path`) on resume.
 
     On resume the directory given is the run, wherever it lies now: a run directory that was moved keeps
     training where it is (the `run_dir` its config.json recorded is where it was started)."""
-    path = config.run_dir / "config.json"
     if resume:
         if not path.exists():
             raise RunConfigError(f"cannot resume: {path} does not exist")
@@ -168,9 +166,9 @@ def resolve_config(config: RunConfig, *, resume: bool) -> RunConfig:
     return config
 
 
-def resume_step(run_dir: Path) -> int | None:
-    """The step a resume of `run_dir` continues from: that of the newest checkpoint the trainer would
-    restore (damaged ones skipped the same way), or None when there is none."""
-    store = CheckpointStore(RunDirectory(run_dir).checkpoint_dir)
+def resume_step(checkpoint_dir: Path) -> int | None:
+    """The step a resume continues from: that of the newest checkpoint in `checkpoint_dir` the trainer
+    would restore (damaged ones skipped the same way), or None when there is none."""
+    store = CheckpointStore(checkpoint_dir)
     checkpoint = store.latest(check=lambda found: check_checkpoint(store.directory, found))
     return None if checkpoint is None else checkpoint.step

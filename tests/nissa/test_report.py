@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from esper.cli import app
-from esper.tolaria.report import ReportError, Segment, lifecycle_segments, read_run, write_report
+from esper.nissa.report import ReportError, Segment, lifecycle_segments, read_run, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
