@@ -34,7 +34,7 @@ import struct
 import threading
 import zlib
 from array import array
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,7 @@ from esper.leyline import (
     Clock,
     ContractViolation,
     EsperError,
+    EventSink,
     MalformedMessage,
     guard_sqlite_contract,
     parse,
@@ -63,7 +64,6 @@ OUTBOX_STATUSES: tuple[OutboxStatus, ...] = ("pending", "published", "dropped")
 STREAM_OF_KIND: dict[OutboxKind, str] = {"field_report": Streams.FIELD_REPORTS, "decision": Streams.DECISIONS}
 _NS_PER_DAY = 86_400 * 1_000_000_000
 M = TypeVar("M", bound=Message)
-StoreEventSink = Callable[[str, str, Mapping[str, str]], None]
 _log = logging.getLogger("esper.tamiyo.store")
 
 
@@ -539,7 +539,7 @@ class TamiyoStore:
         verify: bool = True,
         busy_timeout_s: float = 5.0,
         migrations: Sequence[Migration] = MIGRATIONS,
-        events: StoreEventSink | None = None,
+        events: EventSink | None = None,
         accept_loss: bool = False,
     ) -> None:
         self.path = Path(path)
@@ -612,7 +612,7 @@ class TamiyoStore:
         if str(mode).lower() != "wal":
             raise StoreError(self.path, f"SQLite refused WAL mode (got {mode!r}); the store needs it")
 
-    def emit_to(self, events: StoreEventSink) -> None:
+    def emit_to(self, events: EventSink) -> None:
         """Send this store's events to `events` from now on (a service's telemetry)."""
         self._events = events
 
@@ -621,7 +621,7 @@ class TamiyoStore:
         if self._events is None:
             _log.error("%s: %s %s", name, description, attributes)
         else:
-            self._events(name, description, attributes)
+            self._events(name, description, **attributes)
 
     def _find_lost_writes(self, busy_timeout_s: float) -> tuple[int, str] | None:
         """Compare the acknowledged-write mark with what SQLite's recovery finds in the WAL.
