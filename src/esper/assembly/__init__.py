@@ -4,8 +4,9 @@ No subsystem imports this package; the CLI, Weatherlight and the public Python A
 through it. Importing it loads PyTorch: the CLI imports it inside its commands.
 """
 
-from esper.assembly.run import RunAssembly, RunInputs, require_writable, resolve_config, run_directory
+from esper.assembly.run import RunAssembly, RunInputs, resolve_config, run_directory
 from esper.assembly.settings import RunSettings
+from esper.assembly.start import require_writable
 from esper.assembly.summary import RunSummary
 
 __all__ = [

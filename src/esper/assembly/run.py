@@ -10,21 +10,21 @@ that ended the run, never instead of it.
 from __future__ import annotations
 
 import logging
-import os
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from prometheus_client import CollectorRegistry
 
+from esper.assembly.progress import fit
 from esper.assembly.settings import RunSettings
+from esper.assembly.start import FreshStart
 from esper.assembly.summary import RunSummary
 from esper.assembly.tamiyo import (
     TamiyoParts,
@@ -162,7 +162,7 @@ class RunAssembly:
         settings, config, cleanup = self.settings, self.config, self._cleanup
         root = config.run_dir
         if not self.resume:  # a start that fails before training removes what it created, and only that
-            cleanup.push("remove what the failed start created", _FreshStart(root, self.layout.config).undo)
+            cleanup.push("remove what the failed start created", FreshStart(root, self.layout.config).undo)
         root.mkdir(parents=True, exist_ok=True)
         if self._run_log is not None:
             cleanup.push("close the run's log", self._run_log(self.layout.log))
@@ -193,8 +193,9 @@ class RunAssembly:
         settings, cleanup = self.settings, self._cleanup
         self.metadata = metadata_cache(catalogue, settings.tamiyo, self.bus, cleanup)
         if self.bus is not None:
-            store_class = _store_class()
-            store = store_class(self.layout.tamiyo_store)
+            from esper.tamiyo.store import TamiyoStore
+
+            store = TamiyoStore(self.layout.tamiyo_store)
             self.store = store
             cleanup.push("close Tamiyo's store", store.close)
             if self.resume:
@@ -350,7 +351,7 @@ class RunAssembly:
         status.write(self.layout.status)
         try:
             resumed_from = trainer.step if self.resume and trainer.resume() else None
-            outcome = _fit(trainer, console, progress, self._observer(on_epoch))
+            outcome = fit(trainer, console, progress, self._observer(on_epoch))
         except KeyboardInterrupt:
             self._end(status, "halted", "interrupted (Ctrl-C)")
             raise
@@ -440,88 +441,3 @@ def run_directory(layout: RunLayout, *, events: EventLog | None = None) -> RunDi
 def resolve_config(config: RunConfig, *, resume: bool) -> RunConfig:
     """The config to run: `config` for a fresh run, the run directory's own config.json on resume."""
     return tolaria_run.resolve_config(config, resume=resume, path=RunLayout(config.run_dir).config)
-
-
-def _store_class() -> type[TamiyoStore]:
-    from esper.tamiyo.store import TamiyoStore
-
-    return TamiyoStore
-
-
-class _FreshStart:
-    """What a fresh start creates in its run directory, so a start that fails before training (before
-    config.json is written) can remove exactly that: the directory if it created it, else the new entries.
-    """
-
-    def __init__(self, run_dir: Path, started: Path) -> None:
-        self.run_dir = run_dir
-        self.started = started
-        self.existed = run_dir.exists()
-        self.before = set(run_dir.iterdir()) if self.existed else set()
-
-    def undo(self) -> None:
-        """Remove what this start created, unless the run began (then it is a run to resume)."""
-        if self.started.exists() or not self.run_dir.exists():
-            return
-        if not self.existed:
-            shutil.rmtree(self.run_dir)
-            return
-        for entry in set(self.run_dir.iterdir()) - self.before:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-
-
-def require_writable(path: Path, what: str) -> None:
-    """Refuse a directory the run could not create or write in (read-only, or under a file)."""
-    from esper.leyline import ConfigurationError
-
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigurationError(f"{what} {path}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigurationError(f"{what} {path}: {existing} is not writable")
-
-
-def _fit(
-    trainer: Trainer, console: Console | None, show: bool, observer: Callable[[EpochReport], None]
-) -> Any:
-    if not show:
-        return trainer.fit(on_epoch=observer)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(
-        TextColumn("[bold]epoch"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-        # Redrawn by the training thread after each epoch, never by a refresh thread: that thread holds
-        # the GIL for ~0.4 ms ten times a second, and landing inside a decision it delays it as much.
-        auto_refresh=False,
-    )
-    with progress:
-        epochs = trainer.settings.epochs
-        task = progress.add_task(
-            "train",
-            total=epochs,
-            completed=trainer.step // trainer.steps_per_epoch,
-            status="",
-        )
-
-        def on_epoch(report: EpochReport) -> None:
-            progress.update(
-                task,
-                completed=report.epoch,
-                status=f"acc {report.validation_accuracy:.3f}  params {report.parameters:,}  "
-                f"active seeds {report.active_seeds}  fossilised {report.fossilized_seeds}",
-                refresh=True,
-            )
-            observer(report)
-
-        return trainer.fit(on_epoch=on_epoch)
