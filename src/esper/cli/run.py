@@ -7,6 +7,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from esper.cli.common import (
+    HALTED_EXIT,
+    INTERRUPTED_EXIT,
+    _run_log,
+    app,
+    console,
+    err_console,
+    warn,
+)
 from esper.leyline import (
     CleanupFailed,
     ConfigurationError,
@@ -18,16 +27,6 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from esper.assembly import RunSummary
-
-from esper.cli.common import (
-    HALTED_EXIT,
-    INTERRUPTED_EXIT,
-    _run_log,
-    app,
-    console,
-    err_console,
-    warn,
-)
 
 
 def _hint_for_deadline_misses(exc: EsperError) -> None:
@@ -120,6 +119,10 @@ def run(
     The run listens for emergency HALT signals on the deployment's bus (ESPER_BUS_URL; the embedded bus
     in ESPER_DATA_DIR by default): on one it checkpoints, logs the reason and exits with status 3; continue
     it with --resume. A run that diverges broadcasts a HALT to every process on the bus.
+
+    RUN_DIR/status.json says whether the run is running, completed, failed (with the reason) or halted.
+    On Ctrl-C (exit status 130) or a failure, the run directory and the command that continues it are
+    printed.
     """
     from esper.assembly import RunAssembly, RunInputs, RunSettings, require_writable, resolve_config
     from esper.nissa.layout import DataLayout
