@@ -212,3 +212,23 @@ def test_ctrl_c_marks_the_run_halted_and_prints_the_resume_command(tmp_path: Pat
     shown = " ".join(output.split())
     assert f"continue with: esper run --resume --run-dir {run_dir}" in shown
     assert "Traceback" not in output
+
+
+def test_a_run_whose_summary_cannot_be_written_is_marked_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import esper.assembly.run
+
+    real_write_json = esper.assembly.run.write_json
+
+    def full_disk_at_the_summary(path: Path, data: dict[str, Any]) -> None:
+        if path.name == "summary.json":
+            raise OSError(28, "No space left on device")
+        real_write_json(path, data)
+
+    monkeypatch.setattr(esper.assembly.run, "write_json", full_disk_at_the_summary)
+    run_dir = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        assembled_run(config(run_dir, epochs=1), controller())
+    status = status_of(run_dir)
+    assert status["status"] == "failed" and "No space left on device" in status["reason"]

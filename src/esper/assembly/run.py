@@ -352,21 +352,23 @@ class RunAssembly:
         try:
             resumed_from = trainer.step if self.resume and trainer.resume() else None
             outcome = fit(trainer, console, progress, self._observer(on_epoch))
+            summary = self._summary(
+                trainer, outcome, params_initial, resumed_from, time.monotonic() - started
+            )
+            self.metrics.finish(
+                step=summary.steps,
+                validation_accuracy=summary.final_val_accuracy,
+                validation_loss=summary.final_val_loss,
+                parameters=summary.params_final,
+                fossilized_seeds=summary.seeds_fossilized,
+            )
+            write_json(self.layout.summary, summary.to_json())
         except KeyboardInterrupt:
             self._end(status, "halted", "interrupted (Ctrl-C)")
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # a summary that cannot be written fails the run as well
             self._end(status, "failed", f"{type(exc).__name__}: {exc}")
             raise
-        summary = self._summary(trainer, outcome, params_initial, resumed_from, time.monotonic() - started)
-        self.metrics.finish(
-            step=summary.steps,
-            validation_accuracy=summary.final_val_accuracy,
-            validation_loss=summary.final_val_loss,
-            parameters=summary.params_final,
-            fossilized_seeds=summary.seeds_fossilized,
-        )
-        write_json(self.layout.summary, summary.to_json())
         halt = summary.halt
         self._end(status, summary.status, None if halt is None else f"{halt.origin}: {halt.reason}")
         return summary
