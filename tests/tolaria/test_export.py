@@ -222,6 +222,7 @@ class GrowingScript(ScriptedController):
         )
         op = command.seed_operation
         op.operation = operation
+        op.slot_id = target
         op.alpha_ramp_steps = self.alpha_ramp_steps
         if operation == pb.SEED_OP_WIDEN:
             op.growth.layer_id, op.growth.units, op.growth.init = target, 4, pb.GROWTH_INIT_RANDOM
@@ -252,7 +253,7 @@ def run_config(run_dir: Path, task: str, host: str, epochs: int) -> RunConfig:
 
 RUNS = {
     # host: (task, epochs, slots to germinate and their blueprints, layer to widen)
-    "mlp": ("digits", 6, {"h1": "lowrank"}, "fc1"),
+    "mlp": ("digits", 8, {"h2": "lowrank"}, "fc1"),
     "cnn": ("digits", 1, {"c1": "conv_residual"}, ""),
     "conv1d": ("signals", 1, {"s1": "conv1d_lowrank"}, ""),
     "transformer": ("tokens", 1, {"f1": "conv1d_lowrank"}, ""),
@@ -281,7 +282,7 @@ def test_esper_export_of_real_runs_equals_their_final_models(tmp_path: Path, mon
         assert card["parameters"] == summary["params_final"] == final.parameter_count()
         if kind == "mlp":
             stages = {(e.get("slot_id"), e["to_stage"]) for e in card["growth_history"]}
-            assert ("h1", "FOSSILIZED") in stages and ("fc1:w1", "FOSSILIZED") in stages, stages
+            assert ("h2", "FOSSILIZED") in stages and ("fc1:w1", "FOSSILIZED") in stages, sorted(stages)
             assert final.host_layers()[0][2] == 16  # fc1 widened by 4, merged
         dataset = run_module.load_task(task, kind, seed=3, difficulty=0.5)
         cases.append(save_case(out, final, dataset.x_val[:64]))
