@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 import esper
+from esper import cli_export
 from esper.leyline import (
     CleanupFailed,
     CleanupStack,
@@ -53,6 +54,7 @@ blueprints_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(blueprints_app, name="blueprints")
+cli_export.register(app)
 
 console = Console()
 err_console = Console(stderr=True)

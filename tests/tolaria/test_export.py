@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from typer.testing import CliRunner
 
 from esper import portable
+from esper.cli import app
 from esper.kasmina import GrowthMode, IdentityBlock, KasminaSettings, SeedManager, SlotMode, UnitGroup
 from esper.leyline import ManualClock, SignatureVerifier, load_settings, pb, sign
 from esper.tolaria import run as run_module
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from esper import portable
+from esper.cli import app
 for case in sys.argv[1:]:
     model = portable.load(case)
     data = load_file(str(Path(case) / "inputs.safetensors"))
@@ -190,6 +193,14 @@ def test_a_run_directory_without_a_checkpoint_is_refused(tmp_path: Path) -> None
     assert not (tmp_path / "out").exists() and not (tmp_path / "missing").exists()
 
 
+def test_esper_export_refuses_a_run_without_a_checkpoint_with_a_clear_message(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    done = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    assert done.exit_code == 1
+    assert "esper export failed" in done.output and "no checkpoint" in done.output
+
+
 # -- from real runs ----------------------------------------------------------------------------------------
 
 
@@ -276,7 +287,12 @@ def test_esper_export_of_real_runs_equals_their_final_models(tmp_path: Path, mon
         controller = GrowingScript(layer, germinate=tuple(seeds), blueprints=seeds)
         summary = run_experiment(run_config(run_dir, task, kind, epochs), controller, SECRET, progress=False)
         final = built[-1]
-        out = export_run(run_dir, tmp_path / f"export-{kind}")
+        out = tmp_path / f"export-{kind}"
+        if kind == "mlp":
+            done = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out)])
+            assert done.exit_code == 0, done.output
+        else:
+            export_run(run_dir, out)
         card = json.loads((out / "model_card.json").read_text())
         assert card["task"] == summary["task"] and card["final_val_accuracy"] == summary["final_val_accuracy"]
         assert card["parameters"] == summary["params_final"] == final.parameter_count()
