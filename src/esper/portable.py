@@ -76,7 +76,8 @@ class Seed(nn.Module):
         confidence = torch.softmax(pooled, dim=1).amax(dim=1)
         g = self.gate
         scale = g["lo"] + (g["hi"] - g["lo"]) * torch.sigmoid(g["k"] * (confidence - g["tau"]))
-        return x + (1.0 * scale).reshape((s.shape[0],) + (1,) * (s.dim() - 1)) * s
+        out: Tensor = x + (1.0 * scale).reshape((s.shape[0],) + (1,) * (s.dim() - 1)) * s
+        return out
 
 
 class Lambda(nn.Module):
@@ -107,7 +108,9 @@ class Lambda(nn.Module):
         if kind == "mean":
             return x.mean(dim=int(node["dim"]))
         if kind == "adaptive_avg_pool":
-            pool = nn.functional.adaptive_avg_pool1d if node["dims"] == 1 else nn.functional.adaptive_avg_pool2d
+            pool = (
+                nn.functional.adaptive_avg_pool1d if node["dims"] == 1 else nn.functional.adaptive_avg_pool2d
+            )
             return pool(x, int(node["size"]))
         pool_max = nn.functional.max_pool1d if node["dims"] == 1 else nn.functional.max_pool2d
         out: Tensor = pool_max(x, node["kernel"], node["stride"], node["padding"])
@@ -189,7 +192,17 @@ class BatchNorm(nn.Module):
         )
 
 
-_FUNCTIONS = ("relu", "gelu", "tanh", "sigmoid", "identity", "flatten", "mean", "adaptive_avg_pool", "max_pool")
+_FUNCTIONS = (
+    "relu",
+    "gelu",
+    "tanh",
+    "sigmoid",
+    "identity",
+    "flatten",
+    "mean",
+    "adaptive_avg_pool",
+    "max_pool",
+)
 
 
 def _width(node: dict[str, Any]) -> int | None:
@@ -248,7 +261,9 @@ def build_node(node: dict[str, Any], where: str = "model") -> nn.Module:
         return AttentionLite(node["width"], node["tokens"])
     if kind == "squeeze_excite":
         return SqueezeExcite(node["channels"], node["hidden"])
-    raise PortableError(f"{where}: unknown layer kind {kind!r}; this loader reads spec version {SPEC_VERSION}")
+    raise PortableError(
+        f"{where}: unknown layer kind {kind!r}; this loader reads spec version {SPEC_VERSION}"
+    )
 
 
 def build(spec: dict[str, Any]) -> nn.Module:

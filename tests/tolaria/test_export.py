@@ -1,4 +1,4 @@
-"""Export: a grown model as safetensors + JSON spec + model card, rebuilt by plain PyTorch (esper.portable)."""
+"""Export: a grown model as safetensors, a JSON spec and a model card, rebuilt by `esper.portable`."""
 
 from __future__ import annotations
 
@@ -60,7 +60,12 @@ def check_in_fresh_process(cases: list[Path]) -> None:
     """Rebuild each exported case with esper.portable in a new interpreter (no Kasmina, Tolaria, Tamiyo)."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run(
-        [sys.executable, "-c", _CHECK, *map(str, cases)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _CHECK, *map(str, cases)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["ok", str(len(cases))]
@@ -80,7 +85,13 @@ def _manager(host: Host, catalogue: BlueprintCatalogue, clock: ManualClock) -> S
 
 
 def grow_final(
-    host: Host, catalogue: BlueprintCatalogue, seeds: dict[str, str], widened: str, deepened: str, blend: int
+    host: Host,
+    *,
+    catalogue: BlueprintCatalogue,
+    seeds: dict[str, str],
+    widened: str,
+    deepened: str,
+    blend: int,
 ) -> None:
     """Seeds fossilised, a widen merged and a block kept, as a finished run leaves them, with weights
     moved off their neutral start so every part changes the output."""
@@ -117,9 +128,27 @@ def grow_final(
 
 HOSTS: dict[str, tuple[tuple[int, ...], Any, dict[str, str], str, str]] = {
     "mlp": ((10,), lambda: torch.randn(6, 10), {"h1": "lowrank", "h2": "attention_lite"}, "fc2", "fc1"),
-    "cnn": ((1, 8, 8), lambda: torch.randn(6, 1, 8, 8), {"c1": "conv_se", "c2": "conv_depthwise"}, "conv2", "conv1"),
-    "conv1d": ((2, 16), lambda: torch.randn(6, 2, 16), {"s1": "conv1d_bottleneck", "s2": "conv1d_residual"}, "conv2", "conv1"),
-    "transformer": ((7,), lambda: torch.randint(0, 10, (6, 7)), {"f1": "conv1d_lowrank", "t1": "conv1d_se"}, "ff1", ""),
+    "cnn": (
+        (1, 8, 8),
+        lambda: torch.randn(6, 1, 8, 8),
+        {"c1": "conv_se", "c2": "conv_depthwise"},
+        "conv2",
+        "conv1",
+    ),
+    "conv1d": (
+        (2, 16),
+        lambda: torch.randn(6, 2, 16),
+        {"s1": "conv1d_bottleneck", "s2": "conv1d_residual"},
+        "conv2",
+        "conv1",
+    ),
+    "transformer": (
+        (7,),
+        lambda: torch.randint(0, 10, (6, 7)),
+        {"f1": "conv1d_lowrank", "t1": "conv1d_se"},
+        "ff1",
+        "",
+    ),
 }
 BLENDS = {
     "mlp": pb.BLEND_MODE_CHANNEL,
@@ -135,7 +164,9 @@ def test_grown_hosts_and_adapted_models_reload_without_esper_and_compute_the_sam
     for kind, (shape, example, seeds, widened, deepened) in HOSTS.items():
         torch.manual_seed(0)
         host = build_host(kind, shape, 3, vocab_size=10)
-        grow_final(host, catalogue, seeds, widened, deepened, BLENDS[kind])
+        grow_final(
+            host, catalogue=catalogue, seeds=seeds, widened=widened, deepened=deepened, blend=BLENDS[kind]
+        )
         out = export_model(host, tmp_path / kind, {"task": "test"})
         cases.append(save_case(out, host, example()))
     adapted = {
@@ -148,7 +179,14 @@ def test_grown_hosts_and_adapted_models_reload_without_esper_and_compute_the_sam
         x = example()
         model = build()
         host = adapt_model(model, x)
-        grow_final(host, catalogue, seeds, widened, deepened, pb.BLEND_MODE_RESIDUAL)
+        grow_final(
+            host,
+            catalogue=catalogue,
+            seeds=seeds,
+            widened=widened,
+            deepened=deepened,
+            blend=pb.BLEND_MODE_RESIDUAL,
+        )
         if name == "adapted-custom":
             with pytest.raises(ExportError, match="its own forward"):
                 export_model(host, tmp_path / name)
@@ -272,7 +310,9 @@ RUNS = {
 
 
 @pytest.mark.slow
-def test_esper_export_of_real_runs_equals_their_final_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_esper_export_of_real_runs_equals_their_final_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     built: list[Host] = []
 
     def recording_build_host(*args: Any, **kwargs: Any) -> Host:

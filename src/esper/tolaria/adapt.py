@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from esper.kasmina import Bridge, DeepenSite, GrowthNotApplicable, SeedSlot, WidenSite
-from esper.kasmina.growth import ACTIVATIONS, GrowableLayer, in_units, out_units, spatial_dims
+from esper.kasmina.growth import ACTIVATIONS, GrowableLayer, out_units, spatial_dims
 from esper.leyline import EsperError
 from esper.tolaria.hosts import Host
 
@@ -91,7 +91,9 @@ class GrowthPoint(nn.Module):
     ) -> None:
         super().__init__()
         if activation is not None and activation not in ACTIVATIONS:
-            raise GrowthPointError(name or "?", f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+            raise GrowthPointError(
+                name or "?", f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}"
+            )
         self.name = name
         self.producer = producer
         self.consumer = consumer
@@ -203,7 +205,9 @@ def _resolve_point(
     if point.producer is not None:
         found = [c for c in layers_before if c[0] == point.producer]
         if not found:
-            raise GrowthPointError(point_id, f"producer {point.producer!r} is not a Linear/Conv layer run before it")
+            raise GrowthPointError(
+                point_id, f"producer {point.producer!r} is not a Linear/Conv layer run before it"
+            )
         produced = found[-1]
     elif layers_before:
         produced = layers_before[-1]
@@ -212,7 +216,9 @@ def _resolve_point(
     if point.consumer is not None:
         found = [c for c in layers_after if c[0] == point.consumer]
         if not found:
-            raise GrowthPointError(point_id, f"consumer {point.consumer!r} is not a Linear/Conv layer run after it")
+            raise GrowthPointError(
+                point_id, f"consumer {point.consumer!r} is not a Linear/Conv layer run after it"
+            )
         consumed = found[0]
     elif layers_after:
         consumed = layers_after[0]
@@ -263,7 +269,9 @@ def _find_pool(point_out: Tensor, consumer_in: Tensor, consumer: nn.Module) -> i
     channels = point_out.shape[1]
     spatial = point_out.dim() - 2
     for side in range(1, max(point_out.shape[2:]) + 1):
-        if channels * side**spatial == consumer.in_features and _close(Bridge(side).apply(point_out), consumer_in):
+        if channels * side**spatial == consumer.in_features and _close(
+            Bridge(side).apply(point_out), consumer_in
+        ):
             return side
     return None
 
@@ -290,7 +298,9 @@ class AdaptedHost(Host):
             assert isinstance(point, GrowthPoint)
             producer = self._layers[site.producer]
             kind = _SLOT_KINDS[spatial_dims(producer)]
-            point.slot = SeedSlot(site.point_id, out_units(producer), kind, layer_id=site.producer, depth=depth)
+            point.slot = SeedSlot(
+                site.point_id, out_units(producer), kind, layer_id=site.producer, depth=depth
+            )
             self._by_producer[site.producer] = (site, point)
         self.slot_kind = _SLOT_KINDS[spatial_dims(self._layers[points[0].producer])]
 
@@ -307,7 +317,8 @@ class AdaptedHost(Host):
     def _point(self, layer_id: str, operation: str) -> tuple[PointSite, GrowthPoint]:
         if layer_id not in self._by_producer:
             raise GrowthNotApplicable(
-                operation, f"no growth point after layer {layer_id!r}; choose one of {sorted(self._by_producer)}"
+                operation,
+                f"no growth point after layer {layer_id!r}; choose one of {sorted(self._by_producer)}",
             )
         return self._by_producer[layer_id]
 
@@ -349,7 +360,9 @@ def adapt_model(model: nn.Module, example: Any) -> AdaptedHost:
     if any(m.slot is not None for m in marked):
         raise AdaptError(f"{name} was adapted already; adapt a fresh model")
     if not marked and mark_sequentials(model) == 0:
-        raise NoGrowthPoints(name, "no nn.Sequential holds a Linear/Conv layer, an activation and another Linear/Conv")
+        raise NoGrowthPoints(
+            name, "no nn.Sequential holds a Linear/Conv layer, an activation and another Linear/Conv"
+        )
     sites = _check_points(model, example)
     if not sites:
         raise NoGrowthPoints(name, "its growth points never run in forward on the example")
@@ -358,7 +371,9 @@ def adapt_model(model: nn.Module, example: Any) -> AdaptedHost:
         try:
             host.widen_site(site.producer)
         except GrowthNotApplicable as exc:
-            raise GrowthPointError(site.point_id, f"layer {site.producer!r} cannot be widened: {exc.reason}") from exc
+            raise GrowthPointError(
+                site.point_id, f"layer {site.producer!r} cannot be widened: {exc.reason}"
+            ) from exc
     return host
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from esper.leyline import EsperError, SignatureVerifier, pb
 from esper.leyline.files import write_atomically
 from esper.tolaria.adapt import AdaptedHost, GrowthPoint
 from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
-from esper.tolaria.hosts import ConvHost, EncoderBlock, Host, MLPHost, TransformerHost, _TwoConvHost
+from esper.tolaria.hosts import EncoderBlock, Host, MLPHost, TransformerHost, _TwoConvHost
 from esper.urza import BlueprintCatalogue
 from esper.urza.modules import (
     AttentionLite,
@@ -80,6 +81,11 @@ class _Writer:
     def __init__(self) -> None:
         self.tensors: dict[str, Tensor] = {}
 
+    @staticmethod
+    def _at(write: Callable[[Any, str], Node | None], module: Any, path: str) -> Node | None:
+        """`write(module, path)`: binds a module now and its path later (see `sequence`)."""
+        return write(module, path)
+
     def keep(self, path: str, module: nn.Module, names: tuple[str, ...] | None = None) -> None:
         state = module.state_dict()
         for name, value in state.items():
@@ -98,13 +104,20 @@ class _Writer:
     def layer(self, module: nn.Module, path: str) -> Node:
         """A plain module (or an `nn.Sequential` of them) as a node."""
         if isinstance(module, nn.Sequential):
-            return self.sequence(path, [lambda p, m=m: self.layer_or_point(m, p) for m in module])
+            return self.sequence(path, [partial(self._at, self.layer_or_point, m) for m in module])
         if isinstance(module, nn.Linear):
             self.keep(path, module)
-            return {"kind": "linear", "in": module.in_features, "out": module.out_features, "bias": module.bias is not None}
+            return {
+                "kind": "linear",
+                "in": module.in_features,
+                "out": module.out_features,
+                "bias": module.bias is not None,
+            }
         if isinstance(module, nn.Conv1d | nn.Conv2d):
             if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                raise ExportError(path or "model", f"convolution pads with {module.padding_mode!r}/{module.padding!r}")
+                raise ExportError(
+                    path or "model", f"convolution pads with {module.padding_mode!r}/{module.padding!r}"
+                )
             self.keep(path, module)
             return {
                 "kind": "conv1d" if isinstance(module, nn.Conv1d) else "conv2d",
@@ -117,16 +130,32 @@ class _Writer:
                 "groups": module.groups,
                 "bias": module.bias is not None,
             }
-        simple = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity", nn.Dropout: "identity"}
+        simple = {
+            nn.ReLU: "relu",
+            nn.Tanh: "tanh",
+            nn.Sigmoid: "sigmoid",
+            nn.Identity: "identity",
+            nn.Dropout: "identity",
+        }
         if type(module) in simple:
             return {"kind": simple[type(module)]}
         if isinstance(module, nn.GELU) and module.approximate == "none":
             return {"kind": "gelu"}
         if isinstance(module, nn.Flatten) and module.end_dim == -1:
             return {"kind": "flatten", "start_dim": module.start_dim}
-        if isinstance(module, nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d) and isinstance(module.output_size, int):
-            return {"kind": "adaptive_avg_pool", "dims": 1 if isinstance(module, nn.AdaptiveAvgPool1d) else 2, "size": module.output_size}
-        if isinstance(module, nn.MaxPool1d | nn.MaxPool2d) and module.dilation in (1, (1, 1)) and not module.ceil_mode:
+        if isinstance(module, nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d) and isinstance(
+            module.output_size, int
+        ):
+            return {
+                "kind": "adaptive_avg_pool",
+                "dims": 1 if isinstance(module, nn.AdaptiveAvgPool1d) else 2,
+                "size": module.output_size,
+            }
+        if (
+            isinstance(module, nn.MaxPool1d | nn.MaxPool2d)
+            and module.dilation in (1, (1, 1))
+            and not module.ceil_mode
+        ):
             return {
                 "kind": "max_pool",
                 "dims": 1 if isinstance(module, nn.MaxPool1d) else 2,
@@ -136,8 +165,17 @@ class _Writer:
             }
         if isinstance(module, nn.LayerNorm):
             self.keep(path, module)
-            return {"kind": "layer_norm", "shape": list(module.normalized_shape), "eps": module.eps, "affine": module.elementwise_affine}
-        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d) and module.affine and module.track_running_stats:
+            return {
+                "kind": "layer_norm",
+                "shape": list(module.normalized_shape),
+                "eps": module.eps,
+                "affine": module.elementwise_affine,
+            }
+        if (
+            isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d)
+            and module.affine
+            and module.track_running_stats
+        ):
             self.keep(_join(path, "norm"), module)
             return {
                 "kind": "batch_norm",
@@ -166,15 +204,18 @@ class _Writer:
         if slot.seed is not None:
             if slot.mode != SlotMode.FOSSIL:
                 raise ExportError(
-                    f"slot {slot.slot_id!r}", f"its seed is still in its lifecycle ({slot.mode.name}); only "
-                    "fossilised seeds are part of the model (export at the end of the run)"
+                    f"slot {slot.slot_id!r}",
+                    f"its seed is still in its lifecycle ({slot.mode.name}); only "
+                    "fossilised seeds are part of the model (export at the end of the run)",
                 )
             parts.append(lambda p: self.seed(slot, p))
         for hook in slot._forward_hooks.values():
             block = getattr(hook, "__self__", None)
             if not isinstance(block, IdentityBlock):
-                raise ExportError(f"slot {slot.slot_id!r}", f"a forward hook {hook!r} that is not a kept block")
-            parts.append(lambda p, b=block: self.block(b, p))
+                raise ExportError(
+                    f"slot {slot.slot_id!r}", f"a forward hook {hook!r} that is not a kept block"
+                )
+            parts.append(partial(self._at, self.block, block))
         if not parts:
             return None
         node = self.sequence(path, parts)
@@ -234,7 +275,11 @@ class _Writer:
             return {"kind": "attention_lite", "width": body.out.in_features, "tokens": body.tokens}
         if isinstance(body, SqueezeExcitation):
             self.keep(path, body)
-            return {"kind": "squeeze_excite", "channels": body.squeeze.in_features, "hidden": body.squeeze.out_features}
+            return {
+                "kind": "squeeze_excite",
+                "channels": body.squeeze.in_features,
+                "hidden": body.squeeze.out_features,
+            }
         return self.layer(body, path)
 
     # -- the hosts ------------------------------------------------------------------------------------------
@@ -246,9 +291,9 @@ class _Writer:
             slots = list(host.slot_list) if host.with_slots else [None] * len(host.hidden)
             for layer, slot in zip(host.hidden, slots, strict=True):
                 parts += [
-                    lambda p, m=layer: self.layer(m, p),
+                    partial(self._at, self.layer, layer),
                     lambda p: {"kind": "relu"},
-                    lambda p, s=slot: self.slot(s, p),
+                    partial(self._at, self.slot, slot),
                 ]
             parts.append(lambda p: self.layer(host.head, p))
             return self.sequence("", parts)
@@ -270,7 +315,9 @@ class _Writer:
             )
         if isinstance(host, TransformerHost):
             parts = [lambda p: self.embedding(host, p)]
-            parts += [lambda p, b=b: self.encoder_block(b, p) for b in host.blocks if isinstance(b, EncoderBlock)]
+            parts += [
+                partial(self._at, self.encoder_block, b) for b in host.blocks if isinstance(b, EncoderBlock)
+            ]
             parts += [lambda p: {"kind": "mean", "dim": 1}, lambda p: self.layer(host.head, p)]
             return self.sequence("", parts)
         if isinstance(host, AdaptedHost):
@@ -292,7 +339,11 @@ class _Writer:
 
         def attend(p: str) -> Node:
             self.keep(p + ".attention", attention.attention)
-            return {"kind": "self_attention", "dim": attention.attention.embed_dim, "heads": attention.attention.num_heads}
+            return {
+                "kind": "self_attention",
+                "dim": attention.attention.embed_dim,
+                "heads": attention.attention.num_heads,
+            }
 
         def channel_first(slot: SeedSlot | None, p: str) -> Node | None:
             inner = self.slot(slot, p + ".body")
@@ -345,7 +396,9 @@ def export_model(host: Host, out_dir: Path, card: dict[str, Any] | None = None) 
     """Write `host` to `out_dir` as `model.safetensors`, `model.json` and `model_card.json`."""
     spec, tensors = model_spec(host)
     card = dict(card or {})
-    card.setdefault("parameters", sum(t.numel() for k, t in tensors.items() if not k.endswith("num_batches_tracked")))
+    card.setdefault(
+        "parameters", sum(t.numel() for k, t in tensors.items() if not k.endswith("num_batches_tracked"))
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir / WEIGHTS_FILE, save_tensors({k: v.cpu() for k, v in tensors.items()}))
     write_atomically(out_dir / SPEC_FILE, (json.dumps(spec, indent=2) + "\n").encode())
@@ -360,8 +413,8 @@ def final_host(run_dir: Path) -> tuple[Host, int]:
     """The run's final model: its newest checkpoint restored, then the end of run applied (every seed or
     growth not fossilised taken out, as the trainer does after its last checkpoint). Returns it with the
     checkpoint's step."""
-    from esper.tolaria.run import RunConfig, load_task  # the run recipe imports this module's neighbours
     from esper.tolaria.hosts import build_host
+    from esper.tolaria.run import RunConfig, load_task  # the run recipe imports this module's neighbours
 
     if not run_dir.is_dir():
         raise ExportError(str(run_dir), "no such directory")
@@ -378,7 +431,11 @@ def final_host(run_dir: Path) -> tuple[Host, int]:
     settings = config.tolaria
     dataset = load_task(config.task, config.host, seed=settings.seed, difficulty=config.difficulty)
     host = build_host(
-        config.host, dataset.input_shape, dataset.num_classes, vocab_size=dataset.vocab_size, width=settings.host_width
+        config.host,
+        dataset.input_shape,
+        dataset.num_classes,
+        vocab_size=dataset.vocab_size,
+        width=settings.host_width,
     )
     try:
         checkpoint = CheckpointStore(checkpoints).latest()
@@ -386,7 +443,9 @@ def final_host(run_dir: Path) -> tuple[Host, int]:
         raise ExportError(str(run_dir), str(exc)) from exc
     if checkpoint is None:
         raise ExportError(str(run_dir), "the run has no checkpoint to export")
-    restore_final(host, config.kasmina, config.training_run_id, checkpoint.meta["manager"], checkpoint.tensors)
+    restore_final(
+        host, config.kasmina, config.training_run_id, checkpoint.meta["manager"], checkpoint.tensors
+    )
     return host, checkpoint.step
 
 
@@ -428,7 +487,15 @@ def model_card(run_dir: Path, host: Host, step: int) -> dict[str, Any]:
                 history.append(
                     {
                         key: event.get(key)
-                        for key in ("step", "slot_id", "seed_id", "blueprint_id", "from_stage", "to_stage", "reason")
+                        for key in (
+                            "step",
+                            "slot_id",
+                            "seed_id",
+                            "blueprint_id",
+                            "from_stage",
+                            "to_stage",
+                            "reason",
+                        )
                         if event.get(key) is not None
                     }
                 )
