@@ -44,7 +44,8 @@ from esper.leyline import EsperError, SignatureVerifier, pb
 from esper.leyline.files import write_atomically
 from esper.tolaria.adapt import AdaptedHost, GrowthPoint
 from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
-from esper.tolaria.hosts import EncoderBlock, Host, MLPHost, TransformerHost, _TwoConvHost
+from esper.tolaria.hosts import EncoderBlock, Host, MLPHost, TransformerHost, _TwoConvHost, build_host
+from esper.tolaria.run import RunConfig, load_task
 from esper.urza import BlueprintCatalogue
 from esper.urza.modules import (
     AttentionLite,
@@ -413,8 +414,6 @@ def final_host(run_dir: Path) -> tuple[Host, int]:
     """The run's final model: its newest checkpoint restored, then the end of run applied (every seed or
     growth not fossilised taken out, as the trainer does after its last checkpoint). Returns it with the
     checkpoint's step."""
-    from esper.tolaria.hosts import build_host
-    from esper.tolaria.run import RunConfig, load_task  # the run recipe imports this module's neighbours
 
     if not run_dir.is_dir():
         raise ExportError(str(run_dir), "no such directory")
