@@ -216,3 +216,15 @@ def test_esper_growth_point_is_lazy_and_leaves_pyg_and_the_controller_unloaded()
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_a_refused_model_is_left_as_it_was() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(GrowthPointError, match="a Linear on every token"):
+        adapt_model(model, torch.randn(3, 5, 4))  # [N, T, C]: a Linear applied per token
+    assert [type(m) for m in model.modules()] == before
+    marked = GroupedProducer()
+    with pytest.raises(GrowthPointError):
+        adapt_model(marked, torch.randn(5, 4, 7))
+    assert marked.point.slot is None

@@ -150,10 +150,10 @@ def _bridge_after(modules: list[nn.Module], start: int) -> tuple[int, int | None
     return None
 
 
-def mark_sequentials(model: nn.Module) -> int:
+def mark_sequentials(model: nn.Module) -> list[tuple[nn.Sequential, int, nn.Module]]:
     """Insert a `GrowthPoint` after each `layer, activation` of every `nn.Sequential` that a growable
-    layer consumes (see the module doc); returns how many were inserted."""
-    inserted = 0
+    layer consumes (see the module doc); returns (container, index, activation) of each insertion."""
+    inserted: list[tuple[nn.Sequential, int, nn.Module]] = []
     for module in list(model.modules()):
         if not isinstance(module, nn.Sequential):
             continue
@@ -164,8 +164,8 @@ def mark_sequentials(model: nn.Module) -> int:
                 continue
             if _bridge_after(children, index + 2) is None:
                 continue
-            inserted += 1
-            module[index + 1] = nn.Sequential(activation, GrowthPoint(f"p{inserted}"))
+            inserted.append((module, index + 1, activation))
+            module[index + 1] = nn.Sequential(activation, GrowthPoint(f"p{len(inserted)}"))
     return inserted
 
 
@@ -351,7 +351,8 @@ def adapt_model(model: nn.Module, example: Any) -> AdaptedHost:
 
     `example` is one batch of inputs, as the model's forward takes it (a tensor, or a tuple of
     positional arguments). The model is changed in place (points inserted, slots put in them) and
-    wrapped; raises `NoGrowthPoints` or `GrowthPointError` before anything trains.
+    wrapped; raises `NoGrowthPoints` or `GrowthPointError` before anything trains, and then leaves the
+    model as it was.
     """
     name = type(model).__name__
     if isinstance(model, Host):
@@ -359,21 +360,30 @@ def adapt_model(model: nn.Module, example: Any) -> AdaptedHost:
     marked = [m for m in model.modules() if isinstance(m, GrowthPoint)]
     if any(m.slot is not None for m in marked):
         raise AdaptError(f"{name} was adapted already; adapt a fresh model")
-    if not marked and mark_sequentials(model) == 0:
+    inserted = [] if marked else mark_sequentials(model)
+    if not marked and not inserted:
         raise NoGrowthPoints(
             name, "no nn.Sequential holds a Linear/Conv layer, an activation and another Linear/Conv"
         )
-    sites = _check_points(model, example)
-    if not sites:
-        raise NoGrowthPoints(name, "its growth points never run in forward on the example")
-    host = AdaptedHost(model, sites)
-    for site in sites:
-        try:
-            host.widen_site(site.producer)
-        except GrowthNotApplicable as exc:
-            raise GrowthPointError(
-                site.point_id, f"layer {site.producer!r} cannot be widened: {exc.reason}"
-            ) from exc
+    try:
+        sites = _check_points(model, example)
+        if not sites:
+            raise NoGrowthPoints(name, "its growth points never run in forward on the example")
+        host = AdaptedHost(model, sites)
+        for site in sites:
+            try:
+                host.widen_site(site.producer)
+            except GrowthNotApplicable as exc:
+                raise GrowthPointError(
+                    site.point_id, f"layer {site.producer!r} cannot be widened: {exc.reason}"
+                ) from exc
+    except AdaptError:
+        for point in model.modules():
+            if isinstance(point, GrowthPoint):
+                point.slot = None
+        for container, index, activation in inserted:
+            container[index] = activation
+        raise
     return host
 
 
