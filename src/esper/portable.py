@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,81 @@ class BatchNorm(nn.Module):
         )
 
 
+_CALLS: dict[str, Any] = {
+    "relu": nn.functional.relu,
+    "gelu": nn.functional.gelu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "truediv": operator.truediv,
+    "flatten": torch.flatten,
+    "cat": torch.cat,
+}
+_METHODS = frozenset(
+    {
+        "relu",
+        "tanh",
+        "sigmoid",
+        "flatten",
+        "view",
+        "reshape",
+        "mean",
+        "sum",
+        "transpose",
+        "permute",
+        "add",
+        "mul",
+    }
+)
+
+
+class Graph(nn.Module):
+    """A traced forward: spec layers and a closed set of tensor functions, run in order."""
+
+    def __init__(self, node: dict[str, Any], where: str) -> None:
+        super().__init__()
+        self.inputs = list(node["inputs"])
+        self.steps = [dict(step) for step in node["nodes"]]
+        self.output = str(node["output"])
+        modules: list[nn.Module] = []
+        for step in self.steps:
+            op = step["op"]
+            if op == "module":
+                if step["layer"] != len(modules):
+                    raise PortableError(f"{where}: graph layers out of order at {step['name']!r}")
+                modules.append(build_node(step["module"], f"{where}.layers.{len(modules)}"))
+            elif op not in ("function", "method"):
+                raise PortableError(f"{where}: unknown graph step {op!r}")
+            elif step["target"] not in (_CALLS if op == "function" else _METHODS):
+                raise PortableError(f"{where}: unknown {op} {step['target']!r} in a graph")
+        self.layers = nn.ModuleList(modules)
+
+    def forward(self, *args: Tensor) -> Any:
+        values: dict[str, Any] = dict(zip(self.inputs, args, strict=True))
+
+        def resolve(value: Any) -> Any:
+            if isinstance(value, dict):
+                return values[value["ref"]]
+            if isinstance(value, list):
+                return [resolve(item) for item in value]
+            return value
+
+        for step in self.steps:
+            call_args = resolve(step["args"])
+            kwargs = {key: resolve(value) for key, value in step["kwargs"].items()}
+            op = step["op"]
+            if op == "module":
+                out = self.layers[step["layer"]](*call_args, **kwargs)
+            elif op == "function":
+                out = _CALLS[step["target"]](*call_args, **kwargs)
+            else:
+                out = getattr(call_args[0], step["target"])(*call_args[1:], **kwargs)
+            values[step["name"]] = out
+        return values[self.output]
+
+
 _FUNCTIONS = (
     "relu",
     "gelu",
@@ -227,6 +303,9 @@ def build_node(node: dict[str, Any], where: str = "model") -> nn.Module:
     kind = node["kind"]
     if kind == "sequential":
         return Sequential(*(build_node(layer, f"{where}.{i}") for i, layer in enumerate(node["layers"])))
+    if kind == "graph":
+        graph: nn.Module = Graph(node, where)
+        return graph
     if kind == "residual":
         return Residual(build_node(node["body"], f"{where}.body"))
     if kind == "channel_first":

@@ -20,7 +20,7 @@ from esper.cli import app
 from esper.kasmina import GrowthMode, IdentityBlock, KasminaSettings, SeedManager, SlotMode, UnitGroup
 from esper.leyline import ManualClock, SignatureVerifier, load_settings, pb, sign
 from esper.tolaria import run as run_module
-from esper.tolaria.adapt import adapt_model
+from esper.tolaria.adapt import GrowthPoint, adapt_model
 from esper.tolaria.export import ExportError, export_model, export_run
 from esper.tolaria.hosts import Host, build_host
 from esper.tolaria.run import RunConfig, run_experiment
@@ -187,17 +187,38 @@ def test_grown_hosts_and_adapted_models_reload_without_esper_and_compute_the_sam
             deepened=deepened,
             blend=pb.BLEND_MODE_RESIDUAL,
         )
-        if name == "adapted-custom":
-            with pytest.raises(ExportError, match="its own forward"):
-                export_model(host, tmp_path / name)
-            continue
         cases.append(save_case(export_model(host, tmp_path / name), host, x))
     spec = json.loads((tmp_path / "mlp" / "model.json").read_text())
     kinds = json.dumps(spec)
     assert '"seed"' in kinds and '"residual"' in kinds and "SeedSlot" not in kinds
     linears = [(n["in"], n["out"]) for n in spec["model"]["layers"] if n["kind"] == "linear"]
     assert linears == [(10, 12), (12, 16), (16, 3)]  # fc2 widened by 4 and merged
+    custom = json.loads((tmp_path / "adapted-custom" / "model.json").read_text())["model"]
+    assert custom["kind"] == "graph"
+    assert [step["op"] for step in custom["nodes"]].count("module") == 5  # fc1, point, fc2, point, head
     check_in_fresh_process(cases)
+
+
+class Gated(nn.Module):
+    """A forward that reads a parameter directly and takes its shape: nothing the spec describes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.point = GrowthPoint("p")
+        self.fc2 = nn.Linear(6, 2)
+        self.scale = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.fc2(self.point(torch.relu(self.fc1(x)))) * self.scale
+        return out
+
+
+def test_a_custom_forward_the_spec_cannot_describe_is_refused_by_name(tmp_path: Path) -> None:
+    host = adapt_model(Gated(), torch.randn(3, 4))
+    with pytest.raises(ExportError, match="get_attr 'scale' is not something the spec can describe"):
+        export_model(host, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_growth_still_in_its_lifecycle_is_not_exported(tmp_path: Path) -> None:
@@ -217,6 +238,10 @@ def test_the_loader_refuses_unknown_versions_and_kinds() -> None:
         portable.build({**spec, "version": 2})
     with pytest.raises(portable.PortableError, match="unknown layer kind 'warp'"):
         portable.build({**spec, "model": {"kind": "sequential", "layers": [{"kind": "warp"}]}})
+    graph = {"kind": "graph", "inputs": ["x"], "output": "y", "nodes": []}
+    step = {"name": "y", "op": "method", "target": "__class__", "args": [{"ref": "x"}], "kwargs": {}}
+    with pytest.raises(portable.PortableError, match="unknown method '__class__'"):
+        portable.build({**spec, "model": {**graph, "nodes": [step]}})
     with pytest.raises(portable.PortableError, match="not an Esper model spec"):
         portable.build({**spec, "format": "other"})
 

@@ -20,6 +20,9 @@ A NODE is an object with a `kind` and, by kind:
 - `layer_norm` {shape, eps, affine}; `batch_norm` {dims, features, eps};
 - `token_embedding` {vocab, length, dim} (token plus learned position embedding);
   `self_attention` {dim, heads} (batch-first multi-head self-attention);
+- `graph` {inputs: [name], nodes: [STEP], output: name}: a traced forward; a STEP is {name, op, args,
+  kwargs} with op `module` (and `layer`: its index, `module`: NODE), `function` or `method` (and
+  `target`, from a closed list); an argument `{"ref": name}` is a value computed earlier;
 - `seed` {body: NODE, gate: {kind: "none"} | {kind: "channel"} | {kind: "confidence", k, tau, lo, hi}};
   `attention_lite` {width, tokens}; `squeeze_excite` {channels, hidden} (seed bodies).
 
@@ -29,6 +32,7 @@ A node's tensors are named by its path in the rebuilt model (`3.body.1.weight`).
 from __future__ import annotations
 
 import json
+import operator
 import tempfile
 from collections.abc import Callable
 from functools import partial
@@ -37,7 +41,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save as save_tensors
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from esper.kasmina import GrowthMode, IdentityBlock, KasminaSettings, SeedManager, SeedSlot, SlotMode
 from esper.leyline import EsperError, SignatureVerifier, pb
@@ -322,8 +326,14 @@ class _Writer:
             parts += [lambda p: {"kind": "mean", "dim": 1}, lambda p: self.layer(host.head, p)]
             return self.sequence("", parts)
         if isinstance(host, AdaptedHost):
-            return self.layer_or_point(host.model, "") or {"kind": "identity"}
+            if isinstance(host.model, nn.Sequential):
+                return self.layer(host.model, "")
+            return self.graph(host.model, "")
         raise ExportError(type(host).__name__, "no spec is known for this host")
+
+    def graph(self, model: nn.Module, path: str) -> Node:
+        """A module with its own forward, traced into a `graph` node of spec layers and calls."""
+        return _graph_node(self, model, path)
 
     def embedding(self, host: TransformerHost, path: str) -> Node:
         embed = host.embed
@@ -368,6 +378,108 @@ class _Writer:
             ),
         }
         return self.sequence(path, [first, second, lambda p: channel_first(block.output_slot, p)])
+
+
+class _LeafTracer(fx.Tracer):
+    """Traces a user's forward; growth points and standard layers stay whole (one node each)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, GrowthPoint) or super().is_leaf_module(m, module_qualified_name)
+
+
+# What a traced forward may call, by the name the spec gives it (`esper.portable` maps them back).
+_FUNCTIONS: dict[Any, str] = {
+    torch.relu: "relu",
+    nn.functional.relu: "relu",
+    nn.functional.gelu: "gelu",
+    torch.tanh: "tanh",
+    nn.functional.tanh: "tanh",
+    torch.sigmoid: "sigmoid",
+    nn.functional.sigmoid: "sigmoid",
+    operator.add: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    operator.mul: "mul",
+    torch.mul: "mul",
+    operator.truediv: "truediv",
+    torch.flatten: "flatten",
+    torch.cat: "cat",
+}
+_METHODS = frozenset(
+    {
+        "relu",
+        "tanh",
+        "sigmoid",
+        "flatten",
+        "view",
+        "reshape",
+        "mean",
+        "sum",
+        "transpose",
+        "permute",
+        "add",
+        "mul",
+    }
+)
+
+
+def _argument(value: Any, where: str) -> Any:
+    """A traced call's argument as JSON: a value computed earlier is `{"ref": name}`."""
+    if isinstance(value, fx.Node):
+        return {"ref": value.name}
+    if isinstance(value, tuple | list):
+        return [_argument(item, where) for item in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise ExportError(where, f"an argument of type {type(value).__name__} cannot be written to the spec")
+
+
+def _graph_node(writer: _Writer, model: nn.Module, path: str) -> Node:
+    try:
+        traced = _LeafTracer().trace(model)
+    except Exception as exc:
+        raise ExportError(
+            type(model).__name__, f"its forward cannot be traced ({type(exc).__name__}: {exc})"
+        ) from exc
+    inputs: list[str] = []
+    steps: list[Node] = []
+    output = ""
+    layers = 0
+    for node in traced.nodes:
+        where = f"{type(model).__name__}: {node.name}"
+        if node.op == "placeholder":
+            if node.args:
+                raise ExportError(where, "a forward argument with a default value")
+            inputs.append(node.name)
+            continue
+        if node.op == "output":
+            result = node.args[0]
+            if not isinstance(result, fx.Node):
+                raise ExportError(where, "the forward must return one tensor")
+            output = result.name
+            continue
+        args = _argument(list(node.args), where)
+        kwargs = {key: _argument(value, where) for key, value in node.kwargs.items()}
+        step: Node = {"name": node.name, "args": args, "kwargs": kwargs}
+        if node.op == "call_module":
+            assert isinstance(node.target, str)
+            module = model.get_submodule(node.target)
+            layer_path = _join(path, f"layers.{layers}")
+            written = writer.layer_or_point(module, layer_path)
+            step.update(op="module", layer=layers, module=written or {"kind": "identity"})
+            layers += 1
+        elif node.op == "call_function" and node.target in _FUNCTIONS:
+            step.update(op="function", target=_FUNCTIONS[node.target])
+        elif node.op == "call_method" and node.target in _METHODS:
+            step.update(op="method", target=node.target)
+        else:
+            raise ExportError(
+                where,
+                f"{node.op} {getattr(node.target, '__name__', node.target)!r} is not something the spec can "
+                f"describe (functions: {sorted(set(_FUNCTIONS.values()))}; methods: {sorted(_METHODS)})",
+            )
+        steps.append(step)
+    return {"kind": "graph", "inputs": inputs, "nodes": steps, "output": output}
 
 
 def _join(path: str, name: str) -> str:
