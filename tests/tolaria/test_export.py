@@ -21,7 +21,7 @@ from esper.kasmina import GrowthMode, IdentityBlock, KasminaSettings, SeedManage
 from esper.leyline import ManualClock, SignatureVerifier, load_settings, pb, sign
 from esper.tolaria import run as run_module
 from esper.tolaria.adapt import GrowthPoint, adapt_model
-from esper.tolaria.export import ExportError, export_model, export_run
+from esper.tolaria.export import ExportError, export_model, export_run, restore_final
 from esper.tolaria.hosts import Host, build_host
 from esper.tolaria.run import RunConfig, run_experiment
 from esper.tolaria.settings import TolariaSettings
@@ -368,3 +368,10 @@ def test_esper_export_of_real_runs_equals_their_final_models(
         dataset = run_module.load_task(task, kind, seed=3, difficulty=0.5)
         cases.append(save_case(out, final, dataset.x_val[:64]))
     check_in_fresh_process(cases)
+
+
+def test_a_checkpoint_that_does_not_fit_the_runs_host_is_refused(tmp_path: Path) -> None:
+    host = build_host("mlp", (10,), 3)
+    state = {"slots": {"h1": {}}, "paused": False}
+    with pytest.raises(ExportError, match="does not fit the run's host"):
+        restore_final(host, fast_settings(), RUN_ID, state, {})

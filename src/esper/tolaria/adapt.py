@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from esper.kasmina import Bridge, DeepenSite, GrowthNotApplicable, SeedSlot, WidenSite
 from esper.kasmina.growth import ACTIVATIONS, GrowableLayer, out_units, spatial_dims
@@ -174,7 +175,7 @@ class _Recorder:
 
     def __init__(self, model: nn.Module) -> None:
         self.calls: list[tuple[str, nn.Module, Tensor, Tensor]] = []
-        self.handles = []
+        self.handles: list[RemovableHandle] = []
         for name, module in model.named_modules():
             if _growable(module) or isinstance(module, GrowthPoint):
                 self.handles.append(module.register_forward_hook(self._hook(name)))

@@ -575,9 +575,14 @@ def restore_final(
             manager = SeedManager(
                 host.slots(), catalogue, verifier, settings, training_run_id=training_run_id, host=host
             )
-            manager.restore_state(manager_state)
             state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-            host.load_state_dict(state, strict=True)
+            try:
+                manager.restore_state(manager_state)
+                host.load_state_dict(state, strict=True)
+            except (EsperError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+                raise ExportError(
+                    training_run_id, f"the checkpoint does not fit the run's host: {exc}"
+                ) from exc
             manager.terminate(0)
         finally:
             catalogue.close()
