@@ -8,7 +8,7 @@ Subsystems live in their own packages (see DESIGN.md, "Who may import whom"); th
 
 from typing import TYPE_CHECKING
 
-from esper.leyline.lazy import lazy_exports
+from esper.common.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from esper.tolaria.adapt import GrowthPoint, adapt_model
