@@ -124,6 +124,20 @@ def grow_final(
             module.mode, module.alpha = GrowthMode.LIVE, 1.0
 
 
+def normed_cnn() -> nn.Module:
+    """A batch norm first and a max pool before the head: layers the spec carries but does not grow."""
+    return nn.Sequential(
+        nn.BatchNorm2d(1),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 3),
+    )
+
+
 HOSTS: dict[str, tuple[tuple[int, ...], Any, dict[str, str], str, str]] = {
     "mlp": ((10,), lambda: torch.randn(6, 10), {"h1": "lowrank", "h2": "attention_lite"}, "fc2", "fc1"),
     "cnn": (
@@ -171,11 +185,13 @@ def test_grown_hosts_and_adapted_models_reload_without_esper_and_compute_the_sam
         "adapted-mlp": (mlp, lambda: torch.randn(6, 10), {"p1": "mlp_small"}, "3", "1"),
         "adapted-cnn": (cnn, lambda: torch.randn(6, 1, 8, 8), {"p1": "conv_bottleneck"}, "2", "0"),
         "adapted-custom": (CustomForward, lambda: torch.randn(6, 10), {"hidden": "mlp_expand"}, "fc2", "fc1"),
+        "adapted-normed": (normed_cnn, lambda: torch.randn(6, 1, 8, 8), {"p1": "conv_se"}, "1", ""),
     }
     for name, (build, example, seeds, widened, deepened) in adapted.items():
         torch.manual_seed(0)
         x = example()
         model = build()
+        model(x)  # a training-mode pass: batch norms hold running statistics of their own
         host = adapt_model(model, x)
         grow_final(
             host,

@@ -91,11 +91,10 @@ class _Writer:
         """`write(module, path)`: binds a module now and its path later (see `sequence`)."""
         return write(module, path)
 
-    def keep(self, path: str, module: nn.Module, names: tuple[str, ...] | None = None) -> None:
-        state = module.state_dict()
-        for name, value in state.items():
-            if names is None or name in names:
-                self.tensors[f"{path}.{name}" if path else name] = value.detach().clone().contiguous()
+    def keep(self, path: str, module: nn.Module) -> None:
+        """`module`'s tensors, named as the rebuilt module at `path` names them."""
+        for name, value in module.state_dict().items():
+            self.tensors[_join(path, name)] = value.detach().clone().contiguous()
 
     def sequence(self, path: str, parts: list[Callable[[str], Node | None]]) -> Node:
         """A `sequential` node of the parts that produce something (a dormant slot produces nothing)."""
