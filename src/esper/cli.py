@@ -53,6 +53,7 @@ blueprints_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(blueprints_app, name="blueprints")
+__import__("esper.cli_observe").cli_observe.register(app)  # runs, sql, compare, watch, dashboard
 
 console = Console()
 err_console = Console(stderr=True)

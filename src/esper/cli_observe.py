@@ -1,0 +1,176 @@
+"""The observing commands of `esper`: run history (`runs`, `sql`, `compare`), the live terminal view
+(`watch`), the web dashboard (`dashboard`) and TensorBoard exports (`tensorboard`).
+
+They only read run directories (through Nissa); `register(app)` adds them to the `esper` command line.
+Exit codes follow the command line's convention: 0 done, 1 failed, 2 bad input (a path that is not a run,
+a query DuckDB refuses).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from esper.leyline import EsperError, EsperSettings, load_settings
+
+console = Console()
+err_console = Console(stderr=True)
+
+RunsDirOption = Annotated[
+    Path | None,
+    typer.Option("--runs-dir", help="Folder of run directories [<ESPER_DATA_DIR>/runs].", show_default=False),
+]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print the command line's one error style and return the exit to raise."""
+    err_console.print(f"[bold red]error[/]: {message}")
+    return typer.Exit(code)
+
+
+def runs_root(runs_dir: Path | None) -> Path:
+    """The folder of run directories: the one given, or ESPER_DATA_DIR's `runs`."""
+    if runs_dir is not None:
+        return runs_dir
+    return load_settings(EsperSettings).data_dir / "runs"
+
+
+def print_rows(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    *,
+    title: str | None = None,
+    out: Console = console,
+) -> None:
+    """A table when it fits the terminal; otherwise one block of `column: value` lines per row, so nothing
+    is cut at 80 columns."""
+    cells = [[("-" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    needed = sum(widths) + 3 * len(columns) + 1
+    if needed <= out.width:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row_cells in cells:
+            table.add_row(*row_cells)
+        out.print(table)
+        return
+    if title:
+        out.print(f"[bold]{title}[/]")
+    label = max(len(c) for c in columns)
+    for index, row_cells in enumerate(cells):
+        if index:
+            out.print()
+        for column, value in zip(columns, row_cells, strict=True):
+            out.print(f"{column.rjust(label)}  {value}", soft_wrap=False, highlight=False, markup=False)
+
+
+def runs_command(
+    runs_dir: RunsDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per run.")] = False,
+) -> None:
+    """List the runs with their status (completed, failed, halted, running, unknown), start time, task,
+    host, final accuracy and parameters."""
+    from esper.nissa.runs import find_runs, run_info
+
+    root = runs_root(runs_dir)
+    try:
+        infos = [run_info(path) for path in find_runs(root)]
+    except EsperError as exc:
+        raise _fail(str(exc), 2) from exc
+    if as_json:
+        for info in infos:
+            console.print_json(json.dumps(info.to_json()))
+        return
+    if not infos:
+        console.print(f"no runs under {root}")
+        return
+    rows = []
+    for info in infos:
+        params = "-" if info.params_final is None else str(info.params_final)
+        if info.params_initial is not None and info.params_initial != info.params_final:
+            params = f"{info.params_initial}->{params}"
+        status = info.status if not info.reason else f"{info.status}: {info.reason}"
+        rows.append(
+            {
+                "run": info.run_id,
+                "status": status,
+                "started": info.started_at.strftime("%Y-%m-%d %H:%M") if info.started_at else None,
+                "task": info.task,
+                "host": info.host,
+                "accuracy": None if info.final_accuracy is None else f"{info.final_accuracy:.4f}",
+                "params": params,
+            }
+        )
+    print_rows(rows, ["run", "status", "started", "task", "host", "accuracy", "params"], title=str(root))
+
+
+def sql_command(
+    statement: Annotated[str, typer.Argument(help='A DuckDB query, e.g. "SELECT * FROM runs".')],
+    runs_dir: RunsDirOption = None,
+    output: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+) -> None:
+    """Query every run's history with DuckDB. Tables: runs, metrics, events, decisions, decision_records
+    and field_reports (decoded protobuf as columns); each row has its run_id."""
+    import csv
+    import sys
+
+    from esper.nissa.sql import open_history, query
+
+    if output not in ("table", "json", "csv"):
+        raise _fail(f"--format must be table, json or csv, not {output!r}", 2)
+    try:
+        connection = open_history(runs_root(runs_dir))
+        try:
+            columns, rows = query(connection, statement)
+        finally:
+            connection.close()
+    except EsperError as exc:
+        raise _fail(str(exc), 2) from exc
+    if output == "json":
+        for row in rows:
+            print(json.dumps(dict(zip(columns, row, strict=True)), default=str))
+    elif output == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        print_rows([dict(zip(columns, row, strict=True)) for row in rows], columns)
+
+
+def compare_command(
+    runs: Annotated[list[str], typer.Argument(help="Run directories, or run ids under --runs-dir.")],
+    runs_dir: RunsDirOption = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Where the plots are written.", show_default=True)
+    ] = Path("esper-compare"),
+) -> None:
+    """Compare runs: a table of their figures, and plots of accuracy against parameters (and against
+    training FLOPs where recorded) and of the growth timeline."""
+    from esper.nissa.compare import COLUMNS, comparison_rows, write_comparison
+    from esper.nissa.runs import load_run, resolve_run
+
+    root = runs_root(runs_dir)
+    try:
+        loaded = [load_run(resolve_run(name, root)) for name in runs]
+    except EsperError as exc:
+        raise _fail(str(exc), 2) from exc
+    print_rows(comparison_rows(loaded), COLUMNS)
+    files = write_comparison(loaded, out)
+    for image in files.images:
+        console.print(f"plot: {image}")
+    for note in files.notes:
+        console.print(f"note: {note}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the observing commands to `app`."""
+    app.command("runs")(runs_command)
+    app.command("sql")(sql_command)
+    app.command("compare")(compare_command)
