@@ -169,8 +169,42 @@ def compare_command(
         console.print(f"note: {note}")
 
 
+def watch_command(
+    run_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The run directory (or run id under --runs-dir) [the newest run].", show_default=False
+        ),
+    ] = None,
+    runs_dir: RunsDirOption = None,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, max=3600.0, help="Seconds between reads.")
+    ] = 1.0,
+) -> None:
+    """A live terminal view of a run while it grows (or after): curves, parameters, lifecycles, the last
+    decisions and their reasons, deadline misses, the field-report outbox and the bus's health. It reads
+    the run's files; no server is needed, so it works over SSH. Keys: q quits, r reads now."""
+    from esper.nissa.runs import find_runs, resolve_run
+    from esper.nissa.watch import WatchApp
+
+    root = runs_root(runs_dir)
+    try:
+        if run_dir is None:
+            runs = find_runs(root)
+            if not runs:
+                raise _fail(f"no runs under {root}", 2)
+            path = runs[-1]
+        else:
+            path = resolve_run(str(run_dir), root)
+        app = WatchApp(path, interval_s=interval)
+    except EsperError as exc:
+        raise _fail(str(exc), 2) from exc
+    app.run()
+
+
 def register(app: typer.Typer) -> None:
     """Add the observing commands to `app`."""
     app.command("runs")(runs_command)
     app.command("sql")(sql_command)
     app.command("compare")(compare_command)
+    app.command("watch")(watch_command)
