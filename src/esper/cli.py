@@ -787,6 +787,7 @@ def run(
         except ReportError as exc:
             err_console.print(f"[bold red]the run finished but its report failed[/]: {exc}")
             raise typer.Exit(1) from exc
+        __import__("esper.cli_observe").cli_observe.write_exports(config.run_dir)  # TensorBoard, CSV
     if summary["status"] == "halted":
         halt = summary["halt"]
         err_console.print(

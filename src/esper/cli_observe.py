@@ -202,9 +202,40 @@ def watch_command(
     app.run()
 
 
+def write_exports(run_dir: Path) -> None:
+    """The run's TensorBoard event files and metrics CSV (written at the end of `esper run`)."""
+    from esper.nissa.tensorboard import export_run
+
+    try:
+        files = export_run(run_dir)
+    except (EsperError, OSError) as exc:
+        raise _fail(f"the run finished but its TensorBoard export failed: {exc}") from exc
+    console.print(f"tensorboard: {files.tensorboard_dir}")
+    console.print(f"metrics csv: {files.csv}")
+
+
+def tensorboard_command(
+    runs: Annotated[list[str], typer.Argument(help="Run directories, or run ids under --runs-dir.")],
+    runs_dir: RunsDirOption = None,
+) -> None:
+    """Write a run's TensorBoard event files (RUN_DIR/tensorboard: scalars, parameters, growth events as
+    text) and RUN_DIR/metrics.csv; `esper run` writes them at its end. View with
+    `tensorboard --logdir <ESPER_DATA_DIR>/runs`."""
+    from esper.nissa.runs import resolve_run
+
+    root = runs_root(runs_dir)
+    try:
+        paths = [resolve_run(name, root) for name in runs]
+    except EsperError as exc:
+        raise _fail(str(exc), 2) from exc
+    for path in paths:
+        write_exports(path)
+
+
 def register(app: typer.Typer) -> None:
     """Add the observing commands to `app`."""
     app.command("runs")(runs_command)
     app.command("sql")(sql_command)
     app.command("compare")(compare_command)
     app.command("watch")(watch_command)
+    app.command("tensorboard")(tensorboard_command)
