@@ -232,6 +232,28 @@ def tensorboard_command(
         write_exports(path)
 
 
+def dashboard_command(
+    runs_dir: RunsDirOption = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8050,
+    refresh: Annotated[
+        int,
+        typer.Option("--refresh", min=1, max=3600, help="Seconds between reloads of a running run's page."),
+    ] = 5,
+) -> None:
+    """Serve every run in the browser: the run list, each run's page (curves, lifecycles, growth, last
+    decisions) and a comparison page. Charts are drawn on the server; the pages need no internet."""
+    import uvicorn
+
+    from esper.nissa.dashboard import create_app
+
+    root = runs_root(runs_dir)
+    if not root.is_dir():
+        raise _fail(f"no such folder of runs: {root}", 2)
+    console.print(f"dashboard of {root} on http://{host}:{port}/ (Ctrl-C stops it)")
+    uvicorn.run(create_app(root, refresh_s=refresh), host=host, port=port, log_level="warning")
+
+
 def register(app: typer.Typer) -> None:
     """Add the observing commands to `app`."""
     app.command("runs")(runs_command)
@@ -239,3 +261,4 @@ def register(app: typer.Typer) -> None:
     app.command("compare")(compare_command)
     app.command("watch")(watch_command)
     app.command("tensorboard")(tensorboard_command)
+    app.command("dashboard")(dashboard_command)

@@ -368,3 +368,37 @@ GROWTH_STAGES = ("GERMINATED", "FOSSILIZED", "CULLED")
 def growth_steps(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The transitions that changed the model: germinations, fossilisations and culls."""
     return [e for e in events if e.get("kind") == "transition" and str(e.get("to_stage")) in GROWTH_STAGES]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A slot in one stage from `start` to `end` (training steps), held by `seed_id`."""
+
+    slot_id: str
+    seed_id: str
+    stage: str
+    start: int
+    end: int
+
+
+def lifecycle_spans(run: RunData) -> dict[str, list[Span]]:
+    """Each slot's stages over time, from its transition events (DORMANT until the first one)."""
+    slots: list[str] = []
+    for record in run.metrics:
+        slots += [str(s) for s in record.get("stages") or {} if str(s) not in slots]
+    transitions = [e for e in run.events if e.get("kind") == "transition"]
+    slots += sorted({str(e.get("slot_id")) for e in transitions} - set(slots))
+    steps = [int(r.get("step", 0)) for r in run.metrics] + [int(e.get("step", 0)) for e in run.events]
+    last = max(steps, default=0)
+    spans: dict[str, list[Span]] = {}
+    for slot_id in slots:
+        stage, seed_id, start = "DORMANT", "", 0
+        row: list[Span] = []
+        for event in (e for e in transitions if str(e.get("slot_id")) == slot_id):
+            step = int(event["step"])
+            if step > start:
+                row.append(Span(slot_id, seed_id, stage, start, step))
+            stage, seed_id, start = str(event.get("to_stage")), str(event.get("seed_id", "")), step
+        row.append(Span(slot_id, seed_id, stage, start, max(last, start)))
+        spans[slot_id] = row
+    return spans
