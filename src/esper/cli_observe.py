@@ -15,7 +15,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from esper.leyline import EsperError, EsperSettings, load_settings
 
@@ -46,14 +48,16 @@ def print_rows(
     columns: Sequence[str],
     *,
     title: str | None = None,
-    out: Console = console,
+    out: Console | None = None,
+    vertical: bool = False,
 ) -> None:
-    """A table when it fits the terminal; otherwise one block of `column: value` lines per row, so nothing
-    is cut at 80 columns."""
+    """A table when it fits the terminal (and `vertical` is not asked for); otherwise one block of
+    `column: value` items per row, so nothing is cut at 80 columns."""
+    out = out or console
     cells = [[("-" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     needed = sum(widths) + 3 * len(columns) + 1
-    if needed <= out.width:
+    if needed <= out.width and not vertical:
         table = Table(title=title)
         for column in columns:
             table.add_column(column, overflow="fold")
@@ -63,12 +67,53 @@ def print_rows(
         return
     if title:
         out.print(f"[bold]{title}[/]")
-    label = max(len(c) for c in columns)
     for index, row_cells in enumerate(cells):
         if index:
             out.print()
-        for column, value in zip(columns, row_cells, strict=True):
-            out.print(f"{column.rjust(label)}  {value}", soft_wrap=False, highlight=False, markup=False)
+        _print_block(out, list(zip(columns, row_cells, strict=True)))
+
+
+def _print_block(out: Console, items: list[tuple[str, str]]) -> None:
+    """One row as `column: value` items, short ones packed side by side up to the terminal's width, long
+    ones on lines of their own (folded, never cut)."""
+    line = Text()
+    for column, value in items:
+        item = Text.assemble((column, "bold"), ": ", value)
+        if len(item) > out.width // 2 or "\n" in value:
+            if line:
+                out.print(line, overflow="fold")
+                line = Text()
+            out.print(item, overflow="fold")
+        elif line and len(line) + 3 + len(item) > out.width:
+            out.print(line, overflow="fold")
+            line = item
+        else:
+            line = Text.assemble(line, "   ", item) if line else item
+    if line:
+        out.print(line, overflow="fold")
+
+
+def _plain(cell: object) -> str:
+    if isinstance(cell, Text):
+        return cell.plain
+    if isinstance(cell, str):
+        return Text.from_markup(cell).plain
+    return str(cell)
+
+
+def print_table(table: Table, out: Console | None = None) -> None:
+    """A rich table, readable at the terminal's width with nothing cut: as it is when it fits unwrapped,
+    otherwise one block of `column: value` items per row (short items side by side), rather than a
+    table whose narrowed columns shred every long word."""
+    out = out or console
+    natural = Measurement.get(out, out.options.update_width(1_000_000), table).maximum
+    if natural <= out.width:
+        out.print(table)
+        return
+    headers = [_plain(column.header) for column in table.columns]
+    rows = [[_plain(cell) for cell in column.cells] for column in table.columns]
+    records = [dict(zip(headers, values, strict=True)) for values in zip(*rows, strict=True)]
+    print_rows(records, headers, title=_plain(table.title) if table.title else None, out=out, vertical=True)
 
 
 def runs_command(
@@ -255,7 +300,8 @@ def dashboard_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the observing commands to `app`."""
+    """Add the observing commands to `app`, and `-h` beside `--help` on every command."""
+    app.info.context_settings = {**(app.info.context_settings or {}), "help_option_names": ["-h", "--help"]}
     app.command("runs")(runs_command)
     app.command("sql")(sql_command)
     app.command("compare")(compare_command)

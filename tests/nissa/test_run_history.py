@@ -132,3 +132,10 @@ def test_esper_compare_names_a_missing_run(runs_dir: Path, tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["compare", "grown", "nope", "--runs-dir", str(runs_dir)])
     assert result.exit_code == 2
     assert "nope" in result.output
+
+
+def test_esper_reports_on_a_real_run_fits_80_columns_without_cutting(runs_dir: Path) -> None:
+    result = CliRunner().invoke(app, ["reports", str(runs_dir / "grown")], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    assert max(len(line.rstrip()) for line in result.output.splitlines()) <= 80
+    assert "…" not in result.output
