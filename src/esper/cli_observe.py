@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
@@ -30,9 +31,10 @@ RunsDirOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    """Print the command line's one error style and return the exit to raise."""
-    err_console.print(f"[bold red]error[/]: {message}")
+def _fail(what: str, why: str, code: int = 1) -> typer.Exit:
+    """Print the command line's one error style, "<what failed>: <why>" in red on stderr, and return the
+    exit to raise (1 failed, 2 bad input)."""
+    err_console.print(f"[bold red]{escape(what)}[/]: {escape(why)}")
     return typer.Exit(code)
 
 
@@ -128,7 +130,7 @@ def runs_command(
     try:
         infos = [run_info(path) for path in find_runs(root)]
     except EsperError as exc:
-        raise _fail(str(exc), 2) from exc
+        raise _fail("esper runs failed", str(exc), 2) from exc
     if as_json:
         for info in infos:
             console.print_json(json.dumps(info.to_json()))
@@ -169,7 +171,7 @@ def sql_command(
     from esper.nissa.sql import open_history, query
 
     if output not in ("table", "json", "csv"):
-        raise _fail(f"--format must be table, json or csv, not {output!r}", 2)
+        raise _fail("esper sql failed", f"--format must be table, json or csv, not {output!r}", 2)
     try:
         connection = open_history(runs_root(runs_dir))
         try:
@@ -177,7 +179,7 @@ def sql_command(
         finally:
             connection.close()
     except EsperError as exc:
-        raise _fail(str(exc), 2) from exc
+        raise _fail("esper sql failed", str(exc), 2) from exc
     if output == "json":
         for row in rows:
             print(json.dumps(dict(zip(columns, row, strict=True)), default=str))
@@ -205,7 +207,7 @@ def compare_command(
     try:
         loaded = [load_run(resolve_run(name, root)) for name in runs]
     except EsperError as exc:
-        raise _fail(str(exc), 2) from exc
+        raise _fail("esper compare failed", str(exc), 2) from exc
     print_rows(comparison_rows(loaded), COLUMNS)
     files = write_comparison(loaded, out)
     for image in files.images:
@@ -237,13 +239,13 @@ def watch_command(
         if run_dir is None:
             runs = find_runs(root)
             if not runs:
-                raise _fail(f"no runs under {root}", 2)
+                raise _fail("esper watch failed", f"no runs under {root}", 2)
             path = runs[-1]
         else:
             path = resolve_run(str(run_dir), root)
         app = WatchApp(path, interval_s=interval)
     except EsperError as exc:
-        raise _fail(str(exc), 2) from exc
+        raise _fail("esper watch failed", str(exc), 2) from exc
     app.run()
 
 
@@ -254,7 +256,7 @@ def write_exports(run_dir: Path) -> None:
     try:
         files = export_run(run_dir)
     except (EsperError, OSError) as exc:
-        raise _fail(f"the run finished but its TensorBoard export failed: {exc}") from exc
+        raise _fail("the run finished but its TensorBoard export failed", str(exc)) from exc
     console.print(f"tensorboard: {files.tensorboard_dir}")
     console.print(f"metrics csv: {files.csv}")
 
@@ -272,7 +274,7 @@ def tensorboard_command(
     try:
         paths = [resolve_run(name, root) for name in runs]
     except EsperError as exc:
-        raise _fail(str(exc), 2) from exc
+        raise _fail("esper tensorboard failed", str(exc), 2) from exc
     for path in paths:
         write_exports(path)
 
@@ -294,7 +296,7 @@ def dashboard_command(
 
     root = runs_root(runs_dir)
     if not root.is_dir():
-        raise _fail(f"no such folder of runs: {root}", 2)
+        raise _fail("esper dashboard failed", f"no such folder of runs: {root}", 2)
     console.print(f"dashboard of {root} on http://{host}:{port}/ (Ctrl-C stops it)")
     uvicorn.run(create_app(root, refresh_s=refresh), host=host, port=port, log_level="warning")
 

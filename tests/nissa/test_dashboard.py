@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import socket
 import subprocess
@@ -15,6 +17,7 @@ import uvicorn
 from PIL import Image
 
 from esper.nissa.dashboard import create_app
+from esper.nissa.dashboard.pages import run_page
 from esper.nissa.dashboard.svg import nice_ticks
 from esper.nissa.runs import run_info
 
@@ -65,12 +68,14 @@ def _screenshot(chromium: str, tmp_path: Path, url: str) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
+@pytest.mark.slow
 def test_the_run_list_links_every_run_with_its_status(chromium: str, dashboard: str, tmp_path: Path) -> None:
     dom = _browser(chromium, tmp_path, "--dump-dom", f"{dashboard}/")
     assert 'href="/runs/grown"' in dom
     assert "completed" in dom
 
 
+@pytest.mark.slow
 def test_a_run_page_draws_its_curves_and_lifecycles(
     chromium: str, dashboard: str, runs_dir: Path, tmp_path: Path
 ) -> None:
@@ -86,6 +91,7 @@ def test_a_run_page_draws_its_curves_and_lifecycles(
     assert colours is not None and len(colours) > 20  # not a blank page
 
 
+@pytest.mark.slow
 def test_the_comparison_page_plots_accuracy_against_parameters(
     chromium: str, dashboard: str, tmp_path: Path
 ) -> None:
@@ -95,6 +101,7 @@ def test_the_comparison_page_plots_accuracy_against_parameters(
     assert "growth timeline" in dom and 'class="marker"' in dom
 
 
+@pytest.mark.slow
 def test_an_unknown_run_is_a_404_page(chromium: str, dashboard: str, tmp_path: Path) -> None:
     dom = _browser(chromium, tmp_path, "--dump-dom", f"{dashboard}/runs/nope")
     assert "not found" in dom and "nope" in dom
@@ -103,3 +110,11 @@ def test_an_unknown_run_is_a_404_page(chromium: str, dashboard: str, tmp_path: P
 def test_ticks_cover_the_data() -> None:
     ticks = nice_ticks(0.14, 0.93)
     assert ticks[0] <= 0.14 and ticks[-1] >= 0.93 and len(ticks) <= 7
+
+
+@pytest.mark.slow
+def test_a_running_runs_page_reloads_itself_and_a_finished_one_does_not(runs_dir: Path) -> None:
+    assert 'http-equiv="refresh"' not in run_page(runs_dir, "grown")
+    status = {"status": "running", "reason": None, "pid": os.getpid(), "started_at": "2026-01-01T00:00:00Z"}
+    (runs_dir / "grown" / "status.json").write_text(json.dumps(status), encoding="utf-8")
+    assert '<meta http-equiv="refresh" content="7">' in run_page(runs_dir, "grown", refresh_s=7)

@@ -70,6 +70,7 @@ def test_a_broken_log_line_is_an_error_naming_the_line(tmp_path: Path) -> None:
         JsonlTail(log).read_new()
 
 
+@pytest.mark.slow
 def test_sql_queries_a_real_runs_metrics_events_and_decoded_protobuf(runs_dir: Path) -> None:
     connection = open_history(runs_dir)
     _, rows = query(connection, "SELECT status, task, params_final >= params_initial FROM runs")
@@ -90,11 +91,13 @@ def test_sql_queries_a_real_runs_metrics_events_and_decoded_protobuf(runs_dir: P
     assert rows[0][0] > 0
 
 
+@pytest.mark.slow
 def test_a_query_duckdb_refuses_is_a_query_error(runs_dir: Path) -> None:
     with pytest.raises(QueryError, match="no_such_table"):
         query(open_history(runs_dir), "SELECT * FROM no_such_table")
 
 
+@pytest.mark.slow
 def test_esper_sql_prints_json_rows(runs_dir: Path) -> None:
     args = ["sql", "SELECT run_id, status FROM runs", "--runs-dir", str(runs_dir), "--format", "json"]
     result = CliRunner().invoke(app, args)
@@ -103,6 +106,7 @@ def test_esper_sql_prints_json_rows(runs_dir: Path) -> None:
     assert row["run_id"].startswith("run-") and row["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_esper_runs_lists_every_run_with_its_status_within_80_columns(runs_dir: Path) -> None:
     status = {"status": "failed", "reason": "loss diverged", "pid": 1, "started_at": "2026-01-01T00:00:00Z"}
     _run_dir(runs_dir, "broken", status=status)
@@ -116,8 +120,10 @@ def test_esper_runs_lists_every_run_with_its_status_within_80_columns(runs_dir: 
 def test_esper_runs_on_a_missing_folder_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["runs", "--runs-dir", str(tmp_path / "nowhere")])
     assert result.exit_code == 2
+    assert "esper runs failed: cannot read" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_compare_tabulates_runs_and_plots_accuracy_against_parameters(runs_dir: Path, tmp_path: Path) -> None:
     runs = [load_run(path) for path in find_runs(runs_dir)]
     rows = comparison_rows(runs)
@@ -128,12 +134,14 @@ def test_compare_tabulates_runs_and_plots_accuracy_against_parameters(runs_dir: 
     assert any("FLOPs" in note for note in files.notes)
 
 
+@pytest.mark.slow
 def test_esper_compare_names_a_missing_run(runs_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["compare", "grown", "nope", "--runs-dir", str(runs_dir)])
     assert result.exit_code == 2
     assert "nope" in result.output
 
 
+@pytest.mark.slow
 def test_esper_reports_on_a_real_run_fits_80_columns_without_cutting(runs_dir: Path) -> None:
     result = CliRunner().invoke(app, ["reports", str(runs_dir / "grown")], terminal_width=80)
     assert result.exit_code == 0, result.output

@@ -20,6 +20,7 @@ def _accumulator(log_dir: Path) -> EventAccumulator:
     return accumulator
 
 
+@pytest.mark.slow
 def test_esper_run_leaves_tensorboard_scalars_and_growth_text_that_tensorboard_reads(runs_dir: Path) -> None:
     run = runs_dir / "grown"  # written by `esper run` itself (the session fixture)
     accumulator = _accumulator(run / "tensorboard")
@@ -38,6 +39,7 @@ def test_esper_run_leaves_tensorboard_scalars_and_growth_text_that_tensorboard_r
     assert germinated["step"] in [t.step for t in growth]
 
 
+@pytest.mark.slow
 def test_a_second_export_replaces_the_first_instead_of_doubling_points(runs_dir: Path) -> None:
     run = runs_dir / "grown"
     before = len(_accumulator(run / "tensorboard").Scalars("validation/accuracy"))
@@ -47,6 +49,7 @@ def test_a_second_export_replaces_the_first_instead_of_doubling_points(runs_dir:
     assert len(_accumulator(run / "tensorboard").Scalars("validation/accuracy")) == before
 
 
+@pytest.mark.slow
 def test_the_metrics_csv_has_one_row_per_evaluation_with_slot_stages(runs_dir: Path) -> None:
     run = runs_dir / "grown"
     files = export_run(run)

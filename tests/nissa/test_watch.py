@@ -20,6 +20,7 @@ def _cut(path: Path, keep: int) -> list[str]:
     return lines[keep:]
 
 
+@pytest.mark.slow
 def test_the_view_shows_a_finished_runs_curves_lifecycles_decisions_and_health(runs_dir: Path) -> None:
     asyncio.run(_the_view_shows_a_finished_runs_curves_lifecycles_decisions_and_health(runs_dir))
 
@@ -44,6 +45,7 @@ async def _the_view_shows_a_finished_runs_curves_lifecycles_decisions_and_health
         assert "completed" in app.sub_title
 
 
+@pytest.mark.slow
 def test_the_view_follows_the_run_files_as_they_grow(runs_dir: Path) -> None:
     asyncio.run(_the_view_follows_the_run_files_as_they_grow(runs_dir))
 
@@ -84,6 +86,7 @@ def test_watching_a_folder_that_is_not_a_run_is_an_error(tmp_path: Path) -> None
         RunFollower(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_screenshot_of_the_view_is_an_svg(runs_dir: Path, tmp_path: Path) -> None:
     asyncio.run(_a_screenshot_of_the_view_is_an_svg(runs_dir, tmp_path))
 
