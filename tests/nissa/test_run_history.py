@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from esper.cli import app
 from esper.nissa.compare import comparison_rows, write_comparison
-from esper.nissa.runs import JsonlTail, RunReadError, find_runs, load_run, run_status
+from esper.nissa.runs import JsonlTail, RunReadError, find_runs, load_run, parameter_points, run_status
 from esper.nissa.sql import QueryError, open_history, query
 
 
@@ -147,3 +147,12 @@ def test_esper_reports_on_a_real_run_fits_80_columns_without_cutting(runs_dir: P
     assert result.exit_code == 0, result.output
     assert max(len(line.rstrip()) for line in result.output.splitlines()) <= 80
     assert "…" not in result.output
+
+
+def test_parameter_changes_line_up_with_the_transition_that_caused_them(tmp_path: Path) -> None:
+    run = _run_dir(tmp_path, "r")
+    metrics = [{"step": s, "validation_accuracy": 0.5, "parameters": p} for s, p in ((10, 100), (20, 150))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
+    event = {"kind": "transition", "step": 16, "slot_id": "h1", "seed_id": "h1:g1", "to_stage": "GERMINATED"}
+    (run / "events.jsonl").write_text(json.dumps(event) + "\n", encoding="utf-8")
+    assert parameter_points(load_run(run)) == [(10, 100), (16, 150), (20, 150)]

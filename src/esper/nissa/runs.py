@@ -402,3 +402,23 @@ def lifecycle_spans(run: RunData) -> dict[str, list[Span]]:
         row.append(Span(slot_id, seed_id, stage, start, max(last, start)))
         spans[slot_id] = row
     return spans
+
+
+def parameter_points(run: RunData) -> list[tuple[int, int]]:
+    """(step, parameters) at every evaluation, plus a point at the transition that changed the count: an
+    evaluation sees a change only after it happened, so the change moves back to the last transition
+    since the previous evaluation, and a plot's steps line up with the events."""
+    counted = [
+        (int(r["step"]), int(r["parameters"]))
+        for r in run.evaluations
+        if isinstance(r.get("parameters"), int)
+    ]
+    moves = sorted(int(e["step"]) for e in run.events if e.get("kind") == "transition")
+    points: list[tuple[int, int]] = []
+    for index, (step, parameters) in enumerate(counted):
+        if index and parameters != counted[index - 1][1]:
+            cause = [m for m in moves if counted[index - 1][0] < m <= step]
+            if cause and cause[-1] < step:
+                points.append((cause[-1], parameters))
+        points.append((step, parameters))
+    return points

@@ -19,6 +19,7 @@ from esper.nissa.runs import (
     lifecycle_spans,
     load_run,
     outbox_counts,
+    parameter_points,
     resolve_run,
     run_info,
 )
@@ -152,7 +153,11 @@ def run_charts(run: RunData) -> str:
             "parameters",
             "training step",
             "parameters",
-            [Series("parameters", series("parameters"), colour="#31a354")],
+            [
+                Series(
+                    "parameters", [(float(x), float(y)) for x, y in parameter_points(run)], colour="#31a354"
+                )
+            ],
             step=True,
             vertical_marks=marks,
         ),
