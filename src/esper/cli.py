@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 
 import esper
+from esper.cli_observe import print_table, write_exports
+from esper.cli_observe import register as register_observing
 from esper.leyline import (
     CleanupFailed,
     CleanupStack,
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="esper",
-    help="Esper grows neural networks while they train.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -53,6 +54,7 @@ blueprints_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(blueprints_app, name="blueprints")
+register_observing(app)  # runs, sql, compare, watch, tensorboard, dashboard; -h
 
 console = Console()
 err_console = Console(stderr=True)
@@ -101,13 +103,28 @@ def _run_log(run_dir: Path) -> Callable[[], None]:
     return undo
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"esper {esper.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show internal events and logs on the terminal.")
     ] = False,
+    _version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+    ] = False,
 ) -> None:
-    """Esper grows neural networks while they train."""
+    """Esper grows neural networks while they train.
+
+    Exit status of every command: 0 done; 1 failed; 2 bad input or configuration; 3 run halted.
+
+    Errors go to stderr as "<what failed>: <why>"; a halted run says how to resume it.
+    """
     _Verbosity.verbose = verbose
     _terminal_log(logging.INFO if verbose else logging.WARNING)
 
@@ -236,7 +253,7 @@ def settings_command(
             shown = "(set)" if "secret" in name and value is not None else _setting_text(value)
             style = "bold" if shown != default else ""
             table.add_row(variable, f"[{style}]{shown}[/]" if style else shown, default, description)
-    console.print(table)
+    print_table(table)
 
 
 def _setting_text(value: object) -> str:
@@ -786,6 +803,7 @@ def run(
         except ReportError as exc:
             err_console.print(f"[bold red]the run finished but its report failed[/]: {exc}")
             raise typer.Exit(1) from exc
+        write_exports(config.run_dir)  # TensorBoard event files and metrics.csv
     if summary["status"] == "halted":
         halt = summary["halt"]
         err_console.print(
@@ -955,7 +973,7 @@ def _print_health(path: Path, as_json: bool) -> None:
             shown("last_change"),
             reason,
         )
-    console.print(table)
+    print_table(table)
 
 
 @app.command()
@@ -1051,7 +1069,7 @@ def _print_field_reports(run_dir: Path, outcome: str | None, status: str | None,
             str(report.observation_window_epochs),
             s.status if s.status != "dropped" else f"dropped: {s.last_error}",
         )
-    console.print(table)
+    print_table(table)
 
 
 @blueprints_app.callback(invoke_without_command=True)
@@ -1110,7 +1128,7 @@ def blueprints(
             f"yes: {entry['quarantine_reason']}" if entry["quarantine"] else "no",
             str(entry["description"]),
         )
-    console.print(table)
+    print_table(table)
 
 
 def _change_catalogue(verb: str, blueprint_id: str, reason: str | None) -> None:
@@ -1377,7 +1395,7 @@ def bus_stats(
                 pending,
                 str(s.dead_letters) if first else "",
             )
-    console.print(table)
+    print_table(table)
 
 
 @policy_app.command("show")
@@ -1437,7 +1455,7 @@ def policy_show(
             figure(metrics.get("validation.action_kl")),
             figure(held_out),
         )
-    console.print(table)
+    print_table(table)
     refused = [r for r in rounds if not r["published"]]
     if refused:
         last = refused[-1]
