@@ -40,14 +40,14 @@ from esper.oona import EmbeddedBus, OonaSettings
 from esper.simic.settings import SimicSettings
 from esper.simic.trainer import RoundResult, SimicTrainer, offline_records
 from esper.simic.transitions import RecordCollector
-from esper.tamiyo.gnn import TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA
-from esper.tamiyo.heuristic import HeuristicPolicy
-from esper.tamiyo.policy import GNNPolicy
-from esper.tamiyo.proposal import Policy, Proposal
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.gnn import TamiyoGNNConfig
+from esper.tamiyo.model.heuristic import HeuristicPolicy
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.proposal import Policy, Proposal
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA
+from esper.tamiyo.records.store import TamiyoStore
+from esper.tamiyo.runtime.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.store import TamiyoStore
 from esper.tolaria.controller import BoundController
 from esper.tolaria.data import make_task
 from esper.tolaria.hosts import build_host

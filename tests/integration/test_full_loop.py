@@ -24,11 +24,11 @@ from esper.leyline import SignatureVerifier, pb
 from esper.oona import EmbeddedBus, OonaSettings, Streams
 from esper.simic.settings import SimicSettings
 from esper.simic.trainer import RoundResult, SimicTrainer, bus_publisher, offline_records
-from esper.tamiyo.policy import GNNPolicy
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.records.store import TamiyoStore
+from esper.tamiyo.runtime.service import TamiyoService
+from esper.tamiyo.runtime.updates import PolicyUpdateFeed, PolicyUpdateIntake
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.store import TamiyoStore
-from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
 from esper.tolaria.controller import BoundController
 from esper.tolaria.hosts import build_host
 from esper.tolaria.records import RunDirectory

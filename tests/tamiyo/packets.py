@@ -7,10 +7,10 @@ import threading
 import torch
 
 from esper.leyline import pb
-from esper.tamiyo.gnn import TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA
-from esper.tamiyo.policy import GNNPolicy
-from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.model.gnn import TamiyoGNNConfig
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA
 from esper.tamiyo.settings import TamiyoSettings
 
 torch.set_num_threads(1)

@@ -10,10 +10,10 @@ import pytest
 
 from esper.leyline import ManualClock, pb
 from esper.oona import Bus, EmbeddedBus, Streams, envelope_for
-from esper.tamiyo.metadata import BlueprintMetadataCache, BlueprintMetadataUnavailable
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.risk import RiskContext, RiskGates
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.runtime.metadata import BlueprintMetadataCache, BlueprintMetadataUnavailable
+from esper.tamiyo.runtime.risk import RiskContext, RiskGates
+from esper.tamiyo.runtime.service import TamiyoService
 from esper.urza import (
     BlueprintCatalogue,
     BusChangePublisher,

@@ -20,14 +20,15 @@ import torch
 
 import esper.tamiyo
 from esper.leyline import ConfigurationError, EsperError, SignatureVerifier, pb
-from esper.tamiyo.gnn import TamiyoGNN, TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA, GraphBuilder
-from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
-from esper.tamiyo.policy import CheckpointIncompatible, GNNPolicy
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.gnn import TamiyoGNN, TamiyoGNNConfig
+from esper.tamiyo.model.normalizer_state import InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.model.policy import CheckpointIncompatible, GNNPolicy
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA
+from esper.tamiyo.runtime.service import TamiyoService
+from esper.tamiyo.runtime.worker import DeadlineExceeded
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.worker import DeadlineExceeded
 from tests.tamiyo.packets import SECRET, SMALL, ScriptedPolicy, make_packet, settings, small_policy
 
 

@@ -14,13 +14,13 @@ import torch
 from esper.kasmina.blending import ConfidenceGate
 from esper.leyline import ManualClock, load_settings, pb
 from esper.oona import Bus, EmbeddedBus, OonaSettings, TelemetryPublisher, open_envelope
-from esper.tamiyo.commands import CommandFactory, blend_parameters
-from esper.tamiyo.graph import NormalizerWriteError
-from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.service import TamiyoService
-from esper.tamiyo.store import TamiyoStore
-from esper.tamiyo.telemetry import QueuedSink
+from esper.tamiyo.model.normalizer import NormalizerWriteError
+from esper.tamiyo.model.normalizer_state import InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.records.store import TamiyoStore
+from esper.tamiyo.runtime.commands import CommandFactory, blend_parameters
+from esper.tamiyo.runtime.service import TamiyoService
+from esper.tamiyo.runtime.telemetry import QueuedSink
 from tests.kasmina import support as kasmina
 from tests.tamiyo.packets import SECRET, ScriptedPolicy, make_packet, settings, small_policy
 

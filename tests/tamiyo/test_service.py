@@ -16,15 +16,15 @@ import torch
 import esper.tamiyo
 from esper.leyline import ContractViolation, ManualClock, SignatureVerifier, pb
 from esper.tamiyo import GNNPolicy
-from esper.tamiyo import service as service_module
-from esper.tamiyo import worker as worker_module
-from esper.tamiyo.graph import TamiyoGraph
-from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
-from esper.tamiyo.proposal import Cancellation, Proposal
-from esper.tamiyo.risk import RiskGates
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.graph import TamiyoGraph
+from esper.tamiyo.model.normalizer_state import InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.model.proposal import Cancellation, Proposal
+from esper.tamiyo.runtime import service as service_module
+from esper.tamiyo.runtime import worker as worker_module
+from esper.tamiyo.runtime.risk import RiskGates
+from esper.tamiyo.runtime.service import TamiyoService
+from esper.tamiyo.runtime.worker import DeadlineExceeded, InferenceWorker, WorkerSchedulingError
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.worker import DeadlineExceeded, InferenceWorker, WorkerSchedulingError
 from tests.tamiyo.packets import SECRET, SMALL, ScriptedPolicy, make_packet, settings, small_policy
 
 WAIT = Proposal(action=pb.POLICY_ACTION_WAIT)

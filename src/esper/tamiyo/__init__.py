@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 from esper.leyline.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from esper.tamiyo.heuristic import HeuristicPolicy
-    from esper.tamiyo.policy import GNNPolicy
-    from esper.tamiyo.service import TamiyoService
+    from esper.tamiyo.model.heuristic import HeuristicPolicy
+    from esper.tamiyo.model.policy import GNNPolicy
+    from esper.tamiyo.runtime.service import TamiyoService
 
 _EXPORTS = {
-    "HeuristicPolicy": "esper.tamiyo.heuristic",
-    "GNNPolicy": "esper.tamiyo.policy",
-    "TamiyoService": "esper.tamiyo.service",
+    "HeuristicPolicy": "esper.tamiyo.model.heuristic",
+    "GNNPolicy": "esper.tamiyo.model.policy",
+    "TamiyoService": "esper.tamiyo.runtime.service",
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 

@@ -28,28 +28,21 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from esper.leyline import pb
-from esper.tamiyo.gnn import (
+from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.checkpoint import CheckpointIncompatible, read_safetensors_header
+from esper.tamiyo.model.gnn import (
     ARCHITECTURE_VERSION,
     LEGACY_HEADER,
     POLICY_SIZES,
-    GNNOutput,
-    PlanError,
     TamiyoGNN,
     TamiyoGNNConfig,
     size_of,
 )
-from esper.tamiyo.graph import (
-    TAMIYO_SCHEMA,
-    BlueprintLookup,
-    GraphBuilder,
-    GraphSchema,
-    GraphSchemaError,
-    TamiyoGraph,
-    collate,
-)
-from esper.tamiyo.normalizer_state import NormalizerState, NormalizerStore
-from esper.tamiyo.payload import CheckpointIncompatible, read_safetensors_header
-from esper.tamiyo.proposal import (
+from esper.tamiyo.model.graph import TamiyoGraph, collate
+from esper.tamiyo.model.normalizer_state import NormalizerState, NormalizerStore
+from esper.tamiyo.model.outputs import GNNOutput
+from esper.tamiyo.model.plan import PlanError
+from esper.tamiyo.model.proposal import (
     ACTIONS,
     ALPHA_RAMP_STEPS,
     BLEND_MODES,
@@ -60,6 +53,7 @@ from esper.tamiyo.proposal import (
     PolicyInferenceError,
     Proposal,
 )
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA, BlueprintLookup, GraphSchema, GraphSchemaError
 from esper.tamiyo.settings import TamiyoSettings
 
 HEADS: tuple[str, ...] = ("action", "slot", "blueprint", "blend", "schedule", "lr")

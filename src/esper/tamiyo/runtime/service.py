@@ -20,11 +20,9 @@ from prometheus_client import CollectorRegistry
 
 from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, validate_packet
 from esper.oona import Bus
-from esper.tamiyo.commands import CommandBuildError, CommandFactory, blend_parameters
-from esper.tamiyo.field_reports import FieldReports
-from esper.tamiyo.graph import BlueprintLookup, GraphCoverage, NormalizerWriteError
-from esper.tamiyo.metadata import BlueprintMetadataCache
-from esper.tamiyo.proposal import (
+from esper.tamiyo.model.graph import GraphCoverage
+from esper.tamiyo.model.normalizer import NormalizerWriteError
+from esper.tamiyo.model.proposal import (
     CompileStatus,
     GraphPolicy,
     PlanStatus,
@@ -32,11 +30,14 @@ from esper.tamiyo.proposal import (
     PolicyInferenceError,
     Proposal,
 )
-from esper.tamiyo.risk import RiskContext, RiskDecision, RiskGates
-from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.store import TamiyoStore
-from esper.tamiyo.telemetry import BlendAnnotator, TamiyoTelemetry, TelemetrySink
-from esper.tamiyo.worker import (
+from esper.tamiyo.model.schema import BlueprintLookup
+from esper.tamiyo.records.field_reports import FieldReports
+from esper.tamiyo.records.store import TamiyoStore
+from esper.tamiyo.runtime.commands import CommandBuildError, CommandFactory, blend_parameters
+from esper.tamiyo.runtime.metadata import BlueprintMetadataCache
+from esper.tamiyo.runtime.risk import RiskContext, RiskDecision, RiskGates
+from esper.tamiyo.runtime.telemetry import BlendAnnotator, TamiyoTelemetry, TelemetrySink
+from esper.tamiyo.runtime.worker import (
     BackgroundJob,
     CancelToken,
     DeadlineExceeded,
@@ -47,6 +48,7 @@ from esper.tamiyo.worker import (
     WorkerSchedulingError,
     raise_priority,
 )
+from esper.tamiyo.settings import TamiyoSettings
 
 _log = logging.getLogger("esper.tamiyo")
 

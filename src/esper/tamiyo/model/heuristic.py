@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from esper.leyline import EsperError, pb, short_name
-from esper.tamiyo.budget import growth_over_budget, growth_parameter_cost, over_budget
-from esper.tamiyo.proposal import ALPHA_RAMP_STEPS, BLEND_MODES, Proposal
+from esper.tamiyo.model.budget import growth_over_budget, growth_parameter_cost, over_budget
+from esper.tamiyo.model.proposal import ALPHA_RAMP_STEPS, BLEND_MODES, Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
 VERSION = "heuristic-v2"

@@ -50,12 +50,12 @@ from esper.leyline import (
 )
 from esper.leyline.files import write_atomically
 from esper.oona import Bus, BusError, Delivery, GroupNotFound, Streams
-from esper.tamiyo.gnn import ARCHITECTURE_VERSION, TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA
-from esper.tamiyo.payload import CheckpointIncompatible, PolicyUpdateRejected, read_payload_header
-from esper.tamiyo.policy import HEADS, GNNPolicy
-from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, Policy
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.checkpoint import CheckpointIncompatible, PolicyUpdateRejected, read_payload_header
+from esper.tamiyo.model.gnn import ARCHITECTURE_VERSION, TamiyoGNNConfig
+from esper.tamiyo.model.policy import HEADS, GNNPolicy
+from esper.tamiyo.model.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, Policy
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA
+from esper.tamiyo.runtime.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
 
 # Keys of the JSON header a `PolicyUpdate` payload carries besides the architecture header of the policy.

@@ -55,7 +55,7 @@ from esper.leyline import (
     validate_field_report,
 )
 from esper.oona import Streams
-from esper.tamiyo.normalizer_state import NormalizerState
+from esper.tamiyo.model.normalizer_state import NormalizerState
 
 OutboxStatus = Literal["pending", "published", "dropped"]
 OutboxKind = Literal["field_report", "decision"]
@@ -64,7 +64,7 @@ STREAM_OF_KIND: dict[OutboxKind, str] = {"field_report": Streams.FIELD_REPORTS, 
 _NS_PER_DAY = 86_400 * 1_000_000_000
 M = TypeVar("M", bound=Message)
 StoreEventSink = Callable[[str, str, Mapping[str, str]], None]
-_log = logging.getLogger("esper.tamiyo.store")
+_log = logging.getLogger("esper.tamiyo.records.store")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from esper.leyline import Clock, EsperError, pb, short_name
 from esper.leyline.events import LOG_LEVELS, EventSpec
-from esper.tamiyo.graph import GraphCoverage
-from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.model.graph import GraphCoverage
+from esper.tamiyo.model.proposal import Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
 _log = logging.getLogger("esper.tamiyo")

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from esper.leyline import EsperError, pb
-from esper.tamiyo.normalizer_state import NormalizerState
+from esper.tamiyo.model.normalizer_state import NormalizerState
 
 if TYPE_CHECKING:
-    from esper.tamiyo.graph import GraphBuilder, TamiyoGraph
+    from esper.tamiyo.model.builder import GraphBuilder
+    from esper.tamiyo.model.graph import TamiyoGraph
 
 # The action head, in head order (index i has PolicyAction value i + 1).
 ACTIONS: tuple[int, ...] = (
