@@ -21,9 +21,10 @@ import torch
 import esper.tamiyo
 from esper.leyline import ConfigurationError, EsperError, SignatureVerifier, pb
 from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.checkpoint import CheckpointIncompatible
 from esper.tamiyo.model.gnn import TamiyoGNN, TamiyoGNNConfig
 from esper.tamiyo.model.normalizer_state import InMemoryNormalizerStore, NormalizerState
-from esper.tamiyo.model.policy import CheckpointIncompatible, GNNPolicy
+from esper.tamiyo.model.policy import GNNPolicy
 from esper.tamiyo.model.proposal import Proposal
 from esper.tamiyo.model.schema import TAMIYO_SCHEMA
 from esper.tamiyo.runtime.service import TamiyoService

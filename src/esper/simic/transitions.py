@@ -29,9 +29,9 @@ from esper.simic.reward import (
 )
 from esper.simic.settings import SimicSettings
 from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.distributions import RELEVANT_HEADS
 from esper.tamiyo.model.graph import TamiyoGraph
 from esper.tamiyo.model.normalizer_state import statistics_from_proto
-from esper.tamiyo.model.policy import RELEVANT_HEADS
 from esper.tamiyo.model.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES
 from esper.tamiyo.model.schema import GraphSchemaError
 

@@ -26,7 +26,6 @@ when the feed can be read again.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -52,33 +51,14 @@ from esper.leyline.files import write_atomically
 from esper.oona import Bus, BusError, Delivery, GroupNotFound, Streams
 from esper.tamiyo.model.checkpoint import CheckpointIncompatible, PolicyUpdateRejected, read_payload_header
 from esper.tamiyo.model.gnn import ARCHITECTURE_VERSION, TamiyoGNNConfig
-from esper.tamiyo.model.policy import HEADS, GNNPolicy
-from esper.tamiyo.model.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, Policy
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.proposal import Policy
 from esper.tamiyo.model.schema import TAMIYO_SCHEMA
+from esper.tamiyo.model.weights import policy_registry_digest
 from esper.tamiyo.runtime.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
 
-# Keys of the JSON header a `PolicyUpdate` payload carries besides the architecture header of the policy.
-LINEAGE_KEYS: tuple[str, ...] = ("tamiyo_policy_version", "parent_version", "sequence", "registry_digest")
-
 _log = logging.getLogger("esper.tamiyo")
-
-
-def policy_registry_digest(config: TamiyoGNNConfig) -> str:
-    """Digest of everything that gives the policy's outputs their meaning.
-
-    The graph schema (node types, features, relations) and the registries of the heads: actions, blend
-    modes, ramp lengths, lr factors. Weights trained against another registry would pick other things.
-    """
-    body = {
-        "schema": config.schema.digest,
-        "heads": list(HEADS),
-        "actions": list(ACTIONS),
-        "blend_modes": list(BLEND_MODES),
-        "alpha_ramp_steps": list(ALPHA_RAMP_STEPS),
-        "lr_factors": list(LR_FACTORS),
-    }
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class PolicyLineage(Protocol):
