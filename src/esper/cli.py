@@ -998,7 +998,9 @@ def _print_field_reports(run_dir: Path, outcome: str | None, status: str | None,
     from rich.table import Table
 
     from esper.leyline import ContractViolation, from_short_name, pb, short_name
-    from esper.tamiyo.records.store import OUTBOX_STATUSES, StoreError, TamiyoStore
+    from esper.tamiyo.records.errors import StoreError
+    from esper.tamiyo.records.schema import OUTBOX_STATUSES
+    from esper.tamiyo.records.store import TamiyoStore
 
     if status is not None and status not in OUTBOX_STATUSES:
         err_console.print(

@@ -13,7 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from esper.cli import app
-from esper.tamiyo.records.store import MIGRATIONS, SCHEMA_VERSION, StoreRecordsLost, TamiyoStore
+from esper.tamiyo.records.errors import StoreRecordsLost
+from esper.tamiyo.records.schema import MIGRATIONS, SCHEMA_VERSION
+from esper.tamiyo.records.store import TamiyoStore
 from tests.tamiyo.test_store import decision, insert_old_report, report, window
 
 PAGE = 4096
