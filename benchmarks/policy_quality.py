@@ -70,6 +70,16 @@ class WaitOnly:
         del packet
         return Proposal(action=pb.POLICY_ACTION_WAIT, reason="wait-only control")
 
+    def warm_up(self) -> None:
+        """Nothing to warm up."""
+
+    def state(self) -> dict[str, Any]:
+        """No state."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Nothing to restore."""
+
 
 def run_task(
     work: Path,

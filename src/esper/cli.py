@@ -28,10 +28,13 @@ from esper.leyline import (
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from esper.tamiyo.model.proposal import Policy
-    from esper.tamiyo.runtime.metadata import BlueprintMetadataCache
-    from esper.tamiyo.runtime.service import TamiyoService
-    from esper.tamiyo.runtime.updates import PolicyUpdateFeed, PolicyUpdateIntake
+    from esper.tamiyo import (
+        BlueprintMetadataCache,
+        Policy,
+        PolicyUpdateFeed,
+        PolicyUpdateIntake,
+        TamiyoService,
+    )
     from esper.tamiyo.settings import TamiyoSettings
     from esper.tolaria.controller import Controller
 
@@ -132,7 +135,7 @@ def _blueprint_metadata(
     import atexit
 
     from esper.oona import OonaSettings, open_bus
-    from esper.tamiyo.runtime.metadata import BlueprintMetadataCache
+    from esper.tamiyo import BlueprintMetadataCache
     from esper.urza import BlueprintCatalogue, BusChangePublisher, CatalogueChangeFeed, NotificationFailed
 
     settings = _settings()
@@ -340,8 +343,7 @@ def _load_gnn(checkpoint: Path, settings: TamiyoSettings, inputs: dict[str, Any]
     (truncated, say) is a ConfigurationError naming it, whatever the decoder raised."""
     from safetensors import SafetensorError
 
-    from esper.tamiyo import GNNPolicy
-    from esper.tamiyo.model.checkpoint import CheckpointIncompatible
+    from esper.tamiyo import CheckpointIncompatible, GNNPolicy
 
     try:
         return GNNPolicy.load(checkpoint, settings, **inputs)
@@ -359,7 +361,7 @@ class _TamiyoRunState:
 
     def __init__(self, run_dir: Path, settings: EsperSettings) -> None:
         from esper.oona import OonaSettings, open_bus
-        from esper.tamiyo.records.store import TamiyoStore
+        from esper.tamiyo import TamiyoStore
 
         self.store = TamiyoStore(run_dir / "tamiyo.sqlite3")
         try:
@@ -450,7 +452,7 @@ def _policy_intake(
 ) -> PolicyUpdateIntake:
     """P3 for a run: policy updates from the deployment's bus, polled between decisions (outside the
     deadline), swapped in with probation; accepted weights are archived in RUN_DIR/policies for --resume."""
-    from esper.tamiyo.runtime.updates import PolicyUpdateFeed, PolicyUpdateIntake
+    from esper.tamiyo import PolicyUpdateFeed, PolicyUpdateIntake
 
     if durable is None:
         return PolicyUpdateIntake(service, policy, secret, settings)
@@ -470,7 +472,7 @@ def _policy_intake(
 
 def _hint_for_deadline_misses(exc: EsperError) -> None:
     """Tell the operator which knobs apply when a run ended on missed decision deadlines."""
-    from esper.tamiyo.runtime.worker import DeadlineExceeded
+    from esper.tamiyo import DeadlineExceeded
 
     if isinstance(getattr(exc, "last_error", None), DeadlineExceeded):
         err_console.print(
@@ -998,9 +1000,7 @@ def _print_field_reports(run_dir: Path, outcome: str | None, status: str | None,
     from rich.table import Table
 
     from esper.leyline import ContractViolation, from_short_name, pb, short_name
-    from esper.tamiyo.records.errors import StoreError
-    from esper.tamiyo.records.schema import OUTBOX_STATUSES
-    from esper.tamiyo.records.store import TamiyoStore
+    from esper.tamiyo import OUTBOX_STATUSES, StoreError, TamiyoStore
 
     if status is not None and status not in OUTBOX_STATUSES:
         err_console.print(
@@ -1393,7 +1393,7 @@ def policy_show(
     from rich.table import Table
 
     from esper.simic.state import SimicState
-    from esper.tamiyo.model.checkpoint import PolicyUpdateRejected, read_payload_header
+    from esper.tamiyo import PolicyUpdateRejected, read_payload_header
 
     root = state_dir or _settings().data_dir / "simic"
     if not root.is_dir():

@@ -94,7 +94,7 @@ def test_train_decide_report_learn_swap_and_train_again(tmp_path: Path) -> None:
             host=host,
             manager=manager,
             controller=BoundController(
-                decide=intake.evaluate_step, save=intake.export_state, load=intake.restore_state
+                decide=service.evaluate_step, save=service.export_state, load=service.restore_state
             ),
             blueprint_ids=catalogue.ids_for("mlp"),
             run_dir=RunDirectory(cfg.run_dir),

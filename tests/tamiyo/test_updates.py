@@ -79,7 +79,7 @@ class Rig:
         return update
 
     def decide(self) -> pb.AdaptationCommand:
-        return self.intake.evaluate_step(PROBE)
+        return self.service.evaluate_step(PROBE)  # the one front door: it consults the intake
 
     def event_names(self) -> list[str]:
         self.service.telemetry.flush()

@@ -480,6 +480,10 @@ class HeuristicPolicy:
 
     # --- checkpointing -----------------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """Rules have nothing to compile or warm up."""
+        return None
+
     def state(self) -> dict[str, Any]:
         """JSON-ready state, enough for `restore` to continue exactly where this policy is."""
         return {
@@ -568,6 +572,10 @@ class WaitOnlyPolicy:
         """WAIT, whatever the packet says."""
         del packet
         return Proposal(action=pb.POLICY_ACTION_WAIT, reason="wait: the no-growth control never grows")
+
+    def warm_up(self) -> None:
+        """Rules have nothing to compile or warm up."""
+        return None
 
     def state(self) -> dict[str, Any]:
         """The control has no state beyond its version."""

@@ -121,6 +121,11 @@ class GNNPolicy:
         return self._config
 
     @property
+    def size(self) -> str:
+        """The network's named size (`POLICY_SIZES`), or "custom"."""
+        return self._config.size
+
+    @property
     def compile_status(self) -> CompileStatus:
         """Compiled or eager, and why."""
         return self._compile

@@ -91,10 +91,11 @@ Candidate = Callable[[Policy], GNNPolicy]
 
 
 class PolicyUpdateIntake:
-    """Receives policy updates for one `TamiyoService` and swaps them in transactionally (P3).
+    """Policy updates for one `TamiyoService`, swapped in transactionally (P3).
 
-    Use `evaluate_step` as the controller's entry point: it polls the feed (between decisions, outside
-    the decision's deadline), decides with the service, and keeps the probation of a fresh policy.
+    An input of the service, whatever its policy: constructing an intake attaches it (`consult`), and the
+    service polls it before each decision (outside the decision's deadline) and reports each outcome to it
+    (the probation of a fresh policy). The service is the controller; this is not a second front door.
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class PolicyUpdateIntake:
             registry=registry,
         )
         self._feed_outage = ""  # why the feed cannot be read, while it cannot (announced once)
+        service.consult(self)  # the service polls this intake between its decisions
 
     @property
     def policy(self) -> Policy:
@@ -381,57 +383,35 @@ class PolicyUpdateIntake:
             serving=self.serving.version,
         )
 
+    def between_decisions(self) -> bool:
+        """Poll the feed (the service calls it before each decision): True when a new policy was swapped
+        in."""
+        return any(isinstance(outcome, ServingPolicy) for outcome in self.poll())
+
+    # `cli.py` still binds these; the service is the controller, whatever the policy.
     def prepare(self, packet: pb.SystemStatePacket) -> None:
-        """The service's warm-up on `packet` (see `TamiyoService.prepare`)."""
+        """`TamiyoService.prepare`."""
         self._service.prepare(packet)
 
     def anticipate(self) -> None:
-        """The service's warm-up ahead of the next decision (see `TamiyoService.anticipate`)."""
+        """`TamiyoService.anticipate`."""
         self._service.anticipate()
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
-        """Poll for updates, then decide with the service; a policy that fails its probation is rolled
-        back (the failed decision's error still reaches the caller). A policy swapped in by the poll is
-        first warmed up on this packet, outside the deadline (a failed warm-up counts against it)."""
-        swapped = any(isinstance(outcome, ServingPolicy) for outcome in self.poll())
-        try:
-            if swapped:
-                self._service.prepare(packet)
-            command = self._service.evaluate_step(packet)
-        except (ContractViolation, MalformedMessage):
-            raise  # the packet's fault, not the policy's
-        except Exception as exc:
-            self._judge(f"{type(exc).__name__}: {exc}")
-            raise
-        self._judge("")
-        return command
+        """`TamiyoService.evaluate_step` (which consults this intake)."""
+        return self._service.evaluate_step(packet)
 
     def submit(self, packet: pb.SystemStatePacket) -> None:
-        """Poll for updates, then start the service's decision for `packet` (see `TamiyoService.submit`);
-        a policy swapped in by the poll is first warmed up on this packet, outside the budget."""
-        swapped = any(isinstance(outcome, ServingPolicy) for outcome in self.poll())
-        try:
-            if swapped:
-                self._service.prepare(packet)
-            self._service.submit(packet)
-        except (ContractViolation, MalformedMessage):
-            raise  # the packet's fault, not the policy's
-        except Exception as exc:
-            self._judge(f"{type(exc).__name__}: {exc}")
-            raise
+        """`TamiyoService.submit` (which consults this intake)."""
+        self._service.submit(packet)
 
     def collect(self) -> pb.AdaptationCommand:
-        """The command of the decision `submit` started (see `TamiyoService.collect`); a policy that fails
-        its probation is rolled back (the failed decision's error still reaches the caller)."""
-        try:
-            command = self._service.collect()
-        except Exception as exc:
-            self._judge(f"{type(exc).__name__}: {exc}")
-            raise
-        self._judge("")
-        return command
+        """`TamiyoService.collect` (which consults this intake)."""
+        return self._service.collect()
 
-    def _judge(self, failure: str) -> None:
+    def judge(self, failure: str) -> None:
+        """One decision's outcome ("" for a success): a policy on probation that failed too often is rolled
+        back."""
         probation = self._probation
         if probation is None:
             return
@@ -490,9 +470,8 @@ class PolicyUpdateIntake:
 
     def export_state(self) -> dict[str, Any]:
         """The serving policy's run state plus the lineage (saved with the trainer's checkpoints)."""
-        state = getattr(self._policy, "state", None)
         return {
-            "policy": state() if callable(state) else {},
+            "policy": self._policy.state(),
             "serving": {
                 "version": self.serving.version,
                 "sequence": self.serving.sequence,
@@ -535,9 +514,8 @@ class PolicyUpdateIntake:
         self._watermark = max(self._watermark, int(state["watermark"]))
         self._probation = None
         self.sequence_gauge.set(self.serving.sequence)
-        restore = getattr(self._policy, "restore", None)
-        if callable(restore) and state.get("policy"):
-            restore(dict(state["policy"]))
+        if state.get("policy"):
+            self._policy.restore(dict(state["policy"]))
 
 
 @dataclass(frozen=True)
