@@ -27,7 +27,8 @@ from esper.simic.trainer import RoundResult, SimicTrainer, bus_publisher, offlin
 from esper.tamiyo.model.policy import GNNPolicy
 from esper.tamiyo.records.store import TamiyoStore
 from esper.tamiyo.runtime.service import TamiyoService
-from esper.tamiyo.runtime.updates import PolicyUpdateFeed, PolicyUpdateIntake
+from esper.tamiyo.runtime.update_feed import PolicyUpdateFeed
+from esper.tamiyo.runtime.updates import PolicyUpdateIntake
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController
 from esper.tolaria.hosts import build_host

@@ -30,7 +30,8 @@ from esper.tamiyo.model.builder import GraphBuilder
 from esper.tamiyo.model.policy import GNNPolicy
 from esper.tamiyo.model.schema import TAMIYO_SCHEMA
 from esper.tamiyo.runtime.service import TamiyoService
-from esper.tamiyo.runtime.updates import PolicyUpdateFeed, PolicyUpdateIntake
+from esper.tamiyo.runtime.update_feed import PolicyUpdateFeed
+from esper.tamiyo.runtime.updates import PolicyUpdateIntake
 from tests.simic.support import gnn_records, heuristic_records, packet_at
 from tests.tamiyo.packets import SECRET, SMALL, settings, small_policy
 

@@ -20,12 +20,8 @@ from esper.tamiyo.model.policy import GNNPolicy
 from esper.tamiyo.model.proposal import PolicyInferenceError
 from esper.tamiyo.model.schema import TAMIYO_SCHEMA
 from esper.tamiyo.runtime.service import TamiyoService
-from esper.tamiyo.runtime.updates import (
-    PolicyUpdateFeed,
-    PolicyUpdateIntake,
-    PolicyUpdateRejected,
-    read_payload_header,
-)
+from esper.tamiyo.runtime.update_feed import PolicyUpdateFeed
+from esper.tamiyo.runtime.updates import PolicyUpdateIntake, PolicyUpdateRejected, read_payload_header
 from esper.tamiyo.runtime.worker import DeadlineExceeded
 from tests.tamiyo.packets import SECRET, SMALL, make_packet, settings, small_policy
 

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from esper.tamiyo.records.store import TamiyoStore
     from esper.tamiyo.runtime.metadata import BlueprintMetadataCache
     from esper.tamiyo.runtime.service import TamiyoService
-    from esper.tamiyo.runtime.updates import PolicyUpdateFeed, PolicyUpdateIntake
+    from esper.tamiyo.runtime.update_feed import PolicyUpdateFeed
+    from esper.tamiyo.runtime.updates import PolicyUpdateIntake
     from esper.tamiyo.runtime.worker import DeadlineExceeded
 
 _EXPORTS = {
@@ -39,7 +40,7 @@ _EXPORTS = {
     "HeuristicPolicy": "esper.tamiyo.model.heuristic",
     "OUTBOX_STATUSES": "esper.tamiyo.records.schema",
     "Policy": "esper.tamiyo.model.proposal",
-    "PolicyUpdateFeed": "esper.tamiyo.runtime.updates",
+    "PolicyUpdateFeed": "esper.tamiyo.runtime.update_feed",
     "PolicyUpdateIntake": "esper.tamiyo.runtime.updates",
     "PolicyUpdateRejected": "esper.tamiyo.model.checkpoint",
     "StoreError": "esper.tamiyo.records.errors",

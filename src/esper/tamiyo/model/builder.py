@@ -1,3 +1,4 @@
+# Over 500 lines: one builder, whose steps share the cached topology and the normaliser.
 """The graph builder: a `SystemStatePacket` becomes a `TamiyoGraph` under `TAMIYO_SCHEMA`.
 
 A packet that does not fit is refused: a slot on an unknown layer, a seed on an unknown slot, a duplicate

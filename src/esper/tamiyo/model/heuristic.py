@@ -1,3 +1,4 @@
+# Over 500 lines: one policy, the rules of the growth lifecycle, which read one shared state.
 """The heuristic policy: the baseline Tamiyo runs until a trained GNN checkpoint exists.
 
 Rules, in order of precedence (one decision per packet):

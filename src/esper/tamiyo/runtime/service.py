@@ -1,3 +1,4 @@
+# Over 500 lines: one class, the decision path, whose steps share one worker, one budget and one telemetry.
 """TamiyoService: routes one packet through the components and returns one signed command.
 
 validate -> graph (for a graph policy) -> policy on the inference worker, under the step deadline ->

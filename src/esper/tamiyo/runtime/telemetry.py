@@ -1,3 +1,4 @@
+# Over 500 lines: the event table and the one telemetry class that every Tamiyo event goes through.
 """Tamiyo's telemetry (P5): one table of events, Prometheus metrics, health, blend annotations (P8).
 
 `EVENTS` is the only place an event's level and priority are decided. Events are `pb.TelemetryEvent`s,
