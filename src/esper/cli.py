@@ -30,11 +30,14 @@ from esper.leyline import (
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from esper.tamiyo.metadata import BlueprintMetadataCache
-    from esper.tamiyo.proposal import Policy
-    from esper.tamiyo.service import TamiyoService
+    from esper.tamiyo import (
+        BlueprintMetadataCache,
+        Policy,
+        PolicyUpdateFeed,
+        PolicyUpdateIntake,
+        TamiyoService,
+    )
     from esper.tamiyo.settings import TamiyoSettings
-    from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
     from esper.tolaria.controller import Controller
 
 app = typer.Typer(
@@ -149,7 +152,7 @@ def _blueprint_metadata(
     import atexit
 
     from esper.oona import OonaSettings, open_bus
-    from esper.tamiyo.metadata import BlueprintMetadataCache
+    from esper.tamiyo import BlueprintMetadataCache
     from esper.urza import BlueprintCatalogue, BusChangePublisher, CatalogueChangeFeed, NotificationFailed
 
     settings = _settings()
@@ -357,8 +360,7 @@ def _load_gnn(checkpoint: Path, settings: TamiyoSettings, inputs: dict[str, Any]
     (truncated, say) is a ConfigurationError naming it, whatever the decoder raised."""
     from safetensors import SafetensorError
 
-    from esper.tamiyo import GNNPolicy
-    from esper.tamiyo.payload import CheckpointIncompatible
+    from esper.tamiyo import CheckpointIncompatible, GNNPolicy
 
     try:
         return GNNPolicy.load(checkpoint, settings, **inputs)
@@ -376,7 +378,7 @@ class _TamiyoRunState:
 
     def __init__(self, run_dir: Path, settings: EsperSettings) -> None:
         from esper.oona import OonaSettings, open_bus
-        from esper.tamiyo.store import TamiyoStore
+        from esper.tamiyo import TamiyoStore
 
         self.store = TamiyoStore(run_dir / "tamiyo.sqlite3")
         try:
@@ -467,7 +469,7 @@ def _policy_intake(
 ) -> PolicyUpdateIntake:
     """P3 for a run: policy updates from the deployment's bus, polled between decisions (outside the
     deadline), swapped in with probation; accepted weights are archived in RUN_DIR/policies for --resume."""
-    from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
+    from esper.tamiyo import PolicyUpdateFeed, PolicyUpdateIntake
 
     if durable is None:
         return PolicyUpdateIntake(service, policy, secret, settings)
@@ -487,7 +489,7 @@ def _policy_intake(
 
 def _hint_for_deadline_misses(exc: EsperError) -> None:
     """Tell the operator which knobs apply when a run ended on missed decision deadlines."""
-    from esper.tamiyo.worker import DeadlineExceeded
+    from esper.tamiyo import DeadlineExceeded
 
     if isinstance(getattr(exc, "last_error", None), DeadlineExceeded):
         err_console.print(
@@ -1016,7 +1018,7 @@ def _print_field_reports(run_dir: Path, outcome: str | None, status: str | None,
     from rich.table import Table
 
     from esper.leyline import ContractViolation, from_short_name, pb, short_name
-    from esper.tamiyo.store import OUTBOX_STATUSES, StoreError, TamiyoStore
+    from esper.tamiyo import OUTBOX_STATUSES, StoreError, TamiyoStore
 
     if status is not None and status not in OUTBOX_STATUSES:
         err_console.print(
@@ -1409,7 +1411,7 @@ def policy_show(
     from rich.table import Table
 
     from esper.simic.state import SimicState
-    from esper.tamiyo.payload import PolicyUpdateRejected, read_payload_header
+    from esper.tamiyo import PolicyUpdateRejected, read_payload_header
 
     root = state_dir or _settings().data_dir / "simic"
     if not root.is_dir():
