@@ -189,9 +189,18 @@ class NoConsumer(nn.Module):
         return out
 
 
+class SameNames(CustomForward):
+    """Two marked points given one name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after_fc2 = GrowthPoint("hidden")
+
+
 @pytest.mark.parametrize(
     ("model", "example", "point", "reason"),
     [
+        (SameNames, lambda: torch.randn(5, 10), "hidden", "another growth point has the same name"),
         (NormalisedBetween, lambda: torch.randn(5, 6), "after_norm", "something\\s+else happens between"),
         (GroupedProducer, lambda: torch.randn(5, 4, 7), "grouped", "'conv1' cannot be widened: .*grouped"),
         (NoConsumer, lambda: torch.randn(5, 4), "last", "no Linear/Conv layer runs after it"),

@@ -410,7 +410,10 @@ def _check_points(model: nn.Module, example: Any) -> list[PointSite]:
         seen[module_name] = index
         sites.append(_resolve_point(point_id, index, calls, module))
     producers = [s.producer for s in sites]
+    ids = [s.point_id for s in sites]
     for site in sites:
+        if ids.count(site.point_id) > 1:
+            raise GrowthPointError(site.point_id, "another growth point has the same name")
         if producers.count(site.producer) > 1:
             raise GrowthPointError(site.point_id, f"another point also follows layer {site.producer!r}")
     return sites
