@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 import esper
+from esper import cli_export
 from esper.cli_observe import print_table, write_exports
 from esper.cli_observe import register as register_observing
 from esper.leyline import (
@@ -58,6 +59,7 @@ blueprints_app = typer.Typer(
 )
 app.add_typer(blueprints_app, name="blueprints")
 register_observing(app)  # runs, sql, compare, watch, tensorboard, dashboard; -h
+cli_export.register(app)
 
 console = Console()
 err_console = Console(stderr=True)
