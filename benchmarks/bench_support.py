@@ -17,7 +17,7 @@ from esper.assembly import RunAssembly, RunInputs, RunSettings
 from esper.kasmina import KasminaSettings
 from esper.leyline import load_settings
 from esper.tamiyo import HeuristicPolicy, TamiyoService
-from esper.tamiyo.heuristic import WaitOnlyPolicy
+from esper.tamiyo.model.heuristic import WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController
 from esper.tolaria.data import Dataset

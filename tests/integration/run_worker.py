@@ -56,12 +56,14 @@ def assembled_run(
     resume: bool = False,
     bus_dir: Path | None = None,
     close: Callable[[], None] | None = None,
+    secret: bytes = SECRET,
 ) -> RunSummary:
     """Train `run_config` under `chosen` through the run assembly: isolated, or on the embedded bus in
-    `bus_dir` (obeying its emergency HALTs). `close` is run with the assembly's other clean-ups."""
+    `bus_dir` (obeying its emergency HALTs). `close` is run with the assembly's other clean-ups; `secret`
+    verifies the controller's commands."""
     settings = run_settings(bus_dir or run_config.run_dir.parent)
     with RunAssembly(
-        settings, run_config, secret=SECRET, controller=chosen, resume=resume, deployment=bus_dir is not None
+        settings, run_config, secret=secret, controller=chosen, resume=resume, deployment=bus_dir is not None
     ) as run:
         if close is not None:
             run.defer("close the controller", close)

@@ -25,7 +25,7 @@ from esper.leyline import pb
 from esper.oona import Bus, Streams
 from esper.simic.settings import SimicSettings
 from esper.simic.trainer import RoundResult, SimicTrainer, bus_publisher, offline_records
-from esper.tamiyo.policy import GNNPolicy
+from esper.tamiyo import GNNPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.trainer import EpochReport
 from tests.integration.run_worker import SECRET, config, run_settings

@@ -20,7 +20,7 @@ from esper.leyline.sqlite import (
     transaction,
 )
 from esper.oona import EmbeddedBus, OonaSettings
-from esper.tamiyo.store import TamiyoStore
+from esper.tamiyo import TamiyoStore
 from esper.urza import BlueprintCatalogue
 
 

@@ -13,7 +13,7 @@ from esper.assembly import run_directory
 from esper.kasmina import KasminaSettings, SeedManager
 from esper.leyline import SYSTEM_CLOCK, SignatureVerifier, load_settings, pb, sign
 from esper.nissa.layout import RunLayout
-from esper.tamiyo.commands import CommandFactory
+from esper.tamiyo.runtime.commands import CommandFactory
 from esper.tolaria.data import Dataset, make_task
 from esper.tolaria.hosts import build_host
 from esper.tolaria.settings import TolariaSettings

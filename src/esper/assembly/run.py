@@ -62,9 +62,7 @@ from esper.urza import BlueprintCatalogue
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from esper.tamiyo.metadata import BlueprintMetadataCache
-    from esper.tamiyo.proposal import Policy
-    from esper.tamiyo.store import TamiyoStore
+    from esper.tamiyo import BlueprintMetadataCache, Policy, TamiyoStore
 
 logger = logging.getLogger("esper.assembly")
 
@@ -193,7 +191,7 @@ class RunAssembly:
         settings, cleanup = self.settings, self._cleanup
         self.metadata = metadata_cache(catalogue, settings.tamiyo, self.bus, cleanup)
         if self.bus is not None:
-            from esper.tamiyo.store import TamiyoStore
+            from esper.tamiyo import TamiyoStore
 
             store = TamiyoStore(self.layout.tamiyo_store)
             self.store = store

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from esper.leyline import CleanupStack, ConfigurationError, pb
 from esper.oona import Bus, TelemetryPublisher
-from esper.tamiyo.metadata import BlueprintMetadataCache
+from esper.tamiyo import BlueprintMetadataCache
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController
 from esper.urza import BlueprintCatalogue, BusChangePublisher, CatalogueChangeFeed, NotificationFailed
@@ -20,9 +20,7 @@ from esper.urza import BlueprintCatalogue, BusChangePublisher, CatalogueChangeFe
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from esper.tamiyo.proposal import Policy
-    from esper.tamiyo.service import TamiyoService
-    from esper.tamiyo.store import TamiyoStore
+    from esper.tamiyo import Policy, TamiyoService, TamiyoStore
 
 logger = logging.getLogger("esper.assembly")
 
@@ -88,8 +86,7 @@ def _load_gnn(checkpoint: Path, settings: TamiyoSettings, inputs: dict[str, Any]
     (truncated, say) is a ConfigurationError naming it, whatever the decoder raised."""
     from safetensors import SafetensorError
 
-    from esper.tamiyo import GNNPolicy
-    from esper.tamiyo.payload import CheckpointIncompatible
+    from esper.tamiyo import CheckpointIncompatible, GNNPolicy
 
     try:
         return GNNPolicy.load(checkpoint, settings, **inputs)
@@ -157,15 +154,15 @@ def build_tamiyo(
     if not _is_gnn(policy):
         controller = BoundController(
             decide=service.evaluate_step,
-            save=policy.state,  # type: ignore[attr-defined]
-            load=policy.restore,  # type: ignore[attr-defined]
+            save=policy.state,
+            load=policy.restore,
             start=service.submit,
             finish=service.collect,
             release=service.checkpointed,
             rewind=service.rewound,
         )
         return TamiyoParts(service, controller, None)
-    from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
+    from esper.tamiyo import PolicyUpdateFeed, PolicyUpdateIntake
 
     feed = None
     if durable:
@@ -198,7 +195,7 @@ def build_tamiyo(
 def _is_gnn(policy: Policy) -> bool:
     """Whether `policy` is the GNN (which takes signed weight updates), without importing PyTorch
     Geometric for a heuristic run: a GNN exists only once its module was imported."""
-    module = sys.modules.get("esper.tamiyo.policy")
+    module = sys.modules.get("esper.tamiyo.model.policy")
     return module is not None and isinstance(policy, module.GNNPolicy)
 
 

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 
 import esper
+from esper import cli_export
+from esper.cli_observe import register as register_observing
 from esper.leyline import (
     ConfigurationError,
     EsperSettings,
@@ -20,7 +22,6 @@ from esper.leyline import (
 
 app = typer.Typer(
     name="esper",
-    help="Esper grows neural networks while they train.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -36,6 +37,8 @@ blueprints_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(blueprints_app, name="blueprints")
+register_observing(app)  # runs, sql, compare, watch, tensorboard, dashboard; -h
+cli_export.register(app)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -85,13 +88,28 @@ def _run_log(path: Path) -> Callable[[], None]:
     return undo
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"esper {esper.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show internal events and logs on the terminal.")
     ] = False,
+    _version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+    ] = False,
 ) -> None:
-    """Esper grows neural networks while they train."""
+    """Esper grows neural networks while they train.
+
+    Exit status of every command: 0 done; 1 failed; 2 bad input or configuration; 3 run halted.
+
+    Errors go to stderr as "<what failed>: <why>"; a halted run says how to resume it.
+    """
     _Verbosity.verbose = verbose
     _terminal_log(logging.INFO if verbose else logging.WARNING)
 

@@ -16,6 +16,7 @@ from esper.cli.common import (
     err_console,
     policy_app,
 )
+from esper.cli_observe import print_table
 from esper.leyline import (
     ConfigurationError,
     load_settings,
@@ -64,7 +65,7 @@ def _print_field_reports(run_dir: Path, outcome: str | None, status: str | None,
 
     from esper.leyline import ContractViolation, from_short_name, short_name
     from esper.nissa.layout import RunLayout
-    from esper.tamiyo.store import OUTBOX_STATUSES, StoreError, TamiyoStore
+    from esper.tamiyo import OUTBOX_STATUSES, StoreError, TamiyoStore
 
     if status is not None and status not in OUTBOX_STATUSES:
         err_console.print(
@@ -117,7 +118,7 @@ def _print_field_reports(run_dir: Path, outcome: str | None, status: str | None,
             str(report.observation_window_epochs),
             s.status if s.status != "dropped" else f"dropped: {s.last_error}",
         )
-    console.print(table)
+    print_table(table)
 
 
 @blueprints_app.callback(invoke_without_command=True)
@@ -177,7 +178,7 @@ def blueprints(
             f"yes: {entry['quarantine_reason']}" if entry["quarantine"] else "no",
             str(entry["description"]),
         )
-    console.print(table)
+    print_table(table)
 
 
 def _change_catalogue(verb: str, blueprint_id: str, reason: str | None) -> None:
@@ -278,7 +279,7 @@ def bus_stats(
                 pending,
                 str(s.dead_letters) if first else "",
             )
-    console.print(table)
+    print_table(table)
 
 
 @policy_app.command("show")
@@ -293,7 +294,7 @@ def policy_show(
 
     from esper.nissa.layout import DataLayout
     from esper.simic.state import SimicState
-    from esper.tamiyo.payload import PolicyUpdateRejected, read_payload_header
+    from esper.tamiyo import PolicyUpdateRejected, read_payload_header
 
     root = state_dir or DataLayout(_settings().data_dir).simic
     if not root.is_dir():
@@ -339,7 +340,7 @@ def policy_show(
             figure(metrics.get("validation.action_kl")),
             figure(held_out),
         )
-    console.print(table)
+    print_table(table)
     refused = [r for r in rounds if not r["published"]]
     if refused:
         last = refused[-1]

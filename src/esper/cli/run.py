@@ -16,6 +16,7 @@ from esper.cli.common import (
     err_console,
     warn,
 )
+from esper.cli_observe import write_exports
 from esper.leyline import (
     CleanupFailed,
     ConfigurationError,
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 def _hint_for_deadline_misses(exc: EsperError) -> None:
     """Tell the operator which knobs apply when a run ended on missed decision deadlines."""
-    from esper.tamiyo.worker import DeadlineExceeded
+    from esper.tamiyo import DeadlineExceeded
 
     if isinstance(getattr(exc, "last_error", None), DeadlineExceeded):
         err_console.print(
@@ -226,6 +227,7 @@ def run(
         except ReportError as exc:
             err_console.print(f"[bold red]the run finished but its report failed[/]: {exc}")
             raise typer.Exit(1) from exc
+        write_exports(config.run_dir)  # TensorBoard event files and metrics.csv
     if summary.halt is not None:
         err_console.print(
             f"[bold red]run halted[/] at step {summary.steps} by an emergency signal from "

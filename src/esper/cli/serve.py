@@ -14,6 +14,7 @@ from esper.cli.common import (
     console,
     err_console,
 )
+from esper.cli_observe import print_table
 from esper.leyline import (
     ConfigurationError,
     EsperError,
@@ -181,4 +182,4 @@ def _print_health(path: Path, as_json: bool) -> None:
             shown("last_change"),
             reason,
         )
-    console.print(table)
+    print_table(table)

@@ -11,6 +11,7 @@ from esper.cli.common import (
     console,
     err_console,
 )
+from esper.cli_observe import print_table
 from esper.leyline import (
     ConfigurationError,
     EsperSettings,
@@ -94,7 +95,7 @@ def settings_command(
             shown = "(set)" if "secret" in name and value is not None else _setting_text(value)
             style = "bold" if shown != default else ""
             table.add_row(variable, f"[{style}]{shown}[/]" if style else shown, default, description)
-    console.print(table)
+    print_table(table)
 
 
 def _setting_text(value: object) -> str:

@@ -82,6 +82,16 @@ class RunLayout:
         return self.root / "esper.log"
 
     @property
+    def metrics_csv(self) -> Path:
+        """The metrics as CSV, for spreadsheets."""
+        return self.root / "metrics.csv"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files of the run."""
+        return self.root / "tensorboard"
+
+    @property
     def report(self) -> Path:
         """The rendered report (markdown and plots)."""
         return self.root / "report"
