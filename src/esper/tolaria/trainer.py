@@ -208,6 +208,7 @@ class Trainer:
         # host's structure: a command applied, a seed or growth event, parameters added, retired or
         # merged, a restore. Building it asks every layer for its growth sites.
         self._topology: tuple[pb.HostTopology, bytes] | None = None
+        self._counts: tuple[int, int] | None = None  # parameters (all, the host's own), kept as long too
         # False until `host.train()` has run since the last command, parameter change or restore: new
         # modules and a restored host are put in training mode once, not on every step.
         self._host_in_training = False
@@ -644,9 +645,18 @@ class Trainer:
             self._topology = (topology, topology.SerializeToString(deterministic=True))
         return self._topology
 
+    def _parameter_counts(self) -> tuple[int, int]:
+        """Parameters of the model now (host and seeds) and of the host's own layers (counted again only
+        after a change: counting walks every parameter)."""
+        if self._counts is None:
+            self._counts = (self.host.parameter_count(), self.host.host_parameter_count())
+        return self._counts
+
     def _host_changed(self) -> None:
-        """The host's structure or modules may have changed: topology and training mode are renewed."""
+        """The host's structure or modules may have changed: topology, parameter counts and training mode
+        are renewed."""
         self._topology = None
+        self._counts = None
         self._host_in_training = False
 
     def _apply_parameter_changes(self) -> None:
@@ -691,8 +701,8 @@ class Trainer:
     def _training_metrics(self, training_loss: float) -> dict[str, float]:
         return {
             "lr": self.optimizer.lr,
-            "param_count": float(self.host.parameter_count()),
-            "host_param_count": float(self.host.host_parameter_count()),
+            "param_count": float(self._parameter_counts()[0]),
+            "host_param_count": float(self._parameter_counts()[1]),
             "seed_param_count": float(self.manager.seed_parameter_count()),
             "train_loss": training_loss,
             "loss_ema": self.loss_ema if self.loss_ema is not None else training_loss,
@@ -716,7 +726,7 @@ class Trainer:
             "validation_loss": evaluation.loss,
             "training_loss": training_loss,
             "lr": self.optimizer.lr,
-            "parameters": self.host.parameter_count(),
+            "parameters": self._parameter_counts()[0],
             "stages": stages,
             "alphas": {slot_id: self.manager.alpha(slot_id) for slot_id in self.manager.slot_ids},
             "contributions": {
@@ -735,7 +745,7 @@ class Trainer:
             step=self.step,
             validation_accuracy=evaluation.accuracy,
             validation_loss=evaluation.loss,
-            parameters=self.host.parameter_count(),
+            parameters=self._parameter_counts()[0],
             active_seeds=len(self.manager.live_seed_ids()),
             fossilized_seeds=fossilized,
         )
