@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench_support import SECRET, build_trainer, reinitialised
+from bench_support import bound_controller, build_trainer, reinitialised
 from esper.leyline import load_settings
-from esper.tamiyo import HeuristicPolicy, TamiyoService
+from esper.tamiyo import HeuristicPolicy
 from esper.tamiyo.heuristic import WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController, Controller
@@ -106,16 +106,7 @@ def controller(policy: str) -> BoundController:
     as `esper run` binds it: decisions submitted, then collected `decision_lag_steps` later."""
     settings = load_settings(TamiyoSettings, environ={})
     chosen = HeuristicPolicy(settings) if policy == "heuristic" else WaitOnlyPolicy()
-    service = TamiyoService(settings, chosen, SECRET)
-    return BoundController(
-        decide=service.evaluate_step,
-        save=chosen.state,
-        load=chosen.restore,
-        start=service.submit,
-        finish=service.collect,
-        release=service.checkpointed,
-        rewind=service.rewound,
-    )
+    return bound_controller(chosen, pipelined=True)
 
 
 class TimedController:
