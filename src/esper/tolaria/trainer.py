@@ -9,8 +9,9 @@ decision not back in time is a deadline miss: no command, a CRITICAL event, coun
 them (`max_consecutive_misses`) stops the run. A command that a change of its slot or of the host's
 topology made stale before it could be applied is dropped with an event. No checkpoint is taken with a
 decision in flight, and a HALT waits for the decision in flight.
-Checkpoints (atomic, written beside training): at the start, after every structural change (parameters
-added, merged or retired), every `checkpoint_interval_s` seconds of training, and at the end; optionally
+Checkpoints (atomic, written beside training): at the start, after every structural change (a seed or
+growth germinated, fossilised or culled, parameters added, merged or retired), every
+`checkpoint_interval_s` seconds of training, and at the end; optionally
 every `checkpoint_every_epochs` epochs. The first two kinds wait for the first step with no decision in
 flight, so when they are taken never changes what the run does; the end (and an epoch's checkpoint)
 collects the decision in flight first, at a step an uninterrupted run and a resumed one share.
