@@ -16,7 +16,7 @@ from torch import nn
 from esper.kasmina import KasminaSettings, SeedManager
 from esper.leyline import SignatureVerifier, load_settings
 from esper.tamiyo import HeuristicPolicy, TamiyoService
-from esper.tamiyo.heuristic import WaitOnlyPolicy
+from esper.tamiyo.model.heuristic import WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController
 from esper.tolaria.data import Dataset

@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from esper.leyline import load_settings, pb
 from esper.tamiyo import HeuristicPolicy
-from esper.tamiyo.heuristic import HeuristicSettings, WaitOnlyPolicy
+from esper.tamiyo.model.heuristic import HeuristicSettings, WaitOnlyPolicy
 from esper.tolaria.data import Dataset
 from esper.tolaria.hosts import Host, build_host
 from esper.tolaria.run import load_task

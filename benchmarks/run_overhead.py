@@ -43,7 +43,7 @@ from torch import nn
 from bench_support import bound_controller, build_trainer, reinitialised
 from esper.leyline import load_settings
 from esper.tamiyo import HeuristicPolicy
-from esper.tamiyo.heuristic import WaitOnlyPolicy
+from esper.tamiyo.model.heuristic import WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController, Controller
 from esper.tolaria.data import Dataset

@@ -19,7 +19,7 @@ import pytest
 
 from esper.leyline import EsperSettings, load_settings, pb
 from esper.oona import OonaSettings, Streams, open_bus, open_envelope
-from esper.tamiyo.store import TamiyoStore
+from esper.tamiyo.records.store import TamiyoStore
 
 REPO = Path(__file__).resolve().parents[2]
 # digits on the MLP: 23 steps an epoch, checkpoints at 0, 23, 46, 69, 92; decisions every 5 steps. The
