@@ -7,6 +7,8 @@ Imported by the benchmark scripts beside it (`growth_baselines.py`, `growth_vs_s
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import statistics
 from pathlib import Path
@@ -28,20 +30,37 @@ from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
 
 SECRET = b"esper-benchmark-signing-secret"
+# The runs `build_trainer` opened (their logs), closed when the benchmark process ends.
+_OPEN_RUNS = contextlib.ExitStack()
+atexit.register(_OPEN_RUNS.close)
 # Two-sided 95% Student t quantiles by degrees of freedom (a normal quantile beyond the table).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def bound_controller(
-    policy: HeuristicPolicy | WaitOnlyPolicy, *, step_timeout_ms: float | None = None
+    policy: HeuristicPolicy | WaitOnlyPolicy,
+    *,
+    step_timeout_ms: float | None = None,
+    pipelined: bool = False,
 ) -> BoundController:
-    """Tamiyo's service with `policy`, bound for Tolaria (decisions taken at submit, as a BoundController
-    without start/finish does). `step_timeout_ms` overrides the budget where a benchmark measures growth,
-    not latency, on a shared machine."""
+    """Tamiyo's service with `policy`, bound for Tolaria: decisions taken at submit (as a BoundController
+    without start/finish does), or, `pipelined`, submitted and collected `decision_lag_steps` later as
+    `esper run` binds it. `step_timeout_ms` overrides the budget where a benchmark measures growth, not
+    latency, on a shared machine."""
     overrides = {} if step_timeout_ms is None else {"step_timeout_ms": step_timeout_ms}
     settings = load_settings(TamiyoSettings, environ={}, **overrides)
     service = TamiyoService(settings, policy, SECRET)
-    return BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore)
+    if not pipelined:
+        return BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore)
+    return BoundController(
+        decide=service.evaluate_step,
+        save=policy.state,
+        load=policy.restore,
+        start=service.submit,
+        finish=service.collect,
+        release=service.checkpointed,
+        rewind=service.rewound,
+    )
 
 
 def build_trainer(
@@ -57,8 +76,8 @@ def build_trainer(
     """Tolaria's trainer over `host` with Kasmina's seed manager (growth included), as the run assembly
     builds it for `esper run`, writing its run directory under `work`.
 
-    The run is isolated (no bus, no Tamiyo store) and borrows the caller's catalogue and controller, so
-    the assembly holds nothing open once the trainer is built; the benchmark drives `fit` itself."""
+    The run is isolated (no bus, no Tamiyo store) and borrows the caller's catalogue and controller; the
+    benchmark drives `fit` itself, and the run's logs stay open until the process ends."""
     config = RunConfig(
         task=dataset.name,
         host=host.slot_kind,
@@ -79,8 +98,7 @@ def build_trainer(
         catalogue=catalogue,
         deployment=False,
     )
-    with run:
-        return run.prepare()
+    return _OPEN_RUNS.enter_context(run).prepare()
 
 
 def reinitialised(model: nn.Module) -> nn.Module:

@@ -61,6 +61,9 @@ def test_a_killed_and_resumed_run_publishes_nothing_of_the_abandoned_steps(tmp_p
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
         "ESPER_DATA_DIR": str(tmp_path / "data"),
         "ESPER_SIGNING_SECRET": "resume-timeline-secret-0123456789",
+        # a checkpoint every epoch (by default only by the clock and after structural changes), so that the
+        # kill lands with decisions past the last one
+        "TOLARIA_CHECKPOINT_EVERY_EPOCHS": "1",
     }
     run_dir = tmp_path / "run"
     killed = _esper(env, run_dir, kill_at=KILL_AT)
