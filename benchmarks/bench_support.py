@@ -1,5 +1,5 @@
-"""What the training benchmarks share: one way to build a trainer as `esper run` does, the controller
-bound to it, a fresh copy of a final model, and the mean with its 95% t-interval.
+"""What the training benchmarks share: one way to build a trainer as `esper run` does (the run
+assembly), the controller bound to it, a fresh copy of a final model, and the mean with its 95% t-interval.
 
 Imported by the benchmark scripts beside it (`growth_baselines.py`, `growth_vs_static.py`,
 `run_overhead.py`); not a benchmark itself.
@@ -7,26 +7,32 @@ Imported by the benchmark scripts beside it (`growth_baselines.py`, `growth_vs_s
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import statistics
 from pathlib import Path
 
 from torch import nn
 
-from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import SignatureVerifier, load_settings
+from esper.assembly import RunAssembly, RunInputs, RunSettings
+from esper.kasmina import KasminaSettings
+from esper.leyline import load_settings
 from esper.tamiyo import HeuristicPolicy, TamiyoService
 from esper.tamiyo.model.heuristic import WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController
 from esper.tolaria.data import Dataset
 from esper.tolaria.hosts import Host
-from esper.tolaria.records import RunDirectory
+from esper.tolaria.run import RunConfig
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
 
 SECRET = b"esper-benchmark-signing-secret"
+# The runs `build_trainer` opened (their logs), closed when the benchmark process ends.
+_OPEN_RUNS = contextlib.ExitStack()
+atexit.register(_OPEN_RUNS.close)
 # Two-sided 95% Student t quantiles by degrees of freedom (a normal quantile beyond the table).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -67,26 +73,32 @@ def build_trainer(
     work: Path,
     run_id: str,
 ) -> Trainer:
-    """Tolaria's trainer over `host` with Kasmina's seed manager (growth included), writing its run
-    directory under `work`."""
-    manager = SeedManager(
-        host.slots(),
-        catalogue,
-        SignatureVerifier(SECRET),
-        load_settings(KasminaSettings, environ={}),
+    """Tolaria's trainer over `host` with Kasmina's seed manager (growth included), as the run assembly
+    builds it for `esper run`, writing its run directory under `work`.
+
+    The run is isolated (no bus, no Tamiyo store) and borrows the caller's catalogue and controller; the
+    benchmark drives `fit` itself, and the run's logs stay open until the process ends."""
+    config = RunConfig(
+        task=dataset.name,
+        host=host.slot_kind,
+        policy="benchmark",
+        difficulty=0.0,
+        run_dir=work / run_id,
+        catalogue_path=work / "urza.sqlite3",
         training_run_id=run_id,
-        host=host,
+        tolaria=settings,
+        kasmina=load_settings(KasminaSettings, environ={}),
     )
-    return Trainer(
-        settings=settings,
-        dataset=dataset,
-        host=host,
-        manager=manager,
+    run = RunAssembly(
+        RunSettings.resolve(environ={}),
+        config,
+        secret=SECRET,
+        inputs=RunInputs(dataset, host),
         controller=controller,
-        blueprint_ids=catalogue.ids_for(host.slot_kind),
-        run_dir=RunDirectory(work / run_id),
-        training_run_id=run_id,
+        catalogue=catalogue,
+        deployment=False,
     )
+    return _OPEN_RUNS.enter_context(run).prepare()
 
 
 def reinitialised(model: nn.Module) -> nn.Module:

@@ -34,8 +34,10 @@ from typing import Any
 
 import torch
 
-from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import SignatureVerifier, load_settings, pb
+from esper.assembly import RunAssembly, RunInputs, RunSettings
+from esper.kasmina import KasminaSettings
+from esper.leyline import load_settings, pb
+from esper.nissa.layout import RunLayout
 from esper.oona import EmbeddedBus, OonaSettings
 from esper.simic.settings import SimicSettings
 from esper.simic.trainer import RoundResult, SimicTrainer, offline_records
@@ -51,10 +53,8 @@ from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController
 from esper.tolaria.data import make_task
 from esper.tolaria.hosts import build_host
-from esper.tolaria.records import RunDirectory
+from esper.tolaria.run import RunConfig
 from esper.tolaria.settings import TolariaSettings
-from esper.tolaria.trainer import Trainer
-from esper.urza import BlueprintCatalogue
 
 SECRET = b"policy-quality-benchmark-secret-0123"
 Row = dict[str, float]
@@ -107,31 +107,34 @@ def run_task(
     torch.manual_seed(task_seed)
     dataset = make_task(difficulty, task_seed)
     host = build_host("mlp", dataset.input_shape, dataset.num_classes)
-    store = TamiyoStore(run_dir / "tamiyo.sqlite3") if bus is not None else None
+    store = TamiyoStore(RunLayout(run_dir).tamiyo_store) if bus is not None else None
     service = TamiyoService(tamiyo, policy, SECRET, store=store, bus=bus)
-    catalogue = BlueprintCatalogue.open_default(work / "urza.sqlite3")
+    config = RunConfig(
+        task=dataset.name,
+        host="mlp",
+        policy=name,
+        difficulty=difficulty,
+        run_dir=run_dir,
+        catalogue_path=work / "urza.sqlite3",
+        training_run_id=name,
+        tolaria=tolaria,
+        kasmina=kasmina,
+    )
+    # As `esper run` builds a run, isolated from any deployment bus: the decisions are recorded by this
+    # benchmark's own service on `bus`.
+    bound = BoundController(decide=service.evaluate_step, save=dict, load=lambda _state: None)
     try:
-        manager = SeedManager(
-            host.slots(),
-            catalogue,
-            SignatureVerifier(SECRET, freshness_s=kasmina.command_freshness_s),
-            kasmina,
-            training_run_id=name,
-        )
-        trainer = Trainer(
-            settings=tolaria,
-            dataset=dataset,
-            host=host,
-            manager=manager,
-            controller=BoundController(decide=service.evaluate_step, save=dict, load=lambda _state: None),
-            blueprint_ids=catalogue.ids_for("mlp"),
-            run_dir=RunDirectory(run_dir),
-            training_run_id=name,
-        )
-        outcome = trainer.fit()
+        with RunAssembly(
+            RunSettings.resolve(environ={}),
+            config,
+            secret=SECRET,
+            inputs=RunInputs(dataset, host),
+            controller=bound,
+            deployment=False,
+        ) as run:
+            outcome = run.prepare().fit()
     finally:
         service.close()
-        catalogue.close()
         if store is not None:
             store.close()
     params = float(outcome.parameters)

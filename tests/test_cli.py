@@ -101,7 +101,8 @@ def test_a_policy_that_cannot_meet_the_budget_is_announced_on_the_terminal_once(
     from types import SimpleNamespace
     from typing import Any, cast
 
-    from esper.cli import _announcing_misfit
+    from esper.assembly.tamiyo import announcing_misfit
+    from esper.cli.common import warn
     from esper.leyline import pb
     from esper.tamiyo.runtime.service import PolicyFit
 
@@ -109,7 +110,7 @@ def test_a_policy_that_cannot_meet_the_budget_is_announced_on_the_terminal_once(
     fit = PolicyFit(measured_ms=1.0, allowed_ms=2.5, budget_ms=5.0, runs=16, policy_size="default")
     service = SimpleNamespace(policy_fit=None)
     prepared: list[str] = []
-    rehearse = _announcing_misfit(lambda packet: prepared.append(packet.packet_id), cast(Any, service))
+    rehearse = announcing_misfit(lambda packet: prepared.append(packet.packet_id), cast(Any, service), warn)
     service.policy_fit = fit
     rehearse(pb.SystemStatePacket(packet_id="p0"))
     assert capsys.readouterr().err == ""

@@ -1,9 +1,10 @@
 """Esper grows neural networks while they train.
 
-Subsystems live in their own packages (see DESIGN.md, "Who may import whom"); the composition roots are
-`esper.cli` and `esper.weatherlight`. The public Python surface is small and imported on first use, so
-`import esper` loads neither PyTorch nor PyG: `esper.GrowthPoint` marks where a user's model may grow,
-`esper.adapt_model` turns a user's `nn.Module` into a host Esper can grow.
+Subsystems live in their own packages (docs/architecture.md, "Who may import whom"); the composition
+roots are `esper.assembly` (the one recipe for a run), `esper.cli` and `esper.weatherlight`. The public
+Python surface is small and imported on first use, so `import esper` loads neither PyTorch nor PyG:
+`esper.GrowthPoint` marks where a user's model may grow, `esper.adapt_model` turns a user's `nn.Module`
+into a host Esper can grow.
 """
 
 from typing import TYPE_CHECKING

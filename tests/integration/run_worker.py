@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from esper.assembly import RunAssembly, RunSettings, RunSummary
 from esper.kasmina import KasminaSettings
 from esper.leyline import EsperSettings, load_settings, pb
 from esper.oona import OonaSettings
 from esper.tamiyo import GNNPolicy, TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController, Controller
-from esper.tolaria.emergency import BusEmergencyChannel
-from esper.tolaria.run import RunConfig, run_experiment
+from esper.tolaria.run import RunConfig
 from esper.tolaria.settings import TolariaSettings
 from tests.integration.scripted import ScriptedController
 
@@ -37,6 +37,37 @@ def bus_settings(bus_dir: Path) -> tuple[EsperSettings, OonaSettings]:
         EsperSettings, environ={}, data_dir=bus_dir, bus_url="", signing_secret=SECRET.decode()
     )
     return esper, load_settings(OonaSettings, environ={}, emergency_poll_ms=10)
+
+
+def run_settings(data_dir: Path, **tamiyo: object) -> RunSettings:
+    """A run's settings on the embedded bus in `data_dir` with the test secret, none from the environment."""
+    return RunSettings.resolve(
+        environ={},
+        esper={"data_dir": data_dir, "bus_url": "", "signing_secret": SECRET.decode()},
+        oona={"emergency_poll_ms": 10},
+        tamiyo=tamiyo,
+    )
+
+
+def assembled_run(
+    run_config: RunConfig,
+    chosen: Controller,
+    *,
+    resume: bool = False,
+    bus_dir: Path | None = None,
+    close: Callable[[], None] | None = None,
+    secret: bytes = SECRET,
+) -> RunSummary:
+    """Train `run_config` under `chosen` through the run assembly: isolated, or on the embedded bus in
+    `bus_dir` (obeying its emergency HALTs). `close` is run with the assembly's other clean-ups; `secret`
+    verifies the controller's commands."""
+    settings = run_settings(bus_dir or run_config.run_dir.parent)
+    with RunAssembly(
+        settings, run_config, secret=secret, controller=chosen, resume=resume, deployment=bus_dir is not None
+    ) as run:
+        if close is not None:
+            run.defer("close the controller", close)
+        return run.train()
 
 
 def config(run_dir: Path, *, epochs: int = 8, decision_lag_steps: int = 0) -> RunConfig:
@@ -116,27 +147,14 @@ def main() -> None:
         chosen, close = gnn_controller(args.delay)
     else:
         chosen = controller(args.delay)
-    channel = None
-    if args.bus_dir is not None:
-        esper, oona = bus_settings(args.bus_dir)
-        channel = BusEmergencyChannel.open(
-            esper, oona, training_run_id="run-integration", origin="run_worker", poll_interval_s=0.01
-        )
-    try:
-        summary = run_experiment(
-            config(args.run_dir, decision_lag_steps=2),  # kill-and-resume with decisions in flight
-            chosen,
-            SECRET,
-            resume=args.resume,
-            progress=False,
-            emergency=channel,
-        )
-    finally:
-        if channel is not None:
-            channel.close()
-        if close is not None:
-            close()
-    if summary["status"] == "halted":
+    summary = assembled_run(
+        config(args.run_dir, decision_lag_steps=2),  # kill-and-resume with decisions in flight
+        chosen,
+        resume=args.resume,
+        bus_dir=args.bus_dir,
+        close=close,
+    )
+    if summary.status == "halted":
         raise SystemExit(HALTED_EXIT)
 
 

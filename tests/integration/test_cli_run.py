@@ -81,6 +81,9 @@ def test_a_halted_run_exits_with_its_status_and_says_how_to_resume(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "halted" and summary["halt"]["origin"] == "operator"
     assert summary["steps"] == 2
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "halted" and status["reason"] == "operator: maintenance window"
+    assert status["finished_at"] is not None
     # The run's consumer group was removed from the bus when the run ended.
     result = CliRunner().invoke(app, ["bus", "stats", "--json"])
     assert result.exit_code == 0, result.output

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
+from esper.assembly import RunAssembly, RunSummary
 from esper.cli import app
 from esper.leyline import EsperError
-from esper.tolaria.run import RunConfig
 from tests.tolaria.test_data import huge_npz
 
 QUICK = ["--epochs", "1", "--no-progress", "--no-report"]
@@ -158,31 +158,45 @@ def test_a_disk_error_while_starting_is_reported_without_a_traceback(
 # -- item 2: a failing clean-up never hides the error that ended the run --------------------------------
 
 
-def fake_experiment(ending: EsperError | None) -> Callable[..., dict[str, Any]]:
-    """A run_experiment that starts the run (config.json) and then fails with `ending`, or completes."""
+def fake_experiment(ending: EsperError | None) -> Callable[..., RunSummary]:
+    """A `RunAssembly.train` that starts the run (config.json) and then fails with `ending`, or completes."""
 
-    def run_experiment(config: RunConfig, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def train(self: RunAssembly, *args: Any, **kwargs: Any) -> RunSummary:
+        config = self.config
         config.run_dir.mkdir(parents=True, exist_ok=True)
         (config.run_dir / "config.json").write_text(json.dumps(config.to_json()))
         (config.run_dir / "events.jsonl").touch()
         if ending is not None:
             raise ending
-        return {
-            "run_id": config.training_run_id,
-            "status": "completed",
-            "steps": 10,
-            "final_val_accuracy": 0.5,
-            "final_val_loss": 1.0,
-            "params_final": 100,
-            "seeds_fossilized": 0,
-        }
+        return RunSummary(
+            run_id=config.training_run_id,
+            task=config.task,
+            host=config.host,
+            policy=config.policy,
+            epochs=1,
+            steps=10,
+            final_val_accuracy=0.5,
+            final_val_loss=1.0,
+            best_val_accuracy=0.5,
+            params_initial=100,
+            params_final=100,
+            max_params=None,
+            seeds_fossilized=0,
+            rollbacks=0,
+            decisions=0,
+            decision_deadline_misses=0,
+            resumed_from_step=None,
+            wall_seconds=0.0,
+            status="completed",
+            halt=None,
+        )
 
-    return run_experiment
+    return train
 
 
 def fail_cleanups(monkeypatch: pytest.MonkeyPatch) -> None:
     """The two clean-ups of the issue fail: metrics.prom on a full disk, and the channel's group deletion."""
-    import esper.nissa
+    import esper.assembly.run
     from esper.oona import BusUnavailable
     from esper.tolaria.emergency import BusEmergencyChannel
 
@@ -192,7 +206,7 @@ def fail_cleanups(monkeypatch: pytest.MonkeyPatch) -> None:
     def group_stuck(self: Any) -> None:
         raise BusUnavailable("delete group emergency-run", "redis", 7, "connection refused")
 
-    monkeypatch.setattr(esper.nissa, "write_snapshot", full_disk)
+    monkeypatch.setattr(esper.assembly.run, "write_snapshot", full_disk)
     monkeypatch.setattr(BusEmergencyChannel, "close", group_stuck)
 
 
@@ -204,10 +218,8 @@ def cleanup_events(run_dir: Path) -> list[str]:
 def test_a_failing_clean_up_after_a_failing_run_shows_the_original_error(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import esper.tolaria.run
-
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(esper.tolaria.run, "run_experiment", fake_experiment(EsperError("the real reason")))
+    monkeypatch.setattr(RunAssembly, "train", fake_experiment(EsperError("the real reason")))
     fail_cleanups(monkeypatch)
     with caplog.at_level(logging.ERROR, logger="esper.cli"):
         result = run("--run-dir", str(run_dir))
@@ -221,10 +233,8 @@ def test_a_failing_clean_up_after_a_failing_run_shows_the_original_error(
 def test_a_failing_clean_up_after_a_successful_run_makes_the_exit_status_one(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import esper.tolaria.run
-
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(esper.tolaria.run, "run_experiment", fake_experiment(None))
+    monkeypatch.setattr(RunAssembly, "train", fake_experiment(None))
     fail_cleanups(monkeypatch)
     result = run("--run-dir", str(run_dir))
     assert_clear_failure(result, 1, "the run finished but its clean-up failed", "No space left on device")

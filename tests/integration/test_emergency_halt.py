@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_a_halt_from_another_process_stops_the_trainer_with_a_checkpoint(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}  # this tree's code
     bus_dir, run_dir = tmp_path / "bus", tmp_path / "runs" / "run"
     worker = [sys.executable, "-m", "tests.integration.run_worker", str(run_dir)]
     process = subprocess.Popen([*worker, "--delay", "0.05", "--bus-dir", str(bus_dir)], cwd=REPO, env=env)

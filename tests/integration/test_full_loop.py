@@ -15,34 +15,26 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from esper.kasmina import SeedManager
-from esper.leyline import SignatureVerifier, pb
-from esper.oona import EmbeddedBus, OonaSettings, Streams
+from esper.assembly import RunAssembly
+from esper.leyline import pb
+from esper.oona import Bus, Streams
 from esper.simic.settings import SimicSettings
 from esper.simic.trainer import RoundResult, SimicTrainer, bus_publisher, offline_records
-from esper.tamiyo.model.policy import GNNPolicy
-from esper.tamiyo.records.store import TamiyoStore
-from esper.tamiyo.runtime.service import TamiyoService
-from esper.tamiyo.runtime.update_feed import PolicyUpdateFeed
-from esper.tamiyo.runtime.updates import PolicyUpdateIntake
+from esper.tamiyo import GNNPolicy
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tolaria.controller import BoundController
-from esper.tolaria.hosts import build_host
-from esper.tolaria.records import RunDirectory
-from esper.tolaria.run import load_task
-from esper.tolaria.trainer import EpochReport, Trainer
-from esper.urza import BlueprintCatalogue
-from tests.integration.run_worker import SECRET, config
+from esper.tolaria.trainer import EpochReport
+from tests.integration.run_worker import SECRET, config, run_settings
 from tests.tamiyo.packets import SMALL
 
 torch.set_num_threads(1)
 
 
-def _wait_for_reports(bus: EmbeddedBus, count: int, timeout_s: float = 20.0) -> None:
+def _wait_for_reports(bus: Bus, count: int, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         lengths = {s.stream: s.length for s in bus.stats()}
@@ -54,53 +46,24 @@ def _wait_for_reports(bus: EmbeddedBus, count: int, timeout_s: float = 20.0) -> 
 
 def test_train_decide_report_learn_swap_and_train_again(tmp_path: Path) -> None:
     cfg = config(tmp_path / "run", epochs=8)
-    bus = EmbeddedBus(tmp_path / "bus.sqlite3", OonaSettings())
-    store = TamiyoStore(cfg.run_dir / "tamiyo.sqlite3")
     tamiyo_settings = TamiyoSettings(step_timeout_ms=10_000.0, fr_obs_window_epochs=1, fr_outbox_poll_ms=20.0)
+    # As `esper run --policy gnn` builds it: one bus (the embedded file in tmp_path), Tamiyo's store in the
+    # run directory, the policy-update feed; here with a narrow GNN.
+    settings = replace(run_settings(tmp_path), tamiyo=tamiyo_settings)
     policy = GNNPolicy(tamiyo_settings, config=SMALL)
-    service = TamiyoService(tamiyo_settings, policy, SECRET, store=store, bus=bus)
-    intake = PolicyUpdateIntake(
-        service,
-        policy,
-        SECRET,
-        tamiyo_settings,
-        config=SMALL,
-        feed=PolicyUpdateFeed(bus, "tamiyo-run-integration"),
-        archive=cfg.run_dir / "policies",
-        lineage=store,
-    )
-    learner = SimicTrainer(
-        SimicSettings(min_transitions=8, minibatch_size=16, regression_tolerance=10.0, max_kl=10.0),
-        tamiyo_settings,
-        GNNPolicy(tamiyo_settings, config=SMALL),
-        SECRET,
-        publish=bus_publisher(bus),
-    )
-    dataset = load_task("digits", "mlp", seed=cfg.tolaria.seed, difficulty=0.5)
-    host = build_host("mlp", dataset.input_shape, dataset.num_classes)
-    catalogue = BlueprintCatalogue.open_default(tmp_path / "urza.sqlite3")
     rounds: list[RoundResult] = []
-    initial_version = service.policy_version
-    try:
-        manager = SeedManager(
-            host.slots(),
-            catalogue,
-            SignatureVerifier(SECRET, freshness_s=cfg.kasmina.command_freshness_s),
-            cfg.kasmina,
-            training_run_id=cfg.training_run_id,
+    with RunAssembly(settings, cfg, secret=SECRET, policy=policy) as run:
+        assert run.bus is not None and run.store is not None and run.tamiyo is not None
+        bus, store, service, intake = run.bus, run.store, run.tamiyo.service, run.tamiyo.intake
+        assert intake is not None  # a GNN takes policy updates
+        learner = SimicTrainer(
+            SimicSettings(min_transitions=8, minibatch_size=16, regression_tolerance=10.0, max_kl=10.0),
+            tamiyo_settings,
+            GNNPolicy(tamiyo_settings, config=SMALL),
+            SECRET,
+            publish=bus_publisher(bus),
         )
-        trainer = Trainer(
-            settings=cfg.tolaria,
-            dataset=dataset,
-            host=host,
-            manager=manager,
-            controller=BoundController(
-                decide=service.evaluate_step, save=service.export_state, load=service.restore_state
-            ),
-            blueprint_ids=catalogue.ids_for("mlp"),
-            run_dir=RunDirectory(cfg.run_dir),
-            training_run_id=cfg.training_run_id,
-        )
+        initial_version = service.policy_version
 
         def learn_halfway(report: EpochReport) -> None:
             if report.epoch != 4:
@@ -109,33 +72,28 @@ def test_train_decide_report_learn_swap_and_train_again(tmp_path: Path) -> None:
             records = offline_records(bus)
             rounds.append(learner.run_round(records.transitions(learner.settings), mode="ppo"))
 
-        trainer.fit(on_epoch=learn_halfway)
-    finally:
-        service.close()
-        catalogue.close()
+        run.train(on_epoch=learn_halfway)
 
-    first = rounds[0]
-    assert first.published, first.reasons
-    assert first.parent_version == initial_version  # Simic started from the policy Tamiyo was running
-    assert math.isfinite(first.metrics["ppo.approx_kl"])
-    assert "ppo.explained_variance" in first.metrics and "ppo.entropy.action" in first.metrics
-    # The running Tamiyo swapped the update in between two decisions.
-    assert service.policy_version == first.version != initial_version
-    assert intake.serving.sequence == 1
-    assert [record.version for record in store.policy_lineage()][-2:] == [initial_version, first.version]
+        first = rounds[0]
+        assert first.published, first.reasons
+        assert first.parent_version == initial_version  # Simic started from the policy Tamiyo was running
+        assert math.isfinite(first.metrics["ppo.approx_kl"])
+        assert "ppo.explained_variance" in first.metrics and "ppo.entropy.action" in first.metrics
+        # The running Tamiyo swapped the update in between two decisions.
+        assert service.policy_version == first.version != initial_version
+        assert intake.serving.sequence == 1
+        assert [record.version for record in store.policy_lineage()][-2:] == [initial_version, first.version]
 
-    # Decisions and reports after the swap carry the new version.
-    records = offline_records(bus)
-    reports = [m for m in records.messages() if isinstance(m, pb.FieldReport)]
-    versions = {report.tamiyo_policy_version for report in reports}
-    assert versions == {initial_version, first.version}
-    decisions = [m for m in records.messages() if isinstance(m, pb.DecisionRecord)]
-    assert all(d.policy_version in versions for d in decisions)
+        # Decisions and reports after the swap carry the new version.
+        records = offline_records(bus)
+        reports = [m for m in records.messages() if isinstance(m, pb.FieldReport)]
+        versions = {report.tamiyo_policy_version for report in reports}
+        assert versions == {initial_version, first.version}
+        decisions = [m for m in records.messages() if isinstance(m, pb.DecisionRecord)]
+        assert all(d.policy_version in versions for d in decisions)
 
-    # Train again: a second round learns from the decisions of both versions, starting from the new one.
-    second = learner.run_round(records.transitions(learner.settings), mode="ppo")
-    assert second.parent_version == first.version
-    assert second.on_policy > first.on_policy
-    assert second.published, second.reasons
-    store.close()
-    bus.close()
+        # Train again: a second round learns from the decisions of both versions, starting from the new one.
+        second = learner.run_round(records.transitions(learner.settings), mode="ppo")
+        assert second.parent_version == first.version
+        assert second.on_policy > first.on_policy
+        assert second.published, second.reasons

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,12 @@ import pytest
 import torch
 from torch import nn
 
-from esper.kasmina import SeedManager, SlotMode
-from esper.leyline import ManualClock, SignatureVerifier, load_settings, pb, sign
-from esper.tolaria.hosts import build_host
-from esper.tolaria.records import RunDirectory
-from esper.tolaria.run import load_task
+from esper.assembly import RunAssembly
+from esper.kasmina import SlotMode
+from esper.leyline import ManualClock, load_settings, pb, sign
+from esper.nissa.layout import RunLayout
 from esper.tolaria.trainer import Trainer
-from esper.urza import BlueprintCatalogue
-from tests.integration.run_worker import SECRET, config, controller
+from tests.integration.run_worker import SECRET, config, controller, run_settings
 
 torch.set_num_threads(1)
 S = pb
@@ -85,28 +84,11 @@ class RecordingController:
 @pytest.fixture
 def trainer(tmp_path: Path) -> Iterator[Trainer]:
     cfg = config(tmp_path / "run", epochs=4)
-    torch.manual_seed(cfg.tolaria.seed)
-    dataset = load_task("digits", "mlp", seed=cfg.tolaria.seed, difficulty=0.5)
-    host = build_host("mlp", dataset.input_shape, dataset.num_classes)
-    catalogue = BlueprintCatalogue.open_default(tmp_path / "urza.sqlite3")
-    manager = SeedManager(
-        host.slots(),
-        catalogue,
-        SignatureVerifier(SECRET, freshness_s=cfg.kasmina.command_freshness_s),
-        cfg.kasmina,
-        training_run_id=cfg.training_run_id,
-    )
-    yield Trainer(
-        settings=cfg.tolaria,
-        dataset=dataset,
-        host=host,
-        manager=manager,
-        controller=RecordingController(controller()),
-        blueprint_ids=catalogue.ids_for("mlp"),
-        run_dir=RunDirectory(cfg.run_dir),
-        training_run_id=cfg.training_run_id,
-    )
-    catalogue.close()
+    recording = RecordingController(controller())
+    with RunAssembly(
+        run_settings(tmp_path), cfg, secret=SECRET, controller=recording, deployment=False
+    ) as run:
+        yield run.prepare()
 
 
 def _seed_params(trainer: Trainer, slot_id: str) -> tuple[nn.Parameter, ...]:
@@ -292,31 +274,15 @@ def test_the_wait_only_control_trains_the_same_host_without_growing_it(tmp_path:
     from esper.tolaria.controller import BoundController
 
     cfg = config(tmp_path / "run", epochs=1)
-    dataset = load_task("digits", "mlp", seed=cfg.tolaria.seed, difficulty=0.5)
-    host = build_host("mlp", dataset.input_shape, dataset.num_classes)
     policy = WaitOnlyPolicy()
     service = TamiyoService(load_settings(TamiyoSettings, environ={}, step_timeout_ms=1000.0), policy, SECRET)
-    with BlueprintCatalogue.open_default(tmp_path / "urza.sqlite3") as catalogue:
-        manager = SeedManager(
-            host.slots(),
-            catalogue,
-            SignatureVerifier(SECRET),
-            cfg.kasmina,
-            training_run_id=cfg.training_run_id,
-        )
-        trainer = Trainer(
-            settings=cfg.tolaria,
-            dataset=dataset,
-            host=host,
-            manager=manager,
-            controller=BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore),
-            blueprint_ids=catalogue.ids_for("mlp"),
-            run_dir=RunDirectory(cfg.run_dir),
-            training_run_id=cfg.training_run_id,
-        )
-        params = host.parameter_count()
+    bound = BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore)
+    with RunAssembly(run_settings(tmp_path), cfg, secret=SECRET, controller=bound, deployment=False) as run:
+        trainer = run.prepare()
+        manager = trainer.manager
+        params = trainer.host.parameter_count()
         outcome = trainer.fit()
-    decisions = trainer.run_dir.decisions.read()
+    decisions = [json.loads(line) for line in RunLayout(cfg.run_dir).decisions.read_text().splitlines()]
     assert decisions and all(d["command_type"] == "WAIT" and d["accepted"] for d in decisions)
     assert outcome.parameters == params
     assert all(manager.stage(s) == S.SEED_STAGE_DORMANT for s in manager.slot_ids)

@@ -97,25 +97,33 @@ def test_the_next_decision_after_a_quarantine_in_another_process_refuses_the_blu
 def test_the_cache_esper_run_builds_follows_a_quarantine_on_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from esper.cli import _blueprint_metadata
+    from dataclasses import replace
+
+    from esper.assembly import RunAssembly, RunSettings
+    from tests.integration.run_worker import config
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     monkeypatch.setenv("ESPER_DATA_DIR", str(data_dir))
-    cache = _blueprint_metadata(settings())
-    service = germinating_service(cache)
-    try:
-        assert [e.name for e in service.telemetry.flush().events] == []  # no blueprint_metadata_unavailable
-        packet = make_packet(n_blueprints=0)
-        packet.blueprint_ids.append(BLUEPRINT)
-        assert service.evaluate_step(packet).command_type == pb.COMMAND_SEED
+    run_config = replace(
+        config(data_dir / "runs" / "run"), policy="heuristic", catalogue_path=data_dir / "urza.sqlite3"
+    )
+    run_settings = RunSettings.resolve(tamiyo=settings().model_dump())
+    with RunAssembly(run_settings, run_config, secret=SECRET) as run:
+        cache = run.metadata
+        assert cache is not None
+        service = germinating_service(cache)
+        try:
+            assert [e.name for e in service.telemetry.flush().events] == []  # no metadata_unavailable
+            packet = make_packet(n_blueprints=0)
+            packet.blueprint_ids.append(BLUEPRINT)
+            assert service.evaluate_step(packet).command_type == pb.COMMAND_SEED
 
-        quarantine_elsewhere(data_dir)
-        deadline = time.monotonic() + 15
-        while cache.stats.invalidations == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)  # the background thread polls every 100 ms
-        assert cache.stats.invalidations == 1  # the seeding was announced before the cache subscribed
-        assert_refused(service.evaluate_step(packet))
-    finally:
-        service.close()
-        cache.close()
+            quarantine_elsewhere(data_dir)
+            deadline = time.monotonic() + 15
+            while cache.stats.invalidations == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)  # the background thread polls every 100 ms
+            assert cache.stats.invalidations == 1  # the seeding was announced before the cache subscribed
+            assert_refused(service.evaluate_step(packet))
+        finally:
+            service.close()

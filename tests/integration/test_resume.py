@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from esper.leyline import pb
-from esper.tolaria.run import run_experiment
-from tests.integration.run_worker import SECRET, config, controller
+from tests.integration.run_worker import assembled_run, config, controller
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -132,7 +131,7 @@ class _Replaying:
 def _first_applied_command(run_dir: Path) -> pb.AdaptationCommand:
     """Run one epoch; the first command Kasmina accepted in it."""
     first = _Replaying()
-    run_experiment(config(run_dir, epochs=1), first, SECRET, progress=False)
+    assembled_run(config(run_dir, epochs=1), first)
     applied = [
         json.loads(line)
         for line in (run_dir / "decisions.jsonl").read_text().splitlines()
@@ -147,7 +146,7 @@ def _replayed_after_resume(run_dir: Path, command: pb.AdaptationCommand) -> dict
     decision hands Kasmina `command` again, well inside the freshness window. Returns that record."""
     second = _Replaying()
     second.replay = command
-    run_experiment(config(run_dir, epochs=2), second, SECRET, resume=True, progress=False)
+    assembled_run(config(run_dir, epochs=2), second, resume=True)
     records = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
     again = [r for r in records if r.get("command_id") == command.command_id]
     assert len(again) == 2

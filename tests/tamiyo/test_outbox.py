@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,7 +64,7 @@ def make_outbox(
     settings = TamiyoSettings(**values)  # type: ignore[arg-type]
     registry = CollectorRegistry()
 
-    def sink(name: str, description: str, attributes: Mapping[str, str]) -> None:
+    def sink(name: str, description: str, /, **attributes: str) -> None:
         events.append((name, description, dict(attributes)))
 
     outbox = FieldReportOutbox(
@@ -203,7 +203,7 @@ def test_publisher_thread_publishes_without_the_caller_waiting(
     outbox, _ = make_outbox(store, bus, clock, events)
     lock = threading.Lock()
 
-    def sink(name: str, description: str, attributes: Mapping[str, str]) -> None:
+    def sink(name: str, description: str, /, **attributes: str) -> None:
         with lock:
             events.append((name, description, dict(attributes)))
 
@@ -242,7 +242,7 @@ def test_publisher_thread_survives_an_unexpected_error_reports_it_and_publishes_
     outbox, registry = make_outbox(store, bus, clock, events)
     failed = threading.Event()
 
-    def sink(name: str, description: str, attributes: Mapping[str, str]) -> None:
+    def sink(name: str, description: str, /, **attributes: str) -> None:
         events.append((name, description, dict(attributes)))
         if name == "field_report_outbox_failed":
             failed.set()

@@ -425,27 +425,43 @@ def test_esper_run_builds_the_gnn_controller_and_its_state_round_trips(
 ) -> None:
     """`esper run --policy gnn`: the composition root binds the GNN behind the same Controller interface
     as the heuristic; a checkpoint loads, a missing one or another policy's state is refused."""
-    from esper.cli import _build_controller
+    from collections.abc import Iterator
+    from contextlib import contextmanager
+    from dataclasses import replace
+
+    from esper.assembly import RunAssembly, RunSettings
+    from esper.tolaria.controller import Controller
+    from tests.integration.run_worker import config
 
     monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", "10000")
     monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path / "data"))  # never the working directory's
 
-    controller = _build_controller("gnn", SECRET)
-    command = controller.evaluate_step(make_packet())
-    SignatureVerifier(SECRET).verify(command)
-    controller.restore_state(controller.export_state())
+    @contextmanager
+    def esper_run_controller(policy: str, checkpoint: Path | None = None) -> Iterator[Controller]:
+        overrides = {} if checkpoint is None else {"policy_checkpoint": checkpoint}
+        run_config = replace(config(tmp_path / "runs" / policy), policy=policy)
+        with RunAssembly(RunSettings.resolve(tamiyo=overrides), run_config, secret=SECRET) as run:
+            yield run.controller
+
+    with esper_run_controller("gnn") as controller:
+        command = controller.evaluate_step(make_packet())
+        SignatureVerifier(SECRET).verify(command)
+        controller.restore_state(controller.export_state())
 
     weights = tmp_path / "policy.safetensors"
     GNNPolicy(TamiyoSettings(gnn_seed=3)).save(weights)
-    loaded = _build_controller("gnn", SECRET, weights)
-    assert json.dumps(loaded.export_state()).count(GNNPolicy.load(weights, TamiyoSettings()).version)
+    with esper_run_controller("gnn", weights) as loaded:
+        assert json.dumps(loaded.export_state()).count(GNNPolicy.load(weights, TamiyoSettings()).version)
     # The policy's own run state refuses weights of another version instead of mixing them.
     policy = GNNPolicy.load(weights, TamiyoSettings())
     state = policy.state()
     policy.restore(state)
     with pytest.raises(CheckpointIncompatible, match="version"):
         policy.restore({**state, "version": "gnn-other"})
-    with pytest.raises(ConfigurationError, match="does not exist"):
-        _build_controller("gnn", SECRET, tmp_path / "missing.safetensors")
-    with pytest.raises(ConfigurationError, match="unknown policy"):
-        _build_controller("lstm", SECRET)
+    with (
+        pytest.raises(ConfigurationError, match="does not exist"),
+        esper_run_controller("gnn", tmp_path / "missing.safetensors"),
+    ):
+        pass
+    with pytest.raises(ConfigurationError, match="unknown policy"), esper_run_controller("lstm"):
+        pass

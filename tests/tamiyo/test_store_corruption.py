@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ class Events:
     def __init__(self) -> None:
         self.seen: list[tuple[str, dict[str, str]]] = []
 
-    def __call__(self, name: str, _description: str, attributes: Mapping[str, str]) -> None:
+    def __call__(self, name: str, _description: str, /, **attributes: str) -> None:
         self.seen.append((name, dict(attributes)))
 
     def names(self) -> list[str]:

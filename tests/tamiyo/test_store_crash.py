@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -94,7 +93,7 @@ def test_sigkill_at_random_instants_loses_no_acknowledged_record(tmp_path: Path)
     killed_during_open = 0
     events: list[str] = []
 
-    def sink(name: str, description: str, _attributes: Mapping[str, str]) -> None:
+    def sink(name: str, description: str, /, **_attributes: str) -> None:
         events.append(f"{name}: {description}")
 
     try:

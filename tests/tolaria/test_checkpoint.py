@@ -21,8 +21,7 @@ from esper.tolaria.checkpoint import (
     decode_record,
     decode_tensors,
 )
-from esper.tolaria.run import run_experiment
-from tests.integration.run_worker import SECRET, config, controller
+from tests.integration.run_worker import assembled_run, config, controller
 
 PATH = Path("ckpt-000000001.json")
 
@@ -122,7 +121,7 @@ def test_any_bytes_decode_as_tensors_or_give_the_typed_error(blob: bytes) -> Non
 def test_resume_with_a_damaged_newest_checkpoint_uses_the_older_one(tmp_path: Path, damage: str) -> None:
     run_dir = tmp_path / "run"
     run_config = config(run_dir, epochs=2)
-    run_experiment(run_config, controller(), SECRET, progress=False)
+    assembled_run(run_config, controller())
     checkpoints = run_dir / "checkpoints"
     newest = sorted(checkpoints.glob("ckpt-*.json"))[-1]
     record = json.loads(newest.read_text())
@@ -139,10 +138,10 @@ def test_resume_with_a_damaged_newest_checkpoint_uses_the_older_one(tmp_path: Pa
         tensors.write_bytes(b"\xff" * 16)
         record["tensors_sha256"] = hashlib.sha256(tensors.read_bytes()).hexdigest()
         newest.write_text(json.dumps(record))
-    summary = run_experiment(run_config, controller(), SECRET, resume=True, progress=False)
+    summary = assembled_run(run_config, controller(), resume=True)
     older = sorted(checkpoints.glob("ckpt-*.json"))[0].name
-    assert summary["resumed_from_step"] == int(older[5:14])
-    assert summary["status"] == "completed"
+    assert summary.resumed_from_step == int(older[5:14])
+    assert summary.status == "completed"
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     damaged = [event for event in events if event["kind"] == "checkpoint_damaged"]
     assert len(damaged) == 1 and newest.stem in damaged[0]["reason"]  # the JSON or its tensors file
@@ -150,16 +149,16 @@ def test_resume_with_a_damaged_newest_checkpoint_uses_the_older_one(tmp_path: Pa
 
 def test_resume_after_the_run_directory_moved_trains_in_the_new_place(tmp_path: Path) -> None:
     started = tmp_path / "A"
-    run_experiment(config(started, epochs=1), controller(), SECRET, progress=False)
+    assembled_run(config(started, epochs=1), controller())
     moved = tmp_path / "B"
     shutil.move(started, moved)
     # The caller's config names the new place; config.json still says A.
-    from esper.tolaria.run import resolve_config
+    from esper.assembly import resolve_config
 
     resolved = resolve_config(config(moved, epochs=1), resume=True)
     assert resolved.run_dir == moved
-    summary = run_experiment(resolved, controller(), SECRET, resume=True, progress=False)
-    assert summary["resumed_from_step"] is not None
+    summary = assembled_run(resolved, controller(), resume=True)
+    assert summary.resumed_from_step is not None
     assert not started.exists()
     assert (moved / "summary.json").exists()
 

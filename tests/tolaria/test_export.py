@@ -16,16 +16,17 @@ from torch import Tensor, nn
 from typer.testing import CliRunner
 
 from esper import portable
+from esper.assembly import run as run_module
 from esper.cli import app
 from esper.kasmina import GrowthMode, IdentityBlock, KasminaSettings, SeedManager, SlotMode, UnitGroup
 from esper.leyline import ManualClock, SignatureVerifier, load_settings, pb, sign
-from esper.tolaria import run as run_module
 from esper.tolaria.adapt import GrowthPoint, adapt_model
 from esper.tolaria.export import ExportError, export_model, export_run, restore_final
 from esper.tolaria.hosts import Host, build_host
-from esper.tolaria.run import RunConfig, run_experiment
+from esper.tolaria.run import RunConfig
 from esper.tolaria.settings import TolariaSettings
 from esper.urza import BlueprintCatalogue
+from tests.integration.run_worker import assembled_run
 from tests.integration.scripted import ScriptedController
 from tests.kasmina.support import RUN_ID, SECRET, fast_settings, germinate, open_catalogue
 from tests.kasmina.test_growth_commands import deepen, widen
@@ -364,7 +365,7 @@ def test_esper_export_of_real_runs_equals_their_final_models(
     for kind, (task, epochs, seeds, layer) in RUNS.items():
         run_dir = tmp_path / f"run-{kind}"
         controller = GrowingScript(layer, germinate=tuple(seeds), blueprints=seeds)
-        summary = run_experiment(run_config(run_dir, task, kind, epochs), controller, SECRET, progress=False)
+        summary = assembled_run(run_config(run_dir, task, kind, epochs), controller, secret=SECRET).to_json()
         final = built[-1]
         out = tmp_path / f"export-{kind}"
         if kind == "mlp":

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import torch
 
+from esper.assembly import run_directory
 from esper.kasmina import KasminaSettings, SeedManager
 from esper.leyline import SYSTEM_CLOCK, SignatureVerifier, load_settings, pb, sign
+from esper.nissa.layout import RunLayout
 from esper.tamiyo.runtime.commands import CommandFactory
 from esper.tolaria.data import Dataset, make_task
 from esper.tolaria.hosts import build_host
-from esper.tolaria.records import RunDirectory
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
@@ -126,7 +127,7 @@ def make_trainer(
         manager=manager,
         controller=GrowthController(operation),
         blueprint_ids=catalogue.ids_for("mlp"),
-        run_dir=RunDirectory(run_dir),
+        run_dir=run_directory(RunLayout(run_dir)),
         training_run_id=RUN_ID,
         emergency=channel,
     )

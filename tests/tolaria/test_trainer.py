@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import torch
 
+from esper.assembly import run_directory
 from esper.kasmina import KasminaSettings, SeedManager
 from esper.leyline import SignatureVerifier, load_settings
+from esper.nissa.layout import RunLayout
 from esper.tolaria.data import Dataset, make_task
 from esper.tolaria.emergency import ChannelTrouble, HaltRequest
 from esper.tolaria.hosts import build_host
-from esper.tolaria.records import RunDirectory
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer, TrainingDiverged
 from esper.urza import BlueprintCatalogue
@@ -87,7 +88,7 @@ def make_trainer(
         manager=manager,
         controller=controller,
         blueprint_ids=catalogue.ids_for("mlp"),
-        run_dir=RunDirectory(run_dir),
+        run_dir=run_directory(RunLayout(run_dir)),
         training_run_id=RUN_ID,
         emergency=channel,
     )

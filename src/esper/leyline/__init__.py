@@ -22,6 +22,7 @@ from esper.leyline.errors import (
     SignatureInvalid,
     StaleMessage,
 )
+from esper.leyline.events import EventSink
 from esper.leyline.messages import (
     parse,
     parse_validated,
@@ -43,6 +44,7 @@ __all__ = [
     "Backoff",
     "CleanupFailed",
     "CleanupStack",
+    "EventSink",
     "Clock",
     "ConfigurationError",
     "ContractVersionMismatch",

@@ -26,9 +26,9 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from esper.leyline import EsperError, pb
+from esper.nissa.layout import RunLayout
 
 STATUSES = ("completed", "failed", "halted", "running", "unknown")
-TAMIYO_STORE = "tamiyo.sqlite3"
 
 
 class RunReadError(EsperError):
@@ -42,7 +42,7 @@ class RunReadError(EsperError):
 
 def is_run_dir(path: Path) -> bool:
     """A folder a run wrote (it has a metrics log or a resolved config)."""
-    return path.is_dir() and ((path / "metrics.jsonl").exists() or (path / "config.json").exists())
+    return path.is_dir() and ((RunLayout(path).metrics).exists() or (RunLayout(path).config).exists())
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -140,10 +140,10 @@ def _parse_time(value: object) -> datetime | None:
 
 
 def _started(path: Path) -> datetime | None:
-    status = _safe_json(path / "status.json")
+    status = _safe_json(RunLayout(path).status)
     if status is not None and (started := _parse_time(status.get("started_at"))) is not None:
         return started
-    for name in ("config.json", "metrics.jsonl"):
+    for name in (RunLayout(path).config.name, RunLayout(path).metrics.name):
         if (path / name).exists():
             return datetime.fromtimestamp((path / name).stat().st_mtime, tz=UTC)
     return None
@@ -158,8 +158,8 @@ def _safe_json(path: Path) -> dict[str, Any] | None:
 
 def run_status(path: Path) -> tuple[str, str | None]:
     """(status, reason) of the run in `path`; see the module's docstring for the rules."""
-    status = read_json(path / "status.json")
-    summary = read_json(path / "summary.json")
+    status = read_json(RunLayout(path).status)
+    summary = read_json(RunLayout(path).summary)
     if status is not None:
         state = str(status.get("status", "unknown"))
         reason = status.get("reason")
@@ -212,19 +212,19 @@ class RunInfo:
 
 
 def _last_metric(path: Path) -> dict[str, Any] | None:
-    metrics = [r for r in read_jsonl(path / "metrics.jsonl") if "validation_accuracy" in r]
+    metrics = [r for r in read_jsonl(RunLayout(path).metrics) if "validation_accuracy" in r]
     return metrics[-1] if metrics else None
 
 
 def run_info(path: Path) -> RunInfo:
     """What `esper runs` shows of one run directory."""
     status, reason = run_status(path)
-    summary = read_json(path / "summary.json") or {}
-    config = read_json(path / "config.json") or {}
+    summary = read_json(RunLayout(path).summary) or {}
+    config = read_json(RunLayout(path).config) or {}
     last = None if "final_val_accuracy" in summary else _last_metric(path)
     accuracy = summary.get("final_val_accuracy", (last or {}).get("validation_accuracy"))
     params_final = summary.get("params_final", (last or {}).get("parameters"))
-    first = read_jsonl(path / "metrics.jsonl")[:1] if "params_initial" not in summary else []
+    first = read_jsonl(RunLayout(path).metrics)[:1] if "params_initial" not in summary else []
     params_initial = summary.get("params_initial", first[0].get("parameters") if first else None)
     steps = summary.get("steps", (last or {}).get("step"))
     return RunInfo(
@@ -254,7 +254,7 @@ def resolve_run(name: str, root: Path) -> Path:
 
 
 def _open_store(path: Path) -> sqlite3.Connection | None:
-    store = path / TAMIYO_STORE
+    store = RunLayout(path).tamiyo_store
     if not store.exists():
         return None
     return sqlite3.connect(f"file:{store}?mode=ro", uri=True)
@@ -287,13 +287,15 @@ def _rows(path: Path, query: str, message_type: Any) -> Iterator[dict[str, Any]]
         try:
             rows = connection.execute(query).fetchall()
         except sqlite3.OperationalError as exc:
-            raise RunReadError(path / TAMIYO_STORE, str(exc)) from exc
+            raise RunReadError(RunLayout(path).tamiyo_store, str(exc)) from exc
     for status, attempts, blob in rows:
         message = message_type()
         try:
             message.ParseFromString(blob)
         except Exception as exc:  # protobuf raises its own DecodeError, not exported by leyline
-            raise RunReadError(path / TAMIYO_STORE, f"undecodable {message_type.__name__}: {exc}") from exc
+            raise RunReadError(
+                RunLayout(path).tamiyo_store, f"undecodable {message_type.__name__}: {exc}"
+            ) from exc
         yield {"outbox_status": status, "outbox_attempts": attempts, **message_columns(message)}
 
 
@@ -324,7 +326,7 @@ def outbox_counts(path: Path) -> dict[str, dict[str, int]]:
             try:
                 rows = connection.execute(f"SELECT status, count(*) FROM {table} GROUP BY status").fetchall()
             except sqlite3.OperationalError as exc:
-                raise RunReadError(path / TAMIYO_STORE, str(exc)) from exc
+                raise RunReadError(RunLayout(path).tamiyo_store, str(exc)) from exc
             counts[table] = {str(status): int(n) for status, n in rows}
     return counts
 
@@ -354,11 +356,11 @@ def load_run(path: Path) -> RunData:
     return RunData(
         path=path,
         info=run_info(path),
-        metrics=read_jsonl(path / "metrics.jsonl"),
-        events=read_jsonl(path / "events.jsonl"),
-        decisions=read_jsonl(path / "decisions.jsonl"),
-        summary=read_json(path / "summary.json"),
-        config=read_json(path / "config.json"),
+        metrics=read_jsonl(RunLayout(path).metrics),
+        events=read_jsonl(RunLayout(path).events),
+        decisions=read_jsonl(RunLayout(path).decisions),
+        summary=read_json(RunLayout(path).summary),
+        config=read_json(RunLayout(path).config),
     )
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import duckdb
 
 from esper.leyline import EsperError
+from esper.nissa.layout import RunLayout
 from esper.nissa.runs import (
     decision_records,
     field_reports,
@@ -42,9 +43,9 @@ class QueryError(EsperError):
 def _loaders() -> dict[str, Callable[[Path], list[dict[str, Any]]]]:
     return {
         "runs": lambda path: [run_info(path).to_json()],
-        "metrics": lambda path: read_jsonl(path / "metrics.jsonl"),
-        "events": lambda path: read_jsonl(path / "events.jsonl"),
-        "decisions": lambda path: read_jsonl(path / "decisions.jsonl"),
+        "metrics": lambda path: read_jsonl(RunLayout(path).metrics),
+        "events": lambda path: read_jsonl(RunLayout(path).events),
+        "decisions": lambda path: read_jsonl(RunLayout(path).decisions),
         "decision_records": decision_records,
         "field_reports": field_reports,
     }

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from esper.leyline.files import write_atomically
+from esper.nissa.layout import RunLayout
 from esper.nissa.runs import RunReadError, is_run_dir, read_jsonl
 
-TENSORBOARD_DIR = "tensorboard"
-CSV_NAME = "metrics.csv"
 _SCALARS = {
     "validation_accuracy": "validation/accuracy",
     "validation_loss": "validation/loss",
@@ -118,9 +117,9 @@ def export_run(run_dir: Path) -> ExportFiles:
     """Write `run_dir/tensorboard/` (event files, replacing earlier exports) and `run_dir/metrics.csv`."""
     if not is_run_dir(run_dir):
         raise RunReadError(run_dir, "not a run directory (no metrics.jsonl or config.json)")
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    events = read_jsonl(run_dir / "events.jsonl")
-    log_dir = run_dir / TENSORBOARD_DIR
+    metrics = read_jsonl(RunLayout(run_dir).metrics)
+    events = read_jsonl(RunLayout(run_dir).events)
+    log_dir = RunLayout(run_dir).tensorboard
     log_dir.mkdir(exist_ok=True)
     for old in log_dir.glob("events.out.tfevents.*"):
         old.unlink()  # an export is regenerated whole: a second export must not double every point
@@ -132,6 +131,6 @@ def export_run(run_dir: Path) -> ExportFiles:
             sink.event(event)
     finally:
         sink.close()
-    csv_path = run_dir / CSV_NAME
+    csv_path = RunLayout(run_dir).metrics_csv
     write_atomically(csv_path, metrics_csv(metrics).encode("utf-8"))
     return ExportFiles(tensorboard_dir=log_dir, csv=csv_path)

@@ -19,6 +19,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
+from esper.nissa.layout import RunLayout
 from esper.nissa.runs import JsonlTail, RunReadError, is_run_dir, outbox_counts, read_json, run_status
 
 DECISIONS_SHOWN = 12
@@ -104,9 +105,9 @@ class RunFollower:
 
     def _start(self) -> None:
         self.state = LiveState()
-        self._metrics = JsonlTail(self.path / "metrics.jsonl")
-        self._events = JsonlTail(self.path / "events.jsonl")
-        self._decisions = JsonlTail(self.path / "decisions.jsonl")
+        self._metrics = JsonlTail(RunLayout(self.path).metrics)
+        self._events = JsonlTail(RunLayout(self.path).events)
+        self._decisions = JsonlTail(RunLayout(self.path).decisions)
 
     def poll(self) -> LiveState:
         """Read what was written since the last poll (from the start again after a log was cut back)."""
@@ -123,7 +124,7 @@ class RunFollower:
             state.add_decision(decision)
         state.outbox = outbox_counts(self.path)
         state.status = run_status(self.path)
-        config = read_json(self.path / "config.json") or {}
+        config = read_json(RunLayout(self.path).config) or {}
         state.run_id = str(config.get("training_run_id") or self.path.name)
         return state
 

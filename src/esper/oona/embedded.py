@@ -21,12 +21,12 @@ from pathlib import Path
 from esper.leyline import (
     SYSTEM_CLOCK,
     Clock,
-    ContractVersionMismatch,
     MalformedMessage,
-    guard_sqlite_contract,
     pb,
     serialize,
 )
+from esper.leyline import sqlite as sqlite_files
+from esper.leyline.sqlite import Migration
 from esper.oona.bus import (
     BusError,
     BusUnavailable,
@@ -58,6 +58,8 @@ _SCHEMA = (
     " consumer TEXT NOT NULL, delivered_ms INTEGER NOT NULL, deliveries INTEGER NOT NULL,"
     " PRIMARY KEY (stream, grp, seq))",
 )
+# A bus file written before migrations were recorded has these tables already: step 1 records them.
+MIGRATIONS = (Migration(1, "streams, messages, groups, consumers and pending deliveries", _SCHEMA),)
 
 
 class EmbeddedBus:
@@ -69,27 +71,18 @@ class EmbeddedBus:
         self._clock = clock
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db: sqlite3.Connection | None = None
         try:
-            self._db: sqlite3.Connection | None = sqlite3.connect(
-                self.path,
-                timeout=settings.busy_timeout_ms / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._db.execute("PRAGMA synchronous=FULL")
-        except sqlite3.Error as exc:
-            raise self._error("open", exc) from exc
-        if str(mode).lower() != "wal":
-            raise BusError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); the bus needs it")
-        try:
-            guard_sqlite_contract(self._db, f"embedded bus {self.path}")
-        except ContractVersionMismatch:
+            self._db = sqlite_files.connect(self.path, timeout_s=settings.busy_timeout_ms / 1000)
+            sqlite_files.configure(self._db, self.path, f"embedded bus {self.path}")
+            sqlite_files.migrate(self._transaction, MIGRATIONS, now_ns=clock.wall_ns)
+        except BaseException as exc:
             self.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._error("open", exc) from exc
+            if isinstance(exc, sqlite_files.WalRefused | sqlite_files.MigrationError):
+                raise BusError(f"{self.path}: {exc}") from exc
             raise
-        with self._transaction("create schema") as db:
-            for statement in _SCHEMA:
-                db.execute(statement)
 
     def __repr__(self) -> str:
         return f"EmbeddedBus({str(self.path)!r})"
@@ -107,20 +100,8 @@ class EmbeddedBus:
         with self._lock:
             if self._db is None:
                 raise BusError(f"{operation}: {self!r} is closed")
-            db = self._db
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise self._error(operation, exc) from exc
-            try:
+            with sqlite_files.transaction(self._db, operation, self._error) as db:
                 yield db
-                db.execute("COMMIT")
-            except BaseException as exc:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise self._error(operation, exc) from exc
-                raise
 
     def _now_ms(self) -> int:
         return self._clock.wall_ns() // 1_000_000

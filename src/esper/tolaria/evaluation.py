@@ -3,12 +3,16 @@ with alpha forced to 0, in the same pass over the validation split (DESIGN §10)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from esper.kasmina import SeedManager
+
+Loss = Callable[[Tensor, Tensor], Tensor]
+"""A training loss: (the host's output, the targets) -> the batch's mean loss, a scalar tensor."""
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,17 @@ class Evaluation:
     contributions: dict[str, Contribution] = field(default_factory=dict)
 
 
-def evaluate(model: nn.Module, manager: SeedManager, x: Tensor, y: Tensor, *, batch_size: int) -> Evaluation:
-    """Evaluate `model` on (x, y) in eval mode, with the counterfactual of every measurable slot."""
+def evaluate(
+    model: nn.Module,
+    manager: SeedManager,
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int,
+    criterion: Loss | None = None,
+) -> Evaluation:
+    """Evaluate `model` on (x, y) in eval mode, with the counterfactual of every measurable slot; the
+    validation loss is `criterion` (cross-entropy by default)."""
     slots = manager.measurable_slots()
     variants: list[str | None] = [None, *slots]
     loss_sum = dict.fromkeys(variants, 0.0)
@@ -46,7 +59,10 @@ def evaluate(model: nn.Module, manager: SeedManager, x: Tensor, y: Tensor, *, ba
                     else:
                         with manager.counterfactual(variant):
                             logits = model(xb)
-                    loss_sum[variant] += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+                    if criterion is None:
+                        loss_sum[variant] += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+                    else:
+                        loss_sum[variant] += float(criterion(logits, yb)) * len(yb)
                     correct[variant] += int((logits.argmax(dim=1) == yb).sum())
     finally:
         model.train(was_training)

@@ -21,6 +21,7 @@ with a halted outcome (the run resumes from that checkpoint); a run that diverge
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from esper.tolaria.checkpoint import Checkpoint, CheckpointError, CheckpointStor
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset
 from esper.tolaria.emergency import ChannelTrouble, EmergencyChannel, HaltRequest
-from esper.tolaria.evaluation import Evaluation, evaluate
+from esper.tolaria.evaluation import Evaluation, Loss, evaluate
 from esper.tolaria.hosts import Host
 from esper.tolaria.optimizer import HOST_GROUP, GroupedAdam
 from esper.tolaria.packet import build_packet
@@ -171,8 +172,10 @@ class Trainer:
         training_run_id: str,
         clock: Clock = SYSTEM_CLOCK,
         emergency: EmergencyChannel | None = None,
+        criterion: Loss | None = None,
     ) -> None:
         self.settings = settings
+        self.criterion = criterion  # the training loss (cross-entropy when None)
         self.dataset = dataset
         self.host = host
         self.manager = manager
@@ -199,6 +202,8 @@ class Trainer:
         # The controller hears of a decision this many steps ahead (0: never).
         self._anticipation_steps = min(settings.anticipation_steps, settings.decision_interval - 1)
         self.decisions = 0
+        # Lifecycle transitions by the stage reached, over the whole run (kept in checkpoints for resume).
+        self.transitions: collections.Counter[str] = collections.Counter()
         self.best_val_accuracy = 0.0
         self.interval_loss_sum = 0.0
         self.interval_loss_count = 0
@@ -277,7 +282,10 @@ class Trainer:
         if not (self._host_in_training and self.host.training):
             self.host.train()
             self._host_in_training = True
-        loss = nn.functional.cross_entropy(self.host(xb), yb)
+        output = self.host(xb)
+        loss = (
+            nn.functional.cross_entropy(output, yb) if self.criterion is None else self.criterion(output, yb)
+        )
         value = float(loss.detach())
         explosion = self._explosion(value)
         if explosion:
@@ -561,6 +569,7 @@ class Trainer:
             "optimizer": optimizer_meta,
             "controller": self.controller.export_state(),
             "logs": self.run_dir.log_sizes(),
+            "transitions": dict(self.transitions),
         }
         self.store.save(
             self.step, tensors, meta, before_commit=self.run_dir.sync_logs, on_durable=self._durable_hook()
@@ -580,6 +589,8 @@ class Trainer:
             return False
         self.run_dir.truncate_logs(checkpoint.meta["logs"])
         self.restore(checkpoint)
+        # Counted over the run's whole life: a rollback (a `restore`) keeps what the abandoned steps did.
+        self.transitions = collections.Counter(checkpoint.meta.get("transitions", {}))
         for error in damaged:  # after the logs are cut back, so the events stay
             self._report_damaged(error)
         return True
@@ -695,6 +706,7 @@ class Trainer:
             self.dataset.x_val,
             self.dataset.y_val,
             batch_size=self.settings.eval_batch_size,
+            criterion=self.criterion,
         )
         self.last_evaluation = evaluation
         return evaluation
@@ -760,7 +772,10 @@ class Trainer:
         for event in events:
             if event.kind == EventKind.TRANSITION and event.to_stage in _STRUCTURAL_STAGES:
                 self._structure_changed = True
-            self.run_dir.events.append({**event.to_json(), "epoch": epoch})
+            record = {**event.to_json(), "epoch": epoch}
+            if record.get("kind") == "transition":
+                self.transitions[str(record["to_stage"])] += 1
+            self.run_dir.events.append(record)
 
     def _log_trainer_event(
         self, kind: str, *, reason: str, detail: dict[str, Any] | None = None, level: str = ""

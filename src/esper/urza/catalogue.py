@@ -23,8 +23,8 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,12 @@ from esper.leyline import (
     Clock,
     ContractVersionMismatch,
     EsperError,
-    guard_sqlite_contract,
     pb,
     serialize,
     timestamp_from_ns,
 )
+from esper.leyline import sqlite as sqlite_files
+from esper.leyline.sqlite import Migration
 from esper.urza.blueprints import (
     BUILTIN_FACTORIES,
     HOST_KINDS,
@@ -65,17 +66,20 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 Listener = Callable[[pb.CatalogueChange], None]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS blueprints (
-    position INTEGER PRIMARY KEY AUTOINCREMENT,
-    blueprint_id TEXT NOT NULL UNIQUE,
-    descriptor BLOB NOT NULL,
-    quarantine_reason TEXT
-);
-CREATE TABLE IF NOT EXISTS seeded (blueprint_id TEXT PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS outbox (revision INTEGER PRIMARY KEY, change BLOB NOT NULL);
-"""
+# A catalogue written before migrations were recorded has these tables already: step 1 records them.
+MIGRATIONS = (
+    Migration(
+        1,
+        "meta, blueprints, seeded, outbox",
+        (
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS blueprints (position INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " blueprint_id TEXT NOT NULL UNIQUE, descriptor BLOB NOT NULL, quarantine_reason TEXT)",
+            "CREATE TABLE IF NOT EXISTS seeded (blueprint_id TEXT PRIMARY KEY)",
+            "CREATE TABLE IF NOT EXISTS outbox (revision INTEGER PRIMARY KEY, change BLOB NOT NULL)",
+        ),
+    ),
+)
 # How long a write waits for another process's lock (sqlite3's default, made explicit).
 BUSY_TIMEOUT_MS = 5_000
 # VM instructions between two checks of a read's deadline.
@@ -127,18 +131,17 @@ class BlueprintCatalogue:
         self._listeners: builtins.list[Listener] = []
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-        )
+        self._db = sqlite_files.connect(self.path, timeout_s=BUSY_TIMEOUT_MS / 1000)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            guard_sqlite_contract(self._db, f"Urza catalogue {self.path}")
-            self._db.executescript(_SCHEMA)
+            sqlite_files.configure(self._db, self.path, f"Urza catalogue {self.path}")
+            sqlite_files.migrate(self._transaction, MIGRATIONS, now_ns=clock.wall_ns)
             self._check_schema()
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise CatalogueCorrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
+        except (sqlite_files.WalRefused, sqlite_files.MigrationError) as exc:
+            self._db.close()
+            raise CatalogueCorrupt(self.path, str(exc)) from exc
         except (CatalogueCorrupt, ContractVersionMismatch):
             self._db.close()
             raise
@@ -370,21 +373,11 @@ class BlueprintCatalogue:
         elif row[0] != SCHEMA_VERSION:
             raise CatalogueCorrupt(self.path, f"schema version {row[0]!r}, expected {SCHEMA_VERSION}")
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.DatabaseError as exc:
-            raise CatalogueCorrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        try:
-            self._db.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
-            raise CatalogueCorrupt(self.path, f"commit failed: {type(exc).__name__}: {exc}") from exc
+    def _transaction(self, operation: str = "write") -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite_files.transaction(self._db, operation, self._error)
+
+    def _error(self, operation: str, exc: sqlite3.Error) -> CatalogueCorrupt:
+        return CatalogueCorrupt(self.path, f"{operation} failed: {type(exc).__name__}: {exc}")
 
     def _bump_revision(self) -> int:
         row = self._query_one("UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb
-from esper.leyline.events import LOG_LEVELS, EventSpec
+from esper.leyline.events import LOG_LEVELS, EventSink, EventSpec
 from esper.oona import Bus, TelemetryPublisher
 
 _log = logging.getLogger("esper.weatherlight")
@@ -69,8 +69,20 @@ class SupervisorEvent:
         _log.log(LOG_LEVELS[self.level], "%s %s: %s %s", who, self.name, self.reason, self.attributes or "")
 
 
-EventSink = Callable[[SupervisorEvent], None]
-"""Receives every event of a supervisor, on the supervisor's thread."""
+SupervisorEventSink = Callable[[SupervisorEvent], None]
+"""Receives every event of a supervisor as its typed record, on the supervisor's thread (the record
+carries its time and service, which the bus packet and the terminal line show; an `esper.leyline`
+`EventSink` receives the same event as name, reason and attributes through `to_sink`)."""
+
+
+def to_sink(sink: EventSink) -> SupervisorEventSink:
+    """`sink`, fed each supervisor event as (name, reason, service=..., **attributes)."""
+
+    def forward(event: SupervisorEvent) -> None:
+        service = {"service": event.service} if event.service else {}
+        sink(event.name, event.reason, **service, **event.attributes)
+
+    return forward
 
 
 def telemetry_packet(event: SupervisorEvent) -> pb.TelemetryPacket:
@@ -91,7 +103,7 @@ def telemetry_packet(event: SupervisorEvent) -> pb.TelemetryPacket:
 
 
 class BusEventPublisher:
-    """An `EventSink` that publishes each event as telemetry on the bus (urgent ones on the emergency
+    """A `SupervisorEventSink` that publishes each event as telemetry on the bus (urgent ones on the emergency
     stream) through Oona's `TelemetryPublisher`: a bus that cannot take the packet does not stop the
     supervisor (the failure is logged with its reason and counted in `failures`)."""
 

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from esper.leyline import SYSTEM_CLOCK, Clock
 from esper.tolaria.emergency import ChannelTrouble, EmergencyChannel, HaltRequest
-from esper.weatherlight.events import EventSink, SupervisorEvent
+from esper.weatherlight.events import SupervisorEvent, SupervisorEventSink
 from esper.weatherlight.health import ServiceHealth, ServiceState, iso_time, write_health
 from esper.weatherlight.services import ServiceSpec
 from esper.weatherlight.settings import WeatherlightSettings
@@ -141,7 +141,7 @@ class Supervisor:
         clock: Clock = SYSTEM_CLOCK,
         sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
-        sinks: Sequence[EventSink] = (),
+        sinks: Sequence[SupervisorEventSink] = (),
         emergency: EmergencyChannel | None = None,
     ) -> None:
         if not services:

@@ -18,8 +18,10 @@ from typing import Self
 from esper.leyline import (
     SYSTEM_CLOCK,
     Clock,
-    guard_sqlite_contract,
+    EventSink,
 )
+from esper.leyline import sqlite as sqlite_files
+from esper.leyline.sqlite import Migration
 from esper.tamiyo.records.errors import (
     StoreClosed,
     StoreCorrupted,
@@ -28,7 +30,7 @@ from esper.tamiyo.records.errors import (
     StoreSchemaError,
     StoreWriteError,
 )
-from esper.tamiyo.records.schema import MIGRATIONS, Migration, StoreEventSink, is_corruption, record_checksum
+from esper.tamiyo.records.schema import MIGRATIONS, record_checksum
 from esper.tamiyo.records.wal import WriteMark
 
 _log = logging.getLogger("esper.tamiyo.store")
@@ -46,7 +48,7 @@ class StoreConnection:
         verify: bool = True,
         busy_timeout_s: float = 5.0,
         migrations: Sequence[Migration] = MIGRATIONS,
-        events: StoreEventSink | None = None,
+        events: EventSink | None = None,
         accept_loss: bool = False,
     ) -> None:
         self.path = Path(path)
@@ -72,16 +74,13 @@ class StoreConnection:
             self._mark.close()
             raise
         try:
-            self._db = sqlite3.connect(
-                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
+            self._db = sqlite_files.connect(self.path, timeout_s=busy_timeout_s)
         except sqlite3.Error as exc:
             self._mark.close()
             raise StoreError(self.path, f"cannot open: {exc}") from exc
         try:
             self._db.create_function("esper_checksum", -1, record_checksum, deterministic=True)
             self._configure(verify)
-            guard_sqlite_contract(self._db, f"Tamiyo store {self.path}")
             if lost is not None:
                 self._accept_loss(*lost)
             self._migrate(migrations)
@@ -108,18 +107,17 @@ class StoreConnection:
     def _configure(self, verify: bool) -> None:
         db = self._connection("open")
         try:
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            db.execute("PRAGMA synchronous=FULL")
             if verify:
                 problems = [row[0] for row in db.execute("PRAGMA quick_check")]
                 if problems != ["ok"]:
                     raise StoreCorrupted(self.path, "; ".join(problems[:5]))
+            sqlite_files.configure(db, self.path, f"Tamiyo store {self.path}")
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
-        if str(mode).lower() != "wal":
-            raise StoreError(self.path, f"SQLite refused WAL mode (got {mode!r}); the store needs it")
+        except sqlite_files.WalRefused as exc:
+            raise StoreError(self.path, str(exc)) from exc
 
-    def emit_to(self, events: StoreEventSink) -> None:
+    def emit_to(self, events: EventSink) -> None:
         """Send this store's events to `events` from now on (a service's telemetry)."""
         self._events = events
 
@@ -128,7 +126,7 @@ class StoreConnection:
         if self._events is None:
             _log.error("%s: %s %s", name, description, attributes)
         else:
-            self._events(name, description, attributes)
+            self._events(name, description, **attributes)
 
     def _find_lost_writes(self, busy_timeout_s: float) -> tuple[int, str] | None:
         """Compare the acknowledged-write mark with what SQLite's recovery finds in the WAL.
@@ -199,30 +197,13 @@ class StoreConnection:
         )
 
     def _migrate(self, migrations: Sequence[Migration]) -> None:
-        supported = migrations[-1].version if migrations else 0
-        with self._transaction("read schema version") as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
-                " name TEXT NOT NULL, applied_at_ns INTEGER NOT NULL)"
-            )
-            applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-        found = max(applied, default=0)
-        if found > supported:
-            raise StoreSchemaError(self.path, found, supported)
-        for migration in migrations:
-            if migration.version in applied:
-                continue
-            try:
-                with self._transaction(f"migration {migration.version}") as db:
-                    for statement in migration.statements:
-                        db.execute(statement)
-                    db.execute(
-                        "INSERT INTO schema_migrations (version, name, applied_at_ns) VALUES (?, ?, ?)",
-                        (migration.version, migration.name, self._clock.wall_ns()),
-                    )
-                    db.execute(f"PRAGMA user_version = {int(migration.version)}")
-            except StoreWriteError as exc:
-                raise StoreSchemaError(self.path, found, supported, str(exc)) from exc
+        try:
+            sqlite_files.migrate(self._transaction, migrations, now_ns=self._clock.wall_ns)
+        except sqlite_files.MigrationError as exc:
+            if exc.cause is not None and not isinstance(exc.cause, StoreWriteError):
+                raise exc.cause from exc  # a damaged file, say: reported as what it is
+            detail = "" if exc.cause is None else str(exc.cause)
+            raise StoreSchemaError(self.path, exc.found, exc.supported, detail) from exc
 
     def _sync_directory(self) -> None:
         # SQLite syncs the directory when it creates the WAL, not when it creates the database file:
@@ -242,31 +223,20 @@ class StoreConnection:
         return self._db
 
     def _error(self, operation: str, exc: sqlite3.Error) -> StoreError:
-        if is_corruption(exc):
+        if sqlite_files.is_corruption(exc):
             return StoreCorrupted(self.path, f"{operation}: {exc}")
         return StoreWriteError(self.path, operation, f"{type(exc).__name__}: {exc}")
 
     @contextmanager
     def _transaction(self, operation: str) -> Iterator[sqlite3.Connection]:
         """One state change: BEGIN IMMEDIATE ... COMMIT, rolled back whole on any failure."""
-        with self._lock:
-            db = self._connection(operation)
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise self._error(operation, exc) from exc
-            try:
-                yield db
-                db.execute("COMMIT")
-                self._advance_mark()
-            except BaseException as exc:
-                if db.in_transaction:
-                    # The original error below is the one to report; SQLite undoes the rest itself.
-                    with suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise self._error(operation, exc) from exc
-                raise
+        with (
+            self._lock,
+            sqlite_files.transaction(
+                self._connection(operation), operation, self._error, on_commit=self._advance_mark
+            ) as db,
+        ):
+            yield db
 
     @contextmanager
     def _statement(self, operation: str) -> Iterator[sqlite3.Connection]:

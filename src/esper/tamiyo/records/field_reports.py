@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import queue
 import uuid
-from collections.abc import Mapping
 
 from esper.leyline import Clock, pb, short_name
 from esper.oona import Bus
@@ -305,8 +304,8 @@ class FieldReports:
                 removed_reports=str(retention.field_reports),
             )
 
-    def _queue_event(self, name: str, description: str, attributes: Mapping[str, str]) -> None:
-        self._queued.put((name, description, dict(attributes)))
+    def _queue_event(self, name: str, description: str, /, **attributes: str) -> None:
+        self._queued.put((name, description, attributes))
 
     def after_decision(
         self,
@@ -351,7 +350,8 @@ class FieldReports:
                 "tamiyo_store_write_failed",
                 f"releasing run {training_run_id} through step {step} failed ({exc}); its records wait for "
                 "the next checkpoint",
-                {"path": str(exc.path), "step": str(step)},
+                path=str(exc.path),
+                step=str(step),
             )
             return
         if self._publisher is not None:

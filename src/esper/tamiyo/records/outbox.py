@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from esper.leyline import Backoff, Clock, EsperError, pb
+from esper.leyline import Backoff, Clock, EsperError, EventSink, pb
 from esper.oona import Bus, BusError, PayloadTooLarge, envelope_for
 from esper.tamiyo.records.errors import StoreCorrupted
 from esper.tamiyo.records.schema import OutboxEntry
@@ -33,7 +32,6 @@ from esper.tamiyo.records.store import TamiyoStore
 from esper.tamiyo.settings import TamiyoSettings
 
 # name, description, attributes: the outbox reports through this, whichever thread it runs on.
-EventSink = Callable[[str, str, Mapping[str, str]], None]
 
 _MESSAGE_TYPES: dict[str, type[pb.FieldReport] | type[pb.DecisionRecord]] = {
     "field_report": pb.FieldReport,
@@ -208,7 +206,7 @@ class FieldReportOutbox:
             "field_report_retry",
             f"{entry.kind} {entry.ref_id} not published (attempt {attempts}): {error}; "
             f"retrying in {delay_ms:.0f} ms",
-            {
+            **{
                 "kind": entry.kind,
                 "ref_id": entry.ref_id,
                 "command_id": entry.command_id,
@@ -229,7 +227,7 @@ class FieldReportOutbox:
         self._events(
             "field_report_drop",
             f"{entry.kind} {entry.ref_id} dropped after {attempts} attempt(s): {reason}",
-            {
+            **{
                 "kind": entry.kind,
                 "ref_id": entry.ref_id,
                 "command_id": entry.command_id,
@@ -289,7 +287,7 @@ class OutboxPublisher:
         self._events(
             "field_report_outbox_failed",
             f"outbox pass failed{unexpected}: {error}; pending entries are retried on the next pass",
-            {"error": error},
+            **{"error": error},
         )
 
     def close(self, timeout_s: float = 5.0) -> None:

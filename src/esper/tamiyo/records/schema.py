@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sqlite3
 import zlib
 from array import array
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -14,6 +13,7 @@ from google.protobuf.message import Message
 from esper.leyline import (
     pb,
 )
+from esper.leyline.sqlite import Migration
 from esper.oona import Streams
 
 OutboxStatus = Literal["pending", "published", "dropped"]
@@ -22,7 +22,6 @@ OUTBOX_STATUSES: tuple[OutboxStatus, ...] = ("pending", "published", "dropped")
 STREAM_OF_KIND: dict[OutboxKind, str] = {"field_report": Streams.FIELD_REPORTS, "decision": Streams.DECISIONS}
 NS_PER_DAY = 86_400 * 1_000_000_000
 M = TypeVar("M", bound=Message)
-StoreEventSink = Callable[[str, str, Mapping[str, str]], None]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -118,15 +117,6 @@ class RetentionResult:
 # ------------------------------------------------------------------------------------------------------
 # Schema and migrations
 # ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Migration:
-    """One step of the schema, applied once, in its own transaction."""
-
-    version: int
-    name: str
-    statements: tuple[str, ...]
 
 
 OUTBOX_STATE = (
@@ -241,14 +231,6 @@ MIGRATIONS += (
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
-
-# sqlite3 messages that mean the file itself is damaged (as opposed to a failed write).
-CORRUPTION_MARKERS = ("malformed", "not a database", "file is encrypted", "corrupt")
-
-
-def is_corruption(exc: sqlite3.Error) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, sqlite3.DatabaseError) and any(marker in text for marker in CORRUPTION_MARKERS)
 
 
 def floats(blob: bytes) -> list[float]:

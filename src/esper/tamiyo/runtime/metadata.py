@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from esper.leyline import EsperError, pb
+from esper.leyline import EsperError, EventSink, pb
 from esper.oona import BusError
 from esper.tamiyo.settings import TamiyoSettings
 from esper.urza import CatalogueChangeFeed, UnknownBlueprint, UrzaError
@@ -45,14 +45,6 @@ class BlueprintSource(Protocol):
 
     def get(self, blueprint_id: str, *, timeout_ms: float | None = None) -> pb.BlueprintDescriptor:
         """The descriptor, `UnknownBlueprint`, or another `UrzaError` (e.g. `CatalogueTimeout`)."""
-        ...
-
-
-class EventSink(Protocol):
-    """Receives the cache's events (`TamiyoTelemetry.emit` is one)."""
-
-    def __call__(self, name: str, description: str, /, **attributes: str) -> object:
-        """Record event `name`."""
         ...
 
 

@@ -209,9 +209,7 @@ class TamiyoService:
             # Catalogue failures (a fetch timeout, lost notifications) are this service's events.
             blueprint_metadata.emit_to(self.telemetry.emit)
         if store is not None:  # damaged records and lost writes are this service's events too
-            store.emit_to(
-                lambda name, description, attributes: self.telemetry.emit(name, description, **attributes)
-            )
+            store.emit_to(self.telemetry.emit)
         self._field_reports: FieldReports | None = None
         self.policy_fit: PolicyFit | None = None  # the last measurement of `prepare`
         self._ahead: BackgroundJob | None = None  # the warm-up `anticipate` started, until accounted for

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from esper.cli import app
-from esper.tolaria.report import (
+from esper.nissa.report import (
     ReportError,
     RunRecord,
     Segment,

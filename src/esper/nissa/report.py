@@ -1,4 +1,5 @@
-"""The run report: a run directory rendered as plots and a short markdown page, written into the run dir.
+"""The run report (Nissa's): a run directory rendered as plots and a short markdown page, written into
+the run dir.
 
 `write_report(run_dir)` reads `metrics.jsonl`, `events.jsonl`, and `summary.json` / `config.json` when they
 exist, and writes `report/accuracy.png` (validation accuracy and loss over training steps, lifecycle
@@ -23,8 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from esper.leyline import EsperError
-
-REPORT_DIR = "report"
+from esper.nissa.layout import REPORT_PAGE, RunLayout
 
 # One colour per stage; the active path goes from cool to warm, retirement in greys.
 STAGE_COLOURS: dict[str, str] = {
@@ -131,17 +131,18 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def read_run(run_dir: Path) -> RunRecord:
     """Load a run directory's logs; a directory without `metrics.jsonl` is not a run."""
+    layout = RunLayout(run_dir)
     if not run_dir.is_dir():
         raise ReportError(run_dir, "no such directory")
-    if not (run_dir / "metrics.jsonl").exists():
-        raise ReportError(run_dir, "no metrics.jsonl: not a run directory")
-    metrics = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if "validation_accuracy" in r]
+    if not layout.metrics.exists():
+        raise ReportError(run_dir, f"no {layout.metrics.name}: not a run directory")
+    metrics = [r for r in _read_jsonl(layout.metrics) if "validation_accuracy" in r]
     record = RunRecord(
         root=run_dir,
         metrics=sorted(metrics, key=lambda r: (int(r["step"]), bool(r.get("final")))),
-        events=_read_jsonl(run_dir / "events.jsonl"),
-        summary=_read_json(run_dir / "summary.json"),
-        config=_read_json(run_dir / "config.json"),
+        events=_read_jsonl(layout.events),
+        summary=_read_json(layout.summary),
+        config=_read_json(layout.config),
     )
     slots: list[str] = []
     for metric in record.metrics:
@@ -425,7 +426,7 @@ def render_markdown(record: RunRecord, segments: list[Segment], images: dict[str
 def write_report(run_dir: Path) -> ReportFiles:
     """Render `run_dir` into `run_dir/report/` and return the files written."""
     record = read_run(run_dir)
-    out = run_dir / REPORT_DIR
+    out = RunLayout(run_dir).report
     out.mkdir(exist_ok=True)
     segments = lifecycle_segments(record)
     images = {
@@ -435,6 +436,6 @@ def write_report(run_dir: Path) -> ReportFiles:
     plot_accuracy_parameters(record, out / images["accuracy_vs_parameters"])
     plot_parameters(record, out / images["parameters"])
     plot_lifecycle(record, segments, out / images["lifecycle"])
-    markdown = out / "report.md"
+    markdown = out / REPORT_PAGE
     markdown.write_text(render_markdown(record, segments, images), encoding="utf-8")
     return ReportFiles(markdown=markdown, images=tuple(out / name for name in images.values()))

@@ -1,0 +1,194 @@
+"""`esper simic`: learn Tamiyo's policy offline (`train`) or from the bus (`serve`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from esper.cli.common import (
+    _log_cleanup_failure,
+    _settings,
+    console,
+    err_console,
+    simic_app,
+)
+from esper.leyline import (
+    CleanupStack,
+    ConfigurationError,
+    EsperError,
+    load_settings,
+    resolve_signing_secret,
+)
+
+
+def _simic_learner(
+    state_dir: Path | None, policy_checkpoint: Path | None, bus: Any, cleanup: CleanupStack, *, publish: bool
+) -> Any:
+    """Simic's learner: the policy of its state directory (or the checkpoint, or an untrained GNN),
+    publishing its accepted updates on `bus` if `publish`. Its graphs are built with the catalogue
+    entries Tamiyo's builder sees (a metadata cache kept fresh from `bus`, closed by `cleanup`)."""
+    from esper.assembly.tamiyo import metadata_cache, open_catalogue
+    from esper.nissa.layout import DataLayout
+    from esper.simic.settings import SimicSettings
+    from esper.simic.state import SimicState
+    from esper.simic.trainer import SimicTrainer, bus_publisher
+    from esper.tamiyo import GNNPolicy
+    from esper.tamiyo.settings import TamiyoSettings
+
+    settings = _settings()
+    tamiyo_settings = load_settings(TamiyoSettings)
+    state = SimicState(state_dir or DataLayout(settings.data_dir).simic)
+    saved = state.load_policy(tamiyo_settings)
+    if saved is not None:
+        policy, sequence = saved
+    elif policy_checkpoint is not None:
+        policy, sequence = GNNPolicy.load(policy_checkpoint, tamiyo_settings), 0
+    else:
+        policy, sequence = GNNPolicy(tamiyo_settings), 0
+    catalogue = open_catalogue(DataLayout(settings.data_dir).catalogue, bus, cleanup)
+    return SimicTrainer(
+        load_settings(SimicSettings),
+        tamiyo_settings,
+        policy,
+        resolve_signing_secret(settings),
+        sequence=sequence,
+        publish=bus_publisher(bus) if publish else None,
+        state=state,
+        blueprint_metadata=metadata_cache(catalogue, tamiyo_settings, bus, cleanup),
+    )
+
+
+def _print_round(result: Any, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    verdict = "[green]published[/]" if result.published else "[yellow]not published[/]"
+    console.print(
+        f"round ({result.mode}): {verdict} {result.version or '-'} (sequence {result.sequence or '-'}, "
+        f"parent {result.parent_version}); {result.transitions} transitions, {result.on_policy} on-policy, "
+        f"{result.heuristic} heuristic; skipped {result.skipped or 'none'}"
+    )
+    for reason in result.reasons:
+        console.print(f"  reason: {reason}")
+    for name, value in sorted(result.metrics.items()):
+        console.print(f"  {name} = {value:.4g}")
+
+
+@simic_app.command("train")
+def simic_train(
+    *,
+    sources: Annotated[
+        list[Path],
+        typer.Option(
+            "--from",
+            help="A run directory (its bus.sqlite3, else the deployment bus filtered to the run's id) or an "
+            "embedded bus file. Repeat for several runs.",
+        ),
+    ],
+    mode: Annotated[
+        str, typer.Option(help="auto (PPO when enough GNN decisions), ppo or imitation.")
+    ] = "auto",
+    state_dir: Annotated[Path | None, typer.Option(help="Simic's state [<ESPER_DATA_DIR>/simic].")] = None,
+    policy_checkpoint: Annotated[
+        Path | None, typer.Option(help="Starting weights when the state directory has none [untrained].")
+    ] = None,
+    publish: Annotated[
+        bool, typer.Option("--publish/--no-publish", help="Publish an accepted update on the deployment bus.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the round as one JSON object.")] = False,
+) -> None:
+    """Train one round offline from recorded runs; a candidate that passes validation is signed, saved
+    in the state directory and (with --publish) published for every running Tamiyo."""
+    import json
+
+    from esper.nissa.layout import RunLayout
+    from esper.oona import BusError, EmbeddedBus, OonaSettings, open_bus
+    from esper.simic.trainer import offline_records
+    from esper.simic.transitions import RecordCollector
+
+    if mode not in ("auto", "ppo", "imitation"):
+        err_console.print(f"[bold red]unknown mode[/] {mode!r}: use auto, ppo or imitation")
+        raise typer.Exit(2)
+    settings = _settings()
+    oona = load_settings(OonaSettings)
+    collector = RecordCollector()
+    try:
+        with CleanupStack(_log_cleanup_failure) as cleanup:
+            deployment = open_bus(settings, oona)
+            cleanup.push("close the bus", deployment.close)
+            for source in sources:
+                bus_file = source if source.is_file() else RunLayout(source).bus
+                if bus_file.is_file():
+                    local = EmbeddedBus(bus_file, oona)
+                    try:
+                        offline_records(local, collector)
+                    finally:
+                        local.close()
+                elif RunLayout(source).config.is_file():
+                    run_id = str(json.loads(RunLayout(source).config.read_text())["training_run_id"])
+                    offline_records(deployment, collector, training_run_id=run_id)
+                else:
+                    raise ConfigurationError(f"{source} is neither a run directory nor a bus file")
+            learner = _simic_learner(state_dir, policy_checkpoint, deployment, cleanup, publish=publish)
+            result = learner.run_round(collector.transitions(learner.settings), mode=mode)  # type: ignore[arg-type]
+    except (EsperError, BusError) as exc:
+        err_console.print(f"[bold red]esper simic train failed[/]: {exc}")
+        raise typer.Exit(1) from exc
+    _print_round(result, as_json)
+
+
+@simic_app.command("serve")
+def simic_serve(
+    state_dir: Annotated[Path | None, typer.Option(help="Simic's state [<ESPER_DATA_DIR>/simic].")] = None,
+    policy_checkpoint: Annotated[
+        Path | None, typer.Option(help="Starting weights when the state directory has none [untrained].")
+    ] = None,
+    group: Annotated[str, typer.Option(help="Consumer group on the decision and report streams.")] = "simic",
+    max_rounds: Annotated[int | None, typer.Option(help="Stop after this many rounds [never].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each round as one JSON object.")] = False,
+) -> None:
+    """Consume decisions and field reports from the bus, train a round every SIMIC_ROUND_MIN_NEW_REPORTS
+    new reports, and publish the updates that pass validation. Ctrl-C or SIGTERM stops it after the
+    current round."""
+    import signal
+    import threading
+
+    from esper.oona import OonaSettings, open_bus
+    from esper.simic.trainer import serve as serve_rounds
+
+    settings = _settings()
+    try:
+        bus = open_bus(settings, load_settings(OonaSettings))
+    except EsperError as exc:
+        err_console.print(f"[bold red]cannot open the bus[/]: {exc}")
+        raise typer.Exit(1) from exc
+    # SIGTERM (how Weatherlight stops a service) ends the loop like Ctrl-C, so the bus is closed cleanly.
+    terminated = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: terminated.set())
+    cleanup = CleanupStack(_log_cleanup_failure)
+    cleanup.push("close the bus", bus.close)
+    try:
+        learner = _simic_learner(state_dir, policy_checkpoint, bus, cleanup, publish=True)
+        console.print(f"simic serving {learner.policy.version} (sequence {learner.sequence}); group {group}")
+        serve_rounds(
+            bus,
+            learner,
+            group=group,
+            max_rounds=max_rounds,
+            should_stop=terminated.is_set,
+            on_round=lambda r: _print_round(r, as_json),
+        )
+        if terminated.is_set():
+            console.print("simic stopped (SIGTERM)")
+    except KeyboardInterrupt:
+        console.print("simic stopped")
+    except EsperError as exc:
+        err_console.print(f"[bold red]esper simic serve failed[/]: {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        cleanup.close()
