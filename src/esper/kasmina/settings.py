@@ -38,6 +38,10 @@ class KasminaSettings(StrictSettings):
     growth_statistics_steps: int = Field(
         default=8, ge=1, le=10_000, description="Backward passes a gradmax widen gathers before it builds."
     )
+    # Stack: a fossilised seed becomes part of the host at the next step and its slot is free again.
+    stack_fossils: bool = Field(
+        default=True, description="Stack fossils into the host so a slot can host seed after seed."
+    )
     # Cull -> embargo -> reset.
     embargo_steps: int = Field(default=40, ge=1, description="Cooldown of a slot after a cull.")
     # Command verification.

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import SYSTEM_CLOCK, CleanupStack, EsperError, SignatureVerifier, pb
+from esper.leyline import SYSTEM_CLOCK, CleanupStack, EsperError, SignatureVerifier
 from esper.tolaria.checkpoint import CheckpointStore
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import (
@@ -263,7 +263,7 @@ def run_experiment(
         if resume and trainer.resume():
             resumed_from = trainer.step
         outcome = _fit(trainer, console, progress, on_epoch)
-    fossilized = sum(1 for s in manager.slot_ids if manager.stage(s) == pb.SEED_STAGE_FOSSILIZED)
+    fossilized = manager.fossilized_count()  # stacked seeds included
     summary = {
         "run_id": config.training_run_id,
         "task": dataset.name,

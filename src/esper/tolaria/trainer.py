@@ -697,9 +697,7 @@ class Trainer:
 
     def _epoch_report(self, epoch: int) -> EpochReport:
         evaluation = self.last_evaluation or self._evaluate()
-        fossilized = sum(
-            1 for s in self.manager.slot_ids if self.manager.stage(s) == pb.SEED_STAGE_FOSSILIZED
-        )
+        fossilized = self.manager.fossilized_count()  # stacked seeds included
         return EpochReport(
             epoch=epoch,
             epochs=self.settings.epochs,
