@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from esper.leyline import load_settings, pb
 from esper.tamiyo import HeuristicPolicy
 from esper.tamiyo.heuristic import HeuristicSettings, WaitOnlyPolicy
+from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.data import Dataset
 from esper.tolaria.hosts import Host, build_host
 from esper.tolaria.run import load_task
@@ -110,7 +112,11 @@ def esper_run(
         policy = WaitOnlyPolicy()
     else:
         init = pb.GROWTH_INIT_RANDOM if policy_name == "random_init" else pb.GROWTH_INIT_GRADMAX
-        policy = HeuristicPolicy(HeuristicSettings(enable_growth=True, widen_init=init))
+        # The heuristic as `esper run` configures it (TAMIYO_HEURISTIC_* apply), growth on.
+        tamiyo = load_settings(TamiyoSettings)
+        policy = HeuristicPolicy(
+            replace(HeuristicSettings.from_tamiyo(tamiyo), enable_growth=True, widen_init=init)
+        )
     trainer = build_trainer(
         dataset=dataset,
         host=host,

@@ -20,7 +20,9 @@ units behind the narrow layer) is preferred on MLP hosts, where it beat the rota
 4. GROW (before GERMINATE, when `enable_growth`): after the same cooldown, while no seed and no growth is
    active, on a growth plateau (as rule 3's, with `growth_min_improvement`: a narrow host improves
    slowly but steadily, and waits for rule 3's plateau most of a run) or while growth pays (the last
-   widen kept gained at least `min_gain_per_parameter`):
+   widen kept gained at least `min_gain_per_parameter`; with `grow_early`, also before any widen was
+   judged, so the host grows from the first decision: a static network spends its compute at full
+   size all along, a grown one is small first, and what it becomes is decided early):
    - WIDEN a layer the topology allows it for (`growth_operations`), whose slot is DORMANT (a widen merges
      into the host only past an empty slot) and that has no block after it: the narrowest first (the
      bottleneck), ties by its slot's gradient norm, then topology order; by `widen_fraction` of its width
@@ -107,13 +109,14 @@ class HeuristicSettings:
     fossilize_min_stage_steps: int = 0
     max_judged_stage_steps: int = 600
     # Growth (rule 4): widen by this fraction of a layer's width, stop a layer below this gain per
-    # added parameter (validation loss, nats, per parameter). Off unless asked for (TAMIYO_HEURISTIC_GROWTH):
-    # benchmarks/growth_vs_static.py does not yet show grown beating a static model of its shape.
+    # added parameter (validation loss, nats, per parameter); `grow_early`: grow from the first decision
+    # while growth pays. `esper run` takes them from TamiyoSettings (TAMIYO_HEURISTIC_*).
     enable_growth: bool = False
     widen_fraction: float = 1.0
     widen_init: int = pb.GROWTH_INIT_GRADMAX
     min_gain_per_parameter: float = 1e-5
     growth_min_improvement: float = 0.10
+    grow_early: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -141,9 +144,15 @@ class HeuristicSettings:
 
     @classmethod
     def from_tamiyo(cls, settings: TamiyoSettings) -> HeuristicSettings:
-        """The heuristic thresholds for a Tamiyo configuration: the defaults, with growth operations
-        as `TAMIYO_HEURISTIC_GROWTH` says."""
-        return cls(enable_growth=settings.heuristic_growth)
+        """The heuristic thresholds for a Tamiyo configuration: the defaults, with growth as the
+        `TAMIYO_HEURISTIC_*` settings say."""
+        return cls(
+            enable_growth=settings.heuristic_growth,
+            grow_early=settings.heuristic_grow_early,
+            widen_fraction=settings.heuristic_widen_fraction,
+            min_gain_per_parameter=settings.heuristic_min_gain_per_parameter,
+            growth_min_improvement=settings.heuristic_growth_min_improvement,
+        )
 
 
 @dataclass(frozen=True)
@@ -282,6 +291,8 @@ class HeuristicPolicy:
                 True,
                 f"growth pays: the last widen gained {self._last_gain:.3g} per parameter",
             )
+        elif not plateau and s.grow_early and not (self._widen_gain or self._widen_stopped):
+            plateau, plateau_reason = True, "growing early: no widen has been judged yet"
         if not plateau:
             return None
         if self._since_germination is not None and self._since_germination < s.germination_cooldown:

@@ -33,6 +33,7 @@ from esper.tolaria.data import (
     make_tokens,
 )
 from esper.tolaria.emergency import EmergencyChannel
+from esper.tolaria.growth_steps import growth_steps
 from esper.tolaria.hosts import HOST_KINDS, build_host
 from esper.tolaria.records import RunDirectory
 from esper.tolaria.settings import TolariaSettings
@@ -286,6 +287,8 @@ def run_experiment(
         "status": "halted" if outcome.halt is not None else "completed",
         "halt": asdict(outcome.halt) if outcome.halt is not None else None,
         **lifecycle_counts(run_dir),
+        # Accuracy and size before and after each growth (widen, deepen, seed), from the run's records.
+        "growth_steps": growth_steps(run_dir.events.read(), run_dir.metrics.read()),
     }
     run_dir.write_json(run_dir.summary_path, summary)
     return summary
