@@ -73,7 +73,7 @@ CASES: dict[str, tuple[str, str, float]] = {
     "tokens:transformer": ("tokens", "transformer", 0.5),
 }
 # The narrow start of each host (TOLARIA_HOST_WIDTH): MLP units, first conv channels, feed-forward units.
-NARROW = {"mlp": 4, "cnn": 3, "conv1d": 4, "transformer": 4}
+NARROW = {"mlp": 4, "cnn": 4, "conv1d": 4, "transformer": 4}
 RUNS = ("grown", "no_growth", "static", "random_init")
 
 
