@@ -52,14 +52,15 @@ def build_trainer(
     catalogue: BlueprintCatalogue,
     work: Path,
     run_id: str,
+    kasmina: KasminaSettings | None = None,
 ) -> Trainer:
     """Tolaria's trainer over `host` with Kasmina's seed manager (growth included), writing its run
-    directory under `work`."""
+    directory under `work`; Kasmina's defaults unless `kasmina` is given."""
     manager = SeedManager(
         host.slots(),
         catalogue,
         SignatureVerifier(SECRET),
-        load_settings(KasminaSettings, environ={}),
+        kasmina or load_settings(KasminaSettings, environ={}),
         training_run_id=run_id,
         host=host,
     )

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from esper.kasmina import KasminaSettings
 from esper.leyline import load_settings, pb
 from esper.tamiyo import HeuristicPolicy
 from esper.tamiyo.heuristic import HeuristicSettings, WaitOnlyPolicy
@@ -125,6 +126,7 @@ def esper_run(
         catalogue=catalogue,
         work=work,
         run_id=run_id,
+        kasmina=load_settings(KasminaSettings),  # as `esper run` resolves it (KASMINA_* apply)
     )
     sizes = _batch_sizes(len(dataset.x_train), settings.batch_size)
     train_step = trainer.train_step

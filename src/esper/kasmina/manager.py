@@ -164,6 +164,13 @@ class SeedManager:
         if not training_run_id:
             raise ValueError("training_run_id is required")
         self.settings = settings
+        # The lifecycle settings of growths: a seed's, with the growths' own dwell times.
+        self._growth_settings = settings.model_copy(
+            update={
+                "min_training_steps": settings.growth_min_training_steps or settings.min_training_steps,
+                "probation_steps": settings.growth_probation_steps or settings.probation_steps,
+            }
+        )
         self.training_run_id = training_run_id
         self._catalogue = catalogue
         self._verifier = verifier
@@ -600,7 +607,7 @@ class SeedManager:
             units=int(spec.units) if op == pb.SEED_OP_WIDEN else 0,
             init=int(spec.init) if op == pb.SEED_OP_WIDEN else 0,
             hidden=int(spec.hidden) if op == pb.SEED_OP_DEEPEN else 0,
-            lifecycle=SeedLifecycle(self.settings),
+            lifecycle=SeedLifecycle(self._growth_settings),
             site=site,
         )
         self._check_growth_fits(growth)
@@ -1178,7 +1185,7 @@ class SeedManager:
                 resize(host, layer_id, self._widths.get(layer_id, base))
             for entry in saved["growths"]:
                 assert host is not None
-                growth = restore_growth(host, self.settings, entry)
+                growth = restore_growth(host, self._growth_settings, entry)
                 self._growths[growth.growth_id] = growth
                 if growth.module is not None:
                     assert self._container is not None
