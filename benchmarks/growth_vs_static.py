@@ -10,7 +10,8 @@ For each case (task, host) and each seed, four runs of the same length:
   grown architecture, without growth;
 - `random_init`: the grown run again with new units' fan-in drawn at random (the control for GradMax).
 
-Figures per run: final validation accuracy, final parameter count, training FLOPs and wall seconds.
+Figures per run: final validation accuracy, final parameter count, training FLOPs, wall seconds, and
+`diverged` (the trainer gave up after repeated loss spikes: the run then scores the model as it was).
 Training FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (the matmuls and convolutions of
 the forward and the backward pass, so attention's products are included and elementwise work is not) on
 sampled steps: the first, every step where the parameter count changed, and every decision interval;
@@ -56,6 +57,7 @@ from esper.tolaria.data import Dataset
 from esper.tolaria.hosts import Host, build_host
 from esper.tolaria.run import load_task
 from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.trainer import TrainingDiverged
 from esper.urza import BlueprintCatalogue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -145,7 +147,13 @@ def esper_run(
 
     trainer.train_step = step  # type: ignore[method-assign]
     started = time.perf_counter()
-    outcome = trainer.fit()
+    try:
+        outcome = trainer.fit()
+        accuracy, diverged = outcome.evaluation.accuracy, 0.0
+    except TrainingDiverged as exc:
+        # Counted, not hidden: the run scores what its model computes where the trainer gave up.
+        print(f"{run_id}: {exc}", file=sys.stderr)
+        accuracy, diverged = _accuracy(host, dataset), 1.0
     seconds = time.perf_counter() - started
     growth = [
         record
@@ -154,11 +162,12 @@ def esper_run(
         and any(op in str(record.get("operation", "")) for op in ("WIDEN", "DEEPEN", "GERMINATE"))
     ]
     return {
-        "accuracy": outcome.evaluation.accuracy,
-        "params": float(outcome.parameters),
+        "accuracy": accuracy,
+        "params": float(host.parameter_count()),
         "flops": counted["flops"],
         "seconds": seconds,
         "growths": float(len(growth)),
+        "diverged": diverged,
     }, host
 
 
@@ -206,6 +215,7 @@ def static_run(grown: Host, case: str, seed: int, *, epochs: int) -> dict[str, A
         "flops": flops,
         "seconds": seconds,
         "growths": 0.0,
+        "diverged": 0.0,
     }
 
 
@@ -254,7 +264,8 @@ def _row(case: str, name: str, figures: dict[str, Any]) -> str:
     return (
         f"{case:19s} {name:11s} accuracy {accuracy['mean']:.4f} ± {accuracy['ci95']:.4f}  "
         f"params {figures['params']['mean']:8.0f}  MFLOPs {figures['flops']['mean'] / 1e6:10.1f}  "
-        f"seconds {figures['seconds']['mean']:6.1f}  growths {figures['growths']['mean']:.1f}"
+        f"seconds {figures['seconds']['mean']:6.1f}  growths {figures['growths']['mean']:.1f}  "
+        f"diverged {figures['diverged']['mean'] * len(figures['per_seed_accuracy']):.0f}"
     )
 
 

@@ -301,3 +301,14 @@ def test_growing_early_widens_at_the_first_decision_until_a_widen_is_judged() ->
     early.restore({**early.state(), "widen_gain": {"fc1": 1e-7}, "last_gain": 1e-7})
     early.restore({**early.state(), "evaluations_since_germination": 10})
     assert early.propose(host_packet(1.0)).action != pb.POLICY_ACTION_WIDEN
+
+
+def test_nothing_new_starts_when_it_could_not_finish_before_the_end_of_the_run() -> None:
+    policy = HeuristicPolicy(HeuristicSettings(enable_growth=True, grow_early=True, last_growth_progress=0.8))
+    late = host_packet(2.0)
+    late.training_metrics["progress"] = 0.9
+    proposal = policy.propose(late)
+    assert proposal.action == pb.POLICY_ACTION_WAIT and "could not finish" in proposal.reason
+    early = host_packet(2.0)
+    early.training_metrics["progress"] = 0.1
+    assert policy.propose(early).action == pb.POLICY_ACTION_WIDEN

@@ -39,6 +39,10 @@ units behind the narrow layer) is preferred on MLP hosts, where it beat the rota
    `<layer>:<w|d><n>`, which is how a growth's layer is read.
 5. Otherwise WAIT.
 
+Rules 3 and 4 start nothing once the run's `progress` (a training metric: the share of its steps done)
+is past `last_growth_progress`: a growth or seed that cannot finish is terminated at the end of the run,
+and a host that trained beside a blending seed loses accuracy when it is taken out.
+
 A contribution counts only when Kasmina measured it (`contribution_measured == 1.0`); a missing metric is
 unmeasured, and an unmeasured seed is never fossilised or culled on its contribution. Slot and blueprint ids
 come from the packet only.
@@ -117,6 +121,7 @@ class HeuristicSettings:
     min_gain_per_parameter: float = 1e-5
     growth_min_improvement: float = 0.10
     grow_early: bool = False
+    last_growth_progress: float = 1.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -137,6 +142,7 @@ class HeuristicSettings:
             and self.min_gain_per_parameter >= 0,
             "growth_min_improvement": math.isfinite(self.growth_min_improvement)
             and self.growth_min_improvement >= 0,
+            "last_growth_progress": 0 <= self.last_growth_progress <= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -152,6 +158,7 @@ class HeuristicSettings:
             widen_fraction=settings.heuristic_widen_fraction,
             min_gain_per_parameter=settings.heuristic_min_gain_per_parameter,
             growth_min_improvement=settings.heuristic_growth_min_improvement,
+            last_growth_progress=settings.heuristic_last_growth_progress,
         )
 
 
@@ -283,7 +290,7 @@ class HeuristicPolicy:
     def _grow(self, packet: pb.SystemStatePacket) -> Proposal | None:
         """Rule 4: a WIDEN or DEEPEN on a plateau, or None to fall through to GERMINATE."""
         s = self.settings
-        if not s.enable_growth:
+        if not s.enable_growth or self._too_late(packet) is not None:
             return None
         plateau, plateau_reason = self._plateau(s.growth_min_improvement)
         if not plateau and self._last_gain is not None and self._last_gain >= s.min_gain_per_parameter:
@@ -401,8 +408,21 @@ class HeuristicPolicy:
             self._widen_stopped.setdefault(growth_layer(state.slot_id), reason)
             self._last_gain = None
 
+    def _too_late(self, packet: pb.SystemStatePacket) -> str | None:
+        """Why nothing new may start this late in the run, or None."""
+        progress = packet.training_metrics.get("progress")
+        if progress is not None and progress > self.settings.last_growth_progress:
+            return (
+                f"{progress:.0%} of the run is done (past {self.settings.last_growth_progress:.0%}): "
+                "a growth started now could not finish"
+            )
+        return None
+
     def _germinate(self, packet: pb.SystemStatePacket) -> Proposal:
         s = self.settings
+        late = self._too_late(packet)
+        if late is not None:
+            return self._wait(late)
         plateau, plateau_reason = self._plateau()
         if not plateau:
             return self._wait(plateau_reason)

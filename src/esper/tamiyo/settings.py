@@ -64,6 +64,12 @@ class TamiyoSettings(StrictSettings):
         description="A layer stops widening once its last kept widen lowered the validation loss by less "
         "than this per added parameter (nats per parameter).",
     )
+    heuristic_last_growth_progress: float = Field(
+        default=0.85,
+        ge=0.0,
+        le=1.0,
+        description="The heuristic starts no growth or seed once this share of the run's steps is done.",
+    )
     heuristic_growth_min_improvement: float = Field(
         default=0.10,
         ge=0.0,
