@@ -16,7 +16,7 @@ from torch import nn
 from esper.kasmina import KasminaSettings, SeedManager
 from esper.leyline import SignatureVerifier, load_settings
 from esper.tamiyo import HeuristicPolicy, TamiyoService
-from esper.tamiyo.heuristic import WaitOnlyPolicy
+from esper.tamiyo.model.heuristic import WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController
 from esper.tolaria.data import Dataset
@@ -32,15 +32,29 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def bound_controller(
-    policy: HeuristicPolicy | WaitOnlyPolicy, *, step_timeout_ms: float | None = None
+    policy: HeuristicPolicy | WaitOnlyPolicy,
+    *,
+    step_timeout_ms: float | None = None,
+    pipelined: bool = False,
 ) -> BoundController:
-    """Tamiyo's service with `policy`, bound for Tolaria (decisions taken at submit, as a BoundController
-    without start/finish does). `step_timeout_ms` overrides the budget where a benchmark measures growth,
-    not latency, on a shared machine."""
+    """Tamiyo's service with `policy`, bound for Tolaria: decisions taken at submit (as a BoundController
+    without start/finish does), or, `pipelined`, submitted and collected `decision_lag_steps` later as
+    `esper run` binds it. `step_timeout_ms` overrides the budget where a benchmark measures growth, not
+    latency, on a shared machine."""
     overrides = {} if step_timeout_ms is None else {"step_timeout_ms": step_timeout_ms}
     settings = load_settings(TamiyoSettings, environ={}, **overrides)
     service = TamiyoService(settings, policy, SECRET)
-    return BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore)
+    if not pipelined:
+        return BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore)
+    return BoundController(
+        decide=service.evaluate_step,
+        save=policy.state,
+        load=policy.restore,
+        start=service.submit,
+        finish=service.collect,
+        release=service.checkpointed,
+        rewind=service.rewound,
+    )
 
 
 def build_trainer(

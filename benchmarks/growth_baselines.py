@@ -32,7 +32,7 @@ import torch
 from bench_support import bound_controller, build_trainer, mean_ci95
 from esper.leyline import load_settings, pb
 from esper.tamiyo import HeuristicPolicy
-from esper.tamiyo.heuristic import WaitOnlyPolicy
+from esper.tamiyo.model.heuristic import WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController
 from esper.tolaria.hosts import build_host

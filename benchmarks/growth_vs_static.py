@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from esper.kasmina import KasminaSettings
 from esper.leyline import load_settings, pb
 from esper.tamiyo import HeuristicPolicy
-from esper.tamiyo.heuristic import HeuristicSettings, WaitOnlyPolicy
+from esper.tamiyo.model.heuristic import HeuristicSettings, WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.data import Dataset
 from esper.tolaria.hosts import Host, build_host

@@ -40,14 +40,14 @@ from esper.oona import EmbeddedBus, OonaSettings
 from esper.simic.settings import SimicSettings
 from esper.simic.trainer import RoundResult, SimicTrainer, offline_records
 from esper.simic.transitions import RecordCollector
-from esper.tamiyo.gnn import TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA
-from esper.tamiyo.heuristic import HeuristicPolicy
-from esper.tamiyo.policy import GNNPolicy
-from esper.tamiyo.proposal import Policy, Proposal
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.gnn import TamiyoGNNConfig
+from esper.tamiyo.model.heuristic import HeuristicPolicy
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.proposal import Policy, Proposal
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA
+from esper.tamiyo.records.store import TamiyoStore
+from esper.tamiyo.runtime.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.store import TamiyoStore
 from esper.tolaria.controller import BoundController
 from esper.tolaria.data import make_task
 from esper.tolaria.hosts import build_host
@@ -69,6 +69,16 @@ class WaitOnly:
     def propose(self, packet: pb.SystemStatePacket) -> Proposal:
         del packet
         return Proposal(action=pb.POLICY_ACTION_WAIT, reason="wait-only control")
+
+    def warm_up(self) -> None:
+        """Nothing to warm up."""
+
+    def state(self) -> dict[str, Any]:
+        """No state."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Nothing to restore."""
 
 
 def run_task(

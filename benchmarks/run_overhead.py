@@ -10,8 +10,11 @@ For each case (task:host) and repetition, in one process:
 Ratios are esper / plain (and wait / plain-of-the-initial-host) per repetition; the median is reported.
 Then one instrumented run of each shows where the time goes, per step: forward, backward, optimizer,
 Kasmina (observe_backward, advance, events, parameter changes), evaluation, decision, checkpoint, records,
-and the rest of the trainer's Python. Instrumentation adds its own cost; the ratios come from the
-uninstrumented runs.
+and the rest of the trainer's Python, with how often each was entered (checkpoints taken, decisions).
+Instrumentation adds its own cost; the ratios come from the uninstrumented runs. The controller is
+Tamiyo's service with its decisions pipelined (submit, then collect `TOLARIA_DECISION_LAG_STEPS` later), as
+`esper run` binds it. The load average (1, 5, 15 min) is recorded before and after each case: the ratios
+mean something only on a machine where this is the one busy process.
 
     .venv/bin/python benchmarks/run_overhead.py [--repeats 3] [--epochs 20]
         [--cases digits:mlp digits:cnn generated:mlp]
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -39,7 +43,7 @@ from torch import nn
 from bench_support import bound_controller, build_trainer, reinitialised
 from esper.leyline import load_settings
 from esper.tamiyo import HeuristicPolicy
-from esper.tamiyo.heuristic import WaitOnlyPolicy
+from esper.tamiyo.model.heuristic import WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController, Controller
 from esper.tolaria.data import Dataset
@@ -58,6 +62,7 @@ class PhaseClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
         self._stack: list[tuple[str, float]] = []
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,6 +74,7 @@ class PhaseClock:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        self.calls[name] += 1
         now = time.perf_counter()
         if self._stack:
             outer, since = self._stack[-1]
@@ -96,9 +102,11 @@ def timed_backward(clock: PhaseClock) -> Iterator[None]:
 
 
 def controller(policy: str) -> BoundController:
-    """Tamiyo's service with the heuristic or WAIT-only policy, at the default budget of `esper run`."""
+    """Tamiyo's service with the heuristic or WAIT-only policy, at the default budget of `esper run`, bound
+    as `esper run` binds it: decisions submitted, then collected `decision_lag_steps` later."""
     settings = load_settings(TamiyoSettings, environ={})
-    return bound_controller(HeuristicPolicy(settings) if policy == "heuristic" else WaitOnlyPolicy())
+    chosen = HeuristicPolicy(settings) if policy == "heuristic" else WaitOnlyPolicy()
+    return bound_controller(chosen, pipelined=True)
 
 
 class TimedController:
@@ -224,10 +232,16 @@ def per_step(clock: PhaseClock, steps: int) -> dict[str, float]:
     return {name: 1e6 * seconds / steps for name, seconds in sorted(clock.seconds.items())}
 
 
+def load_average() -> list[float]:
+    """The machine's load average over 1, 5 and 15 minutes."""
+    return [round(value, 2) for value in os.getloadavg()]
+
+
 def run_case(
     case: str, repeats: int, epochs: int, catalogue: BlueprintCatalogue, work: Path
 ) -> dict[str, Any]:
     task, kind = case.split(":")
+    load_before = load_average()
     settings = load_settings(TolariaSettings, environ={}, epochs=epochs)
     torch.set_num_threads(settings.threads)
     dataset = load_task(task, kind, seed=settings.seed, difficulty=0.5)
@@ -258,6 +272,7 @@ def run_case(
         with timed_backward(clock):
             trainer.fit()
         breakdown[f"esper_{policy}_us_per_step"] = per_step(clock, trainer.total_steps)
+        breakdown[f"esper_{policy}_calls"] = dict(sorted(clock.calls.items()))
         plain_clock = PhaseClock()
         with timed_backward(plain_clock), plain_clock.phase("loop_python"):
             plain_loop(reinitialised(trainer.host), dataset, settings, plain_clock)
@@ -273,6 +288,9 @@ def run_case(
         "wait_vs_plain": wait_ratios,
         "wait_vs_plain_median": statistics.median(wait_ratios),
         "meets_target": statistics.median(esper_ratios) <= TARGET,
+        "wait_meets_target": statistics.median(wait_ratios) <= TARGET,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
         **breakdown,
     }
 
@@ -293,12 +311,21 @@ def main() -> None:
                 print(
                     f"{case:14s} esper/plain {result['esper_vs_plain_median']:.2f}x "
                     f"(wait/plain {result['wait_vs_plain_median']:.2f}x), "
-                    f"{result['steps']} steps, final params {result['final_params']}"
+                    f"{result['steps']} steps, final params {result['final_params']}, "
+                    f"load {result['load_average_before']} -> {result['load_average_after']}"
                 )
-                for side in ("esper_heuristic", "plain_heuristic"):
+                for side in ("esper_heuristic", "plain_heuristic", "esper_wait"):
                     parts = ", ".join(f"{k} {v:.0f}" for k, v in result[f"{side}_us_per_step"].items())
                     print(f"    {side} us/step: {parts}")
-    print(json.dumps({"benchmark": "run_overhead", "target": TARGET, "cases": results}))
+    summary = {
+        "benchmark": "run_overhead",
+        "target": TARGET,
+        "repeats": args.repeats,
+        "epochs": args.epochs,
+        "cpu_count": os.cpu_count(),
+        "cases": results,
+    }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from esper.leyline import pb, serialize
-from esper.tamiyo.store import TamiyoStore
+from esper.tamiyo.records.store import TamiyoStore
 
 
 def sample_report(number: int, prefix: str) -> pb.FieldReport:

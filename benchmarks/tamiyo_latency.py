@@ -45,9 +45,9 @@ import torch
 
 from esper.leyline import pb
 from esper.tamiyo import GNNPolicy, HeuristicPolicy, TamiyoService
-from esper.tamiyo.proposal import Policy
+from esper.tamiyo.model.proposal import Policy
+from esper.tamiyo.runtime.worker import DeadlineExceeded, WorkerSaturated
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.worker import DeadlineExceeded, WorkerSaturated
 from esper.tolaria.settings import TolariaSettings
 
 SECRET = b"tamiyo-latency-benchmark-secret-0123"

@@ -1,12 +1,14 @@
 """Fixtures shared by every test package: a private Redis server and a bus of either backend.
 
 Redis tests need a `redis-server` binary. Without one they are skipped, unless `REDIS_TESTS_REQUIRED=1`
-(CI sets it): then they fail, because a skipped conformance run on Redis proves nothing.
+(CI sets it): then they fail, because a skipped conformance run on Redis proves nothing. The dashboard's
+browser tests need Chromium, on the same terms (`CHROMIUM_TESTS_REQUIRED=1`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from esper.oona import Bus, OonaSettings, open_bus
 from esper.oona.local_redis import LocalRedisServer, RedisServerMissing
 
 REDIS_REQUIRED = os.environ.get("REDIS_TESTS_REQUIRED") == "1"
+CHROMIUM_REQUIRED = os.environ.get("CHROMIUM_TESTS_REQUIRED") == "1"
 
 # No per-example time limit in property tests: timing is measured by benchmarks, and on a loaded test
 # machine a preempted example would otherwise fail a test that is correct.
@@ -36,6 +39,18 @@ def local_redis(workdir: Path, port: int | None = None) -> LocalRedisServer:
         if REDIS_REQUIRED:
             pytest.fail(f"REDIS_TESTS_REQUIRED=1 but Redis tests cannot run: {exc}", pytrace=False)
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """A Chromium for headless browser tests; skips the test, or fails it in CI, if none is installed."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    if CHROMIUM_REQUIRED:
+        pytest.fail("CHROMIUM_TESTS_REQUIRED=1 but no chromium binary is on PATH", pytrace=False)
+    pytest.skip("no chromium binary on PATH")
 
 
 @pytest.fixture(scope="session")

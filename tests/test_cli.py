@@ -103,7 +103,7 @@ def test_a_policy_that_cannot_meet_the_budget_is_announced_on_the_terminal_once(
 
     from esper.cli import _announcing_misfit
     from esper.leyline import pb
-    from esper.tamiyo.service import PolicyFit
+    from esper.tamiyo.runtime.service import PolicyFit
 
     misfit = PolicyFit(measured_ms=4.0, allowed_ms=2.5, budget_ms=5.0, runs=16, policy_size="full")
     fit = PolicyFit(measured_ms=1.0, allowed_ms=2.5, budget_ms=5.0, runs=16, policy_size="default")

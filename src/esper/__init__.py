@@ -1,7 +1,22 @@
 """Esper grows neural networks while they train.
 
 Subsystems live in their own packages (see DESIGN.md, "Who may import whom"); the composition roots are
-`esper.cli` and `esper.weatherlight`.
+`esper.cli` and `esper.weatherlight`. The public Python surface is small and imported on first use, so
+`import esper` loads neither PyTorch nor PyG: `esper.GrowthPoint` marks where a user's model may grow,
+`esper.adapt_model` turns a user's `nn.Module` into a host Esper can grow.
 """
 
+from typing import TYPE_CHECKING
+
+from esper.common.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from esper.tolaria.adapt import GrowthPoint, adapt_model
+
 __version__ = "0.1.0"
+
+__getattr__ = lazy_exports(
+    __name__, {"GrowthPoint": "esper.tolaria.adapt", "adapt_model": "esper.tolaria.adapt"}
+)
+
+__all__ = ["GrowthPoint", "__version__", "adapt_model"]

@@ -13,6 +13,9 @@ import typer
 from rich.console import Console
 
 import esper
+from esper import cli_export
+from esper.cli_observe import print_table, write_exports
+from esper.cli_observe import register as register_observing
 from esper.leyline import (
     CleanupFailed,
     CleanupStack,
@@ -28,16 +31,18 @@ from esper.leyline import (
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from esper.tamiyo.metadata import BlueprintMetadataCache
-    from esper.tamiyo.proposal import Policy
-    from esper.tamiyo.service import TamiyoService
+    from esper.tamiyo import (
+        BlueprintMetadataCache,
+        Policy,
+        PolicyUpdateFeed,
+        PolicyUpdateIntake,
+        TamiyoService,
+    )
     from esper.tamiyo.settings import TamiyoSettings
-    from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
     from esper.tolaria.controller import Controller
 
 app = typer.Typer(
     name="esper",
-    help="Esper grows neural networks while they train.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -53,6 +58,8 @@ blueprints_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(blueprints_app, name="blueprints")
+register_observing(app)  # runs, sql, compare, watch, tensorboard, dashboard; -h
+cli_export.register(app)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -101,13 +108,28 @@ def _run_log(run_dir: Path) -> Callable[[], None]:
     return undo
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"esper {esper.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show internal events and logs on the terminal.")
     ] = False,
+    _version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+    ] = False,
 ) -> None:
-    """Esper grows neural networks while they train."""
+    """Esper grows neural networks while they train.
+
+    Exit status of every command: 0 done; 1 failed; 2 bad input or configuration; 3 run halted.
+
+    Errors go to stderr as "<what failed>: <why>"; a halted run says how to resume it.
+    """
     _Verbosity.verbose = verbose
     _terminal_log(logging.INFO if verbose else logging.WARNING)
 
@@ -132,7 +154,7 @@ def _blueprint_metadata(
     import atexit
 
     from esper.oona import OonaSettings, open_bus
-    from esper.tamiyo.metadata import BlueprintMetadataCache
+    from esper.tamiyo import BlueprintMetadataCache
     from esper.urza import BlueprintCatalogue, BusChangePublisher, CatalogueChangeFeed, NotificationFailed
 
     settings = _settings()
@@ -236,7 +258,7 @@ def settings_command(
             shown = "(set)" if "secret" in name and value is not None else _setting_text(value)
             style = "bold" if shown != default else ""
             table.add_row(variable, f"[{style}]{shown}[/]" if style else shown, default, description)
-    console.print(table)
+    print_table(table)
 
 
 def _setting_text(value: object) -> str:
@@ -340,8 +362,7 @@ def _load_gnn(checkpoint: Path, settings: TamiyoSettings, inputs: dict[str, Any]
     (truncated, say) is a ConfigurationError naming it, whatever the decoder raised."""
     from safetensors import SafetensorError
 
-    from esper.tamiyo import GNNPolicy
-    from esper.tamiyo.payload import CheckpointIncompatible
+    from esper.tamiyo import CheckpointIncompatible, GNNPolicy
 
     try:
         return GNNPolicy.load(checkpoint, settings, **inputs)
@@ -359,7 +380,7 @@ class _TamiyoRunState:
 
     def __init__(self, run_dir: Path, settings: EsperSettings) -> None:
         from esper.oona import OonaSettings, open_bus
-        from esper.tamiyo.store import TamiyoStore
+        from esper.tamiyo import TamiyoStore
 
         self.store = TamiyoStore(run_dir / "tamiyo.sqlite3")
         try:
@@ -450,7 +471,7 @@ def _policy_intake(
 ) -> PolicyUpdateIntake:
     """P3 for a run: policy updates from the deployment's bus, polled between decisions (outside the
     deadline), swapped in with probation; accepted weights are archived in RUN_DIR/policies for --resume."""
-    from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
+    from esper.tamiyo import PolicyUpdateFeed, PolicyUpdateIntake
 
     if durable is None:
         return PolicyUpdateIntake(service, policy, secret, settings)
@@ -470,7 +491,7 @@ def _policy_intake(
 
 def _hint_for_deadline_misses(exc: EsperError) -> None:
     """Tell the operator which knobs apply when a run ended on missed decision deadlines."""
-    from esper.tamiyo.worker import DeadlineExceeded
+    from esper.tamiyo import DeadlineExceeded
 
     if isinstance(getattr(exc, "last_error", None), DeadlineExceeded):
         err_console.print(
@@ -786,6 +807,7 @@ def run(
         except ReportError as exc:
             err_console.print(f"[bold red]the run finished but its report failed[/]: {exc}")
             raise typer.Exit(1) from exc
+        write_exports(config.run_dir)  # TensorBoard event files and metrics.csv
     if summary["status"] == "halted":
         halt = summary["halt"]
         err_console.print(
@@ -955,7 +977,7 @@ def _print_health(path: Path, as_json: bool) -> None:
             shown("last_change"),
             reason,
         )
-    console.print(table)
+    print_table(table)
 
 
 @app.command()
@@ -998,7 +1020,7 @@ def _print_field_reports(run_dir: Path, outcome: str | None, status: str | None,
     from rich.table import Table
 
     from esper.leyline import ContractViolation, from_short_name, pb, short_name
-    from esper.tamiyo.store import OUTBOX_STATUSES, StoreError, TamiyoStore
+    from esper.tamiyo import OUTBOX_STATUSES, StoreError, TamiyoStore
 
     if status is not None and status not in OUTBOX_STATUSES:
         err_console.print(
@@ -1051,7 +1073,7 @@ def _print_field_reports(run_dir: Path, outcome: str | None, status: str | None,
             str(report.observation_window_epochs),
             s.status if s.status != "dropped" else f"dropped: {s.last_error}",
         )
-    console.print(table)
+    print_table(table)
 
 
 @blueprints_app.callback(invoke_without_command=True)
@@ -1110,7 +1132,7 @@ def blueprints(
             f"yes: {entry['quarantine_reason']}" if entry["quarantine"] else "no",
             str(entry["description"]),
         )
-    console.print(table)
+    print_table(table)
 
 
 def _change_catalogue(verb: str, blueprint_id: str, reason: str | None) -> None:
@@ -1377,7 +1399,7 @@ def bus_stats(
                 pending,
                 str(s.dead_letters) if first else "",
             )
-    console.print(table)
+    print_table(table)
 
 
 @policy_app.command("show")
@@ -1391,7 +1413,7 @@ def policy_show(
     from rich.table import Table
 
     from esper.simic.state import SimicState
-    from esper.tamiyo.payload import PolicyUpdateRejected, read_payload_header
+    from esper.tamiyo import PolicyUpdateRejected, read_payload_header
 
     root = state_dir or _settings().data_dir / "simic"
     if not root.is_dir():
@@ -1437,7 +1459,7 @@ def policy_show(
             figure(metrics.get("validation.action_kl")),
             figure(held_out),
         )
-    console.print(table)
+    print_table(table)
     refused = [r for r in rounds if not r["published"]]
     if refused:
         last = refused[-1]

@@ -16,7 +16,7 @@ from typing import Any
 
 from esper.cli import app
 from esper.leyline import pb
-from esper.tamiyo.field_reports import FieldReports
+from esper.tamiyo.records.field_reports import FieldReports
 
 
 def _kill_at(step: int) -> None:

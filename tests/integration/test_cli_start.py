@@ -145,12 +145,12 @@ def test_a_disk_error_while_starting_is_reported_without_a_traceback(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What the up-front checks cannot see (as root, or a disk that fills up) still ends in a message."""
-    import esper.tamiyo.store
+    import esper.tamiyo.records.store
 
     def read_only_disk(*args: Any, **kwargs: Any) -> None:
         raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "tamiyo.sqlite3"))
 
-    monkeypatch.setattr(esper.tamiyo.store.TamiyoStore, "__init__", read_only_disk)
+    monkeypatch.setattr(esper.tamiyo.records.store.TamiyoStore, "__init__", read_only_disk)
     assert_clear_failure(run("--run-dir", str(tmp_path / "run")), 1, "Permission denied")
     assert not (tmp_path / "run").exists()
 

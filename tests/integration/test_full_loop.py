@@ -24,11 +24,12 @@ from esper.leyline import SignatureVerifier, pb
 from esper.oona import EmbeddedBus, OonaSettings, Streams
 from esper.simic.settings import SimicSettings
 from esper.simic.trainer import RoundResult, SimicTrainer, bus_publisher, offline_records
-from esper.tamiyo.policy import GNNPolicy
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.records.store import TamiyoStore
+from esper.tamiyo.runtime.service import TamiyoService
+from esper.tamiyo.runtime.update_feed import PolicyUpdateFeed
+from esper.tamiyo.runtime.updates import PolicyUpdateIntake
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.store import TamiyoStore
-from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
 from esper.tolaria.controller import BoundController
 from esper.tolaria.hosts import build_host
 from esper.tolaria.records import RunDirectory
@@ -94,7 +95,7 @@ def test_train_decide_report_learn_swap_and_train_again(tmp_path: Path) -> None:
             host=host,
             manager=manager,
             controller=BoundController(
-                decide=intake.evaluate_step, save=intake.export_state, load=intake.restore_state
+                decide=service.evaluate_step, save=service.export_state, load=service.restore_state
             ),
             blueprint_ids=catalogue.ids_for("mlp"),
             run_dir=RunDirectory(cfg.run_dir),

@@ -287,7 +287,7 @@ def test_the_controller_warms_up_once_per_topology_before_deciding(
 
 def test_the_wait_only_control_trains_the_same_host_without_growing_it(tmp_path: Path) -> None:
     from esper.tamiyo import TamiyoService
-    from esper.tamiyo.heuristic import WaitOnlyPolicy
+    from esper.tamiyo.model.heuristic import WaitOnlyPolicy
     from esper.tamiyo.settings import TamiyoSettings
     from esper.tolaria.controller import BoundController
 

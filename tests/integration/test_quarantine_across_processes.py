@@ -14,9 +14,9 @@ import pytest
 
 from esper.leyline import EsperSettings, load_settings, pb
 from esper.oona import open_bus
-from esper.tamiyo.metadata import BlueprintMetadataCache
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.runtime.metadata import BlueprintMetadataCache
+from esper.tamiyo.runtime.service import TamiyoService
 from esper.urza import BlueprintCatalogue, CatalogueChangeFeed
 from tests.conftest import fast_oona_settings
 from tests.tamiyo.packets import SECRET, ScriptedPolicy, make_packet, settings

@@ -19,7 +19,7 @@ import pytest
 
 from esper.leyline import EsperSettings, load_settings, pb
 from esper.oona import OonaSettings, Streams, open_bus, open_envelope
-from esper.tamiyo.store import TamiyoStore
+from esper.tamiyo.records.store import TamiyoStore
 
 REPO = Path(__file__).resolve().parents[2]
 # digits on the MLP: 23 steps an epoch, checkpoints at 0, 23, 46, 69, 92; decisions every 5 steps. The
@@ -61,6 +61,9 @@ def test_a_killed_and_resumed_run_publishes_nothing_of_the_abandoned_steps(tmp_p
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
         "ESPER_DATA_DIR": str(tmp_path / "data"),
         "ESPER_SIGNING_SECRET": "resume-timeline-secret-0123456789",
+        # a checkpoint every epoch (by default only by the clock and after structural changes), so that the
+        # kill lands with decisions past the last one
+        "TOLARIA_CHECKPOINT_EVERY_EPOCHS": "1",
     }
     run_dir = tmp_path / "run"
     killed = _esper(env, run_dir, kill_at=KILL_AT)

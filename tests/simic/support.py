@@ -6,10 +6,10 @@ import uuid
 
 from esper.leyline import pb
 from esper.simic.reward import ACCURACY_DELTA, LOSS_DELTA, PARAM_DELTA
-from esper.tamiyo.heuristic import HeuristicPolicy, HeuristicSettings
-from esper.tamiyo.normalizer_state import statistics_to_proto
-from esper.tamiyo.policy import GNNPolicy
-from esper.tamiyo.proposal import Policy, Proposal
+from esper.tamiyo.model.heuristic import HeuristicPolicy, HeuristicSettings
+from esper.tamiyo.model.normalizer_state import statistics_to_proto
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.proposal import Policy, Proposal
 from tests.tamiyo.packets import make_packet
 
 # The synthetic world pays for germinating (and a little for culling), nothing for waiting.

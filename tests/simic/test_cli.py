@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from esper.cli import app
 from esper.leyline import pb
 from esper.oona import EmbeddedBus, OonaSettings, Streams, envelope_for
-from esper.tamiyo.policy import GNNPolicy
+from esper.tamiyo.model.policy import GNNPolicy
 from tests.simic.support import gnn_records
 from tests.tamiyo.packets import settings
 

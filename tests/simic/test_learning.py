@@ -26,10 +26,12 @@ from esper.simic.settings import SimicSettings
 from esper.simic.trainer import SimicState, SimicTrainer, bus_publisher, offline_records, serve
 from esper.simic.transitions import RecordCollector, build_samples
 from esper.simic.validation import agreement, choice_log_probs, validate_candidate
-from esper.tamiyo.graph import TAMIYO_SCHEMA, GraphBuilder
-from esper.tamiyo.policy import GNNPolicy
-from esper.tamiyo.service import TamiyoService
-from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateIntake
+from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA
+from esper.tamiyo.runtime.service import TamiyoService
+from esper.tamiyo.runtime.update_feed import PolicyUpdateFeed
+from esper.tamiyo.runtime.updates import PolicyUpdateIntake
 from tests.simic.support import gnn_records, heuristic_records, packet_at
 from tests.tamiyo.packets import SECRET, SMALL, settings, small_policy
 

@@ -37,7 +37,8 @@ def test_simic_loads_its_policy_at_the_deployments_size_and_refuses_another(tmp_
     from safetensors.torch import load as load_safetensors
     from safetensors.torch import save as save_safetensors
 
-    from esper.tamiyo.policy import CheckpointIncompatible, GNNPolicy, read_safetensors_header
+    from esper.tamiyo.model.checkpoint import CheckpointIncompatible, read_safetensors_header
+    from esper.tamiyo.model.policy import GNNPolicy
     from esper.tamiyo.settings import TamiyoSettings
 
     full = TamiyoSettings(policy_size="full")

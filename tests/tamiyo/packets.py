@@ -3,15 +3,48 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
 from esper.leyline import pb
-from esper.tamiyo.gnn import TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA
-from esper.tamiyo.policy import GNNPolicy
-from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.model.gnn import TamiyoGNNConfig
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA
 from esper.tamiyo.settings import TamiyoSettings
+
+# What other subsystems may import of Tamiyo (besides `esper.tamiyo.settings`): `esper.tamiyo.__all__`.
+PUBLIC_FACE = (
+    "BlueprintMetadataCache",
+    "CheckpointIncompatible",
+    "DeadlineExceeded",
+    "GNNPolicy",
+    "HeuristicPolicy",
+    "OUTBOX_STATUSES",
+    "Policy",
+    "PolicyUpdateFeed",
+    "PolicyUpdateIntake",
+    "PolicyUpdateRejected",
+    "StoreError",
+    "TamiyoService",
+    "TamiyoStore",
+    "read_payload_header",
+)
+
+
+class Stateless:
+    """What a test policy adds to `propose` to be a complete `Policy`: nothing to warm up, no state."""
+
+    def warm_up(self) -> None:
+        return None
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        assert not state, f"a stateless test policy was given state {state}"
+
 
 torch.set_num_threads(1)
 
@@ -82,7 +115,7 @@ def make_packet(
     return packet
 
 
-class ScriptedPolicy:
+class ScriptedPolicy(Stateless):
     """A `Policy` that returns fixed proposals; optionally blocks on its first call until released."""
 
     version = "scripted-1"

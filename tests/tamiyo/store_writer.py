@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 
 from esper.leyline import pb
-from esper.tamiyo.store import TamiyoStore
+from esper.tamiyo.records.store import TamiyoStore
 from tests.tamiyo.test_store import decision, window
 
 

@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 from esper.cli import app
 from esper.leyline import ManualClock, load_settings, pb
 from esper.oona import EmbeddedBus, OonaSettings, Streams, open_envelope
-from esper.tamiyo.field_reports import SYNTH_PREFIX, judge_outcome, new_report_id
-from esper.tamiyo.normalizer_state import statistics_from_proto
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.normalizer_state import statistics_from_proto
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.records.field_reports import SYNTH_PREFIX, judge_outcome, new_report_id
+from esper.tamiyo.records.store import TamiyoStore
+from esper.tamiyo.runtime.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.store import TamiyoStore
 from tests.tamiyo.packets import SECRET, ScriptedPolicy, make_packet, settings, small_policy
 
 WAIT = Proposal(action=pb.POLICY_ACTION_WAIT, log_prob=-0.25, value=0.5, head_choices={"action": 0})

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch_geometric.nn import GATConv
 
-from esper.tamiyo.gnn import TamiyoGNN, TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA, GraphBuilder, GraphSchemaError, TamiyoGraph
+from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.gnn import TamiyoGNN, TamiyoGNNConfig
+from esper.tamiyo.model.graph import TamiyoGraph
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA, GraphSchemaError
 from tests.tamiyo.packets import SMALL, make_packet, settings
 
 

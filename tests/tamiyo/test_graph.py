@@ -6,20 +6,20 @@ import pytest
 import torch
 
 from esper.leyline import ManualClock, pb
-from esper.tamiyo.graph import (
+from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.graph import TamiyoGraph
+from esper.tamiyo.model.normalizer import NormalizerWriteError
+from esper.tamiyo.model.normalizer_state import InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.model.proposal import ACTIONS
+from esper.tamiyo.model.schema import (
     TAMIYO_SCHEMA,
-    GraphBuilder,
     GraphSchema,
     GraphSchemaError,
     MissingFeatureError,
     NodeSpec,
-    NormalizerWriteError,
     RelationSpec,
-    TamiyoGraph,
 )
-from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
-from esper.tamiyo.proposal import ACTIONS
-from esper.tamiyo.telemetry import TamiyoTelemetry
+from esper.tamiyo.runtime.telemetry import TamiyoTelemetry
 from tests.tamiyo.packets import make_packet, settings
 
 A = {action: index for index, action in enumerate(ACTIONS)}

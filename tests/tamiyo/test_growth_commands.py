@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from esper.leyline import ManualClock, SignatureVerifier, pb, validate_command
-from esper.tamiyo.commands import CommandBuildError, CommandFactory
-from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.runtime.commands import CommandBuildError, CommandFactory
 
 SECRET = b"tamiyo-growth-secret-0123456789"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from esper.leyline import pb
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.service import TamiyoService
-from esper.tamiyo.store import TamiyoStore
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.records.store import TamiyoStore
+from esper.tamiyo.runtime.service import TamiyoService
 from tests.tamiyo.packets import SECRET, ScriptedPolicy, make_packet, settings
 
 WIDEN = Proposal(action=pb.POLICY_ACTION_WIDEN, layer_id="layer-0", units=4, head_choices={"action": 6})

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from esper.leyline import ManualClock, pb, validate_packet
-from esper.tamiyo.commands import CommandFactory
-from esper.tamiyo.heuristic import HeuristicPolicy, HeuristicSettings, HeuristicStateError
-from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.model.heuristic import HeuristicPolicy, HeuristicSettings, HeuristicStateError
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.runtime.commands import CommandFactory
 from esper.tamiyo.settings import TamiyoSettings
 
 WAIT, GERMINATE, FOSSILIZE, CULL = (

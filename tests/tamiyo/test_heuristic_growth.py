@@ -9,11 +9,11 @@ from torch import nn
 from esper.kasmina.deepen import IdentityBlock
 from esper.kasmina.widen import set_width
 from esper.leyline import ManualClock, SignatureVerifier, load_settings, pb, validate_command
-from esper.tamiyo.budget import growth_over_budget, growth_parameter_cost
-from esper.tamiyo.commands import CommandFactory
-from esper.tamiyo.heuristic import HeuristicPolicy, HeuristicSettings, HeuristicStateError
-from esper.tamiyo.proposal import ACTIONS, Proposal
-from esper.tamiyo.risk import RiskContext, RiskGates
+from esper.tamiyo.model.budget import growth_over_budget, growth_parameter_cost
+from esper.tamiyo.model.heuristic import HeuristicPolicy, HeuristicSettings, HeuristicStateError
+from esper.tamiyo.model.proposal import ACTIONS, Proposal
+from esper.tamiyo.runtime.commands import CommandFactory
+from esper.tamiyo.runtime.risk import RiskContext, RiskGates
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.hosts import build_host
 

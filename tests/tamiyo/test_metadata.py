@@ -10,10 +10,10 @@ import pytest
 
 from esper.leyline import ManualClock, pb
 from esper.oona import Bus, EmbeddedBus, Streams, envelope_for
-from esper.tamiyo.metadata import BlueprintMetadataCache, BlueprintMetadataUnavailable
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.risk import RiskContext, RiskGates
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.runtime.metadata import BlueprintMetadataCache, BlueprintMetadataUnavailable
+from esper.tamiyo.runtime.risk import RiskContext, RiskGates
+from esper.tamiyo.runtime.service import TamiyoService
 from esper.urza import (
     BlueprintCatalogue,
     BusChangePublisher,
@@ -22,7 +22,7 @@ from esper.urza import (
     UnknownBlueprint,
 )
 from tests.conftest import fast_oona_settings
-from tests.tamiyo.packets import SECRET, ScriptedPolicy, make_packet, settings
+from tests.tamiyo.packets import SECRET, ScriptedPolicy, Stateless, make_packet, settings
 
 Event = tuple[str, str, dict[str, str]]
 
@@ -293,7 +293,7 @@ def test_warm_surfaces_failures_and_unknown_ids_are_not_errors(
         catalogue.get("nope")
 
 
-class SlowPolicy:
+class SlowPolicy(Stateless):
     """Proposes `proposal` after taking `ms` on the service's manual clock."""
 
     version = "slow-1"

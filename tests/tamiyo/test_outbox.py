@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from esper.leyline import ManualClock, load_settings, pb
 from esper.oona import BusUnavailable, EmbeddedBus, OonaSettings, PayloadTooLarge, Streams, open_envelope
-from esper.tamiyo.outbox import FieldReportOutbox, OutboxMetrics, OutboxPublisher
+from esper.tamiyo.records.outbox import FieldReportOutbox, OutboxMetrics, OutboxPublisher
+from esper.tamiyo.records.store import TamiyoStore
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.store import TamiyoStore
 from tests.tamiyo.test_store import decision, report
 
 

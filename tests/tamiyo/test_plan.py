@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from esper.leyline import pb
-from esper.tamiyo.gnn import GNNOutput, PlanError, TamiyoGNN
-from esper.tamiyo.graph import GraphBuilder, TamiyoGraph, collate
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.gnn import TamiyoGNN
+from esper.tamiyo.model.graph import TamiyoGraph, collate
+from esper.tamiyo.model.outputs import GNNOutput
+from esper.tamiyo.model.plan import PlanError
+from esper.tamiyo.runtime.service import TamiyoService
 from tests.tamiyo.packets import SMALL, make_packet, settings, small_policy
 
 SECRET = b"plan-test-secret-0123456789abcdef"

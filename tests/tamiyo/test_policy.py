@@ -13,11 +13,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from esper.leyline import CONTRACT_VERSION, pb
-from esper.tamiyo.gnn import POLICY_SIZES, GNNOutput
-from esper.tamiyo.graph import collate
-from esper.tamiyo.policy import RELEVANT_HEADS, CheckpointIncompatible, GNNPolicy, read_safetensors_header
-from esper.tamiyo.proposal import ACTIONS, GraphPolicy, Policy, PolicyInferenceError
-from esper.tamiyo.worker import CancelToken, DecisionCancelled
+from esper.tamiyo.model.checkpoint import CheckpointIncompatible, read_safetensors_header
+from esper.tamiyo.model.distributions import RELEVANT_HEADS
+from esper.tamiyo.model.gnn import POLICY_SIZES
+from esper.tamiyo.model.graph import collate
+from esper.tamiyo.model.outputs import GNNOutput
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.proposal import ACTIONS, GraphPolicy, Policy, PolicyInferenceError
+from esper.tamiyo.runtime.worker import CancelToken, DecisionCancelled
 from tests.tamiyo.packets import make_packet, settings, small_policy
 
 A = {action: index for index, action in enumerate(ACTIONS)}

@@ -11,8 +11,9 @@ import pytest
 from esper.leyline import ManualClock, load_settings, pb
 from esper.oona import EmbeddedBus, OonaSettings, Streams
 from esper.tamiyo import HeuristicPolicy, TamiyoService
+from esper.tamiyo.records.schema import MIGRATIONS
+from esper.tamiyo.records.store import TamiyoStore
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.store import MIGRATIONS, TamiyoStore
 from tests.tamiyo.packets import make_packet
 from tests.tamiyo.test_outbox import Events, consume, make_outbox
 from tests.tamiyo.test_store import decision, insert_old_report, report, window

@@ -20,15 +20,25 @@ import torch
 
 import esper.tamiyo
 from esper.leyline import ConfigurationError, EsperError, SignatureVerifier, pb
-from esper.tamiyo.gnn import TamiyoGNN, TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA, GraphBuilder
-from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
-from esper.tamiyo.policy import CheckpointIncompatible, GNNPolicy
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.checkpoint import CheckpointIncompatible
+from esper.tamiyo.model.gnn import TamiyoGNN, TamiyoGNNConfig
+from esper.tamiyo.model.normalizer_state import InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA
+from esper.tamiyo.runtime.service import TamiyoService
+from esper.tamiyo.runtime.worker import DeadlineExceeded
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.worker import DeadlineExceeded
-from tests.tamiyo.packets import SECRET, SMALL, ScriptedPolicy, make_packet, settings, small_policy
+from tests.tamiyo.packets import (
+    PUBLIC_FACE,
+    SECRET,
+    SMALL,
+    ScriptedPolicy,
+    make_packet,
+    settings,
+    small_policy,
+)
 
 
 def _assert_same_output(a: Any, b: Any, tol: float = 1e-4) -> None:
@@ -400,10 +410,14 @@ def test_p8_blend_annotations_follow_the_environment_switch(monkeypatch: pytest.
 # -- __init__.py and the composition root ------------------------------------------------------------
 
 
-def test_public_surface_is_the_service_and_the_policy_classes_only() -> None:
-    """__init__.py: `__all__` is pared down to the stable entry points."""
-    assert sorted(esper.tamiyo.__all__) == ["GNNPolicy", "HeuristicPolicy", "TamiyoService"]
-    assert all(isinstance(getattr(esper.tamiyo, name), type) for name in esper.tamiyo.__all__)
+def test_public_surface_is_the_entry_points_other_subsystems_need_only() -> None:
+    """__init__.py: `__all__` is pared down to the stable entry points (the classes, one header reader and
+    the outbox's statuses, which the CLI lists)."""
+    assert sorted(esper.tamiyo.__all__) == sorted(PUBLIC_FACE)
+    classes = set(PUBLIC_FACE) - {"read_payload_header", "OUTBOX_STATUSES"}
+    assert all(isinstance(getattr(esper.tamiyo, name), type) for name in classes)
+    assert callable(esper.tamiyo.read_payload_header)
+    assert esper.tamiyo.OUTBOX_STATUSES == ("pending", "published", "dropped")
 
 
 def test_esper_run_builds_the_gnn_controller_and_its_state_round_trips(

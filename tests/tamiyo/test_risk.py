@@ -7,8 +7,8 @@ import math
 import pytest
 
 from esper.leyline import pb
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.risk import PASSED, RiskContext, RiskGates
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.runtime.risk import PASSED, RiskContext, RiskGates
 from tests.tamiyo.packets import make_packet, settings
 
 GERMINATE = Proposal(action=pb.POLICY_ACTION_GERMINATE, slot_id="slot-0", blueprint_id="bp-0")

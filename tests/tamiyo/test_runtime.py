@@ -14,15 +14,15 @@ import torch
 from esper.kasmina.blending import ConfidenceGate
 from esper.leyline import ManualClock, load_settings, pb
 from esper.oona import Bus, EmbeddedBus, OonaSettings, TelemetryPublisher, open_envelope
-from esper.tamiyo.commands import CommandFactory, blend_parameters
-from esper.tamiyo.graph import NormalizerWriteError
-from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.service import TamiyoService
-from esper.tamiyo.store import TamiyoStore
-from esper.tamiyo.telemetry import QueuedSink
+from esper.tamiyo.model.normalizer import NormalizerWriteError
+from esper.tamiyo.model.normalizer_state import InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.records.store import TamiyoStore
+from esper.tamiyo.runtime.commands import CommandFactory, blend_parameters
+from esper.tamiyo.runtime.service import TamiyoService
+from esper.tamiyo.runtime.telemetry import QueuedSink
 from tests.kasmina import support as kasmina
-from tests.tamiyo.packets import SECRET, ScriptedPolicy, make_packet, settings, small_policy
+from tests.tamiyo.packets import SECRET, ScriptedPolicy, Stateless, make_packet, settings, small_policy
 
 WAIT = Proposal(action=pb.POLICY_ACTION_WAIT)
 GERMINATE = Proposal(
@@ -124,7 +124,7 @@ def test_a_sink_that_raises_is_counted_and_reported_and_publishing_goes_on() -> 
 # -- item 16 (P1): one budget for the worker, the latency gate and health ----------------------------------
 
 
-class TenMillisecondPolicy:
+class TenMillisecondPolicy(Stateless):
     """Proposes a GERMINATE and takes 10 ms on the service's (manual) clock to do it."""
 
     version = "ten-ms-1"

@@ -16,16 +16,25 @@ import torch
 import esper.tamiyo
 from esper.leyline import ContractViolation, ManualClock, SignatureVerifier, pb
 from esper.tamiyo import GNNPolicy
-from esper.tamiyo import service as service_module
-from esper.tamiyo import worker as worker_module
-from esper.tamiyo.graph import TamiyoGraph
-from esper.tamiyo.normalizer_state import InMemoryNormalizerStore, NormalizerState
-from esper.tamiyo.proposal import Cancellation, Proposal
-from esper.tamiyo.risk import RiskGates
-from esper.tamiyo.service import TamiyoService
+from esper.tamiyo.model.graph import TamiyoGraph
+from esper.tamiyo.model.normalizer_state import InMemoryNormalizerStore, NormalizerState
+from esper.tamiyo.model.proposal import Cancellation, Proposal
+from esper.tamiyo.runtime import service as service_module
+from esper.tamiyo.runtime import worker as worker_module
+from esper.tamiyo.runtime.risk import RiskGates
+from esper.tamiyo.runtime.service import TamiyoService
+from esper.tamiyo.runtime.worker import DeadlineExceeded, InferenceWorker, WorkerSchedulingError
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.worker import DeadlineExceeded, InferenceWorker, WorkerSchedulingError
-from tests.tamiyo.packets import SECRET, SMALL, ScriptedPolicy, make_packet, settings, small_policy
+from tests.tamiyo.packets import (
+    PUBLIC_FACE,
+    SECRET,
+    SMALL,
+    ScriptedPolicy,
+    Stateless,
+    make_packet,
+    settings,
+    small_policy,
+)
 
 WAIT = Proposal(action=pb.POLICY_ACTION_WAIT)
 
@@ -79,6 +88,9 @@ def test_evaluate_step_is_the_only_entry_point() -> None:
         "step_timeout_ms",  # the one resolved step budget (P1)
         "checkpointed",  # the trainer's word that a checkpoint is durable: releases records, decides nothing
         "rewound",  # the trainer's word that a rollback undid steps: abandons records, decides nothing
+        "export_state",  # Tolaria's `Controller`: the state a checkpoint keeps, decides nothing
+        "restore_state",
+        "consult",  # attaches the policy-update input polled between decisions, decides nothing
     }
 
 
@@ -248,8 +260,8 @@ def test_anticipate_does_nothing_for_a_plain_policy() -> None:
         service.close()
 
 
-def test_package_exports_only_the_service_and_policy_classes() -> None:
-    assert set(esper.tamiyo.__all__) <= {"TamiyoService", "GNNPolicy", "HeuristicPolicy"}
+def test_package_exports_only_what_other_subsystems_need() -> None:
+    assert set(esper.tamiyo.__all__) <= set(PUBLIC_FACE)
     assert {"TamiyoService", "GNNPolicy"} <= set(esper.tamiyo.__all__)
 
 
@@ -258,7 +270,7 @@ def test_package_docstring_points_to_the_design_of_record_not_the_legacy_spec() 
     assert "DESIGN.md" in doc and "legacy" in doc
 
 
-class _GCObservingPolicy:
+class _GCObservingPolicy(Stateless):
     """Records whether Python's cyclic collector was enabled while it decided."""
 
     version = "gc-observer"
@@ -605,7 +617,7 @@ def test_a_thread_that_loses_its_real_time_priority_after_a_warm_up_is_announced
         service.close()
 
 
-class NonCooperativePolicy:
+class NonCooperativePolicy(Stateless):
     """Computes for `seconds` in GIL-releasing torch operations, never looking at a cancellation token."""
 
     version = "busy-1"

@@ -9,20 +9,19 @@ import pytest
 import torch
 
 from esper.leyline import CONTRACT_VERSION, ContractVersionMismatch, ManualClock, pb
-from esper.tamiyo.graph import TAMIYO_SCHEMA, FeatureNormalizer
-from esper.tamiyo.normalizer_state import NormalizerState
-from esper.tamiyo.store import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    ObservationWindow,
+from esper.tamiyo.model.normalizer import FeatureNormalizer
+from esper.tamiyo.model.normalizer_state import NormalizerState
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA
+from esper.tamiyo.records.errors import (
     RecordRejected,
     StoreClosed,
     StoreCorrupted,
     StoreSchemaError,
     StoreWriteError,
-    TamiyoStore,
     WindowNotOpen,
 )
+from esper.tamiyo.records.schema import MIGRATIONS, SCHEMA_VERSION, ObservationWindow
+from esper.tamiyo.records.store import TamiyoStore
 
 DAY_NS = 86_400 * 1_000_000_000
 
@@ -287,7 +286,7 @@ def test_newer_schema_is_refused(path: Path) -> None:
 
 
 def test_missing_store_is_not_created_when_asked(path: Path) -> None:
-    from esper.tamiyo.store import StoreError
+    from esper.tamiyo.records.errors import StoreError
 
     with pytest.raises(StoreError, match="does not exist"):
         TamiyoStore(path, create=False)

@@ -13,7 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from esper.cli import app
-from esper.tamiyo.store import MIGRATIONS, SCHEMA_VERSION, StoreRecordsLost, TamiyoStore
+from esper.tamiyo.records.errors import StoreRecordsLost
+from esper.tamiyo.records.schema import MIGRATIONS, SCHEMA_VERSION
+from esper.tamiyo.records.store import TamiyoStore
 from tests.tamiyo.test_store import decision, insert_old_report, report, window
 
 PAGE = 4096
@@ -279,8 +281,8 @@ def test_a_mark_from_an_older_wal_or_none_is_no_alarm(tmp_path: Path) -> None:
 
 def test_a_damaged_record_is_an_event_of_the_service_that_owns_the_store(path: Path) -> None:
     from esper.leyline import pb
-    from esper.tamiyo.proposal import Proposal
-    from esper.tamiyo.service import TamiyoService
+    from esper.tamiyo.model.proposal import Proposal
+    from esper.tamiyo.runtime.service import TamiyoService
     from tests.tamiyo.packets import SECRET, ScriptedPolicy, settings
 
     with TamiyoStore(path) as store:

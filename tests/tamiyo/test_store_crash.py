@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.tamiyo.store import TamiyoStore
+from esper.tamiyo.records.store import TamiyoStore
 
 REPO = Path(__file__).resolve().parents[2]
 KILLS = 200

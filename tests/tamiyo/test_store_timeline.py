@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from esper.leyline import pb
-from esper.tamiyo.store import TamiyoStore
+from esper.tamiyo.records.store import TamiyoStore
 from tests.tamiyo.test_store import decision, window
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from esper.leyline import ManualClock, pb
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.telemetry import EVENTS, BlendAnnotator, TamiyoTelemetry, UnknownTelemetryEvent
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.runtime.telemetry import EVENTS, BlendAnnotator, TamiyoTelemetry, UnknownTelemetryEvent
 from tests.tamiyo.packets import settings
 
 SOURCE = Path(__file__).resolve().parents[2] / "src" / "esper" / "tamiyo"
@@ -17,7 +17,7 @@ SOURCE = Path(__file__).resolve().parents[2] / "src" / "esper" / "tamiyo"
 
 def test_every_emitted_event_is_in_the_one_mapping_table() -> None:
     emitted: set[str] = set()
-    for path in SOURCE.glob("*.py"):
+    for path in SOURCE.rglob("*.py"):
         emitted |= set(re.findall(r'emit\(\s*"([a-z_]+)"', path.read_text()))
     assert emitted, "no emit sites found"
     assert emitted <= set(EVENTS)

@@ -14,7 +14,8 @@ import pytest
 from esper.leyline import pb
 from esper.oona import Bus, BusUnavailable, Delivery, EmbeddedBus, OonaSettings, Streams, envelope_for
 from esper.oona.local_redis import LocalRedisServer
-from esper.tamiyo.updates import PolicyUpdateFeed, PolicyUpdateRejected
+from esper.tamiyo.runtime.update_feed import PolicyUpdateFeed
+from esper.tamiyo.runtime.updates import PolicyUpdateRejected
 from tests.conftest import fast_oona_settings
 from tests.tamiyo.test_updates import Rig, resign
 

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from esper.simic.updates import policy_payload
-from esper.tamiyo.policy import CheckpointIncompatible, GNNPolicy
-from esper.tamiyo.updates import PolicyUpdateRejected, read_payload_header
+from esper.tamiyo.model.checkpoint import CheckpointIncompatible
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.runtime.updates import PolicyUpdateRejected, read_payload_header
 from tests.tamiyo.packets import small_policy
 
 json_values = st.recursive(

@@ -15,18 +15,14 @@ from prometheus_client import CollectorRegistry
 from esper.leyline import ManualClock, pb, sign
 from esper.oona import EmbeddedBus, OonaSettings, Streams, envelope_for
 from esper.simic.updates import build_policy_update
-from esper.tamiyo.gnn import TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA
-from esper.tamiyo.policy import GNNPolicy
-from esper.tamiyo.proposal import PolicyInferenceError
-from esper.tamiyo.service import TamiyoService
-from esper.tamiyo.updates import (
-    PolicyUpdateFeed,
-    PolicyUpdateIntake,
-    PolicyUpdateRejected,
-    read_payload_header,
-)
-from esper.tamiyo.worker import DeadlineExceeded
+from esper.tamiyo.model.gnn import TamiyoGNNConfig
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.proposal import PolicyInferenceError
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA
+from esper.tamiyo.runtime.service import TamiyoService
+from esper.tamiyo.runtime.update_feed import PolicyUpdateFeed
+from esper.tamiyo.runtime.updates import PolicyUpdateIntake, PolicyUpdateRejected, read_payload_header
+from esper.tamiyo.runtime.worker import DeadlineExceeded
 from tests.tamiyo.packets import SECRET, SMALL, make_packet, settings, small_policy
 
 PROBE = make_packet(stages={0: pb.SEED_STAGE_TRAINING})
@@ -79,7 +75,7 @@ class Rig:
         return update
 
     def decide(self) -> pb.AdaptationCommand:
-        return self.intake.evaluate_step(PROBE)
+        return self.service.evaluate_step(PROBE)  # the one front door: it consults the intake
 
     def event_names(self) -> list[str]:
         self.service.telemetry.flush()

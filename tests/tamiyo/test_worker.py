@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from esper.leyline import EsperError
-from esper.tamiyo.worker import (
+from esper.tamiyo.runtime.worker import (
     CancelToken,
     DeadlineExceeded,
     DecisionCancelled,

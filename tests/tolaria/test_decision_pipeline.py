@@ -19,8 +19,8 @@ import torch
 
 from esper.leyline import ConfigurationError, DecisionDeadlineMissed, load_settings, pb, sign
 from esper.tamiyo import TamiyoService
-from esper.tamiyo.proposal import Proposal
-from esper.tamiyo.worker import CancelToken, DeadlineExceeded, InferenceWorker
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.runtime.worker import CancelToken, DeadlineExceeded, InferenceWorker
 from esper.tolaria.data import Dataset, make_task
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import DecisionsMissed, Trainer

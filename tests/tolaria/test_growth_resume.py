@@ -11,7 +11,7 @@ import torch
 
 from esper.kasmina import KasminaSettings, SeedManager
 from esper.leyline import SYSTEM_CLOCK, SignatureVerifier, load_settings, pb, sign
-from esper.tamiyo.commands import CommandFactory
+from esper.tamiyo.runtime.commands import CommandFactory
 from esper.tolaria.data import Dataset, make_task
 from esper.tolaria.hosts import build_host
 from esper.tolaria.records import RunDirectory

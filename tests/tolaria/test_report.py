@@ -10,7 +10,16 @@ import pytest
 from typer.testing import CliRunner
 
 from esper.cli import app
-from esper.tolaria.report import ReportError, Segment, lifecycle_segments, read_run, write_report
+from esper.tolaria.report import (
+    ReportError,
+    RunRecord,
+    Segment,
+    lifecycle_segments,
+    operation_name,
+    parameter_steps,
+    read_run,
+    write_report,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -90,7 +99,7 @@ def test_report_writes_plots_and_a_page_naming_every_seed(tmp_path: Path) -> Non
     assert "`h1:g1` in slot `h1`: GERMINATED (20) → TRAINING (21)" in page and "FOSSILIZED (60)" in page
     assert "CULLED (45) → EMBARGOED (46) → RESETTING (70) → DORMANT (71)" in page
     assert "step 80: rollback: loss is nan" in page
-    for name in ("accuracy.png", "parameters.png", "lifecycle.png"):
+    for name in ("accuracy.png", "accuracy_vs_parameters.png", "parameters.png", "lifecycle.png"):
         assert f"]({name})" in page
 
 
@@ -131,3 +140,31 @@ def test_cli_report_renders_a_run_and_fails_clearly_on_a_non_run(tmp_path: Path)
     assert (run / "report" / "report.md").exists()
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "no such directory" in " ".join(result.output.split())
+
+
+def _record(metrics: list[dict[str, Any]], events: list[dict[str, Any]]) -> RunRecord:
+    return RunRecord(root=Path("run"), metrics=metrics, events=events, summary=None, config=None)
+
+
+def test_the_parameter_count_changes_at_the_growth_event_not_at_the_next_evaluation() -> None:
+    metrics = [
+        {"step": 10, "parameters": 100},
+        {"step": 20, "parameters": 150},
+        {"step": 30, "parameters": 150},
+    ]
+    events = [_transition(16, "h1", "h1:g1", "DORMANT", "GERMINATED")]
+    assert parameter_steps(_record(metrics, events)) == [(10, 100), (16, 150), (20, 150), (30, 150)]
+
+
+def test_a_change_without_an_event_between_evaluations_stays_at_its_evaluation() -> None:
+    metrics = [{"step": 10, "parameters": 100}, {"step": 20, "parameters": 150}]
+    assert parameter_steps(_record(metrics, [])) == [(10, 100), (20, 150)]
+
+
+def test_the_lifecycle_names_each_seed_with_its_blueprint() -> None:
+    germinated = _transition(16, "h2", "h2:g1", "DORMANT", "GERMINATED") | {
+        "reason": "blueprint mlp_expand, 1212 parameters"
+    }
+    record = _record([], [germinated])
+    assert operation_name(record, "h2:g1") == "h2:g1 mlp_expand"
+    assert operation_name(record, "h9:g1") == "h9:g1"

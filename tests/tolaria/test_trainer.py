@@ -244,14 +244,26 @@ class _Durability(ScriptedController):
 def test_the_controller_hears_of_each_checkpoint_once_it_is_durable_halt_included(
     tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue
 ) -> None:
-    trainer = make_trainer(tmp_path / "run", dataset, catalogue, channel=ScriptedChannel(halt_at_poll=15))
+    trainer = make_trainer(
+        tmp_path / "run",
+        dataset,
+        catalogue,
+        channel=ScriptedChannel(halt_at_poll=15),
+        checkpoint_every_epochs=1,
+    )
     listener = _Durability(trainer.store.directory)
     trainer.controller = listener
     outcome = trainer.fit()
     assert outcome.halted and outcome.steps == 14
     epoch = trainer.steps_per_epoch
-    assert epoch < 14
-    assert listener.calls == [(RUN_ID, 0, True), (RUN_ID, epoch, True), (RUN_ID, 14, True)]
+    (germinated,) = [e["step"] for e in _events(trainer, "transition") if e["to_stage"] == "GERMINATED"]
+    assert germinated < epoch < 14
+    assert listener.calls == [
+        (RUN_ID, 0, True),
+        (RUN_ID, germinated, True),  # a structural change is checkpointed at once
+        (RUN_ID, epoch, True),
+        (RUN_ID, 14, True),
+    ]
 
 
 def test_every_training_forward_runs_in_training_mode_through_germination_and_evaluation(

@@ -69,7 +69,7 @@ from esper.leyline import (
     validate_command,
     value_label,
 )
-from esper.urza import BlueprintNotApplicable, BlueprintQuarantined, UnknownBlueprint
+from esper.urza.errors import BlueprintNotApplicable, BlueprintQuarantined, UnknownBlueprint
 
 BLEND_PARAMETERS = frozenset({"gate_k", "gate_tau", "alpha_lo", "alpha_hi", "channel_alpha_init"})
 DEFAULT_BLEND_MODE = pb.BLEND_MODE_RESIDUAL

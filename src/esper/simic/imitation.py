@@ -16,7 +16,8 @@ from esper.simic.ppo import compute_gae
 from esper.simic.settings import SimicSettings
 from esper.simic.transitions import Sample
 from esper.simic.validation import agreement
-from esper.tamiyo.policy import HEADS, GNNPolicy
+from esper.tamiyo.model.distributions import HEADS
+from esper.tamiyo.model.policy import GNNPolicy
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,9 @@ from torch import Tensor
 
 from esper.simic.settings import SimicSettings
 from esper.simic.transitions import Sample
-from esper.tamiyo.graph import TamiyoGraph, collate
-from esper.tamiyo.policy import HEADS, ActionEvaluation, GNNPolicy
+from esper.tamiyo.model.distributions import HEADS, ActionEvaluation
+from esper.tamiyo.model.graph import TamiyoGraph, collate
+from esper.tamiyo.model.policy import GNNPolicy
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from esper.leyline import EsperError
 from esper.leyline.files import write_atomically
-from esper.tamiyo.payload import read_payload_header
+from esper.tamiyo.model.checkpoint import read_payload_header
 
 if TYPE_CHECKING:
-    from esper.tamiyo.gnn import TamiyoGNNConfig
-    from esper.tamiyo.policy import GNNPolicy
+    from esper.tamiyo.model.gnn import TamiyoGNNConfig
+    from esper.tamiyo.model.policy import GNNPolicy
     from esper.tamiyo.settings import TamiyoSettings
 
 
@@ -84,7 +84,7 @@ class SimicState:
             return None
         payload = self.policy_path.read_bytes()
         header = read_payload_header(payload)
-        from esper.tamiyo.policy import GNNPolicy  # PyTorch loads here, not for reading the lineage
+        from esper.tamiyo.model.policy import GNNPolicy
 
         policy = GNNPolicy(settings, config=config)
         policy.load_state_bytes(payload)

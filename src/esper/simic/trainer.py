@@ -34,8 +34,9 @@ from esper.simic.state import RoundResult, SimicState
 from esper.simic.transitions import RecordCollector, TransitionSet, build_samples, drain_bus
 from esper.simic.updates import build_policy_update
 from esper.simic.validation import validate_candidate
-from esper.tamiyo.graph import BlueprintLookup, GraphBuilder
-from esper.tamiyo.policy import GNNPolicy
+from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.schema import BlueprintLookup
 from esper.tamiyo.settings import TamiyoSettings
 
 _log = logging.getLogger("esper.simic")

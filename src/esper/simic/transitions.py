@@ -28,10 +28,12 @@ from esper.simic.reward import (
     with_seed_outcome,
 )
 from esper.simic.settings import SimicSettings
-from esper.tamiyo.graph import GraphBuilder, GraphSchemaError, TamiyoGraph
-from esper.tamiyo.normalizer_state import statistics_from_proto
-from esper.tamiyo.policy import RELEVANT_HEADS
-from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES
+from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.distributions import RELEVANT_HEADS
+from esper.tamiyo.model.graph import TamiyoGraph
+from esper.tamiyo.model.normalizer_state import statistics_from_proto
+from esper.tamiyo.model.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES
+from esper.tamiyo.model.schema import GraphSchemaError
 
 # The command type each action becomes when the risk gates let it through.
 COMMAND_OF_ACTION: dict[int, int] = {

@@ -16,9 +16,9 @@ import math
 from safetensors.torch import save as save_safetensors
 
 from esper.leyline import SYSTEM_CLOCK, Clock, pb, sign, validate_policy_update
-from esper.tamiyo.gnn import ARCHITECTURE_VERSION
-from esper.tamiyo.policy import GNNPolicy
-from esper.tamiyo.updates import policy_registry_digest
+from esper.tamiyo.model.gnn import ARCHITECTURE_VERSION
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.weights import policy_registry_digest
 
 
 def policy_payload(policy: GNNPolicy, *, parent_version: str, sequence: int) -> bytes:

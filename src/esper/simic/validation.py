@@ -21,8 +21,8 @@ from torch import Tensor
 from esper.simic.ppo import Rollout, action_log_probs, k3_kl
 from esper.simic.settings import SimicSettings
 from esper.simic.transitions import Sample
-from esper.tamiyo.graph import TamiyoGraph
-from esper.tamiyo.policy import GNNPolicy
+from esper.tamiyo.model.graph import TamiyoGraph
+from esper.tamiyo.model.policy import GNNPolicy
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """Atomic checkpoints: tensors in safetensors, everything else in JSON, never pickle.
 
 A checkpoint is two files, `ckpt-<step>.safetensors` then `ckpt-<step>.json`. Each is written to a
-temporary name, fsynced, renamed into place, and the directory fsynced. The JSON is written last and
-names the tensors file with its SHA-256: a checkpoint counts only when its JSON exists and the hash
-matches, so a crash at any instant leaves the previous checkpoint as the latest valid one.
+temporary name, fsynced and renamed into place; one fsync of the directory, after the JSON's rename, makes
+both renames durable. The JSON is written last and names the tensors file with its SHA-256: a checkpoint
+counts only when its JSON exists and the hash matches, so a crash at any instant leaves the previous
+checkpoint as the latest valid one (a crash before the directory's fsync may keep the JSON's rename and
+lose the tensors file's: that checkpoint does not verify, and reading falls back to the one before; older
+checkpoints are pruned only after the directory's fsync).
 
 The caller hands over a snapshot (tensors it cloned, JSON-able meta) and goes on training while a writer
 thread serialises, writes and fsyncs it: the fsyncs cost the training loop nothing. One checkpoint is in
@@ -34,7 +37,7 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from esper.leyline import CONTRACT_VERSION, EsperError, check_contract_version
-from esper.leyline.files import write_atomically
+from esper.leyline.files import replace_synced, write_atomically
 from esper.leyline.wire import UNVERSIONED
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.json$")
@@ -190,7 +193,7 @@ class CheckpointStore:
         tensor_path = self.directory / f"ckpt-{step:09d}.safetensors"
         json_path = self.directory / f"ckpt-{step:09d}.json"
         try:
-            write_atomically(tensor_path, blob)
+            replace_synced(tensor_path, blob)  # the JSON's directory fsync covers this rename too
             if before_commit is not None:
                 before_commit()
             record = {

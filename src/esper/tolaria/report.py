@@ -2,11 +2,13 @@
 
 `write_report(run_dir)` reads `metrics.jsonl`, `events.jsonl`, and `summary.json` / `config.json` when they
 exist, and writes `report/accuracy.png` (validation accuracy and loss over training steps, lifecycle
-commands marked), `report/parameters.png` (parameter count over steps), `report/lifecycle.png` (one row per
-slot, coloured by stage over time) and `report/report.md` that shows them with the summary and a timeline
-of every seed. Missing data is shown as missing, never as zero: a run without a summary (still running,
-killed or halted) says so. Rendering uses matplotlib's Agg canvas directly, so no display and no global
-backend switch are needed.
+commands marked, and the training loss), `report/accuracy_vs_parameters.png` (did growth pay?),
+`report/parameters.png` (parameter count over steps, changing at the event that changed it),
+`report/lifecycle.png` (one row per slot, coloured by stage over time, each seed named with its
+blueprint) and `report/report.md` that shows them with the summary and a timeline of every seed. Missing
+data is shown as missing, never as zero: a run without a summary (still running, killed or halted) says
+so. Rendering uses matplotlib's Agg canvas directly, so no display and no global backend switch are
+needed.
 """
 
 from __future__ import annotations
@@ -202,7 +204,16 @@ def plot_accuracy(record: RunRecord, path: Path) -> None:
         loss_axes.plot(
             steps, [float(r["validation_loss"]) for r in points], color="#969696", ls="--", label="val loss"
         )
-        loss_axes.set_ylabel("validation loss")
+        trained = [r for r in points if isinstance(r.get("training_loss"), int | float)]
+        if trained:
+            loss_axes.plot(
+                [int(r["step"]) for r in trained],
+                [float(r["training_loss"]) for r in trained],
+                color="#e6550d",
+                lw=1,
+                label="training loss",
+            )
+        loss_axes.set_ylabel("loss")
         for stage in _MARKED_STAGES:
             marks = [
                 int(e["step"])
@@ -214,25 +225,45 @@ def plot_accuracy(record: RunRecord, path: Path) -> None:
                 axes.axvline(step, color=STAGE_COLOURS[stage], ls=":", lw=1.5, label=label)
         handles, labels = axes.get_legend_handles_labels()
         loss_handles, loss_labels = loss_axes.get_legend_handles_labels()
-        axes.legend(handles + loss_handles, labels + loss_labels, loc="lower right", fontsize="small")
-        axes.set_title("validation accuracy and loss")
+        axes.legend(  # to the right of the plot: a legend inside covered the loss curve
+            handles + loss_handles,
+            labels + loss_labels,
+            loc="upper left",
+            bbox_to_anchor=(1.12, 1.0),
+            fontsize="small",
+        )
+        axes.set_title("validation accuracy, validation and training loss")
     figure.savefig(path)
 
 
+def parameter_steps(record: RunRecord) -> list[tuple[int, int]]:
+    """(step, parameters) at every evaluation, plus a point at the lifecycle event that changed the count:
+    an evaluation only sees a change after it happened, so the change moves back to the last transition
+    since the previous evaluation (the plot's steps then line up with the events)."""
+    counted = [
+        (int(r["step"]), int(r["parameters"])) for r in record.metrics if isinstance(r.get("parameters"), int)
+    ]
+    moves = sorted(int(e["step"]) for e in record.events if e.get("kind") == "transition")
+    points: list[tuple[int, int]] = []
+    for index, (step, parameters) in enumerate(counted):
+        if index and parameters != counted[index - 1][1]:
+            previous = counted[index - 1][0]
+            cause = [m for m in moves if previous < m <= step]
+            if cause and cause[-1] < step:
+                points.append((cause[-1], parameters))
+        points.append((step, parameters))
+    return points
+
+
 def plot_parameters(record: RunRecord, path: Path) -> None:
-    """The model's parameter count (host and seeds) at every evaluation."""
+    """The model's parameter count (host and seeds), changing at the lifecycle event that changed it."""
     figure = _figure(8, 3)
-    points = [r for r in record.metrics if isinstance(r.get("parameters"), int)]
+    points = parameter_steps(record)
     if not points:
         _no_data(figure, "no parameter count recorded")
     else:
         axes = figure.add_subplot()
-        axes.step(
-            [int(r["step"]) for r in points],
-            [int(r["parameters"]) for r in points],
-            where="post",
-            color="#31a354",
-        )
+        axes.step([p[0] for p in points], [p[1] for p in points], where="post", color="#31a354")
         axes.set_xlabel("training step")
         axes.set_ylabel("parameters")
         axes.set_title("parameter count")
@@ -257,18 +288,60 @@ def plot_lifecycle(record: RunRecord, segments: list[Segment], path: Path) -> No
                 edgecolor="#444444",
                 linewidth=0.3,
             )
-        axes.set_yticks(range(len(record.slots)), record.slots)
+        for segment in segments:
+            if segment.stage == "GERMINATED" or (
+                segment.stage == "TRAINING" and segment.seed_id != segment.slot_id
+            ):
+                axes.annotate(  # the operation: which seed, of which blueprint, started here
+                    operation_name(record, segment.seed_id),
+                    (segment.start, rows[segment.slot_id]),
+                    xytext=(2, 9),
+                    textcoords="offset points",
+                    fontsize="x-small",
+                )
+        axes.set_yticks(range(len(record.slots)), [f"slot {s}" for s in record.slots])
         axes.invert_yaxis()
         axes.set_xlabel("training step")
         axes.set_title("slot lifecycles")
         seen = [s for s in STAGE_COLOURS if any(seg.stage == s for seg in segments)]
-        axes.legend(
+        figure.legend(  # below the axes and their label, laid out by the figure: it covers nothing
             handles=[Patch(color=STAGE_COLOURS[s], label=s.lower()) for s in seen],
-            loc="upper center",
-            bbox_to_anchor=(0.5, -0.35),
-            ncol=min(6, len(seen)),
+            loc="outside lower center",
+            ncol=min(7, len(seen)),
             fontsize="small",
         )
+    figure.savefig(path)
+
+
+def operation_name(record: RunRecord, seed_id: str) -> str:
+    """A seed as "<seed id> <blueprint>", the blueprint read from its germination's reason."""
+    for event in record.events:
+        reason = str(event.get("reason", ""))
+        if event.get("seed_id") == seed_id and reason.startswith("blueprint "):
+            return f"{seed_id} {reason.removeprefix('blueprint ').split(',')[0]}"
+    return seed_id
+
+
+def plot_accuracy_parameters(record: RunRecord, path: Path) -> None:
+    """Validation accuracy against the parameter count, the start (before any growth) marked."""
+    figure = _figure(8, 4)
+    points = [
+        (int(r["parameters"]), float(r["validation_accuracy"]))
+        for r in record.metrics
+        if not r.get("final") and isinstance(r.get("parameters"), int)
+    ]
+    if not points:
+        _no_data(figure, "no evaluation recorded")
+    else:
+        axes = figure.add_subplot()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker=".", color="#3182bd", label="run")
+        start = [p for p in points if p[0] == points[0][0]]
+        axes.plot([p[0] for p in start], [p[1] for p in start], "s", color="#969696", label="before growth")
+        axes.plot(*points[-1], "*", ms=12, color="#31a354", label="last evaluation")
+        axes.set_xlabel("parameters")
+        axes.set_ylabel("validation accuracy")
+        axes.set_title("did growth pay? accuracy against parameters")
+        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     figure.savefig(path)
 
 
@@ -321,7 +394,12 @@ def render_markdown(record: RunRecord, segments: list[Segment], images: dict[str
             shown = "unbounded" if key == "max_params" and value is None else _fmt(value)
             lines.append(f"| {key} | {shown} |")
         lines.append("")
-    for title, name in (("Accuracy", "accuracy"), ("Parameters", "parameters"), ("Lifecycle", "lifecycle")):
+    for title, name in (
+        ("Accuracy", "accuracy"),
+        ("Accuracy against parameters", "accuracy_vs_parameters"),
+        ("Parameters", "parameters"),
+        ("Lifecycle", "lifecycle"),
+    ):
         lines += [f"## {title}", "", f"![{name}]({images[name]})", ""]
     lines += _growth_step_lines(summary)
     lines += ["## Seeds", ""]
@@ -372,8 +450,11 @@ def write_report(run_dir: Path) -> ReportFiles:
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     segments = lifecycle_segments(record)
-    images = {name: f"{name}.png" for name in ("accuracy", "parameters", "lifecycle")}
+    images = {
+        name: f"{name}.png" for name in ("accuracy", "accuracy_vs_parameters", "parameters", "lifecycle")
+    }
     plot_accuracy(record, out / images["accuracy"])
+    plot_accuracy_parameters(record, out / images["accuracy_vs_parameters"])
     plot_parameters(record, out / images["parameters"])
     plot_lifecycle(record, segments, out / images["lifecycle"])
     markdown = out / "report.md"

@@ -40,7 +40,17 @@ class TolariaSettings(StrictSettings):
     seed: int = Field(default=0, ge=0, description="Seed of every random choice of the run.")
     threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads of the trainer.")
     eval_batch_size: int = Field(default=1024, ge=1)
-    checkpoint_every_epochs: int = Field(default=1, ge=1)
+    checkpoint_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=86_400.0,
+        description="Seconds of training between periodic checkpoints (a crash loses at most about this "
+        "much). A checkpoint also follows every structural change (a seed or growth germinated, "
+        "fossilised or culled, or parameters added, merged or retired) and ends the run.",
+    )
+    checkpoint_every_epochs: int = Field(
+        default=0, ge=0, description="Also a checkpoint every this many epochs (0: none by epochs)."
+    )
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept on disk (newest).")
     # Loss explosion: NaN/inf, or a spike above `spike_factor` times the running loss (and by at least
     # `spike_min_delta`), once `spike_warmup_steps` have set the running loss.

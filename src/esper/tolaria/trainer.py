@@ -8,8 +8,13 @@ the command (waiting at most for what is left of the controller's budget) and ha
 decision not back in time is a deadline miss: no command, a CRITICAL event, counted; only a long streak of
 them (`max_consecutive_misses`) stops the run. A command that a change of its slot or of the host's
 topology made stale before it could be applied is dropped with an event. No checkpoint is taken with a
-decision in flight (the decision is collected first, so resuming from it is exact), and a HALT waits for
-the decision in flight. Every `checkpoint_every_epochs` epochs: an atomic checkpoint.
+decision in flight, and a HALT waits for the decision in flight.
+Checkpoints (atomic, written beside training): at the start, after every structural change (a seed or
+growth germinated, fossilised or culled, parameters added, merged or retired), every
+`checkpoint_interval_s` seconds of training, and at the end; optionally
+every `checkpoint_every_epochs` epochs. The first two kinds wait for the first step with no decision in
+flight, so when they are taken never changes what the run does; the end (and an epoch's checkpoint)
+collects the decision in flight first, at a step an uninterrupted run and a resumed one share.
 Between steps, an optional emergency channel is polled: a HALT checkpoints, logs an event and ends `fit`
 with a halted outcome (the run resumes from that checkpoint); a run that diverges broadcasts a HALT.
 """
@@ -25,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from esper.kasmina import SeedManager, stage_name
+from esper.kasmina import EventKind, SeedManager, stage_name
 from esper.leyline import SYSTEM_CLOCK, Clock, DecisionDeadlineMissed, EsperError, pb, value_label
 from esper.tolaria.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from esper.tolaria.controller import Controller
@@ -54,6 +59,13 @@ _META_FIELDS = frozenset(
         "controller",
         "logs",
     }
+)
+
+
+# Transitions that change what the host computes with (with parameter changes: structural changes, each
+# followed by a checkpoint).
+_STRUCTURAL_STAGES = frozenset(
+    stage_name(stage) for stage in (pb.SEED_STAGE_GERMINATED, pb.SEED_STAGE_FOSSILIZED, pb.SEED_STAGE_CULLED)
 )
 
 
@@ -197,9 +209,13 @@ class Trainer:
         # host's structure: a command applied, a seed or growth event, parameters added, retired or
         # merged, a restore. Building it asks every layer for its growth sites.
         self._topology: tuple[pb.HostTopology, bytes] | None = None
+        self._counts: tuple[int, int] | None = None  # parameters (all, the host's own), kept as long too
         # False until `host.train()` has run since the last command, parameter change or restore: new
         # modules and a restored host are put in training mode once, not on every step.
         self._host_in_training = False
+        # A checkpoint is due after a structural change, or `checkpoint_interval_s` after the last one.
+        self._structure_changed = False
+        self._checkpointed_at = clock.monotonic()
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -225,18 +241,22 @@ class Trainer:
                 self.decide()
             if self.step % self.steps_per_epoch == 0:
                 epoch = self.step // self.steps_per_epoch
-                if epoch % self.settings.checkpoint_every_epochs == 0 or self.step == self.total_steps:
+                every = self.settings.checkpoint_every_epochs
+                if (every and epoch % every == 0) or self.step == self.total_steps:
                     self.collect_decision()  # never a checkpoint with a decision in flight
                     self.save_checkpoint()
                 if on_epoch is not None:
                     on_epoch(self._epoch_report(epoch))
+            if self._in_flight is None and self._checkpoint_due():
+                self.save_checkpoint()
         self.collect_decision()
-        self.store.flush()  # the last checkpoint is on disk before the run reports its end
         self.manager.terminate(self.step)
         self._flush_events()
         self._apply_parameter_changes()
         final = self._evaluate()
         self.run_dir.metrics.append(self._metrics_record(final, final=True))
+        # The last checkpoint, written meanwhile, is on disk before the run reports its end.
+        self.store.flush()
         return TrainingOutcome(
             evaluation=final,
             steps=self.step,
@@ -507,8 +527,17 @@ class Trainer:
             detail={"failed_step": failed_step, "restored_step": self.step, "lr": self.optimizer.lr},
         )
 
+    def _checkpoint_due(self) -> bool:
+        """A structural change since the last checkpoint, or `checkpoint_interval_s` of training."""
+        return (
+            self._structure_changed
+            or self.clock.monotonic() - self._checkpointed_at >= self.settings.checkpoint_interval_s
+        )
+
     def save_checkpoint(self) -> None:
         """Write an atomic checkpoint of everything needed to continue exactly from here."""
+        self._structure_changed = False
+        self._checkpointed_at = self.clock.monotonic()
         tensors: dict[str, Tensor] = {
             f"model.{k}": v.detach().clone() for k, v in self.host.state_dict().items()
         }
@@ -592,6 +621,7 @@ class Trainer:
         self.interval_loss_sum = float(meta["interval_loss_sum"])
         self.interval_loss_count = int(meta["interval_loss_count"])
         self.manager.drain_parameter_changes()
+        self._structure_changed = False  # the checkpoint holds the structure as it is now
         self._host_changed()
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -616,9 +646,18 @@ class Trainer:
             self._topology = (topology, topology.SerializeToString(deterministic=True))
         return self._topology
 
+    def _parameter_counts(self) -> tuple[int, int]:
+        """Parameters of the model now (host and seeds) and of the host's own layers (counted again only
+        after a change: counting walks every parameter)."""
+        if self._counts is None:
+            self._counts = (self.host.parameter_count(), self.host.host_parameter_count())
+        return self._counts
+
     def _host_changed(self) -> None:
-        """The host's structure or modules may have changed: topology and training mode are renewed."""
+        """The host's structure or modules may have changed: topology, parameter counts and training mode
+        are renewed."""
         self._topology = None
+        self._counts = None
         self._host_in_training = False
 
     def _apply_parameter_changes(self) -> None:
@@ -626,6 +665,7 @@ class Trainer:
         if not changes:
             return
         self._host_changed()
+        self._structure_changed = True  # checkpointed at the first step with no decision in flight
         for merge in changes.merged:  # before `retired`: the new units' moments move into the host's
             self.optimizer.absorb(merge.old, merge.appended, merge.merged, dim=merge.dim)
         for seed_id, _ in changes.retired:
@@ -662,8 +702,8 @@ class Trainer:
     def _training_metrics(self, training_loss: float) -> dict[str, float]:
         return {
             "lr": self.optimizer.lr,
-            "param_count": float(self.host.parameter_count()),
-            "host_param_count": float(self.host.host_parameter_count()),
+            "param_count": float(self._parameter_counts()[0]),
+            "host_param_count": float(self._parameter_counts()[1]),
             "seed_param_count": float(self.manager.seed_parameter_count()),
             "train_loss": training_loss,
             "loss_ema": self.loss_ema if self.loss_ema is not None else training_loss,
@@ -687,7 +727,7 @@ class Trainer:
             "validation_loss": evaluation.loss,
             "training_loss": training_loss,
             "lr": self.optimizer.lr,
-            "parameters": self.host.parameter_count(),
+            "parameters": self._parameter_counts()[0],
             "stages": stages,
             "alphas": {slot_id: self.manager.alpha(slot_id) for slot_id in self.manager.slot_ids},
             "contributions": {
@@ -704,7 +744,7 @@ class Trainer:
             step=self.step,
             validation_accuracy=evaluation.accuracy,
             validation_loss=evaluation.loss,
-            parameters=self.host.parameter_count(),
+            parameters=self._parameter_counts()[0],
             active_seeds=len(self.manager.live_seed_ids()),
             fossilized_seeds=fossilized,
         )
@@ -716,6 +756,8 @@ class Trainer:
         self._host_changed()  # a seed or growth moved: it may have changed the host's structure
         epoch = self.step / self.steps_per_epoch
         for event in events:
+            if event.kind == EventKind.TRANSITION and event.to_stage in _STRUCTURAL_STAGES:
+                self._structure_changed = True
             self.run_dir.events.append({**event.to_json(), "epoch": epoch})
 
     def _log_trainer_event(

@@ -13,43 +13,33 @@ another architecture is refused. Compilation (P2) is optional, warmed up, and it
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from esper.leyline import pb
-from esper.tamiyo.gnn import (
-    ARCHITECTURE_VERSION,
-    LEGACY_HEADER,
-    POLICY_SIZES,
-    GNNOutput,
-    PlanError,
+from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.checkpoint import CheckpointIncompatible
+from esper.tamiyo.model.distributions import (
+    MASKED,
+    RELEVANT_HEADS,
+    ActionEvaluation,
+    evaluate_choices,
+)
+from esper.tamiyo.model.gnn import (
     TamiyoGNN,
     TamiyoGNNConfig,
-    size_of,
 )
-from esper.tamiyo.graph import (
-    TAMIYO_SCHEMA,
-    BlueprintLookup,
-    GraphBuilder,
-    GraphSchema,
-    GraphSchemaError,
-    TamiyoGraph,
-    collate,
-)
-from esper.tamiyo.normalizer_state import NormalizerState, NormalizerStore
-from esper.tamiyo.payload import CheckpointIncompatible, read_safetensors_header
-from esper.tamiyo.proposal import (
+from esper.tamiyo.model.graph import TamiyoGraph, collate
+from esper.tamiyo.model.normalizer_state import NormalizerState, NormalizerStore
+from esper.tamiyo.model.outputs import GNNOutput
+from esper.tamiyo.model.plan import PlanError
+from esper.tamiyo.model.proposal import (
     ACTIONS,
     ALPHA_RAMP_STEPS,
     BLEND_MODES,
@@ -60,61 +50,10 @@ from esper.tamiyo.proposal import (
     PolicyInferenceError,
     Proposal,
 )
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA, BlueprintLookup, GraphSchema, GraphSchemaError
+from esper.tamiyo.model.warmup import warmup_graphs
+from esper.tamiyo.model.weights import decode_weights, encode_weights, weights_version
 from esper.tamiyo.settings import TamiyoSettings
-
-HEADS: tuple[str, ...] = ("action", "slot", "blueprint", "blend", "schedule", "lr")
-_A = {action: index for index, action in enumerate(ACTIONS)}
-# Heads whose choice matters for each action (by action head index).
-RELEVANT_HEADS: dict[int, tuple[str, ...]] = {
-    _A[pb.POLICY_ACTION_WAIT]: ("action",),
-    _A[pb.POLICY_ACTION_GERMINATE]: ("action", "slot", "blueprint", "blend", "schedule"),
-    _A[pb.POLICY_ACTION_FOSSILIZE]: ("action", "slot"),
-    _A[pb.POLICY_ACTION_CULL]: ("action", "slot"),
-    _A[pb.POLICY_ACTION_ADJUST_LR]: ("action", "lr"),
-    _A[pb.POLICY_ACTION_PAUSE]: ("action",),
-}
-_MASKED = -1e9
-
-
-@dataclass(frozen=True)
-class ActionEvaluation:
-    """Per-head log-probabilities, entropies and relevance for a batch, plus values (for PPO)."""
-
-    log_probs: dict[str, Tensor]  # head -> [B], zero where the head did not matter
-    entropies: dict[str, Tensor]  # head -> [B], zero where the head did not matter
-    relevant: dict[str, Tensor]  # head -> [B] bool
-    values: Tensor  # [B]
-
-    @property
-    def total_log_prob(self) -> Tensor:
-        """Log-probability of the whole factored choice."""
-        return torch.stack(list(self.log_probs.values())).sum(0)
-
-
-@dataclass
-class _Distributions:
-    """Masked log-probabilities of every head for a batch."""
-
-    action: Tensor  # [B, A]
-    slot: Tensor  # [S, A]: per-slot log-prob within its graph, for each action's mask
-    slot_ok: Tensor  # [S, A] bool
-    blueprint: Tensor  # [P]
-    blend: Tensor
-    schedule: Tensor
-    lr: Tensor
-    value: Tensor
-
-
-def _segment_log_softmax(scores: Tensor, index: Tensor, size: int) -> Tensor:
-    """Log-softmax of `scores` within each segment of `index` (graphs of a batch)."""
-    if scores.numel() == 0:
-        return scores
-    maximum = torch.full((size,), float("-inf"), dtype=scores.dtype).scatter_reduce(
-        0, index, scores, reduce="amax", include_self=True
-    )
-    shifted = scores - maximum[index]
-    total = torch.zeros(size, dtype=scores.dtype).index_add(0, index, shifted.exp())
-    return shifted - total.log()[index]
 
 
 class GNNPolicy:
@@ -182,6 +121,11 @@ class GNNPolicy:
         return self._config
 
     @property
+    def size(self) -> str:
+        """The network's named size (`POLICY_SIZES`), or "custom"."""
+        return self._config.size
+
+    @property
     def compile_status(self) -> CompileStatus:
         """Compiled or eager, and why."""
         return self._compile
@@ -192,39 +136,16 @@ class GNNPolicy:
         return self._plan
 
     def _weights_version(self) -> str:
-        digest = hashlib.sha256(self.state_bytes()).hexdigest()[:12]
-        return f"gnn-{ARCHITECTURE_VERSION}-{digest}"
+        return weights_version(self.state_bytes())
 
     def state_bytes(self) -> bytes:
         """The weights as safetensors bytes with the JSON header (the `PolicyUpdate` payload format)."""
-        tensors = {name: t.detach().cpu().contiguous() for name, t in self.module.state_dict().items()}
-        return bytes(save_safetensors(tensors, metadata={"header": json.dumps(self._config.header())}))
+        return encode_weights(self.module, self._config)
 
     def load_state_bytes(self, payload: bytes) -> None:
         """Load weights from `state_bytes()` output of a compatible policy; anything else is refused with
         `CheckpointIncompatible`, and the weights stay as they were."""
-        header = read_safetensors_header(payload)
-        for key, expected in self._config.header().items():
-            found = header.get(key, LEGACY_HEADER.get(key, ""))
-            if found != expected:
-                raise CheckpointIncompatible(key, expected, found, hint=_size_hint(header, self._config))
-        try:
-            tensors = load_safetensors(payload)
-        except SafetensorError as exc:
-            raise CheckpointIncompatible("weights", "a readable safetensors payload", str(exc)) from exc
-        # Every tensor is checked before any is copied: a refused payload leaves the weights as they were.
-        own = self.module.state_dict()
-        if set(tensors) != set(own):
-            missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-            found = f"missing {missing}, extra {extra}"
-            raise CheckpointIncompatible("weights", "this network's tensors", found)
-        for name, tensor in tensors.items():
-            if tensor.shape != own[name].shape or tensor.dtype != own[name].dtype:
-                raise CheckpointIncompatible(
-                    f"tensor {name}",
-                    f"{own[name].dtype} {list(own[name].shape)}",
-                    f"{tensor.dtype} {list(tensor.shape)}",
-                )
+        tensors = decode_weights(payload, self.module, self._config)
         self.module.drop_plan()  # it computes the old weights (its weights check would refuse it anyway)
         self.module.load_state_dict(tensors, strict=True)
         self.module.eval()
@@ -289,9 +210,7 @@ class GNNPolicy:
         A compile failure falls back to eager; the returned status says so and why, and the caller
         reports it. Warm-up graphs are synthetic and never become commands.
         """
-        # A builder of its own: warm-up ids must never reach the catalogue or the normaliser statistics.
-        builder = GraphBuilder(self._settings, schema=self._config.schema)
-        graphs = [builder.build(_warmup_packet(*size), update_stats=False) for size in sizes]
+        graphs = warmup_graphs(self._settings, self._config.schema, sizes)
         if self._compiler is not None and not self._compile.enabled:
             start = time.perf_counter()
             try:
@@ -395,9 +314,9 @@ class GNNPolicy:
         with torch.inference_mode():
             out = self._run(graph, cancel)
             # Only the heads that matter for the chosen action are normalised (the same log-probabilities
-            # `_distributions` gives Simic, computed for one graph and only where needed).
+            # `head_distributions` gives Simic, computed for one graph and only where needed).
             action_lp = torch.log_softmax(
-                out.action_logits[0].masked_fill(~graph.action_mask[0].to(out.action_logits.device), _MASKED),
+                out.action_logits[0].masked_fill(~graph.action_mask[0].to(out.action_logits.device), MASKED),
                 dim=-1,
             )
             action = self._choose(action_lp)
@@ -406,7 +325,7 @@ class GNNPolicy:
             relevant = RELEVANT_HEADS[action]
             if "slot" in relevant:
                 slot_ok = graph.slot_action_mask[:, action].to(out.slot_scores.device)
-                slot_lp = torch.log_softmax(out.slot_scores.masked_fill(~slot_ok, _MASKED), dim=0)
+                slot_lp = torch.log_softmax(out.slot_scores.masked_fill(~slot_ok, MASKED), dim=0)
                 choices["slot"] = self._choose(slot_lp)
                 log_probs["slot"] = slot_lp[choices["slot"]]
             if "blueprint" in relevant:
@@ -426,7 +345,7 @@ class GNNPolicy:
             head_log_probs = dict(zip(log_probs, numbers[:-1], strict=True))
             value = numbers[-1]
         for head, log_prob in head_log_probs.items():
-            if log_prob <= _MASKED / 2:
+            if log_prob <= MASKED / 2:
                 raise PolicyInferenceError(f"head {head} chose a masked option (log-prob {log_prob})")
         return Proposal(
             action=ACTIONS[action],
@@ -450,33 +369,6 @@ class GNNPolicy:
             return int(log_probs.argmax())
         return int(torch.multinomial(log_probs.exp(), 1, generator=self._generator))
 
-    def _distributions(self, out: GNNOutput, graph: TamiyoGraph) -> _Distributions:
-        size = graph.num_graphs
-        action_mask = graph.action_mask.to(out.action_logits.device)
-        action = torch.log_softmax(out.action_logits.masked_fill(~action_mask, _MASKED), dim=-1)
-        slot_ok = graph.slot_action_mask.to(out.slot_scores.device)
-        slot_batch = graph.batch["slot"].to(out.slot_scores.device)
-        per_action = out.slot_scores[:, None].expand_as(slot_ok).masked_fill(~slot_ok, _MASKED)
-        if size == 1:  # one graph: its segments are the whole columns
-            slot = torch.log_softmax(per_action, dim=0)
-            blueprint = torch.log_softmax(out.blueprint_scores, dim=0)
-        else:
-            slot = torch.stack(
-                [_segment_log_softmax(per_action[:, a], slot_batch, size) for a in range(len(ACTIONS))], dim=1
-            ).reshape(slot_ok.shape)
-            bp_batch = graph.batch["blueprint"].to(out.blueprint_scores.device)
-            blueprint = _segment_log_softmax(out.blueprint_scores, bp_batch, size)
-        return _Distributions(
-            action=action,
-            slot=slot,
-            slot_ok=slot_ok,
-            blueprint=blueprint,
-            blend=torch.log_softmax(out.blend_logits, dim=-1),
-            schedule=torch.log_softmax(out.schedule_logits, dim=-1),
-            lr=torch.log_softmax(out.lr_logits, dim=-1),
-            value=out.value,
-        )
-
     # -- learning (Simic) ---------------------------------------------------------------------------
 
     def evaluate_actions(
@@ -491,102 +383,4 @@ class GNNPolicy:
             raise ValueError(f"{len(graphs)} graphs but {len(head_choices)} choice sets")
         batch = collate(graphs)
         out = self.module(batch)
-        dists = self._distributions(out, batch)
-        size = batch.num_graphs
-        actions = torch.tensor([choices["action"] for choices in head_choices], dtype=torch.long)
-        relevant = {
-            head: torch.tensor([head in RELEVANT_HEADS[int(a)] for a in actions.tolist()], dtype=torch.bool)
-            for head in HEADS
-        }
-        slot_offsets = _offsets(batch.batch["slot"], size)
-        bp_offsets = _offsets(batch.batch["blueprint"], size)
-
-        def pick(head: str, default: int = 0) -> Tensor:
-            return torch.tensor([c.get(head, default) for c in head_choices], dtype=torch.long)
-
-        log_probs: dict[str, Tensor] = {"action": dists.action.gather(1, actions[:, None]).squeeze(1)}
-        entropies: dict[str, Tensor] = {"action": _entropy(dists.action, action_mask=batch.action_mask)}
-        # Slot: the log-prob of the chosen slot under the chosen action's mask, entropy per graph.
-        slot_actions = actions[batch.batch["slot"]]
-        slot_rows = dists.slot.gather(1, slot_actions[:, None]).squeeze(1)
-        slot_ok = batch.slot_action_mask.gather(1, slot_actions[:, None]).squeeze(1)
-        log_probs["slot"] = _pick_segment(slot_rows, slot_offsets, pick("slot"), relevant["slot"])
-        entropies["slot"] = _segment_entropy(slot_rows, slot_ok, batch.batch["slot"], size)
-        bp_ok = torch.ones_like(dists.blueprint, dtype=torch.bool)
-        log_probs["blueprint"] = _pick_segment(
-            dists.blueprint, bp_offsets, pick("blueprint"), relevant["blueprint"]
-        )
-        entropies["blueprint"] = _segment_entropy(dists.blueprint, bp_ok, batch.batch["blueprint"], size)
-        for head in ("blend", "schedule", "lr"):
-            table: Tensor = getattr(dists, head)
-            log_probs[head] = table.gather(1, pick(head)[:, None]).squeeze(1)
-            entropies[head] = _entropy(table)
-        zero = torch.zeros(size)
-        return ActionEvaluation(
-            log_probs={h: torch.where(relevant[h], lp, zero) for h, lp in log_probs.items()},
-            entropies={h: torch.where(relevant[h], e, zero) for h, e in entropies.items()},
-            relevant=relevant,
-            values=dists.value,
-        )
-
-
-def _size_hint(header: dict[str, str], config: TamiyoGNNConfig) -> str:
-    """What to do when a checkpoint's sizes differ from the policy's ("" when the sizes agree)."""
-    try:
-        dims = {name: int(header.get(name, LEGACY_HEADER.get(name, ""))) for name in config.dims()}
-    except ValueError:
-        return ""  # sizes missing or unreadable: the field and values of the error say enough
-    if dims == config.dims():
-        return ""
-    size = size_of(dims)
-    if size in POLICY_SIZES:
-        return f"the checkpoint is a {size!r} policy, this one {config.size!r}: set TAMIYO_POLICY_SIZE={size}"
-    return f"the checkpoint's sizes {dims} are none of the named sizes ({', '.join(POLICY_SIZES)})"
-
-
-def _offsets(index: Tensor, size: int) -> Tensor:
-    counts = torch.bincount(index, minlength=size)
-    return torch.cumsum(counts, 0) - counts
-
-
-def _pick_segment(log_probs: Tensor, offsets: Tensor, local: Tensor, relevant: Tensor) -> Tensor:
-    if log_probs.numel() == 0:
-        return torch.zeros(local.shape[0])
-    positions = (offsets + local).clamp(max=log_probs.shape[0] - 1)
-    return torch.where(relevant, log_probs[positions], torch.zeros(local.shape[0]))
-
-
-def _entropy(log_probs: Tensor, action_mask: Tensor | None = None) -> Tensor:
-    probs = log_probs.exp()
-    terms = -(probs * log_probs)
-    if action_mask is not None:
-        terms = terms * action_mask.float()
-    return terms.sum(-1)
-
-
-def _segment_entropy(log_probs: Tensor, ok: Tensor, index: Tensor, size: int) -> Tensor:
-    if log_probs.numel() == 0:
-        return torch.zeros(size)
-    terms = -(log_probs.exp() * log_probs) * ok.float()
-    return torch.zeros(size, dtype=terms.dtype).index_add(0, index, terms)
-
-
-def _warmup_packet(n_layers: int, n_slots: int, n_blueprints: int) -> pb.SystemStatePacket:
-    """A synthetic packet of the given size, used only to warm the network up (never for commands)."""
-    packet = pb.SystemStatePacket(
-        packet_id="warmup",
-        training_run_id="warmup",
-        source_subsystem="tamiyo.warmup",
-        validation_loss=1.0,
-        training_loss=1.0,
-    )
-    for index in range(n_layers):
-        packet.topology.layers.add(layer_id=f"warmup-layer-{index}", kind="linear", width=64, depth=index)
-    for index in range(n_slots):
-        slot_id = f"warmup-slot-{index}"
-        packet.topology.slots.add(
-            slot_id=slot_id, layer_id=f"warmup-layer-{index % max(n_layers, 1)}", width=64
-        )
-        packet.seed_states.add(seed_id=f"warmup-seed-{index}", slot_id=slot_id, stage=pb.SEED_STAGE_DORMANT)
-    packet.blueprint_ids.extend(f"warmup-blueprint-{index}" for index in range(n_blueprints))
-    return packet
+        return evaluate_choices(out, batch, head_choices)

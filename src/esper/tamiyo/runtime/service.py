@@ -1,3 +1,4 @@
+# Over 500 lines: one class, the decision path, whose steps share one worker, one budget and one telemetry.
 """TamiyoService: routes one packet through the components and returns one signed command.
 
 validate -> graph (for a graph policy) -> policy on the inference worker, under the step deadline ->
@@ -12,31 +13,39 @@ from __future__ import annotations
 import gc
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from esper.leyline import SYSTEM_CLOCK, Clock, EsperError, pb, validate_packet
+from esper.leyline import (
+    SYSTEM_CLOCK,
+    Clock,
+    ContractViolation,
+    EsperError,
+    MalformedMessage,
+    pb,
+    validate_packet,
+)
 from esper.oona import Bus
-from esper.tamiyo.commands import CommandBuildError, CommandFactory, blend_parameters
-from esper.tamiyo.field_reports import FieldReports
-from esper.tamiyo.graph import BlueprintLookup, GraphCoverage, NormalizerWriteError
-from esper.tamiyo.metadata import BlueprintMetadataCache
-from esper.tamiyo.proposal import (
-    CompileStatus,
+from esper.tamiyo.model.graph import GraphCoverage
+from esper.tamiyo.model.normalizer import NormalizerWriteError
+from esper.tamiyo.model.proposal import (
     GraphPolicy,
-    PlanStatus,
     Policy,
     PolicyInferenceError,
     Proposal,
 )
-from esper.tamiyo.risk import RiskContext, RiskDecision, RiskGates
-from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.store import TamiyoStore
-from esper.tamiyo.telemetry import BlendAnnotator, TamiyoTelemetry, TelemetrySink
-from esper.tamiyo.worker import (
+from esper.tamiyo.model.schema import BlueprintLookup
+from esper.tamiyo.records.field_reports import FieldReports
+from esper.tamiyo.records.store import TamiyoStore
+from esper.tamiyo.runtime.commands import CommandBuildError, CommandFactory, blend_parameters
+from esper.tamiyo.runtime.metadata import BlueprintMetadataCache
+from esper.tamiyo.runtime.risk import RiskContext, RiskDecision, RiskGates
+from esper.tamiyo.runtime.telemetry import BlendAnnotator, TamiyoTelemetry, TelemetrySink
+from esper.tamiyo.runtime.worker import (
     BackgroundJob,
     CancelToken,
     DeadlineExceeded,
@@ -47,6 +56,7 @@ from esper.tamiyo.worker import (
     WorkerSchedulingError,
     raise_priority,
 )
+from esper.tamiyo.settings import TamiyoSettings
 
 _log = logging.getLogger("esper.tamiyo")
 
@@ -109,6 +119,26 @@ class _Inference:
 class _InFlight:
     packet: pb.SystemStatePacket
     pending: PendingJob[_Inference]
+
+
+class PolicyUpdates(Protocol):
+    """Policy updates, an input the service consults between decisions (`PolicyUpdateIntake`)."""
+
+    def between_decisions(self) -> bool:
+        """Take the updates that arrived; True when another policy decides from now on."""
+        ...
+
+    def judge(self, failure: str) -> None:
+        """Count one decision's outcome ("" for a success) against a fresh policy's probation."""
+        ...
+
+    def export_state(self) -> dict[str, Any]:
+        """The serving policy's run state and the lineage, JSON-ready."""
+        ...
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from `export_state()`."""
+        ...
 
 
 class DecisionInFlight(EsperError):
@@ -186,6 +216,7 @@ class TamiyoService:
         self.policy_fit: PolicyFit | None = None  # the last measurement of `prepare`
         self._ahead: BackgroundJob | None = None  # the warm-up `anticipate` started, until accounted for
         self._in_flight: _InFlight | None = None  # the decision `submit` started, until collected
+        self._updates: PolicyUpdates | None = None  # consulted between decisions (`consult`)
         try:
             self._start(
                 settings=settings,
@@ -262,16 +293,14 @@ class TamiyoService:
         self.telemetry.step_budget_ms = value
 
     def _warm_up(self) -> None:
-        warm_up = getattr(self._policy, "warm_up", None)
-        if warm_up is None:
-            return
+        policy = self._policy
         status = self._worker.run(
-            lambda _token: warm_up(),
+            lambda _token: policy.warm_up(),
             timeout_ms=self.settings.warmup_timeout_ms,
             what="warm-up",
             realtime=False,
         )
-        if isinstance(status, CompileStatus):
+        if status is not None:
             self.telemetry.record_compile(status.enabled, status.reason, status.warm_ms, status.fallbacks)
         self._follow_scheduling()
 
@@ -327,7 +356,7 @@ class TamiyoService:
             graph_policy.warm(graph_policy.builder.build(packet, update_stats=False), cancel=token)
             return (clock.monotonic() - start) * 1e3
 
-        before = getattr(graph_policy, "plan_status", None)
+        before = graph_policy.plan_status
         self._worker.run(
             job,
             timeout_ms=self.settings.warmup_timeout_ms,
@@ -339,17 +368,16 @@ class TamiyoService:
         what = f"measurement on {packet.packet_id}"
         timeout_ms = self.settings.warmup_timeout_ms
         samples = [self._worker.run(probe, timeout_ms=timeout_ms, what=what) for _ in range(PROBE_RUNS)]
-        after = getattr(graph_policy, "plan_status", None)
-        if isinstance(after, PlanStatus) and after != before:
-            failed = isinstance(before, PlanStatus) and after.fallbacks > before.fallbacks
+        after = graph_policy.plan_status
+        if after != before:
+            failed = after.fallbacks > before.fallbacks
             self.telemetry.record_plan(after.enabled, after.reason, after.build_ms, failed=failed)
-        size = getattr(getattr(graph_policy, "config", None), "size", None)  # a GNN's named size
         fit = PolicyFit(
             measured_ms=sorted(samples)[-2],
             allowed_ms=self.step_timeout_ms * self.settings.prepare_budget_share,
             budget_ms=self.step_timeout_ms,
             runs=len(samples),
-            policy_size=size if isinstance(size, str) else "custom",
+            policy_size=graph_policy.size,
         )
         self.policy_fit = fit
         self.telemetry.metric("tamiyo.prepare.decision_ms", fit.measured_ms, "ms")
@@ -410,8 +438,41 @@ class TamiyoService:
         """Decide for one packet and return the signed command; failures raise typed errors."""
         if self._in_flight is not None:
             raise DecisionInFlight(self._in_flight.packet.packet_id)
-        with _collections_deferred():
-            return self._decide(packet)
+        swapped = self._between_decisions()
+        with self._judged():
+            if swapped:
+                self.prepare(packet)
+            with _collections_deferred():
+                return self._decide(packet)
+
+    def consult(self, updates: PolicyUpdates) -> None:
+        """Take policy updates from `updates` between decisions, whatever the policy: before each decision
+        it polls them (outside the decision's budget) and warms a policy it swapped in up on the packet;
+        after each decision it reports the outcome, which a fresh policy's probation counts."""
+        self._updates = updates
+
+    def _between_decisions(self) -> bool:
+        """Poll the update input: True when it swapped another policy in (the caller warms it up on its
+        packet, outside the budget; a failed warm-up counts against it)."""
+        return self._updates is not None and self._updates.between_decisions()
+
+    @contextmanager
+    def _judged(self, *, success_ends: bool = True) -> Iterator[None]:
+        """Report the decision's outcome to the update input: a failure that is the policy's (not the
+        packet's) always, a success when the decision ends here (`success_ends`)."""
+        updates = self._updates
+        if updates is None:
+            yield
+            return
+        try:
+            yield
+        except (ContractViolation, MalformedMessage):
+            raise  # the packet's fault, not the policy's
+        except Exception as exc:
+            updates.judge(f"{type(exc).__name__}: {exc}")
+            raise
+        if success_ends:
+            updates.judge("")
 
     def submit(self, packet: pb.SystemStatePacket) -> None:
         """Start the decision for `packet` on the inference worker and return at once; `collect` it later.
@@ -421,17 +482,21 @@ class TamiyoService:
         closed or saturated worker raise here, and nothing is in flight then."""
         if self._in_flight is not None:
             raise DecisionInFlight(self._in_flight.packet.packet_id)
-        validate_packet(packet)
-        self._account_ahead()
-        try:
-            pending = self._worker.submit(
-                self._inference_job(packet),
-                timeout_ms=self.step_timeout_ms,
-                what=f"decision for {packet.packet_id}",
-            )
-        except WorkerSaturated as exc:
-            self.telemetry.emit("worker_saturated", str(exc), packet_id=packet.packet_id)
-            raise
+        swapped = self._between_decisions()
+        with self._judged(success_ends=False):
+            if swapped:
+                self.prepare(packet)
+            validate_packet(packet)
+            self._account_ahead()
+            try:
+                pending = self._worker.submit(
+                    self._inference_job(packet),
+                    timeout_ms=self.step_timeout_ms,
+                    what=f"decision for {packet.packet_id}",
+                )
+            except WorkerSaturated as exc:
+                self.telemetry.emit("worker_saturated", str(exc), packet_id=packet.packet_id)
+                raise
         self._in_flight = _InFlight(packet, pending)
 
     @property
@@ -448,6 +513,10 @@ class TamiyoService:
         if in_flight is None:
             raise EsperError("no decision in flight: submit a packet first")
         self._in_flight = None
+        with self._judged():
+            return self._collected(in_flight)
+
+    def _collected(self, in_flight: _InFlight) -> pb.AdaptationCommand:
         packet, pending = in_flight.packet, in_flight.pending
         try:
             with _collections_deferred(), self._caller_priority():
@@ -610,8 +679,9 @@ class TamiyoService:
             raise
         except PolicyInferenceError as exc:
             self.telemetry.emit("policy_inference_failed", str(exc), packet_id=packet.packet_id)
-            status = getattr(self._policy, "compile_status", None)
-            if exc.compile_disabled and isinstance(status, CompileStatus):
+            graph_policy = self._graph_policy
+            if exc.compile_disabled and graph_policy is not None:
+                status = graph_policy.compile_status
                 self.telemetry.record_compile(status.enabled, status.reason, status.warm_ms, status.fallbacks)
             raise
         except EsperError as exc:
@@ -649,6 +719,20 @@ class TamiyoService:
                 risk_reason=decision.reason,
                 policy_version=self._policy.version,
             )
+
+    def export_state(self) -> dict[str, Any]:
+        """JSON-ready state to resume exactly (saved with every checkpoint): the update input's, which
+        holds the serving policy's, or the policy's own when no updates are consulted."""
+        if self._updates is not None:
+            return self._updates.export_state()
+        return self._policy.state()
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Inverse of `export_state`."""
+        if self._updates is not None:
+            self._updates.restore_state(state)
+        else:
+            self._policy.restore(dict(state))
 
     def checkpointed(self, training_run_id: str, step: int) -> None:
         """The run's checkpoint of `step` is durable: its records up to that step may be published.

@@ -10,13 +10,14 @@ slot and a blueprint taken from the packet, or none.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from esper.leyline import EsperError, pb
-from esper.tamiyo.normalizer_state import NormalizerState
+from esper.tamiyo.model.normalizer_state import NormalizerState
 
 if TYPE_CHECKING:
-    from esper.tamiyo.graph import GraphBuilder, TamiyoGraph
+    from esper.tamiyo.model.builder import GraphBuilder
+    from esper.tamiyo.model.graph import TamiyoGraph
 
 # The action head, in head order (index i has PolicyAction value i + 1).
 ACTIONS: tuple[int, ...] = (
@@ -73,7 +74,11 @@ class Proposal:
 
 
 class Policy(Protocol):
-    """A decision rule Tamiyo can run: packet in, proposal out."""
+    """A decision rule Tamiyo can run: packet in, proposal out, with the state a resumed run needs.
+
+    The service and the policy-update intake use nothing else of a policy; a graph policy adds
+    `GraphPolicy`. A policy that keeps no state returns `{}` from `state` and accepts it in `restore`.
+    """
 
     @property
     def version(self) -> str:
@@ -82,6 +87,19 @@ class Policy(Protocol):
 
     def propose(self, packet: pb.SystemStatePacket) -> Proposal:
         """Decide what to do for this packet."""
+        ...
+
+    def warm_up(self) -> CompileStatus | None:
+        """Get ready before the first decision (compile, run on typical graphs); the compile status to
+        report, or None for a policy with nothing to compile."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready run state (saved with Tolaria's checkpoints): what `restore` continues from."""
+        ...
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a `state()` snapshot; a snapshot of another policy is refused with a typed error."""
         ...
 
 
@@ -126,6 +144,21 @@ class GraphPolicy(Protocol):
 
     def warm(self, graph: TamiyoGraph, *, cancel: Cancellation) -> None:
         """Run the decision path's network on `graph`, changing nothing (see `GNNPolicy.warm`)."""
+        ...
+
+    @property
+    def size(self) -> str:
+        """The network's named size (`POLICY_SIZES`), or "custom"."""
+        ...
+
+    @property
+    def compile_status(self) -> CompileStatus:
+        """Compiled or eager, and why."""
+        ...
+
+    @property
+    def plan_status(self) -> PlanStatus:
+        """Whether the last rehearsed topology has a traced plan, and why not."""
         ...
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 
 from esper.leyline import Clock, ContractViolation, EsperError, pb, sign, validate_command, value_label
-from esper.tamiyo.proposal import GROWTH_ACTIONS, Proposal
+from esper.tamiyo.model.proposal import GROWTH_ACTIONS, Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
 BlendParameters = dict[int, dict[str, float]]  # per blend mode, the parameters a GERMINATE carries

@@ -1,3 +1,4 @@
+# Over 500 lines: one policy, the rules of the growth lifecycle, which read one shared state.
 """The heuristic policy: the baseline Tamiyo runs until a trained GNN checkpoint exists.
 
 Rules, in order of precedence (one decision per packet):
@@ -56,8 +57,8 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from esper.leyline import EsperError, pb, short_name
-from esper.tamiyo.budget import growth_over_budget, growth_parameter_cost, over_budget
-from esper.tamiyo.proposal import ALPHA_RAMP_STEPS, BLEND_MODES, Proposal
+from esper.tamiyo.model.budget import growth_over_budget, growth_parameter_cost, over_budget
+from esper.tamiyo.model.proposal import ALPHA_RAMP_STEPS, BLEND_MODES, Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
 VERSION = "heuristic-v2"
@@ -511,6 +512,10 @@ class HeuristicPolicy:
 
     # --- checkpointing -----------------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """Rules have nothing to compile or warm up."""
+        return None
+
     def state(self) -> dict[str, Any]:
         """JSON-ready state, enough for `restore` to continue exactly where this policy is."""
         return {
@@ -599,6 +604,10 @@ class WaitOnlyPolicy:
         """WAIT, whatever the packet says."""
         del packet
         return Proposal(action=pb.POLICY_ACTION_WAIT, reason="wait: the no-growth control never grows")
+
+    def warm_up(self) -> None:
+        """Rules have nothing to compile or warm up."""
+        return None
 
     def state(self) -> dict[str, Any]:
         """The control has no state beyond its version."""

@@ -1,3 +1,4 @@
+# Over 500 lines: the event table and the one telemetry class that every Tamiyo event goes through.
 """Tamiyo's telemetry (P5): one table of events, Prometheus metrics, health, blend annotations (P8).
 
 `EVENTS` is the only place an event's level and priority are decided. Events are `pb.TelemetryEvent`s,
@@ -27,8 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from esper.leyline import Clock, EsperError, pb, short_name
 from esper.leyline.events import LOG_LEVELS, EventSpec
-from esper.tamiyo.graph import GraphCoverage
-from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.model.graph import GraphCoverage
+from esper.tamiyo.model.proposal import Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
 _log = logging.getLogger("esper.tamiyo")

@@ -27,8 +27,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from esper.leyline import Backoff, Clock, EsperError, pb
 from esper.oona import Bus, BusError, PayloadTooLarge, envelope_for
+from esper.tamiyo.records.errors import StoreCorrupted
+from esper.tamiyo.records.schema import OutboxEntry
+from esper.tamiyo.records.store import TamiyoStore
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.store import OutboxEntry, StoreCorrupted, TamiyoStore
 
 # name, description, attributes: the outbox reports through this, whichever thread it runs on.
 EventSink = Callable[[str, str, Mapping[str, str]], None]

@@ -26,8 +26,6 @@ when the feed can be read again.
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,36 +47,16 @@ from esper.leyline import (
     validate_policy_update,
 )
 from esper.leyline.files import write_atomically
-from esper.oona import Bus, BusError, Delivery, GroupNotFound, Streams
-from esper.tamiyo.gnn import ARCHITECTURE_VERSION, TamiyoGNNConfig
-from esper.tamiyo.graph import TAMIYO_SCHEMA
-from esper.tamiyo.payload import CheckpointIncompatible, PolicyUpdateRejected, read_payload_header
-from esper.tamiyo.policy import HEADS, GNNPolicy
-from esper.tamiyo.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, Policy
-from esper.tamiyo.service import TamiyoService
+from esper.oona import BusError
+from esper.tamiyo.model.checkpoint import CheckpointIncompatible, PolicyUpdateRejected, read_payload_header
+from esper.tamiyo.model.gnn import ARCHITECTURE_VERSION, TamiyoGNNConfig
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.proposal import Policy
+from esper.tamiyo.model.schema import TAMIYO_SCHEMA
+from esper.tamiyo.model.weights import policy_registry_digest
+from esper.tamiyo.runtime.service import TamiyoService
+from esper.tamiyo.runtime.update_feed import PolicyUpdateFeed
 from esper.tamiyo.settings import TamiyoSettings
-
-# Keys of the JSON header a `PolicyUpdate` payload carries besides the architecture header of the policy.
-LINEAGE_KEYS: tuple[str, ...] = ("tamiyo_policy_version", "parent_version", "sequence", "registry_digest")
-
-_log = logging.getLogger("esper.tamiyo")
-
-
-def policy_registry_digest(config: TamiyoGNNConfig) -> str:
-    """Digest of everything that gives the policy's outputs their meaning.
-
-    The graph schema (node types, features, relations) and the registries of the heads: actions, blend
-    modes, ramp lengths, lr factors. Weights trained against another registry would pick other things.
-    """
-    body = {
-        "schema": config.schema.digest,
-        "heads": list(HEADS),
-        "actions": list(ACTIONS),
-        "blend_modes": list(BLEND_MODES),
-        "alpha_ramp_steps": list(ALPHA_RAMP_STEPS),
-        "lr_factors": list(LR_FACTORS),
-    }
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class PolicyLineage(Protocol):
@@ -111,10 +89,11 @@ Candidate = Callable[[Policy], GNNPolicy]
 
 
 class PolicyUpdateIntake:
-    """Receives policy updates for one `TamiyoService` and swaps them in transactionally (P3).
+    """Policy updates for one `TamiyoService`, swapped in transactionally (P3).
 
-    Use `evaluate_step` as the controller's entry point: it polls the feed (between decisions, outside
-    the decision's deadline), decides with the service, and keeps the probation of a fresh policy.
+    An input of the service, whatever its policy: constructing an intake attaches it (`consult`), and the
+    service polls it before each decision (outside the decision's deadline) and reports each outcome to it
+    (the probation of a fresh policy). The service is the controller; this is not a second front door.
     """
 
     def __init__(
@@ -171,6 +150,7 @@ class PolicyUpdateIntake:
             registry=registry,
         )
         self._feed_outage = ""  # why the feed cannot be read, while it cannot (announced once)
+        service.consult(self)  # the service polls this intake between its decisions
 
     @property
     def policy(self) -> Policy:
@@ -401,57 +381,35 @@ class PolicyUpdateIntake:
             serving=self.serving.version,
         )
 
+    def between_decisions(self) -> bool:
+        """Poll the feed (the service calls it before each decision): True when a new policy was swapped
+        in."""
+        return any(isinstance(outcome, ServingPolicy) for outcome in self.poll())
+
+    # `cli.py` still binds these; the service is the controller, whatever the policy.
     def prepare(self, packet: pb.SystemStatePacket) -> None:
-        """The service's warm-up on `packet` (see `TamiyoService.prepare`)."""
+        """`TamiyoService.prepare`."""
         self._service.prepare(packet)
 
     def anticipate(self) -> None:
-        """The service's warm-up ahead of the next decision (see `TamiyoService.anticipate`)."""
+        """`TamiyoService.anticipate`."""
         self._service.anticipate()
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
-        """Poll for updates, then decide with the service; a policy that fails its probation is rolled
-        back (the failed decision's error still reaches the caller). A policy swapped in by the poll is
-        first warmed up on this packet, outside the deadline (a failed warm-up counts against it)."""
-        swapped = any(isinstance(outcome, ServingPolicy) for outcome in self.poll())
-        try:
-            if swapped:
-                self._service.prepare(packet)
-            command = self._service.evaluate_step(packet)
-        except (ContractViolation, MalformedMessage):
-            raise  # the packet's fault, not the policy's
-        except Exception as exc:
-            self._judge(f"{type(exc).__name__}: {exc}")
-            raise
-        self._judge("")
-        return command
+        """`TamiyoService.evaluate_step` (which consults this intake)."""
+        return self._service.evaluate_step(packet)
 
     def submit(self, packet: pb.SystemStatePacket) -> None:
-        """Poll for updates, then start the service's decision for `packet` (see `TamiyoService.submit`);
-        a policy swapped in by the poll is first warmed up on this packet, outside the budget."""
-        swapped = any(isinstance(outcome, ServingPolicy) for outcome in self.poll())
-        try:
-            if swapped:
-                self._service.prepare(packet)
-            self._service.submit(packet)
-        except (ContractViolation, MalformedMessage):
-            raise  # the packet's fault, not the policy's
-        except Exception as exc:
-            self._judge(f"{type(exc).__name__}: {exc}")
-            raise
+        """`TamiyoService.submit` (which consults this intake)."""
+        self._service.submit(packet)
 
     def collect(self) -> pb.AdaptationCommand:
-        """The command of the decision `submit` started (see `TamiyoService.collect`); a policy that fails
-        its probation is rolled back (the failed decision's error still reaches the caller)."""
-        try:
-            command = self._service.collect()
-        except Exception as exc:
-            self._judge(f"{type(exc).__name__}: {exc}")
-            raise
-        self._judge("")
-        return command
+        """`TamiyoService.collect` (which consults this intake)."""
+        return self._service.collect()
 
-    def _judge(self, failure: str) -> None:
+    def judge(self, failure: str) -> None:
+        """One decision's outcome ("" for a success): a policy on probation that failed too often is rolled
+        back."""
         probation = self._probation
         if probation is None:
             return
@@ -510,9 +468,8 @@ class PolicyUpdateIntake:
 
     def export_state(self) -> dict[str, Any]:
         """The serving policy's run state plus the lineage (saved with the trainer's checkpoints)."""
-        state = getattr(self._policy, "state", None)
         return {
-            "policy": state() if callable(state) else {},
+            "policy": self._policy.state(),
             "serving": {
                 "version": self.serving.version,
                 "sequence": self.serving.sequence,
@@ -555,100 +512,5 @@ class PolicyUpdateIntake:
         self._watermark = max(self._watermark, int(state["watermark"]))
         self._probation = None
         self.sequence_gauge.set(self.serving.sequence)
-        restore = getattr(self._policy, "restore", None)
-        if callable(restore) and state.get("policy"):
-            restore(dict(state["policy"]))
-
-
-@dataclass(frozen=True)
-class FeedItem:
-    """One message of the policy-update stream: its bus id, and the update or why it could not be read."""
-
-    message_id: str
-    update: pb.PolicyUpdate | PolicyUpdateRejected
-
-    @property
-    def order(self) -> int:
-        """Sort key: unreadable messages first, then updates newest first."""
-        return -1 if isinstance(self.update, PolicyUpdateRejected) else -int(self.update.sequence)
-
-
-class PolicyUpdateFeed:
-    """The policy-update stream as this Tamiyo's consumer group sees it.
-
-    Every Tamiyo has its own group, so every one of them sees every update. A message is acked once it was
-    offered (`ack`), whether the update was then accepted or rejected: a refused update is not redelivered.
-    Messages left unacked (by a process that died, or an ack that failed) are taken back by the next
-    `fetch` of this consumer. A group the bus lost (a Redis restarted without persistence) is made again.
-    """
-
-    def __init__(self, bus: Bus, group: str, *, consumer: str = "tamiyo", batch: int = 8) -> None:
-        self._bus = bus
-        self._group = group
-        self._consumer = consumer
-        self._batch = batch
-        self._reclaim = True  # what a previous life of this consumer left unacked comes first
-        self._unsettled: set[str] = set()  # fetched and not acked yet
-        bus.ensure_group(Streams.POLICY_UPDATES, group, from_beginning=True)
-
-    def remove_group(self) -> None:
-        """Delete this Tamiyo's consumer group: for a run that has ended for good (a group nobody reads
-        would otherwise keep receiving every update the deployment publishes)."""
-        self._bus.delete_group(Streams.POLICY_UPDATES, self._group)
-
-    def fetch(self) -> list[FeedItem]:
-        """Every update waiting now (no blocking), not yet acked; undecodable ones as rejections.
-
-        Raises `BusError` when the bus cannot be reached; nothing is lost then.
-        """
-        items: list[FeedItem] = []
-        if self._reclaim or self._unsettled:
-            deliveries = self._in_group(
-                lambda: self._bus.reclaim(
-                    Streams.POLICY_UPDATES, self._group, self._consumer, min_idle_ms=0, count=self._batch
-                )
-            )
-            items.extend(self._decode(delivery) for delivery in deliveries)
-            self._reclaim = len(deliveries) >= self._batch  # more may be pending: take them next time
-        while True:
-            deliveries = self._in_group(
-                lambda: self._bus.consume(
-                    Streams.POLICY_UPDATES, self._group, self._consumer, count=self._batch, block_ms=0
-                )
-            )
-            if not deliveries:
-                self._unsettled = {item.message_id for item in items}
-                return items
-            items.extend(self._decode(delivery) for delivery in deliveries)
-
-    def ack(self, message_ids: list[str]) -> None:
-        """Acknowledge offered messages; on `BusError` they stay pending and are fetched again."""
-        if message_ids:
-            self._bus.ack(Streams.POLICY_UPDATES, self._group, message_ids)
-            self._unsettled.difference_update(message_ids)
-
-    def _in_group(self, operation: Callable[[], list[Delivery]]) -> list[Delivery]:
-        try:
-            return operation()
-        except GroupNotFound:
-            _log.warning("policy-update group %s was lost by the bus; it is made again", self._group)
-            self._bus.ensure_group(Streams.POLICY_UPDATES, self._group, from_beginning=True)
-            return operation()
-
-    @staticmethod
-    def _decode(delivery: Delivery) -> FeedItem:
-        envelope = delivery.envelope
-        # Contract checks happen in the intake, where their rejection is reported.
-        if envelope.message_type != pb.BUS_MESSAGE_TYPE_POLICY_UPDATE:
-            kind = (
-                pb.BusMessageType.Name(envelope.message_type)
-                if envelope.message_type in pb.BusMessageType.values()
-                else str(envelope.message_type)
-            )
-            rejection = PolicyUpdateRejected("malformed", f"bus message {delivery.message_id} holds {kind}")
-            return FeedItem(delivery.message_id, rejection)
-        try:
-            return FeedItem(delivery.message_id, parse(pb.PolicyUpdate, envelope.payload))
-        except MalformedMessage as exc:
-            rejection = PolicyUpdateRejected("malformed", f"bus message {delivery.message_id}: {exc.reason}")
-            return FeedItem(delivery.message_id, rejection)
+        if state.get("policy"):
+            self._policy.restore(dict(state["policy"]))

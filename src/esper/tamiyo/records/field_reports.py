@@ -28,12 +28,14 @@ from collections.abc import Mapping
 
 from esper.leyline import Clock, pb, short_name
 from esper.oona import Bus
-from esper.tamiyo.normalizer_state import statistics_to_proto
-from esper.tamiyo.outbox import FieldReportOutbox, OutboxMetrics, OutboxPublisher
-from esper.tamiyo.proposal import Proposal
+from esper.tamiyo.model.normalizer_state import statistics_to_proto
+from esper.tamiyo.model.proposal import Proposal
+from esper.tamiyo.records.errors import StoreError
+from esper.tamiyo.records.outbox import FieldReportOutbox, OutboxMetrics, OutboxPublisher
+from esper.tamiyo.records.schema import ObservationWindow
+from esper.tamiyo.records.store import TamiyoStore
+from esper.tamiyo.runtime.telemetry import TamiyoTelemetry
 from esper.tamiyo.settings import TamiyoSettings
-from esper.tamiyo.store import ObservationWindow, StoreError, TamiyoStore
-from esper.tamiyo.telemetry import TamiyoTelemetry
 
 SYNTH_PREFIX = "fr-synth-"
 _OUTCOME_NAMES = {

@@ -1,568 +1,55 @@
-"""Packet -> heterogeneous graph, declared by one schema.
+# Over 500 lines: one builder, whose steps share the cached topology and the normaliser.
+"""The graph builder: a `SystemStatePacket` becomes a `TamiyoGraph` under `TAMIYO_SCHEMA`.
 
-`TAMIYO_SCHEMA` names every node type, every feature of each type and every relation (with its edge
-features). The builder turns a `SystemStatePacket` into a `TamiyoGraph` (plain tensor dicts on the hot
-path, `to_hetero_data()` for PyTorch Geometric tooling) and refuses a packet that does not fit: a slot on
-an unknown layer, a seed on an unknown slot, a duplicate id. Ids in the graph are the packet's own; nothing
-is invented.
-
-Missing values (a metric key absent, no hardware context, no catalogue entry) are zeroed *and* recorded:
-in a presence mask the model sees, and in `GraphCoverage`, which names the missing keys for telemetry.
-With `strict_graph` they raise instead. Caps on node counts apply to edges too; coverage says what was cut.
+A packet that does not fit is refused: a slot on an unknown layer, a seed on an unknown slot, a duplicate
+id. Missing values are zeroed and recorded, in a presence mask and in `GraphCoverage`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import threading
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from esper.leyline import EsperError, pb
-from esper.tamiyo.normalizer_state import NormalizerState, NormalizerStore
-from esper.tamiyo.proposal import ACTIONS
+from esper.leyline import pb
+from esper.tamiyo.model.graph import GraphCoverage, TamiyoGraph
+from esper.tamiyo.model.normalizer import FeatureNormalizer
+from esper.tamiyo.model.normalizer_state import NormalizerState, NormalizerStore
+from esper.tamiyo.model.proposal import ACTIONS
+from esper.tamiyo.model.schema import (
+    ACTIVE_STAGES,
+    GLOBAL_METRIC_KEYS,
+    SEED_METRIC_KEYS,
+    STAGE_COLUMNS,
+    TAMIYO_SCHEMA,
+    BlueprintLookup,
+    EdgeKey,
+    FloatArray,
+    GraphSchema,
+    GraphSchemaError,
+    MissingFeatureError,
+)
 
 if TYPE_CHECKING:
-    from torch_geometric.data import HeteroData
-
     from esper.tamiyo.settings import TamiyoSettings
-
-EdgeKey = tuple[str, str, str]
-_Array = npt.NDArray[Any]
-BlueprintLookup = Callable[[str], "pb.BlueprintDescriptor | None"]
-
-
-class GraphSchemaError(EsperError):
-    """A packet or graph does not fit the declared schema."""
-
-    def __init__(self, where: str, reason: str) -> None:
-        self.where = where
-        self.reason = reason
-        super().__init__(f"graph schema violation at {where}: {reason}")
-
-
-class MissingFeatureError(EsperError):
-    """`strict_graph` is on and the packet lacks values the schema expects."""
-
-    def __init__(self, missing: dict[str, tuple[str, ...]]) -> None:
-        self.missing = missing
-        named = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in sorted(missing.items()))
-        super().__init__(f"packet is missing graph features ({named})")
-
-
-class NormalizerWriteError(EsperError):
-    """The normaliser statistics could not be persisted; the stored copy is stale."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(f"normaliser statistics were not saved: {reason}")
-
-
-# ------------------------------------------------------------------------------------------------------
-# Schema
-# ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    """A node type: continuous features (normalised) followed by categorical ones (0/1, as is)."""
-
-    name: str
-    continuous: tuple[str, ...]
-    categorical: tuple[str, ...] = ()
-
-    @property
-    def features(self) -> tuple[str, ...]:
-        """Every feature in column order."""
-        return self.continuous + self.categorical
-
-    @property
-    def dim(self) -> int:
-        """Number of feature columns."""
-        return len(self.continuous) + len(self.categorical)
-
-
-@dataclass(frozen=True)
-class RelationSpec:
-    """A directed relation between two node types, with its named edge features (possibly none)."""
-
-    src: str
-    name: str
-    dst: str
-    edge_features: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> EdgeKey:
-        """The PyG edge type."""
-        return (self.src, self.name, self.dst)
-
-    @property
-    def edge_dim(self) -> int:
-        """Edge feature width the GAT layers see: a relation without features gets one zero column."""
-        return max(1, len(self.edge_features))
-
-
-@dataclass(frozen=True)
-class GraphSchema:
-    """The one declaration of Tamiyo's graph: node types, their features, and the relations."""
-
-    version: str
-    node_types: tuple[NodeSpec, ...]
-    relations: tuple[RelationSpec, ...]
-
-    def __post_init__(self) -> None:
-        names = [spec.name for spec in self.node_types]
-        if len(set(names)) != len(names):
-            raise GraphSchemaError("schema", f"duplicate node types in {names}")
-        for spec in self.node_types:
-            if len(set(spec.features)) != spec.dim:
-                raise GraphSchemaError(f"schema.{spec.name}", "duplicate feature names")
-        keys = [rel.key for rel in self.relations]
-        if len(set(keys)) != len(keys):
-            raise GraphSchemaError("schema", "duplicate relations")
-        for rel in self.relations:
-            for end in (rel.src, rel.dst):
-                if end not in names:
-                    raise GraphSchemaError(f"schema.{rel.key}", f"node type {end!r} is not declared")
-
-    @property
-    def type_names(self) -> tuple[str, ...]:
-        """Node type names in declaration order."""
-        return tuple(spec.name for spec in self.node_types)
-
-    def node(self, name: str) -> NodeSpec:
-        """The spec of node type `name`; an unknown type is a `GraphSchemaError`."""
-        for spec in self.node_types:
-            if spec.name == name:
-                return spec
-        raise GraphSchemaError(f"node type {name!r}", f"not in schema {self.version}")
-
-    def relation(self, key: EdgeKey) -> RelationSpec:
-        """The spec of relation `key`; an unknown relation is a `GraphSchemaError`."""
-        for rel in self.relations:
-            if rel.key == key:
-                return rel
-        raise GraphSchemaError(f"relation {key}", f"not in schema {self.version}")
-
-    @property
-    def digest(self) -> str:
-        """Hash of the whole declaration: a checkpoint built for another schema is refused."""
-        body = {
-            "version": self.version,
-            "nodes": [[s.name, list(s.continuous), list(s.categorical)] for s in self.node_types],
-            "relations": [[*r.key, list(r.edge_features)] for r in self.relations],
-        }
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-
-    def check(self, graph: TamiyoGraph) -> None:
-        """Fail fast when `graph` has node types, widths or relations the schema does not declare."""
-        if set(graph.x) != set(self.type_names):
-            raise GraphSchemaError(
-                "graph.node_types", f"got {sorted(graph.x)}, schema declares {sorted(self.type_names)}"
-            )
-        for name, x in graph.x.items():
-            spec = self.node(name)
-            if x.dim() != 2 or x.shape[1] != spec.dim:
-                raise GraphSchemaError(
-                    f"graph.x[{name}]", f"shape {tuple(x.shape)}, expected [N, {spec.dim}]"
-                )
-        for key, index in graph.edge_index.items():
-            self.relation(key)
-            if index.dim() != 2 or index.shape[0] != 2:
-                raise GraphSchemaError(f"graph.edge_index[{key}]", f"shape {tuple(index.shape)}")
-
-
-_STAGE_COLUMNS: tuple[tuple[str, tuple[int, ...]], ...] = (
-    ("stage_dormant", (pb.SEED_STAGE_DORMANT,)),
-    ("stage_germinated", (pb.SEED_STAGE_GERMINATED,)),
-    ("stage_training", (pb.SEED_STAGE_TRAINING,)),
-    ("stage_blending", (pb.SEED_STAGE_BLENDING,)),
-    ("stage_shadowing", (pb.SEED_STAGE_SHADOWING,)),
-    ("stage_probationary", (pb.SEED_STAGE_PROBATIONARY,)),
-    ("stage_fossilized", (pb.SEED_STAGE_FOSSILIZED,)),
-    (
-        "stage_cooldown",
-        (pb.SEED_STAGE_CULLED, pb.SEED_STAGE_EMBARGOED, pb.SEED_STAGE_RESETTING, pb.SEED_STAGE_TERMINATED),
-    ),
-)
-ACTIVE_STAGES: tuple[int, ...] = (
-    pb.SEED_STAGE_GERMINATED,
-    pb.SEED_STAGE_TRAINING,
-    pb.SEED_STAGE_BLENDING,
-    pb.SEED_STAGE_SHADOWING,
-    pb.SEED_STAGE_PROBATIONARY,
-)
-# Keys of `SystemStatePacket.training_metrics` the global node reads.
-GLOBAL_METRIC_KEYS: tuple[str, ...] = ("learning_rate", "grad_norm")
-# Keys of `SeedState.metrics` a slot node reads; expected only while its seed is active.
-SEED_METRIC_KEYS: tuple[str, ...] = (
-    "alpha",
-    "alpha_steps",
-    "alpha_total_steps",
-    "blend_allowed",
-    "isolation_violations",
-)
-
-TAMIYO_SCHEMA = GraphSchema(
-    version="tamiyo-graph-v1",
-    node_types=(
-        NodeSpec(
-            "global",
-            continuous=(
-                "epoch_log",
-                "global_step_log",
-                "validation_loss",
-                "validation_accuracy",
-                "training_loss",
-                "loss_gap",
-                "layers_log",
-                "slots_log",
-                "blueprints_log",
-                "active_seed_frac",
-                "hw_memory_free_frac",
-                "hw_utilization",
-                "hw_temperature",
-                *(f"metric_{key}" for key in GLOBAL_METRIC_KEYS),
-            ),
-        ),
-        NodeSpec(
-            "layer",
-            continuous=("width_log", "depth_frac", "params_log", "slot_count"),
-            categorical=("kind_linear", "kind_conv", "kind_other"),
-        ),
-        NodeSpec(
-            "slot",
-            continuous=(
-                "width_log",
-                "gradient_norm_log",
-                "learning_rate",
-                "age_epochs_log",
-                "risk_score",
-                "alpha",
-                "alpha_progress",
-                "blend_allowed",
-                "isolation_violations",
-            ),
-            categorical=("kind_mlp", "kind_conv", "has_seed_state", *(name for name, _ in _STAGE_COLUMNS)),
-        ),
-        NodeSpec(
-            "blueprint",
-            continuous=("in_use", "risk", "stage"),
-            categorical=(
-                "tier_safe",
-                "tier_experimental",
-                "tier_high_risk",
-                "quarantine",
-                "host_mlp",
-                "host_conv",
-            ),
-        ),
-    ),
-    relations=(
-        RelationSpec("global", "conditions", "layer"),
-        RelationSpec("layer", "summarises", "global"),
-        RelationSpec("layer", "feeds", "layer", ("depth_gap",)),
-        RelationSpec("layer", "hosts", "slot", ("width_ratio",)),
-        RelationSpec("slot", "attaches", "layer", ("width_ratio",)),
-        RelationSpec("blueprint", "offered_to", "slot", ("in_use",)),
-        RelationSpec("slot", "considers", "blueprint", ("in_use",)),
-    ),
-)
-
-
-# ------------------------------------------------------------------------------------------------------
-# The graph
-# ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GraphCoverage:
-    """What the graph could not represent: missing feature keys, nodes/edges cut by caps, and active seeds
-    whose blueprint has no node (`unlinked_seeds`: slot id -> why: no blueprint id, or one not offered or
-    cut by the cap), so the seed is in the graph without the edge to what it grows."""
-
-    present_fraction: dict[str, float]
-    missing: dict[str, tuple[str, ...]]
-    dropped_nodes: dict[str, int]
-    dropped_edges: dict[str, int]
-    unlinked_seeds: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def complete(self) -> bool:
-        """True when nothing was missing, nothing was cut and every active seed is linked."""
-        return (
-            not self.missing
-            and not any(self.dropped_nodes.values())
-            and not any(self.dropped_edges.values())
-            and not self.unlinked_seeds
-        )
-
-
-@dataclass(frozen=True)
-class TamiyoGraph:
-    """One graph (or a batch of graphs) as plain tensors, in schema order.
-
-    `x` holds the normalised features with missing entries zeroed; `mask` their presence (1 present).
-    `slot_action_mask[i, a]` says whether slot node i is a legal target of action head index a;
-    `action_mask[g, a]` whether action a is legal in graph g. `batch` maps each node to its graph.
-    """
-
-    x: dict[str, Tensor]
-    mask: dict[str, Tensor]
-    edge_index: dict[EdgeKey, Tensor]
-    edge_attr: dict[EdgeKey, Tensor]
-    batch: dict[str, Tensor]
-    num_graphs: int
-    action_mask: Tensor
-    slot_action_mask: Tensor
-    slot_ids: tuple[str, ...]
-    seed_ids: tuple[str, ...]
-    blueprint_ids: tuple[str, ...]
-    coverage: GraphCoverage | None = None
-    # The normaliser statistics each node type was normalised with (a built graph; None for a batch), so a
-    # decision can record exactly what its graph was made from.
-    normalized_with: dict[str, NormalizerState] | None = None
-
-    def num_nodes(self, node_type: str) -> int:
-        """Nodes of one type (over the whole batch)."""
-        return int(self.x[node_type].shape[0])
-
-    def to_hetero_data(self) -> HeteroData:
-        """The same graph as a PyG `HeteroData` (for tooling and batching; not used on the hot path)."""
-        from torch_geometric.data import HeteroData
-
-        data = HeteroData()
-        for name, x in self.x.items():
-            data[name].x = x
-            data[name].mask = self.mask[name]
-        for key, index in self.edge_index.items():
-            data[key].edge_index = index
-            if key in self.edge_attr:
-                data[key].edge_attr = self.edge_attr[key]
-        data["slot"].action_mask = self.slot_action_mask
-        return data
-
-
-def collate(graphs: Sequence[TamiyoGraph]) -> TamiyoGraph:
-    """Batch single graphs into one disjoint graph (indices offset, `batch` vectors filled)."""
-    if not graphs:
-        raise GraphSchemaError("collate", "no graphs to batch")
-    types = list(graphs[0].x)
-    offsets = {name: 0 for name in types}
-    xs: dict[str, list[Tensor]] = {name: [] for name in types}
-    masks: dict[str, list[Tensor]] = {name: [] for name in types}
-    batches: dict[str, list[Tensor]] = {name: [] for name in types}
-    edges: dict[EdgeKey, list[Tensor]] = {key: [] for key in graphs[0].edge_index}
-    attrs: dict[EdgeKey, list[Tensor]] = {key: [] for key in graphs[0].edge_attr}
-    for g_index, graph in enumerate(graphs):
-        if graph.num_graphs != 1:
-            raise GraphSchemaError("collate", "graphs must be single graphs")
-        if list(graph.x) != types or set(graph.edge_index) != set(edges):
-            raise GraphSchemaError("collate", "graphs do not share one schema")
-        for key, index in graph.edge_index.items():
-            shift = torch.tensor([[offsets[key[0]]], [offsets[key[2]]]], dtype=index.dtype)
-            edges[key].append(index + shift)
-        for key, attr in graph.edge_attr.items():
-            attrs[key].append(attr)
-        for name in types:
-            count = graph.num_nodes(name)
-            xs[name].append(graph.x[name])
-            masks[name].append(graph.mask[name])
-            batches[name].append(torch.full((count,), g_index, dtype=torch.long))
-            offsets[name] += count
-    return TamiyoGraph(
-        x={name: torch.cat(parts) for name, parts in xs.items()},
-        mask={name: torch.cat(parts) for name, parts in masks.items()},
-        edge_index={key: torch.cat(parts, dim=1) for key, parts in edges.items()},
-        edge_attr={key: torch.cat(parts) for key, parts in attrs.items()},
-        batch={name: torch.cat(parts) for name, parts in batches.items()},
-        num_graphs=len(graphs),
-        action_mask=torch.cat([graph.action_mask for graph in graphs]),
-        slot_action_mask=torch.cat([graph.slot_action_mask for graph in graphs]),
-        slot_ids=tuple(sid for graph in graphs for sid in graph.slot_ids),
-        seed_ids=tuple(sid for graph in graphs for sid in graph.seed_ids),
-        blueprint_ids=tuple(bid for graph in graphs for bid in graph.blueprint_ids),
-    )
-
-
-class FeatureNormalizer:
-    """Per-feature running mean/variance (Welford, batched), kept through a `NormalizerStore`.
-
-    The statistics are a few dozen float64 numbers: they are kept and updated as NumPy arrays, where one
-    operation costs a microsecond instead of a tensor operation's several (commit runs once per decision).
-    """
-
-    def __init__(self, schema: GraphSchema, store: NormalizerStore | None, flush_every: int) -> None:
-        self._schema = schema
-        self._store = store
-        self._flush_every = flush_every
-        self._lock = threading.Lock()
-        self._updates_since_flush = 0
-        self._pending: list[tuple[str, _Array, _Array]] = []
-        self._scaled: dict[str, tuple[_Array, _Array]] = {}
-        self._count: dict[str, _Array] = {}
-        self._mean: dict[str, _Array] = {}
-        self._m2: dict[str, _Array] = {}
-        for spec in schema.node_types:
-            width = len(spec.continuous)
-            self._count[spec.name] = np.zeros(width, dtype=np.float64)
-            self._mean[spec.name] = np.zeros(width, dtype=np.float64)
-            self._m2[spec.name] = np.zeros(width, dtype=np.float64)
-        saved = store.load() if store is not None else None
-        if saved is not None:
-            self._restore(saved)
-
-    def _restore(self, saved: dict[str, NormalizerState]) -> None:
-        for name, state in saved.items():
-            spec = self._schema.node(name)
-            width = len(spec.continuous)
-            if not len(state.count) == len(state.mean) == len(state.m2) == width:
-                raise GraphSchemaError(
-                    f"normaliser[{name}]", f"saved statistics have the wrong width (expected {width})"
-                )
-            self._count[name] = np.array(state.count, dtype=np.float64)
-            self._mean[name] = np.array(state.mean, dtype=np.float64)
-            self._m2[name] = np.array(state.m2, dtype=np.float64)
-
-    @property
-    def flush_due(self) -> bool:
-        """True when enough updates accumulated since the last write."""
-        with self._lock:
-            pending = len(self._pending)
-        return self._store is not None and self._updates_since_flush + pending >= self._flush_every
-
-    def normalize(self, name: str, values: Tensor, present: Tensor, *, update: bool) -> Tensor:
-        """Normalise the continuous columns of `values` (float32 [N, F]); missing entries stay 0.
-
-        A graph is normalised with the statistics of every *earlier* graph; with `update` its own values
-        are queued and folded in by `commit()` (the service calls it after the decision, off the deadline;
-        the next `normalize` or `states` does it otherwise).
-        """
-        if values.shape[1] == 0 or values.shape[0] == 0:
-            return values
-        array = values.detach().cpu().numpy().astype(np.float32)
-        mask = present.detach().cpu().numpy().astype(np.float32)
-        return torch.from_numpy(self.normalize_array(name, array, mask, update=update))
-
-    def normalize_array(
-        self,
-        name: str,
-        values: _Array,
-        present: _Array,
-        *,
-        update: bool,
-        used: dict[str, NormalizerState] | None = None,
-    ) -> _Array:
-        """`normalize` on float32 NumPy arrays (the builder's path: no tensor operations). With `used`, the
-        statistics this call normalised with are put there under `name` (taken with the scale, atomically).
-        """
-        with self._lock:
-            if used is not None:
-                # The arrays are replaced, never changed in place, so these are the statistics in use.
-                used[name] = NormalizerState(
-                    self._count[name].tolist(), self._mean[name].tolist(), self._m2[name].tolist()
-                )
-            if values.shape[1] == 0 or values.shape[0] == 0:
-                return values
-            mean, scale = self._scaled.get(name) or self._scale(name)
-            if update:
-                self._pending.append((name, values, present))
-        out: _Array = np.clip((values - mean) / scale, -10.0, 10.0) * present
-        return out
-
-    def _scale(self, name: str) -> tuple[_Array, _Array]:
-        count = self._count[name]
-        std = np.where(count > 1, np.sqrt(self._m2[name] / np.maximum(count - 1, 1)), 1.0)
-        self._scaled[name] = (
-            self._mean[name].astype(np.float32),
-            np.maximum(std.astype(np.float32), np.float32(1e-3)),
-        )
-        return self._scaled[name]
-
-    def commit(self) -> None:
-        """Fold the queued values into the running statistics."""
-        with self._lock:
-            if not self._pending:
-                return
-            pending, self._pending = self._pending, []
-            for name, values, present in pending:
-                self._update(name, values.astype(np.float64), present.astype(np.float64))
-            for name in {name for name, _, _ in pending}:
-                self._scale(name)  # ready for the next graph, so normalising costs no statistics work
-
-    def _update(self, name: str, values: _Array, present: _Array) -> None:
-        batch_count = present.sum(0)
-        if not (batch_count > 0).any():
-            return
-        batch_mean = (values * present).sum(0) / np.maximum(batch_count, 1)
-        batch_m2 = (((values - batch_mean) * present) ** 2).sum(0)
-        count, mean, m2 = self._count[name], self._mean[name], self._m2[name]
-        total = count + batch_count
-        delta = batch_mean - mean
-        safe_total = np.maximum(total, 1)
-        observed = batch_count > 0
-        self._mean[name] = np.where(observed, mean + delta * batch_count / safe_total, mean)
-        self._m2[name] = np.where(observed, m2 + batch_m2 + delta**2 * count * batch_count / safe_total, m2)
-        self._count[name] = total
-        self._updates_since_flush += 1
-
-    def states(self) -> dict[str, NormalizerState]:
-        """A snapshot of every node type's statistics (queued values included)."""
-        self.commit()
-        with self._lock:
-            return {
-                name: NormalizerState(
-                    self._count[name].tolist(), self._mean[name].tolist(), self._m2[name].tolist()
-                )
-                for name in self._count
-            }
-
-    def load_states(self, states: dict[str, NormalizerState]) -> None:
-        """Continue from `states()` output (a checkpoint's): the statistics become exactly these, and
-        values queued since are discarded (they belong to graphs after that snapshot)."""
-        with self._lock:
-            self._restore(states)
-            self._pending = []
-            self._scaled = {}
-        self._updates_since_flush = 0
-
-    def flush(self) -> None:
-        """Write the statistics to the store; a failure is a `NormalizerWriteError` (never ignored)."""
-        if self._store is None:
-            return
-        states = self.states()
-        try:
-            self._store.save(states)
-        except Exception as exc:
-            raise NormalizerWriteError(f"{type(exc).__name__}: {exc}") from exc
-        self._updates_since_flush = 0
-
-
-# ------------------------------------------------------------------------------------------------------
-# The builder
-# ------------------------------------------------------------------------------------------------------
 
 _LAYER_KINDS = ("linear", "conv")
 _SLOT_KINDS = ("mlp", "conv")
 _TIERS = (pb.BLUEPRINT_TIER_SAFE, pb.BLUEPRINT_TIER_EXPERIMENTAL, pb.BLUEPRINT_TIER_HIGH_RISK)
 _ACTION_INDEX = {action: index for index, action in enumerate(ACTIONS)}
-# A seed stage as its one-hot stage columns (see `_STAGE_COLUMNS`); unlisted stages have none set.
-_NO_STAGE: tuple[float, ...] = (0.0,) * len(_STAGE_COLUMNS)
+# A seed stage as its one-hot stage columns (see `STAGE_COLUMNS`); unlisted stages have none set.
+_NO_STAGE: tuple[float, ...] = (0.0,) * len(STAGE_COLUMNS)
 _STAGE_ROWS: dict[int, tuple[float, ...]] = {
-    code: tuple(float(column == index) for index in range(len(_STAGE_COLUMNS)))
-    for column, (_, codes) in enumerate(_STAGE_COLUMNS)
+    code: tuple(float(column == index) for index in range(len(STAGE_COLUMNS)))
+    for column, (_, codes) in enumerate(STAGE_COLUMNS)
     for code in codes
 }
 # Presence of a slot's columns after `width_log` when the slot has no seed state.
-_ABSENT_STATE: tuple[float, ...] = (0.0,) * 8 + (1.0, 1.0, 1.0) + (0.0,) * len(_STAGE_COLUMNS)
+_ABSENT_STATE: tuple[float, ...] = (0.0,) * 8 + (1.0, 1.0, 1.0) + (0.0,) * len(STAGE_COLUMNS)
 
 
 def _log1p(values: list[float]) -> Tensor:
@@ -602,7 +89,7 @@ class _Topology:
     slots: list[pb.SlotDescriptor]
     slot_ids: frozenset[str]  # every slot of the topology (before the caps)
     slot_layer: Tensor  # [kept slots] index of each kept slot's layer
-    layer_features: tuple[_Array, _Array]
+    layer_features: tuple[FloatArray, FloatArray]
     edge_index: dict[EdgeKey, Tensor]  # the relations among global, layers and slots
     edge_attr: dict[EdgeKey, Tensor]
     offered: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # n_bps -> see _offered
@@ -709,7 +196,7 @@ class GraphBuilder:
         bp_index = {bid: index for index, bid in enumerate(blueprints)}
         slot_bp = [bp_index.get(s.blueprint_id, -1) if s is not None else -1 for s in slot_states]
 
-        raw: dict[str, tuple[_Array, _Array]] = {
+        raw: dict[str, tuple[FloatArray, FloatArray]] = {
             "global": self._global_features(
                 packet,
                 n_layers=len(layers),
@@ -806,7 +293,7 @@ class GraphBuilder:
         n_blueprints: int,
         active_fraction: float,
         missing: _Missing,
-    ) -> tuple[_Array, _Array]:
+    ) -> tuple[FloatArray, FloatArray]:
         spec = self.schema.node("global")
         values = [
             math.log1p(packet.current_epoch),
@@ -849,7 +336,9 @@ class GraphBuilder:
         return np.nan_to_num(row), np.array([present], dtype=np.float32)
 
     @staticmethod
-    def _layer_features(layers: list[pb.LayerDescriptor], slot_layer: Tensor) -> tuple[_Array, _Array]:
+    def _layer_features(
+        layers: list[pb.LayerDescriptor], slot_layer: Tensor
+    ) -> tuple[FloatArray, FloatArray]:
         count = len(layers)
         widths = _log1p([layer.width for layer in layers])
         depths = torch.tensor([layer.depth for layer in layers], dtype=torch.float32)
@@ -875,10 +364,10 @@ class GraphBuilder:
         states: list[pb.SeedState | None],
         active: list[bool],
         missing: _Missing,
-    ) -> tuple[_Array, _Array]:
+    ) -> tuple[FloatArray, FloatArray]:
         # One pass over the slots in plain Python floats and one array at the end: a few dozen values per
         # slot cost less as list entries than as the ~60 small tensor operations of a column-wise build.
-        stage_width = len(_STAGE_COLUMNS)
+        stage_width = len(STAGE_COLUMNS)
         value_rows: list[list[float]] = []
         present_rows: list[list[float]] = []
         absent: set[str] = set()
@@ -941,7 +430,7 @@ class GraphBuilder:
 
     def _blueprint_features(
         self, blueprints: list[str], slot_bp: list[int], active: list[bool], missing: _Missing
-    ) -> tuple[_Array, _Array]:
+    ) -> tuple[FloatArray, FloatArray]:
         count = len(blueprints)
         in_use = [0.0] * count
         for index, is_active in zip(slot_bp, active, strict=True):

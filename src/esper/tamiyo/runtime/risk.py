@@ -17,7 +17,7 @@ never a hidden failure. Thresholds come from `TamiyoSettings`, resolved once.
   event), never "no catalogue entry".
 - budget: the germination's seed, or the parameters a WIDEN or DEEPEN adds, would take the model past
   the packet's growth budget (`max_parameters`), or the cost cannot be counted -> held (WAIT). See
-  `esper.tamiyo.budget`.
+  `esper.tamiyo.model.budget`.
 - resource: hardware context with too little free memory, too busy or too hot -> GERMINATE held (WAIT).
 
 A growth proposal (WIDEN, DEEPEN) adds parameters as a GERMINATE does: the latency, isolation and resource
@@ -32,9 +32,9 @@ from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from esper.leyline import pb
-from esper.tamiyo.budget import ParameterCost, builtin_parameter_cost, growth_over_budget, over_budget
-from esper.tamiyo.metadata import BlueprintMetadataUnavailable
-from esper.tamiyo.proposal import GROWTH_ACTIONS, Proposal
+from esper.tamiyo.model.budget import ParameterCost, builtin_parameter_cost, growth_over_budget, over_budget
+from esper.tamiyo.model.proposal import GROWTH_ACTIONS, Proposal
+from esper.tamiyo.runtime.metadata import BlueprintMetadataUnavailable
 from esper.tamiyo.settings import TamiyoSettings
 
 BlueprintLookup = Callable[[str], "pb.BlueprintDescriptor | None"]

@@ -1,0 +1,1 @@
+"""Tamiyo's runtime: the service that turns packets into verified commands, and what it runs on."""
