@@ -93,7 +93,9 @@ def trainer(tmp_path: Path) -> Iterator[Trainer]:
         host.slots(),
         catalogue,
         SignatureVerifier(SECRET, freshness_s=cfg.kasmina.command_freshness_s),
-        cfg.kasmina,
+        # One seed's life to FOSSILIZED, its fossil checked in its slot: stacking it into the host is
+        # tests/kasmina/test_stacking.py's and tests/tolaria/test_stack_resume.py's.
+        cfg.kasmina.model_copy(update={"stack_fossils": False}),
         training_run_id=cfg.training_run_id,
     )
     yield Trainer(
