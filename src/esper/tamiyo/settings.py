@@ -123,6 +123,11 @@ class TamiyoSettings(StrictSettings):
     # GNN policy.
     gnn_seed: int = Field(default=0, ge=0, description="Seed of weight initialisation and sampling.")
     gnn_greedy: bool = Field(default=False, description="Take the most likely choice instead of sampling.")
+    gnn_widen_units: tuple[int, ...] = Field(
+        default=(2, 4, 8),
+        min_length=1,
+        description="Units a GNN WIDEN may add (each one of 1, 2, 4, 8, 16, 32: the amount head's options).",
+    )
     # P9: field-report lifecycle.
     fr_obs_window_epochs: int = Field(
         default=1, ge=1, description="Epochs a decision is observed for before its field report is written."

@@ -16,13 +16,16 @@ import torch
 from torch import Tensor
 
 from esper.leyline import pb
+from esper.tamiyo.model.budget import deepen_cost, growth_room, widen_unit_cost
 from esper.tamiyo.model.graph import GraphCoverage, TamiyoGraph
+from esper.tamiyo.model.heuristic import DEEPEN, ENDED_STAGES, WIDEN, growth_layer
 from esper.tamiyo.model.normalizer import FeatureNormalizer
 from esper.tamiyo.model.normalizer_state import NormalizerState, NormalizerStore
-from esper.tamiyo.model.proposal import ACTIONS
+from esper.tamiyo.model.proposal import ACTIONS, WIDEN_UNITS
 from esper.tamiyo.model.schema import (
     ACTIVE_STAGES,
     GLOBAL_METRIC_KEYS,
+    LAYER_GROWTH_FEATURES,
     SEED_METRIC_KEYS,
     STAGE_COLUMNS,
     TAMIYO_SCHEMA,
@@ -31,6 +34,7 @@ from esper.tamiyo.model.schema import (
     FloatArray,
     GraphSchema,
     GraphSchemaError,
+    GrowthOperationLookup,
     MissingFeatureError,
 )
 
@@ -93,6 +97,12 @@ class _Topology:
     edge_index: dict[EdgeKey, Tensor]  # the relations among global, layers and slots
     edge_attr: dict[EdgeKey, Tensor]
     offered: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # n_bps -> see _offered
+    # Growth, per kept layer: whether the host and the catalogue allow a WIDEN / DEEPEN there, and what
+    # one widened unit and one deepen cost in parameters (NaN: the topology does not say).
+    can_widen: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    can_deepen: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    unit_cost: FloatArray = field(default_factory=lambda: np.zeros(0))
+    deepen_cost: FloatArray = field(default_factory=lambda: np.zeros(0))
 
 
 class GraphBuilder:
@@ -105,6 +115,7 @@ class GraphBuilder:
         schema: GraphSchema = TAMIYO_SCHEMA,
         normalizer_store: NormalizerStore | None = None,
         blueprint_metadata: BlueprintLookup | None = None,
+        growth_operations: GrowthOperationLookup | None = None,
     ) -> None:
         if schema.type_names != TAMIYO_SCHEMA.type_names or schema.relations != TAMIYO_SCHEMA.relations:
             # The feature code below fills exactly TAMIYO_SCHEMA; another schema needs another builder.
@@ -117,6 +128,14 @@ class GraphBuilder:
         self._max_slots = settings.max_seeds
         self._max_blueprints = settings.max_blueprints
         self._metadata = blueprint_metadata
+        self._operations = growth_operations
+        unknown = [units for units in settings.gnn_widen_units if units not in WIDEN_UNITS]
+        if unknown:
+            raise GraphSchemaError(
+                "settings.gnn_widen_units", f"{unknown} are not amount options {list(WIDEN_UNITS)}"
+            )
+        self._widen_units = np.array(WIDEN_UNITS, dtype=np.float64)
+        self._units_allowed = np.array([u in settings.gnn_widen_units for u in WIDEN_UNITS], dtype=np.bool_)
         self.normalizer = FeatureNormalizer(schema, normalizer_store, settings.normalizer_flush_every)
         self._topology: _Topology | None = None
 
@@ -144,6 +163,7 @@ class GraphBuilder:
         slots = slots_on_kept[: self._max_slots]
         slot_layer = torch.tensor([kept_layers[slot.layer_id] for slot in slots], dtype=torch.long)
         edge_index, edge_attr = self._topology_edges(layers, slots, slot_layer)
+        growth = self._growth_sites(packet.topology, layers_all, len(layers))
         topology = _Topology(
             key=key,
             n_layers_all=len(layers_all),
@@ -155,9 +175,40 @@ class GraphBuilder:
             layer_features=self._layer_features(layers, slot_layer),
             edge_index=edge_index,
             edge_attr=edge_attr,
+            can_widen=growth[0],
+            can_deepen=growth[1],
+            unit_cost=growth[2],
+            deepen_cost=growth[3],
         )
         self._topology = topology
         return topology
+
+    def _growth_sites(
+        self, topology: pb.HostTopology, layers_all: list[pb.LayerDescriptor], count: int
+    ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        """Per kept layer: WIDEN allowed, DEEPEN allowed (by the host's `growth_operations` and, with a
+        catalogue, the operation's host kinds and allowed amounts), one unit's and one deepen's cost."""
+        widen = self._operations("op:widen") if self._operations is not None else None
+        deepen = self._operations("op:deepen") if self._operations is not None else None
+        if widen is not None:
+            self._units_allowed &= np.array([u in widen.allowed_amounts for u in WIDEN_UNITS], dtype=np.bool_)
+        can_widen = np.zeros(count, dtype=np.bool_)
+        can_deepen = np.zeros(count, dtype=np.bool_)
+        unit_cost = np.full(count, np.nan)
+        deepen_params = np.full(count, np.nan)
+        for index, layer in enumerate(layers_all[:count]):
+            operations = layer.growth_operations
+            if pb.SEED_OP_WIDEN in operations and (widen is None or layer.kind in widen.host_kinds):
+                cost, _ = widen_unit_cost(layers_all, index)
+                if cost is not None:
+                    can_widen[index] = True
+                    unit_cost[index] = cost
+            if pb.SEED_OP_DEEPEN in operations and (deepen is None or layer.kind in deepen.host_kinds):
+                cost, _ = deepen_cost(topology, layer.layer_id)
+                if cost is not None:
+                    can_deepen[index] = True
+                    deepen_params[index] = cost
+        return can_widen, can_deepen, unit_cost, deepen_params
 
     def build(self, packet: pb.SystemStatePacket, *, update_stats: bool = True) -> TamiyoGraph:
         """The graph of `packet`; raises `GraphSchemaError` when the packet does not fit the schema."""
@@ -196,6 +247,7 @@ class GraphBuilder:
         bp_index = {bid: index for index, bid in enumerate(blueprints)}
         slot_bp = [bp_index.get(s.blueprint_id, -1) if s is not None else -1 for s in slot_states]
 
+        growth_masks = self._growth_legality(packet, topology, active)
         raw: dict[str, tuple[FloatArray, FloatArray]] = {
             "global": self._global_features(
                 packet,
@@ -205,7 +257,7 @@ class GraphBuilder:
                 active_fraction=sum(active) / len(active) if active else 0.0,
                 missing=missing,
             ),
-            "layer": topology.layer_features,
+            "layer": self._layer_growth(packet, topology, growth_masks),
             "slot": self._slot_features(slots, slot_states, active, missing),
             "blueprint": self._blueprint_features(blueprints, slot_bp, active, missing),
         }
@@ -260,6 +312,10 @@ class GraphBuilder:
             unlinked_seeds=unlinked,
         )
         action_mask, slot_action_mask = self._legality(stages, active, slot_states, len(blueprints))
+        layer_action_mask, widen_amount_mask = growth_masks
+        for action in (pb.POLICY_ACTION_WIDEN, pb.POLICY_ACTION_DEEPEN):
+            index = _ACTION_INDEX[action]
+            action_mask[0, index] = bool(layer_action_mask[:, index].any())
         return TamiyoGraph(
             x=x,
             mask=mask,
@@ -269,6 +325,9 @@ class GraphBuilder:
             num_graphs=1,
             action_mask=action_mask,
             slot_action_mask=slot_action_mask,
+            layer_action_mask=layer_action_mask,
+            widen_amount_mask=widen_amount_mask,
+            layer_ids=tuple(layer.layer_id for layer in layers),
             slot_ids=tuple(slot.slot_id for slot in slots),
             seed_ids=tuple(s.seed_id if s is not None else "" for s in slot_states),
             blueprint_ids=tuple(blueprints),
@@ -357,6 +416,92 @@ class GraphBuilder:
             dim=1,
         ).numpy()
         return values, np.ones_like(values)
+
+    def _growth_legality(
+        self, packet: pb.SystemStatePacket, topology: _Topology, active: list[bool]
+    ) -> tuple[Tensor, Tensor]:
+        """`layer_action_mask` [L, actions] (WIDEN and DEEPEN columns) and `widen_amount_mask` [L, units].
+
+        A layer may grow where the host and the catalogue allow it, no growth is live on it, (WIDEN) no
+        seed is active on its slots, and the growth fits the budget (`growth_room`, the budget module's
+        own test: an unmeasured cost or size never fits)."""
+        count = len(topology.layers)
+        live = self._live_growth_layers(packet)
+        busy = np.array([layer.layer_id in live for layer in topology.layers], dtype=np.bool_).reshape(-1)
+        if any(active):
+            seeded = np.bincount(
+                topology.slot_layer.numpy()[np.array(active, dtype=np.bool_)], minlength=count
+            )
+            seeded_layer = seeded[:count] > 0
+        else:
+            seeded_layer = np.zeros(count, dtype=np.bool_)
+        room = growth_room(packet)
+        with np.errstate(invalid="ignore"):
+            amounts = (topology.unit_cost[:, None] * self._widen_units[None, :]) <= room
+            deepen_fits = topology.deepen_cost <= room
+        widen = (topology.can_widen & ~busy & ~seeded_layer)[:, None] & self._units_allowed[None, :] & amounts
+        layer_mask = np.zeros((count, len(ACTIONS)), dtype=np.bool_)
+        layer_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_WIDEN]] = widen.any(axis=1)
+        layer_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_DEEPEN]] = topology.can_deepen & ~busy & deepen_fits
+        return torch.from_numpy(layer_mask), torch.from_numpy(widen.reshape(count, len(WIDEN_UNITS)))
+
+    @staticmethod
+    def _live_growth_layers(packet: pb.SystemStatePacket) -> set[str]:
+        return {growth_layer(state.slot_id) for state in packet.growth_states if state.stage in ACTIVE_STAGES}
+
+    def _layer_growth(
+        self,
+        packet: pb.SystemStatePacket,
+        topology: _Topology,
+        masks: tuple[Tensor, Tensor],
+    ) -> tuple[FloatArray, FloatArray]:
+        """The layer rows: the topology's columns, this packet's growth columns, the kinds, and whether a
+        WIDEN / DEEPEN is legal there now."""
+        values, present = topology.layer_features
+        count = len(topology.layers)
+        index = {layer.layer_id: i for i, layer in enumerate(topology.layers)}
+        grown = np.zeros(count)
+        live = np.zeros(count)
+        deepened = np.zeros(count)
+        for state in packet.growth_states:
+            row = index.get(growth_layer(state.slot_id))
+            if row is None or state.stage in ENDED_STAGES:
+                continue
+            if state.stage in ACTIVE_STAGES:
+                live[row] = 1.0
+            if state.blueprint_id == WIDEN:
+                grown[row] += max(float(state.metrics.get("units", 0.0)), 0.0)
+            elif state.blueprint_id == DEEPEN:
+                deepened[row] += 1.0
+        budget = float(packet.max_parameters)
+        room = growth_room(packet)
+        has_budget = budget > 0 and math.isfinite(room)
+        left = np.full(count, min(max(room / budget, 0.0), 1.0) if has_budget else 0.0)
+        unit_known = has_budget & ~np.isnan(topology.unit_cost)
+        unit_frac = np.where(unit_known, np.nan_to_num(topology.unit_cost) / max(budget, 1.0), 0.0)
+        growth = np.stack([np.log1p(grown), live, deepened, left, unit_frac], axis=1).reshape(count, 5)
+        growth_present = np.stack(
+            [np.ones(count), np.ones(count), np.ones(count), np.full(count, float(has_budget)), unit_known],
+            axis=1,
+        ).reshape(count, 5)
+        layer_mask = masks[0].numpy()
+        legal = np.stack(
+            [
+                layer_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_WIDEN]],
+                layer_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_DEEPEN]],
+            ],
+            axis=1,
+        ).reshape(count, 2)
+        width = 4
+        out = np.concatenate([values[:, :width], growth, values[:, width:], legal], axis=1, dtype=np.float32)
+        out_present = np.concatenate(
+            [present[:, :width], growth_present, present[:, width:], np.ones((count, 2))],
+            axis=1,
+            dtype=np.float32,
+        )
+        if out.shape[1] != self.schema.node("layer").dim or len(LAYER_GROWTH_FEATURES) != growth.shape[1]:
+            raise GraphSchemaError("layer", f"built {out.shape[1]} features, schema declares the layer node")
+        return out, out_present
 
     def _slot_features(
         self,
