@@ -37,6 +37,7 @@ from esper.tamiyo.model.schema import (
     GrowthOperationLookup,
     MissingFeatureError,
 )
+from esper.urza import growth_operation
 
 if TYPE_CHECKING:
     from esper.tamiyo.settings import TamiyoSettings
@@ -106,7 +107,11 @@ class _Topology:
 
 
 class GraphBuilder:
-    """Builds `TamiyoGraph`s from packets under one schema, one set of caps and one normaliser."""
+    """Builds `TamiyoGraph`s from packets under one schema, one set of caps and one normaliser.
+
+    `blueprint_metadata` describes the offered blueprints; `growth_operations` the growth operations
+    (Urza's `op:widen` / `op:deepen` descriptors: host kinds and allowed amounts; None: the host's
+    `growth_operations` and the settings alone decide)."""
 
     def __init__(
         self,
@@ -115,7 +120,7 @@ class GraphBuilder:
         schema: GraphSchema = TAMIYO_SCHEMA,
         normalizer_store: NormalizerStore | None = None,
         blueprint_metadata: BlueprintLookup | None = None,
-        growth_operations: GrowthOperationLookup | None = None,
+        growth_operations: GrowthOperationLookup | None = growth_operation,
     ) -> None:
         if schema.type_names != TAMIYO_SCHEMA.type_names or schema.relations != TAMIYO_SCHEMA.relations:
             # The feature code below fills exactly TAMIYO_SCHEMA; another schema needs another builder.
