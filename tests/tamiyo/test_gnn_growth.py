@@ -73,9 +73,20 @@ def test_layer_nodes_carry_width_growth_applied_and_the_budget_left() -> None:
     assert x[fc1, COLUMN["budget_left_frac"]] == pytest.approx(0.5)
     assert present[fc1, COLUMN["budget_left_frac"]] == 1.0
     assert plain.mask["layer"][fc1, COLUMN["budget_left_frac"]] == 0.0  # no budget: absent, not "none left"
-    # A live growth on fc1 holds both of its operations; fc2 may still widen and deepen.
+    # Kasmina's rule: fc1's live widen changes fc1 and fc2 (its consumer), so neither may grow now.
     assert (x[fc1, COLUMN["can_widen"]], x[fc1, COLUMN["can_deepen"]]) == (0.0, 0.0)
-    assert (x[fc2, COLUMN["can_widen"]], x[fc2, COLUMN["can_deepen"]]) == (1.0, 1.0)
+    assert (x[fc2, COLUMN["can_widen"]], x[fc2, COLUMN["can_deepen"]]) == (0.0, 0.0)
+    # Fossilised growths hold nothing, except that a layer with a block after it no longer widens.
+    settled = host_packet(
+        1.0,
+        growths=[
+            growth("fc1:w1", pb.SEED_STAGE_FOSSILIZED, units=4.0),
+            growth("fc2:d1", pb.SEED_STAGE_FOSSILIZED, kind="deepen"),
+        ],
+    )
+    x = build(settled).x["layer"]
+    assert (x[fc1, COLUMN["can_widen"]], x[fc1, COLUMN["can_deepen"]]) == (1.0, 1.0)
+    assert (x[fc2, COLUMN["can_widen"]], x[fc2, COLUMN["can_deepen"]]) == (0.0, 1.0)
     assert TAMIYO_SCHEMA.version == "tamiyo-graph-v2"
 
 

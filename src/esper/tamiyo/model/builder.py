@@ -427,12 +427,27 @@ class GraphBuilder:
     ) -> tuple[Tensor, Tensor]:
         """`layer_action_mask` [L, actions] (WIDEN and DEEPEN columns) and `widen_amount_mask` [L, units].
 
-        A layer may grow where the host and the catalogue allow it, no growth is live on it, (WIDEN) no
-        seed is active on its slots, and the growth fits the budget (`growth_room`, the budget module's
-        own test: an unmeasured cost or size never fits)."""
+        A layer may grow where the host and the catalogue allow it, no unfossilised growth acts on the
+        layers it would change (Kasmina's rule: a WIDEN changes the layer and the next one, a DEEPEN the
+        layer), (WIDEN) no block was inserted after it and no seed is active on its slots, and the growth
+        fits the budget (`growth_room`, the budget module's own test: an unmeasured cost or size never
+        fits)."""
         count = len(topology.layers)
-        live = self._live_growth_layers(packet)
-        busy = np.array([layer.layer_id in live for layer in topology.layers], dtype=np.bool_).reshape(-1)
+        position = {layer.layer_id: index for index, layer in enumerate(topology.layers)}
+        touched = np.zeros(count + 1, dtype=np.bool_)  # one spare row: the consumer of the last layer
+        blocked = np.zeros(count, dtype=np.bool_)
+        for state in packet.growth_states:
+            row = position.get(growth_layer(state.slot_id))
+            if row is None:
+                continue
+            if state.blueprint_id == DEEPEN:
+                blocked[row] = True  # a block after the layer is built at its width
+            if state.stage != pb.SEED_STAGE_FOSSILIZED:
+                touched[row] = True
+                if state.blueprint_id == WIDEN:
+                    touched[row + 1] = True  # a widen changes its layer's consumer too
+        widen_free = ~touched[:count] & ~touched[1:] & ~blocked
+        deepen_free = ~touched[:count]
         if any(active):
             seeded = np.bincount(
                 topology.slot_layer.numpy()[np.array(active, dtype=np.bool_)], minlength=count
@@ -444,10 +459,16 @@ class GraphBuilder:
         with np.errstate(invalid="ignore"):
             amounts = (topology.unit_cost[:, None] * self._widen_units[None, :]) <= room
             deepen_fits = topology.deepen_cost <= room
-        widen = (topology.can_widen & ~busy & ~seeded_layer)[:, None] & self._units_allowed[None, :] & amounts
+        widen = (
+            (topology.can_widen & widen_free & ~seeded_layer)[:, None]
+            & self._units_allowed[None, :]
+            & amounts
+        )
         layer_mask = np.zeros((count, len(ACTIONS)), dtype=np.bool_)
         layer_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_WIDEN]] = widen.any(axis=1)
-        layer_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_DEEPEN]] = topology.can_deepen & ~busy & deepen_fits
+        layer_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_DEEPEN]] = (
+            topology.can_deepen & deepen_free & deepen_fits
+        )
         return torch.from_numpy(layer_mask), torch.from_numpy(widen.reshape(count, len(WIDEN_UNITS)))
 
     @staticmethod
