@@ -214,8 +214,8 @@ def test_the_learners_log_prob_of_a_recorded_widen_equals_the_actors() -> None:
     evaluation = policy.evaluate_actions(graphs, [p.head_choices for p in widens])
     for row, proposal in enumerate(widens):
         for head, log_prob in proposal.head_log_probs.items():
-            assert float(evaluation.log_probs[head][row]) == pytest.approx(log_prob, abs=1e-5)
-        assert float(evaluation.total_log_prob[row]) == pytest.approx(proposal.log_prob, abs=1e-5)
+            assert float(evaluation.log_probs[head][row].detach()) == pytest.approx(log_prob, abs=1e-5)
+        assert float(evaluation.total_log_prob[row].detach()) == pytest.approx(proposal.log_prob, abs=1e-5)
         assert bool(evaluation.relevant["amount"][row]) and not bool(evaluation.relevant["slot"][row])
 
 

@@ -104,6 +104,11 @@ class _Topology:
     can_deepen: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
     unit_cost: FloatArray = field(default_factory=lambda: np.zeros(0))
     deepen_cost: FloatArray = field(default_factory=lambda: np.zeros(0))
+    units_allowed: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))  # [WIDEN_UNITS]
+    # What the growth state, the budget and the active seeds make of the layers (see `_growth_of`).
+    growth: dict[tuple[object, ...], tuple[tuple[Tensor, Tensor], tuple[FloatArray, FloatArray]]] = field(
+        default_factory=dict
+    )
 
 
 class GraphBuilder:
@@ -184,19 +189,22 @@ class GraphBuilder:
             can_deepen=growth[1],
             unit_cost=growth[2],
             deepen_cost=growth[3],
+            units_allowed=growth[4],
         )
         self._topology = topology
         return topology
 
     def _growth_sites(
         self, topology: pb.HostTopology, layers_all: list[pb.LayerDescriptor], count: int
-    ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
         """Per kept layer: WIDEN allowed, DEEPEN allowed (by the host's `growth_operations` and, with a
-        catalogue, the operation's host kinds and allowed amounts), one unit's and one deepen's cost."""
+        catalogue, the operation's host kinds), one unit's and one deepen's cost; and which amounts a
+        WIDEN may take (the settings', within the catalogue's allowed amounts)."""
         widen = self._operations("op:widen") if self._operations is not None else None
         deepen = self._operations("op:deepen") if self._operations is not None else None
+        units_allowed = self._units_allowed.copy()
         if widen is not None:
-            self._units_allowed &= np.array([u in widen.allowed_amounts for u in WIDEN_UNITS], dtype=np.bool_)
+            units_allowed &= np.array([u in widen.allowed_amounts for u in WIDEN_UNITS], dtype=np.bool_)
         can_widen = np.zeros(count, dtype=np.bool_)
         can_deepen = np.zeros(count, dtype=np.bool_)
         unit_cost = np.full(count, np.nan)
@@ -213,7 +221,7 @@ class GraphBuilder:
                 if cost is not None:
                     can_deepen[index] = True
                     deepen_params[index] = cost
-        return can_widen, can_deepen, unit_cost, deepen_params
+        return can_widen, can_deepen, unit_cost, deepen_params, units_allowed
 
     def build(self, packet: pb.SystemStatePacket, *, update_stats: bool = True) -> TamiyoGraph:
         """The graph of `packet`; raises `GraphSchemaError` when the packet does not fit the schema."""
@@ -252,7 +260,7 @@ class GraphBuilder:
         bp_index = {bid: index for index, bid in enumerate(blueprints)}
         slot_bp = [bp_index.get(s.blueprint_id, -1) if s is not None else -1 for s in slot_states]
 
-        growth_masks = self._growth_legality(packet, topology, active)
+        growth_masks, layer_rows = self._growth_of(packet, topology, active)
         raw: dict[str, tuple[FloatArray, FloatArray]] = {
             "global": self._global_features(
                 packet,
@@ -262,7 +270,7 @@ class GraphBuilder:
                 active_fraction=sum(active) / len(active) if active else 0.0,
                 missing=missing,
             ),
-            "layer": self._layer_growth(packet, topology, growth_masks),
+            "layer": layer_rows,
             "slot": self._slot_features(slots, slot_states, active, missing),
             "blueprint": self._blueprint_features(blueprints, slot_bp, active, missing),
         }
@@ -422,6 +430,29 @@ class GraphBuilder:
         ).numpy()
         return values, np.ones_like(values)
 
+    def _growth_of(
+        self, packet: pb.SystemStatePacket, topology: _Topology, active: list[bool]
+    ) -> tuple[tuple[Tensor, Tensor], tuple[FloatArray, FloatArray]]:
+        """The growth masks and the layer rows, reused while the growths, the budget and the active seeds
+        are those of an earlier packet of this topology (they change only when something grows). Both
+        are read-only."""
+        key = (
+            tuple(
+                (s.slot_id, s.stage, s.blueprint_id, s.metrics.get("units", 0.0))
+                for s in packet.growth_states
+            ),
+            int(packet.max_parameters),
+            growth_room(packet),
+            tuple(active),
+        )
+        cached = topology.growth.get(key)
+        if cached is None:
+            if len(topology.growth) >= 64:
+                topology.growth.clear()
+            masks = self._growth_legality(packet, topology, active)
+            cached = topology.growth[key] = (masks, self._layer_growth(packet, topology, masks))
+        return cached
+
     def _growth_legality(
         self, packet: pb.SystemStatePacket, topology: _Topology, active: list[bool]
     ) -> tuple[Tensor, Tensor]:
@@ -461,7 +492,7 @@ class GraphBuilder:
             deepen_fits = topology.deepen_cost <= room
         widen = (
             (topology.can_widen & widen_free & ~seeded_layer)[:, None]
-            & self._units_allowed[None, :]
+            & topology.units_allowed[None, :]
             & amounts
         )
         layer_mask = np.zeros((count, len(ACTIONS)), dtype=np.bool_)
