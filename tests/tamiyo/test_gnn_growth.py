@@ -244,3 +244,16 @@ def test_the_builder_reads_the_growth_operations_from_the_catalogue() -> None:
     }
     g = build(host_packet(1.0), growth_operations=no_linear.get)
     assert not g.action_mask[0, A[WIDEN]] and not g.action_mask[0, A[DEEPEN]]
+
+
+def test_one_builder_follows_growths_and_the_budget_from_packet_to_packet() -> None:
+    builder = GraphBuilder(settings())
+    free = host_packet(1.0)
+    growing = host_packet(1.0, growths=[growth("fc1:w1", pb.SEED_STAGE_TRAINING, units=2.0)])
+    tight = host_packet(1.0)
+    tight.max_parameters = size(tight) + 1
+    widen = A[WIDEN]
+    masks = [builder.build(p, update_stats=False).action_mask[0, widen] for p in (free, growing, tight, free)]
+    assert [bool(m) for m in masks] == [True, False, False, True]
+    first, again = (builder.build(free, update_stats=False) for _ in range(2))
+    assert first.layer_action_mask is again.layer_action_mask  # kept while nothing grows
