@@ -257,3 +257,20 @@ def test_one_builder_follows_growths_and_the_budget_from_packet_to_packet() -> N
     assert [bool(m) for m in masks] == [True, False, False, True]
     first, again = (builder.build(free, update_stats=False) for _ in range(2))
     assert first.layer_action_mask is again.layer_action_mask  # kept while nothing grows
+
+
+def test_the_widen_amounts_are_settings_from_the_amount_heads_options(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic import ValidationError
+
+    from esper.leyline import load_settings
+    from esper.tamiyo.settings import TamiyoSettings
+
+    monkeypatch.setenv("TAMIYO_GNN_WIDEN_UNITS", "4,16")
+    chosen = load_settings(TamiyoSettings)
+    assert chosen.gnn_widen_units == (4, 16)
+    g = GraphBuilder(chosen).build(host_packet(1.0), update_stats=False)
+    assert g.widen_amount_mask.any(dim=0).tolist() == [units in (4, 16) for units in WIDEN_UNITS]
+    with pytest.raises(ValidationError, match=r"\[3\] are not widen amount options"):
+        TamiyoSettings(gnn_widen_units=(3,))

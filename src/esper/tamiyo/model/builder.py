@@ -139,11 +139,6 @@ class GraphBuilder:
         self._max_blueprints = settings.max_blueprints
         self._metadata = blueprint_metadata
         self._operations = growth_operations
-        unknown = [units for units in settings.gnn_widen_units if units not in WIDEN_UNITS]
-        if unknown:
-            raise GraphSchemaError(
-                "settings.gnn_widen_units", f"{unknown} are not amount options {list(WIDEN_UNITS)}"
-            )
         self._widen_units = np.array(WIDEN_UNITS, dtype=np.float64)
         self._units_allowed = np.array([u in settings.gnn_widen_units for u in WIDEN_UNITS], dtype=np.bool_)
         self.normalizer = FeatureNormalizer(schema, normalizer_store, settings.normalizer_flush_every)
