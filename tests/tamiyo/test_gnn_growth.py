@@ -274,3 +274,25 @@ def test_the_widen_amounts_are_settings_from_the_amount_heads_options(
     assert g.widen_amount_mask.any(dim=0).tolist() == [units in (4, 16) for units in WIDEN_UNITS]
     with pytest.raises(ValidationError, match=r"\[3\] are not widen amount options"):
         TamiyoSettings(gnn_widen_units=(3,))
+
+
+def test_growths_are_slot_nodes_the_gnn_fossilises_once_ready_and_may_cull() -> None:
+    probation = growth("fc2:w1", pb.SEED_STAGE_PROBATIONARY, units=2.0)
+    g = build(host_packet(1.0, growths=[probation]))
+    row = g.slot_ids.index("fc2:w1")
+    assert g.seed_ids[row] == "fc2:w1" and g.slot_ids[:2] == ("h1", "h2")
+    assert g.num_nodes("slot") == 3 and g.coverage is not None and not g.coverage.unlinked_seeds
+    assert not g.slot_action_mask[row, A[pb.POLICY_ACTION_FOSSILIZE]]  # not reported ready yet
+    assert g.slot_action_mask[row, A[pb.POLICY_ACTION_CULL]]
+    assert not g.slot_action_mask[row, A[pb.POLICY_ACTION_GERMINATE]]
+    ready = growth("fc2:w1", pb.SEED_STAGE_PROBATIONARY, units=2.0, fossilize_ready=1.0)
+    packet = host_packet(1.0, growths=[ready])
+    g = build(packet)
+    assert g.slot_action_mask[row, A[pb.POLICY_ACTION_FOSSILIZE]]
+    proposal = favouring(pb.POLICY_ACTION_FOSSILIZE, greedy=True).propose(packet)
+    assert (proposal.action, proposal.slot_id) == (pb.POLICY_ACTION_FOSSILIZE, "fc2:w1")
+    command = CommandFactory(SECRET, ManualClock()).build(proposal, packet)
+    assert command.target_seed_id == "fc2:w1"
+    assert command.seed_operation.operation == pb.SEED_OP_FOSSILIZE
+    ended = build(host_packet(1.0, growths=[growth("fc2:w1", pb.SEED_STAGE_EMBARGOED)]))
+    assert "fc2:w1" not in ended.slot_ids

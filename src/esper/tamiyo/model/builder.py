@@ -8,7 +8,7 @@ id. Missing values are zeroed and recorded, in a presence mask and in `GraphCove
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,6 +55,11 @@ _STAGE_ROWS: dict[int, tuple[float, ...]] = {
 }
 # Presence of a slot's columns after `width_log` when the slot has no seed state.
 _ABSENT_STATE: tuple[float, ...] = (0.0,) * 8 + (1.0, 1.0, 1.0) + (0.0,) * len(STAGE_COLUMNS)
+
+
+def _is_growth(state: pb.SeedState) -> bool:
+    """A growth's state (Kasmina reports it with its id as slot and seed id, and "widen"/"deepen")."""
+    return state.blueprint_id in (WIDEN, DEEPEN) and state.seed_id == state.slot_id
 
 
 def _log1p(values: list[float]) -> Tensor:
@@ -105,6 +110,8 @@ class _Topology:
     unit_cost: FloatArray = field(default_factory=lambda: np.zeros(0))
     deepen_cost: FloatArray = field(default_factory=lambda: np.zeros(0))
     units_allowed: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))  # [WIDEN_UNITS]
+    # This topology with slot nodes for growths, by the growths (see `_with_growths`).
+    with_growths: dict[tuple[object, ...], _Topology] = field(default_factory=dict)
     # What the growth state, the budget and the active seeds make of the layers (see `_growth_of`).
     growth: dict[tuple[object, ...], tuple[tuple[Tensor, Tensor], tuple[FloatArray, FloatArray]]] = field(
         default_factory=dict
@@ -234,6 +241,7 @@ class GraphBuilder:
             if state.slot_id in states:
                 raise GraphSchemaError(f"slot {state.slot_id!r}", "has more than one seed state")
             states[state.slot_id] = state
+        topology = self._with_growths(packet, topology, states)
 
         layers, slots = topology.layers, topology.slots
         blueprints = blueprints_all[: self._max_blueprints]
@@ -304,7 +312,7 @@ class GraphBuilder:
         }
         unlinked: dict[str, str] = {}
         for slot, state, is_active, index in zip(slots, slot_states, active, slot_bp, strict=True):
-            if state is None or not is_active or index >= 0:
+            if state is None or not is_active or index >= 0 or _is_growth(state):
                 continue
             if not state.blueprint_id:
                 unlinked[slot.slot_id] = f"seed {state.seed_id!r} names no blueprint"
@@ -424,6 +432,52 @@ class GraphBuilder:
             dim=1,
         ).numpy()
         return values, np.ones_like(values)
+
+    def _with_growths(
+        self, packet: pb.SystemStatePacket, topology: _Topology, states: dict[str, pb.SeedState]
+    ) -> _Topology:
+        """`topology` with a slot node for each growth Kasmina reports (on its layer, under the slot cap),
+        whose state is the growth's: the slot head's FOSSILIZE and CULL then apply to growths as to seeds
+        (the command factory turns them into growth commands). Adds the growths' states to `states`."""
+        kept = {layer.layer_id: index for index, layer in enumerate(topology.layers)}
+        room = self._max_slots - len(topology.slots)
+        added: list[tuple[pb.SlotDescriptor, int]] = []
+        for state in packet.growth_states:
+            layer = kept.get(growth_layer(state.slot_id))
+            if layer is None or state.stage in ENDED_STAGES:
+                continue
+            if state.slot_id in topology.slot_ids or state.slot_id in states:
+                raise GraphSchemaError(f"growth {state.slot_id!r}", "has the id of a slot or another growth")
+            states[state.slot_id] = state
+            if len(added) < room:
+                width = int(state.metrics.get("units", 0.0)) or int(topology.layers[layer].width)
+                descriptor = pb.SlotDescriptor(
+                    slot_id=state.slot_id, layer_id=topology.layers[layer].layer_id, width=width
+                )
+                added.append((descriptor, layer))
+        if not added:
+            return topology
+        key = tuple((slot.slot_id, slot.width) for slot, _ in added)
+        cached = topology.with_growths.get(key)
+        if cached is None:
+            slots = [*topology.slots, *(slot for slot, _ in added)]
+            slot_layer = torch.cat([topology.slot_layer, torch.tensor([layer for _, layer in added])])
+            edge_index, edge_attr = self._topology_edges(topology.layers, slots, slot_layer)
+            if len(topology.with_growths) >= 16:
+                topology.with_growths.clear()
+            cached = topology.with_growths[key] = replace(
+                topology,
+                n_slots_all=topology.n_slots_all + len(added),
+                slots=slots,
+                slot_ids=topology.slot_ids | {slot.slot_id for slot, _ in added},
+                slot_layer=slot_layer,
+                edge_index=edge_index,
+                edge_attr=edge_attr,
+                offered={},
+                growth={},
+                with_growths={},
+            )
+        return cached
 
     def _growth_of(
         self, packet: pb.SystemStatePacket, topology: _Topology, active: list[bool]
@@ -579,7 +633,7 @@ class GraphBuilder:
             metrics = state.metrics
             found = [key in metrics for key in SEED_METRIC_KEYS]
             value = [metrics[key] if ok else 0.0 for key, ok in zip(SEED_METRIC_KEYS, found, strict=True)]
-            if is_active and not all(found):
+            if is_active and not all(found) and not _is_growth(state):
                 # Metrics are expected only from active seeds; a dormant slot has none and is not "missing".
                 absent.update(
                     f"seed_metrics[{key}]@{slot.slot_id}"
@@ -736,7 +790,15 @@ class GraphBuilder:
         slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_GERMINATE]] = (
             (stage == pb.SEED_STAGE_DORMANT) & has_state & (n_blueprints > 0)
         )
-        slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_FOSSILIZE]] = stage == pb.SEED_STAGE_PROBATIONARY
+        # A growth is fossilised only once Kasmina reports it ready (its gate's verdict), as the heuristic
+        # does.
+        ready = np.array(
+            [s is None or not _is_growth(s) or s.metrics.get("fossilize_ready", 0.0) == 1.0 for s in states],
+            dtype=np.bool_,
+        ).reshape(-1)
+        slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_FOSSILIZE]] = (
+            stage == pb.SEED_STAGE_PROBATIONARY
+        ) & ready
         slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_CULL]] = np.array(active, dtype=np.bool_).reshape(-1)
         action_mask = np.zeros((1, len(ACTIONS)), dtype=np.bool_)
         action_mask[0] = slot_mask.any(axis=0)
