@@ -85,3 +85,18 @@ def test_imitation_of_the_heuristic_with_growth_on_teaches_the_gnn_its_widens() 
     evaluation = policy.evaluate_actions([s.graph for s in widens], [s.choices for s in widens])
     assert float(evaluation.log_probs["layer"].detach().exp().mean()) > 0.8
     assert float(evaluation.log_probs["amount"].detach().exp().mean()) > 0.8
+
+
+def test_an_issued_growth_is_the_growths_transition_not_an_override() -> None:
+    """A WIDEN or DEEPEN is issued as a SEED command: its outcome is its own to learn from."""
+    records = heuristic_growth_records(2)
+    for message in records:
+        if isinstance(message, pb.DecisionRecord):
+            message.final_command_type = (
+                pb.COMMAND_SEED if message.action == WIDEN else pb.COMMAND_WAIT  # as Tamiyo records them
+            )
+    collector = RecordCollector()
+    collector.extend(records)
+    transitions = collector.transitions(SimicSettings(min_transitions=2))
+    assert "overridden_by_risk_gate" not in transitions.skipped
+    assert [t.decision.action for t in transitions.transitions] == [WIDEN, pb.POLICY_ACTION_WAIT]
