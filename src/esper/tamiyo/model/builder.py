@@ -82,6 +82,11 @@ class _Missing:
             self.keys.setdefault(node_type, set()).update(keys)
 
 
+# A packet's growth view of the layers: (layer_action_mask, widen_amount_mask), the layer rows (values,
+# presence), and which actions some layer allows.
+_GrowthRows = tuple[tuple[Tensor, Tensor], tuple[FloatArray, FloatArray], FloatArray]
+
+
 @dataclass(frozen=True)
 class _Topology:
     """What a graph takes from `packet.topology` alone, computed once per distinct topology.
@@ -113,9 +118,7 @@ class _Topology:
     # This topology with slot nodes for growths, by the growths (see `_with_growths`).
     with_growths: dict[tuple[object, ...], _Topology] = field(default_factory=dict)
     # What the growth state, the budget and the active seeds make of the layers (see `_growth_of`).
-    growth: dict[tuple[object, ...], tuple[tuple[Tensor, Tensor], tuple[FloatArray, FloatArray]]] = field(
-        default_factory=dict
-    )
+    growth: dict[tuple[object, ...], _GrowthRows] = field(default_factory=dict)
 
 
 class GraphBuilder:
@@ -263,7 +266,7 @@ class GraphBuilder:
         bp_index = {bid: index for index, bid in enumerate(blueprints)}
         slot_bp = [bp_index.get(s.blueprint_id, -1) if s is not None else -1 for s in slot_states]
 
-        growth_masks, layer_rows = self._growth_of(packet, topology, active)
+        growth_masks, layer_rows, growth_legal = self._growth_of(packet, topology, active)
         raw: dict[str, tuple[FloatArray, FloatArray]] = {
             "global": self._global_features(
                 packet,
@@ -327,11 +330,10 @@ class GraphBuilder:
             dropped_edges=dropped_edges,
             unlinked_seeds=unlinked,
         )
-        action_mask, slot_action_mask = self._legality(stages, active, slot_states, len(blueprints))
+        action_mask, slot_action_mask = self._legality(
+            stages, active, slot_states, len(blueprints), growth_legal
+        )
         layer_action_mask, widen_amount_mask = growth_masks
-        for action in (pb.POLICY_ACTION_WIDEN, pb.POLICY_ACTION_DEEPEN):
-            index = _ACTION_INDEX[action]
-            action_mask[0, index] = bool(layer_action_mask[:, index].any())
         return TamiyoGraph(
             x=x,
             mask=mask,
@@ -481,10 +483,10 @@ class GraphBuilder:
 
     def _growth_of(
         self, packet: pb.SystemStatePacket, topology: _Topology, active: list[bool]
-    ) -> tuple[tuple[Tensor, Tensor], tuple[FloatArray, FloatArray]]:
-        """The growth masks and the layer rows, reused while the growths, the budget and the active seeds
-        are those of an earlier packet of this topology (they change only when something grows). Both
-        are read-only."""
+    ) -> _GrowthRows:
+        """The growth masks, the layer rows and which actions some layer allows, reused while the growths,
+        the budget and the active seeds are those of an earlier packet of this topology (they change only
+        when something grows). All are read-only."""
         key = (
             tuple(
                 (s.slot_id, s.stage, s.blueprint_id, s.metrics.get("units", 0.0))
@@ -499,7 +501,8 @@ class GraphBuilder:
             if len(topology.growth) >= 64:
                 topology.growth.clear()
             masks = self._growth_legality(packet, topology, active)
-            cached = topology.growth[key] = (masks, self._layer_growth(packet, topology, masks))
+            legal: FloatArray = np.asarray(masks[0].numpy().any(axis=0))
+            cached = topology.growth[key] = (masks, self._layer_growth(packet, topology, masks), legal)
         return cached
 
     def _growth_legality(
@@ -782,7 +785,11 @@ class GraphBuilder:
 
     @staticmethod
     def _legality(
-        stages: list[int], active: list[bool], states: list[pb.SeedState | None], n_blueprints: int
+        stages: list[int],
+        active: list[bool],
+        states: list[pb.SeedState | None],
+        n_blueprints: int,
+        growth_legal: FloatArray,
     ) -> tuple[Tensor, Tensor]:
         slot_mask = np.zeros((len(stages), len(ACTIONS)), dtype=np.bool_)
         stage = np.array(stages, dtype=np.int64).reshape(-1)
@@ -801,7 +808,7 @@ class GraphBuilder:
         ) & ready
         slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_CULL]] = np.array(active, dtype=np.bool_).reshape(-1)
         action_mask = np.zeros((1, len(ACTIONS)), dtype=np.bool_)
-        action_mask[0] = slot_mask.any(axis=0)
+        action_mask[0] = slot_mask.any(axis=0) | growth_legal  # WIDEN, DEEPEN: some layer may grow
         for action in (pb.POLICY_ACTION_WAIT, pb.POLICY_ACTION_ADJUST_LR, pb.POLICY_ACTION_PAUSE):
             action_mask[0, _ACTION_INDEX[action]] = True
         return torch.from_numpy(action_mask), torch.from_numpy(slot_mask)
