@@ -82,8 +82,12 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, policy: str) -
 
 
 def _without_ids(log: Path) -> list[dict[str, Any]]:
-    """The log's records without command ids (Tamiyo's are random; the scripted controller's are not)."""
+    """The log's records without command ids, in the record or its detail (Tamiyo's are random; the
+    scripted controller's are not)."""
     records = [json.loads(line) for line in log.read_text().splitlines()]
+    for record in records:
+        if isinstance(record.get("detail"), dict):
+            record["detail"] = {k: v for k, v in record["detail"].items() if k != "command_id"}
     return [{k: v for k, v in record.items() if k != "command_id"} for record in records]
 
 

@@ -269,8 +269,9 @@ def test_the_budget_gate_holds_a_growth_past_the_budget() -> None:
     assert growth_over_budget(packet, WIDEN, "nope", units=1) is not None
 
 
-def test_the_gnn_head_is_unchanged() -> None:
-    assert len(ACTIONS) == 6 and WIDEN not in ACTIONS and DEEPEN not in ACTIONS
+def test_the_gnn_head_ends_with_widen_and_deepen_at_their_values_minus_one() -> None:
+    assert ACTIONS[-2:] == (WIDEN, DEEPEN)
+    assert all(ACTIONS.index(action) == action - 1 for action in ACTIONS)
 
 
 def test_growth_operations_are_on_for_esper_run_and_their_thresholds_are_settings(

@@ -1081,6 +1081,9 @@ class SeedManager:
                 "param_count": r.param_count,
                 "has_module": r.slot.seed is not None,
                 "stacked": [dict(entry) for entry in r.stacked],
+                # What was reported already: a resumed run reports a gate's outcome no second time.
+                "last_gate_failure": r.last_gate_failure,
+                "ready_reported": r.ready_reported,
             }
         growth = {
             "count": self._growth_count,
@@ -1145,7 +1148,9 @@ class SeedManager:
             record.isolation_violations = int(saved["isolation_violations"])
             record.isolation_reported = 0
             record.param_count = int(saved["param_count"])
-            record.last_gate_failure = ""
+            # Absent from checkpoints written before the reporting memory was saved.
+            record.last_gate_failure = str(saved.get("last_gate_failure", ""))
+            record.ready_reported = bool(saved.get("ready_reported", False))
             if saved["has_module"]:
                 seed = self._build_seed(
                     record.blueprint_id,

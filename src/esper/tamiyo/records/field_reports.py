@@ -139,6 +139,11 @@ class FieldReportLifecycle:
         record.head_choices.update(proposal.head_choices)
         record.head_log_probs.update(proposal.head_log_probs)
         record.normalizer.extend(statistics_to_proto(proposal.normalized_with))
+        if proposal.layer_id:  # a growth proposal: its layer and amount, for the learner
+            record.growth.layer_id = proposal.layer_id
+            record.growth.units = proposal.units
+            record.growth.init = proposal.growth_init  # type: ignore[assignment]
+            record.growth.hidden = proposal.hidden
         seed_op = command.seed_operation if command.HasField("seed_operation") else None
         window = ObservationWindow(
             command_id=command.command_id,
