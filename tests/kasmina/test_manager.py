@@ -338,4 +338,3 @@ def test_advance_skips_dormant_lifecycles_until_a_seed_command_or_restore(
     twin.restore_state(manager.export_state())
     twin.advance(7)
     assert S.SEED_STAGE_TRAINING in stepped
-
