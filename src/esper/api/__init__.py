@@ -9,10 +9,17 @@ from esper.common.lazy import lazy_exports
 if TYPE_CHECKING:
     from esper.api.grow import GrowthResult, grow
     from esper.api.inputs import GrowInputError
+    from esper.api.session import GrowthSession, SessionClosed
 
 __getattr__ = lazy_exports(
     __name__,
-    {"GrowInputError": "esper.api.inputs", "GrowthResult": "esper.api.grow", "grow": "esper.api.grow"},
+    {
+        "GrowInputError": "esper.api.inputs",
+        "GrowthResult": "esper.api.grow",
+        "GrowthSession": "esper.api.session",
+        "SessionClosed": "esper.api.session",
+        "grow": "esper.api.grow",
+    },
 )
 
-__all__ = ["GrowInputError", "GrowthResult", "grow"]
+__all__ = ["GrowInputError", "GrowthResult", "GrowthSession", "SessionClosed", "grow"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,57 @@ def _policy(policy: str | Path) -> tuple[str, dict[str, Any]]:
     return "gnn", {"policy_checkpoint": path}
 
 
+def api_command(entry: str) -> str:
+    """The command status.json names for a run started from Python."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    return shlex.join([script, entry])
+
+
+def run_config(
+    task_name: str,
+    *,
+    policy: str | Path,
+    run_dir: str | Path | None,
+    settings: Mapping[str, Mapping[str, Any]] | None,
+    tolaria: Mapping[str, Any],
+) -> tuple[RunSettings, RunConfig]:
+    """Settings and configuration of a run of a user's model (`tolaria` entries that are None keep the
+    default); refuses a bad setting, an unknown policy, a non-empty run directory or a data directory
+    that cannot be written, before anything is created."""
+    policy_name, tamiyo = _policy(policy)
+    extra = {k: dict(v) for k, v in (settings or {}).items()}
+    unknown = set(extra) - {"esper", "tolaria", "kasmina", "tamiyo", "oona", "nissa"}
+    if unknown:
+        raise ConfigurationError(f"settings for unknown subsystems: {sorted(unknown)}")
+    given = {k: v for k, v in tolaria.items() if v is not None}
+    run_settings = RunSettings.resolve(
+        esper=extra.get("esper"),
+        tolaria={**extra.get("tolaria", {}), **given},
+        kasmina=extra.get("kasmina"),
+        tamiyo={**extra.get("tamiyo", {}), **tamiyo},
+        oona=extra.get("oona"),
+        nissa=extra.get("nissa"),
+    )
+    data = DataLayout(run_settings.esper.data_dir)
+    run_id = new_training_run_id()
+    config = RunConfig(
+        task=task_name,
+        host=USER_HOST,
+        policy=policy_name,
+        difficulty=0.0,
+        run_dir=Path(run_dir) if run_dir is not None else data.runs / run_id,
+        catalogue_path=data.catalogue,
+        training_run_id=run_id,
+        tolaria=run_settings.tolaria,
+        kasmina=run_settings.kasmina,
+    )
+    if config.run_dir.exists() and any(config.run_dir.iterdir()):
+        raise ConfigurationError(f"run directory {config.run_dir} is not empty: give a new one")
+    require_writable(run_settings.esper.data_dir, "ESPER_DATA_DIR")
+    require_writable(config.run_dir, "run_dir")
+    return run_settings, config
+
+
 def grow(
     model: nn.Module,
     train_data: Any,
@@ -115,50 +167,29 @@ def grow(
     check_split(model, loss, val, "val_data", batch)
     task_name = name or f"{type(model).__name__} (esper.grow)"
     dataset = to_dataset(task_name, train, val, classification=classification)
-    policy_name, tamiyo = _policy(policy)
-    extra = {k: dict(v) for k, v in (settings or {}).items()}
-    unknown = set(extra) - {"esper", "tolaria", "kasmina", "tamiyo", "oona", "nissa"}
-    if unknown:
-        raise ConfigurationError(f"settings for unknown subsystems: {sorted(unknown)}")
-    tolaria: dict[str, Any] = {"epochs": epochs, "batch_size": batch, "max_params": max_params or 0}
-    for key, value in (("decision_interval", decision_interval), ("lr", lr), ("seed", seed)):
-        if value is not None:
-            tolaria[key] = value
-    run_settings = RunSettings.resolve(
-        esper=extra.get("esper"),
-        tolaria={**extra.get("tolaria", {}), **tolaria},
-        kasmina=extra.get("kasmina"),
-        tamiyo={**extra.get("tamiyo", {}), **tamiyo},
-        oona=extra.get("oona"),
-        nissa=extra.get("nissa"),
+    run_settings, config = run_config(
+        task_name,
+        policy=policy,
+        run_dir=run_dir,
+        settings=settings,
+        tolaria={
+            "epochs": epochs,
+            "batch_size": batch,
+            "max_params": max_params or 0,
+            "decision_interval": decision_interval,
+            "lr": lr,
+            "seed": seed,
+        },
     )
-    data = DataLayout(run_settings.esper.data_dir)
-    run_id = new_training_run_id()
-    config = RunConfig(
-        task=task_name,
-        host=USER_HOST,
-        policy=policy_name,
-        difficulty=0.0,
-        run_dir=Path(run_dir) if run_dir is not None else data.runs / run_id,
-        catalogue_path=data.catalogue,
-        training_run_id=run_id,
-        tolaria=run_settings.tolaria,
-        kasmina=run_settings.kasmina,
-    )
-    if config.run_dir.exists() and any(config.run_dir.iterdir()):
-        raise ConfigurationError(f"run directory {config.run_dir} is not empty: give a new one")
-    require_writable(run_settings.esper.data_dir, "ESPER_DATA_DIR")
-    require_writable(config.run_dir, "run_dir")
     # The model is adapted last: every refusal above leaves it as it was.
     host = adapt_model(model, train.x[:batch])
     secret = resolve_signing_secret(run_settings.esper)
-    command = shlex.join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", "esper.grow"])
     with RunAssembly(
         run_settings,
         config,
         secret=secret,
         inputs=RunInputs(dataset, host=host, loss=loss),
-        command=command,
+        command=api_command("esper.grow"),
     ) as run:
         summary = run.train()
     result = GrowthResult(
@@ -168,11 +199,18 @@ def grow(
         run_dir=config.run_dir,
         task="classification" if classification else "other",
     )
-    try:
-        result.export(config.run_dir / GROWN_MODEL_DIR)
-    except ExportError as exc:  # the run stands; only `esper export RUN_DIR` will say it has no model
-        logger.warning("the grown model could not be saved in the run directory: %s", exc)
+    save_final_model(result)
     return result
 
 
-__all__ = ["GrowInputError", "GrowthResult", "grow"]
+def save_final_model(result: GrowthResult) -> None:
+    """Export the grown model into its run directory, for `esper export RUN_DIR`. A model that cannot be
+    exported is announced (a warning) and the run stands; `esper export` then says it has no model."""
+    try:
+        result.export(result.run_dir / GROWN_MODEL_DIR)
+    except ExportError as exc:
+        logger.warning("the grown model could not be saved in the run directory: %s", exc)
+        warnings.warn(f"the grown model could not be exported: {exc}", stacklevel=3)
+
+
+__all__ = ["GrowInputError", "GrowthResult", "grow", "run_config", "save_final_model"]
