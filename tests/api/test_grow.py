@@ -202,3 +202,29 @@ def test_export_reloads_without_kasmina_with_equal_outputs(tmp_path: Path) -> No
         [sys.executable, "-c", probe], check=False, capture_output=True, text=True, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_host_with_conv_and_linear_points_is_offered_blueprints_of_both_kinds(tmp_path: Path) -> None:
+    from esper.assembly.run import offered_blueprints
+    from esper.urza import BlueprintCatalogue
+
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+        nn.ReLU(),
+        nn.Linear(16, 2),
+    )
+    host = esper.adapt_model(cnn, torch.randn(2, 1, 8, 8))
+    assert [slot.kind for slot in host.slots()] == ["conv", "conv", "mlp"]
+    catalogue = BlueprintCatalogue.open_default(tmp_path / "urza.sqlite3")
+    try:
+        offer = offered_blueprints(catalogue, host)
+        assert set(catalogue.ids_for("conv")) | set(catalogue.ids_for("mlp")) == set(offer)
+        assert len(offer) == len(set(offer))
+    finally:
+        catalogue.close()

@@ -320,7 +320,7 @@ class RunAssembly:
             host=host,
             manager=manager,
             controller=self.controller,
-            blueprint_ids=self.catalogue.ids_for(host.slot_kind),
+            blueprint_ids=offered_blueprints(self.catalogue, host),
             run_dir=run_dir,
             training_run_id=config.training_run_id,
             emergency=self.emergency,
@@ -459,6 +459,13 @@ class Drive:
         """The run's summary from the trainer's final `outcome`, written to summary.json."""
         self.summary = self._run._conclude(self.trainer, outcome, resumed_from, self._started)
         return self.summary
+
+
+def offered_blueprints(catalogue: BlueprintCatalogue, host: Host) -> list[str]:
+    """The blueprints offered to the controller: those of the host's slot kind, then those of any other
+    kind its slots have (a user's CNN with a Linear head has conv and MLP slots), each once."""
+    kinds = [host.slot_kind, *(slot.kind for slot in host.slots())]
+    return list(dict.fromkeys(b for kind in dict.fromkeys(kinds) for b in catalogue.ids_for(kind)))
 
 
 def run_directory(layout: RunLayout, *, events: EventLog | None = None) -> RunDirectory:
