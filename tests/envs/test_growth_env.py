@@ -84,3 +84,16 @@ def test_reset_during_an_episode_abandons_it_and_starts_another() -> None:
 def test_an_unknown_task_family_is_refused() -> None:
     with pytest.raises(EnvError, match="tasks must be some of"):
         GrowthEnv(tasks=("imagenet",))
+
+
+def test_a_run_that_fails_is_an_error_of_reset_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    from esper.envs import growth
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise OSError("the task's data cannot be read")
+
+    monkeypatch.setattr(growth, "load_task", broken)
+    env = quick_env()
+    with pytest.raises(EnvError, match="cannot be read"):
+        env.reset(seed=0)
+    env.close()

@@ -315,10 +315,7 @@ class GrowthEnv(gym.Env[NDArray[np.float32], NDArray[np.int64]]):
             if isinstance(item, _End):
                 break
             episode.to_run.put(None)
-        if episode.thread is not None:
-            episode.thread.join()
-        self._episode = None
-        self._packet = None
+        self._finish(episode, item)  # a run that failed meanwhile says so here
 
     # -- the agent's view -------------------------------------------------------------------------------
 
