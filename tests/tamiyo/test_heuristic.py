@@ -76,7 +76,10 @@ def policy() -> HeuristicPolicy:
 def test_version_and_tamiyo_settings_give_defaults() -> None:
     heuristic = HeuristicPolicy(TamiyoSettings())
     assert heuristic.version == "heuristic-v2"
-    assert heuristic.settings == HeuristicSettings()
+    # `esper run` grows layers from the first decision; the rules' own defaults leave growth off.
+    assert heuristic.settings == HeuristicSettings(
+        enable_growth=True, grow_early=True, last_growth_progress=0.85
+    )
 
 
 # --- germination -----------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ from esper.leyline import (
     SYSTEM_CLOCK,
     CleanupStack,
     SignatureVerifier,
-    pb,
     resolve_signing_secret,
 )
 from esper.leyline.cleanup import CleanupReporter
@@ -420,7 +419,7 @@ class RunAssembly:
         wall_seconds: float,
     ) -> RunSummary:
         config, manager = self.config, trainer.manager
-        fossilized = sum(1 for s in manager.slot_ids if manager.stage(s) == pb.SEED_STAGE_FOSSILIZED)
+        fossilized = manager.fossilized_count()  # stacked seeds included
         return RunSummary(
             run_id=config.training_run_id,
             task=trainer.dataset.name,
@@ -443,6 +442,7 @@ class RunAssembly:
             status="halted" if outcome.halt is not None else "completed",
             halt=outcome.halt,
             transitions=dict(sorted(trainer.transitions.items())),
+            growth_steps=trainer.growth_log.steps(),
         )
 
 

@@ -46,8 +46,35 @@ class TamiyoSettings(StrictSettings):
         "run warns that decisions will miss their deadline.",
     )
     heuristic_growth: bool = Field(
-        default=False,
-        description="The heuristic also widens and deepens layers (off: not yet shown to pay).",
+        default=True,
+        description="The heuristic also widens and deepens layers (off: it only germinates seeds).",
+    )
+    heuristic_grow_early: bool = Field(
+        default=True,
+        description="The heuristic grows from the first decision while growth pays, not only on a "
+        "plateau (a static model spends its compute at full size all along; a grown one is small first).",
+    )
+    heuristic_widen_fraction: float = Field(
+        default=1.0, gt=0.0, le=4.0, description="A widen adds this fraction of the layer's width (>= 1)."
+    )
+    heuristic_min_gain_per_parameter: float = Field(
+        default=1e-5,
+        ge=0.0,
+        le=1.0,
+        description="A layer stops widening once its last kept widen lowered the validation loss by less "
+        "than this per added parameter (nats per parameter).",
+    )
+    heuristic_last_growth_progress: float = Field(
+        default=0.85,
+        ge=0.0,
+        le=1.0,
+        description="The heuristic starts no growth or seed once this share of the run's steps is done.",
+    )
+    heuristic_growth_min_improvement: float = Field(
+        default=0.10,
+        ge=0.0,
+        le=1.0,
+        description="Relative validation-loss improvement below which the heuristic sees a growth plateau.",
     )
     policy_checkpoint: Path | None = Field(
         default=None, description="safetensors weights of the GNN policy (untrained weights when unset)."

@@ -43,7 +43,15 @@ import torch
 from safetensors.torch import save as save_tensors
 from torch import Tensor, fx, nn
 
-from esper.kasmina import GrowthMode, IdentityBlock, KasminaSettings, SeedManager, SeedSlot, SlotMode
+from esper.kasmina import (
+    GrowthMode,
+    IdentityBlock,
+    KasminaSettings,
+    SeedManager,
+    SeedModule,
+    SeedSlot,
+    SlotMode,
+)
 from esper.leyline import EsperError, SignatureVerifier, pb
 from esper.leyline.files import write_atomically
 from esper.tolaria.adapt import AdaptedHost, GrowthPoint
@@ -206,10 +214,13 @@ class _Writer:
     # -- what Esper grew ------------------------------------------------------------------------------------
 
     def slot(self, slot: SeedSlot | None, path: str) -> Node | None:
-        """A slot's fossilised seed and the blocks kept after it; None when nothing grew there."""
+        """A slot's stacked fossils (oldest first), its fossilised seed and the blocks kept after it;
+        None when nothing grew there."""
         if slot is None:
             return None
-        parts: list[Callable[[str], Node | None]] = []
+        parts: list[Callable[[str], Node | None]] = [
+            partial(self._at, self.seed_node, kept) for kept in slot.stacked if isinstance(kept, SeedModule)
+        ]
         if slot.seed is not None:
             if slot.mode != SlotMode.FOSSIL:
                 raise ExportError(
@@ -217,7 +228,7 @@ class _Writer:
                     f"its seed is still in its lifecycle ({slot.mode.name}); only "
                     "fossilised seeds are part of the model (export at the end of the run)",
                 )
-            parts.append(lambda p: self.seed(slot, p))
+            parts.append(partial(self._at, self.seed_node, slot.seed))
         for hook in slot._forward_hooks.values():
             block = getattr(hook, "__self__", None)
             if not isinstance(block, IdentityBlock):
@@ -246,9 +257,8 @@ class _Writer:
             ),
         }
 
-    def seed(self, slot: SeedSlot, path: str) -> Node:
-        seed = slot.seed
-        assert seed is not None
+    def seed_node(self, seed: SeedModule, path: str) -> Node:
+        """A fossilised (or stacked) seed: `x + gate * body(x)`."""
         blender = seed.blender
         gate: Node
         if blender.mode in (pb.BLEND_MODE_RESIDUAL, pb.BLEND_MODE_CONVEX):
