@@ -51,7 +51,13 @@ def test_a_session_grows_the_model_and_the_users_optimizer_trains_every_paramete
     model = mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     with esper.GrowthSession(
-        model, optimizer, blobs(64, seed=1), decision_interval=4, steps_per_epoch=14, run_dir=tmp_path / "run"
+        model,
+        optimizer,
+        blobs(64, seed=1),
+        decision_interval=4,
+        steps_per_epoch=14,
+        epochs=20,
+        run_dir=tmp_path / "run",
     ) as session:
         own_loop(session, model, optimizer, epochs=20)
     result = session.result
@@ -61,11 +67,28 @@ def test_a_session_grows_the_model_and_the_users_optimizer_trains_every_paramete
     optimised = [p for group in optimizer.param_groups for p in group["params"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in optimised} == {id(p) for p in trainable}
-    assert len(optimizer.param_groups) > 1  # the kept seeds' parameters joined as their own groups
+    kept = [g for g in result.summary.growth_steps if g["outcome"] == "FOSSILIZED"]
+    assert kept  # a widen or a seed was kept, and its parameters are the optimizer's
+    for parameter in optimised:  # moments extended with the tensors they belong to
+        for value in optimizer.state[parameter].values():
+            if isinstance(value, Tensor) and value.dim():
+                assert value.shape == parameter.shape
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "completed"
     assert (tmp_path / "run" / "model" / "model.json").is_file()
     with pytest.raises(SessionClosed):
         session.step(0.0)
+
+
+def test_a_session_of_unknown_length_never_counts_itself_near_its_end(tmp_path: Path) -> None:
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters())
+    with esper.GrowthSession(
+        model, optimizer, blobs(64), decision_interval=4, run_dir=tmp_path / "run"
+    ) as session:
+        own_loop(session, model, optimizer, epochs=1)
+    decisions = (tmp_path / "run" / "decisions.jsonl").read_text().splitlines()
+    assert decisions
+    assert not any("of the run is done" in line for line in decisions)
 
 
 def test_a_failure_in_the_users_loop_marks_the_run_failed(tmp_path: Path) -> None:

@@ -27,6 +27,9 @@ from esper.tolaria.adapt import adapt_model
 from esper.tolaria.optimizer import GroupedAdam
 from esper.tolaria.trainer import Trainer
 
+_UNKNOWN_LENGTH = 2**62
+"""Steps a session counts its run as when the loop's length is not given."""
+
 
 class SessionClosed(EsperError):
     """The session has ended: it takes no more steps."""
@@ -49,8 +52,10 @@ class GrowthSession:
     optimizer). Every `decision_interval` steps the session evaluates on `val_data` (a DataLoader or
     `(inputs, targets)` tensors, checked through the model and `loss_fn` first) and applies the
     controller's decision. `steps_per_epoch` (say `len(train_loader)`) sets how many steps the lifecycle
-    counts as an epoch; by default one decision interval. The controller may also scale the learning
-    rate of every group of your optimizer (an optimizer command). Other arguments as `esper.grow`.
+    counts as an epoch (by default one decision interval); with `epochs`, the length of your loop, the
+    controller starts no growth that could not finish before its end. The controller may also scale
+    the learning rate of every group of your optimizer (an optimizer command). Other arguments as
+    `esper.grow`.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class GrowthSession:
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         decision_interval: int = 50,
         steps_per_epoch: int | None = None,
+        epochs: int | None = None,
         max_params: int | None = None,
         policy: str | Path = "heuristic",
         run_dir: str | Path | None = None,
@@ -87,7 +93,7 @@ class GrowthSession:
             run_dir=run_dir,
             settings=settings,
             tolaria={
-                "epochs": 1,
+                "epochs": epochs or 1,
                 "batch_size": batch,
                 "max_params": max_params or 0,
                 "decision_interval": decision_interval,
@@ -114,6 +120,9 @@ class GrowthSession:
             trainer = self._drive.trainer
             trainer.optimizer = GroupedAdam.wrapping(optimizer)
             trainer.steps_per_epoch = steps_per_epoch or decision_interval
+            # The share of the run done, which tells the controller when a growth could no longer finish
+            # before the end; a loop of unknown length is never near its end.
+            trainer.total_steps = trainer.steps_per_epoch * epochs if epochs else _UNKNOWN_LENGTH
             trainer.save_checkpoint()  # the run's first checkpoint, as Esper's own loop writes it
         except BaseException as exc:
             self._stack.__exit__(type(exc), exc, exc.__traceback__)
