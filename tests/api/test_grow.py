@@ -228,3 +228,12 @@ def test_a_host_with_conv_and_linear_points_is_offered_blueprints_of_both_kinds(
         assert len(offer) == len(set(offer))
     finally:
         catalogue.close()
+
+
+def test_esper_export_of_a_user_run_without_its_saved_model_says_why(tmp_path: Path) -> None:
+    result = esper.grow(mlp(), blobs(64), blobs(32, seed=1), epochs=1, run_dir=tmp_path / "run")
+    for saved in (result.run_dir / "model").iterdir():
+        saved.unlink()
+    refused = CliRunner().invoke(app, ["export", str(result.run_dir), "--out", str(tmp_path / "out")])
+    assert refused.exit_code != 0
+    assert "the model it saved when it ended" in refused.output
