@@ -257,6 +257,10 @@ class Trainer:
                     on_epoch(self._epoch_report(epoch))
             if self._in_flight is None and self._checkpoint_due():
                 self.save_checkpoint()
+        return self.finish()
+
+    def finish(self) -> TrainingOutcome:
+        """End the run's lifecycles, evaluate the final model and wait for the last checkpoint."""
         self.collect_decision()
         self.manager.terminate(self.step)
         self._flush_events()
@@ -298,6 +302,28 @@ class Trainer:
         loss.backward()  # type: ignore[no-untyped-call]
         self.manager.observe_backward(self.step)
         self.optimizer.step()
+        self._stepped(value)
+
+    def external_step(self, loss: float) -> None:
+        """Account for one optimisation step the caller's own loop took (forward, backward and optimizer
+        step done, gradients not yet cleared), then decide at the run's cadence as `fit` does: seeds
+        advance, parameter changes reach the optimizer, a decision is submitted, collected and applied,
+        a checkpoint is written when one is due."""
+        self.manager.observe_backward(self.step)
+        self._stepped(loss)
+        interval = self.settings.decision_interval
+        if (self.step + 1) % interval == 0:
+            self.manager.arm_gradient_probes()  # for the next step's backward
+        if self._in_flight is not None and self.step >= self._in_flight.due:
+            self.collect_decision()
+        if self.step % interval == 0:
+            self.decide()
+        if self._in_flight is None and self._checkpoint_due():
+            self.save_checkpoint()
+
+    def _stepped(self, value: float) -> None:
+        """After the optimizer step of training loss `value`: seeds advance, changes reach the optimizer."""
+        settings = self.settings
         self.manager.advance(self.step)
         self._flush_events()
         self._apply_parameter_changes()

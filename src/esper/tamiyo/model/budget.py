@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from esper.leyline import pb
-from esper.urza import UrzaError, param_count
+from esper.urza import BlueprintNotApplicable, UrzaError, param_count
 
 ParameterCost = Callable[[str, int, str], "int | None"]
 """Parameters a blueprint's module has at a slot's (width, kind), or None when it cannot be counted."""
@@ -28,6 +28,20 @@ def builtin_parameter_cost(blueprint_id: str, width: int, kind: str) -> int | No
         return param_count(blueprint_id, width, kind)
     except UrzaError:
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def fits_slot(blueprint_id: str, width: int, kind: str) -> bool:
+    """False for a built-in blueprint that cannot be built in a slot of this kind and width (a conv
+    blueprint offered to a Linear slot of a host that has both); True otherwise. A blueprint this process
+    does not know is left to the risk gates and to Kasmina, which refuse what does not fit."""
+    try:
+        param_count(blueprint_id, width, kind)
+    except BlueprintNotApplicable:
+        return False
+    except UrzaError:
+        return True
+    return True
 
 
 def over_budget(

@@ -57,7 +57,12 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from esper.leyline import EsperError, pb, short_name
-from esper.tamiyo.model.budget import growth_over_budget, growth_parameter_cost, over_budget
+from esper.tamiyo.model.budget import (
+    fits_slot,
+    growth_over_budget,
+    growth_parameter_cost,
+    over_budget,
+)
 from esper.tamiyo.model.proposal import ALPHA_RAMP_STEPS, BLEND_MODES, Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
@@ -447,8 +452,13 @@ class HeuristicPolicy:
         rotation = [offered[(self._germinations + i) % len(offered)] for i in range(len(offered))]
         candidates = list(dict.fromkeys(preferred + rotation))
         refusal = ""
+        described = {d.slot_id: d for d in packet.topology.slots}
         for slot in slots:
+            where = described.get(slot.slot_id)
             for blueprint_id in candidates:
+                # A host with Linear and Conv points offers blueprints of both kinds: each slot takes its own.
+                if where is not None and not fits_slot(blueprint_id, int(where.width), str(where.kind)):
+                    continue
                 reason = over_budget(packet, slot.slot_id, blueprint_id, s.blend_mode)
                 if reason is not None:
                     refusal = refusal or reason
@@ -464,6 +474,8 @@ class HeuristicPolicy:
                     reason=f"germinate {blueprint_id} in slot {slot.slot_id} "
                     f"(gradient norm {slot.gradient_norm:.4g}): {plateau_reason}",
                 )
+        if not refusal:
+            return self._wait(f"{plateau_reason}, but no offered blueprint fits a dormant slot's kind")
         return self._wait(f"{plateau_reason}, but no germination fits the growth budget ({refusal})")
 
     def _wait(self, reason: str) -> Proposal:
