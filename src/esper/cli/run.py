@@ -16,7 +16,7 @@ from esper.cli.common import (
     err_console,
     warn,
 )
-from esper.cli_observe import write_exports
+from esper.cli.observe import write_exports
 from esper.leyline import (
     CleanupFailed,
     ConfigurationError,
