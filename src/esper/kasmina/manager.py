@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from esper.kasmina.blending import (
@@ -156,8 +157,11 @@ class SeedManager:
         *,
         training_run_id: str,
         host: GrowthHost | None = None,
+        device: torch.device | None = None,
     ) -> None:
-        """`host`: the model to grow with WIDEN and DEEPEN (without it those commands are refused)."""
+        """`host`: the model to grow with WIDEN and DEEPEN (without it those commands are refused).
+        `device`: where seeds are placed (None: the device of the host's parameters, the CPU without a
+        host); WIDEN and DEEPEN build on the device of the layer they grow."""
         if not training_run_id:
             raise ValueError("training_run_id is required")
         self.settings = settings
@@ -177,6 +181,7 @@ class SeedManager:
         self._merged: list[ParameterMerge] = []
         self._paused = False
         self._host = host
+        self._device = device
         self._container = growth_container(host) if host is not None else None
         self._growths: dict[str, Growth] = {}
         self._growth_count = 0
@@ -833,7 +838,16 @@ class SeedManager:
             if not checked:
                 raise SeedStateRestoreError(slot.slot_id, str(exc)) from exc
             raise _Rejected(RejectionReason.BLUEPRINT_NOT_APPLICABLE, str(exc)) from exc
-        return SeedModule(body, blender)
+        # Built on the CPU (the same draws on every device), then placed where the host computes.
+        return SeedModule(body, blender).to(self._seed_device())
+
+    def _seed_device(self) -> torch.device:
+        if self._device is not None:
+            return self._device
+        if isinstance(self._host, nn.Module):
+            for parameter in self._host.parameters():
+                return parameter.device
+        return torch.device("cpu")
 
     def _fossilize(self, record: _SlotRecord, command: pb.AdaptationCommand, step: int) -> None:
         lifecycle = record.lifecycle
