@@ -190,7 +190,8 @@ def default_row_norm(site: WidenSite) -> Tensor:
     """The mean norm of the producer's existing fan-in rows: new units start at the scale of the old.
 
     A 0-d tensor on the producer's device: read on the host nowhere (no device sync while growing)."""
-    return site.producer.weight.detach().flatten(1).norm(dim=1).mean()
+    norm: Tensor = site.producer.weight.detach().flatten(1).norm(dim=1).mean()
+    return norm
 
 
 def _fan_in_shape(site: WidenSite, k: int) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ from torch_geometric.nn import GATConv, HeteroConv, SAGEConv
 from torch_geometric.utils import scatter
 
 from esper.leyline import CONTRACT_VERSION
+from esper.tamiyo.model.cudagraph import CapturedForward
 from esper.tamiyo.model.dense import (
     DenseKernel,
     DenseRelation,
@@ -182,6 +183,8 @@ class TamiyoGNN(nn.Module):
         ] = {}
         self._zero_attr: dict[EdgeKey, Tensor] = {}  # zero features of featureless relations (read-only)
         self._plan: Plan | None = None  # the dense path traced for one topology (`build_plan`)
+        self._captured: CapturedForward | None = None  # the dense path in a CUDA graph (`capture_graph`)
+        self.capture_misses = 0  # graphs a capture was held for and did not fit
 
     @property
     def device(self) -> torch.device:
@@ -218,9 +221,11 @@ class TamiyoGNN(nn.Module):
                 if self._declared_edge_features[key]:
                     raise GraphSchemaError(f"gnn.edge_attr[{key}]", "declared edge features are missing")
                 zeros = self._zero_attr.get(key)
-                if zeros is None or zeros.shape[0] != count:
+                if zeros is None or zeros.shape[0] != count or zeros.device != device:
                     with torch.inference_mode(False):  # a normal tensor: its version is tracked
-                        zeros = self._zero_attr[key] = torch.zeros((count, self._edge_dims[key]))
+                        zeros = self._zero_attr[key] = torch.zeros(
+                            (count, self._edge_dims[key]), device=device
+                        )
                 attr = zeros
             if attr.shape != (count, self._edge_dims[key]):
                 raise GraphSchemaError(
@@ -240,6 +245,9 @@ class TamiyoGNN(nn.Module):
         device = self.device
         edge_attr = self.edge_attrs(graph, device)
         if self.dense_inference and not torch.is_grad_enabled():
+            captured = self._capture_for(graph)
+            if captured is not None:
+                return captured.run(graph, checkpoint)
             plan = self._planned(graph)
             if plan is not None:
                 return plan.run(self, graph, edge_attr, checkpoint)
@@ -377,6 +385,38 @@ class TamiyoGNN(nn.Module):
                 raise PlanError(f"the traced plan disagrees with the dense path on {name}")
         self._plan = plan
         return (time.perf_counter() - start) * 1e3
+
+    def capture_graph(self, graph: TamiyoGraph) -> float:
+        """Capture the dense path for `graph`'s topology and the current weights in a CUDA graph (P7, see
+        `CapturedForward`); returns the milliseconds it took. Raises `CaptureUnavailable` (and keeps no
+        capture) off CUDA or when the graph cannot be captured."""
+        start = time.perf_counter()
+        self._captured = None
+        self._check(graph)
+        self._captured = CapturedForward.capture(self, graph)
+        return (time.perf_counter() - start) * 1e3
+
+    def drop_capture(self) -> None:
+        """Forget the CUDA graph (inference runs the plan or the dense path)."""
+        self._captured = None
+
+    @property
+    def has_capture(self) -> bool:
+        """Whether a CUDA graph is held (replayed only while its topology and weights still hold)."""
+        return self._captured is not None
+
+    def _capture_for(self, graph: TamiyoGraph) -> CapturedForward | None:
+        captured = self._captured
+        if captured is None:
+            return None
+        if captured.weights != self._kernel._key(self):
+            self._captured = None  # the weights moved on: the capture computes an older network
+            self.capture_misses += 1
+            return None
+        if not captured.fits(graph):
+            self.capture_misses += 1
+            return None
+        return captured
 
     def drop_plan(self) -> None:
         """Forget the plan (inference runs the dense path until `build_plan`)."""
