@@ -32,14 +32,14 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def resolve_device(spec: str, *, cuda_devices: Callable[[], int] = _cuda_count) -> torch.device:
+def resolve_device(spec: str, *, cuda_devices: Callable[[], int] | None = None) -> torch.device:
     """The device `spec` names (`auto`, `cpu`, `cuda` or `cuda:N`); `cuda_devices` counts the CUDA devices
-    present (injected by tests)."""
+    present (torch's count by default; injected by tests)."""
     if not _SPEC.match(spec):
         raise DeviceUnavailable(spec, "use auto, cpu, cuda or cuda:N")
     if spec == "cpu":
         return torch.device("cpu")
-    count = cuda_devices()
+    count = (cuda_devices or _cuda_count)()
     if spec == "auto":
         return torch.device("cuda", 0) if count else torch.device("cpu")
     index = int(spec.partition(":")[2] or 0)

@@ -304,19 +304,24 @@ class TamiyoGNN(nn.Module):
         for key in self._relations:
             src, _, dst = key
             n_src, n_dst = graph.x[src].shape[0], graph.x[dst].shape[0]
-            index = on_device(graph.edge_index[key], device)
             attr_in = edge_attr[key]
+            # What the graph holds, where the builder made it (the CPU): compared there, so that a network
+            # on a GPU reuses its blocks without a device round trip per decision.
+            source_index = graph.edge_index[key]
+            source_attr = graph.edge_attr.get(key, attr_in)
             # A run's topology rarely changes between decisions: reuse the blocks of identical edges.
             cached = self._adjacency_cache.get(key)
             if cached is not None:
                 old_index, index_version, old_attr, attr_version, blocks = cached
                 if (
                     blocks.mask.shape == (n_dst, n_src)
-                    and unchanged(old_index, index_version, index)
-                    and unchanged(old_attr, attr_version, attr_in)
+                    and blocks.mask.device == device
+                    and unchanged(old_index, index_version, source_index)
+                    and unchanged(old_attr, attr_version, source_attr)
                 ):
                     dense[key] = blocks
                     continue
+            index = on_device(source_index, device)
             count = torch.zeros((n_dst, n_src), device=device)
             count.index_put_((index[1], index[0]), torch.ones(index.shape[1], device=device), accumulate=True)
             if index.shape[1] and bool(count.max() > 1):
@@ -336,10 +341,10 @@ class TamiyoGNN(nn.Module):
                 empty_rows=bool((in_degree == 0).any()),
             )
             self._adjacency_cache[key] = (
-                index,
-                tensor_version(index),
-                attr_in,
-                tensor_version(attr_in),
+                source_index,
+                tensor_version(source_index),
+                source_attr,
+                tensor_version(source_attr),
                 dense[key],
             )
         return dense

@@ -1,0 +1,101 @@
+"""The policy computes on the device of its parameters (checked on `meta`); P7's CUDA graph reports
+"not available" off CUDA; policy weights load onto whatever device the network is on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esper.tamiyo.model.cudagraph import CaptureUnavailable, cuda_graphs_available
+from esper.tamiyo.model.outputs import GNNOutput
+from esper.tamiyo.model.plan import plan_inputs
+from esper.tamiyo.model.weights import decode_weights
+from tests.tamiyo.packets import make_packet, settings, small_policy
+
+torch.set_num_threads(1)
+
+
+def _outputs(out: GNNOutput) -> list[torch.Tensor]:
+    return [getattr(out, name) for name in GNNOutput.__dataclass_fields__]
+
+
+def test_the_network_runs_on_the_device_of_its_parameters() -> None:
+    """On `meta` (no data): the message-passing path, with a graph built on the CPU as the service does.
+    The dense path reads its adjacency's values once per topology (repeated edges), so it is checked on
+    the CPU below, and its cache compares the graph's own CPU tensors."""
+    policy = small_policy()
+    graph = policy.builder.build(make_packet(), update_stats=False)
+    policy.module.to("meta")
+    assert policy.module.device == torch.device("meta")
+    with torch.no_grad():
+        out = policy.module.forward_message_passing(graph)
+    for tensor in _outputs(out):
+        assert tensor.device.type == "meta"
+
+
+def test_the_dense_path_reuses_its_blocks_by_the_graphs_own_tensors() -> None:
+    policy = small_policy()
+    graph = policy.builder.build(make_packet(), update_stats=False)
+    module = policy.module
+    edge_attr = module.edge_attrs(graph, module.device)
+    first = module.dense_adjacency(graph, edge_attr, module.device)
+    again = module.dense_adjacency(graph, module.edge_attrs(graph, module.device), module.device)
+    assert first is not None and again is not None
+    assert all(again[key] is first[key] for key in first)
+    for index, _, attr, _, _ in module._adjacency_cache.values():
+        assert any(index is value for value in graph.edge_index.values())
+        assert attr.device.type == "cpu"
+
+
+def test_the_plans_inputs_are_put_on_the_networks_device() -> None:
+    policy = small_policy()
+    graph = policy.builder.build(make_packet(), update_stats=False)
+    types = tuple(graph.x)
+    inputs = plan_inputs(graph, types, torch.device("meta"))
+    assert len(inputs) == 2 * len(types)
+    assert all(tensor.device.type == "meta" for tensor in inputs)
+
+
+def test_cuda_graphs_are_not_available_off_cuda_and_nothing_is_counted_as_a_fallback() -> None:
+    policy = small_policy(settings(enable_cuda_graph=True))
+    assert policy.plan_status.capture.reason == "no topology rehearsed yet"
+    graph = policy.builder.build(make_packet(), update_stats=False)
+    policy.rehearse(graph)
+    capture = policy.plan_status.capture
+    assert not capture.enabled and capture.reason.startswith("not available: the policy is on cpu")
+    assert capture.fallbacks == 0 and capture.captures == 0
+    assert policy.plan_status.enabled  # the traced plan serves as before
+    assert not policy.module.has_capture
+    assert cuda_graphs_available(torch.device("cpu"))
+    try:
+        policy.module.capture_graph(graph)
+    except CaptureUnavailable as exc:
+        assert "not available" in str(exc)
+    else:
+        raise AssertionError("a capture on the CPU must be refused")
+
+
+def test_cuda_graphs_stay_off_by_default() -> None:
+    policy = small_policy()
+    policy.rehearse(policy.builder.build(make_packet(), update_stats=False))
+    assert policy.plan_status.capture.reason == "disabled by settings (enable_cuda_graph=false)"
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
+def test_policy_weights_saved_on_one_device_load_onto_another() -> None:
+    source = small_policy(seed=1)
+    payload = source.state_bytes()
+    target = small_policy(seed=2)
+    target.module.to("meta")
+    tensors = decode_weights(payload, target.module, target.config)
+    assert {tensor.device.type for tensor in tensors.values()} == {"cpu"}
+    target.module.load_state_dict(tensors, strict=True)
+    for name, parameter in target.module.named_parameters():
+        assert parameter.device.type == "meta", name
+    # and back: the CPU copy of a network holds the very weights that were saved
+    back = small_policy(seed=3)
+    back.load_state_bytes(payload)
+    for (name, want), got in zip(
+        source.module.state_dict().items(), back.module.state_dict().values(), strict=True
+    ):
+        assert torch.equal(want, got), name
