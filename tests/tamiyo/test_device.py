@@ -99,3 +99,28 @@ def test_policy_weights_saved_on_one_device_load_onto_another() -> None:
         source.module.state_dict().items(), back.module.state_dict().values(), strict=True
     ):
         assert torch.equal(want, got), name
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_a_captured_forward_replays_what_the_dense_path_computes_and_misses_another_topology() -> None:
+    policy = small_policy(settings(enable_cuda_graph=True, device="cuda"))
+    packet = make_packet()
+    policy.rehearse(policy.builder.build(packet, update_stats=False))
+    capture = policy.plan_status.capture
+    assert capture.enabled and capture.captures == 1, capture.reason
+    packet.validation_loss, packet.training_loss = 0.3, 0.2  # new features, the same topology
+    graph = policy.builder.build(packet, update_stats=False)
+    with torch.inference_mode():
+        replayed = policy.module(graph)
+        reference = policy.module.forward_message_passing(graph)
+    for want, got in zip(_outputs(reference), _outputs(replayed), strict=True):
+        assert got.device.type == "cuda"
+        assert torch.allclose(want, got, rtol=1e-4, atol=1e-4)
+    assert policy.module.capture_misses == 0
+    grown = policy.builder.build(make_packet(n_layers=5), update_stats=False)
+    with torch.inference_mode():
+        policy.module(grown)
+    assert policy.module.capture_misses == 1 and policy.module.has_capture

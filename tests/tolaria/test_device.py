@@ -158,3 +158,26 @@ def test_a_checkpoint_written_on_one_device_resumes_on_another(tmp_path: Path) -
         resumed.run_dir.close()
     finally:
         catalogue.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_run_trained_on_cuda_resumes_on_the_cpu(tmp_path: Path) -> None:
+    dataset = make_task(0.3, 0, n_features=8, n_classes=3, n_samples=320)
+    catalogue = BlueprintCatalogue.open_default(tmp_path / "urza.sqlite3")
+    try:
+        trained = _trainer(tmp_path / "run", dataset.to(torch.device("cuda")), catalogue, "cuda")
+        assert trained.device.type == "cuda"
+        trained.fit()
+        trained.run_dir.close()
+        for name, tensor in [*trained.host.named_parameters(), *trained.host.named_buffers()]:
+            assert tensor.device.type == "cuda", name
+        checkpoint = trained.store.latest()
+        assert checkpoint is not None and "rng.cuda" in checkpoint.tensors
+        assert {tensor.device.type for tensor in checkpoint.tensors.values()} == {"cpu"}
+        resumed = _trainer(tmp_path / "run", dataset, catalogue, "cpu")
+        assert resumed.resume() and resumed.step == trained.step
+        for name, tensor in [*resumed.host.named_parameters(), *resumed.host.named_buffers()]:
+            assert tensor.device.type == "cpu", name
+        resumed.run_dir.close()
+    finally:
+        catalogue.close()

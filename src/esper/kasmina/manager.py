@@ -27,6 +27,7 @@ from esper.kasmina.events import CommandResult, EventKind, LifecycleEvent, Rejec
 from esper.kasmina.growing import (
     Growth,
     GrowthHost,
+    gradient_norm,
     growth_container,
     module_key,
     resize,
@@ -307,7 +308,7 @@ class SeedManager:
                 continue
             grads = [p.grad for p in slot.seed.parameters() if p.grad is not None]
             if grads:
-                record.seed_gradient_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+                record.seed_gradient_norm = gradient_norm(grads)
                 lifecycle.record_gradient_norm(record.seed_gradient_norm)
             for gain in slot.training_gains:
                 lifecycle.record_training_gain(gain)

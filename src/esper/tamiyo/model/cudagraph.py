@@ -94,7 +94,8 @@ class CapturedForward:
                         forward()
                 torch.cuda.current_stream(device).wait_stream(side)
                 cuda_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(cuda_graph):
+                # thread_local: the trainer's CUDA work on its own thread goes on while this captures
+                with torch.cuda.graph(cuda_graph, capture_error_mode="thread_local"):
                     outputs = forward()
                 reference = forward()
                 cuda_graph.replay()
