@@ -136,7 +136,8 @@ for run in ("digits", "tokens"):
     summary = work / "runs" / run / "summary.json"
     if run in steps and summary.exists():
         data = json.loads(summary.read_text())
-        steps[run].update({k: data.get(k) for k in ("final_val_accuracy", "steps", "wall_seconds", "status")})
+        steps[run].update({k: data.get(k) for k in ("final_val_accuracy", "steps", "wall_seconds")})
+        steps[run]["run_status"] = data.get("status")
 tamiyo = {}
 for name in ("tamiyo", "tamiyo_compiled"):
     found = last_json(name) or {}

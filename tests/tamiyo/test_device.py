@@ -6,11 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esper.tamiyo.model.cudagraph import CaptureUnavailable, cuda_graphs_available
+from esper.leyline import pb
+from esper.tamiyo.model import policy as policy_module
+from esper.tamiyo.model.cudagraph import CapturedForward, CaptureUnavailable, cuda_graphs_available
 from esper.tamiyo.model.outputs import GNNOutput
 from esper.tamiyo.model.plan import plan_inputs
 from esper.tamiyo.model.weights import decode_weights
-from tests.tamiyo.packets import make_packet, settings, small_policy
+from esper.tamiyo.runtime.service import TamiyoService
+from tests.tamiyo.packets import SECRET, make_packet, settings, small_policy
 
 torch.set_num_threads(1)
 
@@ -124,3 +127,42 @@ def test_a_captured_forward_replays_what_the_dense_path_computes_and_misses_anot
     with torch.inference_mode():
         policy.module(grown)
     assert policy.module.capture_misses == 1 and policy.module.has_capture
+
+
+def _events(sent: list[pb.TelemetryPacket], name: str) -> list[pb.TelemetryEvent]:
+    return [event for telemetry in sent for event in telemetry.events if event.name == name]
+
+
+def test_the_service_announces_cuda_graphs_unavailable_once_and_a_failed_capture_as_a_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: list[pb.TelemetryPacket] = []
+    policy = small_policy(settings(enable_cuda_graph=True))
+    service = TamiyoService(settings(enable_cuda_graph=True), policy, SECRET, telemetry_sink=sent.append)
+    try:
+        service.prepare(make_packet())
+        service.prepare(make_packet())  # the same status: announced once
+        service.evaluate_step(make_packet())
+        service.telemetry.drain()
+        unavailable = _events(sent, "gnn_cuda_graph_unavailable")
+        assert len(unavailable) == 1 and unavailable[0].level == pb.TELEMETRY_LEVEL_INFO
+        assert not _events(sent, "gnn_cuda_graph_fallback")
+        assert not service.telemetry.registry.get_sample_value("tamiyo_gnn_cuda_graph_fallback_total")
+
+        def refuse(cls: type[CapturedForward], model: object, graph: object) -> CapturedForward:
+            raise CaptureUnavailable("capture failed: RuntimeError: operation not permitted when capturing")
+
+        # As on a GPU whose capture fails: the plan still serves, the failure is a counted fallback.
+        monkeypatch.setattr(policy_module, "cuda_graphs_available", lambda device: "")
+        monkeypatch.setattr(CapturedForward, "capture", classmethod(refuse))
+        service.prepare(make_packet(n_layers=5))
+        status = policy.plan_status
+        assert status.enabled and not status.capture.enabled and status.capture.fallbacks == 1
+        service.evaluate_step(make_packet(n_layers=5))
+        service.telemetry.drain()
+        fallback = _events(sent, "gnn_cuda_graph_fallback")
+        assert len(fallback) == 1 and "not permitted" in fallback[0].attributes["reason"]
+        assert fallback[0].level == pb.TELEMETRY_LEVEL_WARNING
+        assert service.telemetry.registry.get_sample_value("tamiyo_gnn_cuda_graph_fallback_total") == 1.0
+    finally:
+        service.close()
