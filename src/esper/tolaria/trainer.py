@@ -331,6 +331,7 @@ class Trainer:
             training_loss=training_loss,
             timestamp_ns=self.clock.wall_ns(),
             topology=self._host_topology()[0],
+            device=f"{self.device.type}:{self.device.index or 0}",
             seed_states=self.manager.seed_states(
                 learning_rate=self.optimizer.lr, steps_per_epoch=self.steps_per_epoch
             ),
