@@ -32,6 +32,17 @@ class Evaluation:
     contributions: dict[str, Contribution] = field(default_factory=dict)
 
 
+def classifies(output: Tensor, targets: Tensor) -> bool:
+    """True when (output, targets) is a classification batch: scores [N, C] and integer labels [N].
+    Accuracy is counted only for such batches; for any other task (a regression) it stays 0."""
+    return (
+        output.dim() == 2
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+        and len(output) == len(targets)
+    )
+
+
 def evaluate(
     model: nn.Module,
     manager: SeedManager,
@@ -42,7 +53,8 @@ def evaluate(
     criterion: Loss | None = None,
 ) -> Evaluation:
     """Evaluate `model` on (x, y) in eval mode, with the counterfactual of every measurable slot; the
-    validation loss is `criterion` (cross-entropy by default)."""
+    validation loss is `criterion` (cross-entropy by default). Accuracy is counted for classification
+    batches only (`classifies`): 0 for any other task."""
     slots = manager.measurable_slots()
     variants: list[str | None] = [None, *slots]
     # Summed where the model computes and read once at the end (one device sync per evaluation, not two
@@ -66,7 +78,8 @@ def evaluate(
                     else:
                         batch_loss = criterion(logits, yb).double() * len(yb)
                     loss_sums[position] += batch_loss
-                    correct_counts[position] += (logits.argmax(dim=1) == yb).sum()
+                    if classifies(logits, yb):
+                        correct_counts[position] += (logits.argmax(dim=1) == yb).sum()
     finally:
         model.train(was_training)
     summed: list[float] = loss_sums.tolist()
