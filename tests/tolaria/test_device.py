@@ -73,6 +73,26 @@ def test_esper_run_with_cuda_absent_fails_at_start_and_creates_nothing(
     assert not run_dir.exists()
 
 
+def test_a_resumed_run_takes_the_device_asked_for_not_the_saved_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saved config wins on resume, except for where the run computes: `--device` applies (here a
+    CUDA device this machine lacks, refused before the run is touched)."""
+    monkeypatch.setattr(device_module, "_cuda_count", lambda: 0)
+    monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path / "data"))
+    run_dir = tmp_path / "run"
+    common = ["run", "--epochs", "1", "--run-dir", str(run_dir), "--no-progress", "--no-report"]
+    first = CliRunner().invoke(app, [*common, "--device", "cpu"])
+    assert first.exit_code == 0, first.output
+    status = (run_dir / "status.json").read_text(encoding="utf-8")
+    resumed = CliRunner().invoke(app, [*common, "--resume", "--device", "cuda"])
+    assert resumed.exit_code == 2, resumed.output
+    assert "CUDA is not available" in " ".join(resumed.output.split())
+    assert (run_dir / "status.json").read_text(encoding="utf-8") == status
+    again = CliRunner().invoke(app, [*common, "--resume", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+
+
 def test_a_users_model_keeps_its_device_and_a_conflicting_setting_is_refused() -> None:
     with torch.device("meta"):
         model = torch.nn.Linear(3, 2)
