@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -97,6 +98,13 @@ def run(
             "Transformer feed-forward units (0: the host's default) [TOLARIA_HOST_WIDTH, 0]."
         ),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the run computes: auto (CUDA when available), cpu, cuda or cuda:N; a resumed run "
+            "may continue on another device [TOLARIA_DEVICE, auto]."
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --run-dir from its last checkpoint (its config wins).")
     ] = False,
@@ -127,6 +135,7 @@ def run(
     """
     from esper.assembly import RunAssembly, RunInputs, RunSettings, require_writable, resolve_config
     from esper.nissa.layout import DataLayout
+    from esper.tolaria.device import resolve_device
     from esper.tolaria.run import RunConfig, load_task, new_training_run_id, resolve_host
 
     overrides: dict[str, Any] = {
@@ -137,6 +146,7 @@ def run(
         "lr": lr,
         "max_params": max_params,
         "host_width": host_width,
+        "device": device,
     }
     try:
         # Everything a start can be refused for is checked before anything is created.
@@ -168,6 +178,9 @@ def run(
             ),
             resume=resume,
         )
+        if resume and device is not None:  # the saved config wins, except for where the run computes
+            config = replace(config, tolaria=config.tolaria.model_copy(update={"device": device}))
+        resolve_device(config.tolaria.device)  # a device this machine lacks is refused before anything
         require_writable(esper_settings.data_dir, "ESPER_DATA_DIR")
         require_writable(config.run_dir, "--run-dir")
         dataset = load_task(config.task, config.host, seed=config.tolaria.seed, difficulty=config.difficulty)

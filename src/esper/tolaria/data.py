@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +58,18 @@ class Dataset:
     input_shape: tuple[int, ...]
     vocab_size: int = 0
     """Token ids lie in [0, vocab_size) for a token task; 0 for real-valued features."""
+
+    def to(self, device: torch.device) -> Dataset:
+        """The same dataset with its four tensors on `device` (itself when they are there already)."""
+        if self.x_train.device == device:
+            return self
+        return replace(
+            self,
+            x_train=self.x_train.to(device),
+            y_train=self.y_train.to(device),
+            x_val=self.x_val.to(device),
+            y_val=self.y_val.to(device),
+        )
 
     @property
     def input_size(self) -> int:

@@ -24,9 +24,11 @@ def build_packet(
     training_metrics: Mapping[str, float],
     growth_states: Sequence[pb.SeedState] = (),
     max_parameters: int = 0,
+    device: str = "cpu:0",
 ) -> pb.SystemStatePacket:
     """A validated packet; `packet_id` is fresh for every packet. `max_parameters` is the run's growth
-    budget (0: unbounded); the model's size now is `training_metrics["param_count"]`."""
+    budget (0: unbounded); the model's size now is `training_metrics["param_count"]`; `device` is where
+    the run computes ("cpu:0", "cuda:1"), its type before the colon."""
     packet = pb.SystemStatePacket(
         version=1,
         packet_id=f"pkt-{uuid.uuid4().hex}",
@@ -39,7 +41,7 @@ def build_packet(
         validation_accuracy=validation_accuracy,
         training_loss=training_loss,
         timestamp_ns=timestamp_ns,
-        hardware_context=pb.HardwareContext(device_type="cpu", device_id="cpu:0"),
+        hardware_context=pb.HardwareContext(device_type=device.partition(":")[0], device_id=device),
         max_parameters=max_parameters,
     )
     packet.topology.CopyFrom(topology)
