@@ -1,3 +1,4 @@
+# Over 500 lines: the one run recipe; every part it opens is closed by the same exit stack.
 """`RunAssembly`: the one recipe that builds a run from resolved settings, trains it and closes it.
 
 It owns, in one clean-up stack, everything a run opens: one bus connection, the catalogue (opened once),

@@ -1,3 +1,4 @@
+# Over 500 lines: every bundled task and the user's .npz loader, which share one Dataset and its checks.
 """Tolaria's datasets: sklearn's digits, a user's `.npz` arrays, and generated tasks of tunable difficulty.
 
 Every loader returns a `Dataset` of torch tensors (float32 features, int64 labels), split and standardised
@@ -340,7 +341,7 @@ def inspect_npz(path: Path | str) -> NpzShape:
     return NpzShape(shape[1:], np.dtype(dtype).kind in "iu", declares_vocab)
 
 
-def load_npz(path: Path | str, seed: int, image: bool = False, *, layout: Layout | None = None) -> Dataset:
+def load_npz(path: Path | str, seed: int, image: bool = False, *, layout: Layout | None = None) -> Dataset:  # noqa: C901, PLR0912 (each way a user's .npz can be malformed, refused with its own message)
     """A user's `.npz`: `x_train`, `y_train`, and optionally both `x_val` and `y_val`.
 
     Without a validation split, a stratified 20% of the training arrays is held out from `seed`.

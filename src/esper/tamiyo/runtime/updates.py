@@ -214,7 +214,7 @@ class PolicyUpdateIntake:
             raise rejected from exc
         return self.offer(update)
 
-    def _candidate(self, update: pb.PolicyUpdate) -> GNNPolicy:
+    def _candidate(self, update: pb.PolicyUpdate) -> GNNPolicy:  # noqa: C901 (each check an update must pass, in order, refused with its own reason)
         version, sequence = update.tamiyo_policy_version, int(update.sequence)
 
         def rejected(reason: str, detail: str) -> PolicyUpdateRejected:
