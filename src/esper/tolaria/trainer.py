@@ -34,11 +34,7 @@ from torch import Tensor, nn
 from esper.tolaria.emergency import ChannelTrouble, HaltRequest
 from esper.tolaria.evaluation import Evaluation
 from esper.tolaria.trainer_checkpoints import TrainingDiverged, _Checkpointing, check_checkpoint
-from esper.tolaria.trainer_decisions import (
-    ControllerFailed,
-    DecisionsMissed,
-    _command_record,  # noqa: F401 (tests import it from here)
-)
+from esper.tolaria.trainer_decisions import ControllerFailed, DecisionsMissed
 
 __all__ = [
     "ControllerFailed",
