@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from esper.assembly import RunSummary
 from esper.cli import app
 from esper.cli.run import summary_table
 from esper.nissa.report import (
@@ -25,6 +24,7 @@ from esper.nissa.report import (
     summary_rows,
     write_report,
 )
+from tests.conftest import finished_summary
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -177,28 +177,7 @@ def test_the_lifecycle_names_each_seed_with_its_blueprint() -> None:
 
 def test_esper_run_and_the_report_show_the_same_summary_figures(tmp_path: Path) -> None:
     """One list of headline figures serves the report's table and the table `esper run` prints."""
-    summary = RunSummary(
-        run_id="run-figures",
-        task="spirals",
-        host="mlp",
-        policy="heuristic",
-        epochs=1,
-        steps=10,
-        final_val_accuracy=0.5,
-        final_val_loss=1.0,
-        best_val_accuracy=0.5,
-        params_initial=100,
-        params_final=120,
-        max_params=None,
-        seeds_fossilized=1,
-        rollbacks=0,
-        decisions=2,
-        decision_deadline_misses=1,
-        resumed_from_step=None,
-        wall_seconds=0.25,
-        status="completed",
-        halt=None,
-    )
+    summary = finished_summary(params_final=120, seeds_fossilized=1, decisions=2, decision_deadline_misses=1)
     table = summary_table(summary)
     printed = list(zip(table.columns[0].cells, table.columns[1].cells, strict=True))
     rows = summary_rows(summary.to_json())
