@@ -130,10 +130,10 @@ def test_a_run_whose_host_fails_mid_run_is_marked_failed_and_says_how_to_resume(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import esper.assembly.run
-    from esper.tolaria.hosts import build_host as real_build_host
+    from esper.tolaria.run import config_host as real_config_host
 
     def failing_host(*args: Any, **kwargs: Any) -> Any:
-        host = real_build_host(*args, **kwargs)
+        host = real_config_host(*args, **kwargs)
         forward = host.forward
         calls: list[int] = []
 
@@ -147,7 +147,7 @@ def test_a_run_whose_host_fails_mid_run_is_marked_failed_and_says_how_to_resume(
         host.forward = breaks_on_the_tenth_batch
         return host
 
-    monkeypatch.setattr(esper.assembly.run, "build_host", failing_host)
+    monkeypatch.setattr(esper.assembly.run, "config_host", failing_host)
     run_dir = tmp_path / "run"
     result = esper_run("--run-dir", str(run_dir))
     assert isinstance(result.exception, RuntimeError)

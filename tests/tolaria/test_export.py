@@ -23,7 +23,7 @@ from esper.leyline import ManualClock, SignatureVerifier, load_settings, pb, sig
 from esper.tolaria.adapt import GrowthPoint, adapt_model
 from esper.tolaria.export import ExportError, export_model, export_run, restore_final
 from esper.tolaria.hosts import Host, build_host
-from esper.tolaria.run import RunConfig
+from esper.tolaria.run import RunConfig, config_host
 from esper.tolaria.settings import TolariaSettings
 from esper.urza import BlueprintCatalogue
 from tests.integration.run_worker import assembled_run, fast_kasmina
@@ -347,12 +347,12 @@ def test_esper_export_of_real_runs_equals_their_final_models(
 ) -> None:
     built: list[Host] = []
 
-    def recording_build_host(*args: Any, **kwargs: Any) -> Host:
-        host = build_host(*args, **kwargs)
+    def recording_config_host(*args: Any, **kwargs: Any) -> Host:
+        host = config_host(*args, **kwargs)
         built.append(host)
         return host
 
-    monkeypatch.setattr(run_module, "build_host", recording_build_host)
+    monkeypatch.setattr(run_module, "config_host", recording_config_host)
     cases = []
     for kind, (task, epochs, seeds, layer) in RUNS.items():
         run_dir = tmp_path / f"run-{kind}"

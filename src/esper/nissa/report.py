@@ -26,17 +26,8 @@ from matplotlib.patches import Patch
 
 from esper.leyline import EsperError
 from esper.nissa.layout import REPORT_PAGE, RunLayout
-from esper.nissa.runs import GROWTH_STAGES, STAGE_COLOURS
+from esper.nissa.runs import GROWTH_STAGES, STAGE_COLOURS, TRAINER_EVENTS
 
-# Trainer events worth a line in the report.
-TRAINER_EVENTS = (
-    "rollback",
-    "emergency_halt",
-    "emergency_broadcast",
-    "emergency_channel_unavailable",
-    "emergency_channel_recovered",
-    "controller_failed",
-)
 # The summary's headline figures, in the order the report's table and `esper run`'s table show them.
 SUMMARY_FIGURES = (
     "task",

@@ -365,6 +365,15 @@ def load_run(path: Path) -> RunData:
 
 
 GROWTH_STAGES = ("GERMINATED", "FOSSILIZED", "CULLED")
+# The trainer's events worth a line of their own (in the report, in TensorBoard's text).
+TRAINER_EVENTS = (
+    "rollback",
+    "emergency_halt",
+    "emergency_broadcast",
+    "emergency_channel_unavailable",
+    "emergency_channel_recovered",
+    "controller_failed",
+)
 # One colour per stage, shared by the report's plots and the dashboard's charts; the active path goes
 # from cool to warm, retirement in greys.
 STAGE_COLOURS: dict[str, str] = {
