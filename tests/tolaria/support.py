@@ -11,7 +11,7 @@ import torch
 
 from esper.assembly import run_directory
 from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import SYSTEM_CLOCK, Clock, SignatureVerifier, load_settings, pb, sign
+from esper.leyline import SYSTEM_CLOCK, Clock, SignatureVerifier, load_settings, pb
 from esper.nissa.layout import RunLayout
 from esper.tamiyo.runtime.commands import CommandFactory
 from esper.tolaria.controller import Controller
@@ -21,7 +21,7 @@ from esper.tolaria.hosts import build_host
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer, TrainingOutcome
 from esper.urza import BlueprintCatalogue
-from tests.integration.scripted import ScriptedController
+from tests.integration.scripted import DecidesAtOnce, ScriptedController
 
 SECRET = b"tolaria-test-secret-0123456789"
 RUN_ID = "run-trainer-test"
@@ -128,70 +128,13 @@ class ScriptedChannel:
         return f"sig-{len(self.broadcasts)}"
 
 
-class DecidesAtOnce:
-    """A controller that decides at `submit` (its subclass's `evaluate_step`) and keeps nothing to release
-    or abandon; `wait` is the signed-later WAIT command each decision starts from."""
-
-    issuer = "decides-at-once"
-
-    def __init__(self) -> None:
-        self.decisions = 0
-        self.submitted: pb.AdaptationCommand | None = None
-
-    def prepare(self, packet: pb.SystemStatePacket) -> None:
-        """Nothing to warm up."""
-
-    def anticipate(self) -> None:
-        """Nothing to warm up."""
-
-    def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
-        raise NotImplementedError
-
-    def submit(self, packet: pb.SystemStatePacket) -> None:
-        """Decides at once; `collect` hands the command back."""
-        self.submitted = self.evaluate_step(packet)
-
-    def collect(self) -> pb.AdaptationCommand:
-        command, self.submitted = self.submitted, None
-        assert command is not None, "collect without submit"
-        return command
-
-    def wait(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
-        """An unsigned WAIT for `packet`, numbered by the decision count."""
-        return pb.AdaptationCommand(
-            version=1,
-            command_id=f"{self.issuer}-{packet.training_run_id}-{self.decisions}",
-            issued_by=self.issuer,
-            training_run_id=packet.training_run_id,
-            command_type=pb.COMMAND_WAIT,
-        )
-
-    @staticmethod
-    def signed(command: pb.AdaptationCommand) -> pb.AdaptationCommand:
-        """`command`, stamped now and signed."""
-        command.issued_at.FromNanoseconds(SYSTEM_CLOCK.wall_ns())
-        return sign(command, SECRET)
-
-    def export_state(self) -> dict[str, Any]:
-        return {"decisions": self.decisions}
-
-    def restore_state(self, state: Mapping[str, Any]) -> None:
-        self.decisions = int(state["decisions"])
-
-    def checkpointed(self, training_run_id: str, step: int) -> None:
-        """Nothing recorded to release."""
-
-    def rewound(self, training_run_id: str, step: int) -> None:
-        """Nothing recorded to abandon."""
-
-
 class GrowthController(DecidesAtOnce):
     """Starts one growth of fc1 at the second decision, fossilises it when ready, waits otherwise."""
 
     issuer = "growth-test"
 
     def __init__(self, operation: int) -> None:
-        super().__init__()
+        super().__init__(SECRET)
         self.operation = operation
         self.factory = CommandFactory(SECRET, SYSTEM_CLOCK, issuer=self.issuer)
 

@@ -13,9 +13,10 @@ from esper.tolaria.data import Dataset
 from esper.tolaria.growth_steps import growth_steps
 from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
+from tests.integration.scripted import DecidesAtOnce
 from tests.tolaria.support import (
     GROWTH_KASMINA,
-    DecidesAtOnce,
+    SECRET,
     ScriptedChannel,
     assert_same_run,
     make_trainer,
@@ -33,7 +34,7 @@ class StackController(DecidesAtOnce):
     issuer = "stack-test"
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(SECRET)
         self.germinated = 0
 
     def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
