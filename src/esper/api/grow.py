@@ -154,18 +154,25 @@ def plan_run(
     val: Split,
     *,
     classification: bool,
+    batch_size: int,
+    max_params: int | None,
     name: str | None,
     policy: str | Path,
     run_dir: str | Path | None,
     settings: Mapping[str, Mapping[str, Any]] | None,
     tolaria: Mapping[str, Any],
 ) -> PlannedRun:
-    """The run of `model` on the two splits, named `name` (by default after the model's class and
-    `entry`); refuses what `run_config` refuses, before anything is created."""
+    """The run of `model` on the two splits in batches of `batch_size` under the growth budget
+    `max_params` (None: none), named `name` (by default after the model's class and `entry`); `tolaria`:
+    further Tolaria settings. Refuses what `run_config` refuses, before anything is created."""
     task_name = name or f"{type(model).__name__} ({entry})"
     dataset = to_dataset(task_name, train, val, classification=classification)
     run_settings, config = run_config(
-        task_name, policy=policy, run_dir=run_dir, settings=settings, tolaria=tolaria
+        task_name,
+        policy=policy,
+        run_dir=run_dir,
+        settings=settings,
+        tolaria={"batch_size": batch_size, "max_params": max_params or 0, **tolaria},
     )
     return PlannedRun(entry, dataset, run_settings, config)
 
@@ -216,18 +223,13 @@ def grow(
         train,
         val,
         classification=classification,
+        batch_size=batch,
+        max_params=max_params,
         name=name,
         policy=policy,
         run_dir=run_dir,
         settings=settings,
-        tolaria={
-            "epochs": epochs,
-            "batch_size": batch,
-            "max_params": max_params or 0,
-            "decision_interval": decision_interval,
-            "lr": lr,
-            "seed": seed,
-        },
+        tolaria={"epochs": epochs, "decision_interval": decision_interval, "lr": lr, "seed": seed},
     )
     # The model is adapted last: every refusal above leaves it as it was.
     host = adapt_model(model, train.x[:batch])

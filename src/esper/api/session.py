@@ -91,16 +91,13 @@ class GrowthSession:
             val,
             val,
             classification=classification,
+            batch_size=batch,
+            max_params=max_params,
             name=name,
             policy=policy,
             run_dir=run_dir,
             settings=settings,
-            tolaria={
-                "epochs": epochs or 1,
-                "batch_size": batch,
-                "max_params": max_params or 0,
-                "decision_interval": decision_interval,
-            },
+            tolaria={"epochs": epochs or 1, "decision_interval": decision_interval},
         )
         self.host = adapt_model(model, val.x[:batch])
         self.model = model
