@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from esper.assembly import RunAssembly, RunInputs, RunSettings
+from esper.assembly.tamiyo import pipelined_controller
 from esper.kasmina import KasminaSettings
 from esper.leyline import load_settings
 from esper.tamiyo import HeuristicPolicy, TamiyoService
@@ -52,15 +53,7 @@ def bound_controller(
     service = TamiyoService(settings, policy, SECRET)
     if not pipelined:
         return BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore)
-    return BoundController(
-        decide=service.evaluate_step,
-        save=policy.state,
-        load=policy.restore,
-        start=service.submit,
-        finish=service.collect,
-        release=service.checkpointed,
-        rewind=service.rewound,
-    )
+    return pipelined_controller(service, policy)
 
 
 def build_trainer(

@@ -12,15 +12,19 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
 from hypothesis import settings as hypothesis_settings
+from typer.testing import CliRunner, Result
 
 from esper.leyline import EsperSettings, load_settings
 from esper.oona import Bus, OonaSettings, open_bus
 from esper.oona.local_redis import LocalRedisServer, RedisServerMissing
+
+if TYPE_CHECKING:
+    from esper.assembly import RunSummary
 
 REDIS_REQUIRED = os.environ.get("REDIS_TESTS_REQUIRED") == "1"
 CHROMIUM_REQUIRED = os.environ.get("CHROMIUM_TESTS_REQUIRED") == "1"
@@ -29,6 +33,56 @@ CHROMIUM_REQUIRED = os.environ.get("CHROMIUM_TESTS_REQUIRED") == "1"
 # machine a preempted example would otherwise fail a test that is correct.
 hypothesis_settings.register_profile("esper", deadline=None)
 hypothesis_settings.load_profile("esper")
+
+
+# `esper run` for one quick epoch: no progress bar, no report.
+QUICK_RUN = ("--epochs", "1", "--no-progress", "--no-report")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`ESPER_DATA_DIR` under the test's folder, a signing secret, and the test's folder as the working
+    directory (no stray .env)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ESPER_SIGNING_SECRET", "esper-test-secret-0123456789")
+    return tmp_path / "data"
+
+
+def esper_run(*args: str) -> Result:
+    """`esper run` with `QUICK_RUN` and then `args`, in this process."""
+    from esper.cli import app
+
+    return CliRunner().invoke(app, ["run", *QUICK_RUN, *args], terminal_width=200)
+
+
+def finished_summary(**fields: Any) -> RunSummary:
+    """The summary of a completed run of one epoch (10 steps, half right, no growth), `fields` changed."""
+    from esper.assembly import RunSummary
+
+    plain: dict[str, Any] = {
+        "run_id": "run-test",
+        "task": "spirals",
+        "host": "mlp",
+        "policy": "heuristic",
+        "epochs": 1,
+        "steps": 10,
+        "final_val_accuracy": 0.5,
+        "final_val_loss": 1.0,
+        "best_val_accuracy": 0.5,
+        "params_initial": 100,
+        "params_final": 100,
+        "max_params": None,
+        "seeds_fossilized": 0,
+        "rollbacks": 0,
+        "decisions": 0,
+        "decision_deadline_misses": 0,
+        "resumed_from_step": None,
+        "wall_seconds": 0.0,
+        "status": "completed",
+        "halt": None,
+    }
+    return RunSummary(**(plain | fields))
 
 
 def local_redis(workdir: Path, port: int | None = None) -> LocalRedisServer:

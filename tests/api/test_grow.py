@@ -79,17 +79,22 @@ def test_grow_creates_the_signing_key_and_catalogue_in_the_data_dir(tmp_path: Pa
     assert (data_dir / "urza.sqlite3").is_file()
 
 
-def test_grow_grows_a_cnn(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    cnn = nn.Sequential(
+def small_cnn(*head: nn.Module) -> nn.Sequential:
+    """Two 3x3 convolutions (1 to 4 to 8 channels) pooled to 2x2 and flattened, then `head`."""
+    return nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(4, 8, 3, padding=1),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(2),
         nn.Flatten(),
-        nn.Linear(8 * 2 * 2, 2),
+        *head,
     )
+
+
+def test_grow_grows_a_cnn(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cnn = small_cnn(nn.Linear(8 * 2 * 2, 2))
     result = esper.grow(
         cnn, images(128), images(32, seed=1), batch_size=16, run_dir=tmp_path / "run", **QUICK
     )
@@ -208,17 +213,7 @@ def test_a_host_with_conv_and_linear_points_is_offered_blueprints_of_both_kinds(
     from esper.assembly.run import offered_blueprints
     from esper.urza import BlueprintCatalogue
 
-    cnn = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32, 16),
-        nn.ReLU(),
-        nn.Linear(16, 2),
-    )
+    cnn = small_cnn(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2))
     host = esper.adapt_model(cnn, torch.randn(2, 1, 8, 8))
     assert [slot.kind for slot in host.slots()] == ["conv", "conv", "mlp"]
     catalogue = BlueprintCatalogue.open_default(tmp_path / "urza.sqlite3")

@@ -15,30 +15,17 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
-from typer.testing import CliRunner, Result
 
 from esper.assembly import RunAssembly, RunInputs
-from esper.cli import INTERRUPTED_EXIT, app
+from esper.cli import INTERRUPTED_EXIT
 from esper.nissa.log import JsonlLog
 from esper.oona import EmbeddedBus
 from esper.tolaria.run import load_task
 from esper.urza import BlueprintCatalogue
+from tests.conftest import esper_run
 from tests.integration.run_worker import SECRET, assembled_run, config, controller, run_settings
 
 REPO = Path(__file__).resolve().parents[2]
-QUICK = ["--epochs", "1", "--no-progress", "--no-report"]
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("ESPER_SIGNING_SECRET", "assembly-test-secret-0123456789")
-    return tmp_path / "data"
-
-
-def esper_run(*args: str) -> Result:
-    return CliRunner().invoke(app, ["run", *QUICK, *args], terminal_width=200)
 
 
 def counting(
@@ -143,10 +130,10 @@ def test_a_run_whose_host_fails_mid_run_is_marked_failed_and_says_how_to_resume(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import esper.assembly.run
-    from esper.tolaria.hosts import build_host as real_build_host
+    from esper.tolaria.run import config_host as real_config_host
 
     def failing_host(*args: Any, **kwargs: Any) -> Any:
-        host = real_build_host(*args, **kwargs)
+        host = real_config_host(*args, **kwargs)
         forward = host.forward
         calls: list[int] = []
 
@@ -160,7 +147,7 @@ def test_a_run_whose_host_fails_mid_run_is_marked_failed_and_says_how_to_resume(
         host.forward = breaks_on_the_tenth_batch
         return host
 
-    monkeypatch.setattr(esper.assembly.run, "build_host", failing_host)
+    monkeypatch.setattr(esper.assembly.run, "config_host", failing_host)
     run_dir = tmp_path / "run"
     result = esper_run("--run-dir", str(run_dir))
     assert isinstance(result.exception, RuntimeError)

@@ -90,15 +90,20 @@ def config(run_dir: Path, *, epochs: int = 8, decision_lag_steps: int = 0) -> Ru
             # Every epoch, as before the clock-based cadence: the kill tests wait for a mid-run checkpoint.
             checkpoint_every_epochs=1,
         ),
-        kasmina=load_settings(
-            KasminaSettings,
-            environ={},
-            min_training_steps=10,
-            improvement_window=2,
-            min_shadowing_steps=5,
-            probation_steps=10,
-            embargo_steps=15,
-        ),
+        kasmina=fast_kasmina(),
+    )
+
+
+def fast_kasmina() -> KasminaSettings:
+    """Lifecycle dwell times short enough for a seed to settle within a few epochs of a small task."""
+    return load_settings(
+        KasminaSettings,
+        environ={},
+        min_training_steps=10,
+        improvement_window=2,
+        min_shadowing_steps=5,
+        probation_steps=10,
+        embargo_steps=15,
     )
 
 

@@ -12,26 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from esper.assembly import RunAssembly, RunSummary
-from esper.cli import app
 from esper.leyline import EsperError
+from tests.conftest import esper_run, finished_summary
 from tests.tolaria.test_data import huge_npz
-
-QUICK = ["--epochs", "1", "--no-progress", "--no-report"]
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("ESPER_SIGNING_SECRET", "cli-start-test-secret-0123456789")
-    return tmp_path / "data"
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(app, ["run", *QUICK, *args], terminal_width=200)
 
 
 def assert_clear_failure(result: Result, exit_code: int, *expected: str) -> None:
@@ -59,9 +45,9 @@ def test_a_start_with_bad_data_leaves_no_run_directory_and_the_fixed_rerun_works
     run_dir = tmp_path / "run"
     bad = tmp_path / "bad.npz"
     np.savez(bad, x_train=np.zeros((10, 3)))  # no labels
-    assert_clear_failure(run("--task", str(bad), "--run-dir", str(run_dir)), 1, "missing key")
+    assert_clear_failure(esper_run("--task", str(bad), "--run-dir", str(run_dir)), 1, "missing key")
     assert not run_dir.exists()
-    result = run("--task", str(good_npz(tmp_path / "good.npz")), "--run-dir", str(run_dir))
+    result = esper_run("--task", str(good_npz(tmp_path / "good.npz")), "--run-dir", str(run_dir))
     assert result.exit_code == 0, result.output
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
@@ -80,7 +66,7 @@ def test_a_start_that_fails_after_creating_files_removes_them_and_only_them(
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("mine")
-    result = run("--policy", "gnn", "--policy-checkpoint", str(checkpoint), "--run-dir", str(run_dir))
+    result = esper_run("--policy", "gnn", "--policy-checkpoint", str(checkpoint), "--run-dir", str(run_dir))
     assert_clear_failure(result, 1, "policy checkpoint", "cannot be read")
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
 
@@ -92,7 +78,7 @@ def test_an_npz_claiming_a_huge_array_is_refused_before_anything_is_created(
     data_dir: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    result = run("--task", str(huge_npz(tmp_path / "huge.npz")), "--run-dir", str(run_dir))
+    result = esper_run("--task", str(huge_npz(tmp_path / "huge.npz")), "--run-dir", str(run_dir))
     assert_clear_failure(result, 1, "x_train declares shape (5000000000,)")
     assert not run_dir.exists()
 
@@ -102,24 +88,26 @@ def test_an_infinite_or_absurd_step_timeout_is_a_configuration_error(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
 ) -> None:
     monkeypatch.setenv("TAMIYO_STEP_TIMEOUT_MS", value)
-    result = run("--run-dir", str(tmp_path / "run"))
+    result = esper_run("--run-dir", str(tmp_path / "run"))
     assert_clear_failure(result, 2, "TAMIYO_STEP_TIMEOUT_MS")
     assert not (tmp_path / "run").exists()
 
 
 def test_a_dotenv_that_is_not_utf8_is_a_configuration_error(data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / ".env").write_bytes(b"TAMIYO_STEP_TIMEOUT_MS=50\n# caf\xe9\n")
-    assert_clear_failure(run("--run-dir", str(tmp_path / "run")), 2, ".env is not UTF-8")
+    assert_clear_failure(esper_run("--run-dir", str(tmp_path / "run")), 2, ".env is not UTF-8")
 
 
 def test_a_run_directory_that_cannot_be_created_is_a_configuration_error(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "a-file").write_text("")
-    result = run("--run-dir", str(tmp_path / "a-file" / "run"))
+    result = esper_run("--run-dir", str(tmp_path / "a-file" / "run"))
     assert_clear_failure(result, 2, "--run-dir", "is not a directory")
     monkeypatch.setenv("ESPER_DATA_DIR", str(tmp_path / "a-file" / "data"))
-    assert_clear_failure(run("--run-dir", str(tmp_path / "run")), 2, "ESPER_DATA_DIR", "is not a directory")
+    assert_clear_failure(
+        esper_run("--run-dir", str(tmp_path / "run")), 2, "ESPER_DATA_DIR", "is not a directory"
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
@@ -132,10 +120,10 @@ def test_a_read_only_run_or_data_directory_is_a_configuration_error(
     read_only.chmod(0o555)
     try:
         if which == "run":
-            result = run("--run-dir", str(read_only / "run"))
+            result = esper_run("--run-dir", str(read_only / "run"))
         else:
             os.environ["ESPER_DATA_DIR"] = str(read_only / "data")
-            result = run("--run-dir", str(tmp_path / "run"))
+            result = esper_run("--run-dir", str(tmp_path / "run"))
         assert_clear_failure(result, 2, "is not writable")
     finally:
         read_only.chmod(0o755)
@@ -151,7 +139,7 @@ def test_a_disk_error_while_starting_is_reported_without_a_traceback(
         raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "tamiyo.sqlite3"))
 
     monkeypatch.setattr(esper.tamiyo.records.store.TamiyoStore, "__init__", read_only_disk)
-    assert_clear_failure(run("--run-dir", str(tmp_path / "run")), 1, "Permission denied")
+    assert_clear_failure(esper_run("--run-dir", str(tmp_path / "run")), 1, "Permission denied")
     assert not (tmp_path / "run").exists()
 
 
@@ -168,27 +156,8 @@ def fake_experiment(ending: EsperError | None) -> Callable[..., RunSummary]:
         (config.run_dir / "events.jsonl").touch()
         if ending is not None:
             raise ending
-        return RunSummary(
-            run_id=config.training_run_id,
-            task=config.task,
-            host=config.host,
-            policy=config.policy,
-            epochs=1,
-            steps=10,
-            final_val_accuracy=0.5,
-            final_val_loss=1.0,
-            best_val_accuracy=0.5,
-            params_initial=100,
-            params_final=100,
-            max_params=None,
-            seeds_fossilized=0,
-            rollbacks=0,
-            decisions=0,
-            decision_deadline_misses=0,
-            resumed_from_step=None,
-            wall_seconds=0.0,
-            status="completed",
-            halt=None,
+        return finished_summary(
+            run_id=config.training_run_id, task=config.task, host=config.host, policy=config.policy
         )
 
     return train
@@ -222,7 +191,7 @@ def test_a_failing_clean_up_after_a_failing_run_shows_the_original_error(
     monkeypatch.setattr(RunAssembly, "train", fake_experiment(EsperError("the real reason")))
     fail_cleanups(monkeypatch)
     with caplog.at_level(logging.ERROR, logger="esper.cli"):
-        result = run("--run-dir", str(run_dir))
+        result = esper_run("--run-dir", str(run_dir))
     assert_clear_failure(result, 1, "esper run failed: the real reason")
     logged = caplog.text
     assert "write metrics.prom" in logged and "No space left on device" in logged
@@ -236,6 +205,6 @@ def test_a_failing_clean_up_after_a_successful_run_makes_the_exit_status_one(
     run_dir = tmp_path / "run"
     monkeypatch.setattr(RunAssembly, "train", fake_experiment(None))
     fail_cleanups(monkeypatch)
-    result = run("--run-dir", str(run_dir))
+    result = esper_run("--run-dir", str(run_dir))
     assert_clear_failure(result, 1, "the run finished but its clean-up failed", "No space left on device")
     assert cleanup_events(run_dir) == ["close the emergency channel", "write metrics.prom"]

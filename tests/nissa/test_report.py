@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from esper.cli import app
+from esper.cli.run import summary_table
 from esper.nissa.report import (
     ReportError,
     RunRecord,
@@ -18,8 +20,11 @@ from esper.nissa.report import (
     operation_name,
     parameter_steps,
     read_run,
+    render_markdown,
+    summary_rows,
     write_report,
 )
+from tests.conftest import finished_summary
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -168,3 +173,20 @@ def test_the_lifecycle_names_each_seed_with_its_blueprint() -> None:
     record = _record([], [germinated])
     assert operation_name(record, "h2:g1") == "h2:g1 mlp_expand"
     assert operation_name(record, "h9:g1") == "h9:g1"
+
+
+def test_esper_run_and_the_report_show_the_same_summary_figures(tmp_path: Path) -> None:
+    """One list of headline figures serves the report's table and the table `esper run` prints."""
+    summary = finished_summary(params_final=120, seeds_fossilized=1, decisions=2, decision_deadline_misses=1)
+    table = summary_table(summary)
+    printed = list(zip(table.columns[0].cells, table.columns[1].cells, strict=True))
+    rows = summary_rows(summary.to_json())
+    assert printed == rows
+    assert ("steps", "10") in rows and ("decision_deadline_misses", "1") in rows
+    assert ("max_params", "unbounded") in rows
+    run = _write_run(tmp_path / "run")
+    (run / "summary.json").write_text(json.dumps(summary.to_json()))
+    record = read_run(run)
+    markdown = render_markdown(record, lifecycle_segments(record), defaultdict(str))  # no plots drawn
+    for key, value in rows:
+        assert f"| {key} | {value} |" in markdown

@@ -6,23 +6,17 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from esper.assembly import run_directory
-from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import SYSTEM_CLOCK, SignatureVerifier, load_settings, pb
-from esper.nissa.layout import RunLayout
-from esper.tolaria.data import Dataset, make_task
-from esper.tolaria.hosts import build_host
-from esper.tolaria.settings import TolariaSettings
+from esper.leyline import SYSTEM_CLOCK, pb
+from esper.tolaria.data import Dataset
 from esper.tolaria.trainer import Trainer, TrainingOutcome
 from esper.urza import BlueprintCatalogue
-from tests.tolaria.test_growth_resume import RUN_ID, SECRET, GrowthController
+from tests.tolaria.support import assert_same_run, growth_trainer
 
 torch.set_num_threads(1)
 NEVER = 86_400.0  # no checkpoint by the clock within a test
@@ -43,18 +37,6 @@ class StepClock:
         return self.seconds
 
 
-@pytest.fixture(scope="module")
-def dataset() -> Dataset:
-    return make_task(0.3, 0, n_features=8, n_classes=3, n_samples=320)
-
-
-@pytest.fixture
-def catalogue(tmp_path: Path) -> Iterator[BlueprintCatalogue]:
-    catalogue = BlueprintCatalogue.open_default(tmp_path / "urza.sqlite3")
-    yield catalogue
-    catalogue.close()
-
-
 def make_trainer(
     run_dir: Path,
     dataset: Dataset,
@@ -66,44 +48,17 @@ def make_trainer(
     """A growing run (a WIDEN germinated, its statistics gathered, fossilised and merged) with every
     checkpoint kept; returns it with the list that collects the steps of its structural changes and the
     list that collects the steps at which it checkpoints."""
-    settings = load_settings(
-        TolariaSettings,
-        environ={},
-        epochs=8,
-        batch_size=32,
-        decision_interval=3,
-        seed=1,
+    clock = StepClock()
+    trainer = growth_trainer(
+        run_dir,
+        dataset,
+        catalogue,
+        operation,
+        clock=clock,
         checkpoint_interval_s=interval_s,
         keep_checkpoints=1000,
     )
-    torch.manual_seed(settings.seed)
-    host = build_host("mlp", dataset.input_shape, dataset.num_classes)
-    kasmina = load_settings(
-        KasminaSettings,
-        environ={},
-        min_training_steps=3,
-        improvement_window=1,
-        min_shadowing_steps=1,
-        probation_steps=2,
-        growth_statistics_steps=2,
-        min_contribution_loss=-1.0,
-        contribution_accuracy_tolerance=1.0,
-    )
-    manager = SeedManager(
-        host.slots(), catalogue, SignatureVerifier(SECRET), kasmina, training_run_id=RUN_ID, host=host
-    )
-    clock = StepClock()
-    trainer = Trainer(
-        settings=settings,
-        dataset=dataset,
-        host=host,
-        manager=manager,
-        controller=GrowthController(operation),
-        blueprint_ids=catalogue.ids_for("mlp"),
-        run_dir=run_directory(RunLayout(run_dir)),
-        training_run_id=RUN_ID,
-        clock=clock,
-    )
+    manager = trainer.manager
     changes: list[int] = []
     drain = manager.drain_parameter_changes
 
@@ -136,12 +91,7 @@ def make_trainer(
 def _same_run(
     resumed: Trainer, outcome: TrainingOutcome, reference: Trainer, expected: TrainingOutcome
 ) -> None:
-    assert outcome.evaluation == expected.evaluation and outcome.parameters == expected.parameters
-    reference_state = reference.host.state_dict()
-    resumed_state = resumed.host.state_dict()
-    assert resumed_state.keys() == reference_state.keys()
-    for name, tensor in resumed_state.items():
-        assert torch.equal(tensor, reference_state[name]), name
+    assert_same_run(resumed, outcome, reference, expected)
     assert _transitions(resumed) == _transitions(reference)
 
 

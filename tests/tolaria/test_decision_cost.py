@@ -4,34 +4,20 @@ validation pass without autograd."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 from torch import Tensor, nn
 
-from esper.tolaria.data import Dataset, make_task
+from esper.tolaria.data import Dataset
 from esper.urza import BlueprintCatalogue
-from tests.tolaria.test_checkpoint_cadence import make_trainer
-
-
-@pytest.fixture(scope="module")
-def dataset() -> Dataset:
-    return make_task(0.3, 0, n_features=8, n_classes=3, n_samples=320)
-
-
-@pytest.fixture
-def catalogue(tmp_path: Path) -> Iterator[BlueprintCatalogue]:
-    catalogue = BlueprintCatalogue.open_default(tmp_path / "urza.sqlite3")
-    yield catalogue
-    catalogue.close()
+from tests.tolaria.support import growth_trainer
 
 
 def test_parameters_are_counted_only_after_the_host_changed_and_follow_each_growth(
     tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue
 ) -> None:
-    trainer, _, _ = make_trainer(tmp_path / "run", dataset, catalogue)
+    trainer = growth_trainer(tmp_path / "run", dataset, catalogue)
     host = trainer.host
     count = host.parameter_count
     counted: list[int] = []
@@ -54,7 +40,7 @@ def test_parameters_are_counted_only_after_the_host_changed_and_follow_each_grow
 def test_validation_runs_under_inference_mode_and_leaves_the_host_training(
     tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue
 ) -> None:
-    trainer, _, _ = make_trainer(tmp_path / "run", dataset, catalogue)
+    trainer = growth_trainer(tmp_path / "run", dataset, catalogue)
     modes: list[tuple[bool, bool]] = []
 
     def note(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +20,17 @@ from esper.leyline import ConfigurationError, DecisionDeadlineMissed, load_setti
 from esper.tamiyo import TamiyoService
 from esper.tamiyo.model.proposal import Proposal
 from esper.tamiyo.runtime.worker import CancelToken, DeadlineExceeded, InferenceWorker
-from esper.tolaria.data import Dataset, make_task
+from esper.tolaria.data import Dataset
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import DecisionsMissed, Trainer
 from esper.urza import BlueprintCatalogue
 from tests.integration.scripted import ScriptedController
 from tests.tamiyo.packets import ScriptedPolicy
 from tests.tamiyo.packets import settings as tamiyo_settings
-from tests.tolaria.test_trainer import SECRET, ScriptedChannel, make_trainer
+from tests.tolaria.support import SECRET, ScriptedChannel, assert_same_host, events, make_trainer
 
 torch.set_num_threads(1)
 WAIT = Proposal(action=pb.POLICY_ACTION_WAIT, log_prob=-0.25, value=0.5, head_choices={"action": 0})
-
-
-@pytest.fixture(scope="module")
-def dataset() -> Dataset:
-    return make_task(0.3, 0, n_features=8, n_classes=3, n_samples=320)
-
-
-@pytest.fixture
-def catalogue(tmp_path: Path) -> Iterator[BlueprintCatalogue]:
-    catalogue = BlueprintCatalogue.open_default(tmp_path / "urza.sqlite3")
-    yield catalogue
-    catalogue.close()
-
-
-def _events(trainer: Trainer, kind: str) -> list[dict[str, Any]]:
-    return [e for e in trainer.run_dir.events.read() if e["kind"] == kind]
 
 
 def _decisions(trainer: Trainer) -> list[dict[str, Any]]:
@@ -105,7 +88,7 @@ def test_a_decision_held_past_its_budget_is_a_critical_miss_and_training_goes_on
         service.close()
     assert outcome.steps == trainer.total_steps
     assert trainer.deadline_misses == 1 and trainer.consecutive_misses == 0
-    (missed,) = _events(trainer, "decision_deadline_missed")
+    (missed,) = events(trainer, "decision_deadline_missed")
     assert missed["level"] == "CRITICAL" and missed["step"] == 5 and missed["detail"]["decided_at_step"] == 4
     first, *rest = _decisions(trainer)
     assert first["missed"] is True and "command_id" not in first and "accepted" not in first
@@ -160,7 +143,7 @@ def test_a_command_back_in_time_is_applied_exactly_lag_steps_after_its_decision(
         # The decision of the last step is collected before the final checkpoint, at that step.
         assert record["applied_step"] == min(record["step"] + lag, last), record
     germinated = next(r for r in records if r.get("operation") == "GERMINATE")
-    (transition,) = [e for e in _events(trainer, "transition") if e["to_stage"] == "GERMINATED"]
+    (transition,) = [e for e in events(trainer, "transition") if e["to_stage"] == "GERMINATED"]
     assert transition["step"] == germinated["applied_step"] == germinated["step"] + lag
 
 
@@ -204,11 +187,11 @@ def test_a_command_made_stale_while_in_flight_is_dropped_with_an_event(
     controller = _Interfering([trainer])
     trainer.controller = controller
     trainer.fit()
-    (dropped,) = _events(trainer, "decision_dropped")
+    (dropped,) = events(trainer, "decision_dropped")
     assert "slot h1 changed" in dropped["reason"] and "DORMANT" in dropped["reason"]
     record = next(r for r in _decisions(trainer) if r.get("dropped"))
     assert record["accepted"] is False and record["command_id"] == dropped["detail"]["command_id"]
-    germinations = [e for e in _events(trainer, "transition") if e["to_stage"] == "GERMINATED"]
+    germinations = [e for e in events(trainer, "transition") if e["to_stage"] == "GERMINATED"]
     assert len(germinations) == 1  # only the interfering command reached Kasmina
 
 
@@ -233,7 +216,7 @@ def test_a_few_late_decisions_never_stop_a_run(
     trainer.controller = _Missing({1, 2, 4, 5, 7, 8})  # never three in a row
     outcome = trainer.fit()
     assert outcome.steps == trainer.total_steps
-    assert trainer.deadline_misses == 6 == len(_events(trainer, "decision_deadline_missed"))
+    assert trainer.deadline_misses == 6 == len(events(trainer, "decision_deadline_missed"))
 
 
 def test_a_long_streak_of_misses_stops_the_run(
@@ -264,9 +247,7 @@ def test_a_halt_waits_for_the_decision_in_flight_then_resume_equals_an_uninterru
     assert resumed.resume() and resumed.step == 14
     final = resumed.fit()
     assert final.evaluation == expected.evaluation and final.parameters == expected.parameters
-    reference_state = reference.host.state_dict()
-    for name, tensor in resumed.host.state_dict().items():
-        assert torch.equal(tensor, reference_state[name]), name
+    assert_same_host(resumed, reference)
 
 
 def test_the_lag_cannot_exceed_the_decision_interval() -> None:

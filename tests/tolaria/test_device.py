@@ -9,20 +9,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from esper.assembly import run_directory
 from esper.assembly.run import run_device
 from esper.cli import app
-from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import ConfigurationError, SignatureVerifier, load_settings, pb
-from esper.nissa.layout import RunLayout
+from esper.leyline import ConfigurationError, load_settings
 from esper.tolaria import device as device_module
 from esper.tolaria.data import Dataset, make_task
 from esper.tolaria.device import DeviceUnavailable, module_device, resolve_device
-from esper.tolaria.hosts import build_host
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
-from tests.tolaria.test_growth_resume import RUN_ID, SECRET, GrowthController
+from tests.tolaria.support import growth_trainer
 
 torch.set_num_threads(1)
 
@@ -117,35 +113,7 @@ def test_a_dataset_moves_to_a_device_whole() -> None:
 
 
 def _trainer(run_dir: Path, dataset: Dataset, catalogue: BlueprintCatalogue, device: str) -> Trainer:
-    settings = load_settings(
-        TolariaSettings, environ={}, epochs=4, batch_size=32, decision_interval=3, seed=1, device="cpu"
-    )
-    torch.manual_seed(settings.seed)
-    host = build_host("mlp", dataset.input_shape, dataset.num_classes).to(device)
-    kasmina = load_settings(
-        KasminaSettings,
-        environ={},
-        min_training_steps=3,
-        improvement_window=1,
-        min_shadowing_steps=1,
-        probation_steps=2,
-        growth_statistics_steps=2,
-        min_contribution_loss=-1.0,
-        contribution_accuracy_tolerance=1.0,
-    )
-    manager = SeedManager(
-        host.slots(), catalogue, SignatureVerifier(SECRET), kasmina, training_run_id=RUN_ID, host=host
-    )
-    return Trainer(
-        settings=settings,
-        dataset=dataset,
-        host=host,
-        manager=manager,
-        controller=GrowthController(pb.SEED_OP_WIDEN),
-        blueprint_ids=catalogue.ids_for("mlp"),
-        run_dir=run_directory(RunLayout(run_dir)),
-        training_run_id=RUN_ID,
-    )
+    return growth_trainer(run_dir, dataset, catalogue, epochs=4, device="cpu", host_device=device)
 
 
 def test_a_checkpoint_written_on_one_device_resumes_on_another(tmp_path: Path) -> None:

@@ -18,15 +18,15 @@ from typer.testing import CliRunner
 from esper import portable
 from esper.assembly import run as run_module
 from esper.cli import app
-from esper.kasmina import GrowthMode, IdentityBlock, KasminaSettings, SeedManager, SlotMode, UnitGroup
+from esper.kasmina import GrowthMode, IdentityBlock, SeedManager, SlotMode, UnitGroup
 from esper.leyline import ManualClock, SignatureVerifier, load_settings, pb, sign
 from esper.tolaria.adapt import GrowthPoint, adapt_model
 from esper.tolaria.export import ExportError, export_model, export_run, restore_final
 from esper.tolaria.hosts import Host, build_host
-from esper.tolaria.run import RunConfig
+from esper.tolaria.run import RunConfig, config_host
 from esper.tolaria.settings import TolariaSettings
 from esper.urza import BlueprintCatalogue
-from tests.integration.run_worker import assembled_run
+from tests.integration.run_worker import assembled_run, fast_kasmina
 from tests.integration.scripted import ScriptedController
 from tests.kasmina.support import RUN_ID, SECRET, fast_settings, germinate, open_catalogue
 from tests.kasmina.test_growth_commands import deepen, widen
@@ -328,15 +328,7 @@ def run_config(run_dir: Path, task: str, host: str, epochs: int) -> RunConfig:
         catalogue_path=run_dir.parent / "urza.sqlite3",
         training_run_id=f"run-export-{host}",
         tolaria=load_settings(TolariaSettings, environ={}, epochs=epochs, decision_interval=5, seed=3),
-        kasmina=load_settings(
-            KasminaSettings,
-            environ={},
-            min_training_steps=10,
-            improvement_window=2,
-            min_shadowing_steps=5,
-            probation_steps=10,
-            embargo_steps=15,
-        ),
+        kasmina=fast_kasmina(),
     )
 
 
@@ -355,12 +347,12 @@ def test_esper_export_of_real_runs_equals_their_final_models(
 ) -> None:
     built: list[Host] = []
 
-    def recording_build_host(*args: Any, **kwargs: Any) -> Host:
-        host = build_host(*args, **kwargs)
+    def recording_config_host(*args: Any, **kwargs: Any) -> Host:
+        host = config_host(*args, **kwargs)
         built.append(host)
         return host
 
-    monkeypatch.setattr(run_module, "build_host", recording_build_host)
+    monkeypatch.setattr(run_module, "config_host", recording_config_host)
     cases = []
     for kind, (task, epochs, seeds, layer) in RUNS.items():
         run_dir = tmp_path / f"run-{kind}"

@@ -3,99 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from esper.assembly import run_directory
-from esper.kasmina import KasminaSettings, SeedManager
-from esper.leyline import SignatureVerifier, load_settings
-from esper.nissa.layout import RunLayout
-from esper.tolaria.data import Dataset, make_task
-from esper.tolaria.emergency import ChannelTrouble, HaltRequest
-from esper.tolaria.hosts import build_host
-from esper.tolaria.settings import TolariaSettings
-from esper.tolaria.trainer import Trainer, TrainingDiverged
+from esper.tolaria.data import Dataset
+from esper.tolaria.trainer import TrainingDiverged
 from esper.urza import BlueprintCatalogue
 from tests.integration.scripted import ScriptedController
+from tests.tolaria.support import RUN_ID, SECRET, ScriptedChannel, assert_same_host, events, make_trainer
 
 torch.set_num_threads(1)
-SECRET = b"tolaria-test-secret-0123456789"
-RUN_ID = "run-trainer-test"
-
-
-@pytest.fixture(scope="module")
-def dataset() -> Dataset:
-    return make_task(0.3, 0, n_features=8, n_classes=3, n_samples=320)
-
-
-@pytest.fixture
-def catalogue(tmp_path: Path) -> Iterator[BlueprintCatalogue]:
-    catalogue = BlueprintCatalogue.open_default(tmp_path / "urza.sqlite3")
-    yield catalogue
-    catalogue.close()
-
-
-class ScriptedChannel:
-    """An emergency channel whose polls return what the test queued, step by step."""
-
-    def __init__(self, halt_at_poll: int | None = None, trouble_polls: tuple[int, ...] = ()) -> None:
-        self.halt_at_poll = halt_at_poll
-        self.trouble_polls = trouble_polls
-        self.polls = 0
-        self.broadcasts: list[str] = []
-
-    def poll_halt(self) -> HaltRequest | ChannelTrouble | None:
-        self.polls += 1
-        if self.polls in self.trouble_polls:
-            return ChannelTrouble(reason="bus down (scripted)")
-        if self.polls == self.halt_at_poll:
-            return HaltRequest(reason="operator pressed stop", origin="test", signal_id="sig-1")
-        return None
-
-    def broadcast_halt(self, reason: str) -> str:
-        self.broadcasts.append(reason)
-        return f"sig-{len(self.broadcasts)}"
-
-
-def make_trainer(
-    run_dir: Path,
-    dataset: Dataset,
-    catalogue: BlueprintCatalogue,
-    *,
-    channel: ScriptedChannel | None = None,
-    **overrides: Any,
-) -> Trainer:
-    settings = load_settings(
-        TolariaSettings,
-        environ={},
-        **({"epochs": 2, "batch_size": 32, "decision_interval": 4, "seed": 1} | overrides),
-    )
-    torch.manual_seed(settings.seed)
-    host = build_host("mlp", dataset.input_shape, dataset.num_classes)
-    kasmina = load_settings(
-        KasminaSettings, environ={}, min_training_steps=4, improvement_window=1, probation_steps=4
-    )
-    manager = SeedManager(host.slots(), catalogue, SignatureVerifier(SECRET), kasmina, training_run_id=RUN_ID)
-    controller = ScriptedController(SECRET, germinate=("h1",), blueprints={"h1": "mlp_small"})
-    return Trainer(
-        settings=settings,
-        dataset=dataset,
-        host=host,
-        manager=manager,
-        controller=controller,
-        blueprint_ids=catalogue.ids_for("mlp"),
-        run_dir=run_directory(RunLayout(run_dir)),
-        training_run_id=RUN_ID,
-        emergency=channel,
-    )
-
-
-def _events(trainer: Trainer, kind: str) -> list[dict[str, Any]]:
-    return [e for e in trainer.run_dir.events.read() if e["kind"] == kind]
 
 
 def test_nan_weights_roll_back_to_the_last_checkpoint_and_are_reported(
@@ -115,7 +35,7 @@ def test_nan_weights_roll_back_to_the_last_checkpoint_and_are_reported(
     for name, tensor in trainer.host.state_dict().items():
         assert torch.equal(tensor, good[name]), name
     assert trainer.optimizer.lr == pytest.approx(lr * trainer.settings.rollback_lr_factor)
-    (event,) = _events(trainer, "rollback")
+    (event,) = events(trainer, "rollback")
     assert "nan" in event["reason"] and event["detail"]["restored_step"] == 6
     trainer.train_step()
     assert trainer.step == 7 and trainer.rollbacks == 1
@@ -147,7 +67,7 @@ def test_a_loss_spike_rolls_back(tmp_path: Path, dataset: Dataset, catalogue: Bl
     with torch.no_grad():
         trainer.host.head.weight.mul_(1e3)
     trainer.train_step()
-    (event,) = _events(trainer, "rollback")
+    (event,) = events(trainer, "rollback")
     assert "spiked" in event["reason"] and trainer.step == 0
 
 
@@ -166,7 +86,7 @@ def test_repeated_explosions_diverge_and_broadcast_a_halt(
     with pytest.raises(TrainingDiverged, match="after 1 rollback"):
         trainer.train_step()
     assert len(channel.broadcasts) == 1 and RUN_ID in channel.broadcasts[0]
-    (event,) = _events(trainer, "emergency_broadcast")
+    (event,) = events(trainer, "emergency_broadcast")
     assert event["detail"]["signal_id"] == "sig-1" and "diverged" in event["reason"]
 
 
@@ -183,7 +103,7 @@ def test_a_halt_checkpoints_logs_and_stops_then_resume_equals_an_uninterrupted_r
     assert outcome.halted and outcome.halt is not None and outcome.halt.reason == "operator pressed stop"
     assert outcome.steps == 14 < expected.steps
     assert halted.store.steps()[-1] == 14, "the halt left no checkpoint at the step it stopped"
-    (event,) = _events(halted, "emergency_halt")
+    (event,) = events(halted, "emergency_halt")
     assert event["step"] == 14 and event["detail"]["origin"] == "test"
     assert halted.manager.live_seed_ids(), "a halt must not terminate the seeds"
 
@@ -192,11 +112,9 @@ def test_a_halt_checkpoints_logs_and_stops_then_resume_equals_an_uninterrupted_r
     final = resumed.fit()
     assert not final.halted
     assert final.evaluation == expected.evaluation and final.parameters == expected.parameters
-    reference_state = reference.host.state_dict()
-    for name, tensor in resumed.host.state_dict().items():
-        assert torch.equal(tensor, reference_state[name]), name
+    assert_same_host(resumed, reference)
     # The halt event survives the resume: the checkpoint was written after it.
-    assert [e["step"] for e in _events(resumed, "emergency_halt")] == [14]
+    assert [e["step"] for e in events(resumed, "emergency_halt")] == [14]
 
 
 def test_an_unreadable_channel_is_reported_once_and_training_goes_on(
@@ -206,8 +124,8 @@ def test_an_unreadable_channel_is_reported_once_and_training_goes_on(
     trainer = make_trainer(tmp_path / "run", dataset, catalogue, channel=channel, epochs=1)
     outcome = trainer.fit()
     assert not outcome.halted and outcome.steps == trainer.total_steps
-    assert [e["step"] for e in _events(trainer, "emergency_channel_unavailable")] == [2]
-    assert [e["step"] for e in _events(trainer, "emergency_channel_recovered")] == [5]
+    assert [e["step"] for e in events(trainer, "emergency_channel_unavailable")] == [2]
+    assert [e["step"] for e in events(trainer, "emergency_channel_recovered")] == [5]
 
 
 @pytest.mark.parametrize(("anticipation_steps", "lead"), [(2, 2), (0, 0), (10, 3)])
@@ -257,7 +175,7 @@ def test_the_controller_hears_of_each_checkpoint_once_it_is_durable_halt_include
     outcome = trainer.fit()
     assert outcome.halted and outcome.steps == 14
     epoch = trainer.steps_per_epoch
-    (germinated,) = [e["step"] for e in _events(trainer, "transition") if e["to_stage"] == "GERMINATED"]
+    (germinated,) = [e["step"] for e in events(trainer, "transition") if e["to_stage"] == "GERMINATED"]
     assert germinated < epoch < 14
     assert listener.calls == [
         (RUN_ID, 0, True),

@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from esper.api.inputs import GrowInputError, check_split, default_loss, read_split, to_dataset
+from esper.api.inputs import GrowInputError, Split, check_split, default_loss, read_split, to_dataset
 from esper.assembly import RunAssembly, RunInputs, RunSettings, RunSummary, require_writable
 from esper.leyline import ConfigurationError, resolve_signing_secret
 from esper.nissa.layout import DataLayout
 from esper.tolaria.adapt import AdaptedHost, adapt_model
+from esper.tolaria.data import Dataset
 from esper.tolaria.export import GROWN_MODEL_DIR, USER_HOST, ExportError, export_model, model_card
 from esper.tolaria.run import RunConfig, new_training_run_id
 
@@ -125,6 +126,57 @@ def run_config(
     return run_settings, config
 
 
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run of a user's model, checked and configured but not created yet: `entry` is the Python entry
+    point that starts it ("esper.grow", "esper.GrowthSession")."""
+
+    entry: str
+    dataset: Dataset
+    settings: RunSettings
+    config: RunConfig
+
+    def assemble(self, host: AdaptedHost, loss: Callable[[Tensor, Tensor], Tensor]) -> RunAssembly:
+        """The run's assembly for the adapted `host` (the signing key is created on first use)."""
+        return RunAssembly(
+            self.settings,
+            self.config,
+            secret=resolve_signing_secret(self.settings.esper),
+            inputs=RunInputs(self.dataset, host=host, loss=loss),
+            command=api_command(self.entry),
+        )
+
+
+def plan_run(
+    entry: str,
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    *,
+    classification: bool,
+    batch_size: int,
+    max_params: int | None,
+    name: str | None,
+    policy: str | Path,
+    run_dir: str | Path | None,
+    settings: Mapping[str, Mapping[str, Any]] | None,
+    tolaria: Mapping[str, Any],
+) -> PlannedRun:
+    """The run of `model` on the two splits in batches of `batch_size` under the growth budget
+    `max_params` (None: none), named `name` (by default after the model's class and `entry`); `tolaria`:
+    further Tolaria settings. Refuses what `run_config` refuses, before anything is created."""
+    task_name = name or f"{type(model).__name__} ({entry})"
+    dataset = to_dataset(task_name, train, val, classification=classification)
+    run_settings, config = run_config(
+        task_name,
+        policy=policy,
+        run_dir=run_dir,
+        settings=settings,
+        tolaria={"batch_size": batch_size, "max_params": max_params or 0, **tolaria},
+    )
+    return PlannedRun(entry, dataset, run_settings, config)
+
+
 def grow(
     model: nn.Module,
     train_data: Any,
@@ -165,38 +217,29 @@ def grow(
     batch = batch_size or train.batch_size or 64
     classification = check_split(model, loss, train, "train_data", batch)
     check_split(model, loss, val, "val_data", batch)
-    task_name = name or f"{type(model).__name__} (esper.grow)"
-    dataset = to_dataset(task_name, train, val, classification=classification)
-    run_settings, config = run_config(
-        task_name,
+    planned = plan_run(
+        "esper.grow",
+        model,
+        train,
+        val,
+        classification=classification,
+        batch_size=batch,
+        max_params=max_params,
+        name=name,
         policy=policy,
         run_dir=run_dir,
         settings=settings,
-        tolaria={
-            "epochs": epochs,
-            "batch_size": batch,
-            "max_params": max_params or 0,
-            "decision_interval": decision_interval,
-            "lr": lr,
-            "seed": seed,
-        },
+        tolaria={"epochs": epochs, "decision_interval": decision_interval, "lr": lr, "seed": seed},
     )
     # The model is adapted last: every refusal above leaves it as it was.
     host = adapt_model(model, train.x[:batch])
-    secret = resolve_signing_secret(run_settings.esper)
-    with RunAssembly(
-        run_settings,
-        config,
-        secret=secret,
-        inputs=RunInputs(dataset, host=host, loss=loss),
-        command=api_command("esper.grow"),
-    ) as run:
+    with planned.assemble(host, loss) as run:
         summary = run.train()
     result = GrowthResult(
         model=host.model,
         host=host,
         summary=summary,
-        run_dir=config.run_dir,
+        run_dir=planned.config.run_dir,
         task="classification" if classification else "other",
     )
     save_final_model(result)
@@ -213,4 +256,12 @@ def save_final_model(result: GrowthResult) -> None:
         warnings.warn(f"the grown model could not be exported: {exc}", stacklevel=3)
 
 
-__all__ = ["GrowInputError", "GrowthResult", "grow", "run_config", "save_final_model"]
+__all__ = [
+    "GrowInputError",
+    "GrowthResult",
+    "PlannedRun",
+    "grow",
+    "plan_run",
+    "run_config",
+    "save_final_model",
+]

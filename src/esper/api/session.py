@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from esper.api.grow import GrowthResult, api_command, run_config, save_final_model
-from esper.api.inputs import GrowInputError, check_split, default_loss, read_split, to_dataset
-from esper.assembly import RunAssembly, RunInputs, RunSummary
-from esper.leyline import EsperError, resolve_signing_secret
+from esper.api.grow import GrowthResult, plan_run, save_final_model
+from esper.api.inputs import GrowInputError, check_split, default_loss, read_split
+from esper.assembly import RunSummary
+from esper.leyline import EsperError
 from esper.tolaria.adapt import adapt_model
 from esper.tolaria.optimizer import GroupedAdam
 from esper.tolaria.trainer import Trainer
@@ -85,37 +85,29 @@ class GrowthSession:
             raise GrowInputError(
                 "optimizer", f"it does not hold the model's parameters {missing[:5]}; give it all of them"
             )
-        task_name = name or f"{type(model).__name__} (esper.GrowthSession)"
-        dataset = to_dataset(task_name, val, val, classification=classification)
-        run_settings, config = run_config(
-            task_name,
+        planned = plan_run(
+            "esper.GrowthSession",
+            model,
+            val,
+            val,
+            classification=classification,
+            batch_size=batch,
+            max_params=max_params,
+            name=name,
             policy=policy,
             run_dir=run_dir,
             settings=settings,
-            tolaria={
-                "epochs": epochs or 1,
-                "batch_size": batch,
-                "max_params": max_params or 0,
-                "decision_interval": decision_interval,
-            },
+            tolaria={"epochs": epochs or 1, "decision_interval": decision_interval},
         )
         self.host = adapt_model(model, val.x[:batch])
         self.model = model
-        self.run_dir = config.run_dir
+        self.run_dir = planned.config.run_dir
         self._classification = classification
         self._stack = contextlib.ExitStack()
         # The run's preparation seeds torch and sets its thread count: the user's process keeps its own.
         threads, rng = torch.get_num_threads(), torch.get_rng_state()
         try:
-            run = self._stack.enter_context(
-                RunAssembly(
-                    run_settings,
-                    config,
-                    secret=resolve_signing_secret(run_settings.esper),
-                    inputs=RunInputs(dataset, host=self.host, loss=loss),
-                    command=api_command("esper.GrowthSession"),
-                )
-            )
+            run = self._stack.enter_context(planned.assemble(self.host, loss))
             self._drive = self._stack.enter_context(run.driven())
             trainer = self._drive.trainer
             trainer.optimizer = GroupedAdam.wrapping(optimizer)

@@ -56,9 +56,9 @@ from esper.tolaria.data import Dataset
 from esper.tolaria.device import DeviceUnavailable, module_device, resolve_device
 from esper.tolaria.emergency import BusEmergencyChannel
 from esper.tolaria.evaluation import Loss
-from esper.tolaria.hosts import Host, build_host
+from esper.tolaria.hosts import Host
 from esper.tolaria.records import RunDirectory
-from esper.tolaria.run import RunConfig, load_task
+from esper.tolaria.run import RunConfig, config_host, load_task
 from esper.tolaria.trainer import EpochReport, Trainer, TrainingOutcome
 from esper.urza import BlueprintCatalogue
 
@@ -298,13 +298,7 @@ class RunAssembly:
         else:
             device = resolve_device(settings.device)
             dataset = inputs.dataset.to(device)  # a bundled task: held on the device for the whole run
-            host = build_host(
-                config.host,
-                dataset.input_shape,
-                dataset.num_classes,
-                vocab_size=dataset.vocab_size,
-                width=settings.host_width,
-            ).to(device)
+            host = config_host(config, dataset).to(device)
         self.device = device
         self._params_initial = host.parameter_count()
         # Commands come from this process's own controller: one issued before it started belongs to an

@@ -152,16 +152,7 @@ def build_tamiyo(
     )
     cleanup.push("close Tamiyo's service", lambda: service.close(abort_open_windows=run_ended()))
     if not _is_gnn(policy):
-        controller = BoundController(
-            decide=service.evaluate_step,
-            save=policy.state,
-            load=policy.restore,
-            start=service.submit,
-            finish=service.collect,
-            release=service.checkpointed,
-            rewind=service.rewound,
-        )
-        return TamiyoParts(service, controller, None)
+        return TamiyoParts(service, pipelined_controller(service, policy), None)
     from esper.tamiyo import PolicyUpdateFeed, PolicyUpdateIntake
 
     feed = None
@@ -192,6 +183,21 @@ def build_tamiyo(
         rewind=service.rewound,
     )
     return TamiyoParts(service, controller, intake)
+
+
+def pipelined_controller(service: TamiyoService, policy: Policy) -> BoundController:
+    """`service` bound for Tolaria as `esper run` binds a policy that takes no updates: decisions
+    submitted and collected `decision_lag_steps` later, checkpoints and rewinds passed on, the policy's
+    own state saved and restored."""
+    return BoundController(
+        decide=service.evaluate_step,
+        save=policy.state,
+        load=policy.restore,
+        start=service.submit,
+        finish=service.collect,
+        release=service.checkpointed,
+        rewind=service.rewound,
+    )
 
 
 def _is_gnn(policy: Policy) -> bool:

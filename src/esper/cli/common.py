@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,6 +19,9 @@ from esper.leyline import (
     EsperSettings,
     load_settings,
 )
+
+if TYPE_CHECKING:
+    from esper.oona import Bus, OonaSettings
 
 app = typer.Typer(
     name="esper",
@@ -120,6 +123,18 @@ def _settings() -> EsperSettings:
     except ConfigurationError as exc:
         err_console.print(f"[bold red]configuration error[/]: {exc}")
         raise typer.Exit(2) from exc
+
+
+def _open_bus(settings: EsperSettings, oona: OonaSettings | None = None) -> Bus:
+    """The bus of `settings` (Oona's settings from the environment unless given); a bad configuration
+    exits 2 and an unreachable bus 1, saying why."""
+    from esper.oona import BusError, OonaSettings, open_bus
+
+    try:
+        return open_bus(settings, oona if oona is not None else load_settings(OonaSettings))
+    except (ConfigurationError, BusError) as exc:
+        err_console.print(f"[bold red]cannot open the bus[/]: {exc}")
+        raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1) from exc
 
 
 @app.command()

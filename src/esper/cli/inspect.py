@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from esper.cli.common import (
+    _open_bus,
     _settings,
     app,
     blueprints_app,
@@ -18,8 +19,6 @@ from esper.cli.common import (
 )
 from esper.cli.observe import print_table
 from esper.leyline import (
-    ConfigurationError,
-    load_settings,
     pb,
 )
 
@@ -184,15 +183,10 @@ def blueprints(
 def _change_catalogue(verb: str, blueprint_id: str, reason: str | None) -> None:
     """Quarantine (with `reason`) or release a blueprint, and publish the change on the bus."""
     from esper.nissa.layout import DataLayout
-    from esper.oona import BusError, OonaSettings, open_bus
     from esper.urza import BlueprintCatalogue, BusChangePublisher, NotificationFailed, UrzaError
 
     settings = _settings()
-    try:
-        bus = open_bus(settings, load_settings(OonaSettings))
-    except (ConfigurationError, BusError) as exc:
-        err_console.print(f"[bold red]cannot open the bus[/]: {exc}")
-        raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1) from exc
+    bus = _open_bus(settings)
     path = DataLayout(settings.data_dir).catalogue
     try:
         with BlueprintCatalogue.open_default(path, publisher=BusChangePublisher(bus)) as catalogue:
@@ -274,14 +268,10 @@ def bus_stats(
     from rich.table import Table
 
     from esper.nissa.layout import DataLayout
-    from esper.oona import BusError, OonaSettings, open_bus
+    from esper.oona import BusError
 
     settings = _settings()
-    try:
-        bus = open_bus(settings, load_settings(OonaSettings))
-    except (ConfigurationError, BusError) as exc:
-        err_console.print(f"[bold red]cannot open the bus[/]: {exc}")
-        raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1) from exc
+    bus = _open_bus(settings)
     try:
         streams = bus.stats()
     except BusError as exc:

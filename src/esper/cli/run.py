@@ -349,34 +349,11 @@ def summary_table(summary: RunSummary) -> Table:
     """The summary as a rich table."""
     from rich.table import Table
 
-    figures = summary.to_json()
+    from esper.nissa.report import summary_rows
+
     table = Table(title=f"run {summary.run_id}", show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")
-    for key in (
-        "task",
-        "host",
-        "policy",
-        "status",
-        "epochs",
-        "final_val_accuracy",
-        "best_val_accuracy",
-        "params_initial",
-        "params_final",
-        "max_params",
-        "seeds_germinated",
-        "seeds_fossilized",
-        "seeds_culled",
-        "rollbacks",
-        "decisions",
-        "decision_deadline_misses",
-        "wall_seconds",
-    ):
-        value = figures.get(key)
-        if key == "max_params" and value is None:
-            table.add_row(key, "unbounded")
-            continue
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    transitions = summary.transitions
-    table.add_row("transitions", ", ".join(f"{k} {v}" for k, v in transitions.items()) or "none")
+    for key, value in summary_rows(summary.to_json()):
+        table.add_row(key, value)
     return table

@@ -9,6 +9,7 @@ import typer
 
 from esper.cli.common import (
     HALTED_EXIT,
+    _open_bus,
     _settings,
     app,
     console,
@@ -55,7 +56,7 @@ def serve(
     import os
     import socket
 
-    from esper.oona import BusError, OonaSettings, open_bus
+    from esper.oona import OonaSettings
     from esper.tolaria.emergency import BusEmergencyChannel
     from esper.weatherlight import SERVICES, Supervisor, WeatherlightSettings
     from esper.weatherlight.events import BusEventPublisher
@@ -73,11 +74,7 @@ def serve(
     if status:
         _print_health(health_path, as_json)
         return
-    try:
-        bus = open_bus(settings, oona)
-    except (ConfigurationError, BusError) as exc:
-        err_console.print(f"[bold red]cannot open the bus[/]: {exc}")
-        raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1) from exc
+    bus = _open_bus(settings, oona)
     try:
         # No run named: the supervisor obeys the HALTs that concern every process on the bus.
         channel = BusEmergencyChannel.open(

@@ -15,6 +15,7 @@ needed.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,31 +26,30 @@ from matplotlib.patches import Patch
 
 from esper.leyline import EsperError
 from esper.nissa.layout import REPORT_PAGE, RunLayout
+from esper.nissa.runs import GROWTH_STAGES, STAGE_COLOURS, TRAINER_EVENTS
 
-# One colour per stage; the active path goes from cool to warm, retirement in greys.
-STAGE_COLOURS: dict[str, str] = {
-    "DORMANT": "#f0f0f0",
-    "GERMINATED": "#9ecae1",
-    "TRAINING": "#6baed6",
-    "BLENDING": "#fdae6b",
-    "SHADOWING": "#fd8d3c",
-    "PROBATIONARY": "#e6550d",
-    "FOSSILIZED": "#31a354",
-    "CULLED": "#de2d26",
-    "EMBARGOED": "#969696",
-    "RESETTING": "#bdbdbd",
-    "TERMINATED": "#636363",
-}
-# Trainer events worth a line in the report.
-TRAINER_EVENTS = (
-    "rollback",
-    "emergency_halt",
-    "emergency_broadcast",
-    "emergency_channel_unavailable",
-    "emergency_channel_recovered",
-    "controller_failed",
+# The summary's headline figures, in the order the report's table and `esper run`'s table show them.
+SUMMARY_FIGURES = (
+    "task",
+    "host",
+    "policy",
+    "status",
+    "epochs",
+    "steps",
+    "final_val_accuracy",
+    "best_val_accuracy",
+    "params_initial",
+    "params_final",
+    "max_params",
+    "seeds_germinated",
+    "seeds_fossilized",
+    "seeds_culled",
+    "rollbacks",
+    "decisions",
+    "decision_deadline_misses",
+    "wall_seconds",
+    "transitions",
 )
-_MARKED_STAGES = ("GERMINATED", "FOSSILIZED", "CULLED")
 
 
 class ReportError(EsperError):
@@ -215,7 +215,7 @@ def plot_accuracy(record: RunRecord, path: Path) -> None:
                 label="training loss",
             )
         loss_axes.set_ylabel("loss")
-        for stage in _MARKED_STAGES:
+        for stage in GROWTH_STAGES:
             marks = [
                 int(e["step"])
                 for e in record.events
@@ -356,6 +356,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The summary's headline figures as (name, shown value) rows; a max_params of None is "unbounded"."""
+    return [
+        (key, "unbounded" if key == "max_params" and summary.get(key) is None else _fmt(summary.get(key)))
+        for key in SUMMARY_FIGURES
+    ]
+
+
 def render_markdown(record: RunRecord, segments: list[Segment], images: dict[str, str]) -> str:
     """The report page: summary figures, the plots, each seed's path and the trainer's notable events."""
     summary = record.summary
@@ -371,29 +379,7 @@ def render_markdown(record: RunRecord, segments: list[Segment], images: dict[str
                 "",
             ]
         lines += ["| figure | value |", "|---|---|"]
-        for key in (
-            "task",
-            "host",
-            "policy",
-            "status",
-            "epochs",
-            "steps",
-            "final_val_accuracy",
-            "best_val_accuracy",
-            "params_initial",
-            "params_final",
-            "max_params",
-            "seeds_germinated",
-            "seeds_fossilized",
-            "seeds_culled",
-            "rollbacks",
-            "decisions",
-            "wall_seconds",
-            "transitions",
-        ):
-            value = summary.get(key)
-            shown = "unbounded" if key == "max_params" and value is None else _fmt(value)
-            lines.append(f"| {key} | {shown} |")
+        lines += [f"| {key} | {value} |" for key, value in summary_rows(summary)]
         lines.append("")
     for title, name in (
         ("Accuracy", "accuracy"),

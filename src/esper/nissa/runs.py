@@ -365,6 +365,30 @@ def load_run(path: Path) -> RunData:
 
 
 GROWTH_STAGES = ("GERMINATED", "FOSSILIZED", "CULLED")
+# The trainer's events worth a line of their own (in the report, in TensorBoard's text).
+TRAINER_EVENTS = (
+    "rollback",
+    "emergency_halt",
+    "emergency_broadcast",
+    "emergency_channel_unavailable",
+    "emergency_channel_recovered",
+    "controller_failed",
+)
+# One colour per stage, shared by the report's plots and the dashboard's charts; the active path goes
+# from cool to warm, retirement in greys.
+STAGE_COLOURS: dict[str, str] = {
+    "DORMANT": "#f0f0f0",
+    "GERMINATED": "#9ecae1",
+    "TRAINING": "#6baed6",
+    "BLENDING": "#fdae6b",
+    "SHADOWING": "#fd8d3c",
+    "PROBATIONARY": "#e6550d",
+    "FOSSILIZED": "#31a354",
+    "CULLED": "#de2d26",
+    "EMBARGOED": "#969696",
+    "RESETTING": "#bdbdbd",
+    "TERMINATED": "#636363",
+}
 
 
 def growth_steps(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

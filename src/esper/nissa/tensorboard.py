@@ -23,7 +23,7 @@ from typing import Any
 
 from esper.leyline.files import write_atomically
 from esper.nissa.layout import RunLayout
-from esper.nissa.runs import RunReadError, is_run_dir, read_jsonl
+from esper.nissa.runs import TRAINER_EVENTS, RunReadError, is_run_dir, read_jsonl
 
 _SCALARS = {
     "validation_accuracy": "validation/accuracy",
@@ -32,15 +32,7 @@ _SCALARS = {
     "lr": "train/lr",
     "parameters": "model/parameters",
 }
-_TRAINER_KINDS = (
-    "rollback",
-    "emergency_halt",
-    "emergency_broadcast",
-    "emergency_channel_unavailable",
-    "emergency_channel_recovered",
-    "controller_failed",
-    "decision_deadline_missed",
-)
+_TRAINER_KINDS = (*TRAINER_EVENTS, "decision_deadline_missed")
 
 
 class TensorBoardSink:

@@ -57,8 +57,8 @@ from esper.leyline import EsperError, SignatureVerifier, pb
 from esper.leyline.files import write_atomically
 from esper.tolaria.adapt import AdaptedHost, GrowthPoint
 from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
-from esper.tolaria.hosts import EncoderBlock, Host, MLPHost, TransformerHost, _TwoConvHost, build_host
-from esper.tolaria.run import RunConfig, load_task
+from esper.tolaria.hosts import EncoderBlock, Host, MLPHost, TransformerHost, _TwoConvHost
+from esper.tolaria.run import RunConfig, config_host, load_task
 from esper.urza import BlueprintCatalogue
 from esper.urza.modules import (
     AttentionLite,
@@ -556,13 +556,7 @@ def final_host(run_dir: Path) -> tuple[Host, int]:
         raise ExportError(str(config_path), f"not a run configuration: {exc}") from exc
     settings = config.tolaria
     dataset = load_task(config.task, config.host, seed=settings.seed, difficulty=config.difficulty)
-    host = build_host(
-        config.host,
-        dataset.input_shape,
-        dataset.num_classes,
-        vocab_size=dataset.vocab_size,
-        width=settings.host_width,
-    )
+    host = config_host(config, dataset)
     try:
         checkpoint = CheckpointStore(checkpoints).latest()
     except CheckpointError as exc:

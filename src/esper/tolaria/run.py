@@ -22,7 +22,7 @@ from esper.tolaria.data import (
     make_task,
     make_tokens,
 )
-from esper.tolaria.hosts import HOST_KINDS
+from esper.tolaria.hosts import HOST_KINDS, Host, build_host
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import check_checkpoint
 
@@ -146,6 +146,17 @@ def load_task(task: str, host: str, *, seed: int, difficulty: float) -> Dataset:
     if task.endswith(".npz"):
         return load_npz(Path(task), seed, layout=_LAYOUTS[host])
     raise RunConfigError(f"unknown task {task!r}: use digits, {', '.join(GENERATED_TASKS)} or an .npz file")
+
+
+def config_host(config: RunConfig, dataset: Dataset) -> Host:
+    """A fresh host of the kind and width `config` names, shaped for `dataset`, on the CPU."""
+    return build_host(
+        config.host,
+        dataset.input_shape,
+        dataset.num_classes,
+        vocab_size=dataset.vocab_size,
+        width=config.tolaria.host_width,
+    )
 
 
 def resolve_config(config: RunConfig, *, resume: bool, path: Path) -> RunConfig:

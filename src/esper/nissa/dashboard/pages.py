@@ -13,6 +13,7 @@ from esper.nissa.compare import COLUMNS, STAGE_MARKERS, comparison_rows
 from esper.nissa.dashboard.svg import Chart, Series, lifecycle, render
 from esper.nissa.runs import (
     GROWTH_STAGES,
+    STAGE_COLOURS,
     RunData,
     find_runs,
     growth_steps,
@@ -24,19 +25,6 @@ from esper.nissa.runs import (
     run_info,
 )
 
-STAGE_COLOURS: dict[str, str] = {
-    "DORMANT": "#f0f0f0",
-    "GERMINATED": "#9ecae1",
-    "TRAINING": "#6baed6",
-    "BLENDING": "#fdae6b",
-    "SHADOWING": "#fd8d3c",
-    "PROBATIONARY": "#e6550d",
-    "FOSSILIZED": "#31a354",
-    "CULLED": "#de2d26",
-    "EMBARGOED": "#969696",
-    "RESETTING": "#bdbdbd",
-    "TERMINATED": "#636363",
-}
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1100px; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }

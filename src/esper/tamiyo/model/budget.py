@@ -53,27 +53,46 @@ def over_budget(
 ) -> str | None:
     """Why germinating `blueprint_id` in `slot_id` would break the packet's budget; None when it fits
     (or the packet has no budget)."""
+
+    def germination_cost(budget: int) -> tuple[int | None, str]:
+        slot = next((s for s in packet.topology.slots if s.slot_id == slot_id), None)
+        if slot is None:
+            why = (
+                f"slot {slot_id!r} is not in the topology, so its cost against the budget {budget} is unknown"
+            )
+            return None, why
+        added = cost(blueprint_id, int(slot.width), str(slot.kind))
+        if added is None:
+            return None, f"the parameter cost of blueprint {blueprint_id!r} in slot {slot_id!r} is unknown"
+        return added + (int(slot.width) if blend_mode == pb.BLEND_MODE_CHANNEL else 0), ""
+
+    return _over_budget(packet, f"germinating {blueprint_id} in slot {slot_id}", germination_cost)
+
+
+def _model_size(packet: pb.SystemStatePacket) -> float | None:
+    """The model's size now as the packet says it; None when it does not (or not as a finite count)."""
+    current = packet.training_metrics.get("param_count")
+    return current if current is not None and math.isfinite(current) else None
+
+
+def _over_budget(
+    packet: pb.SystemStatePacket, operation: str, cost: Callable[[int], tuple[int | None, str]]
+) -> str | None:
+    """Why `operation`, adding `cost(budget)` parameters ((None, why) when they cannot be counted), would
+    break the packet's budget or cannot be counted against it; None when it fits or there is no budget."""
     budget = int(packet.max_parameters)
     if budget == 0:
         return None
-    current = packet.training_metrics.get("param_count")
-    if current is None or not math.isfinite(current):
+    current = _model_size(packet)
+    if current is None:
         return (
             f"the packet does not say the model's size (param_count), so the budget {budget} cannot be kept"
         )
-    slot = next((s for s in packet.topology.slots if s.slot_id == slot_id), None)
-    if slot is None:
-        return f"slot {slot_id!r} is not in the topology, so its cost against the budget {budget} is unknown"
-    added = cost(blueprint_id, int(slot.width), str(slot.kind))
+    added, unknown = cost(budget)
     if added is None:
-        return f"the parameter cost of blueprint {blueprint_id!r} in slot {slot_id!r} is unknown"
-    if blend_mode == pb.BLEND_MODE_CHANNEL:
-        added += int(slot.width)
+        return unknown
     if current + added > budget:
-        return (
-            f"germinating {blueprint_id} in slot {slot_id} adds {added} parameters: "
-            f"{current:.0f} + {added} > max_parameters {budget}"
-        )
+        return f"{operation} adds {added} parameters: {current:.0f} + {added} > max_parameters {budget}"
     return None
 
 
@@ -146,8 +165,8 @@ def growth_room(packet: pb.SystemStatePacket) -> float:
     budget = int(packet.max_parameters)
     if budget == 0:
         return math.inf
-    current = packet.training_metrics.get("param_count")
-    if current is None or not math.isfinite(current):
+    current = _model_size(packet)
+    if current is None:
         return -math.inf
     return float(budget - current)
 
@@ -157,21 +176,15 @@ def growth_over_budget(
 ) -> str | None:
     """Why a WIDEN or DEEPEN of `layer_id` would break the packet's budget (or cannot be counted against
     it); None when it fits or the packet has no budget."""
-    budget = int(packet.max_parameters)
-    if budget == 0:
-        return None
-    current = packet.training_metrics.get("param_count")
-    if current is None or not math.isfinite(current):
-        return (
-            f"the packet does not say the model's size (param_count), so the budget {budget} cannot be kept"
-        )
-    added, why = growth_parameter_cost(packet, action, layer_id, units=units, hidden=hidden)
-    if added is None:
-        return f"the parameter cost of {pb.PolicyAction.Name(action)} {layer_id!r} is unknown: {why}"
-    if current + added > budget:
-        operation = "widening" if action == pb.POLICY_ACTION_WIDEN else "deepening after"
-        return (
-            f"{operation} {layer_id} adds {added} parameters: "
-            f"{current:.0f} + {added} > max_parameters {budget}"
-        )
-    return None
+
+    def growth_cost(budget: int) -> tuple[int | None, str]:
+        added, why = growth_parameter_cost(packet, action, layer_id, units=units, hidden=hidden)
+        if added is None:
+            return (
+                None,
+                f"the parameter cost of {pb.PolicyAction.Name(action)} {layer_id!r} is unknown: {why}",
+            )
+        return added, ""
+
+    operation = "widening" if action == pb.POLICY_ACTION_WIDEN else "deepening after"
+    return _over_budget(packet, f"{operation} {layer_id}", growth_cost)

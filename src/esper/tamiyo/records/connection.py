@@ -242,13 +242,9 @@ class StoreConnection:
     def _statement(self, operation: str) -> Iterator[sqlite3.Connection]:
         """A state change that is one SQL statement: SQLite runs it as its own transaction (autocommit),
         atomic and fsynced like `_transaction`, without the BEGIN and COMMIT round trips."""
-        with self._lock:
-            db = self._connection(operation)
-            try:
-                yield db
-            except sqlite3.Error as exc:
-                raise self._error(operation, exc) from exc
-            self._advance_mark()
+        with self._read(operation) as db:
+            yield db
+            self._advance_mark()  # still under the lock, once the statement succeeded
 
     @contextmanager
     def _read(self, operation: str) -> Iterator[sqlite3.Connection]:

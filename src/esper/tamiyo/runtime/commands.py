@@ -12,6 +12,7 @@ reads them (CONFIDENCE: `gate_k`, `gate_tau`, `alpha_lo`, `alpha_hi` from `TAMIY
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from esper.leyline import Clock, ContractViolation, EsperError, pb, sign, validate_command, value_label
 from esper.tamiyo.model.proposal import GROWTH_ACTIONS, Proposal
@@ -95,13 +96,7 @@ class CommandFactory:
                 reason=proposal.reason,
                 annotations=annotations,
             )
-        command = pb.AdaptationCommand(
-            version=1,
-            command_id=f"cmd-{uuid.uuid4().hex}",
-            issued_by=self._issuer,
-            execution_deadline_ms=self._deadline_ms,
-            training_run_id=packet.training_run_id,
-        )
+        command = self._command(packet)
         if annotations:
             command.annotations.update(annotations)
         if proposal.reason:
@@ -145,15 +140,7 @@ class CommandFactory:
         layers = [layer.layer_id for layer in packet.topology.layers]
         if layer_id not in layers:
             raise CommandBuildError(action, f"layer {layer_id!r} is not in the packet; layers are {layers}")
-        command = pb.AdaptationCommand(
-            version=1,
-            command_id=f"cmd-{uuid.uuid4().hex}",
-            issued_by=self._issuer,
-            execution_deadline_ms=self._deadline_ms,
-            training_run_id=packet.training_run_id,
-            command_type=pb.COMMAND_SEED,
-            target_seed_id=layer_id,
-        )
+        command = self._command(packet, command_type=pb.COMMAND_SEED, target_seed_id=layer_id)
         if annotations:
             command.annotations.update(annotations)
         if reason:
@@ -173,6 +160,17 @@ class CommandFactory:
         except ContractViolation as exc:
             raise CommandBuildError(action, str(exc)) from exc
         return sign(command, self._secret, clock=self._clock)
+
+    def _command(self, packet: pb.SystemStatePacket, **fields: Any) -> pb.AdaptationCommand:
+        """A new, unsigned command of this factory for `packet`'s run, with `fields` set."""
+        return pb.AdaptationCommand(
+            version=1,
+            command_id=f"cmd-{uuid.uuid4().hex}",
+            issued_by=self._issuer,
+            execution_deadline_ms=self._deadline_ms,
+            training_run_id=packet.training_run_id,
+            **fields,
+        )
 
     def _fill_seed_operation(
         self, command: pb.AdaptationCommand, proposal: Proposal, packet: pb.SystemStatePacket
