@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping, Sequence
 
@@ -24,9 +25,11 @@ def build_packet(
     training_metrics: Mapping[str, float],
     growth_states: Sequence[pb.SeedState] = (),
     max_parameters: int = 0,
+    hardware: pb.HardwareContext | None = None,
 ) -> pb.SystemStatePacket:
     """A validated packet; `packet_id` is fresh for every packet. `max_parameters` is the run's growth
-    budget (0: unbounded); the model's size now is `training_metrics["param_count"]`."""
+    budget (0: unbounded); the model's size now is `training_metrics["param_count"]`. `hardware`: the
+    machine the run trains on (`host_hardware()` when not given)."""
     packet = pb.SystemStatePacket(
         version=1,
         packet_id=f"pkt-{uuid.uuid4().hex}",
@@ -39,7 +42,7 @@ def build_packet(
         validation_accuracy=validation_accuracy,
         training_loss=training_loss,
         timestamp_ns=timestamp_ns,
-        hardware_context=pb.HardwareContext(device_type="cpu", device_id="cpu:0"),
+        hardware_context=hardware if hardware is not None else host_hardware(),
         max_parameters=max_parameters,
     )
     packet.topology.CopyFrom(topology)
@@ -48,3 +51,24 @@ def build_packet(
     packet.blueprint_ids.extend(blueprint_ids)
     packet.training_metrics.update(training_metrics)
     return validate_packet(packet)
+
+
+_GIB = float(1 << 30)
+
+
+def host_hardware() -> pb.HardwareContext:
+    """This machine's CPU and memory as the controller sees them: total and available memory (GiB) and
+    the one-minute load per core as a utilisation percentage. No temperature sensor is read (0)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = os.sysconf("SC_PHYS_PAGES") * page / _GIB
+    available = os.sysconf("SC_AVPHYS_PAGES") * page / _GIB
+    load = os.getloadavg()[0] / max(1, os.cpu_count() or 1)
+    utilization = min(100.0, 100.0 * load)
+    return pb.HardwareContext(
+        device_type="cpu",
+        device_id="cpu:0",
+        total_memory_gb=total,
+        available_memory_gb=available,
+        utilization_percent=utilization,
+        temperature_celsius=0.0,
+    )

@@ -1,0 +1,155 @@
+"""The policy sees what it needs: a run's packets carry every feature Tamiyo's graph reads (training
+metrics, hardware, blueprint descriptors), and a missing one fails a strict learner instead of being
+zeroed silently."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from esper.assembly import run_directory
+from esper.assembly.tamiyo import metadata_cache
+from esper.kasmina import KasminaSettings, SeedManager
+from esper.leyline import CleanupStack, SignatureVerifier, load_settings, pb
+from esper.nissa.layout import RunLayout
+from esper.simic.reward import Reward
+from esper.simic.transitions import Transition, TransitionSet, build_samples
+from esper.tamiyo import BlueprintMetadataCache
+from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.schema import ACTIVE_STAGES, MissingFeatureError
+from esper.tamiyo.settings import TamiyoSettings
+from esper.tolaria.data import make_task
+from esper.tolaria.hosts import build_host
+from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.trainer import Trainer
+from esper.urza import BlueprintCatalogue
+from tests.integration.scripted import ScriptedController
+
+torch.set_num_threads(1)
+SECRET = b"simic-inputs-test-secret-0123456"
+RUN_ID = "run-policy-inputs"
+STRICT = TamiyoSettings(strict_graph=True)
+
+
+class Recording(ScriptedController):
+    """The scripted controller, keeping every packet it was asked to decide on."""
+
+    def __init__(self) -> None:
+        super().__init__(SECRET, germinate=("h1",), blueprints={"h1": "mlp_small"})
+        self.packets: list[pb.SystemStatePacket] = []
+
+    def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
+        self.packets.append(pb.SystemStatePacket.FromString(packet.SerializeToString()))
+        return super().evaluate_step(packet)
+
+
+@pytest.fixture
+def catalogue(tmp_path: Path) -> Iterator[BlueprintCatalogue]:
+    catalogue = BlueprintCatalogue.open_default(tmp_path / "urza.sqlite3")
+    yield catalogue
+    catalogue.close()
+
+
+@pytest.fixture
+def metadata(catalogue: BlueprintCatalogue) -> Iterator[BlueprintMetadataCache]:
+    cleanup = CleanupStack(lambda name, exc: None)
+    with cleanup:
+        yield metadata_cache(catalogue, STRICT, None, cleanup)
+
+
+@pytest.fixture
+def packets(tmp_path: Path, catalogue: BlueprintCatalogue) -> list[pb.SystemStatePacket]:
+    """The packets of a short run that germinates a seed (so active seeds appear too)."""
+    dataset = make_task(0.3, 0, n_features=8, n_classes=3, n_samples=320)
+    settings = load_settings(
+        TolariaSettings, environ={}, epochs=3, batch_size=32, decision_interval=4, seed=1
+    )
+    torch.manual_seed(1)
+    host = build_host("mlp", dataset.input_shape, dataset.num_classes)
+    kasmina = load_settings(
+        KasminaSettings, environ={}, min_training_steps=4, improvement_window=1, probation_steps=4
+    )
+    manager = SeedManager(host.slots(), catalogue, SignatureVerifier(SECRET), kasmina, training_run_id=RUN_ID)
+    controller = Recording()
+    Trainer(
+        settings=settings,
+        dataset=dataset,
+        host=host,
+        manager=manager,
+        controller=controller,
+        blueprint_ids=catalogue.ids_for("mlp"),
+        run_dir=run_directory(RunLayout(tmp_path / "run")),
+        training_run_id=RUN_ID,
+    ).fit()
+    return controller.packets
+
+
+def test_a_runs_packets_carry_the_training_metrics_and_the_hardware(
+    packets: list[pb.SystemStatePacket],
+) -> None:
+    assert packets
+    for packet in packets:
+        metrics = packet.training_metrics
+        assert metrics["learning_rate"] == pytest.approx(metrics["lr"]) and metrics["learning_rate"] > 0
+        assert metrics["grad_norm"] > 0.0  # measured after the backward pass that precedes the decision
+        assert packet.hardware_context.total_memory_gb > 0
+        assert 0 < packet.hardware_context.available_memory_gb <= packet.hardware_context.total_memory_gb
+        assert 0 <= packet.hardware_context.utilization_percent <= 100
+
+
+def test_a_runs_packets_build_strict_graphs_with_full_coverage(
+    packets: list[pb.SystemStatePacket], metadata: BlueprintMetadataCache
+) -> None:
+    builder = GraphBuilder(STRICT, blueprint_metadata=metadata)
+    graphs = [builder.build(packet) for packet in packets]  # strict: raises on any missing feature
+    assert all(not graph.coverage.missing for graph in graphs)
+    # The run did grow: active seeds, whose metrics are expected, were covered too.
+    assert any(state.stage in ACTIVE_STAGES for packet in packets for state in packet.seed_states)
+
+
+@pytest.mark.parametrize(
+    ("remove", "named"),
+    [
+        (lambda p: p.training_metrics.pop("grad_norm"), "training_metrics[grad_norm]"),
+        (lambda p: p.ClearField("hardware_context"), "hardware_context"),
+    ],
+)
+def test_a_deliberately_missing_feature_raises_in_a_strict_learner(
+    packets: list[pb.SystemStatePacket], metadata: BlueprintMetadataCache, remove: object, named: str
+) -> None:
+    packet = packets[-1]
+    remove(packet)  # type: ignore[operator]
+    decision = pb.DecisionRecord(
+        command_id="cmd-1", training_run_id=RUN_ID, action=pb.POLICY_ACTION_WAIT, log_prob=0.0
+    )
+    decision.packet.CopyFrom(packet)
+    transition = Transition(
+        decision=decision,
+        report=pb.FieldReport(command_id="cmd-1"),
+        reward=Reward(total=0.0, accuracy=0.0, loss=0.0, contribution=0.0, param_cost=0.0),
+        done=True,
+    )
+    transitions = TransitionSet(transitions=[transition])
+
+    def new_builder() -> GraphBuilder:
+        return GraphBuilder(STRICT, blueprint_metadata=metadata)
+
+    with pytest.raises(MissingFeatureError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        build_samples(new_builder, transitions, strict=True)
+    samples, skipped = build_samples(new_builder, transitions)  # lenient: counted, never silent
+    assert not samples and skipped["graph:MissingFeatureError"] == 1
+
+
+def test_a_blueprint_without_its_catalogue_entry_is_a_missing_feature(
+    packets: list[pb.SystemStatePacket],
+) -> None:
+    with pytest.raises(MissingFeatureError, match="descriptor"):
+        GraphBuilder(STRICT).build(packets[0])  # no catalogue lookup wired
+
+
+def test_a_strict_gnn_warms_up_on_its_placeholder_graphs() -> None:
+    GNNPolicy(STRICT).warm_up()  # the warm-up packets have no catalogue entries nor metrics
