@@ -106,7 +106,7 @@ def test_a_runs_packets_build_strict_graphs_with_full_coverage(
 ) -> None:
     builder = GraphBuilder(STRICT, blueprint_metadata=metadata)
     graphs = [builder.build(packet) for packet in packets]  # strict: raises on any missing feature
-    assert all(not graph.coverage.missing for graph in graphs)
+    assert all(graph.coverage is not None and not graph.coverage.missing for graph in graphs)
     # The run did grow: active seeds, whose metrics are expected, were covered too.
     assert any(state.stage in ACTIVE_STAGES for packet in packets for state in packet.seed_states)
 
