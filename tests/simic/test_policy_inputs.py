@@ -4,6 +4,7 @@ zeroed silently."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from esper.tamiyo.model.schema import ACTIVE_STAGES, MissingFeatureError
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.data import make_task
 from esper.tolaria.hosts import build_host
+from esper.tolaria.packet import host_hardware
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
@@ -153,3 +155,14 @@ def test_a_blueprint_without_its_catalogue_entry_is_a_missing_feature(
 
 def test_a_strict_gnn_warms_up_on_its_placeholder_graphs() -> None:
     GNNPolicy(STRICT).warm_up()  # the warm-up packets have no catalogue entries nor metrics
+
+
+def test_a_busy_shared_machine_does_not_stop_growth_at_the_resource_gate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The packet's hardware is what the run has room for: the load of other processes (a saturated
+    2-core machine) must not read as 100 % utilisation, which Tamiyo's resource gate refuses growth on."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    hardware = host_hardware()
+    assert hardware.total_memory_gb > 0
+    assert hardware.utilization_percent < TamiyoSettings().risk_max_utilization_percent

@@ -57,18 +57,17 @@ _GIB = float(1 << 30)
 
 
 def host_hardware() -> pb.HardwareContext:
-    """This machine's CPU and memory as the controller sees them: total and available memory (GiB) and
-    the one-minute load per core as a utilisation percentage. No temperature sensor is read (0)."""
+    """This machine's memory as the controller sees it: total and available memory (GiB).
+
+    On a CPU no utilisation nor temperature is measured (both 0): the load average of a shared machine
+    says how busy the other processes are, not whether this run has room to grow, and Tamiyo's resource
+    gate would refuse every growth on a saturated one."""
     page = os.sysconf("SC_PAGE_SIZE")
-    total = os.sysconf("SC_PHYS_PAGES") * page / _GIB
-    available = os.sysconf("SC_AVPHYS_PAGES") * page / _GIB
-    load = os.getloadavg()[0] / max(1, os.cpu_count() or 1)
-    utilization = min(100.0, 100.0 * load)
     return pb.HardwareContext(
         device_type="cpu",
         device_id="cpu:0",
-        total_memory_gb=total,
-        available_memory_gb=available,
-        utilization_percent=utilization,
+        total_memory_gb=os.sysconf("SC_PHYS_PAGES") * page / _GIB,
+        available_memory_gb=os.sysconf("SC_AVPHYS_PAGES") * page / _GIB,
+        utilization_percent=0.0,
         temperature_celsius=0.0,
     )
