@@ -252,6 +252,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--param-cost", type=float, default=0.01, help="objective cost per 1000 params")
     parser.add_argument("--bc-coef", type=float, default=0.0, help="behaviour cloning kept during PPO")
     parser.add_argument("--imitation-epochs", type=int, default=5)
+    parser.add_argument(
+        "--lifecycle-only", action="store_true", help="action masking: the GNN never adjusts lr nor pauses"
+    )
+    parser.add_argument("--entropy-coef", type=float, default=0.01)
     parser.add_argument("--contenders", default="wait_only,heuristic,random,imitation_gnn,learned_gnn")
     return parser.parse_args(argv)
 
@@ -261,7 +265,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     started = time.monotonic()
     # Strict graphs: a packet lacking a feature is an error, in the actor and in the learner's replay.
-    sampling = TamiyoSettings(step_timeout_ms=10_000.0, gnn_greedy=False, strict_graph=True)
+    sampling = TamiyoSettings(
+        step_timeout_ms=10_000.0,
+        gnn_greedy=False,
+        strict_graph=True,
+        lifecycle_actions_only=args.lifecycle_only,
+    )
     # A short imitation keeps some entropy, so the GNN's own runs still explore for PPO to learn from.
     simic = SimicSettings(
         min_transitions=16,
@@ -270,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reward_param_cost=args.param_cost,
         gamma=args.gamma,
         bc_coef=args.bc_coef,
+        entropy_coef=args.entropy_coef,
     )
     config = SIZES[args.size]
     train_tasks = tasks("train", args.train_tasks)

@@ -21,6 +21,7 @@ from esper.simic.transitions import Transition, TransitionSet, build_samples
 from esper.tamiyo import BlueprintMetadataCache
 from esper.tamiyo.model.builder import GraphBuilder
 from esper.tamiyo.model.policy import GNNPolicy
+from esper.tamiyo.model.proposal import ACTIONS
 from esper.tamiyo.model.schema import ACTIVE_STAGES, MissingFeatureError
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.data import make_task
@@ -166,3 +167,17 @@ def test_a_busy_shared_machine_does_not_stop_growth_at_the_resource_gate(
     hardware = host_hardware()
     assert hardware.total_memory_gb > 0
     assert hardware.utilization_percent < TamiyoSettings().risk_max_utilization_percent
+
+
+def test_lifecycle_only_masks_the_learning_rate_and_pause_actions(
+    packets: list[pb.SystemStatePacket],
+) -> None:
+    lifecycle = TamiyoSettings(lifecycle_actions_only=True)
+    masked = GraphBuilder(lifecycle).build(packets[0]).action_mask[0]
+    open_ = GraphBuilder(TamiyoSettings()).build(packets[0]).action_mask[0]
+    for action in (pb.POLICY_ACTION_ADJUST_LR, pb.POLICY_ACTION_PAUSE):
+        assert bool(open_[ACTIONS.index(action)]) and not bool(masked[ACTIONS.index(action)])
+    assert bool(masked[ACTIONS.index(pb.POLICY_ACTION_WAIT)])
+    policy = GNNPolicy(lifecycle)
+    chosen = {policy.propose(packet).action for packet in packets for _ in range(5)}
+    assert not chosen & {pb.POLICY_ACTION_ADJUST_LR, pb.POLICY_ACTION_PAUSE}
