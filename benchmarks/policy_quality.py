@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ppo_rounds_published": sum(1 for r in rounds if r["mode"] == "ppo" and r["published"]),
         "rounds": rounds,
         "episodes": episodes.count,
+        "episodes_per_minute": 60.0 * episodes.count / (time.monotonic() - started),
         "wall_seconds": time.monotonic() - started,
     }
     if "learned_gnn-heuristic" in differences:
