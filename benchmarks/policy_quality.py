@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -49,7 +50,7 @@ from esper.leyline import CleanupStack, EsperError, load_settings
 from esper.nissa.layout import RunLayout
 from esper.oona import EmbeddedBus, OonaSettings
 from esper.simic.settings import SimicSettings
-from esper.simic.state import RoundResult
+from esper.simic.state import RoundResult, SimicState
 from esper.simic.trainer import SimicTrainer, offline_records
 from esper.simic.transitions import RecordCollector
 from esper.tamiyo import BlueprintMetadataCache
@@ -224,6 +225,28 @@ def pareto(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, bool]:
     return front
 
 
+def plot_curve(curve: list[dict[str, Any]], references: dict[str, float], path: Path) -> None:
+    """The learning curve (objective on the curve tasks against episodes consumed), with `references`
+    (a policy's objective on the same tasks) as horizontal lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.plot([p["episodes"] for p in curve], [p["objective"] for p in curve], marker="o", label="GNN")
+    for point in curve:
+        axes.annotate(point["round"], (point["episodes"], point["objective"]), fontsize=7)
+    for name, value in references.items():
+        axes.axhline(value, linestyle="--", linewidth=1, label=f"{name} (same tasks)")
+    axes.set_xlabel("episodes consumed")
+    axes.set_ylabel("objective (accuracy - cost x kparams)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+
+
 def _finite_or_null(value: Any) -> Any:
     """JSON has no NaN: a figure that could not be measured (one task has no spread) is null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -256,6 +279,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lifecycle-only", action="store_true", help="action masking: the GNN never adjusts lr nor pauses"
     )
     parser.add_argument("--entropy-coef", type=float, default=0.01)
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="keep Simic's state here (lineage.jsonl: plot it with `esper simic report`) and the "
+        "learning curve as learning_curve.png",
+    )
     parser.add_argument("--contenders", default="wait_only,heuristic,random,imitation_gnn,learned_gnn")
     return parser.parse_args(argv)
 
@@ -335,7 +365,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # 2. Heuristic decisions, then the imitation bootstrap.
         heuristic_records = record("heuristic", lambda: HeuristicPolicy(sampling), train_tasks)
         learner = SimicTrainer(
-            simic, sampling, episodes.gnn(config, None), SECRET, blueprint_metadata=episodes.metadata
+            simic,
+            sampling,
+            episodes.gnn(config, None),
+            SECRET,
+            blueprint_metadata=episodes.metadata,
+            state=None if args.state_dir is None else SimicState(args.state_dir),
         )
         random_payload = learner.policy.state_bytes()
         log_round("imitation", learner.run_round(heuristic_records.transitions(simic), mode="imitation"))
@@ -386,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "benchmark": "policy_quality",
         "command": " ".join(sys.argv),
-        "args": vars(args),
+        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "train_tasks": [task.name for task in train_tasks],
         "eval_tasks": [task.name for task in eval_tasks],
         "gnn_dims": config.dims(),
@@ -401,6 +436,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "episodes_per_minute": 60.0 * episodes.count / (time.monotonic() - started),
         "wall_seconds": time.monotonic() - started,
     }
+    if args.state_dir is not None and curve:
+        references: dict[str, float] = {
+            name: statistics.fmean(row["objective"] for row in rows[name][: len(curve_tasks)])
+            for name in ("heuristic", "wait_only")
+            if name in rows
+        }
+        plot_curve(curve, references, args.state_dir / "learning_curve.png")
     if "learned_gnn-heuristic" in differences:
         gap = differences["learned_gnn-heuristic"]["objective"]
         summary["learned_beats_heuristic"] = bool(gap["mean"] - gap["ci95"] > 0)
