@@ -119,10 +119,13 @@ class Episodes:
         self.metadata: BlueprintMetadataCache = metadata_cache(self.catalogue, tamiyo, None, cleanup)
         self.count = 0
 
-    def gnn(self, config: TamiyoGNNConfig, payload: bytes | None, seed: int = 0) -> GNNPolicy:
-        """A GNN policy of `config` (weights of `payload`, or seeded initial ones) with the catalogue."""
+    def gnn(
+        self, config: TamiyoGNNConfig, payload: bytes | None, seed: int = 0, *, greedy: bool = False
+    ) -> GNNPolicy:
+        """A GNN policy of `config` (weights of `payload`, or seeded initial ones) with the catalogue;
+        sampling, or taking the most likely choice when `greedy`."""
         torch.manual_seed(seed)
-        policy = GNNPolicy(self.tamiyo, config=config, blueprint_metadata=self.metadata)
+        policy = GNNPolicy(self.tamiyo, config=config, blueprint_metadata=self.metadata, greedy=greedy)
         if payload is not None:
             policy.load_state_bytes(payload)
         return policy
@@ -280,6 +283,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--entropy-coef", type=float, default=0.01)
     parser.add_argument(
+        "--greedy-eval", action="store_true", help="imitation and learned take their most likely choice"
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         default=None,
@@ -398,8 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "wait_only": WaitOnlyPolicy,
             "heuristic": lambda: HeuristicPolicy(sampling),
             "random": lambda: episodes.gnn(config, random_payload),
-            "imitation_gnn": lambda: episodes.gnn(config, imitation_payload),
-            "learned_gnn": lambda: episodes.gnn(config, learned_payload),
+            "imitation_gnn": lambda: episodes.gnn(config, imitation_payload, greedy=args.greedy_eval),
+            "learned_gnn": lambda: episodes.gnn(config, learned_payload, greedy=args.greedy_eval),
         }
         rows: dict[str, list[Row]] = {}
         for name in args.contenders.split(","):
