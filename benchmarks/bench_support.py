@@ -72,9 +72,11 @@ def build_trainer(
     catalogue: BlueprintCatalogue,
     work: Path,
     run_id: str,
+    kasmina: KasminaSettings | None = None,
 ) -> Trainer:
     """Tolaria's trainer over `host` with Kasmina's seed manager (growth included), as the run assembly
-    builds it for `esper run`, writing its run directory under `work`.
+    builds it for `esper run`, writing its run directory under `work`; Kasmina's defaults unless
+    `kasmina` is given.
 
     The run is isolated (no bus, no Tamiyo store) and borrows the caller's catalogue and controller; the
     benchmark drives `fit` itself, and the run's logs stay open until the process ends."""
@@ -87,7 +89,7 @@ def build_trainer(
         catalogue_path=work / "urza.sqlite3",
         training_run_id=run_id,
         tolaria=settings,
-        kasmina=load_settings(KasminaSettings, environ={}),
+        kasmina=kasmina or load_settings(KasminaSettings, environ={}),
     )
     run = RunAssembly(
         RunSettings.resolve(environ={}),

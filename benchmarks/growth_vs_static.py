@@ -10,7 +10,8 @@ For each case (task, host) and each seed, four runs of the same length:
   grown architecture, without growth;
 - `random_init`: the grown run again with new units' fan-in drawn at random (the control for GradMax).
 
-Figures per run: final validation accuracy, final parameter count, training FLOPs and wall seconds.
+Figures per run: final validation accuracy, final parameter count, training FLOPs, wall seconds, and
+`diverged` (the trainer gave up after repeated loss spikes: the run then scores the model as it was).
 Training FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (the matmuls and convolutions of
 the forward and the backward pass, so attention's products are included and elementwise work is not) on
 sampled steps: the first, every step where the parameter count changed, and every decision interval;
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +48,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from esper.kasmina import KasminaSettings
 from esper.leyline import load_settings, pb
 from esper.tamiyo import HeuristicPolicy
 from esper.tamiyo.model.heuristic import HeuristicSettings, WaitOnlyPolicy
+from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.data import Dataset
 from esper.tolaria.hosts import Host, build_host
 from esper.tolaria.run import load_task
 from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.trainer import TrainingDiverged
 from esper.urza import BlueprintCatalogue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,7 +76,7 @@ CASES: dict[str, tuple[str, str, float]] = {
     "tokens:transformer": ("tokens", "transformer", 0.5),
 }
 # The narrow start of each host (TOLARIA_HOST_WIDTH): MLP units, first conv channels, feed-forward units.
-NARROW = {"mlp": 4, "cnn": 3, "conv1d": 4, "transformer": 4}
+NARROW = {"mlp": 4, "cnn": 4, "conv1d": 4, "transformer": 4}
 RUNS = ("grown", "no_growth", "static", "random_init")
 
 
@@ -110,7 +115,11 @@ def esper_run(
         policy = WaitOnlyPolicy()
     else:
         init = pb.GROWTH_INIT_RANDOM if policy_name == "random_init" else pb.GROWTH_INIT_GRADMAX
-        policy = HeuristicPolicy(HeuristicSettings(enable_growth=True, widen_init=init))
+        # The heuristic as `esper run` configures it (TAMIYO_HEURISTIC_* apply), growth on.
+        tamiyo = load_settings(TamiyoSettings)
+        policy = HeuristicPolicy(
+            replace(HeuristicSettings.from_tamiyo(tamiyo), enable_growth=True, widen_init=init)
+        )
     trainer = build_trainer(
         dataset=dataset,
         host=host,
@@ -119,6 +128,7 @@ def esper_run(
         catalogue=catalogue,
         work=work,
         run_id=run_id,
+        kasmina=load_settings(KasminaSettings),  # as `esper run` resolves it (KASMINA_* apply)
     )
     sizes = _batch_sizes(len(dataset.x_train), settings.batch_size)
     train_step = trainer.train_step
@@ -137,7 +147,13 @@ def esper_run(
 
     trainer.train_step = step  # type: ignore[method-assign]
     started = time.perf_counter()
-    outcome = trainer.fit()
+    try:
+        outcome = trainer.fit()
+        accuracy, diverged = outcome.evaluation.accuracy, 0.0
+    except TrainingDiverged as exc:
+        # Counted, not hidden: the run scores what its model computes where the trainer gave up.
+        print(f"{run_id}: {exc}", file=sys.stderr)
+        accuracy, diverged = _accuracy(host, dataset), 1.0
     seconds = time.perf_counter() - started
     growth = [
         record
@@ -146,11 +162,12 @@ def esper_run(
         and any(op in str(record.get("operation", "")) for op in ("WIDEN", "DEEPEN", "GERMINATE"))
     ]
     return {
-        "accuracy": outcome.evaluation.accuracy,
-        "params": float(outcome.parameters),
+        "accuracy": accuracy,
+        "params": float(host.parameter_count()),
         "flops": counted["flops"],
         "seconds": seconds,
         "growths": float(len(growth)),
+        "diverged": diverged,
     }, host
 
 
@@ -198,6 +215,7 @@ def static_run(grown: Host, case: str, seed: int, *, epochs: int) -> dict[str, A
         "flops": flops,
         "seconds": seconds,
         "growths": 0.0,
+        "diverged": 0.0,
     }
 
 
@@ -246,7 +264,8 @@ def _row(case: str, name: str, figures: dict[str, Any]) -> str:
     return (
         f"{case:19s} {name:11s} accuracy {accuracy['mean']:.4f} ± {accuracy['ci95']:.4f}  "
         f"params {figures['params']['mean']:8.0f}  MFLOPs {figures['flops']['mean'] / 1e6:10.1f}  "
-        f"seconds {figures['seconds']['mean']:6.1f}  growths {figures['growths']['mean']:.1f}"
+        f"seconds {figures['seconds']['mean']:6.1f}  growths {figures['growths']['mean']:.1f}  "
+        f"diverged {figures['diverged']['mean'] * len(figures['per_seed_accuracy']):.0f}"
     )
 
 

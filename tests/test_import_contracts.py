@@ -21,7 +21,8 @@ def test_no_contract_lets_a_forbidden_import_through_another_module() -> None:
 
 def test_the_subsystems_are_layered_with_the_composition_roots_on_top() -> None:
     (layers,) = [c["layers"] for c in _contracts() if c["type"] == "layers"]
-    assert layers[0] == "esper.cli : esper.weatherlight : (esper.assembly)"
+    # The public Python API and the Gymnasium environments are composition roots beside the CLI.
+    assert layers[0] == "(esper.api) : (esper.envs) : esper.cli : esper.weatherlight : (esper.assembly)"
     assert layers[-3:] == ["esper.urza", "esper.oona", "esper.leyline"]
 
 

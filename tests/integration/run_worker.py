@@ -87,6 +87,8 @@ def config(run_dir: Path, *, epochs: int = 8, decision_lag_steps: int = 0) -> Ru
             decision_interval=5,
             decision_lag_steps=decision_lag_steps,
             seed=3,
+            # Every epoch, as before the clock-based cadence: the kill tests wait for a mid-run checkpoint.
+            checkpoint_every_epochs=1,
         ),
         kasmina=load_settings(
             KasminaSettings,

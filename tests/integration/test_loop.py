@@ -13,6 +13,7 @@ import copy
 import itertools
 import json
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,9 @@ class RecordingController:
 @pytest.fixture
 def trainer(tmp_path: Path) -> Iterator[Trainer]:
     cfg = config(tmp_path / "run", epochs=4)
+    # One seed's life to FOSSILIZED, its fossil checked in its slot: stacking it into the host is
+    # tests/kasmina/test_stacking.py's and tests/tolaria/test_stack_resume.py's.
+    cfg = replace(cfg, kasmina=cfg.kasmina.model_copy(update={"stack_fossils": False}))
     recording = RecordingController(controller())
     with RunAssembly(
         run_settings(tmp_path), cfg, secret=SECRET, controller=recording, deployment=False

@@ -44,7 +44,9 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, policy: str) -
     subprocess.run(_worker(reference, *chosen), cwd=REPO, env=env, check=True, timeout=300)
 
     interrupted = tmp_path / "interrupted" / "run"
-    process = subprocess.Popen(_worker(interrupted, "--delay", "0.05", *chosen), cwd=REPO, env=env)
+    # The delay per decision keeps the run going long enough to be killed mid-way (the narrow host that
+    # runs start from trains fast).
+    process = subprocess.Popen(_worker(interrupted, "--delay", "0.2", *chosen), cwd=REPO, env=env)
     checkpoints = interrupted / "checkpoints"
     deadline = time.monotonic() + 90
     killed_after: list[str] = []
@@ -80,8 +82,12 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, policy: str) -
 
 
 def _without_ids(log: Path) -> list[dict[str, Any]]:
-    """The log's records without command ids (Tamiyo's are random; the scripted controller's are not)."""
+    """The log's records without command ids, in the record or its detail (Tamiyo's are random; the
+    scripted controller's are not)."""
     records = [json.loads(line) for line in log.read_text().splitlines()]
+    for record in records:
+        if isinstance(record.get("detail"), dict):
+            record["detail"] = {k: v for k, v in record["detail"].items() if k != "command_id"}
     return [{k: v for k, v in record.items() if k != "command_id"} for record in records]
 
 

@@ -14,7 +14,7 @@ from esper.leyline import Clock, ManualClock, SignatureVerifier, pb, sign
 from esper.tolaria.hosts import MLPHost
 from esper.tolaria.optimizer import GroupedAdam
 from esper.urza import BlueprintCatalogue
-from tests.kasmina.support import RUN_ID, SECRET, command, fast_settings, open_catalogue
+from tests.kasmina.support import RUN_ID, SECRET, command, fast_settings, germinate, open_catalogue
 
 torch.set_num_threads(1)
 S = pb
@@ -362,3 +362,18 @@ def test_export_and_restore_rebuild_growths_and_widened_layers(
     manager.restore_state(early)
     assert host.hidden[0].out_features == 5 and manager.growth_ids == []
     host.load_state_dict(host_before.state_dict(), strict=True)
+
+
+def test_growths_dwell_by_their_own_settings_and_seeds_by_theirs(
+    catalogue: BlueprintCatalogue, clock: ManualClock
+) -> None:
+    host, manager = make(catalogue, clock, min_training_steps=40, growth_min_training_steps=3)
+    loop = Loop(host, manager)
+    assert manager.apply(widen(clock, "fc1", init=pb.GROWTH_INIT_RANDOM), step=0).accepted
+    assert manager.apply(germinate(clock, "h2", "mlp_small"), step=0).accepted
+    loop.apply_changes()
+    loop.until("fc1:w1", S.SEED_STAGE_BLENDING, limit=30)
+    assert manager.stage("h2") == S.SEED_STAGE_TRAINING  # the seed still has 40 steps to train
+    state = manager.export_state()
+    manager.restore_state(state)  # a restored growth keeps its own dwell
+    assert manager.growth("fc1:w1").lifecycle.settings.min_training_steps == 3

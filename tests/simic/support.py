@@ -53,6 +53,9 @@ def record_for(
     record.head_choices.update(proposal.head_choices)
     record.head_log_probs.update(proposal.head_log_probs)
     record.normalizer.extend(statistics_to_proto(proposal.normalized_with))
+    if proposal.layer_id:  # as Tamiyo's records store a growth's layer and amount
+        record.growth.layer_id = proposal.layer_id
+        record.growth.units = proposal.units
     accuracy, loss, params = PAYOFF.get(proposal.action, (0.0, 0.0, 0.0))
     report = pb.FieldReport(
         report_id=f"fr-{command_id}",

@@ -299,7 +299,7 @@ def test_validation_refuses_non_finite_weights_and_large_kl() -> None:
     assert not report_nan.passed and "weights are not finite" in report_nan.reasons
     moved = _copy(policy)
     with torch.no_grad():
-        moved.module.action_head.bias.copy_(torch.tensor([5.0, -5.0, 0.0, 0.0, 0.0, 0.0]))
+        moved.module.action_head.bias.copy_(torch.tensor([5.0, -5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
     far = validate_candidate(policy, moved, s, graphs=graphs, training_losses={"loss": 1.0}, holdout=rollout)
     assert not far.passed and any("KL" in reason for reason in far.reasons)
     nan_loss = validate_candidate(

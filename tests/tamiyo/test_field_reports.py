@@ -91,6 +91,26 @@ def test_decision_record_carries_what_simic_needs(store: TamiyoStore) -> None:
     assert store.current_policy_version() == "scripted-1"
 
 
+def test_a_growth_decision_records_its_layer_and_amount(store: TamiyoStore) -> None:
+    from tests.tamiyo.test_heuristic_growth import host_packet
+
+    widen = Proposal(
+        action=pb.POLICY_ACTION_WIDEN,
+        layer_id="fc2",
+        units=4,
+        head_choices={"action": 6, "layer": 1, "amount": 2},
+    )
+    service = service_for(store, widen)
+    try:
+        command = service.evaluate_step(host_packet(1.0))
+    finally:
+        service.close(abort_open_windows=False)
+    record = store.decision(command.command_id)
+    assert record is not None and record.action == pb.POLICY_ACTION_WIDEN
+    assert (record.growth.layer_id, record.growth.units) == ("fc2", 4)
+    assert dict(record.head_choices) == {"action": 6, "layer": 1, "amount": 2}
+
+
 def test_a_gnn_decision_records_the_normaliser_statistics_its_graph_was_made_with(
     store: TamiyoStore,
 ) -> None:

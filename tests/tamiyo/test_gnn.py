@@ -11,6 +11,8 @@ from torch_geometric.nn import GATConv
 from esper.tamiyo.model.builder import GraphBuilder
 from esper.tamiyo.model.gnn import TamiyoGNN, TamiyoGNNConfig
 from esper.tamiyo.model.graph import TamiyoGraph
+from esper.tamiyo.model.outputs import GNNOutput
+from esper.tamiyo.model.proposal import ACTIONS
 from esper.tamiyo.model.schema import TAMIYO_SCHEMA, GraphSchemaError
 from tests.tamiyo.packets import SMALL, make_packet, settings
 
@@ -67,7 +69,7 @@ def test_a_graph_missing_a_relation_is_a_typed_error_naming_it() -> None:
 def test_device_choice_survives_a_graph_without_layers_slots_or_blueprints() -> None:
     empty = GraphBuilder(settings()).build(make_packet(n_layers=0, n_slots=0, n_blueprints=0))
     out = TamiyoGNN(SMALL).eval()(empty)
-    assert out.action_logits.shape == (1, 6)
+    assert out.action_logits.shape == (1, len(ACTIONS))
     assert torch.isfinite(out.value).all()
 
 
@@ -142,7 +144,7 @@ def test_every_depth_runs_the_same_function_on_all_three_paths(sage_layers: int,
     model.build_plan(g)  # raises PlanError if the plan disagrees with the dense path
     with torch.inference_mode():
         planned = model(g)
-    for name in ("action_logits", "slot_scores", "blueprint_scores", "value"):
+    for name in GNNOutput.__dataclass_fields__:  # every head, the layer pointer and amount too
         want = getattr(reference, name)
         assert torch.allclose(getattr(dense, name), want, atol=1e-5)
         assert torch.allclose(getattr(planned, name), want, atol=1e-4)
@@ -162,7 +164,7 @@ def test_device_of_a_quantised_module_still_comes_from_its_parameters() -> None:
     assert {attr.device for attr in quantised.edge_attrs(g, quantised.device).values()} == {quantised.device}
     with torch.inference_mode():
         out = quantised.forward_message_passing(g)
-    assert out.action_logits.shape == (1, 6) and torch.isfinite(out.value).all()
+    assert out.action_logits.shape == (1, len(ACTIONS)) and torch.isfinite(out.value).all()
 
 
 def test_checkpoint_is_called_between_layers() -> None:

@@ -76,7 +76,10 @@ def policy() -> HeuristicPolicy:
 def test_version_and_tamiyo_settings_give_defaults() -> None:
     heuristic = HeuristicPolicy(TamiyoSettings())
     assert heuristic.version == "heuristic-v2"
-    assert heuristic.settings == HeuristicSettings()
+    # `esper run` grows layers from the first decision; the rules' own defaults leave growth off.
+    assert heuristic.settings == HeuristicSettings(
+        enable_growth=True, grow_early=True, last_growth_progress=0.85
+    )
 
 
 # --- germination -----------------------------------------------------------------------------------
@@ -114,10 +117,45 @@ def test_only_offered_blueprints_are_used_in_rotation() -> None:
     )
     chosen = [
         p.blueprint_id
-        for p in feed(policy, [1.0] * 8, blueprints=("conv_se", "lowrank", "conv_residual"))
+        for p in feed(policy, [1.0] * 8, blueprints=("mlp_small", "lowrank", "mlp_bottleneck"))
         if p.action == GERMINATE
     ]
-    assert chosen == ["conv_se", "lowrank", "conv_residual", "conv_se", "lowrank", "conv_residual", "conv_se"]
+    assert chosen == [
+        "mlp_small",
+        "lowrank",
+        "mlp_bottleneck",
+        "mlp_small",
+        "lowrank",
+        "mlp_bottleneck",
+        "mlp_small",
+    ]
+
+
+def test_each_slot_takes_a_blueprint_of_its_own_kind_on_a_mixed_host() -> None:
+    # A user's CNN with a Linear head: conv slots and an MLP slot, and blueprints of both kinds offered.
+    policy = HeuristicPolicy(
+        HeuristicSettings(plateau_patience=1, germination_cooldown=1, max_active_seeds=5)
+    )
+    offer = ("mlp_expand", "conv_se", "conv_residual")
+    for slot_kind, expected in (("conv", "conv_se"), ("mlp", "mlp_expand")):
+        built = pb.SystemStatePacket(
+            packet_id="p",
+            training_run_id="run",
+            source_subsystem="tolaria",
+            validation_loss=1.0,
+            seed_states=[seed("s0")],
+            blueprint_ids=list(offer),
+        )
+        built.topology.slots.add(slot_id="s0", layer_id="hidden", width=32, kind=slot_kind)
+        policy.propose(validate_packet(built))  # the first evaluation: no plateau yet
+        proposal = policy.propose(validate_packet(built))
+        assert (proposal.action, proposal.blueprint_id) == (GERMINATE, expected), proposal.reason
+
+
+def test_no_offered_blueprint_of_the_slots_kind_waits_and_says_so(policy: HeuristicPolicy) -> None:
+    proposals = feed(policy, PLATEAU, blueprints=("conv_se", "conv_residual"))  # the slots are MLP slots
+    assert proposals[-1].action == WAIT
+    assert "fits a dormant slot's kind" in proposals[-1].reason
 
 
 def test_the_preferred_blueprint_is_chosen_whenever_it_is_offered() -> None:

@@ -269,15 +269,47 @@ def test_the_budget_gate_holds_a_growth_past_the_budget() -> None:
     assert growth_over_budget(packet, WIDEN, "nope", units=1) is not None
 
 
-def test_the_gnn_head_is_unchanged() -> None:
-    assert len(ACTIONS) == 6 and WIDEN not in ACTIONS and DEEPEN not in ACTIONS
+def test_the_gnn_head_ends_with_widen_and_deepen_at_their_values_minus_one() -> None:
+    assert ACTIONS[-2:] == (WIDEN, DEEPEN)
+    assert all(ACTIONS.index(action) == action - 1 for action in ACTIONS)
 
 
-def test_growth_operations_are_opt_in_for_esper_run(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_growth_operations_are_on_for_esper_run_and_their_thresholds_are_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from esper.leyline import load_settings
     from esper.tamiyo.settings import TamiyoSettings
 
-    monkeypatch.delenv("TAMIYO_HEURISTIC_GROWTH", raising=False)
-    assert not HeuristicSettings.from_tamiyo(load_settings(TamiyoSettings)).enable_growth
-    monkeypatch.setenv("TAMIYO_HEURISTIC_GROWTH", "true")
-    assert HeuristicSettings.from_tamiyo(load_settings(TamiyoSettings)).enable_growth
+    for name in ("GROWTH", "GROW_EARLY", "WIDEN_FRACTION", "MIN_GAIN_PER_PARAMETER"):
+        monkeypatch.delenv(f"TAMIYO_HEURISTIC_{name}", raising=False)
+    default = HeuristicSettings.from_tamiyo(load_settings(TamiyoSettings))
+    assert default.enable_growth and default.grow_early
+    monkeypatch.setenv("TAMIYO_HEURISTIC_GROWTH", "false")
+    monkeypatch.setenv("TAMIYO_HEURISTIC_WIDEN_FRACTION", "0.5")
+    monkeypatch.setenv("TAMIYO_HEURISTIC_MIN_GAIN_PER_PARAMETER", "0.001")
+    configured = HeuristicSettings.from_tamiyo(load_settings(TamiyoSettings))
+    assert not configured.enable_growth
+    assert (configured.widen_fraction, configured.min_gain_per_parameter) == (0.5, 0.001)
+
+
+def test_growing_early_widens_at_the_first_decision_until_a_widen_is_judged() -> None:
+    early = HeuristicPolicy(HeuristicSettings(enable_growth=True, grow_early=True))
+    late = HeuristicPolicy(HeuristicSettings(enable_growth=True))
+    first = early.propose(host_packet(2.0))
+    assert first.action == pb.POLICY_ACTION_WIDEN and "growing early" in first.reason
+    assert late.propose(host_packet(2.0)).action == pb.POLICY_ACTION_WAIT
+    # Once a widen was judged, growth goes on only while it pays (or on a plateau).
+    early.restore({**early.state(), "widen_gain": {"fc1": 1e-7}, "last_gain": 1e-7})
+    early.restore({**early.state(), "evaluations_since_germination": 10})
+    assert early.propose(host_packet(1.0)).action != pb.POLICY_ACTION_WIDEN
+
+
+def test_nothing_new_starts_when_it_could_not_finish_before_the_end_of_the_run() -> None:
+    policy = HeuristicPolicy(HeuristicSettings(enable_growth=True, grow_early=True, last_growth_progress=0.8))
+    late = host_packet(2.0)
+    late.training_metrics["progress"] = 0.9
+    proposal = policy.propose(late)
+    assert proposal.action == pb.POLICY_ACTION_WAIT and "could not finish" in proposal.reason
+    early = host_packet(2.0)
+    early.training_metrics["progress"] = 0.1
+    assert policy.propose(early).action == pb.POLICY_ACTION_WIDEN

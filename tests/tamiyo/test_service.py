@@ -547,6 +547,39 @@ def test_a_granted_real_time_priority_shows_in_health_and_emits_nothing(
         service.close()
 
 
+def test_a_pipelined_decision_raises_the_caller_only_while_it_waits_for_its_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Raising and restoring the caller's priority cost more than a pipelined collect of a finished
+    job: the caller is raised only when the job is still running when it comes to collect."""
+    monkeypatch.setattr(worker_module, "set_thread_priority", lambda _priority: None)
+    policy = ScriptedPolicy(WAIT, block_first=True)
+    raised: list[int] = []
+
+    def fake_raise(priority: int) -> Any:
+        raised.append(priority)
+        policy.release.set()  # the caller waits now: let the blocked job finish
+        return lambda: None
+
+    monkeypatch.setattr(service_module, "raise_priority", fake_raise)
+    service = TamiyoService(
+        settings(realtime_priority=10, step_timeout_ms=5000.0), policy, SECRET, telemetry_sink=lambda _p: None
+    )
+    try:
+        service.submit(make_packet())  # its job blocks until the caller is raised
+        assert service.collect().command_type == pb.COMMAND_WAIT
+        assert raised == [11]
+        service.submit(make_packet())
+        in_flight = service._in_flight
+        assert in_flight is not None
+        while not in_flight.pending.finished:  # a gate on the job's own state, not a timer
+            time.sleep(0.001)
+        assert service.collect().command_type == pb.COMMAND_WAIT
+        assert raised == [11]  # the finished job's collect left the caller as it was
+    finally:
+        service.close()
+
+
 def test_a_calling_thread_refused_the_priority_is_announced_once_and_decisions_go_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

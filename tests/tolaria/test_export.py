@@ -207,7 +207,7 @@ def test_grown_hosts_and_adapted_models_reload_without_esper_and_compute_the_sam
     kinds = json.dumps(spec)
     assert '"seed"' in kinds and '"residual"' in kinds and "SeedSlot" not in kinds
     linears = [(n["in"], n["out"]) for n in spec["model"]["layers"] if n["kind"] == "linear"]
-    assert linears == [(10, 12), (12, 16), (16, 3)]  # fc2 widened by 4 and merged
+    assert linears == [(10, 4), (4, 8), (8, 3)]  # the narrow start; fc2 widened by 4 and merged
     custom = json.loads((tmp_path / "adapted-custom" / "model.json").read_text())["model"]
     assert custom["kind"] == "graph"
     assert [step["op"] for step in custom["nodes"]].count("module") == 5  # fc1, point, fc2, point, head
@@ -379,7 +379,7 @@ def test_esper_export_of_real_runs_equals_their_final_models(
         if kind == "mlp":
             stages = {(e.get("slot_id"), e["to_stage"]) for e in card["growth_history"]}
             assert ("h2", "FOSSILIZED") in stages and ("fc1:w1", "FOSSILIZED") in stages, sorted(stages)
-            assert final.host_layers()[0][2] == 16  # fc1 widened by 4, merged
+            assert final.host_layers()[0][2] == 8  # fc1 (4 units at the start) widened by 4, merged
         dataset = run_module.load_task(task, kind, seed=3, difficulty=0.5)
         cases.append(save_case(out, final, dataset.x_val[:64]))
     check_in_fresh_process(cases)

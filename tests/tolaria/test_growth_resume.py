@@ -164,7 +164,7 @@ def test_kill_and_resume_after_a_growth_equals_an_uninterrupted_run(
     stages = [stage for _, slot, stage in _transitions(reference) if slot == growth_id]
     assert stages[:1] == ["GERMINATED"] and "FOSSILIZED" in stages, stages
     grown = [layer.width for layer in reference.host.topology().layers]
-    assert grown[0] == (16 if operation == pb.SEED_OP_WIDEN else 12)
+    assert grown[0] == (8 if operation == pb.SEED_OP_WIDEN else 4)  # the narrow start, 4 units
     for halt in halts:
         run = tmp_path / f"halted-{halt}"
         halted = make_trainer(run, dataset, catalogue, operation, ScriptedChannel(halt_at_poll=halt))

@@ -9,11 +9,12 @@ that ended the run, never instead of it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -39,7 +40,6 @@ from esper.leyline import (
     SYSTEM_CLOCK,
     CleanupStack,
     SignatureVerifier,
-    pb,
     resolve_signing_secret,
 )
 from esper.leyline.cleanup import CleanupReporter
@@ -319,7 +319,7 @@ class RunAssembly:
             host=host,
             manager=manager,
             controller=self.controller,
-            blueprint_ids=self.catalogue.ids_for(host.slot_kind),
+            blueprint_ids=offered_blueprints(self.catalogue, host),
             run_dir=run_dir,
             training_run_id=config.training_run_id,
             emergency=self.emergency,
@@ -342,33 +342,52 @@ class RunAssembly:
         `on_epoch` sees every epoch's figures. With a bus the run obeys emergency HALTs: it checkpoints
         and stops early, and the summary says "halted" (resume it with `resume=True`). A failure marks
         the run failed with its reason, Ctrl-C marks it halted, and the exception goes on."""
-        started = time.monotonic()
-        trainer = self.prepare()
-        params_initial = self._params_initial
-        status = RunStatus.running(self.command)
-        status.write(self.layout.status)
-        try:
+        with self.driven() as drive:
+            trainer = drive.trainer
             resumed_from = trainer.step if self.resume and trainer.resume() else None
             outcome = fit(trainer, console, progress, self._observer(on_epoch))
-            summary = self._summary(
-                trainer, outcome, params_initial, resumed_from, time.monotonic() - started
-            )
-            self.metrics.finish(
-                step=summary.steps,
-                validation_accuracy=summary.final_val_accuracy,
-                validation_loss=summary.final_val_loss,
-                parameters=summary.params_final,
-                fossilized_seeds=summary.seeds_fossilized,
-            )
-            write_json(self.layout.summary, summary.to_json())
+            return drive.conclude(outcome, resumed_from=resumed_from)
+
+    @contextlib.contextmanager
+    def driven(self) -> Iterator[Drive]:
+        """The run trained by a loop outside the assembly (`train`'s own, or a user's loop through
+        `esper.GrowthSession`): status.json says running until the block ends, and then how it ended;
+        `Drive.conclude` writes the summary. A failure marks the run failed with its reason, Ctrl-C
+        marks it halted, and the exception goes on."""
+        started = time.monotonic()
+        trainer = self.prepare()
+        status = RunStatus.running(self.command)
+        status.write(self.layout.status)
+        drive = Drive(self, trainer, started)
+        try:
+            yield drive
         except KeyboardInterrupt:
             self._end(status, "halted", "interrupted (Ctrl-C)")
             raise
         except BaseException as exc:  # a summary that cannot be written fails the run as well
             self._end(status, "failed", f"{type(exc).__name__}: {exc}")
             raise
+        summary = drive.summary
+        if summary is None:
+            self._end(status, "failed", "the run ended without a summary")
+            return
         halt = summary.halt
         self._end(status, summary.status, None if halt is None else f"{halt.origin}: {halt.reason}")
+
+    def _conclude(
+        self, trainer: Trainer, outcome: TrainingOutcome, resumed_from: int | None, started: float
+    ) -> RunSummary:
+        summary = self._summary(
+            trainer, outcome, self._params_initial, resumed_from, time.monotonic() - started
+        )
+        self.metrics.finish(
+            step=summary.steps,
+            validation_accuracy=summary.final_val_accuracy,
+            validation_loss=summary.final_val_loss,
+            parameters=summary.params_final,
+            fossilized_seeds=summary.seeds_fossilized,
+        )
+        write_json(self.layout.summary, summary.to_json())
         return summary
 
     def _end(self, status: RunStatus, ended: str, reason: str | None) -> None:
@@ -400,7 +419,7 @@ class RunAssembly:
         wall_seconds: float,
     ) -> RunSummary:
         config, manager = self.config, trainer.manager
-        fossilized = sum(1 for s in manager.slot_ids if manager.stage(s) == pb.SEED_STAGE_FOSSILIZED)
+        fossilized = manager.fossilized_count()  # stacked seeds included
         return RunSummary(
             run_id=config.training_run_id,
             task=trainer.dataset.name,
@@ -423,7 +442,30 @@ class RunAssembly:
             status="halted" if outcome.halt is not None else "completed",
             halt=outcome.halt,
             transitions=dict(sorted(trainer.transitions.items())),
+            growth_steps=trainer.growth_log.steps(),
         )
+
+
+class Drive:
+    """A run being trained inside `RunAssembly.driven`: its trainer, and `conclude` once it ended."""
+
+    def __init__(self, run: RunAssembly, trainer: Trainer, started: float) -> None:
+        self.trainer = trainer
+        self.summary: RunSummary | None = None
+        self._run = run
+        self._started = started
+
+    def conclude(self, outcome: TrainingOutcome, *, resumed_from: int | None = None) -> RunSummary:
+        """The run's summary from the trainer's final `outcome`, written to summary.json."""
+        self.summary = self._run._conclude(self.trainer, outcome, resumed_from, self._started)
+        return self.summary
+
+
+def offered_blueprints(catalogue: BlueprintCatalogue, host: Host) -> list[str]:
+    """The blueprints offered to the controller: those of the host's slot kind, then those of any other
+    kind its slots have (a user's CNN with a Linear head has conv and MLP slots), each once."""
+    kinds = [host.slot_kind, *(slot.kind for slot in host.slots())]
+    return list(dict.fromkeys(b for kind in dict.fromkeys(kinds) for b in catalogue.ids_for(kind)))
 
 
 def run_directory(layout: RunLayout, *, events: EventLog | None = None) -> RunDirectory:

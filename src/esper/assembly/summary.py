@@ -36,6 +36,8 @@ class RunSummary:
     status: Literal["completed", "halted"]
     halt: HaltRequest | None
     transitions: dict[str, int] = field(default_factory=dict)
+    # Accuracy and size before and after each growth (widen, deepen, seed), as the trainer gathered them.
+    growth_steps: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def seeds_germinated(self) -> int:

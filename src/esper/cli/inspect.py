@@ -211,6 +211,38 @@ def _change_catalogue(verb: str, blueprint_id: str, reason: str | None) -> None:
     console.print(f"{blueprint_id}: {verb}d at revision {descriptor.revision}, announced on the bus")
 
 
+@blueprints_app.command("operations")
+def blueprints_operations(
+    as_json: bool = typer.Option(False, "--json", help="Print the operations as JSON instead of a table."),
+) -> None:
+    """List the growth operations (Urza): what a WIDEN or DEEPEN may change, by how much, at what cost."""
+    import json
+
+    from rich.table import Table
+
+    from esper.urza import GROWTH_OPERATIONS
+
+    entries = [operation.as_dict() for operation in GROWTH_OPERATIONS]
+    if as_json:
+        typer.echo(json.dumps(entries, indent=2))
+        return
+    table = Table(title="Growth operations")
+    for column in ("id", "kind", "operation", "host kinds", "amounts"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("cost per unit (parameters)", overflow="fold", ratio=1)
+    for operation in GROWTH_OPERATIONS:
+        entry = operation.as_dict()
+        table.add_row(
+            operation.op_id,
+            operation.kind,
+            str(entry["seed_operation"]),
+            ", ".join(operation.host_kinds),
+            ", ".join(str(amount) for amount in operation.allowed_amounts),
+            operation.cost_per_unit,
+        )
+    print_table(table)
+
+
 @blueprints_app.command("quarantine")
 def blueprints_quarantine(
     blueprint_id: Annotated[str, typer.Argument(help="Id of the blueprint (see `esper blueprints`).")],

@@ -16,6 +16,7 @@ class EventKind(StrEnum):
     ISOLATION_VIOLATION = "isolation_violation"
     COMMAND_APPLIED = "command_applied"
     COMMAND_REJECTED = "command_rejected"
+    STACKED = "stacked"  # a fossil became part of the host; its slot is DORMANT again
 
 
 class RejectionReason(StrEnum):

@@ -208,6 +208,8 @@ class Growth:
             "has_module": self.module is not None,
             "seed_gradient_norm": self.seed_gradient_norm,
             "param_count": self.param_count,
+            "last_gate_failure": self.last_gate_failure,
+            "ready_reported": self.ready_reported,
         }
 
 
@@ -235,6 +237,8 @@ def restore_growth(host: GrowthHost, settings: KasminaSettings, saved: dict[str,
     )
     norm = saved["seed_gradient_norm"]
     growth.seed_gradient_norm = None if norm is None else float(norm)
+    growth.last_gate_failure = str(saved.get("last_gate_failure", ""))
+    growth.ready_reported = bool(saved.get("ready_reported", False))
     if saved["has_module"]:
         growth.build(empty=True)
     elif saved["statistics"] is not None:

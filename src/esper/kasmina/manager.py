@@ -32,7 +32,7 @@ from esper.kasmina.growing import (
     restore_growth,
     site_for,
 )
-from esper.kasmina.growth import GrowthNotApplicable, ParameterMerge, out_units
+from esper.kasmina.growth import GrowthNotApplicable, ParameterMerge, WidenSite, out_units
 from esper.kasmina.lifecycle import (
     ACTIVE_STAGES,
     BLEND_STAGES,
@@ -54,6 +54,7 @@ from esper.kasmina.lifecycle import (
 )
 from esper.kasmina.settings import KasminaSettings
 from esper.kasmina.slot import SeedModule, SeedSlot, SlotMode
+from esper.kasmina.stack import fold_fossil
 from esper.kasmina.widen import UnitGroup
 from esper.leyline import (
     ContractViolation,
@@ -142,6 +143,8 @@ class _SlotRecord:
     last_gate_failure: str = ""
     ready_reported: bool = False
     param_count: int = 0
+    # Seeds stacked into the host from this slot, oldest first: what rebuilds a kept one on restore.
+    stacked: list[dict[str, Any]] = field(default_factory=list)
 
 
 class SeedManager:
@@ -161,6 +164,13 @@ class SeedManager:
         if not training_run_id:
             raise ValueError("training_run_id is required")
         self.settings = settings
+        # The lifecycle settings of growths: a seed's, with the growths' own dwell times.
+        self._growth_settings = settings.model_copy(
+            update={
+                "min_training_steps": settings.growth_min_training_steps or settings.min_training_steps,
+                "probation_steps": settings.growth_probation_steps or settings.probation_steps,
+            }
+        )
         self.training_run_id = training_run_id
         self._catalogue = catalogue
         self._verifier = verifier
@@ -219,6 +229,10 @@ class SeedManager:
         """Parameters of every seed with a module (live and fossilised), per seed id, in slot order."""
         groups = []
         for record in self._records.values():
+            kept = iter(record.slot.stacked)
+            for entry in record.stacked:
+                if not entry["folded"]:
+                    groups.append((str(entry["seed_id"]), tuple(next(kept).parameters())))
             if record.slot.seed is not None:
                 groups.append((record.seed_id, tuple(record.slot.seed.parameters())))
         for growth in self._growths.values():
@@ -245,6 +259,14 @@ class SeedManager:
             for r in self._records.values()
             if r.slot.seed is not None and (not fossilized_only or r.lifecycle.stage == FOSSILIZED)
         )
+
+    def fossilized_count(self) -> int:
+        """Seeds fossilised so far: those still FOSSILIZED in their slot and those stacked into the host."""
+        return sum((r.lifecycle.stage == FOSSILIZED) + len(r.stacked) for r in self._records.values())
+
+    def stacked_seeds(self) -> list[dict[str, Any]]:
+        """Every seed stacked into the host, per slot in host order, oldest first (JSON-ready)."""
+        return [{"slot_id": slot_id, **entry} for slot_id, r in self._records.items() for entry in r.stacked]
 
     def measurable_slots(self) -> list[str]:
         """Slots whose seed reaches the host output with a ramped alpha: the counterfactual candidates."""
@@ -349,6 +371,9 @@ class SeedManager:
 
     def _advance_one(self, record: _SlotRecord, step: int) -> None:
         slot, lifecycle = record.slot, record.lifecycle
+        if lifecycle.stage == FOSSILIZED and self.settings.stack_fossils and slot.seed is not None:
+            self._stack(record, step)
+            return
         if lifecycle.stage == GERMINATED and slot.sanity is not None:
             lifecycle.record_sanity(*slot.sanity)
         if lifecycle.stage == RESETTING:
@@ -570,6 +595,11 @@ class SeedManager:
             site = site_for(self._host, op, spec.layer_id)
         except GrowthNotApplicable as exc:
             raise _Rejected(RejectionReason.UNKNOWN_LAYER, str(exc)) from exc
+        if isinstance(site, WidenSite) and site.slot is not None and len(site.slot.stacked) > 0:
+            raise _Rejected(
+                RejectionReason.GROWTH_NOT_APPLICABLE,
+                f"slot {site.slot.slot_id!r} holds stacked fossils built at {spec.layer_id!r}'s width",
+            )
         growth = Growth(
             growth_id=f"{spec.layer_id}:{'w' if op == pb.SEED_OP_WIDEN else 'd'}{self._growth_count + 1}",
             operation=op,
@@ -577,7 +607,7 @@ class SeedManager:
             units=int(spec.units) if op == pb.SEED_OP_WIDEN else 0,
             init=int(spec.init) if op == pb.SEED_OP_WIDEN else 0,
             hidden=int(spec.hidden) if op == pb.SEED_OP_DEEPEN else 0,
-            lifecycle=SeedLifecycle(self.settings),
+            lifecycle=SeedLifecycle(self._growth_settings),
             site=site,
         )
         self._check_growth_fits(growth)
@@ -856,6 +886,79 @@ class SeedManager:
         )
         self._sync_slot(record)
 
+    def _stack(self, record: _SlotRecord, step: int) -> None:
+        """The fossil in `record`'s slot becomes part of the host (folded into the layer after it where
+        its structure allows, else kept as a host module there); the slot is DORMANT again."""
+        slot = record.slot
+        site = self._fold_site(slot)
+        folded_into = ""
+        why = "no single host layer consumes this slot's output"
+        if site is not None:
+            try:
+                seed = fold_fossil(site)
+            except GrowthNotApplicable as exc:
+                why = exc.reason
+            else:
+                folded_into = site.layer_id
+                self._retired.append((record.seed_id, tuple(seed.parameters())))
+        if not folded_into:
+            fossil = slot.remove()
+            assert fossil is not None
+            slot.stack(fossil)
+        entry: dict[str, Any] = {
+            "seed_id": record.seed_id,
+            "blueprint_id": record.blueprint_id,
+            "blend_mode": record.blend_mode,
+            "blueprint_params": dict(record.blueprint_params),
+            "blend_params": dict(record.blend_params),
+            "param_count": record.param_count,
+            "folded": bool(folded_into),
+            "step": step,
+        }
+        record.stacked.append(entry)
+        how = (
+            f"folded into the layer after {folded_into}" if folded_into else f"kept as a host module ({why})"
+        )
+        self._emit(
+            EventKind.STACKED,
+            step,
+            record,
+            from_stage=stage_name(FOSSILIZED),
+            to_stage=stage_name(DORMANT),
+            reason=how,
+            detail={"folded": bool(folded_into), "param_count": record.param_count},
+        )
+        record.lifecycle = SeedLifecycle(self.settings)
+        record.seed_id = slot.slot_id
+        record.blueprint_id = ""
+        record.blend_mode = 0
+        record.blueprint_params = {}
+        record.blend_params = {}
+        record.param_count = 0
+        record.risk = 0.0
+        record.seed_gradient_norm = None
+        record.last_gate_failure = ""
+        record.ready_reported = False
+        self._sync_slot(record)
+
+    def _fold_site(self, slot: SeedSlot) -> WidenSite | None:
+        """The site whose consumer takes exactly this slot's output, when nothing else acts between them
+        (no block hooked on the slot, no growth in progress on the layers): only then can a fold be exact."""
+        if self._host is None or slot.hooked:
+            return None
+        try:
+            site = self._host.widen_site(slot.layer_id)
+        except GrowthNotApplicable:
+            return None
+        if site.slot is not slot:
+            return None
+        layers = {id(site.producer), id(site.consumer)}
+        for growth in self._growths.values():
+            building = growth.module is not None or growth.statistics is not None
+            if building and growth.touches() & layers:
+                return None
+        return site
+
     def _cull(self, record: _SlotRecord, step: int, *, reason: str) -> None:
         before = record.lifecycle.stage
         record.lifecycle.cull()
@@ -977,6 +1080,10 @@ class SeedManager:
                 "isolation_violations": r.isolation_violations,
                 "param_count": r.param_count,
                 "has_module": r.slot.seed is not None,
+                "stacked": [dict(entry) for entry in r.stacked],
+                # What was reported already: a resumed run reports a gate's outcome no second time.
+                "last_gate_failure": r.last_gate_failure,
+                "ready_reported": r.ready_reported,
             }
         growth = {
             "count": self._growth_count,
@@ -1013,6 +1120,21 @@ class SeedManager:
         for slot_id, saved in slots.items():
             record = self._records[slot_id]
             record.slot.remove()
+            record.slot.clear_stacked()
+            # Absent from checkpoints written before seeds were stacked.
+            record.stacked = [dict(entry) for entry in saved.get("stacked", [])]
+            for entry in record.stacked:
+                if not entry["folded"]:
+                    record.slot.stack(
+                        self._build_seed(
+                            str(entry["blueprint_id"]),
+                            record.slot,
+                            int(entry["blend_mode"]),
+                            {k: float(v) for k, v in entry["blueprint_params"].items()},
+                            {k: float(v) for k, v in entry["blend_params"].items()},
+                            checked=False,
+                        )
+                    )
             record.lifecycle = SeedLifecycle.from_state(self.settings, saved["lifecycle"])
             record.generation = int(saved["generation"])
             record.seed_id = str(saved["seed_id"])
@@ -1026,7 +1148,9 @@ class SeedManager:
             record.isolation_violations = int(saved["isolation_violations"])
             record.isolation_reported = 0
             record.param_count = int(saved["param_count"])
-            record.last_gate_failure = ""
+            # Absent from checkpoints written before the reporting memory was saved.
+            record.last_gate_failure = str(saved.get("last_gate_failure", ""))
+            record.ready_reported = bool(saved.get("ready_reported", False))
             if saved["has_module"]:
                 seed = self._build_seed(
                     record.blueprint_id,
@@ -1066,7 +1190,7 @@ class SeedManager:
                 resize(host, layer_id, self._widths.get(layer_id, base))
             for entry in saved["growths"]:
                 assert host is not None
-                growth = restore_growth(host, self.settings, entry)
+                growth = restore_growth(host, self._growth_settings, entry)
                 self._growths[growth.growth_id] = growth
                 if growth.module is not None:
                     assert self._container is not None

@@ -38,6 +38,24 @@ class KasminaSettings(StrictSettings):
     growth_statistics_steps: int = Field(
         default=8, ge=1, le=10_000, description="Backward passes a gradmax widen gathers before it builds."
     )
+    # Stack: a fossilised seed becomes part of the host at the next step and its slot is free again.
+    stack_fossils: bool = Field(
+        default=True, description="Stack fossils into the host so a slot can host seed after seed."
+    )
+    # Growth lifecycles (WIDEN, DEEPEN) dwell this long in TRAINING and PROBATIONARY: their units start
+    # as a function-preserving part of a layer, and a grown model pays only if it reaches its size early.
+    growth_min_training_steps: int | None = Field(
+        default=None,
+        ge=2,
+        le=100_000,
+        description="Minimum dwell of a widen or deepen in TRAINING (unset: min_training_steps).",
+    )
+    growth_probation_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Window a widen or deepen holds in PROBATIONARY before G4 (unset: probation_steps).",
+    )
     # Cull -> embargo -> reset.
     embargo_steps: int = Field(default=40, ge=1, description="Cooldown of a slot after a cull.")
     # Command verification.

@@ -11,6 +11,10 @@ on the seed's stage (set by the `SeedManager`):
 - BLENDING / SHADOWING / PROBATIONARY: the seed's residual is blended in with the current alpha; its input
   is still detached, so culling it leaves the host as it was trained.
 - FOSSILIZED: the seed is part of the host (its input is no longer detached, alpha is 1).
+
+Stacking (see `esper.kasmina.stack`) then frees the slot for the next seed: a fossil that folds into the
+next layer leaves, and one that does not moves to `stacked`, the slot's frozen-in-place host modules,
+which act on the activation, in the order they were stacked, before whatever the slot does next.
 """
 
 from __future__ import annotations
@@ -95,6 +99,9 @@ class SeedSlot(nn.Module):
         self.training_gains: list[float] = []
         self.isolation_violations = 0
         self._seed_parameter_ids: frozenset[int] = frozenset()
+        # Fossils kept as host modules, applied first; a plain flag keeps the dormant fast path cheap.
+        self.stacked = nn.ModuleList()
+        self._has_stacked = False
 
     def extra_repr(self) -> str:
         return f"slot_id={self.slot_id!r}, width={self.width}, kind={self.kind!r}, mode={self.mode.name}"
@@ -122,13 +129,29 @@ class SeedSlot(nn.Module):
         return seed
 
     def is_clean(self) -> bool:
-        """True when nothing of a seed remains: no module, no parameters, identity forward."""
+        """True when nothing of a seed remains: no module, no parameters, identity forward (stacked
+        fossils are part of the host, not of a seed)."""
         return (
             self.seed is None
             and not self._seed_parameter_ids
             and self.mode in (SlotMode.IDENTITY, SlotMode.PROBE)
-            and not any(True for _ in self.parameters())
+            and not any(not name.startswith("stacked.") for name, _ in self.named_parameters())
         )
+
+    @property
+    def hooked(self) -> bool:
+        """True when a module hook acts on the slot (a block inserted after it, for instance)."""
+        return bool(self._forward_pre_hooks or self._forward_hooks)
+
+    def stack(self, seed: SeedModule) -> None:
+        """Keep `seed` (a fossil) as a host module acting here before anything else, for good."""
+        self.stacked.append(seed)
+        self._has_stacked = True
+
+    def clear_stacked(self) -> None:
+        """Drop every stacked module (a restore rebuilds them from the checkpoint)."""
+        self.stacked = nn.ModuleList()
+        self._has_stacked = False
 
     def arm_gradient_probe(self) -> None:
         """Measure the host's gradient norm at this slot's activation on the next training forward."""
@@ -141,13 +164,19 @@ class SeedSlot(nn.Module):
     def __call__(self, x: Tensor) -> Tensor:
         # A dormant slot skips nn.Module's call machinery: one attribute test instead of several
         # microseconds per call (benchmarks/slot_overhead.py). Module hooks on the slot still run.
-        if self.mode is SlotMode.IDENTITY and not (self._forward_pre_hooks or self._forward_hooks):
+        if self.mode is SlotMode.IDENTITY and not (
+            self._has_stacked or self._forward_pre_hooks or self._forward_hooks
+        ):
             return x
         result: Tensor = super().__call__(x)
         return result
 
     def forward(self, x: Tensor) -> Tensor:
-        """The slot's output; the identity when no seed acts here."""
+        """The slot's output; the identity when no seed acts here and nothing is stacked."""
+        if self._has_stacked:
+            for kept in self.stacked:
+                assert isinstance(kept, SeedModule)
+                x = kept.blender(x, x, kept.body(x), 1.0)
         mode = self.mode
         if mode == SlotMode.IDENTITY:
             return x

@@ -373,6 +373,11 @@ class UnitGroup(nn.Module):
                 "widen",
                 f"slot {site.slot.slot_id!r} on the widened activation holds a seed; it must be dormant",
             )
+        if site.slot is not None and len(site.slot.stacked) > 0:
+            raise GrowthNotApplicable(
+                "widen",
+                f"slot {site.slot.slot_id!r} holds stacked fossils built at the layer's width",
+            )
         self.detach()
         producer, consumer = site.producer, site.consumer
         merges = [_concatenate(producer, "weight", self.fan_in_weight, 0)]

@@ -402,6 +402,7 @@ def render_markdown(record: RunRecord, segments: list[Segment], images: dict[str
         ("Lifecycle", "lifecycle"),
     ):
         lines += [f"## {title}", "", f"![{name}]({images[name]})", ""]
+    lines += _growth_step_lines(summary)
     lines += ["## Seeds", ""]
     seeds: dict[tuple[str, str], list[Segment]] = {}
     for segment in segments:
@@ -421,6 +422,27 @@ def render_markdown(record: RunRecord, segments: list[Segment], images: dict[str
         lines.append(f"- step {event['step']}: {event['kind']}: {event.get('reason', '')}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _growth_step_lines(summary: dict[str, Any] | None) -> list[str]:
+    """The table of growth steps: size and validation accuracy before and after each growth."""
+    steps = (summary or {}).get("growth_steps")
+    if steps is None:
+        return []
+    lines = ["## Growth steps", ""]
+    if not steps:
+        return [*lines, "The model did not grow.", ""]
+    lines += [
+        "| step | operation | target | outcome | params before → after | accuracy before → after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in steps:
+        lines.append(
+            f"| {entry['step']} | {entry['operation']} | `{entry['target']}` | {entry['outcome']} | "
+            f"{_fmt(entry['params_before'])} → {_fmt(entry['params_after'])} | "
+            f"{_fmt(entry['accuracy_before'])} → {_fmt(entry['accuracy_after'])} |"
+        )
+    return [*lines, ""]
 
 
 def write_report(run_dir: Path) -> ReportFiles:

@@ -34,7 +34,7 @@ from esper.tamiyo.model.builder import GraphBuilder
 from esper.tamiyo.model.distributions import RELEVANT_HEADS
 from esper.tamiyo.model.graph import TamiyoGraph
 from esper.tamiyo.model.normalizer_state import statistics_from_proto
-from esper.tamiyo.model.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES
+from esper.tamiyo.model.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, WIDEN_UNITS
 from esper.tamiyo.model.schema import GraphSchemaError, MissingFeatureError
 
 # The command type each action becomes when the risk gates let it through.
@@ -45,6 +45,8 @@ COMMAND_OF_ACTION: dict[int, int] = {
     pb.POLICY_ACTION_CULL: pb.COMMAND_SEED,
     pb.POLICY_ACTION_ADJUST_LR: pb.COMMAND_OPTIMIZER,
     pb.POLICY_ACTION_PAUSE: pb.COMMAND_PAUSE,
+    pb.POLICY_ACTION_WIDEN: pb.COMMAND_SEED,
+    pb.POLICY_ACTION_DEEPEN: pb.COMMAND_SEED,
 }
 
 
@@ -279,6 +281,8 @@ def resolve_choices(decision: pb.DecisionRecord, graph: TamiyoGraph) -> dict[str
                     decision.command_id, f"blueprint {decision.blueprint_id!r} is not in the graph"
                 )
             choices["blueprint"] = graph.blueprint_ids.index(decision.blueprint_id)
+        if decision.action in (pb.POLICY_ACTION_WIDEN, pb.POLICY_ACTION_DEEPEN):
+            choices.update(_growth_choices(decision, graph))
     action = choices["action"]
     if not 0 <= action < len(ACTIONS) or not bool(graph.action_mask[0, action]):
         raise ChoiceUnresolvable(decision.command_id, f"action index {action} is not legal in the graph")
@@ -287,20 +291,52 @@ def resolve_choices(decision: pb.DecisionRecord, graph: TamiyoGraph) -> dict[str
         "blueprint": len(graph.blueprint_ids),
         "blend": len(BLEND_MODES),
         "schedule": len(ALPHA_RAMP_STEPS),
+        "layer": len(graph.layer_ids),
+        "amount": len(WIDEN_UNITS),
     }
     for head in RELEVANT_HEADS[action]:
         if head == "action" or head not in choices:
             continue
         if head in limits and not 0 <= choices[head] < limits[head]:
             raise ChoiceUnresolvable(decision.command_id, f"{head} index {choices[head]} is out of range")
-    for head in ("slot", "blueprint"):
+    for head in ("slot", "blueprint", "layer", "amount"):
         if head in RELEVANT_HEADS[action] and head not in choices:
             raise ChoiceUnresolvable(decision.command_id, f"the action needs a {head} and none was recorded")
     if "slot" in RELEVANT_HEADS[action] and not bool(graph.slot_action_mask[choices["slot"], action]):
         raise ChoiceUnresolvable(
             decision.command_id, f"slot index {choices['slot']} is illegal for the action"
         )
+    if "layer" in RELEVANT_HEADS[action] and not bool(graph.layer_action_mask[choices["layer"], action]):
+        raise ChoiceUnresolvable(
+            decision.command_id, f"layer index {choices['layer']} is illegal for the action"
+        )
+    if "amount" in RELEVANT_HEADS[action] and not bool(
+        graph.widen_amount_mask[choices["layer"], choices["amount"]]
+    ):
+        raise ChoiceUnresolvable(
+            decision.command_id, f"amount index {choices['amount']} is illegal for the chosen layer"
+        )
     return choices
+
+
+def _growth_choices(decision: pb.DecisionRecord, graph: TamiyoGraph) -> dict[str, int]:
+    """A policy-without-heads' WIDEN / DEEPEN as layer and amount indices: the recorded layer, and the
+    amount option nearest (in log scale, the smaller on a tie) to its units among those the graph allows
+    at that layer (the heuristic widens by a fraction of the width, which need not be an option)."""
+    layer_id = decision.growth.layer_id
+    if layer_id not in graph.layer_ids:
+        raise ChoiceUnresolvable(decision.command_id, f"growth layer {layer_id!r} is not in the graph")
+    layer = graph.layer_ids.index(layer_id)
+    if decision.action == pb.POLICY_ACTION_DEEPEN:
+        return {"layer": layer}
+    allowed = [k for k in range(len(WIDEN_UNITS)) if bool(graph.widen_amount_mask[layer, k])]
+    units = int(decision.growth.units)
+    if units < 1 or not allowed:
+        raise ChoiceUnresolvable(
+            decision.command_id, f"widen of {layer_id!r} by {units}: no amount option is allowed there"
+        )
+    nearest = min(allowed, key=lambda k: (abs(math.log(WIDEN_UNITS[k] / units)), WIDEN_UNITS[k]))
+    return {"layer": layer, "amount": nearest}
 
 
 def build_samples(

@@ -15,14 +15,16 @@ from typing import TYPE_CHECKING
 from esper.leyline.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from esper.tamiyo.model.builder import GraphBuilder
     from esper.tamiyo.model.checkpoint import (
         CheckpointIncompatible,
         PolicyUpdateRejected,
         read_payload_header,
     )
+    from esper.tamiyo.model.graph import TamiyoGraph
     from esper.tamiyo.model.heuristic import HeuristicPolicy
     from esper.tamiyo.model.policy import GNNPolicy
-    from esper.tamiyo.model.proposal import Policy
+    from esper.tamiyo.model.proposal import Policy, Proposal
     from esper.tamiyo.records.errors import StoreError
     from esper.tamiyo.records.schema import OUTBOX_STATUSES
     from esper.tamiyo.records.store import TamiyoStore
@@ -37,13 +39,16 @@ _EXPORTS = {
     "CheckpointIncompatible": "esper.tamiyo.model.checkpoint",
     "DeadlineExceeded": "esper.tamiyo.runtime.worker",
     "GNNPolicy": "esper.tamiyo.model.policy",
+    "GraphBuilder": "esper.tamiyo.model.builder",
     "HeuristicPolicy": "esper.tamiyo.model.heuristic",
     "OUTBOX_STATUSES": "esper.tamiyo.records.schema",
     "Policy": "esper.tamiyo.model.proposal",
+    "Proposal": "esper.tamiyo.model.proposal",
     "PolicyUpdateFeed": "esper.tamiyo.runtime.update_feed",
     "PolicyUpdateIntake": "esper.tamiyo.runtime.updates",
     "PolicyUpdateRejected": "esper.tamiyo.model.checkpoint",
     "StoreError": "esper.tamiyo.records.errors",
+    "TamiyoGraph": "esper.tamiyo.model.graph",
     "TamiyoService": "esper.tamiyo.runtime.service",
     "TamiyoStore": "esper.tamiyo.records.store",
     "read_payload_header": "esper.tamiyo.model.checkpoint",
@@ -56,12 +61,15 @@ __all__ = [
     "CheckpointIncompatible",
     "DeadlineExceeded",
     "GNNPolicy",
+    "GraphBuilder",
     "HeuristicPolicy",
     "Policy",
+    "Proposal",
     "PolicyUpdateFeed",
     "PolicyUpdateIntake",
     "PolicyUpdateRejected",
     "StoreError",
+    "TamiyoGraph",
     "TamiyoService",
     "TamiyoStore",
     "read_payload_header",

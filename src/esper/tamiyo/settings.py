@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from esper.leyline.settings import DAY_S, HOUR_S, MAX_BACKOFF_MULTIPLIER, MINUTE_S, StrictSettings
 
@@ -46,8 +46,35 @@ class TamiyoSettings(StrictSettings):
         "run warns that decisions will miss their deadline.",
     )
     heuristic_growth: bool = Field(
-        default=False,
-        description="The heuristic also widens and deepens layers (off: not yet shown to pay).",
+        default=True,
+        description="The heuristic also widens and deepens layers (off: it only germinates seeds).",
+    )
+    heuristic_grow_early: bool = Field(
+        default=True,
+        description="The heuristic grows from the first decision while growth pays, not only on a "
+        "plateau (a static model spends its compute at full size all along; a grown one is small first).",
+    )
+    heuristic_widen_fraction: float = Field(
+        default=1.0, gt=0.0, le=4.0, description="A widen adds this fraction of the layer's width (>= 1)."
+    )
+    heuristic_min_gain_per_parameter: float = Field(
+        default=1e-5,
+        ge=0.0,
+        le=1.0,
+        description="A layer stops widening once its last kept widen lowered the validation loss by less "
+        "than this per added parameter (nats per parameter).",
+    )
+    heuristic_last_growth_progress: float = Field(
+        default=0.85,
+        ge=0.0,
+        le=1.0,
+        description="The heuristic starts no growth or seed once this share of the run's steps is done.",
+    )
+    heuristic_growth_min_improvement: float = Field(
+        default=0.10,
+        ge=0.0,
+        le=1.0,
+        description="Relative validation-loss improvement below which the heuristic sees a growth plateau.",
     )
     policy_checkpoint: Path | None = Field(
         default=None, description="safetensors weights of the GNN policy (untrained weights when unset)."
@@ -128,6 +155,12 @@ class TamiyoSettings(StrictSettings):
     # GNN policy.
     gnn_seed: int = Field(default=0, ge=0, description="Seed of weight initialisation and sampling.")
     gnn_greedy: bool = Field(default=False, description="Take the most likely choice instead of sampling.")
+    gnn_widen_units: Annotated[tuple[int, ...], NoDecode] = Field(
+        default=(2, 4, 8),
+        min_length=1,
+        description="Units a GNN WIDEN may add, comma-separated (each one of 1, 2, 4, 8, 16, 32: the amount "
+        "head's options).",
+    )
     # P9: field-report lifecycle.
     fr_obs_window_epochs: int = Field(
         default=1, ge=1, description="Epochs a decision is observed for before its field report is written."
@@ -167,3 +200,20 @@ class TamiyoSettings(StrictSettings):
         description="Largest step an update's sequence may take past the newest accepted one; a larger one "
         "is refused (accepted, it would make every later update look old).",
     )
+
+    @field_validator("gnn_widen_units", mode="before")
+    @classmethod
+    def _split_units(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(int(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("gnn_widen_units")
+    @classmethod
+    def _known_units(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        from esper.tamiyo.model.proposal import WIDEN_UNITS
+
+        unknown = sorted(set(value) - set(WIDEN_UNITS))
+        if unknown:
+            raise ValueError(f"{unknown} are not widen amount options {list(WIDEN_UNITS)}")
+        return value

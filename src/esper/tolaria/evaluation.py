@@ -32,6 +32,17 @@ class Evaluation:
     contributions: dict[str, Contribution] = field(default_factory=dict)
 
 
+def classifies(output: Tensor, targets: Tensor) -> bool:
+    """True when (output, targets) is a classification batch: scores [N, C] and integer labels [N].
+    Accuracy is counted only for such batches; for any other task (a regression) it stays 0."""
+    return (
+        output.dim() == 2
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+        and len(output) == len(targets)
+    )
+
+
 def evaluate(
     model: nn.Module,
     manager: SeedManager,
@@ -42,7 +53,8 @@ def evaluate(
     criterion: Loss | None = None,
 ) -> Evaluation:
     """Evaluate `model` on (x, y) in eval mode, with the counterfactual of every measurable slot; the
-    validation loss is `criterion` (cross-entropy by default)."""
+    validation loss is `criterion` (cross-entropy by default). Accuracy is counted for classification
+    batches only (`classifies`): 0 for any other task."""
     slots = manager.measurable_slots()
     variants: list[str | None] = [None, *slots]
     loss_sum = dict.fromkeys(variants, 0.0)
@@ -63,7 +75,8 @@ def evaluate(
                         loss_sum[variant] += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
                     else:
                         loss_sum[variant] += float(criterion(logits, yb)) * len(yb)
-                    correct[variant] += int((logits.argmax(dim=1) == yb).sum())
+                    if classifies(logits, yb):
+                        correct[variant] += int((logits.argmax(dim=1) == yb).sum())
     finally:
         model.train(was_training)
     n = max(1, len(x))

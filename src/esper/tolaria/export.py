@@ -43,7 +43,15 @@ import torch
 from safetensors.torch import save as save_tensors
 from torch import Tensor, fx, nn
 
-from esper.kasmina import GrowthMode, IdentityBlock, KasminaSettings, SeedManager, SeedSlot, SlotMode
+from esper.kasmina import (
+    GrowthMode,
+    IdentityBlock,
+    KasminaSettings,
+    SeedManager,
+    SeedModule,
+    SeedSlot,
+    SlotMode,
+)
 from esper.leyline import EsperError, SignatureVerifier, pb
 from esper.leyline.files import write_atomically
 from esper.tolaria.adapt import AdaptedHost, GrowthPoint
@@ -67,6 +75,11 @@ SPEC_VERSION = 1
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
+GROWN_MODEL_DIR = "model"
+"""Where a run of a user's own model (`esper.grow`) keeps its final model, exported when it ends: the
+run directory cannot rebuild the user's classes, so `export_run` copies this export."""
+USER_HOST = "user"
+"""The host name in `config.json` of a run of a user's own model."""
 
 Node = dict[str, Any]
 
@@ -201,10 +214,13 @@ class _Writer:
     # -- what Esper grew ------------------------------------------------------------------------------------
 
     def slot(self, slot: SeedSlot | None, path: str) -> Node | None:
-        """A slot's fossilised seed and the blocks kept after it; None when nothing grew there."""
+        """A slot's stacked fossils (oldest first), its fossilised seed and the blocks kept after it;
+        None when nothing grew there."""
         if slot is None:
             return None
-        parts: list[Callable[[str], Node | None]] = []
+        parts: list[Callable[[str], Node | None]] = [
+            partial(self._at, self.seed_node, kept) for kept in slot.stacked if isinstance(kept, SeedModule)
+        ]
         if slot.seed is not None:
             if slot.mode != SlotMode.FOSSIL:
                 raise ExportError(
@@ -212,7 +228,7 @@ class _Writer:
                     f"its seed is still in its lifecycle ({slot.mode.name}); only "
                     "fossilised seeds are part of the model (export at the end of the run)",
                 )
-            parts.append(lambda p: self.seed(slot, p))
+            parts.append(partial(self._at, self.seed_node, slot.seed))
         for hook in slot._forward_hooks.values():
             block = getattr(hook, "__self__", None)
             if not isinstance(block, IdentityBlock):
@@ -241,9 +257,8 @@ class _Writer:
             ),
         }
 
-    def seed(self, slot: SeedSlot, path: str) -> Node:
-        seed = slot.seed
-        assert seed is not None
+    def seed_node(self, seed: SeedModule, path: str) -> Node:
+        """A fossilised (or stacked) seed: `x + gate * body(x)`."""
         blender = seed.blender
         gate: Node
         if blender.mode in (pb.BLEND_MODE_RESIDUAL, pb.BLEND_MODE_CONVEX):
@@ -630,6 +645,22 @@ def model_card(run_dir: Path, host: Host, step: int) -> dict[str, Any]:
     }
 
 
+def _saved_user_model(run_dir: Path) -> Path | None:
+    """The final model a run of a user's own model saved; None for a run of a built-in host."""
+    config = _read_json(run_dir / "config.json") if run_dir.is_dir() else {}
+    if config.get("host") != USER_HOST:
+        return None
+    saved = run_dir / GROWN_MODEL_DIR
+    missing = [name for name in (WEIGHTS_FILE, SPEC_FILE, CARD_FILE) if not (saved / name).is_file()]
+    if missing:
+        raise ExportError(
+            str(run_dir),
+            f"a run of your own model is exported from the model it saved when it ended, and "
+            f"{saved} lacks {', '.join(missing)} (the run did not end, or its model could not be exported)",
+        )
+    return saved
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -638,16 +669,26 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def export_run(run_dir: Path, out_dir: Path) -> Path:
-    """`esper export`: the run's final model, with its model card, written to `out_dir`."""
+    """`esper export`: the run's final model, with its model card, written to `out_dir`.
+
+    A run of a user's own model (host `user`) hands over the export it wrote when it ended."""
+    saved = _saved_user_model(run_dir)
+    if saved is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS_FILE, SPEC_FILE, CARD_FILE):
+            write_atomically(out_dir / name, (saved / name).read_bytes())
+        return out_dir
     host, step = final_host(run_dir)
     return export_model(host, out_dir, model_card(run_dir, host, step))
 
 
 __all__ = [
     "CARD_FILE",
+    "GROWN_MODEL_DIR",
     "SPEC_FILE",
     "SPEC_FORMAT",
     "SPEC_VERSION",
+    "USER_HOST",
     "WEIGHTS_FILE",
     "ExportError",
     "export_model",

@@ -3,10 +3,10 @@
 A host is capacity-limited on purpose (DESIGN §10): growth can only show when the host alone plateaus.
 Each host exposes its `HostTopology` (layers and slots) for the controller.
 
-Every host takes its widths as arguments. The MLP and 2-D CNN keep their historical defaults (12 units;
-6 and 12 channels) until widening is wired into the run; the 1-D CNN and the Transformer start narrow
-(4 and 8 channels; an 8-wide model with an 8-unit feed-forward layer), so that growth decides what they
-become.
+Every host takes its widths as arguments. `build_host`, which `esper run` and the benchmarks use, starts
+every host narrow (`DEFAULT_WIDTHS`: 4 MLP units per layer, 4 and 8 channels for the CNNs, an 8-wide
+Transformer with an 8-unit feed-forward layer), so that growth decides what the model becomes. The
+classes' own defaults (12 MLP units; 6 and 12 channels for the 2-D CNN) are the historical widths.
 """
 
 from __future__ import annotations
@@ -459,6 +459,10 @@ class TransformerHost(Host):
         return logits
 
 
+# The width each host starts at by default: MLP units per layer, first conv channels, feed-forward units.
+DEFAULT_WIDTHS = {"mlp": 4, "cnn": 4, "conv1d": 4, "transformer": 8}
+
+
 def build_host(
     host: str,
     input_shape: tuple[int, ...],
@@ -477,16 +481,17 @@ def build_host(
     """
     if width < 0:
         raise HostNotApplicable(host, f"width must be >= 0 (0: the default), got {width}")
-    first = {"mlp": 12, "cnn": 6, "conv1d": 4, "transformer": 8}.get(host, 1)
+    # Narrow starts (4 to 8 units or channels): what the model becomes is decided by growth.
+    first = DEFAULT_WIDTHS.get(host, 1)
     factor = scale * (width / first if width else 1.0)
 
     def scaled(units: int) -> int:
         return max(1, round(units * factor))
 
     if host == "mlp":
-        return MLPHost(math.prod(input_shape), num_classes, width=scaled(12), with_slots=with_slots)
+        return MLPHost(math.prod(input_shape), num_classes, width=scaled(4), with_slots=with_slots)
     if host == "cnn":
-        return ConvHost(input_shape, num_classes, channels=(scaled(6), scaled(12)), with_slots=with_slots)
+        return ConvHost(input_shape, num_classes, channels=(scaled(4), scaled(8)), with_slots=with_slots)
     if host == "conv1d":
         return Conv1dHost(input_shape, num_classes, channels=(scaled(4), scaled(8)), with_slots=with_slots)
     if host == "transformer":

@@ -31,9 +31,22 @@ class GroupedAdam:
     def __init__(
         self, host_parameters: Iterable[nn.Parameter], *, lr: float, weight_decay: float = 0.0
     ) -> None:
-        self.optimizer = torch.optim.Adam(
+        self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
             [{"params": list(host_parameters), "name": HOST_GROUP}], lr=lr, weight_decay=weight_decay
         )
+
+    @classmethod
+    def wrapping(cls, optimizer: torch.optim.Optimizer) -> GroupedAdam:
+        """The same named-group bookkeeping over a caller's own optimizer (any `torch.optim` class),
+        which keeps training the model's parameters: its first group is named the host group, further
+        ones `host.<i>`; seeds' groups are added to it, widened tensors' state extended in it."""
+        if not optimizer.param_groups:
+            raise OptimizerStateError("the optimizer has no parameter group")
+        for index, group in enumerate(optimizer.param_groups):
+            group.setdefault("name", HOST_GROUP if index == 0 else f"{HOST_GROUP}.{index}")
+        wrapped = cls.__new__(cls)
+        wrapped.optimizer = optimizer
+        return wrapped
 
     @property
     def group_names(self) -> list[str]:
@@ -92,7 +105,7 @@ class GroupedAdam:
         appended_betas = (0.9, 0.999)
         if appended_place is not None:
             group = self.optimizer.param_groups[appended_place[0]]
-            appended_betas = group["betas"]
+            appended_betas = group.get("betas", appended_betas)
             del group["params"][appended_place[1]]
         # Removing `appended` may have shifted `old` within a shared group: find it again.
         located = self._locate(old)

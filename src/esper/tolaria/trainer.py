@@ -38,6 +38,7 @@ from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset
 from esper.tolaria.emergency import ChannelTrouble, EmergencyChannel, HaltRequest
 from esper.tolaria.evaluation import Evaluation, Loss, evaluate
+from esper.tolaria.growth_steps import GrowthLog
 from esper.tolaria.hosts import Host
 from esper.tolaria.optimizer import HOST_GROUP, GroupedAdam
 from esper.tolaria.packet import build_packet
@@ -205,6 +206,8 @@ class Trainer:
         self.decisions = 0
         # Lifecycle transitions by the stage reached, over the whole run (kept in checkpoints for resume).
         self.transitions: collections.Counter[str] = collections.Counter()
+        # Each growth's accuracy and size before and after it (the summary's `growth_steps`), likewise.
+        self.growth_log = GrowthLog()
         self.best_val_accuracy = 0.0
         self.interval_loss_sum = 0.0
         self.interval_loss_count = 0
@@ -255,6 +258,10 @@ class Trainer:
                     on_epoch(self._epoch_report(epoch))
             if self._in_flight is None and self._checkpoint_due():
                 self.save_checkpoint()
+        return self.finish()
+
+    def finish(self) -> TrainingOutcome:
+        """End the run's lifecycles, evaluate the final model and wait for the last checkpoint."""
         self.collect_decision()
         self.manager.terminate(self.step)
         self._flush_events()
@@ -298,6 +305,28 @@ class Trainer:
             self.grad_norm = self._gradient_norm()  # read by the decision that follows this step
         self.manager.observe_backward(self.step)
         self.optimizer.step()
+        self._stepped(value)
+
+    def external_step(self, loss: float) -> None:
+        """Account for one optimisation step the caller's own loop took (forward, backward and optimizer
+        step done, gradients not yet cleared), then decide at the run's cadence as `fit` does: seeds
+        advance, parameter changes reach the optimizer, a decision is submitted, collected and applied,
+        a checkpoint is written when one is due."""
+        self.manager.observe_backward(self.step)
+        self._stepped(loss)
+        interval = self.settings.decision_interval
+        if (self.step + 1) % interval == 0:
+            self.manager.arm_gradient_probes()  # for the next step's backward
+        if self._in_flight is not None and self.step >= self._in_flight.due:
+            self.collect_decision()
+        if self.step % interval == 0:
+            self.decide()
+        if self._in_flight is None and self._checkpoint_due():
+            self.save_checkpoint()
+
+    def _stepped(self, value: float) -> None:
+        """After the optimizer step of training loss `value`: seeds advance, changes reach the optimizer."""
+        settings = self.settings
         self.manager.advance(self.step)
         self._flush_events()
         self._apply_parameter_changes()
@@ -573,6 +602,7 @@ class Trainer:
             "controller": self.controller.export_state(),
             "logs": self.run_dir.log_sizes(),
             "transitions": dict(self.transitions),
+            "growth_log": self.growth_log.state(),
         }
         self.store.save(
             self.step, tensors, meta, before_commit=self.run_dir.sync_logs, on_durable=self._durable_hook()
@@ -594,6 +624,7 @@ class Trainer:
         self.restore(checkpoint)
         # Counted over the run's whole life: a rollback (a `restore`) keeps what the abandoned steps did.
         self.transitions = collections.Counter(checkpoint.meta.get("transitions", {}))
+        self.growth_log = GrowthLog.restored(checkpoint.meta.get("growth_log"))
         for error in damaged:  # after the logs are cut back, so the events stay
             self._report_damaged(error)
         return True
@@ -747,6 +778,9 @@ class Trainer:
         self, evaluation: Evaluation, *, final: bool, training_loss: float | None = None
     ) -> dict[str, Any]:
         stages = {slot_id: stage_name(self.manager.stage(slot_id)) for slot_id in self.manager.slot_ids}
+        self.growth_log.evaluation(
+            self.step, final=final, accuracy=evaluation.accuracy, parameters=self._parameter_counts()[0]
+        )
         return {
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
@@ -765,9 +799,7 @@ class Trainer:
 
     def _epoch_report(self, epoch: int) -> EpochReport:
         evaluation = self.last_evaluation or self._evaluate()
-        fossilized = sum(
-            1 for s in self.manager.slot_ids if self.manager.stage(s) == pb.SEED_STAGE_FOSSILIZED
-        )
+        fossilized = self.manager.fossilized_count()  # stacked seeds included
         return EpochReport(
             epoch=epoch,
             epochs=self.settings.epochs,
@@ -791,6 +823,7 @@ class Trainer:
             record = {**event.to_json(), "epoch": epoch}
             if record.get("kind") == "transition":
                 self.transitions[str(record["to_stage"])] += 1
+                self.growth_log.transition(record)
             self.run_dir.events.append(record)
 
     def _log_trainer_event(

@@ -1,7 +1,8 @@
 """Urza: the blueprint library (catalogue of seed architectures and their module factories).
 
 `BlueprintCatalogue` keeps the descriptors in SQLite and builds modules from the registered factories;
-`BUILTIN_SPECS` are the blueprints every catalogue is seeded with. Every change is published on the bus
+`BUILTIN_SPECS` are the blueprints every catalogue is seeded with; `GROWTH_OPERATIONS` describe the growth
+operations (`op:widen`, `op:deepen`) as blueprints are described. Every change is published on the bus
 (`BusChangePublisher`, through the catalogue's outbox) and read back by caches (`CatalogueChangeFeed`).
 
 Names are imported on first use (`esper.leyline.lazy`): importing a settings class or an error of this
@@ -37,6 +38,12 @@ if TYPE_CHECKING:
         UrzaError,
     )
     from esper.urza.notifications import BusChangePublisher, CatalogueChangeFeed, ChangeBatch, ChangePublisher
+    from esper.urza.operations import (
+        GROWTH_OPERATIONS,
+        GrowthOperation,
+        growth_operation,
+        require_growth_operation,
+    )
 
 _EXPORTS = {
     "BUILTIN_FACTORIES": "esper.urza.blueprints",
@@ -59,6 +66,10 @@ _EXPORTS = {
     "NotificationFailed": "esper.urza.errors",
     "UnknownBlueprint": "esper.urza.errors",
     "UrzaError": "esper.urza.errors",
+    "GROWTH_OPERATIONS": "esper.urza.operations",
+    "GrowthOperation": "esper.urza.operations",
+    "growth_operation": "esper.urza.operations",
+    "require_growth_operation": "esper.urza.operations",
     "BusChangePublisher": "esper.urza.notifications",
     "CatalogueChangeFeed": "esper.urza.notifications",
     "ChangeBatch": "esper.urza.notifications",
@@ -69,6 +80,7 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = [
     "BUILTIN_FACTORIES",
     "BUILTIN_SPECS",
+    "GROWTH_OPERATIONS",
     "HOST_KINDS",
     "BlueprintCatalogue",
     "BlueprintNotApplicable",
@@ -83,6 +95,7 @@ __all__ = [
     "DuplicateBlueprint",
     "Factory",
     "FactoryRegistry",
+    "GrowthOperation",
     "InvalidDescriptor",
     "Listener",
     "ListenerFailed",
@@ -90,5 +103,7 @@ __all__ = [
     "UnknownBlueprint",
     "UrzaError",
     "count_parameters",
+    "growth_operation",
     "param_count",
+    "require_growth_operation",
 ]

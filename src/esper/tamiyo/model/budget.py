@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from esper.leyline import pb
-from esper.urza import UrzaError, param_count
+from esper.urza import BlueprintNotApplicable, UrzaError, param_count
 
 ParameterCost = Callable[[str, int, str], "int | None"]
 """Parameters a blueprint's module has at a slot's (width, kind), or None when it cannot be counted."""
@@ -28,6 +28,20 @@ def builtin_parameter_cost(blueprint_id: str, width: int, kind: str) -> int | No
         return param_count(blueprint_id, width, kind)
     except UrzaError:
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def fits_slot(blueprint_id: str, width: int, kind: str) -> bool:
+    """False for a built-in blueprint that cannot be built in a slot of this kind and width (a conv
+    blueprint offered to a Linear slot of a host that has both); True otherwise. A blueprint this process
+    does not know is left to the risk gates and to Kasmina, which refuse what does not fit."""
+    try:
+        param_count(blueprint_id, width, kind)
+    except BlueprintNotApplicable:
+        return False
+    except UrzaError:
+        return True
+    return True
 
 
 def over_budget(
@@ -83,30 +97,59 @@ def growth_parameter_cost(
     index = next((i for i, layer in enumerate(layers) if layer.layer_id == layer_id), None)
     if index is None:
         return None, f"layer {layer_id!r} is not in the topology"
-    layer = layers[index]
-    width = int(layer.width)
+    width = int(layers[index].width)
     if width < 1:
         return None, f"layer {layer_id!r} reports width {width}"
     if action == pb.POLICY_ACTION_WIDEN:
-        if units < 1 or index + 1 >= len(layers):
-            return None, f"layer {layer_id!r} cannot be widened by {units} (no layer after it)"
-        consumer = layers[index + 1]
-        per_row, rows_rest = divmod(int(layer.parameter_count), width)
-        per_column, columns_rest = divmod(int(consumer.parameter_count) - int(consumer.width), width)
-        if rows_rest or columns_rest or per_row < 1 or per_column < 1:
-            return None, (
-                f"the parameters of {layer_id!r} ({layer.parameter_count}) and of {consumer.layer_id!r} "
-                f"({consumer.parameter_count}) do not split into units of width {width}"
-            )
-        return units * (per_row + per_column), ""
+        if units < 1:
+            return None, f"layer {layer_id!r} cannot be widened by {units}"
+        per_unit, why = widen_unit_cost(layers, index)
+        return (None, why) if per_unit is None else (units * per_unit, "")
     if action == pb.POLICY_ACTION_DEEPEN:
-        slot = next((s for s in packet.topology.slots if s.layer_id == layer_id), None)
-        if slot is None or slot.kind not in _BLOCK_KERNEL:
-            return None, f"no slot of a known kind after layer {layer_id!r} anchors a block"
-        block_width = int(slot.width)
-        inner = hidden or block_width
-        return _BLOCK_KERNEL[slot.kind] * block_width * inner + inner + inner * block_width + block_width, ""
+        return deepen_cost(packet.topology, layer_id, hidden)
     return None, f"{pb.PolicyAction.Name(action)} is not a growth"
+
+
+def widen_unit_cost(layers: Sequence[pb.LayerDescriptor], index: int) -> tuple[int | None, str]:
+    """Parameters one more unit of `layers[index]` adds (its row and the fan-in column of the layer
+    after it, see `growth_parameter_cost`); (None, why) when the topology does not say."""
+    layer = layers[index]
+    width = int(layer.width)
+    if width < 1 or index + 1 >= len(layers):
+        return None, f"layer {layer.layer_id!r} cannot be widened (no layer after it)"
+    consumer = layers[index + 1]
+    per_row, rows_rest = divmod(int(layer.parameter_count), width)
+    per_column, columns_rest = divmod(int(consumer.parameter_count) - int(consumer.width), width)
+    if rows_rest or columns_rest or per_row < 1 or per_column < 1:
+        return None, (
+            f"the parameters of {layer.layer_id!r} ({layer.parameter_count}) and of {consumer.layer_id!r} "
+            f"({consumer.parameter_count}) do not split into units of width {width}"
+        )
+    return per_row + per_column, ""
+
+
+def deepen_cost(topology: pb.HostTopology, layer_id: str, hidden: int = 0) -> tuple[int | None, str]:
+    """Parameters a DEEPEN after `layer_id` adds (hidden width `hidden`, 0: the slot's width), see
+    `growth_parameter_cost`; (None, why) when no slot of a known kind follows the layer."""
+    slot = next((s for s in topology.slots if s.layer_id == layer_id), None)
+    if slot is None or slot.kind not in _BLOCK_KERNEL:
+        return None, f"no slot of a known kind after layer {layer_id!r} anchors a block"
+    block_width = int(slot.width)
+    inner = hidden or block_width
+    return _BLOCK_KERNEL[slot.kind] * block_width * inner + inner + inner * block_width + block_width, ""
+
+
+def growth_room(packet: pb.SystemStatePacket) -> float:
+    """Parameters a growth may still add under the packet's budget: infinite without a budget, minus
+    infinity when the packet does not say the model's size (an unmeasured size never passes a budget).
+    A growth adding `n` fits exactly when `growth_over_budget` finds nothing: `n <= growth_room(packet)`."""
+    budget = int(packet.max_parameters)
+    if budget == 0:
+        return math.inf
+    current = packet.training_metrics.get("param_count")
+    if current is None or not math.isfinite(current):
+        return -math.inf
+    return float(budget - current)
 
 
 def growth_over_budget(

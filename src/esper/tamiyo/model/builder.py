@@ -8,7 +8,7 @@ id. Missing values are zeroed and recorded, in a presence mask and in `GraphCove
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,13 +16,16 @@ import torch
 from torch import Tensor
 
 from esper.leyline import pb
+from esper.tamiyo.model.budget import deepen_cost, growth_room, widen_unit_cost
 from esper.tamiyo.model.graph import GraphCoverage, TamiyoGraph
+from esper.tamiyo.model.heuristic import DEEPEN, ENDED_STAGES, WIDEN, growth_layer
 from esper.tamiyo.model.normalizer import FeatureNormalizer
 from esper.tamiyo.model.normalizer_state import NormalizerState, NormalizerStore
-from esper.tamiyo.model.proposal import ACTIONS
+from esper.tamiyo.model.proposal import ACTIONS, WIDEN_UNITS
 from esper.tamiyo.model.schema import (
     ACTIVE_STAGES,
     GLOBAL_METRIC_KEYS,
+    LAYER_GROWTH_FEATURES,
     SEED_METRIC_KEYS,
     STAGE_COLUMNS,
     TAMIYO_SCHEMA,
@@ -31,8 +34,10 @@ from esper.tamiyo.model.schema import (
     FloatArray,
     GraphSchema,
     GraphSchemaError,
+    GrowthOperationLookup,
     MissingFeatureError,
 )
+from esper.urza import growth_operation
 
 if TYPE_CHECKING:
     from esper.tamiyo.settings import TamiyoSettings
@@ -50,6 +55,11 @@ _STAGE_ROWS: dict[int, tuple[float, ...]] = {
 }
 # Presence of a slot's columns after `width_log` when the slot has no seed state.
 _ABSENT_STATE: tuple[float, ...] = (0.0,) * 8 + (1.0, 1.0, 1.0) + (0.0,) * len(STAGE_COLUMNS)
+
+
+def _is_growth(state: pb.SeedState) -> bool:
+    """A growth's state (Kasmina reports it with its id as slot and seed id, and "widen"/"deepen")."""
+    return state.blueprint_id in (WIDEN, DEEPEN) and state.seed_id == state.slot_id
 
 
 def _log1p(values: list[float]) -> Tensor:
@@ -70,6 +80,11 @@ class _Missing:
     def add(self, node_type: str, keys: set[str]) -> None:
         if keys:
             self.keys.setdefault(node_type, set()).update(keys)
+
+
+# A packet's growth view of the layers: (layer_action_mask, widen_amount_mask), the layer rows (values,
+# presence), and which actions some layer allows.
+_GrowthRows = tuple[tuple[Tensor, Tensor], tuple[FloatArray, FloatArray], FloatArray]
 
 
 @dataclass(frozen=True)
@@ -93,10 +108,25 @@ class _Topology:
     edge_index: dict[EdgeKey, Tensor]  # the relations among global, layers and slots
     edge_attr: dict[EdgeKey, Tensor]
     offered: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # n_bps -> see _offered
+    # Growth, per kept layer: whether the host and the catalogue allow a WIDEN / DEEPEN there, and what
+    # one widened unit and one deepen cost in parameters (NaN: the topology does not say).
+    can_widen: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    can_deepen: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    unit_cost: FloatArray = field(default_factory=lambda: np.zeros(0))
+    deepen_cost: FloatArray = field(default_factory=lambda: np.zeros(0))
+    units_allowed: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))  # [WIDEN_UNITS]
+    # This topology with slot nodes for growths, by the growths (see `_with_growths`).
+    with_growths: dict[tuple[object, ...], _Topology] = field(default_factory=dict)
+    # What the growth state, the budget and the active seeds make of the layers (see `_growth_of`).
+    growth: dict[tuple[object, ...], _GrowthRows] = field(default_factory=dict)
 
 
 class GraphBuilder:
-    """Builds `TamiyoGraph`s from packets under one schema, one set of caps and one normaliser."""
+    """Builds `TamiyoGraph`s from packets under one schema, one set of caps and one normaliser.
+
+    `blueprint_metadata` describes the offered blueprints; `growth_operations` the growth operations
+    (Urza's `op:widen` / `op:deepen` descriptors: host kinds and allowed amounts; None: the host's
+    `growth_operations` and the settings alone decide)."""
 
     def __init__(
         self,
@@ -105,6 +135,7 @@ class GraphBuilder:
         schema: GraphSchema = TAMIYO_SCHEMA,
         normalizer_store: NormalizerStore | None = None,
         blueprint_metadata: BlueprintLookup | None = None,
+        growth_operations: GrowthOperationLookup | None = growth_operation,
     ) -> None:
         if schema.type_names != TAMIYO_SCHEMA.type_names or schema.relations != TAMIYO_SCHEMA.relations:
             # The feature code below fills exactly TAMIYO_SCHEMA; another schema needs another builder.
@@ -118,6 +149,9 @@ class GraphBuilder:
         self._max_slots = settings.max_seeds
         self._max_blueprints = settings.max_blueprints
         self._metadata = blueprint_metadata
+        self._operations = growth_operations
+        self._widen_units = np.array(WIDEN_UNITS, dtype=np.float64)
+        self._units_allowed = np.array([u in settings.gnn_widen_units for u in WIDEN_UNITS], dtype=np.bool_)
         self.normalizer = FeatureNormalizer(schema, normalizer_store, settings.normalizer_flush_every)
         self._topology: _Topology | None = None
 
@@ -145,6 +179,7 @@ class GraphBuilder:
         slots = slots_on_kept[: self._max_slots]
         slot_layer = torch.tensor([kept_layers[slot.layer_id] for slot in slots], dtype=torch.long)
         edge_index, edge_attr = self._topology_edges(layers, slots, slot_layer)
+        growth = self._growth_sites(packet.topology, layers_all, len(layers))
         topology = _Topology(
             key=key,
             n_layers_all=len(layers_all),
@@ -156,9 +191,43 @@ class GraphBuilder:
             layer_features=self._layer_features(layers, slot_layer),
             edge_index=edge_index,
             edge_attr=edge_attr,
+            can_widen=growth[0],
+            can_deepen=growth[1],
+            unit_cost=growth[2],
+            deepen_cost=growth[3],
+            units_allowed=growth[4],
         )
         self._topology = topology
         return topology
+
+    def _growth_sites(
+        self, topology: pb.HostTopology, layers_all: list[pb.LayerDescriptor], count: int
+    ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
+        """Per kept layer: WIDEN allowed, DEEPEN allowed (by the host's `growth_operations` and, with a
+        catalogue, the operation's host kinds), one unit's and one deepen's cost; and which amounts a
+        WIDEN may take (the settings', within the catalogue's allowed amounts)."""
+        widen = self._operations("op:widen") if self._operations is not None else None
+        deepen = self._operations("op:deepen") if self._operations is not None else None
+        units_allowed = self._units_allowed.copy()
+        if widen is not None:
+            units_allowed &= np.array([u in widen.allowed_amounts for u in WIDEN_UNITS], dtype=np.bool_)
+        can_widen = np.zeros(count, dtype=np.bool_)
+        can_deepen = np.zeros(count, dtype=np.bool_)
+        unit_cost = np.full(count, np.nan)
+        deepen_params = np.full(count, np.nan)
+        for index, layer in enumerate(layers_all[:count]):
+            operations = layer.growth_operations
+            if pb.SEED_OP_WIDEN in operations and (widen is None or layer.kind in widen.host_kinds):
+                cost, _ = widen_unit_cost(layers_all, index)
+                if cost is not None:
+                    can_widen[index] = True
+                    unit_cost[index] = cost
+            if pb.SEED_OP_DEEPEN in operations and (deepen is None or layer.kind in deepen.host_kinds):
+                cost, _ = deepen_cost(topology, layer.layer_id)
+                if cost is not None:
+                    can_deepen[index] = True
+                    deepen_params[index] = cost
+        return can_widen, can_deepen, unit_cost, deepen_params, units_allowed
 
     def build(self, packet: pb.SystemStatePacket, *, update_stats: bool = True) -> TamiyoGraph:
         """The graph of `packet`; raises `GraphSchemaError` when the packet does not fit the schema."""
@@ -176,6 +245,7 @@ class GraphBuilder:
             if state.slot_id in states:
                 raise GraphSchemaError(f"slot {state.slot_id!r}", "has more than one seed state")
             states[state.slot_id] = state
+        topology = self._with_growths(packet, topology, states)
 
         layers, slots = topology.layers, topology.slots
         blueprints = blueprints_all[: self._max_blueprints]
@@ -197,6 +267,7 @@ class GraphBuilder:
         bp_index = {bid: index for index, bid in enumerate(blueprints)}
         slot_bp = [bp_index.get(s.blueprint_id, -1) if s is not None else -1 for s in slot_states]
 
+        growth_masks, layer_rows, growth_legal = self._growth_of(packet, topology, active)
         raw: dict[str, tuple[FloatArray, FloatArray]] = {
             "global": self._global_features(
                 packet,
@@ -206,7 +277,7 @@ class GraphBuilder:
                 active_fraction=sum(active) / len(active) if active else 0.0,
                 missing=missing,
             ),
-            "layer": topology.layer_features,
+            "layer": layer_rows,
             "slot": self._slot_features(slots, slot_states, active, missing),
             "blueprint": self._blueprint_features(blueprints, slot_bp, active, missing),
         }
@@ -245,7 +316,7 @@ class GraphBuilder:
         }
         unlinked: dict[str, str] = {}
         for slot, state, is_active, index in zip(slots, slot_states, active, slot_bp, strict=True):
-            if state is None or not is_active or index >= 0:
+            if state is None or not is_active or index >= 0 or _is_growth(state):
                 continue
             if not state.blueprint_id:
                 unlinked[slot.slot_id] = f"seed {state.seed_id!r} names no blueprint"
@@ -260,11 +331,14 @@ class GraphBuilder:
             dropped_edges=dropped_edges,
             unlinked_seeds=unlinked,
         )
-        action_mask, slot_action_mask = self._legality(stages, active, slot_states, len(blueprints))
+        action_mask, slot_action_mask = self._legality(
+            stages, active, slot_states, len(blueprints), growth_legal
+        )
         if self._lifecycle_only:
             action_mask[
                 0, [_ACTION_INDEX[pb.POLICY_ACTION_ADJUST_LR], _ACTION_INDEX[pb.POLICY_ACTION_PAUSE]]
             ] = False
+        layer_action_mask, widen_amount_mask = growth_masks
         return TamiyoGraph(
             x=x,
             mask=mask,
@@ -274,6 +348,9 @@ class GraphBuilder:
             num_graphs=1,
             action_mask=action_mask,
             slot_action_mask=slot_action_mask,
+            layer_action_mask=layer_action_mask,
+            widen_amount_mask=widen_amount_mask,
+            layer_ids=tuple(layer.layer_id for layer in layers),
             slot_ids=tuple(slot.slot_id for slot in slots),
             seed_ids=tuple(s.seed_id if s is not None else "" for s in slot_states),
             blueprint_ids=tuple(blueprints),
@@ -363,6 +440,183 @@ class GraphBuilder:
         ).numpy()
         return values, np.ones_like(values)
 
+    def _with_growths(
+        self, packet: pb.SystemStatePacket, topology: _Topology, states: dict[str, pb.SeedState]
+    ) -> _Topology:
+        """`topology` with a slot node for each growth Kasmina reports (on its layer, under the slot cap),
+        whose state is the growth's: the slot head's FOSSILIZE and CULL then apply to growths as to seeds
+        (the command factory turns them into growth commands). Adds the growths' states to `states`."""
+        kept = {layer.layer_id: index for index, layer in enumerate(topology.layers)}
+        room = self._max_slots - len(topology.slots)
+        added: list[tuple[pb.SlotDescriptor, int]] = []
+        for state in packet.growth_states:
+            layer = kept.get(growth_layer(state.slot_id))
+            if layer is None or state.stage in ENDED_STAGES:
+                continue
+            if state.slot_id in topology.slot_ids or state.slot_id in states:
+                raise GraphSchemaError(f"growth {state.slot_id!r}", "has the id of a slot or another growth")
+            states[state.slot_id] = state
+            if len(added) < room:
+                width = int(state.metrics.get("units", 0.0)) or int(topology.layers[layer].width)
+                descriptor = pb.SlotDescriptor(
+                    slot_id=state.slot_id, layer_id=topology.layers[layer].layer_id, width=width
+                )
+                added.append((descriptor, layer))
+        if not added:
+            return topology
+        key = tuple((slot.slot_id, slot.width) for slot, _ in added)
+        cached = topology.with_growths.get(key)
+        if cached is None:
+            slots = [*topology.slots, *(slot for slot, _ in added)]
+            slot_layer = torch.cat([topology.slot_layer, torch.tensor([layer for _, layer in added])])
+            edge_index, edge_attr = self._topology_edges(topology.layers, slots, slot_layer)
+            if len(topology.with_growths) >= 16:
+                topology.with_growths.clear()
+            cached = topology.with_growths[key] = replace(
+                topology,
+                n_slots_all=topology.n_slots_all + len(added),
+                slots=slots,
+                slot_ids=topology.slot_ids | {slot.slot_id for slot, _ in added},
+                slot_layer=slot_layer,
+                edge_index=edge_index,
+                edge_attr=edge_attr,
+                offered={},
+                growth={},
+                with_growths={},
+            )
+        return cached
+
+    def _growth_of(
+        self, packet: pb.SystemStatePacket, topology: _Topology, active: list[bool]
+    ) -> _GrowthRows:
+        """The growth masks, the layer rows and which actions some layer allows, reused while the growths,
+        the budget and the active seeds are those of an earlier packet of this topology (they change only
+        when something grows). All are read-only."""
+        key = (
+            tuple(
+                (s.slot_id, s.stage, s.blueprint_id, s.metrics.get("units", 0.0))
+                for s in packet.growth_states
+            ),
+            int(packet.max_parameters),
+            growth_room(packet),
+            tuple(active),
+        )
+        cached = topology.growth.get(key)
+        if cached is None:
+            if len(topology.growth) >= 64:
+                topology.growth.clear()
+            masks = self._growth_legality(packet, topology, active)
+            legal: FloatArray = np.asarray(masks[0].numpy().any(axis=0))
+            cached = topology.growth[key] = (masks, self._layer_growth(packet, topology, masks), legal)
+        return cached
+
+    def _growth_legality(
+        self, packet: pb.SystemStatePacket, topology: _Topology, active: list[bool]
+    ) -> tuple[Tensor, Tensor]:
+        """`layer_action_mask` [L, actions] (WIDEN and DEEPEN columns) and `widen_amount_mask` [L, units].
+
+        A layer may grow where the host and the catalogue allow it, no unfossilised growth acts on the
+        layers it would change (Kasmina's rule: a WIDEN changes the layer and the next one, a DEEPEN the
+        layer), (WIDEN) no block was inserted after it and no seed is active on its slots, and the growth
+        fits the budget (`growth_room`, the budget module's own test: an unmeasured cost or size never
+        fits)."""
+        count = len(topology.layers)
+        position = {layer.layer_id: index for index, layer in enumerate(topology.layers)}
+        touched = np.zeros(count + 1, dtype=np.bool_)  # one spare row: the consumer of the last layer
+        blocked = np.zeros(count, dtype=np.bool_)
+        for state in packet.growth_states:
+            row = position.get(growth_layer(state.slot_id))
+            if row is None:
+                continue
+            if state.blueprint_id == DEEPEN:
+                blocked[row] = True  # a block after the layer is built at its width
+            if state.stage != pb.SEED_STAGE_FOSSILIZED:
+                touched[row] = True
+                if state.blueprint_id == WIDEN:
+                    touched[row + 1] = True  # a widen changes its layer's consumer too
+        widen_free = ~touched[:count] & ~touched[1:] & ~blocked
+        deepen_free = ~touched[:count]
+        if any(active):
+            seeded = np.bincount(
+                topology.slot_layer.numpy()[np.array(active, dtype=np.bool_)], minlength=count
+            )
+            seeded_layer = seeded[:count] > 0
+        else:
+            seeded_layer = np.zeros(count, dtype=np.bool_)
+        room = growth_room(packet)
+        with np.errstate(invalid="ignore"):
+            amounts = (topology.unit_cost[:, None] * self._widen_units[None, :]) <= room
+            deepen_fits = topology.deepen_cost <= room
+        widen = (
+            (topology.can_widen & widen_free & ~seeded_layer)[:, None]
+            & topology.units_allowed[None, :]
+            & amounts
+        )
+        layer_mask = np.zeros((count, len(ACTIONS)), dtype=np.bool_)
+        layer_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_WIDEN]] = widen.any(axis=1)
+        layer_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_DEEPEN]] = (
+            topology.can_deepen & deepen_free & deepen_fits
+        )
+        return torch.from_numpy(layer_mask), torch.from_numpy(widen.reshape(count, len(WIDEN_UNITS)))
+
+    @staticmethod
+    def _live_growth_layers(packet: pb.SystemStatePacket) -> set[str]:
+        return {growth_layer(state.slot_id) for state in packet.growth_states if state.stage in ACTIVE_STAGES}
+
+    def _layer_growth(
+        self,
+        packet: pb.SystemStatePacket,
+        topology: _Topology,
+        masks: tuple[Tensor, Tensor],
+    ) -> tuple[FloatArray, FloatArray]:
+        """The layer rows: the topology's columns, this packet's growth columns, the kinds, and whether a
+        WIDEN / DEEPEN is legal there now."""
+        values, present = topology.layer_features
+        count = len(topology.layers)
+        index = {layer.layer_id: i for i, layer in enumerate(topology.layers)}
+        grown = np.zeros(count)
+        live = np.zeros(count)
+        deepened = np.zeros(count)
+        for state in packet.growth_states:
+            row = index.get(growth_layer(state.slot_id))
+            if row is None or state.stage in ENDED_STAGES:
+                continue
+            if state.stage in ACTIVE_STAGES:
+                live[row] = 1.0
+            if state.blueprint_id == WIDEN:
+                grown[row] += max(float(state.metrics.get("units", 0.0)), 0.0)
+            elif state.blueprint_id == DEEPEN:
+                deepened[row] += 1.0
+        budget = float(packet.max_parameters)
+        room = growth_room(packet)
+        has_budget = budget > 0 and math.isfinite(room)
+        left = np.full(count, min(max(room / budget, 0.0), 1.0) if has_budget else 0.0)
+        unit_known = has_budget & ~np.isnan(topology.unit_cost)
+        unit_frac = np.where(unit_known, np.nan_to_num(topology.unit_cost) / max(budget, 1.0), 0.0)
+        growth = np.stack([np.log1p(grown), live, deepened, left, unit_frac], axis=1).reshape(count, 5)
+        growth_present = np.stack(
+            [np.ones(count), np.ones(count), np.ones(count), np.full(count, float(has_budget)), unit_known],
+            axis=1,
+        ).reshape(count, 5)
+        layer_mask = masks[0].numpy()
+        legal = np.stack(
+            [
+                layer_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_WIDEN]],
+                layer_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_DEEPEN]],
+            ],
+            axis=1,
+        ).reshape(count, 2)
+        width = 4
+        out = np.concatenate([values[:, :width], growth, values[:, width:], legal], axis=1, dtype=np.float32)
+        out_present = np.concatenate(
+            [present[:, :width], growth_present, present[:, width:], np.ones((count, 2))],
+            axis=1,
+            dtype=np.float32,
+        )
+        if out.shape[1] != self.schema.node("layer").dim or len(LAYER_GROWTH_FEATURES) != growth.shape[1]:
+            raise GraphSchemaError("layer", f"built {out.shape[1]} features, schema declares the layer node")
+        return out, out_present
+
     def _slot_features(
         self,
         slots: list[pb.SlotDescriptor],
@@ -387,7 +641,7 @@ class GraphBuilder:
             metrics = state.metrics
             found = [key in metrics for key in SEED_METRIC_KEYS]
             value = [metrics[key] if ok else 0.0 for key, ok in zip(SEED_METRIC_KEYS, found, strict=True)]
-            if is_active and not all(found):
+            if is_active and not all(found) and not _is_growth(state):
                 # Metrics are expected only from active seeds; a dormant slot has none and is not "missing".
                 absent.update(
                     f"seed_metrics[{key}]@{slot.slot_id}"
@@ -536,7 +790,11 @@ class GraphBuilder:
 
     @staticmethod
     def _legality(
-        stages: list[int], active: list[bool], states: list[pb.SeedState | None], n_blueprints: int
+        stages: list[int],
+        active: list[bool],
+        states: list[pb.SeedState | None],
+        n_blueprints: int,
+        growth_legal: FloatArray,
     ) -> tuple[Tensor, Tensor]:
         slot_mask = np.zeros((len(stages), len(ACTIONS)), dtype=np.bool_)
         stage = np.array(stages, dtype=np.int64).reshape(-1)
@@ -544,10 +802,18 @@ class GraphBuilder:
         slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_GERMINATE]] = (
             (stage == pb.SEED_STAGE_DORMANT) & has_state & (n_blueprints > 0)
         )
-        slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_FOSSILIZE]] = stage == pb.SEED_STAGE_PROBATIONARY
+        # A growth is fossilised only once Kasmina reports it ready (its gate's verdict), as the heuristic
+        # does.
+        ready = np.array(
+            [s is None or not _is_growth(s) or s.metrics.get("fossilize_ready", 0.0) == 1.0 for s in states],
+            dtype=np.bool_,
+        ).reshape(-1)
+        slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_FOSSILIZE]] = (
+            stage == pb.SEED_STAGE_PROBATIONARY
+        ) & ready
         slot_mask[:, _ACTION_INDEX[pb.POLICY_ACTION_CULL]] = np.array(active, dtype=np.bool_).reshape(-1)
         action_mask = np.zeros((1, len(ACTIONS)), dtype=np.bool_)
-        action_mask[0] = slot_mask.any(axis=0)
+        action_mask[0] = slot_mask.any(axis=0) | growth_legal  # WIDEN, DEEPEN: some layer may grow
         for action in (pb.POLICY_ACTION_WAIT, pb.POLICY_ACTION_ADJUST_LR, pb.POLICY_ACTION_PAUSE):
             action_mask[0, _ACTION_INDEX[action]] = True
         return torch.from_numpy(action_mask), torch.from_numpy(slot_mask)

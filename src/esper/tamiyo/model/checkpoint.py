@@ -32,6 +32,21 @@ class CheckpointIncompatible(EsperError):
         )
 
 
+class SchemaMismatch(CheckpointIncompatible):
+    """A checkpoint was built for another graph schema: its weights read other features and choose among
+    other heads, so it is refused whole (retrain it, e.g. `esper simic train`, for this schema)."""
+
+    def __init__(self, built_for: str, expected: str) -> None:
+        self.built_for = built_for
+        super().__init__(
+            "schema_version",
+            expected,
+            built_for,
+            hint=f"it was built for graph schema {built_for or 'unknown'}, this policy expects {expected}; "
+            "train a policy for this schema",
+        )
+
+
 class PolicyUpdateRejected(EsperError):
     """An update was refused; `reason` is a short machine-readable code, `detail` says why."""
 

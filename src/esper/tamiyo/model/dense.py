@@ -93,8 +93,9 @@ class PackedGat:
 class PackedHeads:
     """The heads for one graph: every product with the graph context in one matrix.
 
-    Columns of `context_weight`: the slot head's and the blueprint head's first layer on the context half
-    of their `[node | context]` input, then the action, blend, schedule, lr and value heads (`splits`).
+    Columns of `context_weight`: the slot head's, the blueprint head's and the layer head's first layer on
+    the context half of their `[node | context]` input, then the action, blend, schedule, lr, value and
+    amount heads (`splits`).
     """
 
     context_weight: Tensor  # [gat, columns]
@@ -104,6 +105,8 @@ class PackedHeads:
     slot_out: tuple[Tensor, Tensor]  # last layer weight [gat, 1] and bias
     blueprint_node: Tensor
     blueprint_out: tuple[Tensor, Tensor]
+    layer_node: Tensor
+    layer_out: tuple[Tensor, Tensor]
 
 
 _generations = itertools.count()
@@ -173,6 +176,7 @@ class DenseKernel:
         """The packed heads (see `PackedHeads`)."""
         modules: tuple[nn.Module, ...] = (model.slot_head, model.blueprint_head, model.action_head)
         modules += (model.blend_head, model.schedule_head, model.lr_head, model.value_head)
+        modules += (model.layer_head, model.amount_head)
         key = self._key(*modules)
         cached = self._cache.get(id(model.slot_head))
         if cached is not None and cached[0] == key:
@@ -223,9 +227,19 @@ def pack_heads(model: TamiyoGNN) -> PackedHeads:
     slot_out: nn.Linear = model.slot_head[2]  # type: ignore[assignment]
     bp_in: nn.Linear = model.blueprint_head[0]  # type: ignore[assignment]
     bp_out: nn.Linear = model.blueprint_head[2]  # type: ignore[assignment]
-    plain = (model.action_head, model.blend_head, model.schedule_head, model.lr_head, model.value_head)
-    weights: list[Tensor] = [slot_in.weight[:, gat:], bp_in.weight[:, gat:], *(head.weight for head in plain)]
-    biases: list[Tensor] = [slot_in.bias, bp_in.bias, *(head.bias for head in plain)]
+    layer_in: nn.Linear = model.layer_head[0]  # type: ignore[assignment]
+    layer_out: nn.Linear = model.layer_head[2]  # type: ignore[assignment]
+    plain = (
+        model.action_head,
+        model.blend_head,
+        model.schedule_head,
+        model.lr_head,
+        model.value_head,
+        model.amount_head,
+    )
+    pointers = (slot_in, bp_in, layer_in)
+    weights: list[Tensor] = [*(head.weight[:, gat:] for head in pointers), *(head.weight for head in plain)]
+    biases: list[Tensor] = [*(head.bias for head in pointers), *(head.bias for head in plain)]
 
     def transposed(weight: Tensor) -> Tensor:
         return weight.detach().t().contiguous().clone()  # a copy even where `.t()` is already contiguous
@@ -238,6 +252,8 @@ def pack_heads(model: TamiyoGNN) -> PackedHeads:
         slot_out=(transposed(slot_out.weight), slot_out.bias.detach().clone()),
         blueprint_node=transposed(bp_in.weight[:, :gat]),
         blueprint_out=(transposed(bp_out.weight), bp_out.bias.detach().clone()),
+        layer_node=transposed(layer_in.weight[:, :gat]),
+        layer_out=(transposed(layer_out.weight), layer_out.bias.detach().clone()),
     )
 
 
@@ -438,11 +454,13 @@ class DenseRun:
         )
         readout: nn.Linear = model.readout[0]  # type: ignore[assignment]
         context = torch.relu_(torch.nn.functional.linear(pooled, readout.weight, readout.bias))
-        slot_ctx, bp_ctx, action, blend, schedule, lr, value = torch.split_with_sizes(
+        slot_ctx, bp_ctx, layer_ctx, action, blend, schedule, lr, value, amount = torch.split_with_sizes(
             torch.addmm(heads.context_bias, context, heads.context_weight), list(heads.splits), dim=1
         )
         slot_hidden = torch.relu_(torch.addmm(slot_ctx, h["slot"], heads.slot_node))
         bp_hidden = torch.relu_(torch.addmm(bp_ctx, h["blueprint"], heads.blueprint_node))
+        layer_hidden = torch.relu_(torch.addmm(layer_ctx, h["layer"], heads.layer_node))
         slot_scores = torch.addmm(heads.slot_out[1], slot_hidden, heads.slot_out[0]).squeeze(-1)
         bp_scores = torch.addmm(heads.blueprint_out[1], bp_hidden, heads.blueprint_out[0]).squeeze(-1)
-        return action, slot_scores, bp_scores, blend, schedule, lr, value.squeeze(-1)
+        layer_scores = torch.addmm(heads.layer_out[1], layer_hidden, heads.layer_out[0]).squeeze(-1)
+        return action, slot_scores, bp_scores, blend, schedule, lr, value.squeeze(-1), layer_scores, amount

@@ -18,7 +18,7 @@ from esper.tamiyo.model.proposal import (
     ACTIONS,
 )
 
-HEADS: tuple[str, ...] = ("action", "slot", "blueprint", "blend", "schedule", "lr")
+HEADS: tuple[str, ...] = ("action", "slot", "blueprint", "blend", "schedule", "lr", "layer", "amount")
 _A = {action: index for index, action in enumerate(ACTIONS)}
 # Heads whose choice matters for each action (by action head index).
 RELEVANT_HEADS: dict[int, tuple[str, ...]] = {
@@ -28,6 +28,8 @@ RELEVANT_HEADS: dict[int, tuple[str, ...]] = {
     _A[pb.POLICY_ACTION_CULL]: ("action", "slot"),
     _A[pb.POLICY_ACTION_ADJUST_LR]: ("action", "lr"),
     _A[pb.POLICY_ACTION_PAUSE]: ("action",),
+    _A[pb.POLICY_ACTION_WIDEN]: ("action", "layer", "amount"),
+    _A[pb.POLICY_ACTION_DEEPEN]: ("action", "layer"),
 }
 MASKED = -1e9
 
@@ -59,6 +61,9 @@ class HeadDistributions:
     schedule: Tensor
     lr: Tensor
     value: Tensor
+    layer: Tensor  # [L, A]: per-layer log-prob within its graph, for each action's mask
+    layer_ok: Tensor  # [L, A] bool
+    amount: Tensor  # [L, K]: the amount head's log-probs were that layer chosen (its amount mask)
 
 
 def segment_log_softmax(scores: Tensor, index: Tensor, size: int) -> Tensor:
@@ -90,6 +95,19 @@ def head_distributions(out: GNNOutput, graph: TamiyoGraph) -> HeadDistributions:
         ).reshape(slot_ok.shape)
         bp_batch = graph.batch["blueprint"].to(out.blueprint_scores.device)
         blueprint = segment_log_softmax(out.blueprint_scores, bp_batch, size)
+    layer_ok = graph.layer_action_mask.to(out.layer_scores.device)
+    per_layer_action = out.layer_scores[:, None].expand_as(layer_ok).masked_fill(~layer_ok, MASKED)
+    if size == 1:
+        layer = torch.log_softmax(per_layer_action, dim=0)
+    else:
+        layer_batch = graph.batch["layer"].to(out.layer_scores.device)
+        layer = torch.stack(
+            [segment_log_softmax(per_layer_action[:, a], layer_batch, size) for a in range(len(ACTIONS))],
+            dim=1,
+        ).reshape(layer_ok.shape)
+    amount_ok = graph.widen_amount_mask.to(out.amount_logits.device)
+    amount_rows = out.amount_logits[graph.batch["layer"].to(out.amount_logits.device)]
+    amount = torch.log_softmax(amount_rows.masked_fill(~amount_ok, MASKED), dim=-1)
     return HeadDistributions(
         action=action,
         slot=slot,
@@ -99,6 +117,9 @@ def head_distributions(out: GNNOutput, graph: TamiyoGraph) -> HeadDistributions:
         schedule=torch.log_softmax(out.schedule_logits, dim=-1),
         lr=torch.log_softmax(out.lr_logits, dim=-1),
         value=out.value,
+        layer=layer,
+        layer_ok=layer_ok,
+        amount=amount,
     )
 
 
@@ -132,6 +153,20 @@ def evaluate_choices(
         dists.blueprint, bp_offsets, pick("blueprint"), relevant["blueprint"]
     )
     entropies["blueprint"] = segment_entropy(dists.blueprint, bp_ok, batch.batch["blueprint"], size)
+    # Layer (WIDEN, DEEPEN): as the slot; amount: under the chosen layer's amount mask.
+    layer_offsets = segment_offsets(batch.batch["layer"], size)
+    layer_actions = actions[batch.batch["layer"]]
+    layer_rows = dists.layer.gather(1, layer_actions[:, None]).squeeze(1)
+    layer_ok = batch.layer_action_mask.gather(1, layer_actions[:, None]).squeeze(1)
+    log_probs["layer"] = pick_segment(layer_rows, layer_offsets, pick("layer"), relevant["layer"])
+    entropies["layer"] = segment_entropy(layer_rows, layer_ok, batch.batch["layer"], size)
+    if dists.amount.numel():
+        chosen = (layer_offsets + pick("layer")).clamp(max=dists.amount.shape[0] - 1)
+        amount_table = dists.amount[chosen]
+        log_probs["amount"] = amount_table.gather(1, pick("amount")[:, None]).squeeze(1)
+        entropies["amount"] = entropy(amount_table, action_mask=batch.widen_amount_mask[chosen])
+    else:
+        log_probs["amount"] = entropies["amount"] = torch.zeros(size)
     for head in ("blend", "schedule", "lr"):
         table: Tensor = getattr(dists, head)
         log_probs[head] = table.gather(1, pick(head)[:, None]).squeeze(1)

@@ -34,10 +34,11 @@ from esper.tamiyo.model.dense import (
 from esper.tamiyo.model.graph import TamiyoGraph
 from esper.tamiyo.model.outputs import Checkpoint, GNNOutput, no_checkpoint
 from esper.tamiyo.model.plan import PLAN_WARM_CALLS, Plan, PlanError, plan_outputs
-from esper.tamiyo.model.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS
+from esper.tamiyo.model.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, WIDEN_UNITS
 from esper.tamiyo.model.schema import EdgeKey, GraphSchema, GraphSchemaError
 
-ARCHITECTURE_VERSION = "tamiyo-hetero-gnn-v1"
+# v2: the action head has WIDEN and DEEPEN, with a layer pointer and a widen amount head.
+ARCHITECTURE_VERSION = "tamiyo-hetero-gnn-v2"
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class TamiyoGNN(nn.Module):
         super().__init__()
         self.config = config
         schema = config.schema
-        for required in ("slot", "blueprint"):
+        for required in ("slot", "blueprint", "layer"):
             schema.node(required)  # the choice heads score these node types
         hidden, gat = config.hidden_dim, config.gat_dim
         self._types = schema.type_names
@@ -172,6 +173,8 @@ class TamiyoGNN(nn.Module):
         self.schedule_head = nn.Linear(gat, len(ALPHA_RAMP_STEPS))
         self.lr_head = nn.Linear(gat, len(LR_FACTORS))
         self.value_head = nn.Linear(gat, 1)
+        self.layer_head = nn.Sequential(nn.Linear(2 * gat, gat), nn.ReLU(), nn.Linear(gat, 1))
+        self.amount_head = nn.Linear(gat, len(WIDEN_UNITS))
         # Inference without autograd runs the dense kernel (same weights, same function, far fewer ops).
         self.dense_inference = True
         self._kernel = DenseKernel(self._types, self._relations)
@@ -403,7 +406,7 @@ class TamiyoGNN(nn.Module):
         }
 
     def _heads(self, graph: TamiyoGraph, h: dict[str, Tensor], device: torch.device) -> GNNOutput:
-        slot_h, bp_h = h["slot"], h["blueprint"]
+        slot_h, bp_h, layer_h = h["slot"], h["blueprint"], h["layer"]
         if graph.num_graphs == 1:  # one graph: pooling is a column mean (zeros for an empty node type)
             pooled = [
                 h[name].mean(0, keepdim=True) if h[name].shape[0] else h[name].new_zeros(1, h[name].shape[1])
@@ -412,6 +415,7 @@ class TamiyoGNN(nn.Module):
             context = self.readout(torch.cat(pooled, dim=1))
             slot_ctx = context.expand(slot_h.shape[0], -1)
             bp_ctx = context.expand(bp_h.shape[0], -1)
+            layer_ctx = context.expand(layer_h.shape[0], -1)
         else:
             batch = {name: graph.batch[name].to(device) for name in self._types}
             size = graph.num_graphs
@@ -421,6 +425,7 @@ class TamiyoGNN(nn.Module):
             context = self.readout(torch.cat(pooled, dim=1))
             slot_ctx = context[batch["slot"]]
             bp_ctx = context[batch["blueprint"]]
+            layer_ctx = context[batch["layer"]]
         return GNNOutput(
             action_logits=self.action_head(context),
             slot_scores=self.slot_head(torch.cat([slot_h, slot_ctx], dim=1)).squeeze(-1),
@@ -429,4 +434,6 @@ class TamiyoGNN(nn.Module):
             schedule_logits=self.schedule_head(context),
             lr_logits=self.lr_head(context),
             value=self.value_head(context).squeeze(-1),
+            layer_scores=self.layer_head(torch.cat([layer_h, layer_ctx], dim=1)).squeeze(-1),
+            amount_logits=self.amount_head(context),
         )

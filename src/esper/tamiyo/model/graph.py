@@ -57,6 +57,9 @@ class TamiyoGraph:
     `x` holds the normalised features with missing entries zeroed; `mask` their presence (1 present).
     `slot_action_mask[i, a]` says whether slot node i is a legal target of action head index a;
     `action_mask[g, a]` whether action a is legal in graph g. `batch` maps each node to its graph.
+    `layer_action_mask[l, a]` says whether layer node l is a legal target of action a (WIDEN, DEEPEN);
+    `widen_amount_mask[l, k]` whether widening layer l by `WIDEN_UNITS[k]` is legal (settings, catalogue,
+    budget).
     """
 
     x: dict[str, Tensor]
@@ -67,6 +70,9 @@ class TamiyoGraph:
     num_graphs: int
     action_mask: Tensor
     slot_action_mask: Tensor
+    layer_action_mask: Tensor
+    widen_amount_mask: Tensor
+    layer_ids: tuple[str, ...]
     slot_ids: tuple[str, ...]
     seed_ids: tuple[str, ...]
     blueprint_ids: tuple[str, ...]
@@ -92,6 +98,8 @@ class TamiyoGraph:
             if key in self.edge_attr:
                 data[key].edge_attr = self.edge_attr[key]
         data["slot"].action_mask = self.slot_action_mask
+        data["layer"].action_mask = self.layer_action_mask
+        data["layer"].amount_mask = self.widen_amount_mask
         return data
 
 
@@ -131,6 +139,9 @@ def collate(graphs: Sequence[TamiyoGraph]) -> TamiyoGraph:
         num_graphs=len(graphs),
         action_mask=torch.cat([graph.action_mask for graph in graphs]),
         slot_action_mask=torch.cat([graph.slot_action_mask for graph in graphs]),
+        layer_action_mask=torch.cat([graph.layer_action_mask for graph in graphs]),
+        widen_amount_mask=torch.cat([graph.widen_amount_mask for graph in graphs]),
+        layer_ids=tuple(lid for graph in graphs for lid in graph.layer_ids),
         slot_ids=tuple(sid for graph in graphs for sid in graph.slot_ids),
         seed_ids=tuple(sid for graph in graphs for sid in graph.seed_ids),
         blueprint_ids=tuple(bid for graph in graphs for bid in graph.blueprint_ids),

@@ -21,7 +21,9 @@ units behind the narrow layer) is preferred on MLP hosts, where it beat the rota
 4. GROW (before GERMINATE, when `enable_growth`): after the same cooldown, while no seed and no growth is
    active, on a growth plateau (as rule 3's, with `growth_min_improvement`: a narrow host improves
    slowly but steadily, and waits for rule 3's plateau most of a run) or while growth pays (the last
-   widen kept gained at least `min_gain_per_parameter`):
+   widen kept gained at least `min_gain_per_parameter`; with `grow_early`, also before any widen was
+   judged, so the host grows from the first decision: a static network spends its compute at full
+   size all along, a grown one is small first, and what it becomes is decided early):
    - WIDEN a layer the topology allows it for (`growth_operations`), whose slot is DORMANT (a widen merges
      into the host only past an empty slot) and that has no block after it: the narrowest first (the
      bottleneck), ties by its slot's gradient norm, then topology order; by `widen_fraction` of its width
@@ -38,6 +40,10 @@ units behind the narrow layer) is preferred on MLP hosts, where it beat the rota
    `<layer>:<w|d><n>`, which is how a growth's layer is read.
 5. Otherwise WAIT.
 
+Rules 3 and 4 start nothing once the run's `progress` (a training metric: the share of its steps done)
+is past `last_growth_progress`: a growth or seed that cannot finish is terminated at the end of the run,
+and a host that trained beside a blending seed loses accuracy when it is taken out.
+
 A contribution counts only when Kasmina measured it (`contribution_measured == 1.0`); a missing metric is
 unmeasured, and an unmeasured seed is never fossilised or culled on its contribution. Slot and blueprint ids
 come from the packet only.
@@ -51,7 +57,12 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from esper.leyline import EsperError, pb, short_name
-from esper.tamiyo.model.budget import growth_over_budget, growth_parameter_cost, over_budget
+from esper.tamiyo.model.budget import (
+    fits_slot,
+    growth_over_budget,
+    growth_parameter_cost,
+    over_budget,
+)
 from esper.tamiyo.model.proposal import ALPHA_RAMP_STEPS, BLEND_MODES, Proposal
 from esper.tamiyo.settings import TamiyoSettings
 
@@ -108,13 +119,15 @@ class HeuristicSettings:
     fossilize_min_stage_steps: int = 0
     max_judged_stage_steps: int = 600
     # Growth (rule 4): widen by this fraction of a layer's width, stop a layer below this gain per
-    # added parameter (validation loss, nats, per parameter). Off unless asked for (TAMIYO_HEURISTIC_GROWTH):
-    # benchmarks/growth_vs_static.py does not yet show grown beating a static model of its shape.
+    # added parameter (validation loss, nats, per parameter); `grow_early`: grow from the first decision
+    # while growth pays. `esper run` takes them from TamiyoSettings (TAMIYO_HEURISTIC_*).
     enable_growth: bool = False
     widen_fraction: float = 1.0
     widen_init: int = pb.GROWTH_INIT_GRADMAX
     min_gain_per_parameter: float = 1e-5
     growth_min_improvement: float = 0.10
+    grow_early: bool = False
+    last_growth_progress: float = 1.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -135,6 +148,7 @@ class HeuristicSettings:
             and self.min_gain_per_parameter >= 0,
             "growth_min_improvement": math.isfinite(self.growth_min_improvement)
             and self.growth_min_improvement >= 0,
+            "last_growth_progress": 0 <= self.last_growth_progress <= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -142,9 +156,16 @@ class HeuristicSettings:
 
     @classmethod
     def from_tamiyo(cls, settings: TamiyoSettings) -> HeuristicSettings:
-        """The heuristic thresholds for a Tamiyo configuration: the defaults, with growth operations
-        as `TAMIYO_HEURISTIC_GROWTH` says."""
-        return cls(enable_growth=settings.heuristic_growth)
+        """The heuristic thresholds for a Tamiyo configuration: the defaults, with growth as the
+        `TAMIYO_HEURISTIC_*` settings say."""
+        return cls(
+            enable_growth=settings.heuristic_growth,
+            grow_early=settings.heuristic_grow_early,
+            widen_fraction=settings.heuristic_widen_fraction,
+            min_gain_per_parameter=settings.heuristic_min_gain_per_parameter,
+            growth_min_improvement=settings.heuristic_growth_min_improvement,
+            last_growth_progress=settings.heuristic_last_growth_progress,
+        )
 
 
 @dataclass(frozen=True)
@@ -275,7 +296,7 @@ class HeuristicPolicy:
     def _grow(self, packet: pb.SystemStatePacket) -> Proposal | None:
         """Rule 4: a WIDEN or DEEPEN on a plateau, or None to fall through to GERMINATE."""
         s = self.settings
-        if not s.enable_growth:
+        if not s.enable_growth or self._too_late(packet) is not None:
             return None
         plateau, plateau_reason = self._plateau(s.growth_min_improvement)
         if not plateau and self._last_gain is not None and self._last_gain >= s.min_gain_per_parameter:
@@ -283,6 +304,8 @@ class HeuristicPolicy:
                 True,
                 f"growth pays: the last widen gained {self._last_gain:.3g} per parameter",
             )
+        elif not plateau and s.grow_early and not (self._widen_gain or self._widen_stopped):
+            plateau, plateau_reason = True, "growing early: no widen has been judged yet"
         if not plateau:
             return None
         if self._since_germination is not None and self._since_germination < s.germination_cooldown:
@@ -391,8 +414,21 @@ class HeuristicPolicy:
             self._widen_stopped.setdefault(growth_layer(state.slot_id), reason)
             self._last_gain = None
 
+    def _too_late(self, packet: pb.SystemStatePacket) -> str | None:
+        """Why nothing new may start this late in the run, or None."""
+        progress = packet.training_metrics.get("progress")
+        if progress is not None and progress > self.settings.last_growth_progress:
+            return (
+                f"{progress:.0%} of the run is done (past {self.settings.last_growth_progress:.0%}): "
+                "a growth started now could not finish"
+            )
+        return None
+
     def _germinate(self, packet: pb.SystemStatePacket) -> Proposal:
         s = self.settings
+        late = self._too_late(packet)
+        if late is not None:
+            return self._wait(late)
         plateau, plateau_reason = self._plateau()
         if not plateau:
             return self._wait(plateau_reason)
@@ -416,8 +452,13 @@ class HeuristicPolicy:
         rotation = [offered[(self._germinations + i) % len(offered)] for i in range(len(offered))]
         candidates = list(dict.fromkeys(preferred + rotation))
         refusal = ""
+        described = {d.slot_id: d for d in packet.topology.slots}
         for slot in slots:
+            where = described.get(slot.slot_id)
             for blueprint_id in candidates:
+                # A host with Linear and Conv points offers blueprints of both kinds: each slot takes its own.
+                if where is not None and not fits_slot(blueprint_id, int(where.width), str(where.kind)):
+                    continue
                 reason = over_budget(packet, slot.slot_id, blueprint_id, s.blend_mode)
                 if reason is not None:
                     refusal = refusal or reason
@@ -433,6 +474,8 @@ class HeuristicPolicy:
                     reason=f"germinate {blueprint_id} in slot {slot.slot_id} "
                     f"(gradient norm {slot.gradient_norm:.4g}): {plateau_reason}",
                 )
+        if not refusal:
+            return self._wait(f"{plateau_reason}, but no offered blueprint fits a dormant slot's kind")
         return self._wait(f"{plateau_reason}, but no germination fits the growth budget ({refusal})")
 
     def _wait(self, reason: str) -> Proposal:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class GNNOutput:
-    """Raw head outputs for a batch of B graphs (slot/blueprint scores are per node)."""
+    """Raw head outputs for a batch of B graphs (slot/blueprint/layer scores are per node)."""
 
     action_logits: Tensor  # [B, len(ACTIONS)]
     slot_scores: Tensor  # [S]
@@ -19,6 +19,8 @@ class GNNOutput:
     schedule_logits: Tensor  # [B, len(ALPHA_RAMP_STEPS)]
     lr_logits: Tensor  # [B, len(LR_FACTORS)]
     value: Tensor  # [B]
+    layer_scores: Tensor  # [L]: the WIDEN / DEEPEN target pointer
+    amount_logits: Tensor  # [B, len(WIDEN_UNITS)]
 
 
 Checkpoint = Callable[[], None]

@@ -1,10 +1,12 @@
 """GNNPolicy: the heterogeneous GNN behind the `Policy` protocol, for inference and for Simic.
 
-The factored choice is action -> (slot, blueprint, blend mode, schedule) or (slot) or (lr factor),
-depending on the action. Only the heads that matter for the chosen action count in the log-probability,
-the entropy and `head_choices` (DESIGN §10: per-head credit). Illegal actions and targets are masked
+The factored choice is action -> (slot, blueprint, blend mode, schedule) or (slot) or (lr factor) or
+(layer, amount) for a WIDEN or (layer) for a DEEPEN, depending on the action. Only the heads that matter
+for the chosen action count in the log-probability, the entropy and `head_choices` (DESIGN §10: per-head
+credit). Illegal actions and targets are masked
 before sampling: no FOSSILIZE without a seed in PROBATIONARY, no CULL without an active seed, no
-GERMINATE without a dormant slot and an offered blueprint.
+GERMINATE without a dormant slot and an offered blueprint, no WIDEN or DEEPEN of a layer that cannot grow
+or past the growth budget, no widen amount the settings, the catalogue or the budget do not allow.
 
 Weights are saved as safetensors with a JSON header naming the architecture and schema; a checkpoint for
 another architecture is refused. Compilation (P2) is optional, warmed up, and its fallback is reported.
@@ -44,6 +46,7 @@ from esper.tamiyo.model.proposal import (
     ALPHA_RAMP_STEPS,
     BLEND_MODES,
     LR_FACTORS,
+    WIDEN_UNITS,
     Cancellation,
     CompileStatus,
     PlanStatus,
@@ -332,6 +335,16 @@ class GNNPolicy:
                 blueprint_lp = torch.log_softmax(out.blueprint_scores, dim=0)
                 choices["blueprint"] = self._choose(blueprint_lp)
                 log_probs["blueprint"] = blueprint_lp[choices["blueprint"]]
+            if "layer" in relevant:
+                layer_ok = graph.layer_action_mask[:, action].to(out.layer_scores.device)
+                layer_lp = torch.log_softmax(out.layer_scores.masked_fill(~layer_ok, MASKED), dim=0)
+                choices["layer"] = self._choose(layer_lp)
+                log_probs["layer"] = layer_lp[choices["layer"]]
+            if "amount" in relevant:
+                amount_ok = graph.widen_amount_mask[choices["layer"]].to(out.amount_logits.device)
+                amount_lp = torch.log_softmax(out.amount_logits[0].masked_fill(~amount_ok, MASKED), dim=-1)
+                choices["amount"] = self._choose(amount_lp)
+                log_probs["amount"] = amount_lp[choices["amount"]]
             for head, logits in (
                 ("blend", out.blend_logits),
                 ("schedule", out.schedule_logits),
@@ -354,6 +367,8 @@ class GNNPolicy:
             blend_mode=BLEND_MODES[choices.get("blend", 0)],
             alpha_ramp_steps=ALPHA_RAMP_STEPS[choices.get("schedule", 1)],
             lr_factor=LR_FACTORS[choices["lr"]] if "lr" in choices else 1.0,
+            layer_id=graph.layer_ids[choices["layer"]] if "layer" in choices else "",
+            units=WIDEN_UNITS[choices["amount"]] if "amount" in choices else 0,
             reason="gnn",
             log_prob=sum(head_log_probs.values()),
             value=value,

@@ -27,11 +27,15 @@ ACTIONS: tuple[int, ...] = (
     pb.POLICY_ACTION_CULL,
     pb.POLICY_ACTION_ADJUST_LR,
     pb.POLICY_ACTION_PAUSE,
+    pb.POLICY_ACTION_WIDEN,
+    pb.POLICY_ACTION_DEEPEN,
 )
-# Growth proposals (a WIDEN or DEEPEN of a host layer): actions a policy may propose that are not in the
-# GNN's head above (its order and size are what policy checkpoints hold). The command factory turns them
-# into `CommandFactory.growth` commands.
+# Growth proposals (a WIDEN or DEEPEN of a host layer, the last two of the head): the command factory turns
+# them into `CommandFactory.growth` commands. The GNN picks their layer with a pointer over layer nodes.
 GROWTH_ACTIONS: tuple[int, ...] = (pb.POLICY_ACTION_WIDEN, pb.POLICY_ACTION_DEEPEN)
+# The amount head: the units a WIDEN may add, in head order. Which of them a run allows is settings
+# (`TAMIYO_GNN_WIDEN_UNITS`) and the Urza catalogue's `op:widen` entry; the rest are masked.
+WIDEN_UNITS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 # The blend-mode head, in head order.
 BLEND_MODES: tuple[int, ...] = (
     pb.BLEND_MODE_CONVEX,

@@ -17,13 +17,14 @@ from esper.leyline import EsperError, pb
 
 if TYPE_CHECKING:
     from esper.tamiyo.model.graph import TamiyoGraph
-
-    pass
+    from esper.urza.operations import GrowthOperation
 
 
 EdgeKey = tuple[str, str, str]
 FloatArray = npt.NDArray[Any]
 BlueprintLookup = Callable[[str], "pb.BlueprintDescriptor | None"]
+# Growth operation id (`op:widen`, `op:deepen`) -> its catalogue descriptor, or None (see esper.urza).
+GrowthOperationLookup = Callable[[str], "GrowthOperation | None"]
 
 
 class GraphSchemaError(EsperError):
@@ -184,8 +185,22 @@ SEED_METRIC_KEYS: tuple[str, ...] = (
     "isolation_violations",
 )
 
+# v2: layer nodes carry what a WIDEN or DEEPEN decision needs (growth applied and live on the layer, the
+# budget left, whether the layer may widen or deepen now). A policy checkpoint of v1 is refused.
+# Continuous growth features of a layer node, read per packet (not per topology): units its kept and live
+# widens added (log1p), whether a growth is live on it, deepens after it, the growth budget left as a
+# fraction of `max_parameters` (absent without a budget), and one widened unit's cost as a fraction of
+# the budget (absent without a budget or when the topology does not say).
+LAYER_GROWTH_FEATURES: tuple[str, ...] = (
+    "grown_units_log",
+    "growth_live",
+    "deepened",
+    "budget_left_frac",
+    "unit_cost_frac",
+)
+
 TAMIYO_SCHEMA = GraphSchema(
-    version="tamiyo-graph-v1",
+    version="tamiyo-graph-v2",
     node_types=(
         NodeSpec(
             "global",
@@ -208,8 +223,14 @@ TAMIYO_SCHEMA = GraphSchema(
         ),
         NodeSpec(
             "layer",
-            continuous=("width_log", "depth_frac", "params_log", "slot_count"),
-            categorical=("kind_linear", "kind_conv", "kind_other"),
+            continuous=(
+                "width_log",
+                "depth_frac",
+                "params_log",
+                "slot_count",
+                *LAYER_GROWTH_FEATURES,
+            ),
+            categorical=("kind_linear", "kind_conv", "kind_other", "can_widen", "can_deepen"),
         ),
         NodeSpec(
             "slot",

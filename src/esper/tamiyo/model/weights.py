@@ -14,10 +14,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from esper.tamiyo.model.checkpoint import CheckpointIncompatible, read_safetensors_header
+from esper.tamiyo.model.checkpoint import CheckpointIncompatible, SchemaMismatch, read_safetensors_header
 from esper.tamiyo.model.distributions import HEADS
 from esper.tamiyo.model.gnn import ARCHITECTURE_VERSION, LEGACY_HEADER, POLICY_SIZES, TamiyoGNNConfig, size_of
-from esper.tamiyo.model.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS
+from esper.tamiyo.model.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, LR_FACTORS, WIDEN_UNITS
 
 # Keys of the JSON header a `PolicyUpdate` payload carries besides the architecture header of the policy.
 LINEAGE_KEYS: tuple[str, ...] = ("tamiyo_policy_version", "parent_version", "sequence", "registry_digest")
@@ -41,6 +41,9 @@ def decode_weights(payload: bytes, module: nn.Module, config: TamiyoGNNConfig) -
     Every tensor is checked before the caller copies any: a refused payload leaves the weights as they were.
     """
     header = read_safetensors_header(payload)
+    expected_schema = config.schema.version
+    if header.get("schema_version", "") != expected_schema:  # before any other field: the root cause
+        raise SchemaMismatch(header.get("schema_version", ""), expected_schema)
     for key, expected in config.header().items():
         found = header.get(key, LEGACY_HEADER.get(key, ""))
         if found != expected:
@@ -77,6 +80,7 @@ def policy_registry_digest(config: TamiyoGNNConfig) -> str:
         "blend_modes": list(BLEND_MODES),
         "alpha_ramp_steps": list(ALPHA_RAMP_STEPS),
         "lr_factors": list(LR_FACTORS),
+        "widen_units": list(WIDEN_UNITS),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -6,7 +6,10 @@ value, head choices) is stored in the same transaction. Later packets reach Tami
 `evaluate_step`; a packet at epoch >= start + N (`TAMIYO_FR_OBS_WINDOW_EPOCHS`) closes the window with a
 report `fr-synth-<uuid>`: the outcome judged from the accuracy and loss change over the window, the
 parameter cost, the seed's counterfactual contribution when Kasmina measured it, and
-`observation_window_epochs = N`. Windows live in the store, so a restarted service resumes them; at the end
+`observation_window_epochs = N`. A WIDEN or DEEPEN is reported the same way: its blueprint is the
+operation's name, and its seed is the growth it started (`fc1:w1`) while the packets still carry that
+growth, else its layer (a widen merged into the host is judged by the accuracy and parameter change).
+Windows live in the store, so a restarted service resumes them; at the end
 of a run the windows still open close as ABORTED, with the epochs really observed (0 if none).
 
 Every record is written as of a training step: a decision as of its packet's global step, a report as
@@ -69,6 +72,22 @@ def _seed_state(packet: pb.SystemStatePacket, slot_id: str) -> pb.SeedState | No
     return next((state for state in packet.seed_states if state.slot_id == slot_id), None)
 
 
+# A growth command's window names the operation as its blueprint (what its growth's `SeedState` carries).
+_GROWTH_NAMES = {pb.SEED_OP_WIDEN: "widen", pb.SEED_OP_DEEPEN: "deepen"}
+
+
+def _growth_state(packet: pb.SystemStatePacket, window: ObservationWindow) -> pb.SeedState | None:
+    """The newest growth of the window's operation on its layer (`<layer>:w<n>` or `<layer>:d<n>`)
+    that the packet still reports; None once it merged into the host or was culled and reset."""
+    prefix = f"{window.seed_id}:"
+    states = [
+        state
+        for state in packet.growth_states
+        if state.blueprint_id == window.blueprint_id and state.seed_id.startswith(prefix)
+    ]
+    return max(states, key=lambda state: int(state.seed_id.rsplit(":", 1)[1][1:] or 0), default=None)
+
+
 class FieldReportLifecycle:
     """Opens a window per decision, closes due windows into reports, aborts what is open at the end."""
 
@@ -120,6 +139,11 @@ class FieldReportLifecycle:
         record.head_choices.update(proposal.head_choices)
         record.head_log_probs.update(proposal.head_log_probs)
         record.normalizer.extend(statistics_to_proto(proposal.normalized_with))
+        if proposal.layer_id:  # a growth proposal: its layer and amount, for the learner
+            record.growth.layer_id = proposal.layer_id
+            record.growth.units = proposal.units
+            record.growth.init = proposal.growth_init  # type: ignore[assignment]
+            record.growth.hidden = proposal.hidden
         seed_op = command.seed_operation if command.HasField("seed_operation") else None
         window = ObservationWindow(
             command_id=command.command_id,
@@ -132,7 +156,7 @@ class FieldReportLifecycle:
             command_type=command.command_type,
             slot_id=seed_op.slot_id if seed_op else "",
             seed_id=command.target_seed_id,
-            blueprint_id=seed_op.blueprint_id if seed_op else "",
+            blueprint_id=(_GROWTH_NAMES.get(seed_op.operation, seed_op.blueprint_id) if seed_op else ""),
             baseline_accuracy=packet.validation_accuracy,
             baseline_loss=packet.validation_loss,
             baseline_params=_param_count(packet),
@@ -175,7 +199,11 @@ class FieldReportLifecycle:
             if window.baseline_params > 0:
                 metrics["param_growth_frac"] = metrics["param_delta"] / window.baseline_params
         seed_id = window.seed_id
-        state = _seed_state(packet, window.slot_id)
+        growth = window.action in (pb.POLICY_ACTION_WIDEN, pb.POLICY_ACTION_DEEPEN)
+        state = _growth_state(packet, window) if growth else _seed_state(packet, window.slot_id)
+        if growth and state is not None:
+            seed_id = state.seed_id  # the growth this command started
+            metrics["growth_stage"] = float(state.stage)
         if state is not None:
             if state.metrics.get("contribution_measured") == 1.0:
                 for key in ("contribution_accuracy", "contribution_loss"):

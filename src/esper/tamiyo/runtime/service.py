@@ -517,7 +517,10 @@ class TamiyoService:
     def _collected(self, in_flight: _InFlight) -> pb.AdaptationCommand:
         packet, pending = in_flight.packet, in_flight.pending
         try:
-            with _collections_deferred(), self._caller_priority():
+            # A pipelined decision usually finds its job done: the caller is raised only when it must
+            # still wait for the inference thread (raising and restoring cost more than the rest).
+            waits = not pending.finished
+            with _collections_deferred(), self._caller_priority(raised=waits):
                 inference = self._inference_outcome(packet, pending.collect, lambda: pending.elapsed_ms)
                 inference_ms = pending.elapsed_ms  # from the submission to the job's end
                 collected = self._clock.monotonic()  # the rest is measured from here, not from the wait
@@ -609,13 +612,13 @@ class TamiyoService:
             )
 
     @contextmanager
-    def _caller_priority(self) -> Iterator[None]:
+    def _caller_priority(self, *, raised: bool = True) -> Iterator[None]:
         """The calling thread one above the inference thread's real-time priority for the measured part
         of a decision, where the inference thread has it: the hand-offs, the risk gates and the signing run
         on it, and at normal priority it can wait behind other tasks as the inference thread did. A
         refusal is announced once and not retried."""
         restore = None
-        if self._caller_realtime:
+        if raised and self._caller_realtime:
             priority = self.settings.realtime_priority  # the inference thread's (it has it)
             try:
                 # One above the inference thread: on a single core, a caller at the same FIFO priority
