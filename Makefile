@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: setup run test test-fast lint proto bench clean
 
 $(STAMP): pyproject.toml
+	@echo "Installing Esper into $(VENV) (first time, or after pyproject.toml changed): PyTorch (CPU build),"
+	@echo "PyTorch Geometric, protobuf, DuckDB, Textual, TensorBoard and the dev tools. About 2-5 minutes."
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: pip takes the CPU build lying on this machine, never the CUDA wheels.
 	$(BIN)/pip install --quiet torch==2.13.0

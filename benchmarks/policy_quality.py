@@ -228,9 +228,13 @@ def pareto(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, bool]:
     return front
 
 
-def plot_curve(curve: list[dict[str, Any]], references: dict[str, float], path: Path) -> None:
-    """The learning curve (objective on the curve tasks against episodes consumed), with `references`
-    (a policy's objective on the same tasks) as horizontal lines."""
+def plot_curve(curve: list[dict[str, Any]], references: dict[str, float], state_dir: Path | None) -> None:
+    """The learning curve (objective on the curve tasks against episodes consumed) as
+    `state_dir/learning_curve.png`, with `references` (a policy's objective on the same tasks) as
+    horizontal lines; nothing without a state directory or a curve."""
+    if state_dir is None or not curve:
+        return
+    path = state_dir / "learning_curve.png"
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -296,11 +300,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    torch.set_num_threads(1)
-    started = time.monotonic()
-    # Strict graphs: a packet lacking a feature is an error, in the actor and in the learner's replay.
+def round_line(tag: str, result: RoundResult) -> str:
+    """One round on one line: its mode, samples, verdict and what it skipped."""
+    verdict = "published" if result.published else f"refused: {'; '.join(result.reasons)}"
+    skipped = {k: v for k, v in result.skipped.items() if v}
+    return f"{tag}: {result.mode} on {result.samples} samples, {verdict}; skipped {skipped or 'none'}"
+
+
+def round_tasks(train_tasks: list[Task], iteration: int, per_round: int) -> list[Task]:
+    """The training tasks round `iteration` runs: the next `per_round` of them, cycling."""
+    return [train_tasks[(iteration * per_round + i) % len(train_tasks)] for i in range(per_round)]
+
+
+def references_on(rows: dict[str, list[Row]], count: int) -> dict[str, float]:
+    """The heuristic's and WAIT-only's mean objective on the first `count` evaluation tasks."""
+    return {
+        name: statistics.fmean(row["objective"] for row in rows[name][:count])
+        for name in ("heuristic", "wait_only")
+        if name in rows
+    }
+
+
+def figures_line(name: str, figures: dict[str, dict[str, float]]) -> str:
+    """One policy's figures on one line."""
+    return (
+        f"{name:14s} objective {figures['objective']['mean']:.4f} ± {figures['objective']['ci95']:.4f}"
+        f"  accuracy {figures['accuracy']['mean']:.4f} ± {figures['accuracy']['ci95']:.4f}"
+        f"  params {figures['params']['mean']:9.0f}"
+    )
+
+
+def state_of(args: argparse.Namespace) -> SimicState | None:
+    """Simic's state directory when `--state-dir` asks for one."""
+    return None if args.state_dir is None else SimicState(args.state_dir)
+
+
+def settings_of(args: argparse.Namespace) -> tuple[TamiyoSettings, SimicSettings]:
+    """Tamiyo's settings (sampling, strict graphs: a packet lacking a feature is an error, in the actor
+    and in the learner's replay) and Simic's, from the command line."""
     sampling = TamiyoSettings(
         step_timeout_ms=10_000.0,
         gnn_greedy=False,
@@ -317,6 +354,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bc_coef=args.bc_coef,
         entropy_coef=args.entropy_coef,
     )
+    return sampling, simic
+
+
+def build_summary(
+    args: argparse.Namespace,
+    rows: dict[str, list[Row]],
+    curve: list[dict[str, Any]],
+    rounds: list[dict[str, Any]],
+    *,
+    started: float,
+    episodes: int,
+) -> dict[str, Any]:
+    """Every figure of the run: per policy, paired differences, Pareto front, curve, rounds."""
+    results = {name: summarise(policy_rows) for name, policy_rows in rows.items()}
+    differences: dict[str, Any] = {}
+    for name, policy_rows in rows.items():
+        for base in ("heuristic", "imitation_gnn"):
+            if base in rows and name != base:
+                differences[f"{name}-{base}"] = paired(policy_rows, rows[base])
+    elapsed = time.monotonic() - started
+    summary: dict[str, Any] = {
+        "benchmark": "policy_quality",
+        "command": " ".join(sys.argv),
+        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "results": results,
+        "per_task": rows,
+        "paired_differences": differences,
+        "pareto_front": pareto(results),
+        "learning_curve": curve,
+        "ppo_rounds_published": sum(1 for r in rounds if r["mode"] == "ppo" and r["published"]),
+        "rounds": rounds,
+        "episodes": episodes,
+        "episodes_per_minute": 60.0 * episodes / elapsed,
+        "wall_seconds": elapsed,
+    }
+    if "learned_gnn-heuristic" in differences:
+        gap = differences["learned_gnn-heuristic"]["objective"]
+        summary["learned_beats_heuristic"] = bool(gap["mean"] - gap["ci95"] > 0)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    sampling, simic = settings_of(args)
     config = SIZES[args.size]
     train_tasks = tasks("train", args.train_tasks)
     eval_tasks = tasks(args.eval_split, args.eval_tasks)
@@ -348,9 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def log_round(tag: str, result: RoundResult) -> None:
             rounds.append({"round": tag, **result.to_json()})
-            verdict = "published" if result.published else f"refused: {'; '.join(result.reasons)}"
-            skipped = {k: v for k, v in result.skipped.items() if v}
-            log(f"{tag}: {result.mode} on {result.samples} samples, {verdict}; skipped {skipped or 'none'}")
+            log(round_line(tag, result))
 
         def point(tag: str, payload: bytes) -> None:
             if not curve_tasks:
@@ -376,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             episodes.gnn(config, None),
             SECRET,
             blueprint_metadata=episodes.metadata,
-            state=None if args.state_dir is None else SimicState(args.state_dir),
+            state=state_of(args),
         )
         random_payload = learner.policy.state_bytes()
         log_round("imitation", learner.run_round(heuristic_records.transitions(simic), mode="imitation"))
@@ -389,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gnn_records = RecordCollector()
         for iteration in range(args.iterations):
             current = learner.policy.state_bytes()
-            chosen = [train_tasks[(iteration * per_round + i) % len(train_tasks)] for i in range(per_round)]
+            chosen = round_tasks(train_tasks, iteration, per_round)
 
             def current_gnn(weights: bytes = current) -> Policy:
                 return episodes.gnn(config, weights)
@@ -410,48 +491,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows: dict[str, list[Row]] = {}
         for name in args.contenders.split(","):
             rows[name] = evaluate(f"eval-{name}", contenders[name], eval_tasks)
-            figures = summarise(rows[name])
-            log(
-                f"{name:14s} objective {figures['objective']['mean']:.4f} "
-                f"± {figures['objective']['ci95']:.4f}"
-                f"  accuracy {figures['accuracy']['mean']:.4f} ± {figures['accuracy']['ci95']:.4f}"
-                f"  params {figures['params']['mean']:9.0f}"
-            )
+            log(figures_line(name, summarise(rows[name])))
 
-    results = {name: summarise(policy_rows) for name, policy_rows in rows.items()}
-    differences: dict[str, Any] = {}
-    for name, policy_rows in rows.items():
-        for base in ("heuristic", "imitation_gnn"):
-            if base in rows and name != base:
-                differences[f"{name}-{base}"] = paired(policy_rows, rows[base])
-    summary: dict[str, Any] = {
-        "benchmark": "policy_quality",
-        "command": " ".join(sys.argv),
-        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "train_tasks": [task.name for task in train_tasks],
-        "eval_tasks": [task.name for task in eval_tasks],
-        "gnn_dims": config.dims(),
-        "results": results,
-        "per_task": rows,
-        "paired_differences": differences,
-        "pareto_front": pareto(results),
-        "learning_curve": curve,
-        "ppo_rounds_published": sum(1 for r in rounds if r["mode"] == "ppo" and r["published"]),
-        "rounds": rounds,
-        "episodes": episodes.count,
-        "episodes_per_minute": 60.0 * episodes.count / (time.monotonic() - started),
-        "wall_seconds": time.monotonic() - started,
-    }
-    if args.state_dir is not None and curve:
-        references: dict[str, float] = {
-            name: statistics.fmean(row["objective"] for row in rows[name][: len(curve_tasks)])
-            for name in ("heuristic", "wait_only")
-            if name in rows
-        }
-        plot_curve(curve, references, args.state_dir / "learning_curve.png")
-    if "learned_gnn-heuristic" in differences:
-        gap = differences["learned_gnn-heuristic"]["objective"]
-        summary["learned_beats_heuristic"] = bool(gap["mean"] - gap["ci95"] > 0)
+    summary = build_summary(args, rows, curve, rounds, started=started, episodes=episodes.count)
+    summary["train_tasks"] = [task.name for task in train_tasks]
+    summary["eval_tasks"] = [task.name for task in eval_tasks]
+    summary["gnn_dims"] = config.dims()
+    plot_curve(curve, references_on(rows, len(curve_tasks)), args.state_dir)
     print(json.dumps(_finite_or_null(summary)))
     return summary
 

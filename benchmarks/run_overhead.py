@@ -17,7 +17,10 @@ Tamiyo's service with its decisions pipelined (submit, then collect `TOLARIA_DEC
 mean something only on a machine where this is the one busy process.
 
     .venv/bin/python benchmarks/run_overhead.py [--repeats 3] [--epochs 20]
-        [--cases digits:mlp digits:cnn generated:mlp]
+        [--cases digits:mlp digits:cnn generated:mlp] [--device cpu|cuda|cuda:N|auto]
+
+`--device`: where both sides train (the data is put there first, as `esper run` does); CUDA work is
+synchronised before each clock is read.
 
 The last line of stdout is one JSON object with every figure.
 """
@@ -47,6 +50,7 @@ from esper.tamiyo.model.heuristic import WaitOnlyPolicy
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController, Controller
 from esper.tolaria.data import Dataset
+from esper.tolaria.device import resolve_device
 from esper.tolaria.hosts import build_host
 from esper.tolaria.run import load_task
 from esper.tolaria.settings import TolariaSettings
@@ -134,7 +138,7 @@ def esper_trainer(
     work: Path,
 ) -> Trainer:
     torch.manual_seed(settings.seed)
-    host = build_host(kind, dataset.input_shape, dataset.num_classes)
+    host = build_host(kind, dataset.input_shape, dataset.num_classes).to(dataset.x_train.device)
     return build_trainer(
         dataset=dataset,
         host=host,
@@ -201,7 +205,14 @@ def plain_loop(
             if step % settings.decision_interval == 0:
                 with clock.phase("evaluation") if clock is not None else _nothing():
                     _validate(model, dataset, settings.eval_batch_size)
+    _synchronise(dataset.x_train.device)
     return time.perf_counter() - started
+
+
+def _synchronise(device: torch.device) -> None:
+    """Wait for the queued device work, so that a clock read after it counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextmanager
@@ -225,6 +236,7 @@ def _validate(model: nn.Module, dataset: Dataset, batch_size: int) -> tuple[floa
 def timed_fit(trainer: Trainer) -> float:
     started = time.perf_counter()
     trainer.fit()
+    _synchronise(trainer.device)
     return time.perf_counter() - started
 
 
@@ -238,13 +250,13 @@ def load_average() -> list[float]:
 
 
 def run_case(
-    case: str, repeats: int, epochs: int, catalogue: BlueprintCatalogue, work: Path
+    case: str, repeats: int, epochs: int, catalogue: BlueprintCatalogue, work: Path, *, device: str = "cpu"
 ) -> dict[str, Any]:
     task, kind = case.split(":")
     load_before = load_average()
-    settings = load_settings(TolariaSettings, environ={}, epochs=epochs)
+    settings = load_settings(TolariaSettings, environ={}, epochs=epochs, device=device)
     torch.set_num_threads(settings.threads)
-    dataset = load_task(task, kind, seed=settings.seed, difficulty=0.5)
+    dataset = load_task(task, kind, seed=settings.seed, difficulty=0.5).to(resolve_device(device))
     rows: dict[str, list[float]] = defaultdict(list)
     final_params: list[int] = []
     for _ in range(repeats):
@@ -300,13 +312,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu).")
     args = parser.parse_args()
+    device = resolve_device(args.device)  # a device this machine lacks stops here, before any work
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         with BlueprintCatalogue.open_default(work / "urza.sqlite3") as catalogue:
             for case in args.cases:
-                result = run_case(case, args.repeats, args.epochs, catalogue, work)
+                result = run_case(case, args.repeats, args.epochs, catalogue, work, device=args.device)
                 results.append(result)
                 print(
                     f"{case:14s} esper/plain {result['esper_vs_plain_median']:.2f}x "
@@ -323,6 +337,7 @@ def main() -> None:
         "repeats": args.repeats,
         "epochs": args.epochs,
         "cpu_count": os.cpu_count(),
+        "device": str(device),
         "cases": results,
     }
     print(json.dumps(summary))

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import esper
 from esper.cli import app
-from esper.cli_observe import print_table
+from esper.cli.observe import print_table
 
 
 @pytest.fixture

@@ -116,7 +116,7 @@ def _host_grads_with_and_without_seed(trainer: Trainer, slot_id: str) -> tuple[l
     return grads[0], grads[1]
 
 
-def test_seeds_go_through_their_whole_lives_in_the_training_loop(trainer: Trainer) -> None:
+def test_seeds_go_through_their_whole_lives_in_the_training_loop(trainer: Trainer) -> None:  # noqa: C901 (one test follows every seed through its whole life)
     manager, settings = trainer.manager, trainer.settings
     params_initial = trainer.host.parameter_count()
     trainer.save_checkpoint()

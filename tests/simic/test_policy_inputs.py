@@ -26,7 +26,7 @@ from esper.tamiyo.model.schema import ACTIVE_STAGES, MissingFeatureError
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.data import make_task
 from esper.tolaria.hosts import build_host
-from esper.tolaria.packet import host_hardware
+from esper.tolaria.packet import device_hardware, host_hardware
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 from esper.urza import BlueprintCatalogue
@@ -181,3 +181,19 @@ def test_lifecycle_only_masks_the_learning_rate_and_pause_actions(
     policy = GNNPolicy(lifecycle)
     chosen = {policy.propose(packet).action for packet in packets for _ in range(5)}
     assert not chosen & {pb.POLICY_ACTION_ADJUST_LR, pb.POLICY_ACTION_PAUSE}
+
+
+def test_a_cuda_runs_hardware_is_its_devices_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[torch.device] = []
+
+    def mem_get_info(device: torch.device) -> tuple[int, int]:
+        asked.append(device)
+        return 3 << 30, 8 << 30  # free, total
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    hardware = device_hardware("cuda:1")
+    assert asked == [torch.device("cuda:1")]
+    assert (hardware.device_type, hardware.device_id) == ("cuda", "cuda:1")
+    assert (hardware.total_memory_gb, hardware.available_memory_gb) == (8.0, 3.0)
+    cpu = device_hardware("cpu:0")
+    assert (cpu.device_type, cpu.device_id) == ("cpu", "cpu:0") and cpu.total_memory_gb > 0

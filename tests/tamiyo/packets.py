@@ -20,14 +20,17 @@ PUBLIC_FACE = (
     "CheckpointIncompatible",
     "DeadlineExceeded",
     "GNNPolicy",
+    "GraphBuilder",  # the Gymnasium environment shows agents the graph the GNN sees
     "HeuristicPolicy",
     "OUTBOX_STATUSES",
     "Policy",
     "PolicyUpdateFeed",
     "PolicyUpdateIntake",
     "PolicyUpdateRejected",
+    "Proposal",  # the Gymnasium environment turns an agent's action into one
     "StoreError",
     "TamiyoService",
+    "TamiyoGraph",
     "TamiyoStore",
     "read_payload_header",
 )

@@ -1,3 +1,4 @@
+# Over 500 lines: the one run recipe; every part it opens is closed by the same exit stack.
 """`RunAssembly`: the one recipe that builds a run from resolved settings, trains it and closes it.
 
 It owns, in one clean-up stack, everything a run opens: one bus connection, the catalogue (opened once),
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from prometheus_client import CollectorRegistry
+from torch import nn
 
 from esper.assembly.progress import fit
 from esper.assembly.settings import RunSettings
@@ -51,6 +53,7 @@ from esper.oona import Bus, EmergencyBroadcaster, EmergencyListener, emergency_v
 from esper.tolaria import run as tolaria_run
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset
+from esper.tolaria.device import DeviceUnavailable, module_device, resolve_device
 from esper.tolaria.emergency import BusEmergencyChannel
 from esper.tolaria.evaluation import Loss
 from esper.tolaria.hosts import Host, build_host
@@ -133,6 +136,7 @@ class RunAssembly:
         self.emergency: BusEmergencyChannel | None = None
         self.metrics_server: MetricsServer | None = None
         self.trainer: Trainer | None = None
+        self.device: torch.device | None = None  # where the run computes, once `prepare` has resolved it
         self._params_initial = 0
         self._events: EventLog | None = None
         self._run_directory: RunDirectory | None = None
@@ -285,14 +289,23 @@ class RunAssembly:
         inputs = self._inputs or RunInputs(
             load_task(config.task, config.host, seed=settings.seed, difficulty=config.difficulty)
         )
-        dataset = inputs.dataset
-        host = inputs.host or build_host(
-            config.host,
-            dataset.input_shape,
-            dataset.num_classes,
-            vocab_size=dataset.vocab_size,
-            width=settings.host_width,
-        )
+        if inputs.host is not None:
+            # The user's model stays where it is and the run computes there; their data is not moved
+            # either (each batch goes to the model's device as it is drawn).
+            host = inputs.host
+            device = run_device(settings.device, host)
+            dataset = inputs.dataset
+        else:
+            device = resolve_device(settings.device)
+            dataset = inputs.dataset.to(device)  # a bundled task: held on the device for the whole run
+            host = build_host(
+                config.host,
+                dataset.input_shape,
+                dataset.num_classes,
+                vocab_size=dataset.vocab_size,
+                width=settings.host_width,
+            ).to(device)
+        self.device = device
         self._params_initial = host.parameter_count()
         # Commands come from this process's own controller: one issued before it started belongs to an
         # earlier life of the run and is refused, whatever the nonce ledger restored from a checkpoint holds.
@@ -309,6 +322,7 @@ class RunAssembly:
             config.kasmina,
             training_run_id=config.training_run_id,
             host=host,
+            device=device,
         )
         run_dir = self._run_directory
         if run_dir is None:
@@ -324,6 +338,7 @@ class RunAssembly:
             training_run_id=config.training_run_id,
             emergency=self.emergency,
             criterion=inputs.loss,
+            device=device,
         )
         self.trainer = trainer
         if not self.resume:  # the run begins: a failure from here on leaves a run to resume
@@ -444,6 +459,19 @@ class RunAssembly:
             transitions=dict(sorted(trainer.transitions.items())),
             growth_steps=trainer.growth_log.steps(),
         )
+
+
+def run_device(spec: str, host: nn.Module) -> torch.device:
+    """The device of a run given its own model: that model's. `spec` (TOLARIA_DEVICE) other than `auto`
+    must name the same device: the run never moves a model its owner placed."""
+    device = module_device(host)
+    if spec != "auto":
+        asked = resolve_device(spec)
+        if asked != device and not (asked.type == device.type == "cuda" and device.index is None):
+            raise DeviceUnavailable(
+                spec, f"the model given to the run lies on {device}; move it there, or leave the device auto"
+            )
+    return device
 
 
 class Drive:

@@ -178,14 +178,16 @@ def build_tamiyo(
         archive=policies if durable else None,
         lineage=store if durable else None,
     )
+    # The service is the controller whatever the policy: it consults the intake between decisions and
+    # saves the intake's state with its own.
     controller = BoundController(
-        decide=intake.evaluate_step,
-        save=intake.export_state,
-        load=intake.restore_state,
-        rehearse=announcing_misfit(intake.prepare, service, warn),
-        warm_ahead=intake.anticipate,
-        start=intake.submit,
-        finish=intake.collect,
+        decide=service.evaluate_step,
+        save=service.export_state,
+        load=service.restore_state,
+        rehearse=announcing_misfit(service.prepare, service, warn),
+        warm_ahead=service.anticipate,
+        start=service.submit,
+        finish=service.collect,
         release=service.checkpointed,
         rewind=service.rewound,
     )

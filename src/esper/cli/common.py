@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 
 import esper
-from esper import cli_export
-from esper.cli_observe import register as register_observing
+from esper.cli import export as cli_export
+from esper.cli.observe import register as register_observing
 from esper.leyline import (
     ConfigurationError,
     EsperSettings,

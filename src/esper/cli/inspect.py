@@ -16,7 +16,7 @@ from esper.cli.common import (
     err_console,
     policy_app,
 )
-from esper.cli_observe import print_table
+from esper.cli.observe import print_table
 from esper.leyline import (
     ConfigurationError,
     load_settings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -16,7 +17,7 @@ from esper.cli.common import (
     err_console,
     warn,
 )
-from esper.cli_observe import write_exports
+from esper.cli.observe import write_exports
 from esper.leyline import (
     CleanupFailed,
     ConfigurationError,
@@ -27,7 +28,9 @@ from esper.leyline import (
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from esper.assembly import RunSummary
+    from esper.assembly import RunSettings, RunSummary
+    from esper.tolaria.data import Dataset
+    from esper.tolaria.run import RunConfig
 
 
 def _hint_for_deadline_misses(exc: EsperError) -> None:
@@ -97,6 +100,13 @@ def run(
             "Transformer feed-forward units (0: the host's default) [TOLARIA_HOST_WIDTH, 0]."
         ),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the run computes: auto (CUDA when available), cpu, cuda or cuda:N; a resumed run "
+            "may continue on another device [TOLARIA_DEVICE, auto]."
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --run-dir from its last checkpoint (its config wins).")
     ] = False,
@@ -125,10 +135,6 @@ def run(
     On Ctrl-C (exit status 130) or a failure, the run directory and the command that continues it are
     printed.
     """
-    from esper.assembly import RunAssembly, RunInputs, RunSettings, require_writable, resolve_config
-    from esper.nissa.layout import DataLayout
-    from esper.tolaria.run import RunConfig, load_task, new_training_run_id, resolve_host
-
     overrides: dict[str, Any] = {
         "epochs": epochs,
         "seed": seed,
@@ -137,50 +143,106 @@ def run(
         "lr": lr,
         "max_params": max_params,
         "host_width": host_width,
+        "device": device,
     }
     try:
-        # Everything a start can be refused for is checked before anything is created.
-        settings = RunSettings.resolve(
-            tolaria={k: v for k, v in overrides.items() if v is not None},
-            tamiyo={} if policy_checkpoint is None else {"policy_checkpoint": policy_checkpoint},
-            nissa={} if metrics_port is None else {"metrics_port": metrics_port},
-        )
-        esper_settings = settings.esper
-        if resume and run_dir is None:
-            raise ConfigurationError("--resume needs --run-dir")
-        run_id = new_training_run_id()
-        if not resume:
-            chosen, why = resolve_host(task, host)
-            if host == "auto":
-                console.print(f"host: {chosen} ({why})")
-            host = chosen
-        config = resolve_config(
-            RunConfig(
-                task=task,
-                host=host,
-                policy=policy or settings.tamiyo.policy,
-                difficulty=difficulty,
-                run_dir=run_dir or DataLayout(esper_settings.data_dir).runs / run_id,
-                catalogue_path=DataLayout(esper_settings.data_dir).catalogue,
-                training_run_id=run_id,
-                tolaria=settings.tolaria,
-                kasmina=settings.kasmina,
-            ),
+        start = _checked_start(
+            overrides,
+            task=task,
+            host=host,
+            policy=policy,
+            policy_checkpoint=policy_checkpoint,
+            metrics_port=metrics_port,
+            difficulty=difficulty,
+            run_dir=run_dir,
+            device=device,
             resume=resume,
         )
-        require_writable(esper_settings.data_dir, "ESPER_DATA_DIR")
-        require_writable(config.run_dir, "--run-dir")
-        dataset = load_task(config.task, config.host, seed=config.tolaria.seed, difficulty=config.difficulty)
-        secret = resolve_signing_secret(esper_settings)
     except EsperError as exc:
         err_console.print(f"[bold red]esper run failed[/]: {exc}")
         raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1) from exc
+    summary = _train(start, resume=resume, progress=progress)
+    _conclude(summary, start.config.run_dir, with_report=with_report)
+
+
+@dataclass(frozen=True)
+class _Start:
+    """What a run starts from, every check passed and nothing created yet."""
+
+    settings: RunSettings
+    config: RunConfig
+    dataset: Dataset
+    secret: bytes
+
+
+def _checked_start(
+    overrides: dict[str, Any],
+    *,
+    task: str,
+    host: str,
+    policy: str | None,
+    policy_checkpoint: Path | None,
+    metrics_port: int | None,
+    difficulty: float,
+    run_dir: Path | None,
+    device: str | None,
+    resume: bool,
+) -> _Start:
+    """Everything a start can be refused for, checked before anything is created."""
+    from esper.assembly import RunSettings, require_writable, resolve_config
+    from esper.nissa.layout import DataLayout
+    from esper.tolaria.device import resolve_device
+    from esper.tolaria.run import RunConfig, load_task, new_training_run_id, resolve_host
+
+    settings = RunSettings.resolve(
+        tolaria={k: v for k, v in overrides.items() if v is not None},
+        tamiyo={} if policy_checkpoint is None else {"policy_checkpoint": policy_checkpoint},
+        nissa={} if metrics_port is None else {"metrics_port": metrics_port},
+    )
+    esper_settings = settings.esper
+    if resume and run_dir is None:
+        raise ConfigurationError("--resume needs --run-dir")
+    run_id = new_training_run_id()
+    if not resume:
+        chosen, why = resolve_host(task, host)
+        if host == "auto":
+            console.print(f"host: {chosen} ({why})")
+        host = chosen
+    config = resolve_config(
+        RunConfig(
+            task=task,
+            host=host,
+            policy=policy or settings.tamiyo.policy,
+            difficulty=difficulty,
+            run_dir=run_dir or DataLayout(esper_settings.data_dir).runs / run_id,
+            catalogue_path=DataLayout(esper_settings.data_dir).catalogue,
+            training_run_id=run_id,
+            tolaria=settings.tolaria,
+            kasmina=settings.kasmina,
+        ),
+        resume=resume,
+    )
+    if resume and device is not None:  # the saved config wins, except for where the run computes
+        config = replace(config, tolaria=config.tolaria.model_copy(update={"device": device}))
+    resolve_device(config.tolaria.device)  # a device this machine lacks is refused before anything
+    require_writable(esper_settings.data_dir, "ESPER_DATA_DIR")
+    require_writable(config.run_dir, "--run-dir")
+    dataset = load_task(config.task, config.host, seed=config.tolaria.seed, difficulty=config.difficulty)
+    return _Start(settings, config, dataset, resolve_signing_secret(esper_settings))
+
+
+def _train(start: _Start, *, resume: bool, progress: bool) -> RunSummary:
+    """Build the run through the assembly and train it; a failure or Ctrl-C says where the run is and how
+    to continue it, and exits with the status `--help` documents."""
+    from esper.assembly import RunAssembly, RunInputs
+
+    run_dir = start.config.run_dir
     summary = None
     assembly = RunAssembly(
-        settings,
-        config,
-        secret=secret,
-        inputs=RunInputs(dataset),
+        start.settings,
+        start.config,
+        secret=start.secret,
+        inputs=RunInputs(start.dataset),
         resume=resume,
         run_log=_run_log,
         warn=warn,
@@ -202,39 +264,69 @@ def run(
         raise typer.Exit(1) from exc
     except KeyboardInterrupt as exc:
         err_console.print("[bold red]run interrupted[/]")
-        _how_to_resume(config.run_dir)
+        _how_to_resume(run_dir)
         raise typer.Exit(INTERRUPTED_EXIT) from exc
     except EsperError as exc:
         err_console.print(f"[bold red]esper run failed[/]: {exc}")
         _hint_for_deadline_misses(exc)
-        _how_to_resume(config.run_dir)
+        _how_to_resume(run_dir)
         raise typer.Exit(1) from exc
     except OSError as exc:  # a read-only or full disk, found while creating or writing the run
         err_console.print(f"[bold red]esper run failed[/]: {exc}")
-        _how_to_resume(config.run_dir)
+        _how_to_resume(run_dir)
         raise typer.Exit(1) from exc
     except Exception:  # a bug: its traceback follows, after where the run is and how to continue it
         err_console.print("[bold red]esper run failed[/]")
-        _how_to_resume(config.run_dir)
+        _how_to_resume(run_dir)
         raise
+    return summary
+
+
+def _conclude(summary: RunSummary, run_dir: Path, *, with_report: bool) -> None:
+    """The summary, each growth step, the report and the exports; a halted run's exit status."""
     console.print(summary_table(summary))
-    console.print(f"run directory: {config.run_dir}")
+    if summary.growth_steps:
+        console.print(growth_table(summary))
+    console.print(f"run directory: {run_dir}")
     if with_report:
         from esper.nissa.report import ReportError, write_report
 
         try:
-            console.print(f"report: {write_report(config.run_dir).markdown}")
+            console.print(f"report: {write_report(run_dir).markdown}")
         except ReportError as exc:
             err_console.print(f"[bold red]the run finished but its report failed[/]: {exc}")
             raise typer.Exit(1) from exc
-        write_exports(config.run_dir)  # TensorBoard event files and metrics.csv
+        write_exports(run_dir)  # TensorBoard event files and metrics.csv
     if summary.halt is not None:
         err_console.print(
             f"[bold red]run halted[/] at step {summary.steps} by an emergency signal from "
             f"{summary.halt.origin}: {summary.halt.reason}\ncheckpoint written; continue with: "
-            f"{resume_command(config.run_dir)}"
+            f"{resume_command(run_dir)}"
         )
         raise typer.Exit(HALTED_EXIT)
+
+
+def growth_table(summary: RunSummary) -> Table:
+    """Each growth step: what it changed, and the validation accuracy before and after it."""
+    from rich.table import Table
+
+    table = Table(title="growth steps", show_header=True)
+    for column in ("step", "operation", "target", "outcome", "parameters", "accuracy"):
+        table.add_column(column)
+
+    def figure(value: object) -> str:
+        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    for entry in summary.growth_steps:
+        table.add_row(
+            str(entry["step"]),
+            str(entry["operation"]),
+            str(entry["target"]),
+            str(entry["outcome"]),
+            f"{figure(entry['params_before'])} -> {figure(entry['params_after'])}",
+            f"{figure(entry['accuracy_before'])} -> {figure(entry['accuracy_after'])}",
+        )
+    return table
 
 
 def resume_command(run_dir: Path) -> str:

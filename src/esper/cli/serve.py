@@ -14,7 +14,7 @@ from esper.cli.common import (
     console,
     err_console,
 )
-from esper.cli_observe import print_table
+from esper.cli.observe import print_table
 from esper.leyline import (
     ConfigurationError,
     EsperError,

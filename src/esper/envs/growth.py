@@ -319,7 +319,7 @@ class GrowthEnv(gym.Env[NDArray[np.float32], NDArray[np.int64]]):
 
     # -- the agent's view -------------------------------------------------------------------------------
 
-    def _proposal(
+    def _proposal(  # noqa: PLR0911 (one return per kind of action the agent may name)
         self, packet: pb.SystemStatePacket, what: int, slot: int, blueprint: int
     ) -> Proposal | None:
         """The agent's action as Tamiyo's proposal, or None when it names nothing that exists."""

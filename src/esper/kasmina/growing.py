@@ -18,10 +18,12 @@ under the host so that the host's state dict saves it. The lifecycle stages map 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from esper.kasmina.deepen import IdentityBlock
 from esper.kasmina.growth import DeepenSite, GrowthMode, GrowthNotApplicable, WidenSite, out_units
@@ -32,6 +34,13 @@ from esper.leyline import pb
 
 OPERATION_NAMES = {pb.SEED_OP_WIDEN: "widen", pb.SEED_OP_DEEPEN: "deepen"}
 CONTAINER = "growth"
+
+
+def gradient_norm(grads: Sequence[Tensor]) -> float:
+    """The norm of several gradients together, read from the device once (not once per tensor); the
+    squares are summed on the host in the same order as before, so the value is the same."""
+    squares: list[float] = torch.stack([g.pow(2).sum() for g in grads]).tolist()
+    return math.sqrt(sum(squares))
 
 
 class GrowthHost(Protocol):
@@ -190,7 +199,7 @@ class Growth:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         if not grads:
             return None
-        return math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        return gradient_norm(grads)
 
     # -- persistence ----------------------------------------------------------------------------------------
 

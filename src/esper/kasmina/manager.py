@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from esper.kasmina.blending import (
@@ -26,6 +27,7 @@ from esper.kasmina.events import CommandResult, EventKind, LifecycleEvent, Rejec
 from esper.kasmina.growing import (
     Growth,
     GrowthHost,
+    gradient_norm,
     growth_container,
     module_key,
     resize,
@@ -159,8 +161,11 @@ class SeedManager:
         *,
         training_run_id: str,
         host: GrowthHost | None = None,
+        device: torch.device | None = None,
     ) -> None:
-        """`host`: the model to grow with WIDEN and DEEPEN (without it those commands are refused)."""
+        """`host`: the model to grow with WIDEN and DEEPEN (without it those commands are refused).
+        `device`: where seeds are placed (None: the device of the host's parameters, the CPU without a
+        host); WIDEN and DEEPEN build on the device of the layer they grow."""
         if not training_run_id:
             raise ValueError("training_run_id is required")
         self.settings = settings
@@ -187,6 +192,7 @@ class SeedManager:
         self._merged: list[ParameterMerge] = []
         self._paused = False
         self._host = host
+        self._device = device
         self._container = growth_container(host) if host is not None else None
         self._growths: dict[str, Growth] = {}
         self._growth_count = 0
@@ -324,7 +330,7 @@ class SeedManager:
                 continue
             grads = [p.grad for p in slot.seed.parameters() if p.grad is not None]
             if grads:
-                record.seed_gradient_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+                record.seed_gradient_norm = gradient_norm(grads)
                 lifecycle.record_gradient_norm(record.seed_gradient_norm)
             for gain in slot.training_gains:
                 lifecycle.record_training_gain(gain)
@@ -863,7 +869,16 @@ class SeedManager:
             if not checked:
                 raise SeedStateRestoreError(slot.slot_id, str(exc)) from exc
             raise _Rejected(RejectionReason.BLUEPRINT_NOT_APPLICABLE, str(exc)) from exc
-        return SeedModule(body, blender)
+        # Built on the CPU (the same draws on every device), then placed where the host computes.
+        return SeedModule(body, blender).to(self._seed_device())
+
+    def _seed_device(self) -> torch.device:
+        if self._device is not None:
+            return self._device
+        if isinstance(self._host, nn.Module):
+            for parameter in self._host.parameters():
+                return parameter.device
+        return torch.device("cpu")
 
     def _fossilize(self, record: _SlotRecord, command: pb.AdaptationCommand, step: int) -> None:
         lifecycle = record.lifecycle

@@ -165,12 +165,12 @@ class FanInStatistics:
         self.batches = int(state["batches"])
         self._patch_count = int(state["patch_count"])
         self._sum = (
-            None if state["sum"] is None else torch.tensor(state["sum"], dtype=like.dtype).to(like.device)
+            None if state["sum"] is None else torch.tensor(state["sum"], dtype=like.dtype, device=like.device)
         )
         self._patch_sum = (
             None
             if state["patch_sum"] is None
-            else torch.tensor(state["patch_sum"], dtype=like.dtype).to(like.device)
+            else torch.tensor(state["patch_sum"], dtype=like.dtype, device=like.device)
         )
 
     def matrix(self) -> Tensor:
@@ -186,9 +186,12 @@ class FanInStatistics:
         return self._patch_sum / self._patch_count
 
 
-def default_row_norm(site: WidenSite) -> float:
-    """The mean norm of the producer's existing fan-in rows: new units start at the scale of the old."""
-    return float(site.producer.weight.detach().flatten(1).norm(dim=1).mean())
+def default_row_norm(site: WidenSite) -> Tensor:
+    """The mean norm of the producer's existing fan-in rows: new units start at the scale of the old.
+
+    A 0-d tensor on the producer's device: read on the host nowhere (no device sync while growing)."""
+    norm: Tensor = site.producer.weight.detach().flatten(1).norm(dim=1).mean()
+    return norm
 
 
 def _fan_in_shape(site: WidenSite, k: int) -> tuple[int, ...]:
@@ -201,7 +204,11 @@ def _check_k(k: int) -> None:
 
 
 def random_fan_in(
-    site: WidenSite, k: int, *, row_norm: float | None = None, generator: torch.Generator | None = None
+    site: WidenSite,
+    k: int,
+    *,
+    row_norm: float | Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(weight, bias) of k new units: uniformly random directions at `row_norm`, zero bias (the control).
 
@@ -211,8 +218,10 @@ def random_fan_in(
     _check_k(k)
     reference = site.producer.weight
     norm = default_row_norm(site) if row_norm is None else row_norm
-    rows = torch.randn(
-        _fan_in_shape(site, k), generator=generator, device=reference.device, dtype=reference.dtype
+    # Drawn on the CPU (by `generator` or the CPU stream, which checkpoints keep), so that a run draws
+    # the same units on every device and a resumed run the same as an uninterrupted one; then moved.
+    rows = torch.randn(_fan_in_shape(site, k), generator=generator, device="cpu", dtype=reference.dtype).to(
+        reference.device
     )
     flat = rows.flatten(1)
     flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny) * norm
@@ -224,7 +233,7 @@ def gradmax_fan_in(
     statistics: FanInStatistics,
     k: int,
     *,
-    row_norm: float | None = None,
+    row_norm: float | Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(weight, bias) of k new units whose zero fan-out gets the largest first gradient (see module doc).

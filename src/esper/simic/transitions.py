@@ -258,7 +258,7 @@ class ChoiceUnresolvable(EsperError):
         super().__init__(f"decision {command_id}: {reason}")
 
 
-def resolve_choices(decision: pb.DecisionRecord, graph: TamiyoGraph) -> dict[str, int]:
+def resolve_choices(decision: pb.DecisionRecord, graph: TamiyoGraph) -> dict[str, int]:  # noqa: C901, PLR0912 (each head of the factored action checked against the graph in turn)
     """The decision's factored choice as head indices local to `graph`, checked against the graph.
 
     The GNN records `head_choices` directly; for the heuristic they are recovered from the action, slot

@@ -28,7 +28,17 @@ class TamiyoSettings(StrictSettings):
     enable_plan: bool = Field(
         default=True, description="Trace the GNN's inference path per topology when warming up on it."
     )
-    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    enable_cuda_graph: bool = Field(
+        default=False,
+        description="P7: capture the GNN's decision forward in a CUDA graph per topology when warming up "
+        "on it (a policy on CUDA only; elsewhere it reports not available; a graph of another topology "
+        "runs the traced plan or the dense path, and the next warm-up captures again).",
+    )
+    device: str = Field(
+        default="cpu",
+        pattern=r"^(cpu|cuda(:\d+)?)$",
+        description="Where the policy's network lives and runs (its tensors follow its parameters).",
+    )
     cpu_threads: int = Field(default=1, ge=1, le=256, description="torch threads of the inference worker.")
     policy: Literal["heuristic", "gnn"] = Field(default="heuristic", description="Policy of `esper run`.")
     policy_size: Literal["default", "full"] = Field(

@@ -1,3 +1,4 @@
+# Over 500 lines: every bundled task and the user's .npz loader, which share one Dataset and its checks.
 """Tolaria's datasets: sklearn's digits, a user's `.npz` arrays, and generated tasks of tunable difficulty.
 
 Every loader returns a `Dataset` of torch tensors (float32 features, int64 labels), split and standardised
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +59,18 @@ class Dataset:
     input_shape: tuple[int, ...]
     vocab_size: int = 0
     """Token ids lie in [0, vocab_size) for a token task; 0 for real-valued features."""
+
+    def to(self, device: torch.device) -> Dataset:
+        """The same dataset with its four tensors on `device` (itself when they are there already)."""
+        if self.x_train.device == device:
+            return self
+        return replace(
+            self,
+            x_train=self.x_train.to(device),
+            y_train=self.y_train.to(device),
+            x_val=self.x_val.to(device),
+            y_val=self.y_val.to(device),
+        )
 
     @property
     def input_size(self) -> int:
@@ -328,7 +341,7 @@ def inspect_npz(path: Path | str) -> NpzShape:
     return NpzShape(shape[1:], np.dtype(dtype).kind in "iu", declares_vocab)
 
 
-def load_npz(path: Path | str, seed: int, image: bool = False, *, layout: Layout | None = None) -> Dataset:
+def load_npz(path: Path | str, seed: int, image: bool = False, *, layout: Layout | None = None) -> Dataset:  # noqa: C901, PLR0912 (each way a user's .npz can be malformed, refused with its own message)
     """A user's `.npz`: `x_train`, `y_train`, and optionally both `x_val` and `y_val`.
 
     Without a validation split, a stratified 20% of the training arrays is held out from `seed`.

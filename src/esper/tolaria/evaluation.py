@@ -57,28 +57,35 @@ def evaluate(
     batches only (`classifies`): 0 for any other task."""
     slots = manager.measurable_slots()
     variants: list[str | None] = [None, *slots]
-    loss_sum = dict.fromkeys(variants, 0.0)
-    correct = dict.fromkeys(variants, 0)
+    # Summed where the model computes and read once at the end (one device sync per evaluation, not two
+    # per batch): losses in float64 and counts in int64, so the figures are those of summing on the host.
+    loss_sums = torch.zeros(len(variants), dtype=torch.float64, device=x.device)
+    correct_counts = torch.zeros(len(variants), dtype=torch.int64, device=x.device)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():  # no autograd state, no version counters; as many reads as a plain loop
             for start in range(0, len(x), batch_size):
                 xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-                for variant in variants:
+                for position, variant in enumerate(variants):
                     if variant is None:
                         logits = model(xb)
                     else:
                         with manager.counterfactual(variant):
                             logits = model(xb)
                     if criterion is None:
-                        loss_sum[variant] += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+                        batch_loss = nn.functional.cross_entropy(logits, yb, reduction="sum").double()
                     else:
-                        loss_sum[variant] += float(criterion(logits, yb)) * len(yb)
+                        batch_loss = criterion(logits, yb).double() * len(yb)
+                    loss_sums[position] += batch_loss
                     if classifies(logits, yb):
-                        correct[variant] += int((logits.argmax(dim=1) == yb).sum())
+                        correct_counts[position] += (logits.argmax(dim=1) == yb).sum()
     finally:
         model.train(was_training)
+    summed: list[float] = loss_sums.tolist()
+    counted: list[int] = correct_counts.tolist()
+    loss_sum = dict(zip(variants, summed, strict=True))
+    correct = dict(zip(variants, counted, strict=True))
     n = max(1, len(x))
     loss = loss_sum[None] / n
     accuracy = correct[None] / n

@@ -1,3 +1,4 @@
+# Over 500 lines: the four built-in hosts, which share one base and its growth sites.
 """Hosts: small, deliberately narrow models that declare seed slots in their forward pass.
 
 A host is capacity-limited on purpose (DESIGN §10): growth can only show when the host alone plateaus.

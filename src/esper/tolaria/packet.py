@@ -25,11 +25,13 @@ def build_packet(
     training_metrics: Mapping[str, float],
     growth_states: Sequence[pb.SeedState] = (),
     max_parameters: int = 0,
+    device: str = "cpu:0",
     hardware: pb.HardwareContext | None = None,
 ) -> pb.SystemStatePacket:
     """A validated packet; `packet_id` is fresh for every packet. `max_parameters` is the run's growth
-    budget (0: unbounded); the model's size now is `training_metrics["param_count"]`. `hardware`: the
-    machine the run trains on (`host_hardware()` when not given)."""
+    budget (0: unbounded); the model's size now is `training_metrics["param_count"]`; `device` is where
+    the run computes ("cpu:0", "cuda:1"), its type before the colon. `hardware`: that device's memory
+    (`device_hardware(device)` when not given)."""
     packet = pb.SystemStatePacket(
         version=1,
         packet_id=f"pkt-{uuid.uuid4().hex}",
@@ -42,7 +44,7 @@ def build_packet(
         validation_accuracy=validation_accuracy,
         training_loss=training_loss,
         timestamp_ns=timestamp_ns,
-        hardware_context=hardware if hardware is not None else host_hardware(),
+        hardware_context=hardware if hardware is not None else device_hardware(device),
         max_parameters=max_parameters,
     )
     packet.topology.CopyFrom(topology)
@@ -54,6 +56,27 @@ def build_packet(
 
 
 _GIB = float(1 << 30)
+
+
+def device_hardware(device: str) -> pb.HardwareContext:
+    """The memory of `device` as the controller sees it: total and available (GiB); a CUDA device's
+    from its driver, a CPU's from the operating system (`host_hardware`)."""
+    kind = device.partition(":")[0]
+    if kind != "cuda":
+        hardware = host_hardware()
+        hardware.device_type, hardware.device_id = kind, device
+        return hardware
+    import torch
+
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return pb.HardwareContext(
+        device_type=kind,
+        device_id=device,
+        total_memory_gb=total / _GIB,
+        available_memory_gb=free / _GIB,
+        utilization_percent=0.0,
+        temperature_celsius=0.0,
+    )
 
 
 def host_hardware() -> pb.HardwareContext:

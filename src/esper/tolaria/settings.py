@@ -39,6 +39,12 @@ class TolariaSettings(StrictSettings):
     )
     seed: int = Field(default=0, ge=0, description="Seed of every random choice of the run.")
     threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads of the trainer.")
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where the run computes: auto (the first CUDA device when there is one, else the CPU), "
+        "cpu, cuda or cuda:N. A run given its own model computes on that model's device.",
+    )
     eval_batch_size: int = Field(default=1024, ge=1)
     checkpoint_interval_s: float = Field(
         default=30.0,

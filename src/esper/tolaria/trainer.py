@@ -36,6 +36,7 @@ from esper.leyline import SYSTEM_CLOCK, Clock, DecisionDeadlineMissed, EsperErro
 from esper.tolaria.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from esper.tolaria.controller import Controller
 from esper.tolaria.data import Dataset
+from esper.tolaria.device import module_device
 from esper.tolaria.emergency import ChannelTrouble, EmergencyChannel, HaltRequest
 from esper.tolaria.evaluation import Evaluation, Loss, evaluate
 from esper.tolaria.growth_steps import GrowthLog
@@ -174,8 +175,12 @@ class Trainer:
         clock: Clock = SYSTEM_CLOCK,
         emergency: EmergencyChannel | None = None,
         criterion: Loss | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.settings = settings
+        # Where the run computes (the host's device when not given); every batch is moved there, a no-op
+        # when the data lies there already.
+        self.device = device if device is not None else module_device(host)
         self.criterion = criterion  # the training loss (cross-entropy when None)
         self.dataset = dataset
         self.host = host
@@ -284,7 +289,8 @@ class Trainer:
         batch = self._epoch_permutation(epoch)[
             index * settings.batch_size : (index + 1) * settings.batch_size
         ]
-        xb, yb = self.dataset.x_train[batch], self.dataset.y_train[batch]
+        xb = self.dataset.x_train[batch].to(self.device, non_blocking=True)
+        yb = self.dataset.y_train[batch].to(self.device, non_blocking=True)
         if (self.step + 1) % settings.decision_interval == 0:
             self.manager.arm_gradient_probes()
         if not (self._host_in_training and self.host.training):
@@ -357,6 +363,7 @@ class Trainer:
             training_loss=training_loss,
             timestamp_ns=self.clock.wall_ns(),
             topology=self._host_topology()[0],
+            device=f"{self.device.type}:{self.device.index or 0}",
             seed_states=self.manager.seed_states(
                 learning_rate=self.optimizer.lr, steps_per_epoch=self.steps_per_epoch
             ),
@@ -578,12 +585,12 @@ class Trainer:
         """Write an atomic checkpoint of everything needed to continue exactly from here."""
         self._structure_changed = False
         self._checkpointed_at = self.clock.monotonic()
-        tensors: dict[str, Tensor] = {
-            f"model.{k}": v.detach().clone() for k, v in self.host.state_dict().items()
-        }
+        tensors: dict[str, Tensor] = {f"model.{k}": _portable(v) for k, v in self.host.state_dict().items()}
         optimizer_tensors, optimizer_meta = self.optimizer.export_state()
-        tensors.update(optimizer_tensors)
+        tensors.update({name: value.to("cpu") for name, value in optimizer_tensors.items()})  # copies
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":  # dropout and other draws on the device; restored on CUDA only
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         meta = {
             "training_run_id": self.training_run_id,
             "step": self.step,
@@ -654,6 +661,8 @@ class Trainer:
         self.optimizer.restore_state(optimizer_tensors, meta["optimizer"])
         self.controller.restore_state(meta["controller"])
         torch.set_rng_state(checkpoint.tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in checkpoint.tensors:
+            torch.cuda.set_rng_state(checkpoint.tensors["rng.cuda"], self.device)
         self.step = int(meta["step"])
         self.loss_ema = None if meta["loss_ema"] is None else float(meta["loss_ema"])
         self.rollbacks = int(meta["rollbacks"])
@@ -729,7 +738,9 @@ class Trainer:
         # Each epoch's order depends only on (seed, epoch): a resumed run draws the same batches.
         if epoch != self._permutation_epoch:
             generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + epoch)
-            self._permutation = torch.randperm(len(self.dataset.x_train), generator=generator)
+            # Drawn on the CPU (the same order on every device), kept where the data lies.
+            order = torch.randperm(len(self.dataset.x_train), generator=generator)
+            self._permutation = order.to(self.dataset.x_train.device)
             self._permutation_epoch = epoch
         return self._permutation
 
@@ -737,8 +748,8 @@ class Trainer:
         evaluation = evaluate(
             self.host,
             self.manager,
-            self.dataset.x_val,
-            self.dataset.y_val,
+            self.dataset.x_val.to(self.device),
+            self.dataset.y_val.to(self.device),
             batch_size=self.settings.eval_batch_size,
             criterion=self.criterion,
         )
@@ -839,6 +850,12 @@ class Trainer:
         if level:
             event["level"] = level
         self.run_dir.events.append(event)
+
+
+def _portable(tensor: Tensor) -> Tensor:
+    """A checkpoint's copy of `tensor`: detached, contiguous and on the CPU, whatever device the run is
+    on, so that a checkpoint resumes on any device (loading puts each tensor where its parameter is)."""
+    return tensor.detach().to("cpu", copy=True).contiguous()
 
 
 def _command_record(command: pb.AdaptationCommand) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+# Over 500 lines: one class, the catalogue's table, its migrations and its change notifications.
 """BlueprintCatalogue: the blueprint descriptors in SQLite, their factories, and change notifications.
 
 Durability: WAL journal, `synchronous=FULL`, one transaction per change. Every change (add, update,

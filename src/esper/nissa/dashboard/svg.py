@@ -67,7 +67,7 @@ def _label(value: float) -> str:
     return f"{value:.3g}"
 
 
-def render(chart: Chart, width: int = WIDTH, height: int = HEIGHT) -> str:
+def render(chart: Chart, width: int = WIDTH, height: int = HEIGHT) -> str:  # noqa: C901 (one pass that lays out axes, series, markers and legend)
     """The chart as an `<svg>` element (with a legend row below it when there are several series)."""
     points = [p for s in chart.series for p in s.points]
     named = [s for s in chart.series if s.name]

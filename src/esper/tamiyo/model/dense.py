@@ -210,7 +210,13 @@ class DenseKernel:
             add(rel[2], rel, "a_dst", _attention_map(conv.lin_dst, conv.att_dst, heads, channels))
             assert conv.att_edge is not None
             edge_map[rel] = _attention_map(conv.lin_edge, conv.att_edge, heads, channels).contiguous()
-            bias[rel] = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(heads * channels)
+            bias[rel] = (
+                conv.bias.detach().clone()
+                if conv.bias is not None
+                else torch.zeros(
+                    heads * channels, device=conv.lin_src.weight.device, dtype=conv.lin_src.weight.dtype
+                )
+            )
         weight = {name: torch.cat(parts, dim=1).contiguous() for name, parts in columns.items() if parts}
         bias_by_type: dict[str, Tensor] = {}
         for rel in self._relations:

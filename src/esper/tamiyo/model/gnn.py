@@ -21,6 +21,7 @@ from torch_geometric.nn import GATConv, HeteroConv, SAGEConv
 from torch_geometric.utils import scatter
 
 from esper.leyline import CONTRACT_VERSION
+from esper.tamiyo.model.cudagraph import CapturedForward
 from esper.tamiyo.model.dense import (
     DenseKernel,
     DenseRelation,
@@ -185,6 +186,8 @@ class TamiyoGNN(nn.Module):
         ] = {}
         self._zero_attr: dict[EdgeKey, Tensor] = {}  # zero features of featureless relations (read-only)
         self._plan: Plan | None = None  # the dense path traced for one topology (`build_plan`)
+        self._captured: CapturedForward | None = None  # the dense path in a CUDA graph (`capture_graph`)
+        self.capture_misses = 0  # graphs a capture was held for and did not fit
 
     @property
     def device(self) -> torch.device:
@@ -221,9 +224,11 @@ class TamiyoGNN(nn.Module):
                 if self._declared_edge_features[key]:
                     raise GraphSchemaError(f"gnn.edge_attr[{key}]", "declared edge features are missing")
                 zeros = self._zero_attr.get(key)
-                if zeros is None or zeros.shape[0] != count:
+                if zeros is None or zeros.shape[0] != count or zeros.device != device:
                     with torch.inference_mode(False):  # a normal tensor: its version is tracked
-                        zeros = self._zero_attr[key] = torch.zeros((count, self._edge_dims[key]))
+                        zeros = self._zero_attr[key] = torch.zeros(
+                            (count, self._edge_dims[key]), device=device
+                        )
                 attr = zeros
             if attr.shape != (count, self._edge_dims[key]):
                 raise GraphSchemaError(
@@ -243,6 +248,9 @@ class TamiyoGNN(nn.Module):
         device = self.device
         edge_attr = self.edge_attrs(graph, device)
         if self.dense_inference and not torch.is_grad_enabled():
+            captured = self._capture_for(graph)
+            if captured is not None:
+                return captured.run(graph, checkpoint)
             plan = self._planned(graph)
             if plan is not None:
                 return plan.run(self, graph, edge_attr, checkpoint)
@@ -299,19 +307,24 @@ class TamiyoGNN(nn.Module):
         for key in self._relations:
             src, _, dst = key
             n_src, n_dst = graph.x[src].shape[0], graph.x[dst].shape[0]
-            index = on_device(graph.edge_index[key], device)
             attr_in = edge_attr[key]
+            # What the graph holds, where the builder made it (the CPU): compared there, so that a network
+            # on a GPU reuses its blocks without a device round trip per decision.
+            source_index = graph.edge_index[key]
+            source_attr = graph.edge_attr.get(key, attr_in)
             # A run's topology rarely changes between decisions: reuse the blocks of identical edges.
             cached = self._adjacency_cache.get(key)
             if cached is not None:
                 old_index, index_version, old_attr, attr_version, blocks = cached
                 if (
                     blocks.mask.shape == (n_dst, n_src)
-                    and unchanged(old_index, index_version, index)
-                    and unchanged(old_attr, attr_version, attr_in)
+                    and blocks.mask.device == device
+                    and unchanged(old_index, index_version, source_index)
+                    and unchanged(old_attr, attr_version, source_attr)
                 ):
                     dense[key] = blocks
                     continue
+            index = on_device(source_index, device)
             count = torch.zeros((n_dst, n_src), device=device)
             count.index_put_((index[1], index[0]), torch.ones(index.shape[1], device=device), accumulate=True)
             if index.shape[1] and bool(count.max() > 1):
@@ -331,10 +344,10 @@ class TamiyoGNN(nn.Module):
                 empty_rows=bool((in_degree == 0).any()),
             )
             self._adjacency_cache[key] = (
-                index,
-                tensor_version(index),
-                attr_in,
-                tensor_version(attr_in),
+                source_index,
+                tensor_version(source_index),
+                source_attr,
+                tensor_version(source_attr),
                 dense[key],
             )
         return dense
@@ -380,6 +393,38 @@ class TamiyoGNN(nn.Module):
                 raise PlanError(f"the traced plan disagrees with the dense path on {name}")
         self._plan = plan
         return (time.perf_counter() - start) * 1e3
+
+    def capture_graph(self, graph: TamiyoGraph) -> float:
+        """Capture the dense path for `graph`'s topology and the current weights in a CUDA graph (P7, see
+        `CapturedForward`); returns the milliseconds it took. Raises `CaptureUnavailable` (and keeps no
+        capture) off CUDA or when the graph cannot be captured."""
+        start = time.perf_counter()
+        self._captured = None
+        self._check(graph)
+        self._captured = CapturedForward.capture(self, graph)
+        return (time.perf_counter() - start) * 1e3
+
+    def drop_capture(self) -> None:
+        """Forget the CUDA graph (inference runs the plan or the dense path)."""
+        self._captured = None
+
+    @property
+    def has_capture(self) -> bool:
+        """Whether a CUDA graph is held (replayed only while its topology and weights still hold)."""
+        return self._captured is not None
+
+    def _capture_for(self, graph: TamiyoGraph) -> CapturedForward | None:
+        captured = self._captured
+        if captured is None:
+            return None
+        if captured.weights != self._kernel._key(self):
+            self._captured = None  # the weights moved on: the capture computes an older network
+            self.capture_misses += 1
+            return None
+        if not captured.fits(graph):
+            self.capture_misses += 1
+            return None
+        return captured
 
     def drop_plan(self) -> None:
         """Forget the plan (inference runs the dense path until `build_plan`)."""

@@ -424,7 +424,7 @@ class HeuristicPolicy:
             )
         return None
 
-    def _germinate(self, packet: pb.SystemStatePacket) -> Proposal:
+    def _germinate(self, packet: pb.SystemStatePacket) -> Proposal:  # noqa: PLR0911 (each reason not to germinate returns its own WAIT)
         s = self.settings
         late = self._too_late(packet)
         if late is not None:

@@ -18,6 +18,7 @@ from esper.tamiyo.model.dense import (
     PackedGat,
     dense_edge_features,
     edge_term,
+    on_device,
     tensor_version,
     unchanged,
 )
@@ -118,7 +119,7 @@ class Plan:
             (rel, graph.edge_index[rel], tensor_version(graph.edge_index[rel])) for rel in model._relations
         )
         rows = tuple(int(graph.x[name].shape[0]) for name in types)
-        features = (*(graph.x[name] for name in types), *(graph.mask[name] for name in types))
+        features = plan_inputs(graph, types, model.device)
         with warnings.catch_warnings():
             # torch.jit says it is deprecated in favour of torch.compile, which on this CPU recompiles for
             # minutes per graph size and gains nothing here (docs/p7-attention-and-cuda-graphs.md).
@@ -172,13 +173,19 @@ class Plan:
     ) -> GNNOutput:
         """The network on `graph` (which `fits`), checking `checkpoint` before and after each segment."""
         checkpoint()
-        hidden = self.sage(
-            *(graph.x[name] for name in self.types), *(graph.mask[name] for name in self.types)
-        )
+        hidden = self.sage(*plan_inputs(graph, self.types, model.device))
         checkpoint()
         outputs = self.gat(*hidden, *self.edge_terms(model, graph, edge_attr))
         checkpoint()
         return GNNOutput(*outputs)
+
+
+def plan_inputs(graph: TamiyoGraph, types: Sequence[str], device: torch.device) -> tuple[Tensor, ...]:
+    """Node features then presence masks, type by type, on `device` (the network's)."""
+    return (
+        *(on_device(graph.x[name], device) for name in types),
+        *(on_device(graph.mask[name], device) for name in types),
+    )
 
 
 def plan_outputs(output: GNNOutput) -> tuple[Tensor, ...]:

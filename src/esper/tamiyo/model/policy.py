@@ -15,6 +15,7 @@ another architecture is refused. Compilation (P2) is optional, warmed up, and it
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -27,6 +28,7 @@ from torch import Tensor
 from esper.leyline import pb
 from esper.tamiyo.model.builder import GraphBuilder
 from esper.tamiyo.model.checkpoint import CheckpointIncompatible
+from esper.tamiyo.model.cudagraph import cuda_graphs_available
 from esper.tamiyo.model.distributions import (
     MASKED,
     RELEVANT_HEADS,
@@ -48,6 +50,7 @@ from esper.tamiyo.model.proposal import (
     LR_FACTORS,
     WIDEN_UNITS,
     Cancellation,
+    CaptureStatus,
     CompileStatus,
     PlanStatus,
     PolicyInferenceError,
@@ -105,6 +108,10 @@ class GNNPolicy:
             if settings.enable_plan
             else "disabled by settings (enable_plan=false)",
         )
+        if settings.enable_cuda_graph:
+            self._plan = dataclasses.replace(
+                self._plan, capture=CaptureStatus(enabled=False, reason="no topology rehearsed yet")
+            )
 
     # -- identity and persistence -------------------------------------------------------------------
 
@@ -278,26 +285,61 @@ class GNNPolicy:
         self._one_graph_in_eval(graph, "rehearse")
         with torch.inference_mode():
             self._run(graph, None)
-        if not self._settings.enable_plan or self._compile.enabled:
+        if self._compile.enabled:
             return
-        status = self._plan
-        try:
-            build_ms = self.module.build_plan(graph)
-        except (PlanError, RuntimeError) as exc:  # RuntimeError: TorchScript could not trace or freeze
-            self._plan = PlanStatus(
-                enabled=False,
-                reason=f"plan failed: {type(exc).__name__}: {exc}",
-                builds=status.builds,
-                fallbacks=status.fallbacks + 1,
-            )
+        if self._settings.enable_plan:
+            status = self._plan
+            try:
+                build_ms = self.module.build_plan(graph)
+            except (PlanError, RuntimeError) as exc:  # RuntimeError: TorchScript could not trace or freeze
+                self._plan = PlanStatus(
+                    enabled=False,
+                    reason=f"plan failed: {type(exc).__name__}: {exc}",
+                    builds=status.builds,
+                    fallbacks=status.fallbacks + 1,
+                    capture=status.capture,
+                )
+            else:
+                self._plan = PlanStatus(
+                    enabled=True,
+                    reason="traced",
+                    build_ms=build_ms,
+                    builds=status.builds + 1,
+                    fallbacks=status.fallbacks,
+                    capture=status.capture,
+                )
+        if self._settings.enable_cuda_graph:
+            self._rehearse_capture(graph)
+
+    def _rehearse_capture(self, graph: TamiyoGraph) -> None:
+        """P7: capture the decision forward of `graph`'s topology in a CUDA graph. Off CUDA the status
+        says "not available" (no fallback counted); a capture that fails is a fallback, with its reason."""
+        status = self._plan.capture
+        misses = self.module.capture_misses
+        unavailable = cuda_graphs_available(self.module.device)
+        if unavailable:
+            capture = CaptureStatus(enabled=False, reason=unavailable, misses=misses)
         else:
-            self._plan = PlanStatus(
-                enabled=True,
-                reason="traced",
-                build_ms=build_ms,
-                builds=status.builds + 1,
-                fallbacks=status.fallbacks,
-            )
+            try:
+                capture_ms = self.module.capture_graph(graph)
+            except (PlanError, RuntimeError) as exc:  # CaptureUnavailable is a PlanError
+                capture = dataclasses.replace(
+                    status,
+                    enabled=False,
+                    reason=f"capture failed: {type(exc).__name__}: {exc}",
+                    fallbacks=status.fallbacks + 1,
+                    misses=misses,
+                )
+            else:
+                capture = dataclasses.replace(
+                    status,
+                    enabled=True,
+                    reason="captured",
+                    capture_ms=capture_ms,
+                    captures=status.captures + 1,
+                    misses=misses,
+                )
+        self._plan = dataclasses.replace(self._plan, capture=capture)
 
     def warm(self, graph: TamiyoGraph, *, cancel: Cancellation) -> None:
         """Run the network on `graph` as a decision would, checking `cancel` between layers, and keep

@@ -177,11 +177,29 @@ class CompileStatus:
 
 
 @dataclass(frozen=True)
+class CaptureStatus:
+    """Whether the decision forward of the current topology replays a CUDA graph (P7), and why not.
+
+    `misses`: decisions whose graph did not fit the capture held (they ran the plan or the dense path)."""
+
+    enabled: bool
+    reason: str
+    capture_ms: float = 0.0
+    captures: int = 0
+    fallbacks: int = 0
+    misses: int = 0
+
+
+@dataclass(frozen=True)
 class PlanStatus:
-    """Whether inference runs a traced plan of the dense path for the current topology, and why not."""
+    """Whether inference runs a traced plan of the dense path for the current topology, and why not;
+    `capture` says the same of the CUDA graph."""
 
     enabled: bool
     reason: str
     build_ms: float = 0.0
     builds: int = 0
     fallbacks: int = 0
+    capture: CaptureStatus = CaptureStatus(
+        enabled=False, reason="disabled by settings (enable_cuda_graph=false)"
+    )

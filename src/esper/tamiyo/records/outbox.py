@@ -138,7 +138,7 @@ class FieldReportOutbox:
             return None
         return max(0.0, (due - self._clock.wall_ns()) / 1e9)
 
-    def pump(self) -> PumpResult:
+    def pump(self) -> PumpResult:  # noqa: C901, PLR0912 (one batch's publish, acknowledge, retry and drop outcomes under one lock)
         """Publish one batch of due entries (one bus call per stream); returns what happened."""
         with self._pump_lock:
             entries = self._store.due_outbox(self._clock.wall_ns(), self.batch, hold=self.hold)

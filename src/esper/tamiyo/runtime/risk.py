@@ -202,7 +202,7 @@ class RiskGates:
             return pb.POLICY_ACTION_WAIT, f"isolation violations in slots {sorted(violators)}"
         return None
 
-    def _blueprint(
+    def _blueprint(  # noqa: PLR0911 (each refusal of the blueprint gate returns its own reason)
         self, proposal: Proposal, _: pb.SystemStatePacket, context: RiskContext
     ) -> tuple[int, str] | None:
         if proposal.action != pb.POLICY_ACTION_GERMINATE:

@@ -10,6 +10,7 @@ a synthetic PAUSE.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -367,9 +368,15 @@ class TamiyoService:
         timeout_ms = self.settings.warmup_timeout_ms
         samples = [self._worker.run(probe, timeout_ms=timeout_ms, what=what) for _ in range(PROBE_RUNS)]
         after = graph_policy.plan_status
-        if after != before:
+        if dataclasses.replace(after, capture=before.capture) != before:
             failed = after.fallbacks > before.fallbacks
             self.telemetry.record_plan(after.enabled, after.reason, after.build_ms, failed=failed)
+        if after.capture != before.capture:
+            capture = after.capture
+            failed = capture.fallbacks > before.capture.fallbacks
+            self.telemetry.record_cuda_graph(
+                capture.enabled, capture.reason, capture.capture_ms, failed=failed
+            )
         fit = PolicyFit(
             measured_ms=sorted(samples)[-2],
             allowed_ms=self.step_timeout_ms * self.settings.prepare_budget_share,

@@ -51,6 +51,9 @@ EVENTS: dict[str, EventSpec] = {
     "gnn_compile_warm": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
     "gnn_plan_built": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
     "gnn_plan_fallback": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
+    "gnn_cuda_graph_captured": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
+    "gnn_cuda_graph_unavailable": EventSpec(pb.TELEMETRY_LEVEL_INFO, pb.MESSAGE_PRIORITY_LOW),
+    "gnn_cuda_graph_fallback": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_HIGH),
     "graph_missing_features": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
     "graph_nodes_dropped": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
     "graph_seed_unlinked": EventSpec(pb.TELEMETRY_LEVEL_WARNING, pb.MESSAGE_PRIORITY_NORMAL),
@@ -267,6 +270,11 @@ class TamiyoTelemetry:
             "Topologies whose traced plan failed (dense path serves)",
             registry=self.registry,
         )
+        self.cuda_graph_fallbacks = Counter(
+            "tamiyo_gnn_cuda_graph_fallback",
+            "Topologies whose CUDA graph capture failed (the plan or the dense path serves)",
+            registry=self.registry,
+        )
         self.deadline_misses = Counter(
             "tamiyo_deadline_misses", "Decisions that missed the deadline", registry=self.registry
         )
@@ -415,6 +423,29 @@ class TamiyoTelemetry:
             self.metric("tamiyo.gnn.plan_build_ms", build_ms, "ms")
         self._indicators["plan_enabled"] = float(enabled)
         self._plan_reason = reason
+
+    def record_cuda_graph(self, enabled: bool, reason: str, capture_ms: float, *, failed: bool) -> None:
+        """A rehearsal's outcome for the CUDA graph (P7): captured (with its cost), not available (not on
+        CUDA), or failed (a HIGH-priority event; the plan or the dense path serves)."""
+        if failed:
+            self.cuda_graph_fallbacks.inc()
+            self.emit(
+                "gnn_cuda_graph_fallback", f"GNN decisions run without a CUDA graph: {reason}", reason=reason
+            )
+        elif enabled:
+            self.emit(
+                "gnn_cuda_graph_captured",
+                f"GNN decision forward captured in a CUDA graph in {capture_ms:.0f} ms",
+                capture_ms=f"{capture_ms:.1f}",
+            )
+            self.metric("tamiyo.gnn.cuda_graph_capture_ms", capture_ms, "ms")
+        else:
+            self.emit(
+                "gnn_cuda_graph_unavailable",
+                f"GNN decisions run without a CUDA graph: {reason}",
+                reason=reason,
+            )
+        self._indicators["cuda_graph_enabled"] = float(enabled)
 
     def record_scheduling(self, priority: int, applied: bool, reason: str) -> None:
         """The inference thread's scheduling: an indicator, and a HIGH-priority event when the real-time

@@ -214,7 +214,7 @@ class PolicyUpdateIntake:
             raise rejected from exc
         return self.offer(update)
 
-    def _candidate(self, update: pb.PolicyUpdate) -> GNNPolicy:
+    def _candidate(self, update: pb.PolicyUpdate) -> GNNPolicy:  # noqa: C901 (each check an update must pass, in order, refused with its own reason)
         version, sequence = update.tamiyo_policy_version, int(update.sequence)
 
         def rejected(reason: str, detail: str) -> PolicyUpdateRejected:
@@ -385,27 +385,6 @@ class PolicyUpdateIntake:
         """Poll the feed (the service calls it before each decision): True when a new policy was swapped
         in."""
         return any(isinstance(outcome, ServingPolicy) for outcome in self.poll())
-
-    # `cli.py` still binds these; the service is the controller, whatever the policy.
-    def prepare(self, packet: pb.SystemStatePacket) -> None:
-        """`TamiyoService.prepare`."""
-        self._service.prepare(packet)
-
-    def anticipate(self) -> None:
-        """`TamiyoService.anticipate`."""
-        self._service.anticipate()
-
-    def evaluate_step(self, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
-        """`TamiyoService.evaluate_step` (which consults this intake)."""
-        return self._service.evaluate_step(packet)
-
-    def submit(self, packet: pb.SystemStatePacket) -> None:
-        """`TamiyoService.submit` (which consults this intake)."""
-        self._service.submit(packet)
-
-    def collect(self) -> pb.AdaptationCommand:
-        """`TamiyoService.collect` (which consults this intake)."""
-        return self._service.collect()
 
     def judge(self, failure: str) -> None:
         """One decision's outcome ("" for a success): a policy on probation that failed too often is rolled
