@@ -67,9 +67,15 @@ def metadata(catalogue: BlueprintCatalogue) -> Iterator[BlueprintMetadataCache]:
 @pytest.fixture
 def packets(tmp_path: Path, catalogue: BlueprintCatalogue) -> list[pb.SystemStatePacket]:
     """The packets of a short run that germinates a seed (so active seeds appear too)."""
+    return run_packets(tmp_path, catalogue)
+
+
+def run_packets(
+    tmp_path: Path, catalogue: BlueprintCatalogue, **overrides: object
+) -> list[pb.SystemStatePacket]:
     dataset = make_task(0.3, 0, n_features=8, n_classes=3, n_samples=320)
     settings = load_settings(
-        TolariaSettings, environ={}, epochs=3, batch_size=32, decision_interval=4, seed=1
+        TolariaSettings, environ={}, epochs=3, batch_size=32, decision_interval=4, seed=1, **overrides
     )
     torch.manual_seed(1)
     host = build_host("mlp", dataset.input_shape, dataset.num_classes)
@@ -197,3 +203,14 @@ def test_a_cuda_runs_hardware_is_its_devices_memory(monkeypatch: pytest.MonkeyPa
     assert (hardware.total_memory_gb, hardware.available_memory_gb) == (8.0, 3.0)
     cpu = device_hardware("cpu:0")
     assert (cpu.device_type, cpu.device_id) == ("cpu", "cpu:0") and cpu.total_memory_gb > 0
+
+
+def test_a_run_told_not_to_measure_its_hardware_names_its_device_only(
+    tmp_path: Path, catalogue: BlueprintCatalogue
+) -> None:
+    """Runs compared bit for bit (resume tests) must not read the machine's free memory."""
+    packets = run_packets(tmp_path, catalogue, hardware_context=False)
+    assert packets
+    for packet in packets:
+        assert packet.hardware_context.device_type == "cpu"
+        assert not packet.hardware_context.HasField("total_memory_gb")

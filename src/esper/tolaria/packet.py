@@ -58,6 +58,11 @@ def build_packet(
 _GIB = float(1 << 30)
 
 
+def unmeasured_hardware(device: str) -> pb.HardwareContext:
+    """`device` named, nothing measured (the graph reads its hardware features as missing)."""
+    return pb.HardwareContext(device_type=device.partition(":")[0], device_id=device)
+
+
 def device_hardware(device: str) -> pb.HardwareContext:
     """The memory of `device` as the controller sees it: total and available (GiB); a CUDA device's
     from its driver, a CPU's from the operating system (`host_hardware`)."""

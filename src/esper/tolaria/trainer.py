@@ -42,7 +42,7 @@ from esper.tolaria.evaluation import Evaluation, Loss, evaluate
 from esper.tolaria.growth_steps import GrowthLog
 from esper.tolaria.hosts import Host
 from esper.tolaria.optimizer import HOST_GROUP, GroupedAdam
-from esper.tolaria.packet import build_packet
+from esper.tolaria.packet import build_packet, unmeasured_hardware
 from esper.tolaria.records import RunDirectory
 from esper.tolaria.settings import TolariaSettings
 
@@ -353,6 +353,7 @@ class Trainer:
         self.best_val_accuracy = max(self.best_val_accuracy, evaluation.accuracy)
         training_loss = self.interval_loss_sum / max(1, self.interval_loss_count)
         self.interval_loss_sum, self.interval_loss_count = 0.0, 0
+        device = f"{self.device.type}:{self.device.index or 0}"
         packet = build_packet(
             training_run_id=self.training_run_id,
             experiment_name=self.dataset.name,
@@ -363,7 +364,8 @@ class Trainer:
             training_loss=training_loss,
             timestamp_ns=self.clock.wall_ns(),
             topology=self._host_topology()[0],
-            device=f"{self.device.type}:{self.device.index or 0}",
+            device=device,
+            hardware=None if self.settings.hardware_context else unmeasured_hardware(device),
             seed_states=self.manager.seed_states(
                 learning_rate=self.optimizer.lr, steps_per_epoch=self.steps_per_epoch
             ),
