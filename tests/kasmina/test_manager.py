@@ -292,7 +292,7 @@ def test_commands_with_unknown_enum_values_are_rejected_naming_the_value(
 
 
 def test_the_trainer_records_a_command_with_unknown_enum_values() -> None:
-    from esper.tolaria.trainer import _command_record
+    from esper.tolaria.trainer_decisions import _command_record
 
     message = pb.AdaptationCommand(command_id="c", command_type=99)
     message.seed_operation.operation = 98
