@@ -1,23 +1,29 @@
-"""Does Simic's learned policy beat the heuristic? Baselines side by side on held-out generated tasks.
+"""Does Simic's learned policy beat the heuristic? Baselines side by side on held-out tasks of the families.
 
 Recipe (DESIGN §10: "baselines run side by side"):
 
-1. Record: the heuristic controls runs on `--train-tasks` generated tasks; Tamiyo's store and outbox put
-   its decisions and field reports on an embedded bus.
-2. Imitation: Simic pre-trains the GNN on those decisions (the imitation-only policy).
-3. PPO: for `--iterations` rounds, the current GNN (sampling) controls runs on the training tasks, and
-   Simic trains a PPO round on everything the GNN decided so far; a candidate that fails validation is
-   not taken (the round says why).
-4. Evaluate on held-out tasks (other seeds), same seeds for every policy: WAIT-only (no growth), the
-   heuristic, the imitation-only GNN and the learned GNN (both sampling, as Tamiyo deploys them by
-   default). Final validation accuracy, final parameter count and accuracy per thousand parameters; mean
-   and a 95% confidence half-width over seeds. Accuracy per parameter on its own favours never growing
-   (the WAIT-only control sets that bar): read it next to accuracy.
+1. Tasks: drawn from the families (generated MLP tasks at several difficulties, 1-D signals on the conv1d
+   host); training, tuning and held-out tasks use disjoint data seeds (0.., 500.., 1000..). Every packet
+   is built with the catalogue wired (blueprint descriptors) and the training metrics (learning rate,
+   gradient norm, hardware context): the graphs are built in strict mode, so a missing feature FAILS the
+   benchmark instead of being zeroed silently.
+2. Record: the heuristic controls `--train-tasks` runs; Tamiyo's store and outbox put its decisions and
+   field reports on an embedded bus. Imitation: Simic pre-trains the GNN on them (the imitation policy).
+3. PPO: for `--iterations` rounds, the current GNN (sampling) controls `--episodes-per-round` runs of the
+   training tasks, and Simic trains a PPO round on every GNN decision so far; the reward is the episode's
+   outcome (`--reward-mode episode`: accuracy minus `--param-cost` per 1000 parameters, credited through
+   returns, germinations also paid their seed's counterfactual contribution). After every round the
+   current policy runs the first `--curve-tasks` held-out tasks: the learning curve.
+4. Evaluate every policy on the same held-out tasks: WAIT-only (no growth), the heuristic, random (the
+   untrained GNN sampling: near-uniform over the legal actions, the same growth budget), imitation and
+   learned (both sampling, as Tamiyo deploys them). Per policy: accuracy, parameters and the objective
+   (accuracy - param_cost * kparams), mean with its 95 % t-interval; paired per-task differences against
+   the heuristic; the Pareto view (which policies no other beats on both accuracy and size).
 
-The GNN uses narrow layers (hidden 64) to fit the time budget; the architecture is Tamiyo's own. Figures
-are noisy on a shared 2-core machine. The last line is one JSON object with every figure.
+`--eval-split tuning` runs step 4 on the tuning tasks instead (for trying variants without touching the
+reported held-out tasks). Figures are noisy on a shared 2-core machine. The last line is one JSON object.
 
-    .venv/bin/python benchmarks/policy_quality.py [--train-tasks 4] [--eval-seeds 4] [--iterations 3]
+    .venv/bin/python benchmarks/policy_quality.py [--train-tasks 4] [--eval-tasks 4] [--iterations 3]
 """
 
 from __future__ import annotations
@@ -26,138 +32,230 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench_support import mean_ci95
 from esper.assembly import RunAssembly, RunInputs, RunSettings
+from esper.assembly.tamiyo import metadata_cache, open_catalogue
 from esper.kasmina import KasminaSettings
-from esper.leyline import load_settings, pb
+from esper.leyline import CleanupStack, EsperError, load_settings
 from esper.nissa.layout import RunLayout
 from esper.oona import EmbeddedBus, OonaSettings
 from esper.simic.settings import SimicSettings
-from esper.simic.trainer import RoundResult, SimicTrainer, offline_records
+from esper.simic.state import RoundResult, SimicState
+from esper.simic.trainer import SimicTrainer, offline_records
 from esper.simic.transitions import RecordCollector
+from esper.tamiyo import BlueprintMetadataCache
 from esper.tamiyo.model.gnn import TamiyoGNNConfig
-from esper.tamiyo.model.heuristic import HeuristicPolicy
+from esper.tamiyo.model.heuristic import HeuristicPolicy, WaitOnlyPolicy
 from esper.tamiyo.model.policy import GNNPolicy
-from esper.tamiyo.model.proposal import Policy, Proposal
+from esper.tamiyo.model.proposal import Policy
 from esper.tamiyo.model.schema import TAMIYO_SCHEMA
 from esper.tamiyo.records.store import TamiyoStore
 from esper.tamiyo.runtime.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController
-from esper.tolaria.data import make_task
-from esper.tolaria.hosts import build_host
-from esper.tolaria.run import RunConfig
+from esper.tolaria.run import RunConfig, load_task
 from esper.tolaria.settings import TolariaSettings
+from esper.urza import BlueprintCatalogue
 
 SECRET = b"policy-quality-benchmark-secret-0123"
 Row = dict[str, float]
-CONFIG = TamiyoGNNConfig.sized("default", TAMIYO_SCHEMA)  # the policy a run decides with by default
+SIZES = {
+    "default": TamiyoGNNConfig.sized("default", TAMIYO_SCHEMA),  # the policy a run decides with by default
+    "small": TamiyoGNNConfig(TAMIYO_SCHEMA, hidden_dim=32, gat_dim=16, gat_heads=2),
+}
+# (task, host, difficulty): the families the tasks are drawn from, in turn.
+FAMILIES: tuple[tuple[str, str, float], ...] = (
+    ("generated", "mlp", 0.4),
+    ("generated", "mlp", 0.6),
+    ("generated", "mlp", 0.8),
+    ("signals", "conv1d", 0.5),
+)
+SPLIT_SEEDS = {"train": 0, "tuning": 500, "heldout": 1000}
 
 
-class WaitOnly:
-    """The no-growth control: always WAIT."""
-
-    version = "wait-only"
-
-    def propose(self, packet: pb.SystemStatePacket) -> Proposal:
-        del packet
-        return Proposal(action=pb.POLICY_ACTION_WAIT, reason="wait-only control")
-
-    def warm_up(self) -> None:
-        """Nothing to warm up."""
-
-    def state(self) -> dict[str, Any]:
-        """No state."""
-        return {}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Nothing to restore."""
+class BenchmarkFailed(EsperError):
+    """The benchmark cannot give an honest figure (a run's controller failed, a feature was missing)."""
 
 
-def run_task(
-    work: Path,
-    name: str,
-    policy: Policy,
-    tamiyo: TamiyoSettings,
-    *,
-    task_seed: int,
-    difficulty: float,
-    epochs: int,
-    bus: EmbeddedBus | None,
-) -> Row:
-    """One training run of a generated task under `policy`; decisions recorded on `bus` when given."""
-    run_dir = work / name
-    tolaria = load_settings(TolariaSettings, environ={}, epochs=epochs, decision_interval=10, seed=task_seed)
-    kasmina = load_settings(
-        KasminaSettings,
-        environ={},
-        min_training_steps=10,
-        improvement_window=2,
-        min_shadowing_steps=5,
-        probation_steps=10,
-        embargo_steps=15,
-    )
-    torch.manual_seed(task_seed)
-    dataset = make_task(difficulty, task_seed)
-    host = build_host("mlp", dataset.input_shape, dataset.num_classes)
-    store = TamiyoStore(RunLayout(run_dir).tamiyo_store) if bus is not None else None
-    service = TamiyoService(tamiyo, policy, SECRET, store=store, bus=bus)
-    config = RunConfig(
-        task=dataset.name,
-        host="mlp",
-        policy=name,
-        difficulty=difficulty,
-        run_dir=run_dir,
-        catalogue_path=work / "urza.sqlite3",
-        training_run_id=name,
-        tolaria=tolaria,
-        kasmina=kasmina,
-    )
-    # As `esper run` builds a run, isolated from any deployment bus: the decisions are recorded by this
-    # benchmark's own service on `bus`.
-    bound = BoundController(decide=service.evaluate_step, save=dict, load=lambda _state: None)
-    try:
-        with RunAssembly(
-            RunSettings.resolve(environ={}),
-            config,
-            secret=SECRET,
-            inputs=RunInputs(dataset, host),
-            controller=bound,
-            deployment=False,
-        ) as run:
-            outcome = run.prepare().fit()
-    finally:
-        service.close()
-        if store is not None:
-            store.close()
-    params = float(outcome.parameters)
+@dataclass(frozen=True)
+class Task:
+    """One task of a family with its data seed."""
+
+    task: str
+    host: str
+    difficulty: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}-{self.host}-d{self.difficulty}-s{self.seed}"
+
+
+def tasks(split: str, count: int) -> list[Task]:
+    """`count` tasks of `split`, the families in turn, each with a data seed of its own."""
+    base = SPLIT_SEEDS[split]
+    return [Task(*FAMILIES[index % len(FAMILIES)], seed=base + index) for index in range(count)]
+
+
+class Episodes:
+    """Runs tasks under a policy as `esper run` builds a run, with the catalogue (one, shared) wired into
+    every packet's graph, the learner's replay and the policies."""
+
+    def __init__(self, work: Path, tamiyo: TamiyoSettings, epochs: int, cleanup: CleanupStack) -> None:
+        self.work = work
+        self.tamiyo = tamiyo
+        self.epochs = epochs
+        self.catalogue: BlueprintCatalogue = open_catalogue(work / "urza.sqlite3", None, cleanup)
+        self.metadata: BlueprintMetadataCache = metadata_cache(self.catalogue, tamiyo, None, cleanup)
+        self.count = 0
+
+    def gnn(
+        self, config: TamiyoGNNConfig, payload: bytes | None, seed: int = 0, *, greedy: bool = False
+    ) -> GNNPolicy:
+        """A GNN policy of `config` (weights of `payload`, or seeded initial ones) with the catalogue;
+        sampling, or taking the most likely choice when `greedy`."""
+        torch.manual_seed(seed)
+        policy = GNNPolicy(self.tamiyo, config=config, blueprint_metadata=self.metadata, greedy=greedy)
+        if payload is not None:
+            policy.load_state_bytes(payload)
+        return policy
+
+    def run(self, name: str, policy: Policy, task: Task, bus: EmbeddedBus | None) -> Row:
+        """One training run of `task` under `policy`; decisions recorded on `bus` when given."""
+        run_dir = self.work / name
+        tolaria = load_settings(
+            TolariaSettings, environ={}, epochs=self.epochs, decision_interval=10, seed=task.seed
+        )
+        kasmina = load_settings(
+            KasminaSettings,
+            environ={},
+            min_training_steps=10,
+            improvement_window=2,
+            min_shadowing_steps=5,
+            probation_steps=10,
+            embargo_steps=15,
+        )
+        torch.manual_seed(task.seed)
+        dataset = load_task(task.task, task.host, seed=task.seed, difficulty=task.difficulty)
+        store = TamiyoStore(RunLayout(run_dir).tamiyo_store) if bus is not None else None
+        service = TamiyoService(
+            self.tamiyo, policy, SECRET, store=store, bus=bus, blueprint_metadata=self.metadata
+        )
+        config = RunConfig(
+            task=dataset.name,
+            host=task.host,
+            policy=name,
+            difficulty=task.difficulty,
+            run_dir=run_dir,
+            catalogue_path=self.work / "urza.sqlite3",
+            training_run_id=name,
+            tolaria=tolaria,
+            kasmina=kasmina,
+        )
+        # Isolated from any deployment bus: the decisions are recorded by this benchmark's service on `bus`.
+        bound = BoundController(decide=service.evaluate_step, save=dict, load=lambda _state: None)
+        try:
+            with RunAssembly(
+                RunSettings.resolve(environ={}),
+                config,
+                secret=SECRET,
+                inputs=RunInputs(dataset),
+                controller=bound,
+                catalogue=self.catalogue,
+                deployment=False,
+            ) as run:
+                trainer = run.prepare()
+                outcome = trainer.fit()
+                failures = trainer.controller_failures
+        finally:
+            service.close()
+            if store is not None:
+                store.close()
+        if failures:
+            raise BenchmarkFailed(
+                f"{name}: the controller failed {failures} decision(s) (see {run_dir}/events.jsonl): "
+                "a policy that cannot decide gives no figure"
+            )
+        self.count += 1
+        return {"accuracy": outcome.evaluation.accuracy, "params": float(outcome.parameters)}
+
+
+def _report(name: str, exc: Exception) -> None:
+    print(f"clean-up step {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def with_objective(row: Row, param_cost: float) -> Row:
+    """`row` with the objective: accuracy minus `param_cost` per 1000 parameters."""
+    return {**row, "objective": row["accuracy"] - param_cost * row["params"] / 1000.0}
+
+
+def summarise(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """Mean, standard deviation and 95 % t half-width of every figure over tasks."""
+    return {key: mean_ci95([row[key] for row in rows]) for key in rows[0]}
+
+
+def paired(rows: list[Row], baseline: list[Row]) -> dict[str, dict[str, float]]:
+    """Per-task differences `rows - baseline` (same tasks, same order): mean and 95 % t-interval."""
     return {
-        "accuracy": outcome.evaluation.accuracy,
-        "params": params,
-        "acc_per_kparam": outcome.evaluation.accuracy / (params / 1000.0),
+        key: mean_ci95([row[key] - base[key] for row, base in zip(rows, baseline, strict=True)])
+        for key in ("accuracy", "params", "objective")
     }
 
 
-def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Mean and 95% half-width (normal approximation) of every figure."""
-    summary: dict[str, float] = {}
-    for key in rows[0]:
-        values = [row[key] for row in rows]
-        summary[f"{key}_mean"] = statistics.fmean(values)
-        spread = statistics.stdev(values) if len(values) > 1 else math.nan
-        summary[f"{key}_ci95"] = 1.96 * spread / math.sqrt(len(values))
-    return summary
+def pareto(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, bool]:
+    """Which policies no other policy beats on mean accuracy at no more mean parameters."""
+    front: dict[str, bool] = {}
+    for name, figures in results.items():
+        acc, params = figures["accuracy"]["mean"], figures["params"]["mean"]
+        dominated = any(
+            other["accuracy"]["mean"] >= acc
+            and other["params"]["mean"] <= params
+            and (other["accuracy"]["mean"] > acc or other["params"]["mean"] < params)
+            for rival, other in results.items()
+            if rival != name
+        )
+        front[name] = not dominated
+    return front
+
+
+def plot_curve(curve: list[dict[str, Any]], references: dict[str, float], state_dir: Path | None) -> None:
+    """The learning curve (objective on the curve tasks against episodes consumed) as
+    `state_dir/learning_curve.png`, with `references` (a policy's objective on the same tasks) as
+    horizontal lines; nothing without a state directory or a curve."""
+    if state_dir is None or not curve:
+        return
+    path = state_dir / "learning_curve.png"
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.plot([p["episodes"] for p in curve], [p["objective"] for p in curve], marker="o", label="GNN")
+    for point in curve:
+        axes.annotate(point["round"], (point["episodes"], point["objective"]), fontsize=7)
+    for name, value in references.items():
+        axes.axhline(value, linestyle="--", linewidth=1, label=f"{name} (same tasks)")
+    axes.set_xlabel("episodes consumed")
+    axes.set_ylabel("objective (accuracy - cost x kparams)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
 
 
 def _finite_or_null(value: Any) -> Any:
-    """JSON has no NaN: a figure that could not be measured (one seed has no spread) is null."""
+    """JSON has no NaN: a figure that could not be measured (one task has no spread) is null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -167,128 +265,241 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
-def gnn(tamiyo: TamiyoSettings, payload: bytes | None) -> GNNPolicy:
-    policy = GNNPolicy(tamiyo, config=CONFIG)
-    if payload is not None:
-        policy.load_state_bytes(payload)
-    return policy
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--train-tasks", type=int, default=4)
-    parser.add_argument("--eval-seeds", type=int, default=4)
-    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--eval-tasks", type=int, default=4)
+    parser.add_argument("--eval-split", choices=("heldout", "tuning"), default="heldout")
+    parser.add_argument("--iterations", type=int, default=3, help="PPO rounds")
+    parser.add_argument("--episodes-per-round", type=int, default=0, help="GNN runs per round [train tasks]")
+    parser.add_argument("--curve-tasks", type=int, default=2, help="evaluation tasks run after each round")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--difficulty", type=float, default=0.6)
-    args = parser.parse_args()
+    parser.add_argument("--size", choices=tuple(SIZES), default="default", help="the GNN's size")
+    parser.add_argument("--reward-mode", choices=("episode", "window"), default="episode")
+    parser.add_argument("--gamma", type=float, default=1.0, help="0 with --reward-mode window: a bandit")
+    parser.add_argument("--param-cost", type=float, default=0.01, help="objective cost per 1000 params")
+    parser.add_argument("--bc-coef", type=float, default=0.0, help="behaviour cloning kept during PPO")
+    parser.add_argument("--imitation-epochs", type=int, default=5)
+    parser.add_argument(
+        "--lifecycle-only", action="store_true", help="action masking: the GNN never adjusts lr nor pauses"
+    )
+    parser.add_argument("--entropy-coef", type=float, default=0.01)
+    parser.add_argument(
+        "--greedy-eval", action="store_true", help="imitation and learned take their most likely choice"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="keep Simic's state here (lineage.jsonl: plot it with `esper simic report`) and the "
+        "learning curve as learning_curve.png",
+    )
+    parser.add_argument("--contenders", default="wait_only,heuristic,random,imitation_gnn,learned_gnn")
+    return parser.parse_args(argv)
+
+
+def round_line(tag: str, result: RoundResult) -> str:
+    """One round on one line: its mode, samples, verdict and what it skipped."""
+    verdict = "published" if result.published else f"refused: {'; '.join(result.reasons)}"
+    skipped = {k: v for k, v in result.skipped.items() if v}
+    return f"{tag}: {result.mode} on {result.samples} samples, {verdict}; skipped {skipped or 'none'}"
+
+
+def round_tasks(train_tasks: list[Task], iteration: int, per_round: int) -> list[Task]:
+    """The training tasks round `iteration` runs: the next `per_round` of them, cycling."""
+    return [train_tasks[(iteration * per_round + i) % len(train_tasks)] for i in range(per_round)]
+
+
+def references_on(rows: dict[str, list[Row]], count: int) -> dict[str, float]:
+    """The heuristic's and WAIT-only's mean objective on the first `count` evaluation tasks."""
+    return {
+        name: statistics.fmean(row["objective"] for row in rows[name][:count])
+        for name in ("heuristic", "wait_only")
+        if name in rows
+    }
+
+
+def figures_line(name: str, figures: dict[str, dict[str, float]]) -> str:
+    """One policy's figures on one line."""
+    return (
+        f"{name:14s} objective {figures['objective']['mean']:.4f} ± {figures['objective']['ci95']:.4f}"
+        f"  accuracy {figures['accuracy']['mean']:.4f} ± {figures['accuracy']['ci95']:.4f}"
+        f"  params {figures['params']['mean']:9.0f}"
+    )
+
+
+def state_of(args: argparse.Namespace) -> SimicState | None:
+    """Simic's state directory when `--state-dir` asks for one."""
+    return None if args.state_dir is None else SimicState(args.state_dir)
+
+
+def settings_of(args: argparse.Namespace) -> tuple[TamiyoSettings, SimicSettings]:
+    """Tamiyo's settings (sampling, strict graphs: a packet lacking a feature is an error, in the actor
+    and in the learner's replay) and Simic's, from the command line."""
+    sampling = TamiyoSettings(
+        step_timeout_ms=10_000.0,
+        gnn_greedy=False,
+        strict_graph=True,
+        lifecycle_actions_only=args.lifecycle_only,
+    )
+    # A short imitation keeps some entropy, so the GNN's own runs still explore for PPO to learn from.
+    simic = SimicSettings(
+        min_transitions=16,
+        imitation_epochs=args.imitation_epochs,
+        reward_mode=args.reward_mode,
+        reward_param_cost=args.param_cost,
+        gamma=args.gamma,
+        bc_coef=args.bc_coef,
+        entropy_coef=args.entropy_coef,
+    )
+    return sampling, simic
+
+
+def build_summary(
+    args: argparse.Namespace,
+    rows: dict[str, list[Row]],
+    curve: list[dict[str, Any]],
+    rounds: list[dict[str, Any]],
+    *,
+    started: float,
+    episodes: int,
+) -> dict[str, Any]:
+    """Every figure of the run: per policy, paired differences, Pareto front, curve, rounds."""
+    results = {name: summarise(policy_rows) for name, policy_rows in rows.items()}
+    differences: dict[str, Any] = {}
+    for name, policy_rows in rows.items():
+        for base in ("heuristic", "imitation_gnn"):
+            if base in rows and name != base:
+                differences[f"{name}-{base}"] = paired(policy_rows, rows[base])
+    elapsed = time.monotonic() - started
+    summary: dict[str, Any] = {
+        "benchmark": "policy_quality",
+        "command": " ".join(sys.argv),
+        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "results": results,
+        "per_task": rows,
+        "paired_differences": differences,
+        "pareto_front": pareto(results),
+        "learning_curve": curve,
+        "ppo_rounds_published": sum(1 for r in rounds if r["mode"] == "ppo" and r["published"]),
+        "rounds": rounds,
+        "episodes": episodes,
+        "episodes_per_minute": 60.0 * episodes / elapsed,
+        "wall_seconds": elapsed,
+    }
+    if "learned_gnn-heuristic" in differences:
+        gap = differences["learned_gnn-heuristic"]["objective"]
+        summary["learned_beats_heuristic"] = bool(gap["mean"] - gap["ci95"] > 0)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     started = time.monotonic()
-    sampling = TamiyoSettings(step_timeout_ms=10_000.0, gnn_greedy=False)
-    # A short imitation keeps some entropy, so the GNN's own runs still explore for PPO to learn from.
-    simic = SimicSettings(min_transitions=16, imitation_epochs=5)
-    train_seeds = list(range(args.train_tasks))
-    eval_seeds = [1000 + index for index in range(args.eval_seeds)]
+    sampling, simic = settings_of(args)
+    config = SIZES[args.size]
+    train_tasks = tasks("train", args.train_tasks)
+    eval_tasks = tasks(args.eval_split, args.eval_tasks)
+    curve_tasks = eval_tasks[: args.curve_tasks]
+    per_round = args.episodes_per_round or len(train_tasks)
     rounds: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []
 
-    with tempfile.TemporaryDirectory(prefix="esper-policy-quality-") as tmp:
-        work = Path(tmp)
+    def log(text: str) -> None:
+        print(f"[{time.monotonic() - started:7.1f}s] {text}", flush=True)
 
-        def one_run(
-            name: str, policy: Policy, tamiyo: TamiyoSettings, seed: int, bus: EmbeddedBus | None
-        ) -> Row:
-            return run_task(
-                work,
-                name,
-                policy,
-                tamiyo,
-                task_seed=seed,
-                difficulty=args.difficulty,
-                epochs=args.epochs,
-                bus=bus,
-            )
+    with tempfile.TemporaryDirectory(prefix="esper-policy-quality-") as tmp, CleanupStack(_report) as cleanup:
+        episodes = Episodes(Path(tmp), sampling, args.epochs, cleanup)
 
-        def record(tag: str, make_policy: Callable[[], Policy]) -> RecordCollector:
-            bus = EmbeddedBus(work / f"bus-{tag}.sqlite3", OonaSettings())
+        def record(tag: str, make_policy: Callable[[], Policy], chosen: list[Task]) -> RecordCollector:
+            bus = EmbeddedBus(Path(tmp) / f"bus-{tag}.sqlite3", OonaSettings())
             try:
-                for seed in train_seeds:
-                    one_run(f"{tag}-{seed}", make_policy(), sampling, seed, bus)
+                for index, task in enumerate(chosen):
+                    episodes.run(f"{tag}-{index}-{task.name}", make_policy(), task, bus)
                 return offline_records(bus)
             finally:
                 bus.close()
 
+        def evaluate(tag: str, make_policy: Callable[[], Policy], chosen: list[Task]) -> list[Row]:
+            return [
+                with_objective(episodes.run(f"{tag}-{task.name}", make_policy(), task, None), args.param_cost)
+                for task in chosen
+            ]
+
         def log_round(tag: str, result: RoundResult) -> None:
             rounds.append({"round": tag, **result.to_json()})
-            verdict = "published" if result.published else f"refused: {'; '.join(result.reasons)}"
-            elapsed = time.monotonic() - started
-            print(f"[{elapsed:6.1f}s] {tag}: {result.mode} on {result.samples} samples, {verdict}")
+            log(round_line(tag, result))
 
-        # 1-2. Heuristic decisions, then the imitation bootstrap.
-        heuristic_records = record("heuristic", lambda: HeuristicPolicy(sampling))
-        learner = SimicTrainer(simic, sampling, gnn(sampling, None), SECRET)
+        def point(tag: str, payload: bytes) -> None:
+            if not curve_tasks:
+                return
+            rows = evaluate(f"curve-{tag}", lambda: episodes.gnn(config, payload), curve_tasks)
+            figures = summarise(rows)
+            curve.append(
+                {
+                    "round": tag,
+                    "episodes": episodes.count,
+                    "objective": figures["objective"]["mean"],
+                    "accuracy": figures["accuracy"]["mean"],
+                    "params": figures["params"]["mean"],
+                }
+            )
+            log(f"curve {tag}: objective {figures['objective']['mean']:.4f} after {episodes.count} episodes")
+
+        # 2. Heuristic decisions, then the imitation bootstrap.
+        heuristic_records = record("heuristic", lambda: HeuristicPolicy(sampling), train_tasks)
+        learner = SimicTrainer(
+            simic,
+            sampling,
+            episodes.gnn(config, None),
+            SECRET,
+            blueprint_metadata=episodes.metadata,
+            state=state_of(args),
+        )
+        random_payload = learner.policy.state_bytes()
         log_round("imitation", learner.run_round(heuristic_records.transitions(simic), mode="imitation"))
         imitation_payload = learner.policy.state_bytes()
+        if args.bc_coef > 0:
+            learner.keep_imitation(heuristic_records.transitions(simic))
+        point("imitation", imitation_payload)
 
         # 3. PPO rounds on the GNN's own decisions (sampling from the current policy).
         gnn_records = RecordCollector()
         for iteration in range(args.iterations):
             current = learner.policy.state_bytes()
+            chosen = round_tasks(train_tasks, iteration, per_round)
 
             def current_gnn(weights: bytes = current) -> Policy:
-                return gnn(sampling, weights)
+                return episodes.gnn(config, weights)
 
-            gnn_records.extend(record(f"gnn{iteration}", current_gnn).messages())
+            gnn_records.extend(record(f"gnn{iteration}", current_gnn, chosen).messages())
             log_round(f"ppo{iteration}", learner.run_round(gnn_records.transitions(simic), mode="ppo"))
+            point(f"ppo{iteration}", learner.policy.state_bytes())
         learned_payload = learner.policy.state_bytes()
 
-        # 4. Held-out tasks, every policy on the same seeds.
+        # 4. Every policy on the same evaluation tasks.
         contenders: dict[str, Callable[[], Policy]] = {
-            "wait_only": WaitOnly,
+            "wait_only": WaitOnlyPolicy,
             "heuristic": lambda: HeuristicPolicy(sampling),
-            "imitation_gnn": lambda: gnn(sampling, imitation_payload),
-            "learned_gnn": lambda: gnn(sampling, learned_payload),
+            "random": lambda: episodes.gnn(config, random_payload),
+            "imitation_gnn": lambda: episodes.gnn(config, imitation_payload, greedy=args.greedy_eval),
+            "learned_gnn": lambda: episodes.gnn(config, learned_payload, greedy=args.greedy_eval),
         }
-        results: dict[str, dict[str, float]] = {}
-        for name, make_policy in contenders.items():
-            rows = [
-                one_run(f"eval-{name}-{seed}", make_policy(), sampling, seed, None) for seed in eval_seeds
-            ]
-            figures = results[name] = summarise(rows)
-            print(
-                f"[{time.monotonic() - started:6.1f}s] {name:14s} accuracy {figures['accuracy_mean']:.4f} "
-                f"± {figures['accuracy_ci95']:.4f}  params {figures['params_mean']:9.0f}  "
-                f"acc/kparam {figures['acc_per_kparam_mean']:.5f}"
-            )
+        rows: dict[str, list[Row]] = {}
+        for name in args.contenders.split(","):
+            rows[name] = evaluate(f"eval-{name}", contenders[name], eval_tasks)
+            log(figures_line(name, summarise(rows[name])))
 
-    heuristic, learned = results["heuristic"], results["learned_gnn"]
-    wait, imitation = results["wait_only"], results["imitation_gnn"]
-    summary = {
-        "benchmark": "policy_quality",
-        "train_tasks": args.train_tasks,
-        "eval_seeds": eval_seeds,
-        "epochs": args.epochs,
-        "difficulty": args.difficulty,
-        "gnn_hidden_dim": CONFIG.hidden_dim,
-        "gnn_dims": CONFIG.dims(),
-        "results": results,
-        "learned_vs_heuristic_acc_per_kparam_ratio": learned["acc_per_kparam_mean"]
-        / heuristic["acc_per_kparam_mean"],
-        "learned_vs_heuristic_accuracy_delta": learned["accuracy_mean"] - heuristic["accuracy_mean"],
-        "learned_beats_heuristic_on_acc_per_param": learned["acc_per_kparam_mean"]
-        > heuristic["acc_per_kparam_mean"],
-        # Accuracy per parameter alone is maximal for never growing: these say whether a policy grows
-        # and whether its growth pays against the WAIT-only control and against its own starting point.
-        "learned_vs_wait_accuracy_delta": learned["accuracy_mean"] - wait["accuracy_mean"],
-        "imitation_vs_wait_accuracy_delta": imitation["accuracy_mean"] - wait["accuracy_mean"],
-        "learned_vs_imitation_accuracy_delta": learned["accuracy_mean"] - imitation["accuracy_mean"],
-        "learned_grows": learned["params_mean"] > wait["params_mean"],
-        "ppo_rounds_published": sum(1 for r in rounds if r["mode"] == "ppo" and r["published"]),
-        "rounds": rounds,
-        "wall_seconds": time.monotonic() - started,
-    }
+    summary = build_summary(args, rows, curve, rounds, started=started, episodes=episodes.count)
+    summary["train_tasks"] = [task.name for task in train_tasks]
+    summary["eval_tasks"] = [task.name for task in eval_tasks]
+    summary["gnn_dims"] = config.dims()
+    plot_curve(curve, references_on(rows, len(curve_tasks)), args.state_dir)
     print(json.dumps(_finite_or_null(summary)))
+    return summary
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ def config(run_dir: Path, *, epochs: int = 8, decision_lag_steps: int = 0) -> Ru
             seed=3,
             # Every epoch, as before the clock-based cadence: the kill tests wait for a mid-run checkpoint.
             checkpoint_every_epochs=1,
+            # The machine's free memory differs from run to run: the runs compared must not read it.
+            hardware_context=False,
         ),
         kasmina=fast_kasmina(),
     )

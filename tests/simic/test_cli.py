@@ -67,3 +67,25 @@ def test_simic_train_refuses_a_source_that_is_not_a_run(
 def test_policy_show_without_state_says_so(tmp_path: Path) -> None:
     result = runner.invoke(app, ["policy", "show", "--state-dir", str(tmp_path / "none")])
     assert result.exit_code == 1 and "no Simic state" in result.output
+
+
+def test_simic_report_plots_the_recorded_rounds(recorded_run: Path, tmp_path: Path) -> None:
+    state = tmp_path / "simic"
+    trained = runner.invoke(
+        app, ["simic", "train", "--from", str(recorded_run), "--state-dir", str(state), "--no-publish"]
+    )
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(
+        app, ["simic", "report", "--state-dir", str(state), "--out", str(tmp_path / "png")]
+    )
+    assert result.exit_code == 0, result.output
+    written = sorted(path.name for path in (tmp_path / "png").iterdir())
+    assert written == ["critic.png", "entropy.png", "kl.png", "losses.png"]
+    for name in written:
+        assert (tmp_path / "png" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simic_report_without_rounds_says_so(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["simic", "report", "--state-dir", str(tmp_path / "empty")])
+    assert result.exit_code == 1
+    assert "records no round" in result.output

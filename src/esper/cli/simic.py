@@ -192,3 +192,24 @@ def simic_serve(
     finally:
         signal.signal(signal.SIGTERM, previous)
         cleanup.close()
+
+
+@simic_app.command("report")
+def simic_report(
+    state_dir: Annotated[Path | None, typer.Option(help="Simic's state [<ESPER_DATA_DIR>/simic].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where the PNGs go [<state dir>/report].")] = None,
+) -> None:
+    """Plot the learner's rounds (lineage.jsonl): the critic's explained variance, per-head entropies, KL
+    and clip fraction, and the losses, one PNG each."""
+    from esper.nissa.layout import DataLayout
+    from esper.simic.report import write_simic_report
+    from esper.simic.state import SimicState
+
+    state = SimicState(state_dir or DataLayout(_settings().data_dir).simic)
+    try:
+        written = write_simic_report(state, out or state.root / "report")
+    except EsperError as exc:
+        err_console.print(f"[bold red]no report[/]: {exc}")
+        raise typer.Exit(1) from exc
+    for path in written:
+        console.print(str(path))

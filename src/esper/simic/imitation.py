@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from esper.simic.ppo import compute_gae
+from esper.simic.ppo import choice_nll, compute_gae
 from esper.simic.settings import SimicSettings
 from esper.simic.transitions import Sample
 from esper.simic.validation import agreement
-from esper.tamiyo.model.distributions import HEADS
 from esper.tamiyo.model.policy import GNNPolicy
 
 
@@ -60,11 +59,7 @@ def imitate(
                 rows = order[start : start + settings.minibatch_size]
                 batch = [samples[i] for i in rows]
                 evaluation = policy.evaluate_actions([s.graph for s in batch], [s.choices for s in batch])
-                named = {
-                    head: torch.tensor([head in s.choices for s in batch], dtype=torch.float32)
-                    for head in HEADS
-                }
-                nll = -torch.stack([evaluation.log_probs[h] * named[h] for h in HEADS]).sum(0).mean()
+                nll = choice_nll(evaluation, batch)
                 value_loss = 0.5 * ((evaluation.values - returns[rows]) ** 2).mean()
                 loss = nll + settings.value_coef * value_loss
                 optimizer.zero_grad()

@@ -17,7 +17,9 @@ Every implementation detail is named where it happens:
 6. Entropy bonus: the entropy of every head *where it mattered* for the recorded action (per-head credit,
    DESIGN §10), summed over heads, weighted by `entropy_coef`.
 7. Minibatches: shuffled every epoch; each minibatch is one disjoint batch of heterogeneous graphs.
-8. Gradient clipping to `max_grad_norm`; Adam.
+8. Behaviour cloning kept (`bc_coef` > 0 and imitation samples given): each minibatch also adds
+   `bc_coef` x the negative log-likelihood of a minibatch of the heuristic's recorded choices.
+   Gradient clipping to `max_grad_norm`; Adam.
 9. Early stop: a round stops its epochs once the exact KL of the action head from where the round started,
    over the training graphs, passes `target_kl` (the same measure validation bounds by `max_kl`).
 
@@ -78,6 +80,7 @@ class PPOStats:
     head_kl: dict[str, float] = field(default_factory=dict)
     clip_fraction: float = math.nan
     explained_variance: float = math.nan
+    bc_loss: float = math.nan
     epochs: int = 0
     minibatches: int = 0
     stopped_early: bool = False
@@ -92,6 +95,7 @@ class PPOStats:
             "ppo.action_kl": self.action_kl,
             "ppo.clip_fraction": self.clip_fraction,
             "ppo.explained_variance": self.explained_variance,
+            "ppo.bc_loss": self.bc_loss,
             "ppo.epochs": float(self.epochs),
             "ppo.minibatches": float(self.minibatches),
         }
@@ -179,10 +183,22 @@ def k3_kl(log_ratio: Tensor) -> Tensor:
     return (log_ratio.exp() - 1.0) - log_ratio
 
 
+def choice_nll(evaluation: ActionEvaluation, samples: Sequence[Sample]) -> Tensor:
+    """Mean negative log-likelihood of the recorded choices of `samples` (the heads each record names)."""
+    named = {head: torch.tensor([head in s.choices for s in samples], dtype=torch.float32) for head in HEADS}
+    return -torch.stack([evaluation.log_probs[h] * named[h] for h in HEADS]).sum(0).mean()
+
+
 def ppo_update(
-    policy: GNNPolicy, rollout: Rollout, settings: SimicSettings, *, generator: torch.Generator
+    policy: GNNPolicy,
+    rollout: Rollout,
+    settings: SimicSettings,
+    *,
+    generator: torch.Generator,
+    imitation: Sequence[Sample] = (),
 ) -> PPOStats:
-    """Steps 3-9 on `policy` in place. Rows must be on-policy material (recorded log-probabilities)."""
+    """Steps 3-9 on `policy` in place. Rows must be on-policy material (recorded log-probabilities);
+    `imitation`: the heuristic's samples that behaviour cloning keeps (step 8)."""
     size = len(rollout.samples)
     if size == 0:
         raise ValueError("PPO needs at least one sample")
@@ -213,6 +229,15 @@ def ppo_update(
                 # Step 6: entropy of the heads that mattered (zero rows elsewhere), summed over heads.
                 entropy = torch.stack(list(evaluation.entropies.values())).sum(0).mean()
                 loss = policy_loss + settings.value_coef * value_loss - settings.entropy_coef * entropy
+                if imitation and settings.bc_coef > 0:  # step 8
+                    picks = torch.randint(len(imitation), (len(rows),), generator=generator).tolist()
+                    cloned = [imitation[i] for i in picks]
+                    bc = choice_nll(
+                        policy.evaluate_actions([s.graph for s in cloned], [s.choices for s in cloned]),
+                        cloned,
+                    )
+                    loss = loss + settings.bc_coef * bc
+                    stats.bc_loss = float(bc.detach())
                 optimizer.zero_grad()
                 loss.backward()  # type: ignore[no-untyped-call]
                 torch.nn.utils.clip_grad_norm_(policy.module.parameters(), settings.max_grad_norm)  # step 8

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from esper.leyline import EsperError, pb
 from esper.simic.settings import SimicSettings
 
+PARAM_COUNT = "param_count"  # `SystemStatePacket.training_metrics`: the model's size at the decision
+
 # Keys of `FieldReport.metrics` the reward reads.
 ACCURACY_DELTA = "accuracy_delta"  # validation accuracy at window close minus at the decision
 LOSS_DELTA = "loss_delta"  # validation loss at window close minus at the decision
@@ -100,4 +102,26 @@ def with_seed_outcome(reward: Reward, contribution_accuracy: float, settings: Si
         contribution=reward.contribution,
         param_cost=reward.param_cost,
         seed_outcome=seed_outcome,
+    )
+
+
+def episode_objective(decision: pb.DecisionRecord, report: pb.FieldReport, settings: SimicSettings) -> float:
+    """The run's outcome as measured when the window of its last decision closed: validation accuracy then
+    minus `reward_param_cost` per 1000 parameters of the model then (the benchmark's objective)."""
+    packet = decision.packet
+    accuracy = float(packet.validation_accuracy) + (_finite(report, ACCURACY_DELTA) or 0.0)
+    params = float(packet.training_metrics.get(PARAM_COUNT, 0.0)) + (_finite(report, PARAM_DELTA) or 0.0)
+    return accuracy - settings.reward_param_cost * params / 1000.0
+
+
+def episode_step_reward(reward: Reward, *, last: bool, objective: float) -> Reward:
+    """A decision's reward under `reward_mode="episode"`: its seed's counterfactual outcome (germinations,
+    already in `reward.seed_outcome`) and, for the run's last decision, the run's `objective`."""
+    return Reward(
+        total=reward.seed_outcome + (objective if last else 0.0),
+        accuracy=objective if last else 0.0,
+        loss=0.0,
+        contribution=0.0,
+        param_cost=0.0,
+        seed_outcome=reward.seed_outcome,
     )

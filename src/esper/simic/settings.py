@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -29,6 +31,13 @@ class SimicSettings(StrictSettings):
         default=0.01, ge=0, description="Cost per 1000 parameters added over the window."
     )
     reward_clip: float = Field(default=1.0, gt=0, description="Rewards are clipped to [-clip, clip].")
+    reward_mode: Literal["window", "episode"] = Field(
+        default="window",
+        description="window: each decision is paid what its own observation window measured. episode: the "
+        "run's outcome (accuracy at the last window's close minus reward_param_cost per 1000 parameters) "
+        "is paid at its last decision and credited to the earlier ones through returns; germinations "
+        "keep their seed's counterfactual contribution.",
+    )
     # Returns and advantages over the decisions of one run, in step order.
     gamma: float = Field(default=0.9, ge=0, le=1)
     gae_lambda: float = Field(default=0.95, ge=0, le=1)
@@ -40,6 +49,13 @@ class SimicSettings(StrictSettings):
     value_coef: float = Field(default=0.5, ge=0)
     entropy_coef: float = Field(default=0.01, ge=0)
     max_grad_norm: float = Field(default=0.5, gt=0)
+    bc_coef: float = Field(
+        default=0.0,
+        ge=0,
+        le=100.0,
+        description="Behaviour cloning kept during PPO: x the negative log-likelihood of the heuristic's "
+        "recorded choices (the imitation samples the learner keeps), added to every PPO minibatch's loss.",
+    )
     normalize_advantages: bool = Field(default=True)
     target_kl: float = Field(
         default=0.03,

@@ -31,7 +31,7 @@ from esper.simic.imitation import imitate
 from esper.simic.ppo import make_rollout, ppo_update, refit_critic
 from esper.simic.settings import SimicSettings
 from esper.simic.state import RoundResult, SimicState
-from esper.simic.transitions import RecordCollector, TransitionSet, build_samples, drain_bus
+from esper.simic.transitions import RecordCollector, Sample, TransitionSet, build_samples, drain_bus
 from esper.simic.updates import build_policy_update
 from esper.simic.validation import validate_candidate
 from esper.tamiyo.model.builder import GraphBuilder
@@ -75,13 +75,23 @@ class SimicTrainer:
         self._clock = clock
         self._generator = torch.Generator().manual_seed(settings.seed)
         self.last_update: pb.PolicyUpdate | None = None
+        self._imitation: list[Sample] = []
+
+    def keep_imitation(self, transitions: TransitionSet) -> int:
+        """Keep the heuristic decisions of `transitions` for behaviour cloning during PPO (`bc_coef`);
+        returns how many samples are kept."""
+        samples, _ = build_samples(self._new_builder, transitions, strict=self._tamiyo_settings.strict_graph)
+        self._imitation = [s for s in samples if not s.transition.on_policy_material]
+        return len(self._imitation)
 
     def run_round(self, transitions: TransitionSet, *, mode: Mode = "auto") -> RoundResult:
         """One round (see the module docstring); never raises for a refused candidate."""
         parent = self.policy
         result = RoundResult(mode="skipped", published=False, parent_version=parent.version)
         result.transitions = len(transitions.transitions)
-        samples, graph_skips = build_samples(self._new_builder, transitions)  # step 1
+        samples, graph_skips = build_samples(  # step 1
+            self._new_builder, transitions, strict=self._tamiyo_settings.strict_graph
+        )
         result.skipped = dict(transitions.skipped + graph_skips)
         on_policy = [s for s in samples if s.transition.on_policy_material]
         heuristic = [s for s in samples if not s.transition.on_policy_material]
@@ -109,7 +119,11 @@ class SimicTrainer:
                 result.metrics["critic.refit_explained_variance"] = fitted
             rollout = make_rollout(candidate, pool, self.settings)
             stats = ppo_update(
-                candidate, rollout.subset(train_rows), self.settings, generator=self._generator
+                candidate,
+                rollout.subset(train_rows),
+                self.settings,
+                generator=self._generator,
+                imitation=self._imitation,
             )
             candidate.load_state_bytes(candidate.state_bytes())  # the version follows the new weights
             result.metrics.update(stats.as_metrics())

@@ -24,6 +24,8 @@ from esper.simic.reward import (
     CONTRIBUTION_ACCURACY,
     Reward,
     UnmeasuredOutcome,
+    episode_objective,
+    episode_step_reward,
     reward_of,
     with_seed_outcome,
 )
@@ -33,7 +35,7 @@ from esper.tamiyo.model.distributions import RELEVANT_HEADS
 from esper.tamiyo.model.graph import TamiyoGraph
 from esper.tamiyo.model.normalizer_state import statistics_from_proto
 from esper.tamiyo.model.proposal import ACTIONS, ALPHA_RAMP_STEPS, BLEND_MODES, WIDEN_UNITS
-from esper.tamiyo.model.schema import GraphSchemaError
+from esper.tamiyo.model.schema import GraphSchemaError, MissingFeatureError
 
 # The command type each action becomes when the risk gates let it through.
 COMMAND_OF_ACTION: dict[int, int] = {
@@ -171,6 +173,16 @@ class RecordCollector:
                 ),
                 settings,
             )
+            if settings.reward_mode == "episode":
+                objective = episode_objective(steps[-1][0], steps[-1][1], settings)
+                steps = [
+                    (
+                        decision,
+                        report,
+                        episode_step_reward(reward, last=index == len(steps) - 1, objective=objective),
+                    )
+                    for index, (decision, report, reward) in enumerate(steps)
+                ]
             for index, (decision, report, reward) in enumerate(steps):
                 result.transitions.append(
                     Transition(decision=decision, report=report, reward=reward, done=index == len(steps) - 1)
@@ -328,9 +340,12 @@ def _growth_choices(decision: pb.DecisionRecord, graph: TamiyoGraph) -> dict[str
 
 
 def build_samples(
-    new_builder: Callable[[], GraphBuilder], transitions: TransitionSet
+    new_builder: Callable[[], GraphBuilder], transitions: TransitionSet, *, strict: bool = False
 ) -> tuple[list[Sample], Counter[str]]:
     """Graphs for every transition, rebuilt exactly as Tamiyo built them when it decided.
+
+    `strict`: a packet that lacks a feature the graph expects raises `MissingFeatureError` (a learner
+    must not train on inputs that were silently zeroed); otherwise it is counted and skipped.
 
     A decision that records the normaliser statistics its graph was made with (every decision of a graph
     policy) is rebuilt with those statistics, so the learner evaluates the actor's very inputs. One that
@@ -354,6 +369,11 @@ def build_samples(
             choices = resolve_choices(decision, graph)
         except ChoiceUnresolvable:
             skipped["choice_not_in_graph"] += 1
+            continue
+        except MissingFeatureError:
+            if strict:
+                raise
+            skipped["graph:MissingFeatureError"] += 1
             continue
         except EsperError as exc:
             skipped[f"graph:{type(exc).__name__}"] += 1

@@ -100,6 +100,11 @@ class TamiyoSettings(StrictSettings):
     )
     # Graph builder.
     strict_graph: bool = Field(default=False, description="Raise on a missing feature instead of masking.")
+    lifecycle_actions_only: bool = Field(
+        default=False,
+        description="Mask ADJUST_LR and PAUSE in every graph's action mask: the GNN (and the learner that "
+        "rebuilds its graphs) chooses among waiting and the seed lifecycle only.",
+    )
     max_layers: int = Field(default=128, ge=1)
     max_seeds: int = Field(default=32, ge=1)
     max_blueprints: int = Field(default=16, ge=1)

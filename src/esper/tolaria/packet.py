@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping, Sequence
 
@@ -25,10 +26,12 @@ def build_packet(
     growth_states: Sequence[pb.SeedState] = (),
     max_parameters: int = 0,
     device: str = "cpu:0",
+    hardware: pb.HardwareContext | None = None,
 ) -> pb.SystemStatePacket:
     """A validated packet; `packet_id` is fresh for every packet. `max_parameters` is the run's growth
     budget (0: unbounded); the model's size now is `training_metrics["param_count"]`; `device` is where
-    the run computes ("cpu:0", "cuda:1"), its type before the colon."""
+    the run computes ("cpu:0", "cuda:1"), its type before the colon. `hardware`: that device's memory
+    (`device_hardware(device)` when not given)."""
     packet = pb.SystemStatePacket(
         version=1,
         packet_id=f"pkt-{uuid.uuid4().hex}",
@@ -41,7 +44,7 @@ def build_packet(
         validation_accuracy=validation_accuracy,
         training_loss=training_loss,
         timestamp_ns=timestamp_ns,
-        hardware_context=pb.HardwareContext(device_type=device.partition(":")[0], device_id=device),
+        hardware_context=hardware if hardware is not None else device_hardware(device),
         max_parameters=max_parameters,
     )
     packet.topology.CopyFrom(topology)
@@ -50,3 +53,49 @@ def build_packet(
     packet.blueprint_ids.extend(blueprint_ids)
     packet.training_metrics.update(training_metrics)
     return validate_packet(packet)
+
+
+_GIB = float(1 << 30)
+
+
+def unmeasured_hardware(device: str) -> pb.HardwareContext:
+    """`device` named, nothing measured (the graph reads its hardware features as missing)."""
+    return pb.HardwareContext(device_type=device.partition(":")[0], device_id=device)
+
+
+def device_hardware(device: str) -> pb.HardwareContext:
+    """The memory of `device` as the controller sees it: total and available (GiB); a CUDA device's
+    from its driver, a CPU's from the operating system (`host_hardware`)."""
+    kind = device.partition(":")[0]
+    if kind != "cuda":
+        hardware = host_hardware()
+        hardware.device_type, hardware.device_id = kind, device
+        return hardware
+    import torch
+
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return pb.HardwareContext(
+        device_type=kind,
+        device_id=device,
+        total_memory_gb=total / _GIB,
+        available_memory_gb=free / _GIB,
+        utilization_percent=0.0,
+        temperature_celsius=0.0,
+    )
+
+
+def host_hardware() -> pb.HardwareContext:
+    """This machine's memory as the controller sees it: total and available memory (GiB).
+
+    On a CPU no utilisation nor temperature is measured (both 0): the load average of a shared machine
+    says how busy the other processes are, not whether this run has room to grow, and Tamiyo's resource
+    gate would refuse every growth on a saturated one."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    return pb.HardwareContext(
+        device_type="cpu",
+        device_id="cpu:0",
+        total_memory_gb=os.sysconf("SC_PHYS_PAGES") * page / _GIB,
+        available_memory_gb=os.sysconf("SC_AVPHYS_PAGES") * page / _GIB,
+        utilization_percent=0.0,
+        temperature_celsius=0.0,
+    )

@@ -45,6 +45,12 @@ class TolariaSettings(StrictSettings):
         description="Where the run computes: auto (the first CUDA device when there is one, else the CPU), "
         "cpu, cuda or cuda:N. A run given its own model computes on that model's device.",
     )
+    hardware_context: bool = Field(
+        default=True,
+        description="Measure the device's memory for every packet (Tamiyo's graph and resource gate read "
+        "it). Off: packets name the device only, so a GNN run's inputs do not depend on the machine's "
+        "state (runs compared bit for bit, resumed or not).",
+    )
     eval_batch_size: int = Field(default=1024, ge=1)
     checkpoint_interval_s: float = Field(
         default=30.0,

@@ -157,6 +157,8 @@ class Trainer(_Checkpointing):
             return
         self.optimizer.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
+        if (self.step + 1) % settings.decision_interval == 0:
+            self.grad_norm = self._gradient_norm()  # read by the decision that follows this step
         self.manager.observe_backward(self.step)
         self.optimizer.step()
         self._stepped(value)
@@ -166,6 +168,8 @@ class Trainer(_Checkpointing):
         step done, gradients not yet cleared), then decide at the run's cadence as `fit` does: seeds
         advance, parameter changes reach the optimizer, a decision is submitted, collected and applied,
         a checkpoint is written when one is due."""
+        if (self.step + 1) % self.settings.decision_interval == 0:
+            self.grad_norm = self._gradient_norm()  # the gradients are still there
         self.manager.observe_backward(self.step)
         self._stepped(loss)
         interval = self.settings.decision_interval

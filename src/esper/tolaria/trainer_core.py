@@ -85,6 +85,7 @@ class _TrainerCore:
         self.optimizer = self._build_optimizer([HOST_GROUP], settings.lr)
         self.step = 0
         self.loss_ema: float | None = None
+        self.grad_norm = 0.0  # of the last step before a decision
         self.rollbacks = 0
         self.controller_failures = 0
         self.deadline_misses = 0  # decisions not back within the controller's budget, in all
@@ -185,9 +186,22 @@ class _TrainerCore:
         self.last_evaluation = evaluation
         return evaluation
 
+    def _gradient_norm(self) -> float:
+        """The global L2 norm of the host's and seeds' gradients after this step's backward pass."""
+        norms = [
+            torch.linalg.vector_norm(p.grad.detach())
+            for group in self.optimizer.optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
     def _training_metrics(self, training_loss: float) -> dict[str, float]:
         return {
             "lr": self.optimizer.lr,
+            # The keys Tamiyo's graph reads (`GLOBAL_METRIC_KEYS`).
+            "learning_rate": self.optimizer.lr,
+            "grad_norm": self.grad_norm,
             "param_count": float(self._parameter_counts()[0]),
             "host_param_count": float(self._parameter_counts()[1]),
             "seed_param_count": float(self.manager.seed_parameter_count()),

@@ -10,7 +10,7 @@ from typing import Any
 
 from esper.kasmina import stage_name
 from esper.leyline import DecisionDeadlineMissed, EsperError, pb, value_label
-from esper.tolaria.packet import build_packet
+from esper.tolaria.packet import build_packet, unmeasured_hardware
 from esper.tolaria.trainer_core import _InFlight, _TrainerCore
 
 
@@ -51,6 +51,7 @@ class _DecisionPipeline(_TrainerCore):
         self.best_val_accuracy = max(self.best_val_accuracy, evaluation.accuracy)
         training_loss = self.interval_loss_sum / max(1, self.interval_loss_count)
         self.interval_loss_sum, self.interval_loss_count = 0.0, 0
+        device = f"{self.device.type}:{self.device.index or 0}"
         packet = build_packet(
             training_run_id=self.training_run_id,
             experiment_name=self.dataset.name,
@@ -61,7 +62,8 @@ class _DecisionPipeline(_TrainerCore):
             training_loss=training_loss,
             timestamp_ns=self.clock.wall_ns(),
             topology=self._host_topology()[0],
-            device=f"{self.device.type}:{self.device.index or 0}",
+            device=device,
+            hardware=None if self.settings.hardware_context else unmeasured_hardware(device),
             seed_states=self.manager.seed_states(
                 learning_rate=self.optimizer.lr, steps_per_epoch=self.steps_per_epoch
             ),

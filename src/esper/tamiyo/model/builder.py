@@ -144,6 +144,7 @@ class GraphBuilder:
             )
         self.schema = schema
         self._strict = settings.strict_graph
+        self._lifecycle_only = settings.lifecycle_actions_only
         self._max_layers = settings.max_layers
         self._max_slots = settings.max_seeds
         self._max_blueprints = settings.max_blueprints
@@ -333,6 +334,10 @@ class GraphBuilder:
         action_mask, slot_action_mask = self._legality(
             stages, active, slot_states, len(blueprints), growth_legal
         )
+        if self._lifecycle_only:
+            action_mask[
+                0, [_ACTION_INDEX[pb.POLICY_ACTION_ADJUST_LR], _ACTION_INDEX[pb.POLICY_ACTION_PAUSE]]
+            ] = False
         layer_action_mask, widen_amount_mask = growth_masks
         return TamiyoGraph(
             x=x,

@@ -36,6 +36,7 @@ def warmup_graphs(
     settings: TamiyoSettings, schema: GraphSchema, sizes: Sequence[tuple[int, int, int]]
 ) -> list[TamiyoGraph]:
     """Graphs of the given (layers, slots, blueprints) sizes, built by a builder of their own: warm-up ids
-    never reach the catalogue or the normaliser statistics."""
-    builder = GraphBuilder(settings, schema=schema)
+    never reach the catalogue or the normaliser statistics. Their features are placeholders (no catalogue
+    entry, no metrics), so they are built leniently whatever `strict_graph` says: only their shapes count."""
+    builder = GraphBuilder(settings.model_copy(update={"strict_graph": False}), schema=schema)
     return [builder.build(warmup_packet(*size), update_stats=False) for size in sizes]
