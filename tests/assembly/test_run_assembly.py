@@ -81,6 +81,8 @@ def test_the_summary_is_counted_as_the_run_goes_not_read_back_from_its_event_log
     assert reached  # the scripted controller germinates and culls
     assert summary.transitions == reached
     assert summary.seeds_germinated == reached["GERMINATED"] and summary.seeds_culled == reached["CULLED"]
+    # Fossilised seeds and growths are counted like germinated and culled ones: one lifecycle, one count.
+    assert summary.seeds_fossilized == reached.get("FOSSILIZED", 0)
     assert json.loads((run_dir / "summary.json").read_text()) == summary.to_json()
 
 

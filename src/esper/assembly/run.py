@@ -427,8 +427,10 @@ class RunAssembly:
         resumed_from: int | None,
         wall_seconds: float,
     ) -> RunSummary:
-        config, manager = self.config, trainer.manager
-        fossilized = manager.fossilized_count()  # stacked seeds included
+        config = self.config
+        # Every seed and growth (widen, deepen) that became part of the host, as `seeds_germinated` and
+        # `seeds_culled` count them: one lifecycle, one count (stacked seeds included).
+        fossilized = trainer.transitions.get("FOSSILIZED", 0)
         return RunSummary(
             run_id=config.training_run_id,
             task=trainer.dataset.name,

@@ -27,7 +27,7 @@ class RunSummary:
     params_initial: int
     params_final: int
     max_params: int | None
-    seeds_fossilized: int
+    seeds_fossilized: int  # seeds and growths (widen, deepen) alike: they share one lifecycle
     rollbacks: int
     decisions: int
     decision_deadline_misses: int
