@@ -65,6 +65,7 @@ from esper.tamiyo.settings import TamiyoSettings
 from esper.tolaria.controller import BoundController
 from esper.tolaria.run import RunConfig, load_task
 from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.trainer import TrainingDiverged
 from esper.urza import BlueprintCatalogue
 
 SECRET = b"policy-quality-benchmark-secret-0123"
@@ -118,6 +119,7 @@ class Episodes:
         self.catalogue: BlueprintCatalogue = open_catalogue(work / "urza.sqlite3", None, cleanup)
         self.metadata: BlueprintMetadataCache = metadata_cache(self.catalogue, tamiyo, None, cleanup)
         self.count = 0
+        self.diverged: list[str] = []  # episodes the trainer gave up on (scored as their model was)
 
     def gnn(
         self, config: TamiyoGNNConfig, payload: bytes | None, seed: int = 0, *, greedy: bool = False
@@ -175,7 +177,17 @@ class Episodes:
                 deployment=False,
             ) as run:
                 trainer = run.prepare()
-                outcome = trainer.fit()
+                try:
+                    outcome = trainer.fit()
+                    accuracy, params = outcome.evaluation.accuracy, float(outcome.parameters)
+                except TrainingDiverged as exc:
+                    # Counted, not hidden: the episode scores its model's last evaluation before the
+                    # trainer gave up after repeated loss spikes.
+                    print(f"{name}: {exc}", file=sys.stderr)
+                    self.diverged.append(name)
+                    last = trainer.last_evaluation
+                    accuracy = 0.0 if last is None else last.accuracy
+                    params = float(sum(p.numel() for p in trainer.host.parameters()))
                 failures = trainer.controller_failures
         finally:
             service.close()
@@ -187,7 +199,7 @@ class Episodes:
                 "a policy that cannot decide gives no figure"
             )
         self.count += 1
-        return {"accuracy": outcome.evaluation.accuracy, "params": float(outcome.parameters)}
+        return {"accuracy": accuracy, "params": params}
 
 
 def _report(name: str, exc: Exception) -> None:
@@ -497,6 +509,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary["train_tasks"] = [task.name for task in train_tasks]
     summary["eval_tasks"] = [task.name for task in eval_tasks]
     summary["gnn_dims"] = config.dims()
+    summary["diverged_episodes"] = episodes.diverged
     plot_curve(curve, references_on(rows, len(curve_tasks)), args.state_dir)
     print(json.dumps(_finite_or_null(summary)))
     return summary
