@@ -53,7 +53,7 @@ def bound_controller(
     service = TamiyoService(settings, policy, SECRET)
     if not pipelined:
         return BoundController(decide=service.evaluate_step, save=policy.state, load=policy.restore)
-    return pipelined_controller(service, policy)
+    return pipelined_controller(service)
 
 
 def build_trainer(

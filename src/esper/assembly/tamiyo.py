@@ -7,6 +7,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,7 +153,7 @@ def build_tamiyo(
     )
     cleanup.push("close Tamiyo's service", lambda: service.close(abort_open_windows=run_ended()))
     if not _is_gnn(policy):
-        return TamiyoParts(service, pipelined_controller(service, policy), None)
+        return TamiyoParts(service, pipelined_controller(service), None)
     from esper.tamiyo import PolicyUpdateFeed, PolicyUpdateIntake
 
     feed = None
@@ -170,29 +171,23 @@ def build_tamiyo(
         lineage=store if durable else None,
     )
     # The service is the controller whatever the policy: it consults the intake between decisions and
-    # saves the intake's state with its own.
-    controller = BoundController(
-        decide=service.evaluate_step,
-        save=service.export_state,
-        load=service.restore_state,
+    # saves the intake's state with its own; a GNN also rehearses and warms up ahead of decisions.
+    controller = replace(
+        pipelined_controller(service),
         rehearse=announcing_misfit(service.prepare, service, warn),
         warm_ahead=service.anticipate,
-        start=service.submit,
-        finish=service.collect,
-        release=service.checkpointed,
-        rewind=service.rewound,
     )
     return TamiyoParts(service, controller, intake)
 
 
-def pipelined_controller(service: TamiyoService, policy: Policy) -> BoundController:
-    """`service` bound for Tolaria as `esper run` binds a policy that takes no updates: decisions
-    submitted and collected `decision_lag_steps` later, checkpoints and rewinds passed on, the policy's
-    own state saved and restored."""
+def pipelined_controller(service: TamiyoService) -> BoundController:
+    """`service` bound for Tolaria as `esper run` binds it: decisions submitted and collected
+    `decision_lag_steps` later, checkpoints and rewinds passed on, the service's state (its policy's, or
+    its update intake's) saved and restored."""
     return BoundController(
         decide=service.evaluate_step,
-        save=policy.state,
-        load=policy.restore,
+        save=service.export_state,
+        load=service.restore_state,
         start=service.submit,
         finish=service.collect,
         release=service.checkpointed,
