@@ -250,7 +250,9 @@ class GrowthEnv(gym.Env[NDArray[np.float32], NDArray[np.int64]]):
         reports: list[pb.FieldReport] = []
         try:
             settings = self._settings
-            tolaria = settings.tolaria.model_copy(update={"seed": seed})
+            # A seeded episode steps the same way twice (Gymnasium's contract): its packets name the
+            # device without measuring its free memory, which differs from run to run.
+            tolaria = settings.tolaria.model_copy(update={"seed": seed, "hardware_context": False})
             host, _ = resolve_host(episode.task, "auto")
             config = RunConfig(
                 task=episode.task,
