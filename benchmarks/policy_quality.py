@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import tempfile
@@ -52,7 +53,7 @@ from esper.oona import EmbeddedBus, OonaSettings
 from esper.simic.settings import SimicSettings
 from esper.simic.state import RoundResult, SimicState
 from esper.simic.trainer import SimicTrainer, offline_records
-from esper.simic.transitions import RecordCollector
+from esper.simic.transitions import RecordCollector, TransitionSet
 from esper.tamiyo import BlueprintMetadataCache
 from esper.tamiyo.model.gnn import TamiyoGNNConfig
 from esper.tamiyo.model.heuristic import HeuristicPolicy, WaitOnlyPolicy
@@ -81,7 +82,11 @@ FAMILIES: tuple[tuple[str, str, float], ...] = (
     ("generated", "mlp", 0.8),
     ("signals", "conv1d", 0.5),
 )
-SPLIT_SEEDS = {"train": 0, "tuning": 500, "heldout": 1000}
+# Training, policy selection ("validation"), tuning and held-out tasks never share a data seed.
+SPLIT_SEEDS = {"train": 0, "tuning": 500, "validation": 700, "heldout": 1000}
+# Every task has a parameter budget drawn log-uniformly from this range (by its seed): every policy runs
+# each task under the same budget.
+BUDGET_RANGE = (1_500, 24_000)
 
 
 class BenchmarkFailed(EsperError):
@@ -96,16 +101,26 @@ class Task:
     host: str
     difficulty: float
     seed: int
+    budget: int
 
     @property
     def name(self) -> str:
         return f"{self.task}-{self.host}-d{self.difficulty}-s{self.seed}"
 
 
+def draw_budget(seed: int) -> int:
+    """The parameter budget of the task with data seed `seed`: log-uniform over `BUDGET_RANGE`."""
+    low, high = BUDGET_RANGE
+    return round(math.exp(random.Random(seed).uniform(math.log(low), math.log(high))))
+
+
 def tasks(split: str, count: int) -> list[Task]:
-    """`count` tasks of `split`, the families in turn, each with a data seed of its own."""
+    """`count` tasks of `split`, the families in turn, each with a data seed and a budget of its own."""
     base = SPLIT_SEEDS[split]
-    return [Task(*FAMILIES[index % len(FAMILIES)], seed=base + index) for index in range(count)]
+    return [
+        Task(*FAMILIES[index % len(FAMILIES)], seed=base + index, budget=draw_budget(base + index))
+        for index in range(count)
+    ]
 
 
 class Episodes:
@@ -132,11 +147,19 @@ class Episodes:
             policy.load_state_bytes(payload)
         return policy
 
-    def run(self, name: str, policy: Policy, task: Task, bus: EmbeddedBus | None) -> Row:
-        """One training run of `task` under `policy`; decisions recorded on `bus` when given."""
+    def run(
+        self, name: str, policy: Policy, task: Task, bus: EmbeddedBus | None, *, budget: int | None = None
+    ) -> Row:
+        """One training run of `task` under `policy` within the task's budget (or `budget`); decisions
+        recorded on `bus` when given."""
         run_dir = self.work / name
         tolaria = load_settings(
-            TolariaSettings, environ={}, epochs=self.epochs, decision_interval=10, seed=task.seed
+            TolariaSettings,
+            environ={},
+            epochs=self.epochs,
+            decision_interval=10,
+            seed=task.seed,
+            max_params=task.budget if budget is None else budget,
         )
         kasmina = load_settings(
             KasminaSettings,
@@ -308,8 +331,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep Simic's state here (lineage.jsonl: plot it with `esper simic report`) and the "
         "learning curve as learning_curve.png",
     )
-    parser.add_argument("--contenders", default="wait_only,heuristic,random,imitation_gnn,learned_gnn")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--contenders",
+        default="wait_only,heuristic,random,imitation_gnn,learned_gnn,heuristic_matched",
+        help="heuristic_matched: the heuristic under a budget of the learned policy's final size on each "
+        "task (accuracy at equal or fewer parameters); it needs learned_gnn before it",
+    )
+    parser.add_argument(
+        "--improve",
+        choices=("ppo", "distil"),
+        default="ppo",
+        help="how rounds improve the policy: PPO on its own decisions, or distil (expert iteration: per "
+        "training task, clone the run that scored best so far, whichever policy ran it)",
+    )
+    parser.add_argument("--samples-per-task", type=int, default=1, help="GNN runs of each round task")
+    parser.add_argument(
+        "--expert-gains",
+        default="",
+        help="distil: extra heuristic runs of every training task, one per value of its stopping rule "
+        "(TAMIYO_HEURISTIC_MIN_GAIN_PER_PARAMETER), comma-separated",
+    )
+    parser.add_argument(
+        "--select-tasks",
+        type=int,
+        default=0,
+        help="keep the best policy of the rounds (imitation included) by its objective on this many "
+        "validation tasks (seeds never reported) instead of the last one [0: the last]",
+    )
+    parser.add_argument(
+        "--imitation-action-weight", type=float, default=1.0, help="weight of a non-WAIT choice in cloning"
+    )
+    args = parser.parse_args(argv)
+    names = args.contenders.split(",")
+    if "heuristic_matched" in names and names.index("heuristic_matched") < names.index("learned_gnn"):
+        parser.error("heuristic_matched needs learned_gnn before it in --contenders")
+    return args
 
 
 def round_line(tag: str, result: RoundResult) -> str:
@@ -365,6 +421,7 @@ def settings_of(args: argparse.Namespace) -> tuple[TamiyoSettings, SimicSettings
         gamma=args.gamma,
         bc_coef=args.bc_coef,
         entropy_coef=args.entropy_coef,
+        imitation_action_weight=args.imitation_action_weight,
     )
     return sampling, simic
 
@@ -382,7 +439,7 @@ def build_summary(
     results = {name: summarise(policy_rows) for name, policy_rows in rows.items()}
     differences: dict[str, Any] = {}
     for name, policy_rows in rows.items():
-        for base in ("heuristic", "imitation_gnn"):
+        for base in ("heuristic", "imitation_gnn", "heuristic_matched"):
             if base in rows and name != base:
                 differences[f"{name}-{base}"] = paired(policy_rows, rows[base])
     elapsed = time.monotonic() - started
@@ -404,10 +461,46 @@ def build_summary(
     if "learned_gnn-heuristic" in differences:
         gap = differences["learned_gnn-heuristic"]["objective"]
         summary["learned_beats_heuristic"] = bool(gap["mean"] - gap["ci95"] > 0)
+    if "learned_gnn-heuristic_matched" in differences:
+        # Issue 21's second condition: not less accurate than the heuristic at equal or fewer parameters.
+        matched = differences["learned_gnn-heuristic_matched"]["accuracy"]
+        summary["learned_not_less_accurate_at_matched_params"] = bool(matched["mean"] >= 0)
+        summary["done_when_met"] = bool(
+            summary.get("learned_beats_heuristic") and summary["learned_not_less_accurate_at_matched_params"]
+        )
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+class BestRuns:
+    """Per training task, the recorded run that scored the best objective so far (expert iteration's
+    targets), over every policy that ran it."""
+
+    def __init__(self) -> None:
+        self.records = RecordCollector()
+        self._best: dict[str, tuple[float, str, str]] = {}  # task -> (objective, run id, policy tag)
+
+    def add(self, tag: str, collector: RecordCollector, rows: dict[str, tuple[Task, Row]]) -> None:
+        self.records.extend(collector.messages())
+        for run_id, (task, row) in rows.items():
+            best = self._best.get(task.name)
+            if best is None or row["objective"] > best[0]:
+                self._best[task.name] = (row["objective"], run_id, tag)
+
+    def transitions(self, settings: SimicSettings) -> TransitionSet:
+        """The transitions of the best run of every task."""
+        keep = {run_id for _, run_id, _ in self._best.values()}
+        every = self.records.transitions(settings)
+        return TransitionSet(
+            transitions=[t for t in every.transitions if t.decision.training_run_id in keep],
+            skipped=every.skipped,
+        )
+
+    def winners(self) -> dict[str, str]:
+        """Which policy ran each task's best run."""
+        return {task: tag for task, (_, _, tag) in sorted(self._best.items())}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: C901, PLR0915 (the benchmark's recipe, step by step)
     args = parse_args(argv)
     torch.set_num_threads(1)
     started = time.monotonic()
@@ -415,10 +508,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = SIZES[args.size]
     train_tasks = tasks("train", args.train_tasks)
     eval_tasks = tasks(args.eval_split, args.eval_tasks)
+    select_tasks = tasks("validation", args.select_tasks)
     curve_tasks = eval_tasks[: args.curve_tasks]
     per_round = args.episodes_per_round or len(train_tasks)
     rounds: list[dict[str, Any]] = []
     curve: list[dict[str, Any]] = []
+    selection: list[dict[str, Any]] = []
 
     def log(text: str) -> None:
         print(f"[{time.monotonic() - started:7.1f}s] {text}", flush=True)
@@ -426,12 +521,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="esper-policy-quality-") as tmp, CleanupStack(_report) as cleanup:
         episodes = Episodes(Path(tmp), sampling, args.epochs, cleanup)
 
-        def record(tag: str, make_policy: Callable[[], Policy], chosen: list[Task]) -> RecordCollector:
+        def record(
+            tag: str, make_policy: Callable[[], Policy], chosen: list[Task]
+        ) -> tuple[RecordCollector, dict[str, tuple[Task, Row]]]:
             bus = EmbeddedBus(Path(tmp) / f"bus-{tag}.sqlite3", OonaSettings())
+            rows: dict[str, tuple[Task, Row]] = {}
             try:
                 for index, task in enumerate(chosen):
-                    episodes.run(f"{tag}-{index}-{task.name}", make_policy(), task, bus)
-                return offline_records(bus)
+                    name = f"{tag}-{index}-{task.name}"
+                    row = with_objective(episodes.run(name, make_policy(), task, bus), args.param_cost)
+                    rows[name] = (task, row)
+                return offline_records(bus), rows
             finally:
                 bus.close()
 
@@ -461,8 +561,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             log(f"curve {tag}: objective {figures['objective']['mean']:.4f} after {episodes.count} episodes")
 
+        best_payload: bytes | None = None
+        best_score = -math.inf
+
+        def select(tag: str, payload: bytes) -> None:
+            """Score the round's policy on the validation tasks; keep the best one."""
+            nonlocal best_payload, best_score
+            if not select_tasks:
+                return
+            rows = evaluate(f"select-{tag}", lambda: episodes.gnn(config, payload), select_tasks)
+            score = statistics.fmean(row["objective"] for row in rows)
+            kept = score > best_score
+            if kept:
+                best_payload, best_score = payload, score
+            selection.append({"round": tag, "objective": score, "kept": kept, "episodes": episodes.count})
+            log(f"select {tag}: validation objective {score:.4f}{' (best so far)' if kept else ''}")
+
         # 2. Heuristic decisions, then the imitation bootstrap.
-        heuristic_records = record("heuristic", lambda: HeuristicPolicy(sampling), train_tasks)
+        best_runs = BestRuns()
+        heuristic_records, heuristic_rows = record(
+            "heuristic", lambda: HeuristicPolicy(sampling), train_tasks
+        )
+        best_runs.add("heuristic", heuristic_records, heuristic_rows)
+        if args.improve == "distil":
+            for gain in filter(None, args.expert_gains.split(",")):
+                variant = sampling.model_copy(update={"heuristic_min_gain_per_parameter": float(gain)})
+                tag = f"heuristic_gain{gain}"
+                best_runs.add(tag, *record(tag, lambda v=variant: HeuristicPolicy(v), train_tasks))
         learner = SimicTrainer(
             simic,
             sampling,
@@ -477,20 +602,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.bc_coef > 0:
             learner.keep_imitation(heuristic_records.transitions(simic))
         point("imitation", imitation_payload)
+        select("imitation", imitation_payload)
 
-        # 3. PPO rounds on the GNN's own decisions (sampling from the current policy).
+        # 3. Rounds on the GNN's own runs (sampling from the current policy): PPO, or expert iteration.
         gnn_records = RecordCollector()
         for iteration in range(args.iterations):
             current = learner.policy.state_bytes()
-            chosen = round_tasks(train_tasks, iteration, per_round)
+            chosen = round_tasks(train_tasks, iteration, per_round) * args.samples_per_task
 
             def current_gnn(weights: bytes = current) -> Policy:
                 return episodes.gnn(config, weights)
 
-            gnn_records.extend(record(f"gnn{iteration}", current_gnn, chosen).messages())
-            log_round(f"ppo{iteration}", learner.run_round(gnn_records.transitions(simic), mode="ppo"))
-            point(f"ppo{iteration}", learner.policy.state_bytes())
-        learned_payload = learner.policy.state_bytes()
+            recorded, recorded_rows = record(f"gnn{iteration}", current_gnn, chosen)
+            if args.improve == "ppo":
+                gnn_records.extend(recorded.messages())
+                log_round(f"ppo{iteration}", learner.run_round(gnn_records.transitions(simic), mode="ppo"))
+            else:
+                best_runs.add(f"gnn{iteration}", recorded, recorded_rows)
+                log_round(
+                    f"distil{iteration}", learner.run_round(best_runs.transitions(simic), mode="distil")
+                )
+            point(f"{args.improve}{iteration}", learner.policy.state_bytes())
+            select(f"{args.improve}{iteration}", learner.policy.state_bytes())
+        learned_payload = best_payload if best_payload is not None else learner.policy.state_bytes()
 
         # 4. Every policy on the same evaluation tasks.
         contenders: dict[str, Callable[[], Policy]] = {
@@ -502,12 +636,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         rows: dict[str, list[Row]] = {}
         for name in args.contenders.split(","):
-            rows[name] = evaluate(f"eval-{name}", contenders[name], eval_tasks)
+            if name == "heuristic_matched":
+                # The heuristic held to the learned policy's final size on each task.
+                rows[name] = [
+                    with_objective(
+                        episodes.run(
+                            f"eval-{name}-{task.name}",
+                            HeuristicPolicy(sampling),
+                            task,
+                            None,
+                            budget=int(learned["params"]),
+                        ),
+                        args.param_cost,
+                    )
+                    for task, learned in zip(eval_tasks, rows["learned_gnn"], strict=True)
+                ]
+            else:
+                rows[name] = evaluate(f"eval-{name}", contenders[name], eval_tasks)
             log(figures_line(name, summarise(rows[name])))
 
     summary = build_summary(args, rows, curve, rounds, started=started, episodes=episodes.count)
     summary["train_tasks"] = [task.name for task in train_tasks]
     summary["eval_tasks"] = [task.name for task in eval_tasks]
+    summary["budgets"] = {task.name: task.budget for task in [*train_tasks, *eval_tasks]}
+    summary["selection"] = selection
+    summary["expert_winners"] = best_runs.winners()
     summary["gnn_dims"] = config.dims()
     summary["diverged_episodes"] = episodes.diverged
     plot_curve(curve, references_on(rows, len(curve_tasks)), args.state_dir)

@@ -13,6 +13,7 @@ from esper.oona import EmbeddedBus, OonaSettings, Streams, envelope_for
 from esper.simic.imitation import imitate
 from esper.simic.ppo import (
     action_log_probs,
+    choice_nll,
     compute_gae,
     critic_values,
     discounted_returns,
@@ -24,9 +25,10 @@ from esper.simic.ppo import (
 from esper.simic.reward import ACCURACY_DELTA, LOSS_DELTA, PARAM_DELTA, UnmeasuredOutcome, reward_of
 from esper.simic.settings import SimicSettings
 from esper.simic.trainer import SimicState, SimicTrainer, bus_publisher, offline_records, serve
-from esper.simic.transitions import RecordCollector, build_samples
+from esper.simic.transitions import RecordCollector, Sample, build_samples
 from esper.simic.validation import agreement, choice_log_probs, validate_candidate
 from esper.tamiyo.model.builder import GraphBuilder
+from esper.tamiyo.model.distributions import ActionEvaluation
 from esper.tamiyo.model.policy import GNNPolicy
 from esper.tamiyo.model.schema import TAMIYO_SCHEMA
 from esper.tamiyo.runtime.service import TamiyoService
@@ -436,3 +438,45 @@ def test_serve_trains_a_round_from_the_bus_and_publishes_on_it(tmp_path: Path) -
         } == {"simic": 0}
     finally:
         bus.close()
+
+
+def test_weighted_cloning_counts_a_rare_choice_more_than_a_wait() -> None:
+    policy = small_policy()
+    collector = RecordCollector()
+    collector.extend(heuristic_records(24))
+    samples, _ = build_samples(new_builder, collector.transitions(simic()))
+    actions = {s.transition.decision.action for s in samples}
+    assert pb.POLICY_ACTION_WAIT in actions and len(actions) > 1  # the weighting has something to weigh
+    evaluation = policy.evaluate_actions([s.graph for s in samples], [s.choices for s in samples])
+    per_sample = torch.stack(
+        [choice_nll(evaluation_of(policy, s), [s]) for s in samples]  # each sample's own NLL
+    ).detach()
+    rare = torch.tensor([s.transition.decision.action != pb.POLICY_ACTION_WAIT for s in samples])
+    expected = (per_sample * torch.where(rare, 5.0, 1.0)).sum() / torch.where(rare, 5.0, 1.0).sum()
+    weighted = choice_nll(evaluation, samples, action_weight=5.0).detach()
+    assert torch.allclose(weighted, expected, atol=1e-5)
+    assert torch.allclose(choice_nll(evaluation, samples).detach(), per_sample.mean(), atol=1e-5)
+
+
+def evaluation_of(policy: GNNPolicy, sample: Sample) -> ActionEvaluation:
+    return policy.evaluate_actions([sample.graph], [sample.choices])
+
+
+def test_a_distil_round_clones_every_decision_given_whichever_policy_made_it() -> None:
+    # The GNN's own sampled decisions (on-policy material) and the heuristic's, in one set.
+    behaviour = small_policy(settings())
+    collector = RecordCollector()
+    collector.extend(gnn_records(behaviour, 12, run_id="run-g"))
+    collector.extend(heuristic_records(12))
+    learner = SimicTrainer(
+        simic(min_transitions=16, imitation_epochs=10, regression_tolerance=1.0),
+        settings(),
+        small_policy(settings()),
+        SECRET,
+    )
+    transitions = collector.transitions(learner.settings)
+    assert learner.run_round(transitions, mode="imitation").reasons  # 12 heuristic samples: too few
+    result = learner.run_round(transitions, mode="distil")
+    assert result.mode == "distil" and result.published, result.reasons
+    assert result.samples == 24 and result.on_policy == 12 and result.heuristic == 12
+    assert "imitation.agreement" in result.metrics

@@ -90,7 +90,11 @@ def simic_train(
         ),
     ],
     mode: Annotated[
-        str, typer.Option(help="auto (PPO when enough GNN decisions), ppo or imitation.")
+        str,
+        typer.Option(
+            help="auto (PPO when enough GNN decisions), ppo, imitation (the heuristic's decisions) or distil "
+            "(every decision given, whichever policy made it: give it the runs that scored best)."
+        ),
     ] = "auto",
     state_dir: Annotated[Path | None, typer.Option(help="Simic's state [<ESPER_DATA_DIR>/simic].")] = None,
     policy_checkpoint: Annotated[
@@ -110,8 +114,8 @@ def simic_train(
     from esper.simic.trainer import offline_records
     from esper.simic.transitions import RecordCollector
 
-    if mode not in ("auto", "ppo", "imitation"):
-        err_console.print(f"[bold red]unknown mode[/] {mode!r}: use auto, ppo or imitation")
+    if mode not in ("auto", "ppo", "imitation", "distil"):
+        err_console.print(f"[bold red]unknown mode[/] {mode!r}: use auto, ppo, imitation or distil")
         raise typer.Exit(2)
     settings = _settings()
     oona = load_settings(OonaSettings)

@@ -59,7 +59,7 @@ def imitate(
                 rows = order[start : start + settings.minibatch_size]
                 batch = [samples[i] for i in rows]
                 evaluation = policy.evaluate_actions([s.graph for s in batch], [s.choices for s in batch])
-                nll = choice_nll(evaluation, batch)
+                nll = choice_nll(evaluation, batch, action_weight=settings.imitation_action_weight)
                 value_loss = 0.5 * ((evaluation.values - returns[rows]) ** 2).mean()
                 loss = nll + settings.value_coef * value_loss
                 optimizer.zero_grad()

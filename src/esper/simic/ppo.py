@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from esper.leyline import pb
 from esper.simic.settings import SimicSettings
 from esper.simic.transitions import Sample
 from esper.tamiyo.model.distributions import HEADS, ActionEvaluation
@@ -183,10 +184,20 @@ def k3_kl(log_ratio: Tensor) -> Tensor:
     return (log_ratio.exp() - 1.0) - log_ratio
 
 
-def choice_nll(evaluation: ActionEvaluation, samples: Sequence[Sample]) -> Tensor:
-    """Mean negative log-likelihood of the recorded choices of `samples` (the heads each record names)."""
+def choice_nll(
+    evaluation: ActionEvaluation, samples: Sequence[Sample], *, action_weight: float = 1.0
+) -> Tensor:
+    """Negative log-likelihood of the recorded choices of `samples` (the heads each record names),
+    averaged with weight `action_weight` on a decision other than WAIT and 1 on a WAIT."""
     named = {head: torch.tensor([head in s.choices for s in samples], dtype=torch.float32) for head in HEADS}
-    return -torch.stack([evaluation.log_probs[h] * named[h] for h in HEADS]).sum(0).mean()
+    per_sample = -torch.stack([evaluation.log_probs[h] * named[h] for h in HEADS]).sum(0)
+    if action_weight == 1.0:
+        return per_sample.mean()
+    weights = torch.tensor(
+        [1.0 if s.transition.decision.action == pb.POLICY_ACTION_WAIT else action_weight for s in samples],
+        dtype=torch.float32,
+    )
+    return (per_sample * weights).sum() / weights.sum()
 
 
 def ppo_update(

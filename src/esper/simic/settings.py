@@ -75,6 +75,14 @@ class SimicSettings(StrictSettings):
     # Imitation bootstrap from the heuristic's decisions.
     imitation_epochs: int = Field(default=30, ge=1)
     imitation_learning_rate: float = Field(default=1e-3, gt=0, le=10.0)
+    imitation_action_weight: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=1000.0,
+        description="Weight of a decision other than WAIT in behaviour cloning, against 1 for a WAIT: a "
+        "threshold rule's rare choices (grow, fossilise) are few among its decisions, and a sampled "
+        "imitation seldom reproduces them at weight 1.",
+    )
     # Rounds (`esper simic serve`).
     round_min_new_reports: int = Field(default=64, ge=1, description="New field reports that start a round.")
     poll_ms: int = Field(

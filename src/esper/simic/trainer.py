@@ -5,6 +5,8 @@ One round, as a recipe:
 1. Graphs: rebuild every decision's graph with the policy's own builder; resolve the recorded choices.
 2. Mode: PPO when there are enough decisions sampled by the GNN itself (on-policy material); otherwise the
    imitation bootstrap when there are enough heuristic decisions; otherwise the round is skipped.
+   `distil` (asked for, never chosen by `auto`) clones every decision given, whichever policy made it:
+   self-imitation, when the caller has kept only the runs that scored best (expert iteration).
 3. Split: a held-out share of the decisions is kept away from training, for validation.
 4. Train a *candidate* (a copy of the current policy): `ppo.ppo_update` or `imitation.imitate`.
 5. Validate the candidate against its parent (`validation.validate_candidate`).
@@ -41,7 +43,7 @@ from esper.tamiyo.settings import TamiyoSettings
 
 _log = logging.getLogger("esper.simic")
 
-Mode = Literal["auto", "ppo", "imitation"]
+Mode = Literal["auto", "ppo", "imitation", "distil"]
 Publisher = Callable[[pb.PolicyUpdate], None]
 
 
@@ -102,7 +104,7 @@ class SimicTrainer:
             chosen = (
                 "ppo" if len(on_policy) >= enough else "imitation" if len(heuristic) >= enough else "auto"
             )
-        pool = on_policy if chosen == "ppo" else heuristic
+        pool = on_policy if chosen == "ppo" else samples if chosen == "distil" else heuristic
         if chosen == "auto" or len(pool) < enough:
             result.reasons.append(
                 f"not enough transitions: {len(on_policy)} on-policy, {len(heuristic)} heuristic "
