@@ -96,6 +96,17 @@ def test_strict_graph_raises_instead_of_masking() -> None:
         GraphBuilder(settings(strict_graph=True), blueprint_metadata=lambda _id: None).build(packet)
 
 
+def test_a_device_left_unmeasured_on_purpose_is_absent_but_not_missing() -> None:
+    # What Tolaria sends with TOLARIA_HARDWARE_CONTEXT=false: the device named, no memory measured.
+    packet = make_packet()
+    packet.hardware_context.CopyFrom(pb.HardwareContext(device_type="cpu", device_id="cpu"))
+    graph = GraphBuilder(settings()).build(packet)
+    spec = TAMIYO_SCHEMA.node("global")
+    assert graph.mask["global"][0, spec.features.index("hw_memory_free_frac")] == 0
+    assert graph.coverage is not None
+    assert "hardware_context" not in graph.coverage.missing.get("global", ())
+
+
 def test_caps_apply_to_nodes_and_edges_without_dangling_indices() -> None:
     packet = make_packet(n_layers=10, n_slots=10, n_blueprints=6)
     graph = GraphBuilder(settings(max_layers=4, max_seeds=3, max_blueprints=2)).build(packet)

@@ -402,7 +402,10 @@ class GraphBuilder:
         else:
             values += [0.0, 0.0, 0.0]
             present += [0.0, 0.0, 0.0]
-            absent |= {"hardware_context"}
+            # A device named without its memory was left unmeasured on purpose (Tolaria's
+            # `hardware_context=False`): the graph reads it as absent, and it is no missing feature.
+            if not (packet.HasField("hardware_context") and hardware.device_type):
+                absent |= {"hardware_context"}
         for key in GLOBAL_METRIC_KEYS:
             if key in packet.training_metrics:
                 values.append(packet.training_metrics[key])
