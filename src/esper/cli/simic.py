@@ -157,11 +157,18 @@ def simic_serve(
 ) -> None:
     """Consume decisions and field reports from the bus, train a round every SIMIC_ROUND_MIN_NEW_REPORTS
     new reports, and publish the updates that pass validation. Ctrl-C or SIGTERM stops it after the
-    current round."""
+    current round.
+
+    Every record is written to the state directory's records.sqlite3 before it is acked on the bus, once
+    per command id: a learner killed at any point restarts with every record it took off the bus, and a
+    record delivered twice is held (and counted toward a round) once."""
     import signal
     import threading
 
+    from esper.nissa.layout import DataLayout
     from esper.oona import OonaSettings, open_bus
+    from esper.simic.records import RecordStore
+    from esper.simic.state import SimicState
     from esper.simic.trainer import serve as serve_rounds
 
     settings = _settings()
@@ -177,7 +184,12 @@ def simic_serve(
     cleanup.push("close the bus", bus.close)
     try:
         learner = _simic_learner(state_dir, policy_checkpoint, bus, cleanup, publish=True)
-        console.print(f"simic serving {learner.policy.version} (sequence {learner.sequence}); group {group}")
+        store = RecordStore(SimicState(state_dir or DataLayout(settings.data_dir).simic).records_path)
+        cleanup.push("close Simic's record store", store.close)
+        console.print(
+            f"simic serving {learner.policy.version} (sequence {learner.sequence}); group {group}; "
+            f"{store.count('decision')} decision(s) and {store.count('field_report')} field report(s) held"
+        )
         serve_rounds(
             bus,
             learner,
@@ -185,6 +197,7 @@ def simic_serve(
             max_rounds=max_rounds,
             should_stop=terminated.is_set,
             on_round=lambda r: _print_round(r, as_json),
+            store=store,
         )
         if terminated.is_set():
             console.print("simic stopped (SIGTERM)")
