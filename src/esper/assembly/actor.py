@@ -23,99 +23,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
-
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from typing import Any
 
 from esper.assembly.run import RunAssembly, RunInputs, resolve_config
 from esper.assembly.settings import RunSettings
 from esper.assembly.start import require_writable
 from esper.leyline import EsperError, EsperSettings
 from esper.leyline.files import write_atomically
-from esper.leyline.settings import StrictSettings
 from esper.nissa.layout import DataLayout, RunLayout
+from esper.simic.actor_settings import FAMILIES, ActorSettings
 from esper.tolaria.run import RunConfig, config_host, load_task, new_training_run_id
-
-# Each family: the bundled task and the host that takes it.
-FAMILIES: dict[str, tuple[str, str]] = {
-    "generated": ("generated", "mlp"),
-    "signals": ("signals", "conv1d"),
-    "digits": ("digits", "cnn"),
-    "tokens": ("tokens", "transformer"),
-}
-
-
-class ActorSettings(StrictSettings):
-    """What an actor's episodes are: their length and the distribution their tasks are drawn from."""
-
-    model_config = SettingsConfigDict(env_prefix="ACTOR_")
-
-    epochs: int = Field(default=6, ge=1, le=10_000, description="Passes over the training split per episode.")
-    decision_interval: int = Field(default=10, ge=1, description="Training steps between decisions.")
-    families: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=tuple(FAMILIES),
-        description=f"Task families episodes are drawn from, comma-separated; known: {', '.join(FAMILIES)}.",
-    )
-    difficulty_min: float = Field(default=0.2, ge=0.0, le=1.0, description="Easiest task difficulty drawn.")
-    difficulty_max: float = Field(default=0.8, ge=0.0, le=1.0, description="Hardest task difficulty drawn.")
-    budget_min: float = Field(
-        default=1.5,
-        ge=0.0,
-        le=1000.0,
-        description="Smallest growth budget drawn, as a multiple of the host's starting parameters "
-        "(0 with budget_max 0: unbounded).",
-    )
-    budget_max: float = Field(
-        default=4.0, ge=0.0, le=1000.0, description="Largest growth budget drawn (same unit as budget_min)."
-    )
-    policy: str = Field(
-        default="gnn", pattern="^(gnn|heuristic)$", description="Tamiyo's policy: gnn or heuristic."
-    )
-    heuristic_share: float = Field(
-        default=0.0,
-        ge=0.0,
-        le=1.0,
-        description="Share of episodes run under the heuristic instead (material for the imitation "
-        "bootstrap); drawn per episode.",
-    )
-    seed: int = Field(
-        default=0, ge=0, description="Seed of every episode's draw (with the actor id and index)."
-    )
-
-    @field_validator("families", mode="before")
-    @classmethod
-    def _split_names(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(name.strip() for name in value.split(",") if name.strip())
-        return value
-
-    @field_validator("families")
-    @classmethod
-    def _known_families(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("at least one family is needed")
-        unknown = sorted(set(value) - set(FAMILIES))
-        if unknown:
-            raise ValueError(f"unknown famil(ies) {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
-        return value
-
-    @model_validator(mode="after")
-    def _ranges_in_order(self) -> ActorSettings:
-        if self.difficulty_max < self.difficulty_min:
-            raise ValueError(
-                f"ACTOR_DIFFICULTY_MAX ({self.difficulty_max}) is below ACTOR_DIFFICULTY_MIN "
-                f"({self.difficulty_min})"
-            )
-        if self.budget_max < self.budget_min:
-            raise ValueError(
-                f"ACTOR_BUDGET_MAX ({self.budget_max}) is below ACTOR_BUDGET_MIN ({self.budget_min})"
-            )
-        if 0 < self.budget_min < 1:
-            raise ValueError(
-                f"ACTOR_BUDGET_MIN ({self.budget_min}) must be 0 or at least 1 (the host itself)"
-            )
-        return self
 
 
 class ActorStateError(EsperError):

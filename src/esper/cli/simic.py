@@ -244,7 +244,11 @@ def simic_actor(
     ] = "actor-0",
     max_episodes: Annotated[
         int | None,
-        typer.Option(min=0, help="Stop once this many episodes are completed (restarts included) [never]."),
+        typer.Option(
+            min=0,
+            help="Stop once this many episodes are completed (restarts included; 0: never) "
+            "[ACTOR_MAX_EPISODES, 0].",
+        ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per episode [ACTOR_EPOCHS, 6].")] = None,
     decision_interval: Annotated[
@@ -278,13 +282,15 @@ def simic_actor(
     import signal
     from typing import NoReturn
 
-    from esper.assembly.actor import Actor, ActorSettings, EpisodeHalted, EpisodeResult
+    from esper.assembly.actor import Actor, EpisodeHalted, EpisodeResult
+    from esper.simic.actor_settings import ActorSettings
 
     settings = _settings()
     overrides: dict[str, Any] = {
         "epochs": epochs,
         "decision_interval": decision_interval,
         "families": tuple(families) if families else None,
+        "max_episodes": max_episodes,
     }
     try:
         actor_settings = load_settings(
@@ -331,7 +337,7 @@ def simic_actor(
     )
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        done = actor.run(max_episodes=max_episodes, on_episode=report)
+        done = actor.run(max_episodes=actor_settings.max_episodes or None, on_episode=report)
     except KeyboardInterrupt:
         console.print(f"{actor_id} stopped; the episode in progress resumes on the next start")
         return
