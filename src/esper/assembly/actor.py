@@ -155,9 +155,10 @@ class EpisodeHalted(EsperError):
 class Actor:
     """Runs episodes until `max_episodes` are completed (across restarts) or `should_stop()`.
 
-    `settings`: the episodes' draw; `environ` (None: the process's) resolves every subsystem's settings
-    for each run, as `esper run` does, with the episode's own epochs, decision interval, seed and budget
-    over them. `assembly_options` go to every `RunAssembly` (its log, warnings, clean-up reporting).
+    `settings`: the episodes' draw. Every subsystem's settings are resolved for each run from the
+    environment, as `esper run` resolves them, with the episode's own epochs, decision interval, seed and
+    budget over them. `assembly_options` go to every `RunAssembly` (its log, warnings, clean-up
+    reporting).
     """
 
     def __init__(
@@ -167,7 +168,6 @@ class Actor:
         esper: EsperSettings,
         secret: bytes,
         *,
-        environ: dict[str, str] | None = None,
         assembly_options: dict[str, Any] | None = None,
     ) -> None:
         if not actor_id or "/" in actor_id or actor_id in (".", ".."):
@@ -179,7 +179,6 @@ class Actor:
         self.runs_dir = self.root / "runs"
         self._esper = esper
         self._secret = secret
-        self._environ = environ
         self._assembly_options = assembly_options or {}
 
     def state(self) -> ActorState:
@@ -220,13 +219,15 @@ class Actor:
         run_dir = Path(plan.run_dir)
         resume = RunLayout(run_dir).config.exists()
         dataset = load_task(plan.task, plan.host, seed=plan.seed, difficulty=plan.difficulty)
-        settings = RunSettings.resolve(
-            self._environ,
-            tolaria={
-                "epochs": self.settings.epochs,
-                "decision_interval": self.settings.decision_interval,
-                "seed": plan.seed,
-            },
+        settings = replace(  # the actor's deployment: its data directory, bus and secret
+            RunSettings.resolve(
+                tolaria={
+                    "epochs": self.settings.epochs,
+                    "decision_interval": self.settings.decision_interval,
+                    "seed": plan.seed,
+                },
+            ),
+            esper=self._esper,
         )
         config = RunConfig(
             task=plan.task,
