@@ -204,3 +204,30 @@ def test_a_learner_killed_between_its_drain_and_its_round_loses_nothing(tmp_path
     assert f"{len(RECORDS) // 2} field report(s) held" in restarted.stdout.decode()
     round_line = [line for line in restarted.stdout.decode().splitlines() if line.startswith("{")][-1]
     assert json.loads(round_line)["transitions"] == len(RECORDS) // 2
+
+
+def test_records_delivered_but_never_acked_are_reclaimed_by_the_next_learner(tmp_path: Path) -> None:
+    """A learner that died between a delivery and its durable write left the batch pending in its group:
+    the bus never delivers it as new again, so the next learner takes it over."""
+    bus = EmbeddedBus(tmp_path / "bus.sqlite3", OonaSettings())
+    state = SimicState(tmp_path / "simic")
+    try:
+        publish(bus, RECORDS)
+        for stream in (Streams.DECISIONS, Streams.FIELD_REPORTS):
+            bus.ensure_group(stream, "simic", from_beginning=True)
+            assert len(bus.consume(stream, "simic", "simic-0", count=4)) == 4  # delivered, never acked
+        learner = SimicTrainer(
+            SimicSettings(round_min_new_reports=100, poll_ms=1),
+            settings(),
+            small_policy(settings()),
+            SECRET,
+            state=state,
+        )
+        with RecordStore(state.records_path) as store:
+            drained = iter([False, True])
+            serve(bus, learner, should_stop=lambda: next(drained), store=store)
+            assert store.count("decision") == store.count("field_report") == len(RECORDS) // 2
+        pending = {(s.stream, g.name): g.pending for s in bus.stats() for g in s.groups}
+        assert set(pending.values()) == {0}
+    finally:
+        bus.close()

@@ -34,7 +34,14 @@ from esper.simic.ppo import make_rollout, ppo_update, refit_critic
 from esper.simic.records import RecordStore
 from esper.simic.settings import SimicSettings
 from esper.simic.state import RoundResult, SimicState
-from esper.simic.transitions import RecordCollector, Sample, TransitionSet, build_samples, drain_bus
+from esper.simic.transitions import (
+    RecordCollector,
+    Sample,
+    TransitionSet,
+    build_samples,
+    drain_bus,
+    reclaim_pending,
+)
 from esper.simic.updates import build_policy_update
 from esper.simic.validation import validate_candidate
 from esper.tamiyo.model.builder import GraphBuilder
@@ -251,7 +258,8 @@ def serve(
 
     With a `store`, every record is kept there before it is acked (see `drain_bus`), and what it holds
     is loaded first: a restarted learner continues with every record it ever took off the bus, and counts
-    the reports received since its last recorded round."""
+    the reports received since its last recorded round. Records delivered to `group` and never acked (a
+    learner that died between a delivery and its ack) are reclaimed first: one learner per group."""
     settings = trainer.settings
     collector = RecordCollector(max_records=settings.max_transitions)
     results: list[RoundResult] = []
@@ -260,6 +268,8 @@ def serve(
         collector.extend(store.load(newest=settings.max_transitions))
         collector.reports_received = store.count("field_report")
         reports_at_last_round = min(trainer.reports_at_last_round(), collector.reports_received)
+    # What an earlier life of this learner was delivered but never acked is not delivered as new again.
+    reclaim_pending(bus, collector, group=group, consumer=consumer, store=store)
     while not should_stop() and (max_rounds is None or len(results) < max_rounds):
         drain_bus(bus, collector, group=group, consumer=consumer, block_ms=settings.poll_ms, store=store)
         if collector.reports_received - reports_at_last_round < settings.round_min_new_reports:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from esper.leyline import EsperError, pb
-from esper.oona import Bus, Streams, open_envelope
+from esper.oona import Bus, Delivery, Streams, open_envelope
 from esper.simic.records import RecordStore
 from esper.simic.reward import (
     CONTRIBUTION_ACCURACY,
@@ -244,10 +244,7 @@ def drain_bus(
     would never be usable).
     """
     moved = 0
-    for stream, message_type in (
-        (Streams.DECISIONS, pb.DecisionRecord),
-        (Streams.FIELD_REPORTS, pb.FieldReport),
-    ):
+    for stream, message_type in _RECORD_STREAMS:
         bus.ensure_group(stream, group, from_beginning=True)
         wait = block_ms
         while True:
@@ -255,21 +252,55 @@ def drain_bus(
             wait = 0
             if not deliveries:
                 break
-            opened: list[pb.DecisionRecord | pb.FieldReport] = []
-            for delivery in deliveries:
-                try:
-                    message = open_envelope(delivery.envelope, message_type)
-                except EsperError as exc:
-                    collector.rejected[f"{message_type.DESCRIPTOR.name}:{type(exc).__name__}"] += 1
-                    continue
-                if not message.command_id:
-                    collector.rejected[f"{message_type.DESCRIPTOR.name}:no_command_id"] += 1
-                    continue
-                opened.append(message)
-            moved += len(opened)
-            collector.extend(opened if store is None else store.add(opened))
-            bus.ack(stream, group, [d.message_id for d in deliveries])
+            moved += _take(bus, stream, group, message_type, deliveries, collector=collector, store=store)
     return moved
+
+
+def reclaim_pending(
+    bus: Bus, collector: RecordCollector, *, group: str, consumer: str, store: RecordStore | None = None
+) -> int:
+    """Take over every record delivered to `group` but never acked (a learner that died between a
+    delivery and its ack: the bus never delivers those as new again), and hold them as `drain_bus` does;
+    returns how many. For a learner's start, when no other consumer of `group` is at work."""
+    moved = 0
+    for stream, message_type in _RECORD_STREAMS:
+        bus.ensure_group(stream, group, from_beginning=True)
+        while deliveries := bus.reclaim(stream, group, consumer, min_idle_ms=0, count=256):
+            moved += _take(bus, stream, group, message_type, deliveries, collector=collector, store=store)
+    return moved
+
+
+_RECORD_STREAMS: tuple[tuple[str, type[pb.DecisionRecord] | type[pb.FieldReport]], ...] = (
+    (Streams.DECISIONS, pb.DecisionRecord),
+    (Streams.FIELD_REPORTS, pb.FieldReport),
+)
+
+
+def _take(
+    bus: Bus,
+    stream: str,
+    group: str,
+    message_type: type[pb.DecisionRecord] | type[pb.FieldReport],
+    deliveries: list[Delivery],
+    *,
+    collector: RecordCollector,
+    store: RecordStore | None,
+) -> int:
+    """Open one batch of deliveries, keep it (in `store` first, when there is one), then ack it."""
+    opened: list[pb.DecisionRecord | pb.FieldReport] = []
+    for delivery in deliveries:
+        try:
+            message = open_envelope(delivery.envelope, message_type)
+        except EsperError as exc:
+            collector.rejected[f"{message_type.DESCRIPTOR.name}:{type(exc).__name__}"] += 1
+            continue
+        if not message.command_id:
+            collector.rejected[f"{message_type.DESCRIPTOR.name}:no_command_id"] += 1
+            continue
+        opened.append(message)
+    collector.extend(opened if store is None else store.add(opened))
+    bus.ack(stream, group, [d.message_id for d in deliveries])
+    return len(opened)
 
 
 class ChoiceUnresolvable(EsperError):
