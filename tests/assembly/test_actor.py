@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from esper.assembly.actor import Actor, ActorState, ActorStateError, EpisodePlan, plan_episode
+from esper.assembly.actor import (
+    Actor,
+    ActorState,
+    ActorStateError,
+    EpisodePlan,
+    EpisodeResult,
+    plan_episode,
+)
 from esper.cli import app
 from esper.leyline import ConfigurationError, EsperSettings, load_settings
 from esper.simic.actor_settings import FAMILIES, ActorSettings
@@ -98,6 +105,32 @@ def test_an_episode_in_progress_resumes_as_the_same_run(tmp_path: Path) -> None:
     assert [p.name for p in actor.runs_dir.iterdir()] == [plan.training_run_id]
     assert json.loads((Path(plan.run_dir) / "summary.json").read_text())["run_id"] == plan.training_run_id
     assert actor.run(max_episodes=1) == 0  # done: nothing more to run
+
+
+def test_a_diverged_episode_ends_alone_and_the_actor_moves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An episode whose training diverges is an outcome, not an emergency: no HALT for every process on
+    the bus, and the actor counts it and goes on to its next episode."""
+    from esper.oona import EmbeddedBus, OonaSettings, Streams
+    from esper.tolaria.trainer import Trainer
+
+    def explode(self: Trainer) -> None:
+        raise self._diverged("loss is nan (scripted)")
+
+    monkeypatch.setattr(Trainer, "train_step", explode)
+    esper = load_settings(EsperSettings, environ={}, data_dir=tmp_path, bus_url="")
+    settings = actor_settings(epochs=1, families="generated", policy="heuristic")
+    actor = Actor("actor-0", settings, esper, SECRET)
+    results: list[EpisodeResult] = []
+    assert actor.run(max_episodes=2, on_episode=results.append) == 2
+    assert [r.status for r in results] == ["diverged", "diverged"] and "scripted" in results[0].reason
+    assert actor.state() == ActorState("actor-0", completed=2)
+    bus = EmbeddedBus(tmp_path / "bus.sqlite3", OonaSettings())
+    try:
+        assert Streams.EMERGENCY not in {s.stream for s in bus.stats() if s.length}
+    finally:
+        bus.close()
 
 
 def test_serve_adds_one_service_per_actor() -> None:

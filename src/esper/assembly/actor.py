@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from esper.leyline.files import write_atomically
 from esper.nissa.layout import DataLayout, RunLayout
 from esper.simic.actor_settings import FAMILIES, ActorSettings
 from esper.tolaria.run import RunConfig, config_host, load_task, new_training_run_id
+from esper.tolaria.trainer import TrainingDiverged
 
 
 class ActorStateError(EsperError):
@@ -126,7 +128,8 @@ class ActorState:
 
 @dataclass(frozen=True)
 class EpisodeResult:
-    """How an episode ended."""
+    """How an episode ended: completed, halted (by an emergency; it resumes later) or diverged (its
+    figures then are not measured: 0 and NaN)."""
 
     plan: EpisodePlan
     resumed: bool
@@ -138,6 +141,7 @@ class EpisodeResult:
     params_final: int
     max_params: int | None
     wall_seconds: float
+    reason: str = ""  # why a diverged episode ended
 
 
 class EpisodeHalted(EsperError):
@@ -204,7 +208,7 @@ class Actor:
                 state.current = plan_episode(self.settings, self.actor_id, state.completed, self.runs_dir)
                 state.save(self.state_path)  # before the run exists: a restart finds it
             result = self.run_episode(state.current)
-            if result.status != "completed":  # halted by an emergency: the episode resumes later
+            if result.status == "halted":  # by an emergency: the episode resumes on the next start
                 raise EpisodeHalted(result)
             state.completed += 1
             state.current = None
@@ -225,6 +229,8 @@ class Actor:
                     "epochs": self.settings.epochs,
                     "decision_interval": self.settings.decision_interval,
                     "seed": plan.seed,
+                    # A diverged episode is an outcome for the learner, not an emergency for everyone.
+                    "halt_on_divergence": False,
                 },
             ),
             esper=self._esper,
@@ -255,8 +261,23 @@ class Actor:
             command=f"esper simic actor --actor-id {self.actor_id} (episode {plan.index})",
             **self._assembly_options,
         )
-        with assembly:
-            summary = assembly.train()
+        try:
+            with assembly:
+                summary = assembly.train()
+        except TrainingDiverged as exc:  # the run is marked failed; the actor moves on to its next episode
+            return EpisodeResult(
+                plan=plan,
+                resumed=resume,
+                status="diverged",
+                steps=exc.step,
+                decisions=0,
+                final_val_accuracy=math.nan,
+                params_initial=0,
+                params_final=0,
+                max_params=config.tolaria.max_params or None,
+                wall_seconds=time.monotonic() - started,
+                reason=str(exc),
+            )
         return EpisodeResult(
             plan=plan,
             resumed=resume,

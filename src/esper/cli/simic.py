@@ -323,6 +323,12 @@ def simic_actor(
         if as_json:
             typer.echo(json.dumps(dataclasses.asdict(result), sort_keys=True))
             return
+        if result.status == "diverged":
+            warn(
+                f"{actor_id} episode {result.plan.index} ({result.plan.describe()}): run "
+                f"{result.plan.training_run_id} {result.reason}; next episode"
+            )
+            return
         console.print(
             f"{actor_id} episode {result.plan.index} ({result.plan.describe()}): run "
             f"{result.plan.training_run_id} {result.status}{' (resumed)' if result.resumed else ''}, "
