@@ -60,6 +60,7 @@ def test_heuristic_share_and_families_shape_the_draw(tmp_path: Path) -> None:
         ({"families": "generated,images"}, "images"),
         ({"difficulty_min": 0.9, "difficulty_max": 0.1}, "ACTOR_DIFFICULTY_MAX"),
         ({"budget_min": 0.5}, "ACTOR_BUDGET_MIN"),
+        ({"budget_min": 0.0}, "ACTOR_BUDGET_MIN"),
         ({"policy": "random"}, "ACTOR_POLICY"),
     ],
 )

@@ -73,7 +73,7 @@ class ActorSettings(StrictSettings):
             raise ValueError("at least one family is needed")
         unknown = sorted(set(value) - set(FAMILIES))
         if unknown:
-            raise ValueError(f"unknown famil(ies) {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
+            raise ValueError(f"unknown families {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
         return value
 
     @model_validator(mode="after")
@@ -87,8 +87,9 @@ class ActorSettings(StrictSettings):
             raise ValueError(
                 f"ACTOR_BUDGET_MAX ({self.budget_max}) is below ACTOR_BUDGET_MIN ({self.budget_min})"
             )
-        if 0 < self.budget_min < 1:
+        if self.budget_max > 0 and self.budget_min < 1:
             raise ValueError(
-                f"ACTOR_BUDGET_MIN ({self.budget_min}) must be 0 or at least 1 (the host itself)"
+                f"ACTOR_BUDGET_MIN ({self.budget_min}) must be at least 1 (the host itself), or 0 with "
+                "ACTOR_BUDGET_MAX 0 (unbounded)"
             )
         return self
