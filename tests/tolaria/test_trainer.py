@@ -90,6 +90,21 @@ def test_repeated_explosions_diverge_and_broadcast_a_halt(
     assert event["detail"]["signal_id"] == "sig-1" and "diverged" in event["reason"]
 
 
+def test_a_run_told_not_to_halt_others_diverges_alone(
+    tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue
+) -> None:
+    channel = ScriptedChannel()
+    trainer = make_trainer(
+        tmp_path / "run", dataset, catalogue, channel=channel, max_rollbacks=0, halt_on_divergence=False
+    )
+    trainer.save_checkpoint()
+    with torch.no_grad():
+        trainer.host.head.weight.fill_(math.inf)
+    with pytest.raises(TrainingDiverged):
+        trainer.train_step()
+    assert channel.broadcasts == [] and events(trainer, "emergency_broadcast") == []
+
+
 def test_a_halt_checkpoints_logs_and_stops_then_resume_equals_an_uninterrupted_run(
     tmp_path: Path, dataset: Dataset, catalogue: BlueprintCatalogue
 ) -> None:

@@ -34,6 +34,14 @@ def serve(
             "(Simic's learner, `esper simic serve`).",
         ),
     ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Run this many of Simic's actors beside the services (actor-0 ..., each `esper simic "
+            "actor`) [WEATHERLIGHT_ACTORS, 0].",
+        ),
+    ] = None,
     status: Annotated[
         bool, typer.Option("--status", help="Print the state of this node's services and exit.")
     ] = False,
@@ -42,6 +50,10 @@ def serve(
     ] = False,
 ) -> None:
     """Run this node's long-lived services (Simic's learner by default) under Weatherlight, the supervisor.
+
+    `--actors N` adds N of Simic's actors (actor-0 ... actor-N-1, each `esper simic actor`), which run
+    episodes whose decisions and field reports feed the learner; an actor that finished its
+    ACTOR_MAX_EPISODES exits with status 0 and is not restarted.
 
     Each service runs as a child process. One that crashes is restarted after a growing, jittered wait
     (WEATHERLIGHT_RESTART_INITIAL_MS, _MULTIPLIER, _MAX_MS, _JITTER); after WEATHERLIGHT_RESTART_LIMIT
@@ -58,13 +70,15 @@ def serve(
 
     from esper.oona import OonaSettings
     from esper.tolaria.emergency import BusEmergencyChannel
-    from esper.weatherlight import SERVICES, Supervisor, WeatherlightSettings
+    from esper.weatherlight import Supervisor, WeatherlightSettings
     from esper.weatherlight.events import BusEventPublisher
     from esper.weatherlight.supervisor import stop_on_signals
 
     settings = _settings()
     try:
         overrides: dict[str, Any] = {"services": tuple(services)} if services else {}
+        if actors is not None:
+            overrides["actors"] = actors
         weatherlight = load_settings(WeatherlightSettings, None, **overrides)
         oona = load_settings(OonaSettings)
     except ConfigurationError as exc:
@@ -85,7 +99,7 @@ def serve(
         err_console.print(f"[bold red]cannot listen for emergencies[/]: {exc}")
         raise typer.Exit(1) from exc
     supervisor = Supervisor(
-        [SERVICES[name] for name in weatherlight.services],
+        weatherlight.service_specs(),
         weatherlight,
         health_path,
         sinks=[_print_supervisor_event, BusEventPublisher(bus)],

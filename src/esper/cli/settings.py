@@ -25,6 +25,7 @@ def _settings_classes() -> list[type[StrictSettings]]:
     from esper.kasmina import KasminaSettings
     from esper.nissa import NissaSettings
     from esper.oona import OonaSettings
+    from esper.simic.actor_settings import ActorSettings
     from esper.simic.settings import SimicSettings
     from esper.tamiyo.settings import TamiyoSettings
     from esper.tolaria.settings import TolariaSettings
@@ -36,6 +37,7 @@ def _settings_classes() -> list[type[StrictSettings]]:
         KasminaSettings,
         TamiyoSettings,
         SimicSettings,
+        ActorSettings,
         OonaSettings,
         NissaSettings,
         WeatherlightSettings,

@@ -1,4 +1,5 @@
-"""`esper simic`: learn Tamiyo's policy offline (`train`) or from the bus (`serve`)."""
+"""`esper simic`: learn Tamiyo's policy offline (`train`) or from the bus (`serve`), fed by actors
+(`actor`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ from typing import Annotated, Any
 import typer
 
 from esper.cli.common import (
+    HALTED_EXIT,
     _log_cleanup_failure,
+    _run_log,
     _settings,
     console,
     err_console,
     simic_app,
+    warn,
 )
 from esper.leyline import (
     CleanupStack,
@@ -157,11 +161,18 @@ def simic_serve(
 ) -> None:
     """Consume decisions and field reports from the bus, train a round every SIMIC_ROUND_MIN_NEW_REPORTS
     new reports, and publish the updates that pass validation. Ctrl-C or SIGTERM stops it after the
-    current round."""
+    current round.
+
+    Every record is written to the state directory's records.sqlite3 before it is acked on the bus, once
+    per command id: a learner killed at any point restarts with every record it took off the bus, and a
+    record delivered twice is held (and counted toward a round) once."""
     import signal
     import threading
 
+    from esper.nissa.layout import DataLayout
     from esper.oona import OonaSettings, open_bus
+    from esper.simic.records import RecordStore
+    from esper.simic.state import SimicState
     from esper.simic.trainer import serve as serve_rounds
 
     settings = _settings()
@@ -177,7 +188,12 @@ def simic_serve(
     cleanup.push("close the bus", bus.close)
     try:
         learner = _simic_learner(state_dir, policy_checkpoint, bus, cleanup, publish=True)
-        console.print(f"simic serving {learner.policy.version} (sequence {learner.sequence}); group {group}")
+        store = RecordStore(SimicState(state_dir or DataLayout(settings.data_dir).simic).records_path)
+        cleanup.push("close Simic's record store", store.close)
+        console.print(
+            f"simic serving {learner.policy.version} (sequence {learner.sequence}); group {group}; "
+            f"{store.count('decision')} decision(s) and {store.count('field_report')} field report(s) held"
+        )
         serve_rounds(
             bus,
             learner,
@@ -185,6 +201,7 @@ def simic_serve(
             max_rounds=max_rounds,
             should_stop=terminated.is_set,
             on_round=lambda r: _print_round(r, as_json),
+            store=store,
         )
         if terminated.is_set():
             console.print("simic stopped (SIGTERM)")
@@ -217,3 +234,125 @@ def simic_report(
         raise typer.Exit(1) from exc
     for path in written:
         console.print(str(path))
+
+
+@simic_app.command("actor")
+def simic_actor(
+    *,
+    actor_id: Annotated[
+        str, typer.Option(help="This actor's name: its state is <ESPER_DATA_DIR>/actors/<actor id>/.")
+    ] = "actor-0",
+    max_episodes: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Stop once this many episodes are completed (restarts included; 0: never) "
+            "[ACTOR_MAX_EPISODES, 0].",
+        ),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per episode [ACTOR_EPOCHS, 6].")] = None,
+    decision_interval: Annotated[
+        int | None,
+        typer.Option(min=1, help="Training steps between decisions [ACTOR_DECISION_INTERVAL, 10]."),
+    ] = None,
+    families: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--family",
+            help="A task family to draw episodes from; repeat for several [ACTOR_FAMILIES, all]: generated "
+            "(MLP), signals (conv1d), digits (CNN), tokens (Transformer).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each episode as one JSON object.")] = False,
+) -> None:
+    """Run episodes for Simic, one after another: short training runs built as `esper run` builds them,
+    on the deployment's bus, so that their decisions and field reports reach `esper simic serve` and their
+    GNN follows the policy updates it publishes.
+
+    Each episode's task is drawn from the actor id and the episode's index (ACTOR_SEED): a family, a
+    difficulty in [ACTOR_DIFFICULTY_MIN, ACTOR_DIFFICULTY_MAX], a data seed and a growth budget of
+    ACTOR_BUDGET_MIN to ACTOR_BUDGET_MAX times the host's starting parameters. Progress is kept in
+    <ESPER_DATA_DIR>/actors/<actor id>/actor.json and each episode's run in .../runs/<run id>: an actor
+    killed mid-episode resumes that run from its last checkpoint when started again. `esper serve
+    --actors N` runs N of them (actor-0 ...) under Weatherlight. SIGTERM or Ctrl-C stops it; the episode
+    in progress resumes on the next start. An emergency HALT stops it with exit status 3.
+    """
+    import dataclasses
+    import json
+    import signal
+    from typing import NoReturn
+
+    from esper.assembly.actor import Actor, EpisodeHalted, EpisodeResult
+    from esper.simic.actor_settings import ActorSettings
+
+    settings = _settings()
+    overrides: dict[str, Any] = {
+        "epochs": epochs,
+        "decision_interval": decision_interval,
+        "families": tuple(families) if families else None,
+        "max_episodes": max_episodes,
+    }
+    try:
+        actor_settings = load_settings(
+            ActorSettings, None, **{k: v for k, v in overrides.items() if v is not None}
+        )
+        actor = Actor(
+            actor_id,
+            actor_settings,
+            settings,
+            resolve_signing_secret(settings),
+            assembly_options={
+                "run_log": _run_log,
+                "warn": warn,
+                "on_cleanup_failure": lambda name, exc: err_console.print(
+                    f"[bold yellow]clean-up step failed[/] ({name}): {type(exc).__name__}: {exc}"
+                ),
+            },
+        )
+        state = actor.state()
+    except EsperError as exc:
+        err_console.print(f"[bold red]esper simic actor failed[/]: {exc}")
+        raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1) from exc
+
+    def stop(_signum: int, _frame: object) -> NoReturn:
+        # Stops the episode where it is, as Ctrl-C does: its run is marked halted and resumes later.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    def report(result: EpisodeResult) -> None:
+        if as_json:
+            typer.echo(json.dumps(dataclasses.asdict(result), sort_keys=True))
+            return
+        if result.status == "diverged":
+            warn(
+                f"{actor_id} episode {result.plan.index} ({result.plan.describe()}): run "
+                f"{result.plan.training_run_id} {result.reason}; next episode"
+            )
+            return
+        console.print(
+            f"{actor_id} episode {result.plan.index} ({result.plan.describe()}): run "
+            f"{result.plan.training_run_id} {result.status}{' (resumed)' if result.resumed else ''}, "
+            f"{result.steps} steps, {result.decisions} decisions, accuracy {result.final_val_accuracy:.3f}, "
+            f"{result.params_initial} -> {result.params_final} parameters, {result.wall_seconds:.1f} s"
+        )
+
+    current = state.current
+    console.print(
+        f"{actor_id}: {state.completed} episode(s) completed"
+        + (f"; resuming episode {current.index} (run {current.training_run_id})" if current else "")
+    )
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        done = actor.run(max_episodes=actor_settings.max_episodes or None, on_episode=report)
+    except KeyboardInterrupt:
+        console.print(f"{actor_id} stopped; the episode in progress resumes on the next start")
+        return
+    except EpisodeHalted as exc:
+        err_console.print(f"[bold red]{actor_id} halted[/]: {exc}")
+        raise typer.Exit(HALTED_EXIT) from exc
+    except EsperError as exc:
+        err_console.print(f"[bold red]esper simic actor failed[/]: {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    console.print(f"{actor_id}: {done} episode(s) run; {actor.state().completed} completed in all")

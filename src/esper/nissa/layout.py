@@ -119,6 +119,11 @@ class DataLayout:
         return self.root / "runs"
 
     @property
+    def actors(self) -> Path:
+        """Simic's actors: each one's progress and episode runs (`actors/<actor id>/`)."""
+        return self.root / "actors"
+
+    @property
     def simic(self) -> Path:
         """Simic's state (its policy and lineage) unless told otherwise."""
         return self.root / "simic"

@@ -12,5 +12,8 @@ One module per component, read in this order:
 - `validation`: finite, KL bound, no regression on a held-out replay.
 - `updates`: the signed `PolicyUpdate` (safetensors payload with a JSON header).
 - `state`: the state directory (current policy, lineage) and a round's record; no PyTorch.
+- `records`: `RecordStore`, every record taken off the bus, kept before it is acked (once per command id).
 - `trainer`: rounds (`SimicTrainer`), `serve` on the bus.
+- `actor_settings`: `ActorSettings` (prefix `ACTOR_`), what actors draw episodes from (the actors
+  themselves build runs: `esper.assembly.actor`).
 """

@@ -1,7 +1,8 @@
 """Simic's state directory and the record of one round, without PyTorch: `esper policy show` reads them.
 
-The directory holds the current policy (`policy.safetensors`, payload format) and `lineage.jsonl`, one
-JSON line per round. Loading the policy itself imports PyTorch, on demand.
+The directory holds the current policy (`policy.safetensors`, payload format), `lineage.jsonl`, one
+JSON line per round, and `records.sqlite3`, every decision and field report the learner took off the
+bus. Loading the policy itself imports PyTorch, on demand.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class RoundResult:
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     finished_at_ns: int = 0
+    reports_received: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready (NaN figures are written as null: not measured)."""
@@ -59,6 +61,8 @@ class SimicState:
         root.mkdir(parents=True, exist_ok=True)
         self.policy_path = root / "policy.safetensors"
         self.lineage_path = root / "lineage.jsonl"
+        # Every record taken off the bus (`esper.simic.records.RecordStore`), kept before it is acked.
+        self.records_path = root / "records.sqlite3"
 
     def record(self, result: RoundResult) -> None:
         """Append a round's record."""

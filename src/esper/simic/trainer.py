@@ -31,9 +31,17 @@ from esper.leyline import SYSTEM_CLOCK, Clock, pb
 from esper.oona import Bus, Streams, envelope_for
 from esper.simic.imitation import imitate
 from esper.simic.ppo import make_rollout, ppo_update, refit_critic
+from esper.simic.records import RecordStore
 from esper.simic.settings import SimicSettings
 from esper.simic.state import RoundResult, SimicState
-from esper.simic.transitions import RecordCollector, Sample, TransitionSet, build_samples, drain_bus
+from esper.simic.transitions import (
+    RecordCollector,
+    Sample,
+    TransitionSet,
+    build_samples,
+    drain_bus,
+    reclaim_pending,
+)
 from esper.simic.updates import build_policy_update
 from esper.simic.validation import validate_candidate
 from esper.tamiyo.model.builder import GraphBuilder
@@ -86,10 +94,17 @@ class SimicTrainer:
         self._imitation = [s for s in samples if not s.transition.on_policy_material]
         return len(self._imitation)
 
-    def run_round(self, transitions: TransitionSet, *, mode: Mode = "auto") -> RoundResult:
-        """One round (see the module docstring); never raises for a refused candidate."""
+    def run_round(
+        self, transitions: TransitionSet, *, mode: Mode = "auto", reports_received: int = 0
+    ) -> RoundResult:
+        """One round (see the module docstring); never raises for a refused candidate.
+
+        `reports_received`: the distinct field reports the learner had received when the round began
+        (recorded with the round, so a restarted learner knows how many came since)."""
         parent = self.policy
-        result = RoundResult(mode="skipped", published=False, parent_version=parent.version)
+        result = RoundResult(
+            mode="skipped", published=False, parent_version=parent.version, reports_received=reports_received
+        )
         result.transitions = len(transitions.transitions)
         samples, graph_skips = build_samples(  # step 1
             self._new_builder, transitions, strict=self._tamiyo_settings.strict_graph
@@ -163,6 +178,11 @@ class SimicTrainer:
         self._release(candidate, result)  # step 6
         return self._finish(result)
 
+    def reports_at_last_round(self) -> int:
+        """The distinct field reports received when the last recorded round began (0 without one)."""
+        rounds = self._state.rounds() if self._state is not None else []
+        return int(rounds[-1].get("reports_received", 0)) if rounds else 0
+
     def _new_builder(self) -> GraphBuilder:
         return GraphBuilder(
             self._tamiyo_settings,
@@ -231,19 +251,31 @@ def serve(
     should_stop: Callable[[], bool] = lambda: False,
     max_rounds: int | None = None,
     on_round: Callable[[RoundResult], None] | None = None,
+    store: RecordStore | None = None,
 ) -> list[RoundResult]:
     """Consume decisions and field reports from the bus and train a round every
-    `round_min_new_reports` new reports, until `should_stop()` or `max_rounds`."""
+    `round_min_new_reports` new reports (distinct command ids), until `should_stop()` or `max_rounds`.
+
+    With a `store`, every record is kept there before it is acked (see `drain_bus`), and what it holds
+    is loaded first: a restarted learner continues with every record it ever took off the bus, and counts
+    the reports received since its last recorded round. Records delivered to `group` and never acked (a
+    learner that died between a delivery and its ack) are reclaimed first: one learner per group."""
     settings = trainer.settings
     collector = RecordCollector(max_records=settings.max_transitions)
     results: list[RoundResult] = []
     reports_at_last_round = 0
+    if store is not None:
+        collector.extend(store.load(newest=settings.max_transitions))
+        collector.reports_received = store.count("field_report")
+        reports_at_last_round = min(trainer.reports_at_last_round(), collector.reports_received)
+    # What an earlier life of this learner was delivered but never acked is not delivered as new again.
+    reclaim_pending(bus, collector, group=group, consumer=consumer, store=store)
     while not should_stop() and (max_rounds is None or len(results) < max_rounds):
-        drain_bus(bus, collector, group=group, consumer=consumer, block_ms=settings.poll_ms)
-        if collector.report_count - reports_at_last_round < settings.round_min_new_reports:
+        drain_bus(bus, collector, group=group, consumer=consumer, block_ms=settings.poll_ms, store=store)
+        if collector.reports_received - reports_at_last_round < settings.round_min_new_reports:
             continue
-        reports_at_last_round = collector.report_count
-        result = trainer.run_round(collector.transitions(settings))
+        reports_at_last_round = collector.reports_received
+        result = trainer.run_round(collector.transitions(settings), reports_received=reports_at_last_round)
         results.append(result)
         if on_round is not None:
             on_round(result)

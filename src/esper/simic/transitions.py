@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from esper.leyline import EsperError, pb
-from esper.oona import Bus, Streams, open_envelope
+from esper.oona import Bus, Delivery, Streams, open_envelope
+from esper.simic.records import RecordStore
 from esper.simic.reward import (
     CONTRIBUTION_ACCURACY,
     Reward,
@@ -99,6 +100,8 @@ class RecordCollector:
     """Decisions and field reports as they arrive (any order), joined into transitions on demand.
 
     Keeps at most `max_records` of each kind (the oldest go first), so a long-running learner is bounded.
+    `reports_received` counts the distinct field reports ever added (by command id): a copy of a report
+    held already is not new, and an evicted one stays counted.
     """
 
     def __init__(self, max_records: int = 100_000) -> None:
@@ -106,6 +109,7 @@ class RecordCollector:
         self._decisions: OrderedDict[str, pb.DecisionRecord] = OrderedDict()
         self._reports: OrderedDict[str, pb.FieldReport] = OrderedDict()
         self.rejected: Counter[str] = Counter()
+        self.reports_received = 0
 
     @property
     def report_count(self) -> int:
@@ -124,6 +128,8 @@ class RecordCollector:
 
     def add_report(self, report: pb.FieldReport) -> None:
         """Keep a field report (one per command id; the newest wins)."""
+        if report.command_id not in self._reports:
+            self.reports_received += 1
         self._reports[report.command_id] = report
         self._reports.move_to_end(report.command_id)
         while len(self._reports) > self._max:
@@ -219,17 +225,26 @@ def _credit_seed_outcomes(
     return credited
 
 
-def drain_bus(bus: Bus, collector: RecordCollector, *, group: str, consumer: str, block_ms: int = 0) -> int:
-    """Move every decision record and field report waiting for `group` into `collector`; returns how many.
+def drain_bus(
+    bus: Bus,
+    collector: RecordCollector,
+    *,
+    group: str,
+    consumer: str,
+    block_ms: int = 0,
+    store: RecordStore | None = None,
+) -> int:
+    """Move every decision record and field report waiting for `group` into `collector`; returns how many
+    were taken off the bus.
 
-    Messages are acked once held; a message that does not open as its type is counted in
-    `collector.rejected` and acked (it would never open).
+    With a `store`, each batch is written there (one transaction) before it is acked, and only the
+    records it did not hold already reach `collector`: a learner killed after the ack loses nothing, and a
+    redelivered copy is held once. Without one, messages are acked once held in memory. A message that does
+    not open as its type, or that has no command id, is counted in `collector.rejected` and acked (it
+    would never be usable).
     """
     moved = 0
-    for stream, message_type in (
-        (Streams.DECISIONS, pb.DecisionRecord),
-        (Streams.FIELD_REPORTS, pb.FieldReport),
-    ):
+    for stream, message_type in _RECORD_STREAMS:
         bus.ensure_group(stream, group, from_beginning=True)
         wait = block_ms
         while True:
@@ -237,16 +252,55 @@ def drain_bus(bus: Bus, collector: RecordCollector, *, group: str, consumer: str
             wait = 0
             if not deliveries:
                 break
-            for delivery in deliveries:
-                try:
-                    message = open_envelope(delivery.envelope, message_type)
-                except EsperError as exc:
-                    collector.rejected[f"{message_type.DESCRIPTOR.name}:{type(exc).__name__}"] += 1
-                    continue
-                collector.extend([message])
-                moved += 1
-            bus.ack(stream, group, [d.message_id for d in deliveries])
+            moved += _take(bus, stream, group, message_type, deliveries, collector=collector, store=store)
     return moved
+
+
+def reclaim_pending(
+    bus: Bus, collector: RecordCollector, *, group: str, consumer: str, store: RecordStore | None = None
+) -> int:
+    """Take over every record delivered to `group` but never acked (a learner that died between a
+    delivery and its ack: the bus never delivers those as new again), and hold them as `drain_bus` does;
+    returns how many. For a learner's start, when no other consumer of `group` is at work."""
+    moved = 0
+    for stream, message_type in _RECORD_STREAMS:
+        bus.ensure_group(stream, group, from_beginning=True)
+        while deliveries := bus.reclaim(stream, group, consumer, min_idle_ms=0, count=256):
+            moved += _take(bus, stream, group, message_type, deliveries, collector=collector, store=store)
+    return moved
+
+
+_RECORD_STREAMS: tuple[tuple[str, type[pb.DecisionRecord] | type[pb.FieldReport]], ...] = (
+    (Streams.DECISIONS, pb.DecisionRecord),
+    (Streams.FIELD_REPORTS, pb.FieldReport),
+)
+
+
+def _take(
+    bus: Bus,
+    stream: str,
+    group: str,
+    message_type: type[pb.DecisionRecord] | type[pb.FieldReport],
+    deliveries: list[Delivery],
+    *,
+    collector: RecordCollector,
+    store: RecordStore | None,
+) -> int:
+    """Open one batch of deliveries, keep it (in `store` first, when there is one), then ack it."""
+    opened: list[pb.DecisionRecord | pb.FieldReport] = []
+    for delivery in deliveries:
+        try:
+            message = open_envelope(delivery.envelope, message_type)
+        except EsperError as exc:
+            collector.rejected[f"{message_type.DESCRIPTOR.name}:{type(exc).__name__}"] += 1
+            continue
+        if not message.command_id:
+            collector.rejected[f"{message_type.DESCRIPTOR.name}:no_command_id"] += 1
+            continue
+        opened.append(message)
+    collector.extend(opened if store is None else store.add(opened))
+    bus.ack(stream, group, [d.message_id for d in deliveries])
+    return len(opened)
 
 
 class ChoiceUnresolvable(EsperError):

@@ -74,6 +74,12 @@ class TolariaSettings(StrictSettings):
         default=0.5, gt=0, le=1.0, description="lr multiplier after a rollback."
     )
     max_rollbacks: int = Field(default=3, ge=0)
+    halt_on_divergence: bool = Field(
+        default=True,
+        description="A run that diverges (max_rollbacks used up) broadcasts a HALT to every process on the "
+        "bus. Off: it ends alone, failed (Simic's actors: a diverged episode is an outcome to learn from, "
+        "not an emergency).",
+    )
     max_controller_failures: int = Field(
         default=3, ge=1, description="Consecutive failed decisions before the run stops."
     )

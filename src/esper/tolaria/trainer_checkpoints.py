@@ -60,9 +60,10 @@ class _Checkpointing(_DecisionPipeline):
     """Saves and restores the run; rolls back to the last good checkpoint when the loss explodes."""
 
     def _diverged(self, reason: str) -> TrainingDiverged:
-        """The error that ends a diverged run, after telling every process on the bus to halt."""
+        """The error that ends a diverged run, after telling every process on the bus to halt (unless
+        `halt_on_divergence` is off)."""
         error = TrainingDiverged(self.step, self.rollbacks, reason)
-        if self.emergency is not None:
+        if self.emergency is not None and self.settings.halt_on_divergence:
             signal_id = self.emergency.broadcast_halt(f"run {self.training_run_id}: {error}")
             self._log_trainer_event("emergency_broadcast", reason=str(error), detail={"signal_id": signal_id})
         return error

@@ -35,3 +35,16 @@ SERVICES: dict[str, ServiceSpec] = {
     ),
 }
 """Every service `WEATHERLIGHT_SERVICES` and `esper serve --service` may name."""
+
+
+def actor_services(count: int) -> list[ServiceSpec]:
+    """`count` of Simic's actors (`esper simic actor`), named actor-0 ... actor-<count - 1>: each its own
+    service, restarted on its own when it crashes (it resumes its episode)."""
+    return [
+        ServiceSpec(
+            f"actor-{index}",
+            esper_command("simic", "actor", "--actor-id", f"actor-{index}"),
+            "Simic's actor: runs episodes whose decisions and field reports feed the learner",
+        )
+        for index in range(count)
+    ]

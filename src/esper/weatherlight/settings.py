@@ -10,7 +10,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from esper.leyline import Backoff, EsperSettings
 from esper.leyline.settings import DAY_S, HOUR_S, MAX_BACKOFF_MULTIPLIER, MINUTE_S, StrictSettings
-from esper.weatherlight.services import SERVICES
+from esper.weatherlight.services import SERVICES, ServiceSpec, actor_services
 
 
 class WeatherlightSettings(StrictSettings):
@@ -21,6 +21,12 @@ class WeatherlightSettings(StrictSettings):
     services: Annotated[tuple[str, ...], NoDecode] = Field(
         default=("simic",),
         description=f"Services to run, comma-separated; known: {', '.join(sorted(SERVICES))}.",
+    )
+    actors: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Simic's actors to run beside the services (actor-0 ...; `esper simic actor`).",
     )
     restart_initial_ms: float = Field(
         default=500.0, gt=0, le=HOUR_S * 1000, description="Wait before the first restart."
@@ -80,6 +86,10 @@ class WeatherlightSettings(StrictSettings):
                 f"WEATHERLIGHT_RESTART_INITIAL_MS ({self.restart_initial_ms})"
             )
         return self
+
+    def service_specs(self) -> list[ServiceSpec]:
+        """Every service to supervise: the named ones, then the actors."""
+        return [SERVICES[name] for name in self.services] + actor_services(self.actors)
 
     def backoff(self) -> Backoff:
         """The restart schedule: `restart_limit` restarts, each wait longer than the last."""
