@@ -480,3 +480,37 @@ def test_a_distil_round_clones_every_decision_given_whichever_policy_made_it() -
     assert result.mode == "distil" and result.published, result.reasons
     assert result.samples == 24 and result.on_policy == 12 and result.heuristic == 12
     assert "imitation.agreement" in result.metrics
+
+
+def test_a_distil_round_records_agreement_without_comparing_it_to_a_parent_that_saw_the_same_runs() -> None:
+    collector = RecordCollector()
+    collector.extend(heuristic_records(24))
+    samples, _ = build_samples(new_builder, collector.transitions(simic()))
+    parent = small_policy()
+    imitate(parent, samples, simic(imitation_epochs=15), generator=torch.Generator().manual_seed(0))
+    worse = small_policy()  # untrained: agrees less with the held-out choices than the parent
+    graphs = [s.graph for s in samples]
+    losses = {"loss": 0.1, "value_loss": 0.1}
+    compared = validate_candidate(
+        parent,
+        worse,
+        simic(),
+        graphs=graphs,
+        training_losses=losses,
+        imitation_holdout=samples,
+        kl_bound=False,
+    )
+    assert not compared.passed and "regresses" in compared.reasons[0]
+    recorded = validate_candidate(
+        parent,
+        worse,
+        simic(),
+        graphs=graphs,
+        training_losses=losses,
+        imitation_holdout=samples,
+        kl_bound=False,
+        agreement_bound=False,
+    )
+    assert recorded.passed, recorded.reasons
+    parent_agreement = recorded.metrics["validation.holdout_agreement_parent"]
+    assert recorded.metrics["validation.holdout_agreement"] < parent_agreement

@@ -6,7 +6,9 @@ One round, as a recipe:
 2. Mode: PPO when there are enough decisions sampled by the GNN itself (on-policy material); otherwise the
    imitation bootstrap when there are enough heuristic decisions; otherwise the round is skipped.
    `distil` (asked for, never chosen by `auto`) clones every decision given, whichever policy made it:
-   self-imitation, when the caller has kept only the runs that scored best (expert iteration).
+   self-imitation, when the caller has kept only the runs that scored best (expert iteration). Its
+   held-out agreement is recorded, not compared with the parent's (the parent was trained on most of the
+   same runs): the caller judges a distil round by the outcome of its policy's runs.
 3. Split: a held-out share of the decisions is kept away from training, for validation.
 4. Train a *candidate* (a copy of the current policy): `ppo.ppo_update` or `imitation.imitate`.
 5. Validate the candidate against its parent (`validation.validate_candidate`).
@@ -166,6 +168,7 @@ class SimicTrainer:
                 training_losses={"loss": imitation.loss, "value_loss": imitation.value_loss},
                 imitation_holdout=[pool[i] for i in holdout_rows],
                 kl_bound=False,  # imitation moves far from its (random) parent on purpose
+                agreement_bound=chosen == "imitation",
             )
         result.metrics.update(report.metrics)
         result.version = candidate.version
