@@ -26,7 +26,7 @@ from esper.simic.reward import ACCURACY_DELTA, LOSS_DELTA, PARAM_DELTA, Unmeasur
 from esper.simic.settings import SimicSettings
 from esper.simic.trainer import SimicState, SimicTrainer, bus_publisher, offline_records, serve
 from esper.simic.transitions import RecordCollector, Sample, build_samples
-from esper.simic.validation import agreement, choice_log_probs, validate_candidate
+from esper.simic.validation import ValidationReport, agreement, choice_log_probs, validate_candidate
 from esper.tamiyo.model.builder import GraphBuilder
 from esper.tamiyo.model.distributions import ActionEvaluation
 from esper.tamiyo.model.policy import GNNPolicy
@@ -489,28 +489,22 @@ def test_a_distil_round_records_agreement_without_comparing_it_to_a_parent_that_
     parent = small_policy()
     imitate(parent, samples, simic(imitation_epochs=15), generator=torch.Generator().manual_seed(0))
     worse = small_policy()  # untrained: agrees less with the held-out choices than the parent
-    graphs = [s.graph for s in samples]
-    losses = {"loss": 0.1, "value_loss": 0.1}
-    compared = validate_candidate(
-        parent,
-        worse,
-        simic(),
-        graphs=graphs,
-        training_losses=losses,
-        imitation_holdout=samples,
-        kl_bound=False,
-    )
+
+    def check(*, agreement_bound: bool = True) -> ValidationReport:
+        return validate_candidate(
+            parent,
+            worse,
+            simic(),
+            graphs=[s.graph for s in samples],
+            training_losses={"loss": 0.1, "value_loss": 0.1},
+            imitation_holdout=samples,
+            kl_bound=False,
+            agreement_bound=agreement_bound,
+        )
+
+    compared = check()
     assert not compared.passed and "regresses" in compared.reasons[0]
-    recorded = validate_candidate(
-        parent,
-        worse,
-        simic(),
-        graphs=graphs,
-        training_losses=losses,
-        imitation_holdout=samples,
-        kl_bound=False,
-        agreement_bound=False,
-    )
+    recorded = check(agreement_bound=False)
     assert recorded.passed, recorded.reasons
     parent_agreement = recorded.metrics["validation.holdout_agreement_parent"]
     assert recorded.metrics["validation.holdout_agreement"] < parent_agreement
