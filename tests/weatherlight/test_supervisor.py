@@ -167,6 +167,8 @@ def test_a_service_that_finishes_cleanly_is_not_restarted(tmp_path: Path) -> Non
     health = rig.health()["learner"]
     assert health["state"] == "stopped" and health["last_exit_code"] == 0
     assert "not restarted" in health["reason"]
+    # Done is not a fault: announced at INFO, not as a crash's exit.
+    assert "service_finished" in rig.names() and "service_exited" not in rig.names()
 
 
 def test_a_service_that_cannot_be_launched_is_retried_like_a_crash(tmp_path: Path) -> None:

@@ -310,7 +310,7 @@ class Supervisor:
         if code == 0:
             why = "exited on its own with status 0: finished, not restarted"
             self._change(service, ServiceState.STOPPED, why)
-            self._emit("service_exited", name, why, pid=str(pid), exit_code="0")
+            self._emit("service_finished", name, why, pid=str(pid), exit_code="0")
             return
         self._emit("service_exited", name, describe_exit(code), pid=str(pid), exit_code=str(code))
         self._crashed(service, describe_exit(code))
