@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from esper.leyline import EsperError
+from esper.leyline import ContractVersionMismatch, EsperError
+from esper.leyline import sqlite as sqlite_files
 from esper.leyline.sqlite import (
     Migration,
     MigrationError,
+    WalRefused,
     configure,
     connect,
     is_corruption,
     migrate,
+    open_store,
     transaction,
 )
 from esper.oona import EmbeddedBus, OonaSettings
@@ -28,6 +31,12 @@ class Typed(EsperError):
     def __init__(self, operation: str, exc: sqlite3.Error) -> None:
         self.operation = operation
         super().__init__(f"{operation}: {exc}")
+
+
+class Refused(EsperError):
+    def __init__(self, exc: WalRefused | MigrationError) -> None:
+        self.exc = exc
+        super().__init__(f"refused: {exc}")
 
 
 def opened(path: Path) -> sqlite3.Connection:
@@ -106,6 +115,98 @@ def test_a_damaged_file_is_told_apart_from_a_failed_write(tmp_path: Path) -> Non
         db.close()
     assert is_corruption(damaged.value)
     assert not is_corruption(sqlite3.OperationalError("database is locked"))
+
+
+def open_test_store(path: Path, migrations: tuple[Migration, ...] = STEPS) -> sqlite3.Connection:
+    return open_store(
+        path,
+        timeout_s=1.0,
+        where=f"test store {path}",
+        migrations=migrations,
+        now_ns=lambda: 7,
+        error=Typed,
+        refused=Refused,
+    )
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[sqlite3.Connection]:
+    """Every connection `open_store` makes, to see that a failed open closed it."""
+    made: list[sqlite3.Connection] = []
+
+    def connect_and_keep(path: Path, *, timeout_s: float) -> sqlite3.Connection:
+        db = connect(path, timeout_s=timeout_s)
+        made.append(db)
+        return db
+
+    monkeypatch.setattr(sqlite_files, "connect", connect_and_keep)
+    return made
+
+
+def is_closed(db: sqlite3.Connection) -> bool:
+    try:
+        db.execute("SELECT 1")
+    except sqlite3.ProgrammingError:
+        return True
+    return False
+
+
+def test_open_store_returns_the_file_configured_and_migrated(tmp_path: Path) -> None:
+    db = open_test_store(tmp_path / "f.sqlite3")
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert db.execute("SELECT version, applied_at_ns FROM schema_migrations").fetchall() == [
+            (1, 7),
+            (2, 7),
+        ]
+        assert db.isolation_level is None  # autocommit: transactions are explicit
+    finally:
+        db.close()
+
+
+def test_a_damaged_file_fails_to_open_as_the_callers_error_and_is_closed(
+    tmp_path: Path, connections: list[sqlite3.Connection]
+) -> None:
+    path = tmp_path / "f.sqlite3"
+    path.write_bytes(b"not a database at all, " * 200)
+    with pytest.raises(Typed, match=r"^open: file is not a database") as failed:
+        open_test_store(path)
+    assert failed.value.operation == "open"
+    assert isinstance(failed.value.__cause__, sqlite3.DatabaseError)
+    assert len(connections) == 1 and is_closed(connections[0])
+
+
+def test_a_file_that_cannot_be_opened_at_all_fails_as_the_callers_error(tmp_path: Path) -> None:
+    with pytest.raises(Typed, match=r"^open: unable to open database file"):
+        open_test_store(tmp_path)  # a directory
+
+
+def test_a_refused_migration_fails_to_open_as_the_callers_refusal_and_is_closed(
+    tmp_path: Path, connections: list[sqlite3.Connection]
+) -> None:
+    path = tmp_path / "f.sqlite3"
+    open_test_store(path).close()
+    with pytest.raises(Refused, match="newer than this code supports") as newer:
+        open_test_store(path, STEPS[:1])
+    assert isinstance(newer.value.exc, MigrationError)
+    broken = (*STEPS, Migration(3, "broken", ("NOT SQL",)))
+    with pytest.raises(Refused, match="cannot be migrated") as failed:
+        open_test_store(path, broken)
+    assert isinstance(failed.value.exc, MigrationError) and isinstance(failed.value.exc.cause, Typed)
+    assert len(connections) == 3 and all(is_closed(db) for db in connections)
+
+
+def test_a_file_of_another_contract_fails_to_open_as_a_mismatch_and_is_closed(
+    tmp_path: Path, connections: list[sqlite3.Connection]
+) -> None:
+    path = tmp_path / "f.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE written_before_the_contract_was_recorded (x INTEGER)")
+    db.close()
+    with pytest.raises(ContractVersionMismatch, match=f"test store {path}"):
+        open_test_store(path)
+    assert len(connections) == 1 and is_closed(connections[0])
 
 
 def test_the_store_the_bus_and_the_catalogue_record_their_migrations(tmp_path: Path) -> None:

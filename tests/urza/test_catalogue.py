@@ -265,6 +265,11 @@ def test_a_file_that_is_not_sqlite_is_corrupt(tmp_path: Path) -> None:
         BlueprintCatalogue.open_default(path)
 
 
+def test_a_catalogue_path_that_cannot_be_opened_is_a_typed_error(tmp_path: Path) -> None:
+    with pytest.raises(CatalogueCorrupt, match="unable to open database file"):
+        BlueprintCatalogue(tmp_path)  # a directory
+
+
 def test_an_undecodable_descriptor_row_is_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "urza.sqlite3"
     BlueprintCatalogue.open_default(path).close()

@@ -7,6 +7,8 @@ catalogue): one way to open, to change state, to migrate a schema and to tell da
 - `transaction`: `BEGIN IMMEDIATE ... COMMIT` (the write lock taken up front, so two writers never
   deadlock half-way), rolled back whole on any failure; a SQLite error leaves as the caller's typed error.
 - `migrate`: numbered schema steps, each applied once in its own transaction and recorded.
+- `open_store`: the three together (connect, configure, migrate), the connection closed on any failure
+  and the failure turned into the caller's typed error.
 - `is_corruption`: whether an error means the file itself is damaged, rather than a write that failed.
 """
 
@@ -147,3 +149,35 @@ def migrate(
         except EsperError as exc:
             raise MigrationError(found, supported, exc) from exc
     return found
+
+
+def open_store(
+    path: Path,
+    *,
+    timeout_s: float,
+    where: str,
+    migrations: Sequence[Migration],
+    now_ns: Callable[[], int],
+    error: ErrorMapper,
+    refused: Callable[[WalRefused | MigrationError], Exception],
+) -> sqlite3.Connection:
+    """`connect`, `configure` (`where` names the file) and `migrate` `path`; the connection, ready to use.
+
+    Each migration runs in a `transaction` whose SQLite errors leave as `error`. On any failure the
+    connection is closed: a SQLite error leaves as `error("open", exc)`, a refused WAL mode or migration as
+    `refused(exc)`, anything else (a `ContractVersionMismatch`, the caller's typed error) as it is."""
+    try:
+        db = connect(path, timeout_s=timeout_s)
+    except sqlite3.Error as exc:
+        raise error("open", exc) from exc
+    try:
+        configure(db, path, where)
+        migrate(lambda operation: transaction(db, operation, error), migrations, now_ns=now_ns)
+    except BaseException as exc:
+        db.close()
+        if isinstance(exc, sqlite3.Error):
+            raise error("open", exc) from exc
+        if isinstance(exc, WalRefused | MigrationError):
+            raise refused(exc) from exc
+        raise
+    return db

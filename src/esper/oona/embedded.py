@@ -71,18 +71,15 @@ class EmbeddedBus:
         self._clock = clock
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db: sqlite3.Connection | None = None
-        try:
-            self._db = sqlite_files.connect(self.path, timeout_s=settings.busy_timeout_ms / 1000)
-            sqlite_files.configure(self._db, self.path, f"embedded bus {self.path}")
-            sqlite_files.migrate(self._transaction, MIGRATIONS, now_ns=clock.wall_ns)
-        except BaseException as exc:
-            self.close()
-            if isinstance(exc, sqlite3.Error):
-                raise self._error("open", exc) from exc
-            if isinstance(exc, sqlite_files.WalRefused | sqlite_files.MigrationError):
-                raise BusError(f"{self.path}: {exc}") from exc
-            raise
+        self._db: sqlite3.Connection | None = sqlite_files.open_store(
+            self.path,
+            timeout_s=settings.busy_timeout_ms / 1000,
+            where=f"embedded bus {self.path}",
+            migrations=MIGRATIONS,
+            now_ns=clock.wall_ns,
+            error=self._error,
+            refused=lambda exc: BusError(f"{self.path}: {exc}"),
+        )
 
     def __repr__(self) -> str:
         return f"EmbeddedBus({str(self.path)!r})"

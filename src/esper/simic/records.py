@@ -59,18 +59,15 @@ class RecordStore:
         self._clock = clock
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db: sqlite3.Connection | None = None
-        try:
-            self._db = sqlite_files.connect(self.path, timeout_s=busy_timeout_s)
-            sqlite_files.configure(self._db, self.path, f"Simic's record store {self.path}")
-            sqlite_files.migrate(self._transaction, MIGRATIONS, now_ns=clock.wall_ns)
-        except BaseException as exc:
-            self.close()
-            if isinstance(exc, sqlite3.Error):
-                raise self._error("open", exc) from exc
-            if isinstance(exc, sqlite_files.WalRefused | sqlite_files.MigrationError):
-                raise RecordStoreError(self.path, "open", str(exc)) from exc
-            raise
+        self._db: sqlite3.Connection | None = sqlite_files.open_store(
+            self.path,
+            timeout_s=busy_timeout_s,
+            where=f"Simic's record store {self.path}",
+            migrations=MIGRATIONS,
+            now_ns=clock.wall_ns,
+            error=self._error,
+            refused=lambda exc: RecordStoreError(self.path, "open", str(exc)),
+        )
 
     def __enter__(self) -> RecordStore:
         return self

@@ -35,7 +35,6 @@ from torch import nn
 from esper.leyline import (
     SYSTEM_CLOCK,
     Clock,
-    ContractVersionMismatch,
     EsperError,
     pb,
     serialize,
@@ -132,18 +131,18 @@ class BlueprintCatalogue:
         self._listeners: builtins.list[Listener] = []
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite_files.connect(self.path, timeout_s=BUSY_TIMEOUT_MS / 1000)
+        self._db = sqlite_files.open_store(
+            self.path,
+            timeout_s=BUSY_TIMEOUT_MS / 1000,
+            where=f"Urza catalogue {self.path}",
+            migrations=MIGRATIONS,
+            now_ns=clock.wall_ns,
+            error=self._error,
+            refused=lambda exc: CatalogueCorrupt(self.path, str(exc)),
+        )
         try:
-            sqlite_files.configure(self._db, self.path, f"Urza catalogue {self.path}")
-            sqlite_files.migrate(self._transaction, MIGRATIONS, now_ns=clock.wall_ns)
             self._check_schema()
-        except sqlite3.DatabaseError as exc:
-            self._db.close()
-            raise CatalogueCorrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
-        except (sqlite_files.WalRefused, sqlite_files.MigrationError) as exc:
-            self._db.close()
-            raise CatalogueCorrupt(self.path, str(exc)) from exc
-        except (CatalogueCorrupt, ContractVersionMismatch):
+        except BaseException:
             self._db.close()
             raise
 
@@ -367,10 +366,10 @@ class BlueprintCatalogue:
                     )
 
     def _check_schema(self) -> None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        row = self._query_one("SELECT value FROM meta WHERE key = 'schema_version'")
         if row is None:
-            self._db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('revision', 0)")
+            self._query_one("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            self._query_one("INSERT OR IGNORE INTO meta (key, value) VALUES ('revision', 0)")
         elif row[0] != SCHEMA_VERSION:
             raise CatalogueCorrupt(self.path, f"schema version {row[0]!r}, expected {SCHEMA_VERSION}")
 
