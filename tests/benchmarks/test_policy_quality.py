@@ -33,7 +33,15 @@ def run_benchmark(tmp_path: Path, *extra: str) -> dict[str, Any]:
 @pytest.mark.slow
 def test_the_last_line_holds_every_policy_the_paired_differences_and_the_curve(tmp_path: Path) -> None:
     summary = run_benchmark(tmp_path, "--train-tasks", "1", "--eval-tasks", "2", "--iterations", "1")
-    policies = {"wait_only", "heuristic", "random", "imitation_gnn", "learned_gnn", "heuristic_matched"}
+    policies = {
+        "wait_only",
+        "heuristic",
+        "heuristic_tuned",
+        "random",
+        "imitation_gnn",
+        "learned_gnn",
+        "heuristic_matched",
+    }
     assert set(summary["results"]) == policies
     for figures in summary["results"].values():
         assert {"accuracy", "params", "objective"} <= set(figures)
@@ -56,6 +64,11 @@ def test_the_last_line_holds_every_policy_the_paired_differences_and_the_curve(t
     assert all(m["params"] <= learned["params"] for m, learned in matched)
     assert "learned_gnn-heuristic_matched" in summary["paired_differences"]
     assert isinstance(summary["done_when_met"], bool)
+    # The tuned heuristic is the stopping rule that scored best on the training tasks, among those tried.
+    tuned = summary["heuristic_tuned"]
+    assert set(tuned["training_objective"]) == {"heuristic", "heuristic_gain1e-4", "heuristic_gain1e-3"}
+    assert tuned["chosen"] == max(tuned["training_objective"], key=tuned["training_objective"].get)
+    assert "learned_gnn-heuristic_tuned" in summary["paired_differences"]
 
 
 @pytest.mark.slow
