@@ -3,6 +3,8 @@ germination is its seed's: one code path (`_credit_growth_outcomes`) for both.""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import pytest
 
 from esper.leyline import pb
@@ -19,8 +21,8 @@ GERMINATE, WAIT = pb.POLICY_ACTION_GERMINATE, pb.POLICY_ACTION_WAIT
 def collect(
     steps: dict[int, tuple[int, str, float | None]],
     *,
-    still_shown: frozenset[int] = frozenset(),
-    unmeasured_windows: frozenset[int] = frozenset(),
+    still_shown: Collection[int] = (),
+    unmeasured_windows: Collection[int] = (),
 ) -> TransitionSet:
     """step -> (action, the report's seed id, end figure on that report). `still_shown`: steps whose
     growth the packets still carried when the window closed (the report names the growth, with its
