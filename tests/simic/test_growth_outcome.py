@@ -104,3 +104,22 @@ def test_an_end_whose_own_window_was_not_measured_still_credits_its_start() -> N
     )
     assert rewards(result) == pytest.approx({0: 0.10})
     assert result.skipped["outcome_not_measured"] == 1
+
+
+def test_the_last_end_attempt_of_a_life_is_its_end() -> None:
+    """A FOSSILIZE refused because G4 had not passed yet is followed by the one that keeps the seed or
+    growth: the start is paid the figure of the keep, not of the refused attempt."""
+    result = collect(
+        {
+            0: (GERMINATE, "s0:g1", None),
+            1: (WIDEN, "fc1:w1", None),
+            2: (FOSSILIZE, "s0:g1", 0.01),  # refused
+            3: (FOSSILIZE, "fc1:w1", 0.02),  # refused
+            4: (FOSSILIZE, "s0:g1", 0.03),  # kept
+            5: (FOSSILIZE, "fc1:w1", 0.05),  # kept
+            6: (GERMINATE, "s0:g1", None),  # the slot's next seed, still alive
+        },
+        still_shown={1},
+    )
+    assert rewards(result) == pytest.approx({0: 0.06, 1: 0.10, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0, 6: 0.0})
+    assert result.outcomes == {"credited": 2, "not_ended": 1}

@@ -249,18 +249,21 @@ def _credit_growth_outcomes(
     steps: list[_Step], settings: SimicSettings, outcomes: Counter[str]
 ) -> list[_Step]:
     """Each germination, WIDEN or DEEPEN of one run (in step order) also earns the counterfactual
-    contribution of the seed or growth it started, as measured at the first fossilisation or cull of that
-    seed or growth after it (see `reward.with_seed_outcome`; a slot's seed id comes back after a reset, so
-    "after" matters). One that ended unmeasured, or was still alive when the records end, adds nothing and
-    is counted in `outcomes`. Steps without a reward (`None`: unmeasured windows) still tell their ends."""
+    contribution of the seed or growth it started, as measured at its end: the last FOSSILIZE or CULL of
+    that seed or growth before it is started again (see `reward.with_seed_outcome`; a slot's seed id comes
+    back after a reset, so "before" matters). A FOSSILIZE that Kasmina refused (G4 not passed yet) is
+    followed by the one that kept it; the records do not say which were refused, the last is the end.
+    One that ended unmeasured, or was still alive when the records end, adds nothing and is counted in
+    `outcomes`. Steps without a reward (`None`: unmeasured windows) still tell their ends."""
     credited = list(steps)
-    pending: dict[str, float | None] = {}  # id -> contribution at its nearest later end (None: unmeasured)
+    pending: dict[str, float | None] = {}  # id -> contribution at the end of its life (None: unmeasured)
     for index in range(len(credited) - 1, -1, -1):
         decision, report, reward = credited[index]
         if decision.action in _LIFE_ENDS:
-            if report.seed_id:
-                pending.pop(report.seed_id, None)
-                pending[report.seed_id] = _end_figure(report)  # last in order: the nearest later end
+            # The last attempt of a life is its end: an earlier one was refused (a FOSSILIZE before G4
+            # passed), or it would have been the last. Set once per life, in the order lives end.
+            if report.seed_id and report.seed_id not in pending:
+                pending[report.seed_id] = _end_figure(report)
             continue
         if decision.action != pb.POLICY_ACTION_GERMINATE and decision.action not in _GROWTH_LETTER:
             continue
