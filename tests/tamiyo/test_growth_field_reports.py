@@ -71,3 +71,70 @@ def test_a_merged_deepen_is_reported_on_its_layer_with_its_cost(store: TamiyoSto
     assert report.outcome == pb.FIELD_REPORT_OUTCOME_NEUTRAL
     assert report.metrics["param_delta"] == pytest.approx(500.0)
     assert "contribution_accuracy" not in report.metrics
+
+
+def end_of_life(store: TamiyoStore, slot_id: str, decided: pb.SystemStatePacket) -> pb.FieldReport:
+    """A FOSSILIZE of `slot_id` decided on `decided`, its window closed by a packet where what it kept no
+    longer shows (a widen merged into its layer, a fossil stacked into the host: the slot is dormant)."""
+    proposal = Proposal(action=pb.POLICY_ACTION_FOSSILIZE, slot_id=slot_id, head_choices={"action": 2})
+    service = TamiyoService(settings(), ScriptedPolicy(proposal), SECRET, store=store)
+    try:
+        command = service.evaluate_step(decided)
+        assert command.seed_operation.operation == pb.SEED_OP_FOSSILIZE, command
+        service._field_reports.lifecycle.observe(packet(4, accuracy=0.55, params=1200.0))  # type: ignore[union-attr]
+    finally:
+        service.close(abort_open_windows=False)
+    (stored,) = store.field_reports()
+    assert stored.report.command_id == command.command_id
+    return stored.report
+
+
+def test_a_kept_widen_is_reported_with_its_contribution_measured_at_the_keep(store: TamiyoStore) -> None:
+    decided = packet(3, accuracy=0.50, params=1000.0)
+    state = decided.growth_states.add(
+        seed_id="layer-0:w1", slot_id="layer-0:w1", stage=pb.SEED_STAGE_PROBATIONARY, blueprint_id="widen"
+    )
+    state.metrics.update(
+        {"contribution_measured": 1.0, "contribution_accuracy": 0.04, "fossilize_ready": 1.0}
+    )
+    report = end_of_life(store, "layer-0:w1", decided)
+    assert report.seed_id == "layer-0:w1" and report.action == pb.POLICY_ACTION_FOSSILIZE
+    assert report.metrics["end_contribution_accuracy"] == pytest.approx(0.04)
+
+
+def test_a_stacked_fossil_is_reported_with_its_contribution_measured_at_the_keep(store: TamiyoStore) -> None:
+    decided = packet(3, accuracy=0.50, params=1000.0)
+    state = decided.seed_states[0]
+    state.seed_id, state.stage, state.blueprint_id = "slot-0:g1", pb.SEED_STAGE_PROBATIONARY, "bp-1"
+    state.metrics.update({"contribution_measured": 1.0, "contribution_accuracy": -0.02})
+    report = end_of_life(store, "slot-0", decided)
+    assert report.seed_id == "slot-0:g1"
+    assert report.metrics["end_contribution_accuracy"] == pytest.approx(-0.02)
+    assert "contribution_accuracy" not in report.metrics  # the dormant slot at window close has none
+
+
+def test_an_end_whose_contribution_was_not_measured_reports_none(store: TamiyoStore) -> None:
+    decided = packet(3, accuracy=0.50, params=1000.0)
+    state = decided.growth_states.add(
+        seed_id="layer-0:w1", slot_id="layer-0:w1", stage=pb.SEED_STAGE_PROBATIONARY, blueprint_id="widen"
+    )
+    state.metrics.update({"contribution_measured": 0.0, "contribution_accuracy": 0.0})
+    report = end_of_life(store, "layer-0:w1", decided)
+    assert "end_contribution_accuracy" not in report.metrics
+
+
+def test_a_keep_whose_window_the_run_end_aborts_still_reports_its_contribution(store: TamiyoStore) -> None:
+    decided = packet(3, accuracy=0.50, params=1000.0)
+    state = decided.growth_states.add(
+        seed_id="layer-0:d1", slot_id="layer-0:d1", stage=pb.SEED_STAGE_PROBATIONARY, blueprint_id="deepen"
+    )
+    state.metrics.update({"contribution_measured": 1.0, "contribution_accuracy": 0.01})
+    proposal = Proposal(action=pb.POLICY_ACTION_FOSSILIZE, slot_id="layer-0:d1", head_choices={"action": 2})
+    service = TamiyoService(settings(), ScriptedPolicy(proposal), SECRET, store=store)
+    try:
+        service.evaluate_step(decided)
+    finally:
+        service.close(abort_open_windows=True)
+    (stored,) = store.field_reports()
+    assert stored.report.outcome == pb.FIELD_REPORT_OUTCOME_ABORTED
+    assert stored.report.metrics["end_contribution_accuracy"] == pytest.approx(0.01)

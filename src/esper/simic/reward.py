@@ -8,7 +8,10 @@ gives no reward at all (unmeasured is not zero): its decision is left out and co
 A germination's own window sees only its cost: the seed trains in isolation (alpha 0) while the window
 is open, and what it is worth shows only when its life ends. So a germination is also paid its seed's
 counterfactual contribution as measured at the fossilisation or cull that ended it (`with_seed_outcome`);
-without it, PPO learns that never growing is the safe choice.
+without it, PPO learns that never growing is the safe choice. A WIDEN or DEEPEN is paid the same way:
+its growth's new units (or block) have the same lifecycle, are measured the same way (accuracy with
+them minus with their contribution zeroed) and are kept (merged into the layer) or culled by a
+FOSSILIZE or CULL whose report carries the figure (`END_CONTRIBUTION_ACCURACY`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ ACCURACY_DELTA = "accuracy_delta"  # validation accuracy at window close minus a
 LOSS_DELTA = "loss_delta"  # validation loss at window close minus at the decision
 PARAM_DELTA = "param_delta"  # parameters added over the window (negative when removed)
 CONTRIBUTION_ACCURACY = "contribution_accuracy"  # accuracy with the seed minus with its alpha forced to 0
+# On a FOSSILIZE or CULL: the contribution of the seed or growth it ended, as measured for that decision.
+END_CONTRIBUTION_ACCURACY = "end_contribution_accuracy"
 REQUIRED_KEYS: tuple[str, ...] = (ACCURACY_DELTA, LOSS_DELTA)
 
 
@@ -93,7 +98,8 @@ def _reward(
 
 
 def with_seed_outcome(reward: Reward, contribution_accuracy: float, settings: SimicSettings) -> Reward:
-    """`reward` of a germination plus its seed's contribution measured at the end of the seed's life."""
+    """`reward` of a germination (or a WIDEN or DEEPEN) plus the contribution of its seed (or growth)
+    measured at the end of that seed's (or growth's) life."""
     seed_outcome = settings.reward_seed_outcome_weight * contribution_accuracy
     return _reward(
         settings,

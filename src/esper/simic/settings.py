@@ -24,8 +24,9 @@ class SimicSettings(StrictSettings):
     reward_seed_outcome_weight: float = Field(
         default=1.0,
         ge=0,
-        description="x counterfactual accuracy contribution of the seed a germination planted, as measured "
-        "when that seed was fossilised or culled (credited to the germination).",
+        description="x counterfactual accuracy contribution of the seed a germination planted (or of the "
+        "units or block a WIDEN or DEEPEN added), as measured when it was fossilised or culled (credited "
+        "to the germination, WIDEN or DEEPEN).",
     )
     reward_param_cost: float = Field(
         default=0.01, ge=0, description="Cost per 1000 parameters added over the window."
@@ -36,7 +37,7 @@ class SimicSettings(StrictSettings):
         description="window: each decision is paid what its own observation window measured. episode: the "
         "run's outcome (accuracy at the last window's close minus reward_param_cost per 1000 parameters) "
         "is paid at its last decision and credited to the earlier ones through returns; germinations "
-        "keep their seed's counterfactual contribution.",
+        "keep their seed's counterfactual contribution, WIDENs and DEEPENs their growth's.",
     )
     # Returns and advantages over the decisions of one run, in step order.
     gamma: float = Field(default=0.9, ge=0, le=1)

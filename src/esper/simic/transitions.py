@@ -23,6 +23,7 @@ from esper.oona import Bus, Delivery, Streams, open_envelope
 from esper.simic.records import RecordStore
 from esper.simic.reward import (
     CONTRIBUTION_ACCURACY,
+    END_CONTRIBUTION_ACCURACY,
     Reward,
     UnmeasuredOutcome,
     episode_objective,
@@ -90,10 +91,17 @@ class Sample:
 
 @dataclass
 class TransitionSet:
-    """Transitions, in trajectory order, and what could not be used (reason -> count)."""
+    """Transitions, in trajectory order, and what could not be used (reason -> count).
+
+    `outcomes` says, for the germinations, WIDENs and DEEPENs among the transitions, how many were
+    credited their seed's or growth's contribution at the end of its life ("credited"), how many started
+    something that ended unmeasured ("ended_unmeasured") and how many something not ended in the records
+    ("not_ended"): the last two add nothing to the reward, which is not the same as adding 0 measured.
+    """
 
     transitions: list[Transition] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)
 
 
 class RecordCollector:
@@ -150,7 +158,7 @@ class RecordCollector:
     def transitions(self, settings: SimicSettings) -> TransitionSet:
         """Every decision that has its report, as trajectories per run in step order."""
         result = TransitionSet()
-        runs: dict[str, list[tuple[pb.DecisionRecord, pb.FieldReport, Reward]]] = {}
+        runs: dict[str, list[tuple[pb.DecisionRecord, pb.FieldReport, Reward | None]]] = {}
         for command_id, decision in self._decisions.items():
             report = self._reports.get(command_id)
             if report is None:
@@ -162,23 +170,30 @@ class RecordCollector:
                 # The risk gates issued something else: the outcome is not the chosen action's to claim.
                 result.skipped["overridden_by_risk_gate"] += 1
                 continue
+            reward: Reward | None
             try:
                 reward = reward_of(report, settings)
             except UnmeasuredOutcome:
                 result.skipped["outcome_not_measured"] += 1
-                continue
+                reward = None  # no transition, but a FOSSILIZE or CULL still tells its end figure
             runs.setdefault(decision.training_run_id, []).append((decision, report, reward))
         result.skipped["report_without_decision"] = sum(
             1 for command_id in self._reports if command_id not in self._decisions
         )
         for run_id in sorted(runs):
-            steps = _credit_seed_outcomes(
+            credited = _credit_growth_outcomes(
                 sorted(
                     runs[run_id],
                     key=lambda item: (item[0].packet.global_step, item[0].issued_at.ToNanoseconds()),
                 ),
                 settings,
+                result.outcomes,
             )
+            steps = [
+                (decision, report, reward) for decision, report, reward in credited if reward is not None
+            ]
+            if not steps:
+                continue
             if settings.reward_mode == "episode":
                 objective = episode_objective(steps[-1][0], steps[-1][1], settings)
                 steps = [
@@ -197,31 +212,74 @@ class RecordCollector:
         return result
 
 
-_SEED_ENDS = frozenset({pb.POLICY_ACTION_FOSSILIZE, pb.POLICY_ACTION_CULL})
+_LIFE_ENDS = frozenset({pb.POLICY_ACTION_FOSSILIZE, pb.POLICY_ACTION_CULL})
+# What a start's growth id looks like: `<layer>:w<n>` for a WIDEN, `<layer>:d<n>` for a DEEPEN.
+_GROWTH_LETTER = {pb.POLICY_ACTION_WIDEN: "w", pb.POLICY_ACTION_DEEPEN: "d"}
+
+_Step = tuple[pb.DecisionRecord, pb.FieldReport, Reward | None]
 
 
-def _credit_seed_outcomes(
-    steps: list[tuple[pb.DecisionRecord, pb.FieldReport, Reward]], settings: SimicSettings
-) -> list[tuple[pb.DecisionRecord, pb.FieldReport, Reward]]:
-    """Each germination of one run (in step order) also earns its seed's counterfactual contribution as
-    measured at the first fossilisation or cull of that seed after it (see `reward.with_seed_outcome`;
-    a slot's seed id comes back after a reset, so "after" matters). A seed whose end was not measured, or
-    that was still alive when the records end, adds nothing."""
+def _end_figure(report: pb.FieldReport) -> float | None:
+    """The contribution a FOSSILIZE or CULL report measured for what it ended (None: unmeasured). Reports
+    written before `END_CONTRIBUTION_ACCURACY` existed carry a seed's figure at window close instead."""
+    for key in (END_CONTRIBUTION_ACCURACY, CONTRIBUTION_ACCURACY):
+        value = float(report.metrics.get(key, math.nan))
+        if math.isfinite(value):
+            return value
+    return None
+
+
+def _started_id(decision: pb.DecisionRecord, report: pb.FieldReport, pending: dict[str, float | None]) -> str:
+    """The id of the seed or growth a germination, WIDEN or DEEPEN started, as the ends know it.
+
+    A germination's report names its seed; a growth's names its growth while the packets still carried it
+    at window close (`growth_stage` is then set), else its layer: the growth was kept (a widen merged into
+    the layer) or culled within the window. Then it is the nearest later growth of that operation on the
+    layer with an end in the records (one growth per layer at a time, so no other can come between)."""
+    seed_id = str(report.seed_id)
+    letter = _GROWTH_LETTER.get(decision.action)
+    if letter is None or "growth_stage" in report.metrics:
+        return seed_id
+    prefix = f"{decision.growth.layer_id or seed_id}:{letter}"
+    later = [key for key in pending if key.startswith(prefix) and key[len(prefix) :].isdigit()]
+    return later[-1] if later else seed_id
+
+
+def _credit_growth_outcomes(
+    steps: list[_Step], settings: SimicSettings, outcomes: Counter[str]
+) -> list[_Step]:
+    """Each germination, WIDEN or DEEPEN of one run (in step order) also earns the counterfactual
+    contribution of the seed or growth it started, as measured at its end: the last FOSSILIZE or CULL of
+    that seed or growth before it is started again (see `reward.with_seed_outcome`; a slot's seed id comes
+    back after a reset, so "before" matters). A FOSSILIZE that Kasmina refused (G4 not passed yet) is
+    followed by the one that kept it; the records do not say which were refused, the last is the end.
+    One that ended unmeasured, or was still alive when the records end, adds nothing and is counted in
+    `outcomes`. Steps without a reward (`None`: unmeasured windows) still tell their ends."""
     credited = list(steps)
-    next_end: dict[str, float] = {}  # seed id -> contribution at its nearest later end
+    pending: dict[str, float | None] = {}  # id -> contribution at the end of its life (None: unmeasured)
     for index in range(len(credited) - 1, -1, -1):
         decision, report, reward = credited[index]
-        seed_id = report.seed_id
-        if not seed_id:
+        if decision.action in _LIFE_ENDS:
+            # The last attempt of a life is its end: an earlier one was refused (a FOSSILIZE before G4
+            # passed), or it would have been the last. Set once per life, in the order lives end.
+            if report.seed_id and report.seed_id not in pending:
+                pending[report.seed_id] = _end_figure(report)
             continue
-        if decision.action in _SEED_ENDS:
-            value = float(report.metrics.get(CONTRIBUTION_ACCURACY, math.nan))
-            if math.isfinite(value):
-                next_end[seed_id] = value
-            else:
-                next_end.pop(seed_id, None)  # ended unmeasured: no figure to pass back
-        elif decision.action == pb.POLICY_ACTION_GERMINATE and seed_id in next_end:
-            credited[index] = (decision, report, with_seed_outcome(reward, next_end.pop(seed_id), settings))
+        if decision.action != pb.POLICY_ACTION_GERMINATE and decision.action not in _GROWTH_LETTER:
+            continue
+        started = _started_id(decision, report, pending) if report.seed_id else ""
+        if started not in pending:
+            if reward is not None:
+                outcomes["not_ended"] += 1
+            continue
+        value = pending.pop(started)
+        if reward is None:
+            continue
+        if value is None:
+            outcomes["ended_unmeasured"] += 1
+            continue
+        outcomes["credited"] += 1
+        credited[index] = (decision, report, with_seed_outcome(reward, value, settings))
     return credited
 
 

@@ -9,6 +9,13 @@ parameter cost, the seed's counterfactual contribution when Kasmina measured it,
 `observation_window_epochs = N`. A WIDEN or DEEPEN is reported the same way: its blueprint is the
 operation's name, and its seed is the growth it started (`fc1:w1`) while the packets still carry that
 growth, else its layer (a widen merged into the host is judged by the accuracy and parameter change).
+
+A FOSSILIZE or CULL ends a seed's or growth's life: its report also carries, as
+`end_contribution_accuracy`, the counterfactual accuracy contribution Kasmina had measured for that seed
+or growth when the decision was made (read from the stored decision's packet). That is the figure the
+keep or cull was judged on, and the only one left once a fossil is stacked or a widen merged into its
+layer (neither shows in later packets); Simic credits it to the germination, WIDEN or DEEPEN that
+started the seed or growth.
 Windows live in the store, so a restarted service resumes them; at the end
 of a run the windows still open close as ABORTED, with the epochs really observed (0 if none).
 
@@ -22,6 +29,7 @@ trainer's checkpoint writer calls); a completed run releases everything when it 
 
 from __future__ import annotations
 
+import math
 import queue
 import uuid
 
@@ -71,6 +79,9 @@ def _seed_state(packet: pb.SystemStatePacket, slot_id: str) -> pb.SeedState | No
         return None
     return next((state for state in packet.seed_states if state.slot_id == slot_id), None)
 
+
+# Decisions that end a seed's or a growth's life (their reports carry `end_contribution_accuracy`).
+_LIFE_ENDS = frozenset({pb.POLICY_ACTION_FOSSILIZE, pb.POLICY_ACTION_CULL})
 
 # A growth command's window names the operation as its blueprint (what its growth's `SeedState` carries).
 _GROWTH_NAMES = {pb.SEED_OP_WIDEN: "widen", pb.SEED_OP_DEEPEN: "deepen"}
@@ -211,8 +222,27 @@ class FieldReportLifecycle:
                         metrics[key] = float(state.metrics[key])
             if window.action == pb.POLICY_ACTION_GERMINATE and state.blueprint_id:
                 seed_id = state.seed_id  # the seed this germination created
+        metrics.update(self._end_contribution(window))
         outcome = judge_outcome(metrics["accuracy_delta"], loss_frac, self._settings)
         return self._report(window, outcome, metrics, seed_id, notes="")
+
+    def _end_contribution(self, window: ObservationWindow) -> dict[str, float]:
+        """For a FOSSILIZE or CULL: `end_contribution_accuracy`, the contribution of the seed or growth it
+        ended as measured in its decision's packet; empty when none was measured (unmeasured, not 0)."""
+        if window.action not in _LIFE_ENDS or not window.slot_id:
+            return {}
+        decided = self._store.decision(window.command_id)
+        if decided is None:
+            return {}
+        packet = decided.packet
+        states = [*packet.seed_states, *packet.growth_states]
+        state = next((s for s in states if s.slot_id == window.slot_id), None)
+        if state is None or state.metrics.get("contribution_measured") != 1.0:
+            return {}
+        value = state.metrics.get("contribution_accuracy")
+        if value is None or not math.isfinite(value):
+            return {}
+        return {"end_contribution_accuracy": float(value)}
 
     def abort_open(self, reason: str, training_run_id: str | None = None) -> list[pb.FieldReport]:
         """Close every open window (of one run, or all) as ABORTED with `reason`.
@@ -228,6 +258,7 @@ class FieldReportLifecycle:
                 "baseline_accuracy": window.baseline_accuracy,
                 "baseline_loss": window.baseline_loss,
                 "epochs_observed": float(observed),
+                **self._end_contribution(window),  # measured at the decision: the run's end cannot undo it
             }
             report = self._report(
                 window,
