@@ -298,8 +298,8 @@ def plot_curve(curve: list[dict[str, Any]], references: dict[str, float], state_
     axes.plot([p["episodes"] for p in curve], [p["objective"] for p in curve], marker="o", label="GNN")
     for point in curve:
         axes.annotate(point["round"], (point["episodes"], point["objective"]), fontsize=7)
-    for name, value in references.items():
-        axes.axhline(value, linestyle="--", linewidth=1, label=f"{name} (same tasks)")
+    for index, (name, value) in enumerate(references.items()):
+        axes.axhline(value, linestyle="--", linewidth=1, color=f"C{index + 1}", label=f"{name} (same tasks)")
     axes.set_xlabel("episodes consumed")
     axes.set_ylabel("objective (accuracy - cost x kparams)")
     axes.legend(fontsize=8)
