@@ -55,6 +55,31 @@ def test_simic_train_from_a_run_directory_then_policy_show(recorded_run: Path, t
     assert round_["version"] in table.stdout
 
 
+def test_simic_train_distils_the_runs_it_is_given_whichever_policy_made_them(
+    recorded_run: Path, tmp_path: Path
+) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "simic",
+            "train",
+            "--from",
+            str(recorded_run),
+            "--mode",
+            "distil",
+            "--state-dir",
+            str(tmp_path / "simic"),
+            "--no-publish",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    round_ = json.loads(result.stdout.strip().splitlines()[-1])
+    # The GNN's own decisions: PPO material, cloned here as they were taken.
+    assert round_["mode"] == "distil" and round_["on_policy"] == 12 and round_["published"], round_
+    assert "imitation.agreement" in round_["metrics"]
+
+
 def test_simic_train_refuses_a_source_that_is_not_a_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
