@@ -97,3 +97,15 @@ def test_a_run_that_fails_is_an_error_of_reset_not_a_hang(monkeypatch: pytest.Mo
     with pytest.raises(EnvError, match="cannot be read"):
         env.reset(seed=0)
     env.close()
+
+
+def test_the_graph_observation_carries_the_catalogues_blueprint_descriptors() -> None:
+    env = quick_env()
+    try:
+        _, info = env.reset(seed=5)
+        graph = info["graph"]
+        assert graph["blueprint_ids"], "the catalogue offers blueprints"
+        # The descriptor columns (risk, tier, quarantine, host kinds) are present, as in Tamiyo's own graph.
+        assert graph["mask"]["blueprint"].all(), graph["mask"]["blueprint"]
+    finally:
+        env.close()

@@ -21,6 +21,7 @@ the run trains until the next decision (or its end, which ends the episode).
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -35,12 +36,14 @@ from gymnasium import spaces
 from numpy.typing import NDArray
 
 from esper.assembly import RunAssembly, RunInputs, RunSettings, RunSummary
-from esper.leyline import EsperError, load_settings, pb, resolve_signing_secret
+from esper.leyline import CleanupFailed, CleanupStack, EsperError, load_settings, pb, resolve_signing_secret
 from esper.nissa.layout import DataLayout
 from esper.simic.reward import UnmeasuredOutcome, reward_of
 from esper.simic.settings import SimicSettings
 from esper.tamiyo import GraphBuilder, Proposal
 from esper.tolaria.run import RunConfig, load_task, new_training_run_id, resolve_host
+
+_log = logging.getLogger("esper.envs")
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -180,7 +183,10 @@ class GrowthEnv(gym.Env[NDArray[np.float32], NDArray[np.int64]]):
         self._data = data
         self._runs_dir = Path(runs_dir) if runs_dir is not None else data.runs
         self._secret: bytes | None = None
-        self._builder = GraphBuilder(self._settings.tamiyo) if graph else None
+        # The graph's builder, with the catalogue's blueprint descriptors as Tamiyo's own builder has them:
+        # opened at the first reset (no file is touched before), closed by `close()`.
+        self._builder: GraphBuilder | None = None
+        self._catalogue = CleanupStack(_log_cleanup_failure)
         self.action_space = spaces.MultiDiscrete([len(ACTIONS), max_slots, max_blueprints])
         size = FLAT_FEATURES + SLOT_FEATURES * max_slots
         self.observation_space = spaces.Box(-1e6, 1e6, shape=(size,), dtype=np.float32)
@@ -195,6 +201,8 @@ class GrowthEnv(gym.Env[NDArray[np.float32], NDArray[np.int64]]):
     ) -> tuple[NDArray[np.float32], dict[str, Any]]:
         super().reset(seed=seed)
         self._abandon()
+        if self.graph and self._builder is None:
+            self._builder = self._open_builder()
         task = str(options.get("task")) if options and "task" in options else None
         if task is None:
             task = self.tasks[int(self.np_random.integers(len(self.tasks)))]
@@ -242,8 +250,23 @@ class GrowthEnv(gym.Env[NDArray[np.float32], NDArray[np.int64]]):
         )
 
     def close(self) -> None:
-        self._abandon()
+        try:
+            self._abandon()
+        finally:
+            self._builder = None
+            failures = self._catalogue.close()
+        if failures:
+            raise CleanupFailed(failures)
         super().close()
+
+    def _open_builder(self) -> GraphBuilder:
+        """A graph builder with the blueprint catalogue's descriptors (the data directory's catalogue, as
+        every run of this env uses it), warmed once; its catalogue and cache close with the env."""
+        from esper.assembly.tamiyo import metadata_cache, open_catalogue
+
+        catalogue = open_catalogue(self._data.catalogue, None, self._catalogue)
+        metadata = metadata_cache(catalogue, self._settings.tamiyo, None, self._catalogue)
+        return GraphBuilder(self._settings.tamiyo, blueprint_metadata=metadata)
 
     def _run(self, episode: _Episode, run_id: str, seed: int) -> None:
         """The episode's run, on its own thread: ends by putting `_End` (with the error, if it failed)."""
@@ -458,3 +481,7 @@ def _graph_view(graph: TamiyoGraph) -> dict[str, Any]:
 
 
 __all__ = ["ACTIONS", "FLAT_FEATURES", "SLOT_FEATURES", "TASKS", "EnvError", "GrowthEnv"]
+
+
+def _log_cleanup_failure(name: str, exc: Exception) -> None:
+    _log.error("clean-up step %r failed: %s: %s", name, type(exc).__name__, exc)
