@@ -92,6 +92,10 @@ def main() -> None:
             f"(median episode {figure['episode_seconds_median']} s)",
             flush=True,
         )
+    # Ratios against the first count, measured in this same process (the machine is shared and noisy).
+    base = figures[0]["episodes_per_minute"]
+    for figure in figures:
+        figure["speedup_vs_first"] = round(figure["episodes_per_minute"] / base, 3)
     print(json.dumps({"benchmark": "actor_throughput", "cpus": os.cpu_count(), "results": figures}))
 
 
