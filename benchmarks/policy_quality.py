@@ -15,13 +15,14 @@ Recipe (DESIGN §10: "baselines run side by side"):
    the episode's outcome (`--reward-mode episode`: accuracy minus `--param-cost` per 1000 parameters,
    credited through returns, germinations also paid their seed's counterfactual contribution).
    `--improve distil` (expert iteration): per training task, the run with the best objective so far,
-   whichever policy ran it (the heuristic, its variants of `--expert-gains`, the GNN's own samples), and
-   a round that clones those runs' decisions. After every round the current policy runs the first
-   `--curve-tasks` held-out tasks (the learning curve) and, with `--select-tasks`, validation tasks: the
-   policy evaluated is then the round (imitation included) that scored best there, not the last one.
+   whichever policy ran it (the heuristic, its variants of `--expert-gains` and `--expert-shares`, the
+   GNN's own samples), and a round that clones those runs' decisions. After every round the current
+   policy runs the first `--curve-tasks` held-out tasks (the learning curve) and, with `--select-tasks`,
+   validation tasks: the policy evaluated is then the round (imitation included) that scored best
+   there, not the last one.
 4. Evaluate every policy on the same held-out tasks: WAIT-only (no growth), the heuristic, the tuned
-   heuristic (its stopping rule, default or one of `--expert-gains`, that scored the best mean objective
-   on the training tasks), random (the
+   heuristic (its stopping rule or budget share, default or one of `--expert-gains` and
+   `--expert-shares`, that scored the best mean objective on the training tasks), random (the
    untrained GNN sampling: near-uniform over the legal actions), imitation and learned (sampling, as
    Tamiyo deploys them, or greedy with `--greedy-eval`), and the heuristic held to the learned policy's
    final size on each task (`heuristic_matched`: accuracy at equal or fewer parameters). Per policy:
@@ -357,8 +358,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="wait_only,heuristic,heuristic_tuned,random,imitation_gnn,learned_gnn,heuristic_matched",
         help="heuristic_matched: the heuristic under a budget of the learned policy's final size on each "
         "task (accuracy at equal or fewer parameters); it needs learned_gnn before it. heuristic_tuned: "
-        "the heuristic with the stopping rule (default or one of --expert-gains) that scored the best "
-        "mean objective on the training tasks",
+        "the heuristic with the stopping rule or budget share (default, or one of --expert-gains and "
+        "--expert-shares) that scored the best mean objective on the training tasks",
     )
     parser.add_argument(
         "--improve",
@@ -374,6 +375,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra heuristic runs of every training task, one per value of its stopping rule "
         "(TAMIYO_HEURISTIC_MIN_GAIN_PER_PARAMETER), comma-separated: the tuned heuristic's candidates, "
         "and with --improve distil expert iteration's too",
+    )
+    parser.add_argument(
+        "--expert-shares",
+        default="0.25,0.5",
+        help="as --expert-gains, for the share of the task's budget the heuristic grows to "
+        "(TAMIYO_HEURISTIC_BUDGET_FRACTION)",
     )
     parser.add_argument(
         "--select-tasks",
@@ -616,9 +623,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: C901, PLR091
         variants = {
             "heuristic": (sampling, statistics.fmean(r["objective"] for _, r in heuristic_rows.values()))
         }
-        for gain in filter(None, args.expert_gains.split(",")):
-            variant = sampling.model_copy(update={"heuristic_min_gain_per_parameter": float(gain)})
-            tag = f"heuristic_gain{gain}"
+        knobs = [
+            ("gain", "heuristic_min_gain_per_parameter", value) for value in args.expert_gains.split(",")
+        ]
+        knobs += [("share", "heuristic_budget_fraction", value) for value in args.expert_shares.split(",")]
+        for short, knob, value in (k for k in knobs if k[2]):
+            variant = sampling.model_copy(update={knob: float(value)})
+            tag = f"heuristic_{short}{value}"
             collected, variant_rows = record(tag, lambda v=variant: HeuristicPolicy(v), train_tasks)
             best_runs.add(tag, collected, variant_rows)
             variants[tag] = (variant, statistics.fmean(r["objective"] for _, r in variant_rows.values()))

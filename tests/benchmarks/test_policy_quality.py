@@ -66,7 +66,13 @@ def test_the_last_line_holds_every_policy_the_paired_differences_and_the_curve(t
     assert isinstance(summary["done_when_met"], bool)
     # The tuned heuristic is the stopping rule that scored best on the training tasks, among those tried.
     tuned = summary["heuristic_tuned"]
-    assert set(tuned["training_objective"]) == {"heuristic", "heuristic_gain1e-4", "heuristic_gain1e-3"}
+    assert set(tuned["training_objective"]) == {
+        "heuristic",
+        "heuristic_gain1e-4",
+        "heuristic_gain1e-3",
+        "heuristic_share0.25",
+        "heuristic_share0.5",
+    }
     assert tuned["chosen"] == max(tuned["training_objective"], key=tuned["training_objective"].get)
     assert "learned_gnn-heuristic_tuned" in summary["paired_differences"]
 
@@ -92,7 +98,8 @@ def test_expert_iteration_clones_the_best_runs_and_keeps_the_best_round(tmp_path
     )
     # Each training task's best run is named with the policy that ran it.
     assert len(summary["expert_winners"]) == 2
-    assert set(summary["expert_winners"].values()) <= {"heuristic", "heuristic_gain1e-3", "gnn0"}
+    variants = {"heuristic_gain1e-3", "heuristic_share0.25", "heuristic_share0.5"}
+    assert set(summary["expert_winners"].values()) <= {"heuristic", "gnn0", *variants}
     # The imitation policy and the round were scored on validation tasks; exactly one of them is best.
     assert [point["round"] for point in summary["selection"]] == ["imitation", "distil0"]
     assert summary["selection"][0]["kept"]

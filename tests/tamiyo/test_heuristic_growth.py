@@ -187,6 +187,25 @@ def test_growth_past_the_budget_falls_through_to_germination() -> None:
     assert chosen.action == WAIT and "budget" in chosen.reason
 
 
+def test_a_heuristic_held_to_a_share_of_the_budget_stops_there() -> None:
+    size = int(host_packet(1.0).training_metrics["param_count"])
+    budget = 4 * size  # room for a widen at the whole budget, none at a sixth of it
+    whole, share = policy(), policy(budget_fraction=1 / 6)
+    for heuristic in (whole, share):
+        heuristic.propose(host_packet(1.0, max_parameters=budget))
+    assert whole.propose(host_packet(1.0, max_parameters=budget)).action in (WIDEN, DEEPEN)
+    held = share.propose(host_packet(1.0, max_parameters=budget))
+    assert held.action == WAIT and "budget" in held.reason
+    with pytest.raises(ValueError, match="budget_fraction"):
+        HeuristicSettings(budget_fraction=0.0)
+
+
+def test_the_budget_share_comes_from_tamiyos_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAMIYO_HEURISTIC_BUDGET_FRACTION", "0.25")
+    settings = load_settings(TamiyoSettings)
+    assert HeuristicSettings.from_tamiyo(settings).budget_fraction == 0.25
+
+
 def test_growth_can_be_switched_off() -> None:
     heuristic = policy(enable_growth=False)
     heuristic.propose(host_packet(1.0))

@@ -80,6 +80,13 @@ class TamiyoSettings(StrictSettings):
         le=1.0,
         description="The heuristic starts no growth or seed once this share of the run's steps is done.",
     )
+    heuristic_budget_fraction: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="The heuristic grows the model to at most this share of the run's growth budget "
+        "(TOLARIA_MAX_PARAMS); 1: all of it. Without a budget it has no effect.",
+    )
     heuristic_growth_min_improvement: float = Field(
         default=0.10,
         ge=0.0,

@@ -128,6 +128,8 @@ class HeuristicSettings:
     growth_min_improvement: float = 0.10
     grow_early: bool = False
     last_growth_progress: float = 1.0
+    # The share of the packet's growth budget (`max_parameters`) the rule grows to; 1: all of it.
+    budget_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -149,6 +151,7 @@ class HeuristicSettings:
             "growth_min_improvement": math.isfinite(self.growth_min_improvement)
             and self.growth_min_improvement >= 0,
             "last_growth_progress": 0 <= self.last_growth_progress <= 1,
+            "budget_fraction": 0 < self.budget_fraction <= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -165,6 +168,7 @@ class HeuristicSettings:
             min_gain_per_parameter=settings.heuristic_min_gain_per_parameter,
             growth_min_improvement=settings.heuristic_growth_min_improvement,
             last_growth_progress=settings.heuristic_last_growth_progress,
+            budget_fraction=settings.heuristic_budget_fraction,
         )
 
 
@@ -231,7 +235,19 @@ class HeuristicPolicy:
         """Decide for one evaluation packet (each call counts as one evaluation)."""
         self._observe(float(packet.validation_loss))
         self._observe_growths(packet)
+        packet = self._within_own_budget(packet)
         return self._cull(packet) or self._fossilize(packet) or self._grow(packet) or self._germinate(packet)
+
+    def _within_own_budget(self, packet: pb.SystemStatePacket) -> pb.SystemStatePacket:
+        """`packet` as the rules see it: with `budget_fraction` of its growth budget (a copy), so every
+        budget check of the rules (germinate, widen, deepen) stops at that share."""
+        fraction = self.settings.budget_fraction
+        if fraction >= 1.0 or not packet.max_parameters:
+            return packet
+        own = pb.SystemStatePacket()
+        own.CopyFrom(packet)
+        own.max_parameters = max(1, int(packet.max_parameters * fraction))
+        return own
 
     # --- rules -------------------------------------------------------------------------------------
 
