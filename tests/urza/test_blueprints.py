@@ -77,6 +77,19 @@ def test_param_count_counts_the_built_module(blueprint_id: str, kind: str, width
     assert param_count(blueprint_id, width, kind) == count_parameters(module) > 0
 
 
+@pytest.mark.parametrize(("blueprint_id", "kind", "width"), CASES)
+def test_counting_draws_nothing_from_the_global_random_generator(
+    blueprint_id: str, kind: str, width: int
+) -> None:
+    # Tamiyo counts a blueprint's cost while the run trains beside it: a count must not move the random
+    # stream the training draws from.
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    param_count(blueprint_id, width, kind)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_param_count_matches_hand_counts() -> None:
     # Linear(32, 32) + Linear(32, 32) with biases.
     assert param_count("mlp_small", 32, "mlp") == 2 * (32 * 32 + 32)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from esper.leyline import pb
@@ -127,9 +128,19 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def param_count(blueprint_id: str, width: int, kind: str, **params: float) -> int:
-    """Parameters of a built-in blueprint at this width and kind, counted on a module really built."""
+    """Parameters of a built-in blueprint at this width and kind, counted on a module really built (on
+    the `meta` device: see `count_built`)."""
     spec = BUILTIN_FACTORIES.get(blueprint_id)
-    return count_parameters(build_blueprint(spec, spec.descriptor, width, kind, params))
+    return count_built(lambda: build_blueprint(spec, spec.descriptor, width, kind, params))
+
+
+def count_built(build: Callable[[], nn.Module]) -> int:
+    """Parameters of the module `build` makes, built on the `meta` device: no memory, and no draw from
+    the global random generator. A count is asked for by Tamiyo's budget checks while the run trains
+    beside them, and a real build's initialisation drew from the generator the training draws from: a
+    decision then changed the run's random stream, depending on what the process had counted before."""
+    with torch.device("meta"):
+        return count_parameters(build())
 
 
 # --- the built-in set ------------------------------------------------------------------------------

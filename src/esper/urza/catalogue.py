@@ -47,7 +47,7 @@ from esper.urza.blueprints import (
     HOST_KINDS,
     FactoryRegistry,
     build_blueprint,
-    count_parameters,
+    count_built,
 )
 from esper.urza.errors import (
     BlueprintQuarantined,
@@ -240,8 +240,9 @@ class BlueprintCatalogue:
         return build_blueprint(spec, descriptor, width, kind, params)
 
     def param_count(self, blueprint_id: str, width: int, kind: str, **params: float) -> int:
-        """Parameters of `blueprint_id` at this width and kind, counted on a module really built."""
-        return count_parameters(self.build(blueprint_id, width, kind, **params))
+        """Parameters of `blueprint_id` at this width and kind, counted on a module really built (on the
+        `meta` device, drawing nothing from the global random generator: `blueprints.count_built`)."""
+        return count_built(lambda: self.build(blueprint_id, width, kind, **params))
 
     # --- changing ----------------------------------------------------------------------------------
 
