@@ -72,6 +72,15 @@ class ParameterChanges:
 
 _NO_CHANGES = ParameterChanges()
 
+# What building a seed can fail with, and the rejection each one is (the first that matches, in order).
+_BUILD_REJECTIONS: dict[type[Exception], RejectionReason] = {
+    InvalidBlendParameters: RejectionReason.INVALID_PARAMETERS,
+    UnknownBlueprint: RejectionReason.UNKNOWN_BLUEPRINT,
+    BlueprintQuarantined: RejectionReason.QUARANTINED_BLUEPRINT,
+    BlueprintNotApplicable: RejectionReason.BLUEPRINT_NOT_APPLICABLE,
+}
+_BUILD_ERRORS = tuple(_BUILD_REJECTIONS)
+
 
 @dataclass
 class _SlotRecord:
@@ -247,22 +256,11 @@ class _ManagerCore:
                 blend_mode, slot.width, ConfidenceGate.from_parameters(gate), channel_alpha_init=channel
             )
             body = self._catalogue.build(blueprint_id, slot.width, slot.kind, **blueprint_params)
-        except InvalidBlendParameters as exc:
+        except _BUILD_ERRORS as exc:
             if not checked:
                 raise SeedStateRestoreError(slot.slot_id, str(exc)) from exc
-            raise _Rejected(RejectionReason.INVALID_PARAMETERS, str(exc)) from exc
-        except UnknownBlueprint as exc:
-            if not checked:
-                raise SeedStateRestoreError(slot.slot_id, str(exc)) from exc
-            raise _Rejected(RejectionReason.UNKNOWN_BLUEPRINT, str(exc)) from exc
-        except BlueprintQuarantined as exc:
-            if not checked:
-                raise SeedStateRestoreError(slot.slot_id, str(exc)) from exc
-            raise _Rejected(RejectionReason.QUARANTINED_BLUEPRINT, str(exc)) from exc
-        except BlueprintNotApplicable as exc:
-            if not checked:
-                raise SeedStateRestoreError(slot.slot_id, str(exc)) from exc
-            raise _Rejected(RejectionReason.BLUEPRINT_NOT_APPLICABLE, str(exc)) from exc
+            reason = next(r for error, r in _BUILD_REJECTIONS.items() if isinstance(exc, error))
+            raise _Rejected(reason, str(exc)) from exc
         # Built on the CPU (the same draws on every device), then placed where the host computes.
         return SeedModule(body, blender).to(self._seed_device())
 
